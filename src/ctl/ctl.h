@@ -1,0 +1,118 @@
+/*
+ * ctl.h: the control socket server (DESIGN.md section 8).
+ *
+ * A Unix stream socket carrying one compact JSON object per line (NDJSON),
+ * at most CTL_MAX_LINE bytes per line. A request is
+ *     {"id":1,"method":"status","params":{}}
+ * and gets exactly one reply line,
+ *     {"id":1,"result":{...}}   or
+ *     {"id":1,"error":{"code":"NOT_LEADER","message":"...","data":{...}}}
+ * with the stable string codes below. "id" is echoed as given (any JSON
+ * scalar, or null when absent); "params" is optional and must be an object.
+ *
+ * The server owns framing, limits and dispatch; the daemon registers a table
+ * of methods and answers each request by calling ctl_reply_result() or
+ * ctl_reply_error() exactly once, either inside the handler or later (for a
+ * request that waits for a commit). Requests on one connection are answered
+ * in order: the next line is not read until the current request is answered.
+ *
+ * Bad input never stops the server: malformed JSON, a non-object, a missing
+ * method or bad params get an error reply; a line over CTL_MAX_LINE, binary
+ * garbage that is not a line, a client idle past its timeout or a client
+ * beyond the connection limit are disconnected. Other clients are unaffected.
+ *
+ * Threading: everything runs on the event loop thread of the base given.
+ */
+#ifndef PICKBOX_CTL_CTL_H
+#define PICKBOX_CTL_CTL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <sys/types.h>
+
+#include <jansson.h>
+
+struct event_base;
+struct ctl_server;
+struct ctl_request;
+
+#define CTL_MAX_LINE         (1024 * 1024)
+#define CTL_PROTOCOL_VERSION 1
+
+/* Stable error codes (the "code" member of an error reply). */
+#define CTL_ERR_BAD_REQUEST       "BAD_REQUEST"
+#define CTL_ERR_UNKNOWN_METHOD    "UNKNOWN_METHOD"
+#define CTL_ERR_INVALID_PARAMS    "INVALID_PARAMS"
+#define CTL_ERR_PERMISSION_DENIED "PERMISSION_DENIED"
+#define CTL_ERR_NOT_LEADER        "NOT_LEADER"
+#define CTL_ERR_NO_QUORUM         "NO_QUORUM"
+#define CTL_ERR_TIMEOUT           "TIMEOUT"
+#define CTL_ERR_BUSY              "BUSY"
+#define CTL_ERR_UNAVAILABLE       "UNAVAILABLE"
+#define CTL_ERR_INTERNAL          "INTERNAL"
+
+/* Method flags. */
+#define CTL_METHOD_MUTATING 0x1u /* changes the cluster: peer must be privileged */
+
+/*
+ * A method handler. params is the request's "params" object (an empty object
+ * when absent), borrowed for the duration of the call; take a reference
+ * (json_incref) to keep it. arg is the server's user pointer.
+ */
+typedef void (*ctl_handler_fn)(struct ctl_request *req, json_t *params, void *arg);
+
+struct ctl_method {
+    const char *name;
+    ctl_handler_fn handler;
+    unsigned flags;
+};
+
+struct ctl_options {
+    size_t max_clients;      /* connections beyond this are closed at once; 0 = 512 */
+    unsigned idle_timeout_s; /* close a client silent this long; 0 = 60 */
+};
+
+/*
+ * Creates a server dispatching to methods (an array of n entries, borrowed:
+ * it must outlive the server). opts may be NULL for defaults. Listens on
+ * nothing until ctl_server_listen_*() is called. Never returns NULL.
+ */
+struct ctl_server *ctl_server_new(struct event_base *base, const struct ctl_method *methods,
+                                  size_t n, void *arg, const struct ctl_options *opts);
+
+/* Serves on an already-listening Unix stream socket (from systemd). The
+ * server takes ownership of fd. Returns 0 or a negative errno. */
+int ctl_server_listen_fd(struct ctl_server *srv, int fd);
+
+/* Binds and listens on path with the given mode (e.g. 0660). A stale socket
+ * file (nobody accepting) is replaced; a live one is refused with -EADDRINUSE.
+ * The file is removed again by ctl_server_free(). Returns 0 or negative errno. */
+int ctl_server_listen_path(struct ctl_server *srv, const char *path, mode_t mode);
+
+/* Closes listeners and connections; requests still pending become orphans
+ * whose replies are dropped (their memory is freed when they are answered).
+ * NULL is allowed. */
+void ctl_server_free(struct ctl_server *srv);
+
+/* Number of connected clients (for status and tests). */
+size_t ctl_server_clients(const struct ctl_server *srv);
+
+/* Answers req with a result (reference stolen; NULL means {}) and frees req. */
+void ctl_reply_result(struct ctl_request *req, json_t *result);
+
+/* Answers req with an error: code is one of CTL_ERR_*, data (reference
+ * stolen) may be NULL, the message is formatted. Frees req. */
+void ctl_reply_error(struct ctl_request *req, const char *code, json_t *data, const char *fmt, ...)
+        __attribute__((format(printf, 4, 5)));
+
+/* The method name of req (valid until it is answered). */
+const char *ctl_request_method(const struct ctl_request *req);
+
+/* Credentials of the client that sent req (SO_PEERCRED). */
+uid_t ctl_request_uid(const struct ctl_request *req);
+pid_t ctl_request_pid(const struct ctl_request *req);
+
+/* True while the client that sent req is still connected. */
+bool ctl_request_connected(const struct ctl_request *req);
+
+#endif
