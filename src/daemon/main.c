@@ -2,7 +2,7 @@
  * main.c: pickboxd entry point (bootstrap placeholder; the daemon module
  * replaces this with the real wiring).
  */
-#include "config.h"
+#include <config.h> /* autoconf; not src/daemon/config.h */
 
 #include <stdio.h>
 #include <string.h>

@@ -1,0 +1,131 @@
+#!/bin/bash
+# Installs what is missing, builds pickbox and runs every test:
+#   formatting, the unit and multi-process suites (make check), make distcheck,
+#   the suites again under ASan+UBSan, unit suites under valgrind, and the
+#   fuzzers for a bounded time. Ends with one summary line
+#   "pickbox: N passed, M failed" and exits non-zero if anything failed.
+# Environment: FUZZ_SECONDS (default 20 per target), SKIP_DISTCHECK=1,
+#   SKIP_SANITIZERS=1, SKIP_VALGRIND=1 to shorten a local run.
+set -u
+top=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$top"
+
+passed=0
+failed=0
+failures=()
+start=$(date +%s)
+
+stage() { echo; echo "=== $* ($(($(date +%s) - start)) s)"; }
+
+# Adds the counts of an automake test-suite summary (from make check output).
+count_suite() {
+    local out=$1 name=$2 p f
+    p=$(grep -E '^# PASS: +[0-9]+' "$out" | awk '{s+=$3} END {print s+0}')
+    f=$(grep -E '^# (FAIL|ERROR|XPASS): +[0-9]+' "$out" | awk '{s+=$3} END {print s+0}')
+    passed=$((passed + p))
+    failed=$((failed + f))
+    echo "$name: $p passed, $f failed"
+}
+
+# Prints the logs of failed tests below a build directory.
+show_failed_logs() {
+    local dir=$1 trs
+    while IFS= read -r trs; do
+        echo "----- ${trs%.trs}.log"
+        tail -n 300 "${trs%.trs}.log"
+    done < <(grep -lE ':test-result: (FAIL|ERROR|XPASS)' -r "$dir" --include='*.trs' 2>/dev/null)
+}
+
+record() { # name status
+    if [ "$2" -eq 0 ]; then
+        passed=$((passed + 1))
+        echo "$1: ok"
+    else
+        failed=$((failed + 1))
+        failures+=("$1")
+        echo "$1: FAILED"
+    fi
+}
+
+stage "dependencies"
+sh tests/scripts/deps.sh || { echo "pickbox: 0 passed, 1 failed (dependencies)"; exit 1; }
+
+stage "build"
+if ! tests/scripts/build.sh _build; then
+    echo "pickbox: 0 passed, 1 failed (build)"
+    exit 1
+fi
+
+stage "format"
+( cd _build && make -s format-check CLANG_FORMAT=clang-format ) > _build/format.out 2>&1
+st=$?
+[ $st -ne 0 ] && head -50 _build/format.out
+record "format-check" $st
+
+stage "make check"
+( cd _build && make -j2 check ) > _build/check.out 2>&1
+st=$?
+count_suite _build/check.out "make check"
+if [ $st -ne 0 ]; then
+    failures+=("make check")
+    grep -E '^(FAIL|ERROR|XPASS)' _build/check.out
+    show_failed_logs _build
+    [ "$(grep -cE '^# (FAIL|ERROR|XPASS): +[1-9]' _build/check.out)" -eq 0 ] && failed=$((failed + 1))
+fi
+
+if [ "${SKIP_DISTCHECK:-0}" != 1 ]; then
+    stage "make distcheck"
+    ( cd _build && make -j2 distcheck ) > _build/distcheck.out 2>&1
+    st=$?
+    [ $st -ne 0 ] && { tail -80 _build/distcheck.out; show_failed_logs _build/pickbox-*/; }
+    record "make distcheck" $st
+fi
+
+if [ "${SKIP_SANITIZERS:-0}" != 1 ]; then
+    stage "ASan+UBSan build and make check"
+    if tests/scripts/build.sh _build-san --enable-sanitizers; then
+        ( cd _build-san && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+            UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+            CK_TIMEOUT_MULTIPLIER=4 make -j2 check ) > _build-san/check.out 2>&1
+        st=$?
+        count_suite _build-san/check.out "make check (sanitizers)"
+        if [ $st -ne 0 ]; then
+            failures+=("make check (sanitizers)")
+            grep -E '^(FAIL|ERROR|XPASS)' _build-san/check.out
+            show_failed_logs _build-san
+            [ "$(grep -cE '^# (FAIL|ERROR|XPASS): +[1-9]' _build-san/check.out)" -eq 0 ] && failed=$((failed + 1))
+        fi
+    else
+        record "sanitizer build" 1
+    fi
+fi
+
+if [ "${SKIP_VALGRIND:-0}" != 1 ]; then
+    stage "valgrind (unit suites)"
+    while read -r prog; do
+        case "$prog" in ''|'#'*) continue ;; esac
+        [ -x "_build/$prog" ] || { record "valgrind $prog (missing)" 1; continue; }
+        CK_FORK=no CK_DEFAULT_TIMEOUT=120 CK_VERBOSITY=minimal \
+            valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect \
+            "_build/$prog" > "_build/valgrind-$(basename "$prog").out" 2>&1
+        st=$?
+        [ $st -ne 0 ] && tail -60 "_build/valgrind-$(basename "$prog").out"
+        record "valgrind $prog" $st
+    done < tests/scripts/valgrind.list
+fi
+
+if [ -x tests/fuzz/run.sh ]; then
+    stage "fuzzing (${FUZZ_SECONDS:-20} s per target)"
+    FUZZ_SECONDS=${FUZZ_SECONDS:-20} tests/fuzz/run.sh "$top/_build" > _build/fuzz.out 2>&1
+    st=$?
+    tail -20 _build/fuzz.out
+    record "fuzzing" $st
+fi
+
+echo
+echo "=== done in $(($(date +%s) - start)) s"
+if [ ${#failures[@]} -gt 0 ]; then
+    echo "failed stages: ${failures[*]}"
+fi
+echo "pickbox: $passed passed, $failed failed"
+[ "$failed" -eq 0 ] && [ ${#failures[@]} -eq 0 ]
