@@ -451,6 +451,9 @@ START_TEST(test_command_line_errors)
     ck_assert_str_eq(err.msg, "--node-id: bad node_id 'a b' (1-64 of A-Z a-z 0-9 . _ -, not "
                               "starting with '.' or '-')");
     config_free(&cfg);
+    ck_assert_int_eq(load(&cfg, &err, "--check-config=yes", NULL), -EINVAL);
+    ck_assert_str_eq(err.msg, "option '--check-config' does not take a value");
+    config_free(&cfg);
     ck_assert_int_eq(load(&cfg, &err, "--config", "/x", "--config", "/y", NULL), -EINVAL);
     ck_assert_str_eq(err.msg, "--config: given more than once");
     config_free(&cfg);

@@ -351,7 +351,8 @@ static int check_glob(const char *pat, struct pb_error *err)
     return 0;
 }
 
-static void ignore_add_list(struct pb_config *cfg, const char *list, struct pb_error *err, int *rc)
+/* Appends the comma-separated patterns of list to cfg->ignore. */
+static int ignore_add_list(struct pb_config *cfg, const char *list, struct pb_error *err)
 {
     const char *p = list;
     for (;;) {
@@ -366,15 +367,15 @@ static void ignore_add_list(struct pb_config *cfg, const char *list, struct pb_e
         char *pat = pb_xmalloc(len + 1);
         memcpy(pat, p, len);
         pat[len] = '\0';
-        if (check_glob(pat, err) < 0) {
+        int rc = check_glob(pat, err);
+        if (rc < 0) {
             free(pat);
-            *rc = err->code;
-            return;
+            return rc;
         }
         cfg->ignore = pb_xreallocarray(cfg->ignore, cfg->n_ignore + 1, sizeof(*cfg->ignore));
         cfg->ignore[cfg->n_ignore++] = pat;
         if (comma == NULL)
-            return;
+            return 0;
         p = comma + 1;
     }
 }
@@ -386,7 +387,6 @@ static int config_apply(struct pb_config *cfg, enum config_key_id k, const struc
     const char *name = config_keys[k].name;
     const char *v = s->value;
     uint32_t u = 0;
-    int rc = 0;
     int family;
 
     if (v[0] == '\0')
@@ -451,8 +451,7 @@ static int config_apply(struct pb_config *cfg, enum config_key_id k, const struc
                                 v);
         break;
     case KEY_IGNORE:
-        ignore_add_list(cfg, v, err, &rc);
-        return rc;
+        return ignore_add_list(cfg, v, err);
     case KEY_ELECTION_TIMEOUT_MS:
         return parse_u32_range(name, v, 10, 600000, &cfg->election_timeout_ms, err);
     case KEY_HEARTBEAT_MS:
@@ -465,7 +464,7 @@ static int config_apply(struct pb_config *cfg, enum config_key_id k, const struc
 
 /* ---- the config file -------------------------------------------------------- */
 
-/* Unquotes "..." (escapes \" and \\) in place. Returns 0 or a message. */
+/* Unquotes "..." (escapes \" and \\) in place. Returns NULL or what is wrong. */
 static const char *unquote(char *v, size_t *len)
 {
     if (*len == 0 || v[0] != '"')
@@ -691,6 +690,13 @@ static int config_parse_args(struct config_loader *ld, struct pb_config *cfg, in
                                     optopt ? optopt : '?');
             char name[80];
             snprintf(name, sizeof(name), "%.*s", (int)strcspn(arg + 2, "="), arg + 2);
+            for (size_t i = 0; config_options[i].name != NULL; i++) {
+                if (config_options[i].has_arg == no_argument &&
+                    strncmp(config_options[i].name, name, strlen(name)) == 0 &&
+                    strchr(arg, '=') != NULL)
+                    return pb_error_set(err, -EINVAL, "option '--%s' does not take a value",
+                                        config_options[i].name);
+            }
             const char *sug = config_suggest_key(name);
             if (sug != NULL) {
                 char flag[64];
