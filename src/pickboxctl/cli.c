@@ -210,7 +210,7 @@ int pbctl_run(int argc, char **argv, const struct pbctl_env *env)
         fprintf(env->err, "pickboxctl: %s\n", e.msg);
         return PBCTL_EXIT_USAGE;
     }
-    int fd = pbctl_connect(path, env->run_dir, &e);
+    int fd = pbctl_connect(path, env->run_dir, o.timeout_ms, &e);
     free(path);
     if (fd < 0) {
         fprintf(env->err, "pickboxctl: %s\n", e.msg);
