@@ -45,8 +45,8 @@ static void teardown(void)
 }
 
 static const char sample_status[] =
-        "{\"node_id\":\"n1\",\"role\":\"leader\",\"term\":4,\"leader\":\"n1\","
-        "\"commit_index\":120,\"applied_index\":119,\"uptime_s\":30,"
+        "{\"node_id\":\"n1\",\"role\":\"leader\",\"term\":4,\"leader_id\":\"n1\","
+        "\"commit_index\":120,\"applied_index\":119,\"uptime_s\":3725,\"extra_info\":\"e\","
         "\"members\":["
         "{\"id\":\"n1\",\"address\":\"127.0.0.1:8010\",\"voter\":true,\"match\":120,\"lag\":0},"
         "{\"id\":\"n2\",\"address\":\"127.0.0.1:8011\",\"voter\":true,\"reachable\":true,"
@@ -61,7 +61,8 @@ static const char sample_status_text[] =
         "leader:        n1\n"
         "commit index:  120\n"
         "applied index: 119\n"
-        "uptime s:      30\n"
+        "uptime:        1h2m5s\n"
+        "extra info:    e\n"
         "members:\n"
         "  ID  ADDRESS         ROLE     REACHABLE  MATCH  LAG  LAST CONTACT  NOTE\n"
         "  n1  127.0.0.1:8010  voter    -          120    0    -             -\n"
@@ -70,15 +71,15 @@ static const char sample_status_text[] =
 
 /* The JSON backend writes the view's keys first, then the others. */
 static const char sample_status_json[] =
-        "{\"node_id\":\"n1\",\"role\":\"leader\",\"term\":4,\"leader\":\"n1\","
-        "\"commit_index\":120,\"applied_index\":119,"
+        "{\"node_id\":\"n1\",\"role\":\"leader\",\"term\":4,\"leader_id\":\"n1\","
+        "\"commit_index\":120,\"applied_index\":119,\"uptime_s\":3725,"
         "\"members\":["
         "{\"id\":\"n1\",\"address\":\"127.0.0.1:8010\",\"voter\":true,\"match\":120,\"lag\":0},"
         "{\"id\":\"n2\",\"address\":\"127.0.0.1:8011\",\"voter\":true,\"reachable\":true,"
         "\"match\":118,\"lag\":2,\"last_contact_ms\":40},"
         "{\"id\":\"n3\",\"address\":\"[::1]:8012\",\"voter\":false,\"reachable\":false,"
         "\"match\":0,\"lag\":120,\"last_contact_ms\":12500,\"note\":\"x\"}],"
-        "\"uptime_s\":30}\n";
+        "\"extra_info\":\"e\"}\n";
 
 static json_t *parse(const char *s)
 {
@@ -173,6 +174,18 @@ START_TEST(test_formatters)
     v = json_integer(61000);
     pbctl_format_ms_ago(v, buf, sizeof(buf));
     ck_assert_str_eq(buf, "61.0s ago");
+    json_decref(v);
+    v = json_integer(90061);
+    pbctl_format_duration_s(v, buf, sizeof(buf));
+    ck_assert_str_eq(buf, "1d1h1m1s");
+    json_decref(v);
+    v = json_integer(59);
+    pbctl_format_duration_s(v, buf, sizeof(buf));
+    ck_assert_str_eq(buf, "59s");
+    json_decref(v);
+    v = json_integer(3600);
+    pbctl_format_duration_s(v, buf, sizeof(buf));
+    ck_assert_str_eq(buf, "1h0m0s");
     json_decref(v);
     v = json_string("later");
     pbctl_format_ms_ago(v, buf, sizeof(buf));
