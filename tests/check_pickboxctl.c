@@ -295,8 +295,13 @@ END_TEST
 START_TEST(test_params_from_arguments)
 {
     /* A command with arguments, as future rows of the table will have. */
-    static const struct pbctl_command join = {"join", {"id", "address", NULL}, 1,
-                                              "join", "add a member",          NULL};
+    static const struct pbctl_command join = {
+            .name = "join",
+            .args = {"id", "address"},
+            .min_args = 1,
+            .method = "join",
+            .help = "add a member",
+    };
     char *args[] = {(char *)"n3", (char *)"10.0.0.3:8010"};
     struct pbctl_options o = {.cmd = &join, .args = args, .nargs = 2};
     json_t *p = pbctl_params(&o);

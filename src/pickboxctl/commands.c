@@ -53,16 +53,22 @@ static const struct pbctl_field_spec hello_view[] = {
 };
 
 const struct pbctl_command pbctl_commands[] = {
-        {"status",
-         {NULL},
-         0,
-         "status",
-         "show this node's role, term, indexes and members",
-         status_view},
-        {"hello", {NULL}, 0, "hello", "show the daemon's version and protocol", hello_view},
+        {
+                .name = "status",
+                .method = "status",
+                .help = "show this node's role, term, indexes and members",
+                .view = status_view,
+        },
+        {
+                .name = "hello",
+                .method = "hello",
+                .help = "show the daemon's version and protocol",
+                .view = hello_view,
+        },
         /* Added as the daemon implements them, e.g.:
-         * {"transfer", {"node", NULL}, 1, "transfer", "hand leadership to NODE", NULL}, */
-        {NULL, {NULL}, 0, NULL, NULL, NULL},
+         * {.name = "transfer", .args = {"node"}, .min_args = 1, .method = "transfer",
+         *  .help = "hand leadership to NODE"}, */
+        {.name = NULL},
 };
 
 const struct pbctl_command *pbctl_command_find(const char *name)
