@@ -624,6 +624,11 @@ START_TEST(test_help_and_version)
     };
     for (size_t i = 0; i < PB_ARRAY_SIZE(flags); i++)
         ck_assert_msg(strstr(out, flags[i]) != NULL, "--help lacks '%s'", flags[i]);
+    for (const char *line = out; *line != '\0';) {
+        size_t len = strcspn(line, "\n");
+        ck_assert_msg(len <= 80, "--help line longer than 80 columns: %.*s", (int)len, line);
+        line += len + (line[len] == '\n');
+    }
     free(out);
     out = load_capturing_stdout(&rc, "-V");
     ck_assert_int_eq(rc, 1);

@@ -65,21 +65,21 @@ struct config_key {
 
 static const struct config_key config_keys[KEY_COUNT] = {
         [KEY_NODE_ID] = {"node_id", "--node-id", "ID", 0, "required",
-                         "this node's name: 1-64 of [A-Za-z0-9._-], not starting with '.' or '-'"},
+                         "this node's name: 1-64 of A-Z a-z 0-9 . _ -"},
         [KEY_PORT] = {"port", "--port", "PORT", 0, "required",
-                      "peer TCP port 1-65535 (optional when systemd passes a 'peer' socket)"},
+                      "peer TCP port, unless systemd passes one (\"peer\")"},
         [KEY_BIND] = {"bind", "--bind", "ADDR", 0, CONFIG_DEFAULT_BIND,
                       "IPv4/IPv6 address the peer port listens on"},
         [KEY_ADVERTISE] = {"advertise", "--advertise", "HOST:PORT", 0, "BIND:PORT",
                            "address other members dial to reach this node"},
         [KEY_JOIN] = {"join", "--join", "HOST:PORT", 0, "none",
-                      "a member to join the cluster through (first start only)"},
+                      "an existing member to join the cluster through"},
         [KEY_DATA_DIR] = {"data_dir", "--data-dir", "DIR", 0, "required", "the replicated tree"},
         [KEY_STATE_DIR] = {"state_dir", "--state-dir", "DIR", 0, "DATA_DIR/.pickbox/state",
                            "Raft log, state database and secret"},
         [KEY_CONTROL_SOCKET] = {"control_socket", "--control-socket", "PATH", 0,
                                 "STATE_DIR/control.sock",
-                                "control socket (unless systemd passes a 'control' socket)"},
+                                "control socket, unless systemd passes one"},
         [KEY_SECRET_FILE] = {"secret_file", "--secret-file", "FILE", 0, "STATE_DIR/secret",
                              "shared cluster secret for peer authentication"},
         [KEY_LOG_LEVEL] = {"log_level", "--log-level", "LEVEL", 0, "info",
@@ -91,7 +91,7 @@ static const struct config_key config_keys[KEY_COUNT] = {
         [KEY_ELECTION_TIMEOUT_MS] = {"election_timeout_ms", "--election-timeout-ms", "MS", 0,
                                      "1000", "Raft election timeout, 10-600000"},
         [KEY_HEARTBEAT_MS] = {"heartbeat_ms", "--heartbeat-ms", "MS", 0, "100",
-                              "leader heartbeat interval, less than election_timeout_ms/2"},
+                              "leader heartbeat, below election timeout / 2"},
 };
 
 #define WHERE_MAX 320
@@ -949,15 +949,27 @@ void config_usage(FILE *out)
         const struct config_key *key = &config_keys[k];
         char left[64];
         snprintf(left, sizeof(left), "%s %s", key->flag, key->metavar);
-        fprintf(out, "  %-32s %s [%s]\n", left, key->help, key->dflt);
+        /* Keep within 80 columns: a long flag or help moves to the next line. */
+        if (strlen(left) > 26)
+            fprintf(out, "  %s\n  %-26s ", left, "");
+        else
+            fprintf(out, "  %-26s ", left);
+        if (29 + strlen(key->help) + strlen(key->dflt) + 3 <= 80)
+            fprintf(out, "%s [%s]\n", key->help, key->dflt);
+        else
+            fprintf(out, "%s\n  %-26s [%s]\n", key->help, "", key->dflt);
     }
-    fprintf(out, "  %-32s %s\n  %-32s %s\n  %-32s %s\n  %-32s %s\n\n", "--config FILE",
-            "read settings from an INI file (command line wins) [none]", "--check-config",
-            "validate the configuration, print it and exit", "-h, --help",
-            "show this help and exit", "-V, --version", "show the version and exit");
-    fputs("Every option except --config, --check-config, --help and --version is also a\n"
-          "config file key, spelled with '_' (node_id = n1). Relative paths are resolved\n"
-          "against the current directory on the command line and refused in a file.\n"
-          "Exit status: 0 ok, 1 runtime failure, 2 bad configuration.\n",
+    static const char *const extra[][2] = {
+            {"--config FILE", "read settings from an INI file [none]"},
+            {"--check-config", "validate the configuration, print it, exit"},
+            {"-h, --help", "show this help and exit"},
+            {"-V, --version", "show the version and exit"},
+    };
+    for (size_t i = 0; i < PB_ARRAY_SIZE(extra); i++)
+        fprintf(out, "  %-26s %s\n", extra[i][0], extra[i][1]);
+    fputs("\nEvery option but the last four is also a config file key, spelled with '_'\n"
+          "(node_id = n1); the command line wins over the file. Relative paths are\n"
+          "resolved against the current directory on the command line and refused in\n"
+          "a file. Exit status: 0 ok, 1 runtime failure, 2 bad configuration.\n",
           out);
 }
