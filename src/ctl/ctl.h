@@ -80,24 +80,34 @@ struct ctl_options {
 struct ctl_server *ctl_server_new(struct event_base *base, const struct ctl_method *methods,
                                   size_t n, void *arg, const struct ctl_options *opts);
 
-/* Serves on an already-listening Unix stream socket (from systemd). The
- * server takes ownership of fd. Returns 0 or a negative errno. */
+/* Serves on an already-listening Unix stream socket (from systemd). On
+ * success the server owns fd (closed by ctl_server_free(); a socket file
+ * behind it is left alone); on failure fd stays the caller's. A server has
+ * one listener: a second listen call fails with -EBUSY. Returns 0 or a
+ * negative errno. */
 int ctl_server_listen_fd(struct ctl_server *srv, int fd);
 
-/* Binds and listens on path with the given mode (e.g. 0660). A stale socket
- * file (nobody accepting) is replaced; a live one is refused with -EADDRINUSE.
- * The file is removed again by ctl_server_free(). Returns 0 or negative errno. */
+/* Binds and listens on path with the given mode (e.g. 0660), set before
+ * listen() so that nobody connects under a laxer mode. A stale socket file
+ * (nobody accepting) is replaced; a live one is refused with -EADDRINUSE; a
+ * path that exists but is not a socket is left alone (-EEXIST); a path too
+ * long for sun_path is -ENAMETOOLONG. The file is removed again by
+ * ctl_server_free() if it is still the one we bound. Returns 0 or negative
+ * errno. */
 int ctl_server_listen_path(struct ctl_server *srv, const char *path, mode_t mode);
 
 /* Closes listeners and connections; requests still pending become orphans
  * whose replies are dropped (their memory is freed when they are answered).
- * NULL is allowed. */
+ * NULL is allowed. Must not be called from inside a method handler. */
 void ctl_server_free(struct ctl_server *srv);
 
 /* Number of connected clients (for status and tests). */
 size_t ctl_server_clients(const struct ctl_server *srv);
 
-/* Answers req with a result (reference stolen; NULL means {}) and frees req. */
+/* Answers req with a result (reference stolen; NULL means {}) and frees req.
+ * May be called inside the handler or later from any event callback; if the
+ * client is gone the reply is dropped. A result that cannot be encoded is
+ * answered with INTERNAL instead. */
 void ctl_reply_result(struct ctl_request *req, json_t *result);
 
 /* Answers req with an error: code is one of CTL_ERR_*, data (reference
@@ -108,9 +118,15 @@ void ctl_reply_error(struct ctl_request *req, const char *code, json_t *data, co
 /* The method name of req (valid until it is answered). */
 const char *ctl_request_method(const struct ctl_request *req);
 
-/* Credentials of the client that sent req (SO_PEERCRED). */
+/* Credentials of the client that sent req (SO_PEERCRED, taken at connect;
+ * uid (uid_t)-1 and pid 0 when the kernel would not tell). */
 uid_t ctl_request_uid(const struct ctl_request *req);
 pid_t ctl_request_pid(const struct ctl_request *req);
+
+/* True when the client may call CTL_METHOD_MUTATING methods: it is root, the
+ * daemon's effective user, or has the daemon's effective group as its
+ * primary or a supplementary group (SO_PEERGROUPS). */
+bool ctl_request_privileged(const struct ctl_request *req);
 
 /* True while the client that sent req is still connected. */
 bool ctl_request_connected(const struct ctl_request *req);
