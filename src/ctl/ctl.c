@@ -23,6 +23,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -376,13 +377,30 @@ static int ctl_conn_next_line(struct ctl_conn *conn, char **line, size_t *len)
     return 1;
 }
 
+/* Sets what the connection waits for, from its state. Reading stays on while
+ * a request is pending, only to notice a client that hangs up (its input is
+ * bounded by the read watermark); the idle timeout is off meanwhile, since
+ * the client is waiting for us, not idle. */
+static void ctl_conn_arm(struct ctl_conn *conn)
+{
+    struct timeval tv = {.tv_sec = conn->srv->idle_timeout_s, .tv_usec = 0};
+    if (conn->closing || conn->stalled || conn->eof)
+        bufferevent_disable(conn->bev, EV_READ);
+    else
+        bufferevent_enable(conn->bev, EV_READ);
+    bufferevent_set_timeouts(conn->bev, conn->pending != NULL || conn->closing ? NULL : &tv, &tv);
+}
+
 static void ctl_conn_close_after_flush(struct ctl_conn *conn)
 {
     conn->closing = true;
-    bufferevent_disable(conn->bev, EV_READ);
-    if (evbuffer_get_length(bufferevent_get_output(conn->bev)) == 0)
+    if (evbuffer_get_length(bufferevent_get_output(conn->bev)) == 0) {
         ctl_conn_free(conn);
-    /* else the write callback frees it once the output is flushed */
+        return;
+    }
+    /* The write callback frees it once the output is flushed; the write
+     * timeout bounds how long a client that does not read can keep it. */
+    ctl_conn_arm(conn);
 }
 
 /* Answers buffered lines until one waits for an async reply or none is left.
@@ -394,8 +412,7 @@ static void ctl_conn_process(struct ctl_conn *conn)
         if (evbuffer_get_length(out) > CTL_OUTPUT_HIGH) {
             /* The client does not read its replies: wait until it does. */
             conn->stalled = true;
-            bufferevent_disable(conn->bev, EV_READ);
-            return;
+            break;
         }
         char *line = NULL;
         size_t len = 0;
@@ -405,8 +422,8 @@ static void ctl_conn_process(struct ctl_conn *conn)
                        (long)conn->pid);
             ctl_conn_send_error(conn, NULL, CTL_ERR_BAD_REQUEST, NULL,
                                 "request line longer than %d bytes", CTL_MAX_LINE);
-            ctl_conn_close_after_flush(conn);
-            return;
+            conn->closing = true;
+            break;
         }
         if (rc == 0)
             break;
@@ -414,18 +431,11 @@ static void ctl_conn_process(struct ctl_conn *conn)
             ctl_conn_dispatch(conn, line, len);
         free(line);
     }
-    if (conn->closing) {
+    if (conn->closing || (conn->eof && conn->pending == NULL && !conn->stalled)) {
         ctl_conn_close_after_flush(conn);
         return;
     }
-    if (conn->pending == NULL && conn->eof) {
-        ctl_conn_close_after_flush(conn);
-        return;
-    }
-    if (conn->pending == NULL && !conn->eof)
-        bufferevent_enable(conn->bev, EV_READ);
-    else
-        bufferevent_disable(conn->bev, EV_READ);
+    ctl_conn_arm(conn);
 }
 
 /* ---- connection events ------------------------------------------------- */
@@ -451,10 +461,19 @@ static void ctl_conn_write_cb(struct bufferevent *bev, void *ctx)
     }
 }
 
+/* After EOF: did the client close both directions (POLLHUP on a Unix stream
+ * socket), or only its sending side (it still waits for replies)? */
+static bool ctl_peer_gone(int fd)
+{
+    struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+    if (poll(&pfd, 1, 0) < 0)
+        return true;
+    return (pfd.revents & (POLLHUP | POLLERR)) != 0;
+}
+
 static void ctl_conn_event_cb(struct bufferevent *bev, short what, void *ctx)
 {
     struct ctl_conn *conn = ctx;
-    (void)bev;
     if (what & BEV_EVENT_TIMEOUT) {
         log_debug("ctl: client pid=%ld idle for %us, disconnecting", (long)conn->pid,
                   conn->srv->idle_timeout_s);
@@ -467,7 +486,7 @@ static void ctl_conn_event_cb(struct bufferevent *bev, short what, void *ctx)
         return;
     }
     if (what & BEV_EVENT_EOF) {
-        if (conn->closing) {
+        if (conn->closing || ctl_peer_gone(bufferevent_getfd(bev))) {
             ctl_conn_free(conn);
             return;
         }
@@ -573,12 +592,11 @@ static void ctl_accept_cb(struct evconnlistener *lev, evutil_socket_t fd, struct
     srv->conns = conn;
     srv->n_conns++;
 
-    struct timeval tv = {.tv_sec = srv->idle_timeout_s, .tv_usec = 0};
-    bufferevent_set_timeouts(bev, &tv, &tv);
     /* Never buffer much more than one maximal line of input. */
     bufferevent_setwatermark(bev, EV_READ, 0, CTL_MAX_LINE + 2);
     bufferevent_setcb(bev, ctl_conn_read_cb, ctl_conn_write_cb, ctl_conn_event_cb, conn);
-    bufferevent_enable(bev, EV_READ | EV_WRITE);
+    bufferevent_enable(bev, EV_WRITE);
+    ctl_conn_arm(conn);
     log_debug("ctl: client connected uid=%ld pid=%ld clients=%zu", (long)conn->uid, (long)conn->pid,
               srv->n_conns);
 }
