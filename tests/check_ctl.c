@@ -335,7 +335,9 @@ START_TEST(test_echo_and_id)
     /* The id comes back exactly as given, whatever its scalar type. */
     j = roundtrip(c, "{\"id\":\"abc\",\"method\":\"echo\"}\n", NULL);
     ck_assert_str_eq(json_string_value(json_object_get(j, "id")), "abc");
-    ck_assert(json_equal(json_object_get(j, "result"), json_object())); /* params default {} */
+    json_t *empty = json_object();
+    ck_assert(json_equal(json_object_get(j, "result"), empty)); /* params default {} */
+    json_decref(empty);
     json_decref(j);
     j = roundtrip(c, "{\"id\":9007199254740993,\"method\":\"echo\"}\n", NULL);
     ck_assert_int_eq(json_integer_value(json_object_get(j, "id")), 9007199254740993LL);

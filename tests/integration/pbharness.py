@@ -14,11 +14,14 @@ temp dir. Waiting is always polling against a deadline (wait_until), never a
 bare sleep. The harness stops exactly the processes it started, by PID (never
 by name), on success, on failure, on KeyboardInterrupt and on SIGTERM from the
 test driver. Each daemon's stderr goes to a log file that is printed (as TAP
-comments) when the test fails. Output is TAP: plan, ok / not ok, # comments.
+comments) when the test fails. Output is TAP: plan, ok / not ok, # comments. Set PB_DAEMON_WRAPPER (e.g.
+"valgrind -q --error-exitcode=9 --leak-check=full") to run every daemon under
+a tool; its exit status then shows in the tests that check exit codes.
 """
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -171,7 +174,9 @@ class Daemon:
             argv += ["--port", str(self.port)]
         if self.control_socket != os.path.join(self.state_dir, "control.sock"):
             argv += ["--control-socket", self.control_socket]
-        return self.wrapper + argv + self.extra_args
+        # PB_DAEMON_WRAPPER="valgrind -q --error-exitcode=9" runs every daemon under a tool.
+        tool = shlex.split(os.environ.get("PB_DAEMON_WRAPPER", ""))
+        return self.wrapper + tool + argv + self.extra_args
 
     def start(self):
         os.makedirs(self.dir, exist_ok=True)
