@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -839,6 +840,123 @@ START_TEST(test_many_clients)
 }
 END_TEST
 
+/* Sends what the socket takes right now; returns the bytes sent. */
+static size_t client_send_some(struct client *c, const char *p, size_t len)
+{
+    ssize_t n = send(c->fd, p, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+    return n > 0 ? (size_t)n : 0;
+}
+
+START_TEST(test_slow_reader_backpressure)
+{
+    server_start(NULL, 0600);
+    struct client *c = client_open();
+    enum { N = 200, PAD = 64 * 1024 };
+    /* N requests whose replies total ~13 MB, sent without reading any reply. */
+    size_t linelen = PAD + 64;
+    char *all = pb_xmalloc((size_t)N * linelen);
+    size_t total = 0;
+    for (int i = 0; i < N; i++) {
+        char *line = all + total;
+        int n = snprintf(line, 64, "{\"id\":%d,\"method\":\"echo\",\"params\":{\"s\":\"", i);
+        memset(line + n, 'p', PAD);
+        memcpy(line + n + PAD, "\"}}\n", 4);
+        total += (size_t)n + PAD + 4;
+    }
+    size_t sent = 0;
+    int idle = 0, last_calls = -1;
+    while (idle < 200 && sent < total) {
+        size_t n = client_send_some(c, all + sent, total - sent);
+        sent += n;
+        pump();
+        idle = n == 0 && handler_calls == last_calls ? idle + 1 : 0;
+        last_calls = handler_calls;
+        poll(NULL, 0, 1);
+    }
+    /* The server stopped answering (and reading) while replies piled up. */
+    ck_assert_int_gt(handler_calls, 0);
+    ck_assert_int_lt(handler_calls, N);
+    ck_assert_uint_lt(sent, total);
+
+    /* Once the client reads, everything is answered, in order. */
+    uint64_t deadline = pb_now_ms() + 4 * WAIT_MS;
+    int got = 0;
+    while (got < N) {
+        ck_assert_msg(pb_now_ms() < deadline, "only %d replies", got);
+        if (sent < total)
+            sent += client_send_some(c, all + sent, total - sent);
+        json_t *j = client_recv_within(c, 10);
+        if (j == NULL)
+            continue;
+        ck_assert_int_eq(json_integer_value(json_object_get(j, "id")), got);
+        json_decref(j);
+        got++;
+    }
+    ck_assert_int_eq(handler_calls, N);
+    free(all);
+    client_close(c);
+}
+END_TEST
+
+static int count_open_fds(void)
+{
+    int n = 0;
+    for (int fd = 0; fd < 4096; fd++) {
+        if (fcntl(fd, F_GETFD) >= 0)
+            n = fd + 1;
+    }
+    return n;
+}
+
+START_TEST(test_accept_out_of_fds)
+{
+    server_start(NULL, 0600);
+    /* Room for two more descriptors on top of the ones in use, then squeeze:
+     * two clients connect (one fd each on our side), so the server's accept()
+     * finds no descriptor and must back off rather than spin or die. */
+    struct client *a = client_open();
+    struct client *b = client_open();
+    wait_clients(2);
+    struct rlimit old, lim;
+    ck_assert_int_eq(getrlimit(RLIMIT_NOFILE, &old), 0);
+    lim = old;
+    lim.rlim_cur = (rlim_t)count_open_fds() + 1;
+    ck_assert_int_eq(setrlimit(RLIMIT_NOFILE, &lim), 0);
+    /* Fill every free descriptor below the limit, then give one back. */
+    enum { MAX_FILLERS = 4096 };
+    int *fillers = pb_xcalloc(MAX_FILLERS, sizeof(int));
+    int n_fillers = 0;
+    for (;;) {
+        ck_assert_int_lt(n_fillers, MAX_FILLERS);
+        int fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            ck_assert_int_eq(errno, EMFILE);
+            break;
+        }
+        fillers[n_fillers++] = fd;
+    }
+    ck_assert_int_gt(n_fillers, 0);
+    close(fillers[--n_fillers]);
+    struct client *c = client_open(); /* takes the last descriptor */
+    for (int i = 0; i < 20; i++) {
+        pump();
+        poll(NULL, 0, 1);
+    }
+    ck_assert_uint_eq(ctl_server_clients(srv), 2); /* not accepted: no descriptor */
+    /* A slot frees up: the pending client is accepted after the pause. */
+    client_close(a);
+    json_t *j = roundtrip(c, "{\"id\":1,\"method\":\"echo\"}\n", NULL);
+    json_decref(j);
+    json_decref(roundtrip(b, "{\"id\":2,\"method\":\"echo\"}\n", NULL));
+    ck_assert_int_eq(setrlimit(RLIMIT_NOFILE, &old), 0);
+    for (int i = 0; i < n_fillers; i++)
+        close(fillers[i]);
+    free(fillers);
+    client_close(b);
+    client_close(c);
+}
+END_TEST
+
 static Suite *ctl_suite(void)
 {
     Suite *s = suite_create("ctl");
@@ -860,6 +978,8 @@ static Suite *ctl_suite(void)
     tcase_add_test(tc, test_listen_path_rules);
     tcase_add_test(tc, test_listen_fd_keeps_file);
     tcase_add_test(tc, test_many_clients);
+    tcase_add_test(tc, test_slow_reader_backpressure);
+    tcase_add_test(tc, test_accept_out_of_fds);
     suite_add_tcase(s, tc);
     return s;
 }
