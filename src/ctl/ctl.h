@@ -8,18 +8,31 @@
  *     {"id":1,"result":{...}}   or
  *     {"id":1,"error":{"code":"NOT_LEADER","message":"...","data":{...}}}
  * with the stable string codes below. "id" is echoed as given (any JSON
- * scalar, or null when absent); "params" is optional and must be an object.
+ * scalar, or null when absent or when the line was not a usable request);
+ * "params" is optional and must be an object (null counts as {}). Other
+ * top-level members are refused (BAD_REQUEST), so that a typo such as
+ * "parms" is not silently ignored. Duplicate keys are refused. A trailing
+ * "\r" is ignored and blank lines get no reply. When a client half-closes
+ * (shutdown(SHUT_WR)), what it sent is answered, a last line without "\n"
+ * included, and then the connection is closed.
  *
  * The server owns framing, limits and dispatch; the daemon registers a table
  * of methods and answers each request by calling ctl_reply_result() or
  * ctl_reply_error() exactly once, either inside the handler or later (for a
  * request that waits for a commit). Requests on one connection are answered
- * in order: the next line is not read until the current request is answered.
+ * in order: the next line is not dispatched until the current request is
+ * answered (meanwhile input is only buffered, up to CTL_MAX_LINE, so that a
+ * client hanging up is noticed). A client that does not read its replies
+ * makes the server stop reading from it once several MiB of replies wait.
  *
  * Bad input never stops the server: malformed JSON, a non-object, a missing
- * method or bad params get an error reply; a line over CTL_MAX_LINE, binary
- * garbage that is not a line, a client idle past its timeout or a client
- * beyond the connection limit are disconnected. Other clients are unaffected.
+ * method or bad params get an error reply and the connection stays usable; a
+ * line over CTL_MAX_LINE (also endless garbage without a newline) gets a
+ * BAD_REQUEST reply and is disconnected; a client idle past its timeout
+ * (between requests, or not reading a reply) is disconnected; a client beyond
+ * the connection limit gets one BUSY line and is closed; when accept() runs
+ * out of descriptors the listener pauses briefly instead of spinning. Other
+ * clients are unaffected.
  *
  * Threading: everything runs on the event loop thread of the base given.
  */
