@@ -87,12 +87,25 @@ static void method_fail(struct ctl_request *req, json_t *params, void *arg)
                     "this node is a follower of %s", "n2");
 }
 
+/* Replies that cannot be sent as they are: an error message that is not
+ * UTF-8, and a result jansson cannot encode. */
+static void method_badbytes(struct ctl_request *req, json_t *params, void *arg)
+{
+    (void)arg;
+    handler_calls++;
+    if (json_object_get(params, "result") != NULL)
+        ctl_reply_result(req, json_pack("{s:o}", "s", json_string_nocheck("\xff\xfe")));
+    else
+        ctl_reply_error(req, CTL_ERR_UNAVAILABLE, NULL, "cannot open %s", "/tree/\xff.txt");
+}
+
 static const struct ctl_method test_methods[] = {
         {"echo", method_echo, 0},
         {"later", method_later, 0},
         {"mut", method_mut, CTL_METHOD_MUTATING},
         {"whoami", method_whoami, 0},
         {"fail", method_fail, 0},
+        {"badbytes", method_badbytes, 0},
 };
 
 static void reply_timer_cb(evutil_socket_t fd, short what, void *arg)
@@ -446,6 +459,15 @@ START_TEST(test_error_codes)
                      "n2");
     json_decref(j);
 
+    /* Replies that cannot be encoded as given still come back as errors. */
+    j = roundtrip(c, "{\"id\":11,\"method\":\"badbytes\"}\n", CTL_ERR_UNAVAILABLE);
+    ck_assert_int_eq(json_integer_value(json_object_get(j, "id")), 11);
+    json_decref(j);
+    j = roundtrip(c, "{\"id\":12,\"method\":\"badbytes\",\"params\":{\"result\":1}}\n",
+                  CTL_ERR_INTERNAL);
+    ck_assert_int_eq(json_integer_value(json_object_get(j, "id")), 12);
+    json_decref(j);
+
     /* Binary garbage with NULs and invalid UTF-8 in a line. */
     static const char garbage[] = "\x00\xff\xfe{\x01\x02\"\x80\n";
     client_send(c, garbage, sizeof(garbage) - 1);
@@ -462,7 +484,7 @@ START_TEST(test_error_codes)
     json_decref(roundtrip(c, line, CTL_ERR_UNKNOWN_METHOD));
 
     /* Still usable after all of that, and no handler ran for bad input. */
-    ck_assert_int_eq(handler_calls, 1);
+    ck_assert_int_eq(handler_calls, 3);
     json_decref(roundtrip(c, "{\"id\":10,\"method\":\"echo\"}\n", NULL));
     ck_assert_uint_eq(ctl_server_clients(srv), 1);
     client_close(c);

@@ -141,6 +141,8 @@ static bool ctl_conn_send(struct ctl_conn *conn, json_t *msg)
 static json_t *ctl_error_object(const char *code, json_t *data, const char *msg)
 {
     json_t *err = json_pack("{s:s,s:s}", "code", code, "message", msg);
+    if (err == NULL) /* a message with bytes that are not UTF-8 (a file name?) */
+        err = json_pack("{s:s,s:s}", "code", code, "message", "(message is not valid UTF-8)");
     if (data != NULL)
         json_object_set_new(err, "data", data);
     return err;
