@@ -25,6 +25,7 @@
 #include <grp.h>
 #include <poll.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -90,6 +91,8 @@ struct ctl_server {
     ino_t path_ino;
     struct ctl_conn *conns;
     size_t n_conns;
+    uint64_t refused_log_ms; /* last "refusing" log line, to log once a second */
+    size_t refused;          /* refused since that line */
 };
 
 static void ctl_conn_process(struct ctl_conn *conn);
@@ -565,7 +568,13 @@ static void ctl_accept_cb(struct evconnlistener *lev, evutil_socket_t fd, struct
     (void)socklen;
 
     if (srv->n_conns >= srv->max_clients) {
-        log_warning("ctl: %zu clients connected, refusing another", srv->n_conns);
+        srv->refused++;
+        uint64_t now = pb_now_ms();
+        if (srv->refused_log_ms == 0 || now - srv->refused_log_ms >= 1000) {
+            log_warning("ctl: %zu clients connected, refused %zu more", srv->n_conns, srv->refused);
+            srv->refused_log_ms = now;
+            srv->refused = 0;
+        }
         ctl_refuse(fd, "too many control clients");
         return;
     }
