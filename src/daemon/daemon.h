@@ -24,6 +24,11 @@ struct daemon {
     bool control_from_systemd;
     struct event *sig_term, *sig_int, *sig_hup;
     struct event *watchdog; /* NULL when WatchdogSec= is not set */
+    char status_line[256];  /* the last STATUS= sent */
 };
+
+/* Call after changing d->node (role, term, leader, ...): sends a new STATUS=
+ * to systemd and logs it, when the one-line summary changed. */
+void daemon_node_changed(struct daemon *d);
 
 #endif

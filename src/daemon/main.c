@@ -95,6 +95,15 @@ static int daemon_start(struct daemon *d, const struct pb_config *cfg, struct pb
             close(fds.control);
         return pb_error_set(err, -ENOMEM, "cannot create the event loop");
     }
+    /* Signals first: from the moment the control socket answers, SIGTERM
+     * must mean a clean stop. */
+    if ((rc = daemon_add_signal(d, &d->sig_term, SIGTERM, daemon_on_stop_signal, err)) < 0 ||
+        (rc = daemon_add_signal(d, &d->sig_int, SIGINT, daemon_on_stop_signal, err)) < 0 ||
+        (rc = daemon_add_signal(d, &d->sig_hup, SIGHUP, daemon_on_sighup, err)) < 0) {
+        if (fds.control >= 0)
+            close(fds.control);
+        return rc;
+    }
     node_state_init(&d->node, cfg, pb_now_ms());
 
     size_t n_methods;
@@ -118,12 +127,19 @@ static int daemon_start(struct daemon *d, const struct pb_config *cfg, struct pb
                                 cfg->control_socket, strerror(-rc));
     }
 
-    if ((rc = daemon_add_signal(d, &d->sig_term, SIGTERM, daemon_on_stop_signal, err)) < 0 ||
-        (rc = daemon_add_signal(d, &d->sig_int, SIGINT, daemon_on_stop_signal, err)) < 0 ||
-        (rc = daemon_add_signal(d, &d->sig_hup, SIGHUP, daemon_on_sighup, err)) < 0)
-        return rc;
     d->watchdog = notify_watchdog_start(d->base);
     return 0;
+}
+
+void daemon_node_changed(struct daemon *d)
+{
+    char line[256];
+    node_status_line(&d->node, line, sizeof(line));
+    if (strcmp(line, d->status_line) == 0)
+        return;
+    snprintf(d->status_line, sizeof(d->status_line), "%s", line);
+    notify_status(line);
+    log_info("status: %s", line);
 }
 
 static void daemon_stop(struct daemon *d)
@@ -156,9 +172,8 @@ static int daemon_run(const struct pb_config *cfg)
         return EXIT_FAILURE;
     }
 
-    char status[256];
-    node_status_line(&d.node, status, sizeof(status));
-    notify_ready(status);
+    node_status_line(&d.node, d.status_line, sizeof(d.status_line));
+    notify_ready(d.status_line);
     char peer[300];
     if (d.peer_from_systemd)
         snprintf(peer, sizeof(peer), "systemd");
