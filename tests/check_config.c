@@ -648,6 +648,54 @@ START_TEST(test_print_round_trips)
 }
 END_TEST
 
+/* The shipped example loads, and documents every key (set or commented out). */
+START_TEST(test_example_conf)
+{
+    const char *srcdir = getenv("top_srcdir");
+    ck_assert_msg(srcdir != NULL, "top_srcdir is not set (run through make check)");
+    char path[PATH_MAX];
+    snprintf(path, sizeof(path), "%s/etc/pickbox/example.conf", srcdir);
+    struct pb_config cfg;
+    struct pb_error err;
+    int rc = load(&cfg, &err, "--config", path, NULL);
+    ck_assert_msg(rc == 0, "%s", err.msg);
+    ck_assert_str_eq(cfg.node_id, "node1");
+    ck_assert_str_eq(cfg.data_dir, "/srv/pickbox/node1");
+    config_free(&cfg);
+
+    FILE *f = fopen(path, "r");
+    ck_assert_ptr_nonnull(f);
+    char *text = pb_xcalloc(1, 65536);
+    size_t n = fread(text, 1, 65535, f);
+    text[n] = '\0';
+    fclose(f);
+    static const char *const keys[] = {
+            "node_id",
+            "port",
+            "bind",
+            "advertise",
+            "join",
+            "data_dir",
+            "state_dir",
+            "secret_file",
+            "control_socket",
+            "log_level",
+            "ignore",
+            "metrics_listen",
+            "election_timeout_ms",
+            "heartbeat_ms",
+    };
+    for (size_t i = 0; i < PB_ARRAY_SIZE(keys); i++) {
+        char set[64], commented[64];
+        snprintf(set, sizeof(set), "\n%s = ", keys[i]);
+        snprintf(commented, sizeof(commented), "\n#%s = ", keys[i]);
+        ck_assert_msg(strstr(text, set) || strstr(text, commented),
+                      "example.conf does not document %s", keys[i]);
+    }
+    free(text);
+}
+END_TEST
+
 static Suite *config_suite(void)
 {
     Suite *s = suite_create("config");
@@ -671,6 +719,7 @@ static Suite *config_suite(void)
     tcase_add_test(tc, test_control_socket_too_long);
     tcase_add_test(tc, test_help_and_version);
     tcase_add_test(tc, test_print_round_trips);
+    tcase_add_test(tc, test_example_conf);
     suite_add_tcase(s, tc);
     return s;
 }

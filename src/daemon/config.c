@@ -196,7 +196,7 @@ static const char *config_suggest_key(const char *name)
 
 /* ---- value checks ------------------------------------------------------------ */
 
-static bool node_id_valid(const char *s)
+bool config_node_id_valid(const char *s)
 {
     size_t n = strlen(s);
     if (n == 0 || n > 64 || s[0] == '.' || s[0] == '-')
@@ -393,7 +393,7 @@ static int config_apply(struct pb_config *cfg, enum config_key_id k, const struc
         return pb_error_set(err, -EINVAL, "empty value for %s", name);
     switch (k) {
     case KEY_NODE_ID:
-        if (!node_id_valid(v))
+        if (!config_node_id_valid(v))
             return pb_error_set(err, -EINVAL,
                                 "bad node_id '%s' (1-64 of A-Z a-z 0-9 . _ -, "
                                 "not starting with '.' or '-')",

@@ -85,6 +85,10 @@ void config_free(struct pb_config *cfg);
  * loads back to the same configuration. */
 void config_print(const struct pb_config *cfg, FILE *out);
 
+/* True when s is a valid node name: 1-64 of [A-Za-z0-9._-], not starting
+ * with '.' or '-' (so it is safe as a path component and a unit instance). */
+bool config_node_id_valid(const char *s);
+
 /* Writes the --help text (every option with its default) to out. */
 void config_usage(FILE *out);
 

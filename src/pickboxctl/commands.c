@@ -1,0 +1,68 @@
+/*
+ * commands.c: pickboxctl's command table and the views that label and order
+ * each command's result (see pickboxctl.h and render.h).
+ *
+ * status result (the daemon's side of the contract; every member is optional,
+ * unknown members are shown too):
+ *   {"node_id":"n1","role":"leader","term":4,"leader":"n1","commit_index":120,
+ *    "applied_index":120,"last_index":120,
+ *    "members":[{"id":"n1","address":"127.0.0.1:8010","voter":true,
+ *                "reachable":true,"match":120,"lag":0,"last_contact_ms":12}]}
+ */
+#include "config.h"
+
+#include "pickboxctl/pickboxctl.h"
+
+#include <string.h>
+
+static const struct pbctl_field_spec member_columns[] = {
+        {"id", "id", NULL, NULL},
+        {"address", "address", NULL, NULL},
+        {"voter", "role", pbctl_format_voter, NULL},
+        {"reachable", "reachable", NULL, NULL},
+        {"match", "match", NULL, NULL},
+        {"lag", "lag", NULL, NULL},
+        {"last_contact_ms", "last contact", pbctl_format_ms_ago, NULL},
+        {NULL, NULL, NULL, NULL},
+};
+
+static const struct pbctl_field_spec status_view[] = {
+        {"node_id", "node", NULL, NULL},
+        {"role", NULL, NULL, NULL},
+        {"term", NULL, NULL, NULL},
+        {"leader", NULL, NULL, NULL},
+        {"commit_index", NULL, NULL, NULL},
+        {"applied_index", NULL, NULL, NULL},
+        {"last_index", "last log index", NULL, NULL},
+        {"members", NULL, NULL, member_columns},
+        {NULL, NULL, NULL, NULL},
+};
+
+static const struct pbctl_field_spec hello_view[] = {
+        {"node_id", "node", NULL, NULL},
+        {"version", NULL, NULL, NULL},
+        {"protocol", NULL, NULL, NULL},
+        {NULL, NULL, NULL, NULL},
+};
+
+const struct pbctl_command pbctl_commands[] = {
+        {"status",
+         {NULL},
+         0,
+         "status",
+         "show this node's role, term, indexes and members",
+         status_view},
+        {"hello", {NULL}, 0, "hello", "show the daemon's version and protocol", hello_view},
+        /* Added as the daemon implements them, e.g.:
+         * {"transfer", {"node", NULL}, 1, "transfer", "hand leadership to NODE", NULL}, */
+        {NULL, {NULL}, 0, NULL, NULL, NULL},
+};
+
+const struct pbctl_command *pbctl_command_find(const char *name)
+{
+    for (const struct pbctl_command *c = pbctl_commands; c->name != NULL; c++) {
+        if (strcmp(c->name, name) == 0)
+            return c;
+    }
+    return NULL;
+}
