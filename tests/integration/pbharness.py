@@ -67,7 +67,11 @@ def pickboxd_path():
 
 
 def pickboxctl_path():
-    return os.path.join(top_builddir(), "src", "pickboxctl")
+    for rel in (("src", "pickboxctl", "pickboxctl"), ("src", "pickboxctl")):
+        path = os.path.join(top_builddir(), *rel)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
 
 
 class Client:
