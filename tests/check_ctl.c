@@ -767,6 +767,40 @@ START_TEST(test_idle_timeout)
 }
 END_TEST
 
+START_TEST(test_trickling_client_timeout)
+{
+    struct ctl_options opts = {.idle_timeout_s = 1};
+    server_start(&opts, 0600);
+    struct client *c = client_open();
+    /* One byte every 50 ms is never idle for a second, but its line takes
+     * too long: it is cut off about a second after its first byte. */
+    static const char line[] = "{\"id\":1,\"method\":\"echo\",\"params\":{\"pad\":\""
+                               "....................................................."
+                               "....................................................."
+                               "\"}}\n";
+    uint64_t t0 = pb_now_ms();
+    size_t i = 0;
+    bool closed = false;
+    while (!closed && pb_now_ms() - t0 < WAIT_MS) {
+        if (i < sizeof(line) - 2 && send(c->fd, &line[i], 1, MSG_NOSIGNAL) == 1)
+            i++;
+        uint64_t next = pb_now_ms() + 50;
+        while (!closed && pb_now_ms() < next) {
+            pump();
+            client_fill(c);
+            closed = c->eof;
+            poll(NULL, 0, 2);
+        }
+    }
+    ck_assert(closed);
+    ck_assert_uint_ge(pb_now_ms() - t0, 900);
+    ck_assert_uint_lt(i, sizeof(line) - 2); /* cut off before the line was complete */
+    ck_assert_int_eq(handler_calls, 0);
+    client_close(c);
+    wait_clients(0);
+}
+END_TEST
+
 START_TEST(test_listen_path_rules)
 {
     server_start(NULL, 0640);
@@ -1009,6 +1043,7 @@ static Suite *ctl_suite(void)
     tcase_add_test(tc, test_line_cap);
     tcase_add_test(tc, test_connection_cap);
     tcase_add_test(tc, test_idle_timeout);
+    tcase_add_test(tc, test_trickling_client_timeout);
     tcase_add_test(tc, test_listen_path_rules);
     tcase_add_test(tc, test_listen_fd_keeps_file);
     tcase_add_test(tc, test_many_clients);

@@ -57,7 +57,8 @@ struct ctl_conn {
     struct event *resume; /* processes buffered lines after an async reply */
     struct ctl_request *pending;
     struct ctl_conn *prev, *next;
-    size_t scanned; /* bytes of input already searched for a newline */
+    size_t scanned;         /* bytes of input already searched for a newline */
+    uint64_t partial_since; /* when the buffered partial line began; 0 = none */
     uid_t uid;
     gid_t gid;
     pid_t pid;
@@ -375,6 +376,7 @@ static int ctl_conn_next_line(struct ctl_conn *conn, char **line, size_t *len)
     evbuffer_drain(in, eol_len);
     buf[n] = '\0';
     conn->scanned = 0;
+    conn->partial_since = 0;
     if (n > 0 && buf[n - 1] == '\r')
         buf[--n] = '\0';
     *line = buf;
@@ -388,12 +390,22 @@ static int ctl_conn_next_line(struct ctl_conn *conn, char **line, size_t *len)
  * the client is waiting for us, not idle. */
 static void ctl_conn_arm(struct ctl_conn *conn)
 {
+    uint64_t idle_ms = (uint64_t)conn->srv->idle_timeout_s * 1000;
     struct timeval tv = {.tv_sec = conn->srv->idle_timeout_s, .tv_usec = 0};
     if (conn->closing || conn->stalled || conn->eof)
         bufferevent_disable(conn->bev, EV_READ);
     else
         bufferevent_enable(conn->bev, EV_READ);
-    bufferevent_set_timeouts(conn->bev, conn->pending != NULL || conn->closing ? NULL : &tv, &tv);
+    /* A line must arrive whole within the idle timeout of its first byte, so
+     * that a client trickling a byte now and then cannot hold a slot. */
+    struct timeval rtv = tv;
+    if (conn->partial_since != 0) {
+        uint64_t spent = pb_now_ms() - conn->partial_since;
+        uint64_t left = spent < idle_ms ? idle_ms - spent : 1;
+        rtv.tv_sec = (time_t)(left / 1000);
+        rtv.tv_usec = (suseconds_t)(left % 1000) * 1000;
+    }
+    bufferevent_set_timeouts(conn->bev, conn->pending != NULL || conn->closing ? NULL : &rtv, &tv);
 }
 
 static void ctl_conn_close_after_flush(struct ctl_conn *conn)
@@ -440,6 +452,10 @@ static void ctl_conn_process(struct ctl_conn *conn)
         ctl_conn_close_after_flush(conn);
         return;
     }
+    if (conn->pending != NULL || evbuffer_get_length(bufferevent_get_input(conn->bev)) == 0)
+        conn->partial_since = 0;
+    else if (conn->partial_since == 0)
+        conn->partial_since = pb_now_ms();
     ctl_conn_arm(conn);
 }
 
