@@ -372,6 +372,21 @@ START_TEST(test_file_missing_and_not_regular)
 }
 END_TEST
 
+START_TEST(test_file_too_large)
+{
+    const char *path = write_file("big.conf", BASE);
+    ck_assert_int_eq(truncate(path, CONFIG_MAX_FILE + 1), 0);
+    struct pb_config cfg;
+    struct pb_error err;
+    ck_assert_int_eq(load(&cfg, &err, "--config", path, NULL), -EFBIG);
+    char want[PATH_MAX + 100];
+    snprintf(want, sizeof(want), "config file %s is too large (%d bytes, max %d)", path,
+             CONFIG_MAX_FILE + 1, CONFIG_MAX_FILE);
+    ck_assert_str_eq(err.msg, want);
+    config_free(&cfg);
+}
+END_TEST
+
 START_TEST(test_missing_required)
 {
     struct pb_config cfg;
@@ -403,6 +418,16 @@ START_TEST(test_port_optional_with_systemd_peer_socket)
     ck_assert_int_eq(load(&cfg, &err, "--node-id", "n1", "--data-dir", "/d", NULL), 0);
     ck_assert_uint_eq(cfg.port, 0);
     ck_assert_ptr_null(cfg.advertise);
+    char *printed = NULL;
+    size_t plen = 0;
+    FILE *f = open_memstream(&printed, &plen);
+    config_print(&cfg, f);
+    fclose(f);
+    ck_assert_ptr_nonnull(strstr(printed, "\n# port: from the systemd socket named 'peer'\n"));
+    ck_assert_ptr_null(strstr(printed, "advertise"));
+    ck_assert_ptr_nonnull(strstr(printed, "\n# join: none\n"));
+    ck_assert_ptr_nonnull(strstr(printed, "\n# secret_file: /d/.pickbox/state/secret\n"));
+    free(printed);
     config_free(&cfg);
 
     /* Another process's LISTEN_PID or no "peer" name: port is required. */
@@ -450,6 +475,9 @@ START_TEST(test_command_line_errors)
                      -EINVAL);
     ck_assert_str_eq(err.msg, "--node-id: bad node_id 'a b' (1-64 of A-Z a-z 0-9 . _ -, not "
                               "starting with '.' or '-')");
+    config_free(&cfg);
+    ck_assert_int_eq(load(&cfg, &err, "--check-config=yes", NULL), -EINVAL);
+    ck_assert_str_eq(err.msg, "option '--check-config' does not take a value");
     config_free(&cfg);
     ck_assert_int_eq(load(&cfg, &err, "--config", "/x", "--config", "/y", NULL), -EINVAL);
     ck_assert_str_eq(err.msg, "--config: given more than once");
@@ -596,6 +624,11 @@ START_TEST(test_help_and_version)
     };
     for (size_t i = 0; i < PB_ARRAY_SIZE(flags); i++)
         ck_assert_msg(strstr(out, flags[i]) != NULL, "--help lacks '%s'", flags[i]);
+    for (const char *line = out; *line != '\0';) {
+        size_t len = strcspn(line, "\n");
+        ck_assert_msg(len <= 80, "--help line longer than 80 columns: %.*s", (int)len, line);
+        line += len + (line[len] == '\n');
+    }
     free(out);
     out = load_capturing_stdout(&rc, "-V");
     ck_assert_int_eq(rc, 1);
@@ -608,7 +641,7 @@ START_TEST(test_print_round_trips)
 {
     const char *path = write_file("rt.conf", BASE "bind = ::1\nadvertise = h.example:1\n"
                                                   "join = 10.1.1.1:2\n"
-                                                  "secret_file = \"/etc/a b\"\n"
+                                                  "secret_file = \"/etc/a \\\"b\\\\ \"\n"
                                                   "ignore = \" lead\"\nignore = *.o\n"
                                                   "metrics_listen = [::1]:9\n"
                                                   "log_level = notice\n"
@@ -633,6 +666,7 @@ START_TEST(test_print_round_trips)
     ck_assert_str_eq(a.data_dir, b.data_dir);
     ck_assert_str_eq(a.state_dir, b.state_dir);
     ck_assert_str_eq(a.control_socket, b.control_socket);
+    ck_assert_str_eq(a.secret_file, "/etc/a \"b\\ ");
     ck_assert_str_eq(a.secret_file, b.secret_file);
     ck_assert_str_eq(a.metrics_listen, b.metrics_listen);
     ck_assert_int_eq(a.log_level, b.log_level);
@@ -710,6 +744,7 @@ static Suite *config_suite(void)
     tcase_add_test(tc, test_file_errors);
     tcase_add_test(tc, test_file_nul_and_long_line);
     tcase_add_test(tc, test_file_missing_and_not_regular);
+    tcase_add_test(tc, test_file_too_large);
     tcase_add_test(tc, test_missing_required);
     tcase_add_test(tc, test_port_optional_with_systemd_peer_socket);
     tcase_add_test(tc, test_command_line_errors);

@@ -18,6 +18,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "lib/util.h"
@@ -44,8 +45,8 @@ static void teardown(void)
 }
 
 static const char sample_status[] =
-        "{\"node_id\":\"n1\",\"role\":\"leader\",\"term\":4,\"leader\":\"n1\","
-        "\"commit_index\":120,\"applied_index\":119,\"uptime_s\":30,"
+        "{\"node_id\":\"n1\",\"role\":\"leader\",\"term\":4,\"leader_id\":\"n1\","
+        "\"commit_index\":120,\"applied_index\":119,\"uptime_s\":3725,\"extra_info\":\"e\","
         "\"members\":["
         "{\"id\":\"n1\",\"address\":\"127.0.0.1:8010\",\"voter\":true,\"match\":120,\"lag\":0},"
         "{\"id\":\"n2\",\"address\":\"127.0.0.1:8011\",\"voter\":true,\"reachable\":true,"
@@ -60,7 +61,8 @@ static const char sample_status_text[] =
         "leader:        n1\n"
         "commit index:  120\n"
         "applied index: 119\n"
-        "uptime s:      30\n"
+        "uptime:        1h2m5s\n"
+        "extra info:    e\n"
         "members:\n"
         "  ID  ADDRESS         ROLE     REACHABLE  MATCH  LAG  LAST CONTACT  NOTE\n"
         "  n1  127.0.0.1:8010  voter    -          120    0    -             -\n"
@@ -69,15 +71,15 @@ static const char sample_status_text[] =
 
 /* The JSON backend writes the view's keys first, then the others. */
 static const char sample_status_json[] =
-        "{\"node_id\":\"n1\",\"role\":\"leader\",\"term\":4,\"leader\":\"n1\","
-        "\"commit_index\":120,\"applied_index\":119,"
+        "{\"node_id\":\"n1\",\"role\":\"leader\",\"term\":4,\"leader_id\":\"n1\","
+        "\"commit_index\":120,\"applied_index\":119,\"uptime_s\":3725,"
         "\"members\":["
         "{\"id\":\"n1\",\"address\":\"127.0.0.1:8010\",\"voter\":true,\"match\":120,\"lag\":0},"
         "{\"id\":\"n2\",\"address\":\"127.0.0.1:8011\",\"voter\":true,\"reachable\":true,"
         "\"match\":118,\"lag\":2,\"last_contact_ms\":40},"
         "{\"id\":\"n3\",\"address\":\"[::1]:8012\",\"voter\":false,\"reachable\":false,"
         "\"match\":0,\"lag\":120,\"last_contact_ms\":12500,\"note\":\"x\"}],"
-        "\"uptime_s\":30}\n";
+        "\"extra_info\":\"e\"}\n";
 
 static json_t *parse(const char *s)
 {
@@ -172,6 +174,18 @@ START_TEST(test_formatters)
     v = json_integer(61000);
     pbctl_format_ms_ago(v, buf, sizeof(buf));
     ck_assert_str_eq(buf, "61.0s ago");
+    json_decref(v);
+    v = json_integer(90061);
+    pbctl_format_duration_s(v, buf, sizeof(buf));
+    ck_assert_str_eq(buf, "1d1h1m1s");
+    json_decref(v);
+    v = json_integer(59);
+    pbctl_format_duration_s(v, buf, sizeof(buf));
+    ck_assert_str_eq(buf, "59s");
+    json_decref(v);
+    v = json_integer(3600);
+    pbctl_format_duration_s(v, buf, sizeof(buf));
+    ck_assert_str_eq(buf, "1h0m0s");
     json_decref(v);
     v = json_string("later");
     pbctl_format_ms_ago(v, buf, sizeof(buf));
@@ -281,8 +295,13 @@ END_TEST
 START_TEST(test_params_from_arguments)
 {
     /* A command with arguments, as future rows of the table will have. */
-    static const struct pbctl_command join = {"join", {"id", "address", NULL}, 1,
-                                              "join", "add a member",          NULL};
+    static const struct pbctl_command join = {
+            .name = "join",
+            .args = {"id", "address"},
+            .min_args = 1,
+            .method = "join",
+            .help = "add a member",
+    };
     char *args[] = {(char *)"n3", (char *)"10.0.0.3:8010"};
     struct pbctl_options o = {.cmd = &join, .args = args, .nargs = 2};
     json_t *p = pbctl_params(&o);
@@ -658,6 +677,44 @@ START_TEST(test_exit_cannot_connect)
 }
 END_TEST
 
+START_TEST(test_exit_connect_backlog_full)
+{
+    struct srv s;
+    srv_start(&s, "n1/control.sock", SRV_NO_ACCEPT, NULL);
+    /* Fill the backlog of 4 (and the one extra Linux allows) with idle clients. */
+    int idle[8];
+    size_t n_idle = 0;
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", s.path);
+    for (; n_idle < PB_ARRAY_SIZE(idle); n_idle++) {
+        idle[n_idle] = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0);
+        ck_assert_int_ge(idle[n_idle], 0);
+        if (connect(idle[n_idle], (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+            ck_assert_int_eq(errno, EAGAIN);
+            close(idle[n_idle]);
+            break;
+        }
+    }
+    ck_assert_uint_lt(n_idle, PB_ARRAY_SIZE(idle));
+    uint64_t t0 = pb_now_ms();
+    struct run_out r = run(NULL, "-n", "n1", "-t", "0.2", "status", NULL);
+    uint64_t took = pb_now_ms() - t0;
+    for (size_t i = 0; i < n_idle; i++)
+        close(idle[i]);
+    srv_stop(&s);
+    ck_assert_int_eq(r.rc, PBCTL_EXIT_CONNECT);
+    char want[PATH_MAX + 200];
+    snprintf(want, sizeof(want),
+             "pickboxctl: cannot connect to %s: not accepting connections within 200 ms (is "
+             "pickboxd@n1 stuck?)\n",
+             s.path);
+    ck_assert_str_eq(r.err, want);
+    ck_assert_uint_ge(took, 190);
+    ck_assert_uint_lt(took, 5000);
+    run_free(&r);
+}
+END_TEST
+
 START_TEST(test_exit_usage)
 {
     struct run_out r = run(NULL, "status", NULL); /* empty run dir, no env */
@@ -697,6 +754,57 @@ START_TEST(test_help_and_version)
 }
 END_TEST
 
+/* Runs the built program with PICKBOX_SOCKET=env_socket (NULL: unset);
+ * returns its exit status and its stderr (in errbuf). */
+static int run_binary(const char *env_socket, char *errbuf, size_t errlen, const char *arg1,
+                      const char *arg2)
+{
+    const char *builddir = getenv("top_builddir");
+    ck_assert_msg(builddir != NULL, "top_builddir is not set (run through make check)");
+    char bin[PATH_MAX];
+    snprintf(bin, sizeof(bin), "%s/src/pickboxctl/pickboxctl", builddir);
+    char errpath[128];
+    snprintf(errpath, sizeof(errpath), "%s/stderr", tmpdir);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        FILE *e = freopen(errpath, "w", stderr);
+        FILE *o = freopen("/dev/null", "w", stdout);
+        if (e == NULL || o == NULL)
+            _exit(120);
+        if (env_socket)
+            setenv("PICKBOX_SOCKET", env_socket, 1);
+        else
+            unsetenv("PICKBOX_SOCKET");
+        execl(bin, "pickboxctl", arg1, arg2, (char *)NULL);
+        _exit(127);
+    }
+    int status;
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert(WIFEXITED(status));
+    FILE *f = fopen(errpath, "r");
+    ck_assert_ptr_nonnull(f);
+    size_t n = fread(errbuf, 1, errlen - 1, f);
+    errbuf[n] = '\0';
+    fclose(f);
+    return WEXITSTATUS(status);
+}
+
+START_TEST(test_binary_exit_codes)
+{
+    char err[1024];
+    ck_assert_int_eq(run_binary(NULL, err, sizeof(err), "--version", NULL), PBCTL_EXIT_OK);
+    ck_assert_str_eq(err, "");
+    ck_assert_int_eq(run_binary(NULL, err, sizeof(err), "-s", NULL), PBCTL_EXIT_USAGE);
+    ck_assert_str_eq(err, "pickboxctl: option '-s' requires a value\n");
+    /* $PICKBOX_SOCKET reaches the program. */
+    ck_assert_int_eq(run_binary("/nonexistent/ctl.sock", err, sizeof(err), "status", NULL),
+                     PBCTL_EXIT_CONNECT);
+    ck_assert_str_eq(err, "pickboxctl: cannot connect to /nonexistent/ctl.sock: No such file or "
+                          "directory (is pickboxd running?)\n");
+}
+END_TEST
+
 static Suite *pickboxctl_suite(void)
 {
     Suite *s = suite_create("pickboxctl");
@@ -725,8 +833,10 @@ static Suite *pickboxctl_suite(void)
     tcase_add_test(tc, test_exit_closed_and_oversized);
     tcase_add_test(tc, test_exit_timeout);
     tcase_add_test(tc, test_exit_cannot_connect);
+    tcase_add_test(tc, test_exit_connect_backlog_full);
     tcase_add_test(tc, test_exit_usage);
     tcase_add_test(tc, test_help_and_version);
+    tcase_add_test(tc, test_binary_exit_codes);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -65,21 +65,21 @@ struct config_key {
 
 static const struct config_key config_keys[KEY_COUNT] = {
         [KEY_NODE_ID] = {"node_id", "--node-id", "ID", 0, "required",
-                         "this node's name: 1-64 of [A-Za-z0-9._-], not starting with '.' or '-'"},
+                         "this node's name: 1-64 of A-Z a-z 0-9 . _ -"},
         [KEY_PORT] = {"port", "--port", "PORT", 0, "required",
-                      "peer TCP port 1-65535 (optional when systemd passes a 'peer' socket)"},
+                      "peer TCP port, unless systemd passes one (\"peer\")"},
         [KEY_BIND] = {"bind", "--bind", "ADDR", 0, CONFIG_DEFAULT_BIND,
                       "IPv4/IPv6 address the peer port listens on"},
         [KEY_ADVERTISE] = {"advertise", "--advertise", "HOST:PORT", 0, "BIND:PORT",
                            "address other members dial to reach this node"},
         [KEY_JOIN] = {"join", "--join", "HOST:PORT", 0, "none",
-                      "a member to join the cluster through (first start only)"},
+                      "an existing member to join the cluster through"},
         [KEY_DATA_DIR] = {"data_dir", "--data-dir", "DIR", 0, "required", "the replicated tree"},
         [KEY_STATE_DIR] = {"state_dir", "--state-dir", "DIR", 0, "DATA_DIR/.pickbox/state",
                            "Raft log, state database and secret"},
         [KEY_CONTROL_SOCKET] = {"control_socket", "--control-socket", "PATH", 0,
                                 "STATE_DIR/control.sock",
-                                "control socket (unless systemd passes a 'control' socket)"},
+                                "control socket, unless systemd passes one"},
         [KEY_SECRET_FILE] = {"secret_file", "--secret-file", "FILE", 0, "STATE_DIR/secret",
                              "shared cluster secret for peer authentication"},
         [KEY_LOG_LEVEL] = {"log_level", "--log-level", "LEVEL", 0, "info",
@@ -91,7 +91,7 @@ static const struct config_key config_keys[KEY_COUNT] = {
         [KEY_ELECTION_TIMEOUT_MS] = {"election_timeout_ms", "--election-timeout-ms", "MS", 0,
                                      "1000", "Raft election timeout, 10-600000"},
         [KEY_HEARTBEAT_MS] = {"heartbeat_ms", "--heartbeat-ms", "MS", 0, "100",
-                              "leader heartbeat interval, less than election_timeout_ms/2"},
+                              "leader heartbeat, below election timeout / 2"},
 };
 
 #define WHERE_MAX 320
@@ -351,7 +351,8 @@ static int check_glob(const char *pat, struct pb_error *err)
     return 0;
 }
 
-static void ignore_add_list(struct pb_config *cfg, const char *list, struct pb_error *err, int *rc)
+/* Appends the comma-separated patterns of list to cfg->ignore. */
+static int ignore_add_list(struct pb_config *cfg, const char *list, struct pb_error *err)
 {
     const char *p = list;
     for (;;) {
@@ -366,15 +367,15 @@ static void ignore_add_list(struct pb_config *cfg, const char *list, struct pb_e
         char *pat = pb_xmalloc(len + 1);
         memcpy(pat, p, len);
         pat[len] = '\0';
-        if (check_glob(pat, err) < 0) {
+        int rc = check_glob(pat, err);
+        if (rc < 0) {
             free(pat);
-            *rc = err->code;
-            return;
+            return rc;
         }
         cfg->ignore = pb_xreallocarray(cfg->ignore, cfg->n_ignore + 1, sizeof(*cfg->ignore));
         cfg->ignore[cfg->n_ignore++] = pat;
         if (comma == NULL)
-            return;
+            return 0;
         p = comma + 1;
     }
 }
@@ -386,7 +387,6 @@ static int config_apply(struct pb_config *cfg, enum config_key_id k, const struc
     const char *name = config_keys[k].name;
     const char *v = s->value;
     uint32_t u = 0;
-    int rc = 0;
     int family;
 
     if (v[0] == '\0')
@@ -451,8 +451,7 @@ static int config_apply(struct pb_config *cfg, enum config_key_id k, const struc
                                 v);
         break;
     case KEY_IGNORE:
-        ignore_add_list(cfg, v, err, &rc);
-        return rc;
+        return ignore_add_list(cfg, v, err);
     case KEY_ELECTION_TIMEOUT_MS:
         return parse_u32_range(name, v, 10, 600000, &cfg->election_timeout_ms, err);
     case KEY_HEARTBEAT_MS:
@@ -465,7 +464,7 @@ static int config_apply(struct pb_config *cfg, enum config_key_id k, const struc
 
 /* ---- the config file -------------------------------------------------------- */
 
-/* Unquotes "..." (escapes \" and \\) in place. Returns 0 or a message. */
+/* Unquotes "..." (escapes \" and \\) in place. Returns NULL or what is wrong. */
 static const char *unquote(char *v, size_t *len)
 {
     if (*len == 0 || v[0] != '"')
@@ -691,6 +690,13 @@ static int config_parse_args(struct config_loader *ld, struct pb_config *cfg, in
                                     optopt ? optopt : '?');
             char name[80];
             snprintf(name, sizeof(name), "%.*s", (int)strcspn(arg + 2, "="), arg + 2);
+            for (size_t i = 0; config_options[i].name != NULL; i++) {
+                if (config_options[i].has_arg == no_argument &&
+                    strncmp(config_options[i].name, name, strlen(name)) == 0 &&
+                    strchr(arg, '=') != NULL)
+                    return pb_error_set(err, -EINVAL, "option '--%s' does not take a value",
+                                        config_options[i].name);
+            }
             const char *sug = config_suggest_key(name);
             if (sug != NULL) {
                 char flag[64];
@@ -943,15 +949,27 @@ void config_usage(FILE *out)
         const struct config_key *key = &config_keys[k];
         char left[64];
         snprintf(left, sizeof(left), "%s %s", key->flag, key->metavar);
-        fprintf(out, "  %-32s %s [%s]\n", left, key->help, key->dflt);
+        /* Keep within 80 columns: a long flag or help moves to the next line. */
+        if (strlen(left) > 26)
+            fprintf(out, "  %s\n  %-26s ", left, "");
+        else
+            fprintf(out, "  %-26s ", left);
+        if (29 + strlen(key->help) + strlen(key->dflt) + 3 <= 80)
+            fprintf(out, "%s [%s]\n", key->help, key->dflt);
+        else
+            fprintf(out, "%s\n  %-26s [%s]\n", key->help, "", key->dflt);
     }
-    fprintf(out, "  %-32s %s\n  %-32s %s\n  %-32s %s\n  %-32s %s\n\n", "--config FILE",
-            "read settings from an INI file (command line wins) [none]", "--check-config",
-            "validate the configuration, print it and exit", "-h, --help",
-            "show this help and exit", "-V, --version", "show the version and exit");
-    fputs("Every option except --config, --check-config, --help and --version is also a\n"
-          "config file key, spelled with '_' (node_id = n1). Relative paths are resolved\n"
-          "against the current directory on the command line and refused in a file.\n"
-          "Exit status: 0 ok, 1 runtime failure, 2 bad configuration.\n",
+    static const char *const extra[][2] = {
+            {"--config FILE", "read settings from an INI file [none]"},
+            {"--check-config", "validate the configuration, print it, exit"},
+            {"-h, --help", "show this help and exit"},
+            {"-V, --version", "show the version and exit"},
+    };
+    for (size_t i = 0; i < PB_ARRAY_SIZE(extra); i++)
+        fprintf(out, "  %-26s %s\n", extra[i][0], extra[i][1]);
+    fputs("\nEvery option but the last four is also a config file key, spelled with '_'\n"
+          "(node_id = n1); the command line wins over the file. Relative paths are\n"
+          "resolved against the current directory on the command line and refused in\n"
+          "a file. Exit status: 0 ok, 1 runtime failure, 2 bad configuration.\n",
           out);
 }

@@ -73,7 +73,9 @@ struct pb_config {
  *   1   --help or --version was printed to stdout: exit 0;
  *   <0  an error: err->msg is one line naming the file and line or the flag;
  *       the caller prints "pickboxd: <msg>" to stderr and exits 2.
- * cfg must be released with config_free() in every case.
+ * cfg's previous contents are ignored (it is zeroed first) and it must be
+ * released with config_free() in every case. Not thread-safe: it uses
+ * getopt_long()'s globals (and resets them, so it may be called repeatedly).
  */
 int config_load(struct pb_config *cfg, int argc, char **argv, struct pb_error *err);
 

@@ -210,7 +210,7 @@ int pbctl_run(int argc, char **argv, const struct pbctl_env *env)
         fprintf(env->err, "pickboxctl: %s\n", e.msg);
         return PBCTL_EXIT_USAGE;
     }
-    int fd = pbctl_connect(path, env->run_dir, &e);
+    int fd = pbctl_connect(path, env->run_dir, o.timeout_ms, &e);
     free(path);
     if (fd < 0) {
         fprintf(env->err, "pickboxctl: %s\n", e.msg);
@@ -233,7 +233,8 @@ int pbctl_run(int argc, char **argv, const struct pbctl_env *env)
     }
     struct pbctl_writer *w =
             o.json ? pbctl_writer_json_new(env->out) : pbctl_writer_text_new(env->out);
-    rc = pbctl_render(o.cmd->view, json_object_get(reply, "result"), w);
+    pbctl_render_fn render = o.cmd->render ? o.cmd->render : pbctl_render;
+    rc = render(o.cmd->view, json_object_get(reply, "result"), w);
     pbctl_writer_free(w);
     json_decref(reply);
     if (rc < 0) {

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -89,7 +90,7 @@ static void unit_hint(const char *path, const char *run_dir, char *buf, size_t l
     snprintf(buf, len, "pickboxd@%.*s", (int)nl, node);
 }
 
-int pbctl_connect(const char *path, const char *run_dir, struct pb_error *err)
+int pbctl_connect(const char *path, const char *run_dir, int timeout_ms, struct pb_error *err)
 {
     char hint[128];
     unit_hint(path, run_dir ? run_dir : PBCTL_RUN_DIR, hint, sizeof(hint));
@@ -104,6 +105,11 @@ int pbctl_connect(const char *path, const char *run_dir, struct pb_error *err)
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return pb_error_set(err, -errno, "cannot create a socket: %s", strerror(errno));
+    /* A Unix stream connect blocks while the listener's backlog is full;
+     * SO_SNDTIMEO bounds that wait (af_unix uses the send timeout for it). */
+    struct timeval tv = {.tv_sec = timeout_ms / 1000, .tv_usec = (timeout_ms % 1000) * 1000};
+    if (timeout_ms > 0)
+        (void)setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
     int rc;
     do {
         rc = connect(fd, (struct sockaddr *)&sa, sizeof(sa));
@@ -111,9 +117,16 @@ int pbctl_connect(const char *path, const char *run_dir, struct pb_error *err)
     if (rc < 0) {
         int e = errno;
         close(fd);
+        if (e == EAGAIN || e == EWOULDBLOCK)
+            return pb_error_set(err, -ETIMEDOUT,
+                                "cannot connect to %s: not accepting connections within %d ms "
+                                "(is %s stuck?)",
+                                path, timeout_ms, hint);
         return pb_error_set(err, -e, "cannot connect to %s: %s (is %s running?)", path, strerror(e),
                             hint);
     }
+    struct timeval none = {0, 0};
+    (void)setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &none, sizeof(none));
     return fd;
 }
 

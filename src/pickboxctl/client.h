@@ -28,13 +28,15 @@ int pbctl_socket_resolve(const char *socket_opt, const char *node_opt, const cha
                          const char *run_dir, char **path, struct pb_error *err);
 
 /*
- * Connects to the Unix stream socket at path. Returns the fd (close-on-exec),
- * or a negative errno with err set to
+ * Connects to the Unix stream socket at path, waiting at most timeout_ms
+ * (0: no limit) while the daemon's listen backlog is full. Returns the fd
+ * (close-on-exec), or a negative errno with err set to
  * "cannot connect to PATH: <strerror> (is pickboxd@NODE running?)"
  * (NODE is taken from a <run_dir>/NODE/control.sock path; otherwise the hint
- * is "is pickboxd running?"). run_dir may be NULL for PBCTL_RUN_DIR.
+ * is "is pickboxd running?"), or -ETIMEDOUT. run_dir may be NULL for
+ * PBCTL_RUN_DIR.
  */
-int pbctl_connect(const char *path, const char *run_dir, struct pb_error *err);
+int pbctl_connect(const char *path, const char *run_dir, int timeout_ms, struct pb_error *err);
 
 /*
  * Sends {"id":1,"method":method,"params":params} on fd (params borrowed; NULL

@@ -4,8 +4,8 @@
  *
  * status result (the daemon's side of the contract; every member is optional,
  * unknown members are shown too):
- *   {"node_id":"n1","role":"leader","term":4,"leader":"n1","commit_index":120,
- *    "applied_index":120,"last_index":120,
+ *   {"node_id":"n1","version":"0.1.0","role":"leader","term":4,"leader_id":"n1",
+ *    "commit_index":120,"applied_index":120,"last_index":120,"uptime_s":30,
  *    "members":[{"id":"n1","address":"127.0.0.1:8010","voter":true,
  *                "reachable":true,"match":120,"lag":0,"last_contact_ms":12}]}
  */
@@ -28,12 +28,19 @@ static const struct pbctl_field_spec member_columns[] = {
 
 static const struct pbctl_field_spec status_view[] = {
         {"node_id", "node", NULL, NULL},
+        {"version", NULL, NULL, NULL},
         {"role", NULL, NULL, NULL},
         {"term", NULL, NULL, NULL},
-        {"leader", NULL, NULL, NULL},
+        {"leader_id", "leader", NULL, NULL},
         {"commit_index", NULL, NULL, NULL},
         {"applied_index", NULL, NULL, NULL},
         {"last_index", "last log index", NULL, NULL},
+        {"consensus_running", "consensus running", NULL, NULL},
+        {"advertise", NULL, NULL, NULL},
+        {"join", NULL, NULL, NULL},
+        {"data_dir", "tree", NULL, NULL},
+        {"state_dir", "state dir", NULL, NULL},
+        {"uptime_s", "uptime", pbctl_format_duration_s, NULL},
         {"members", NULL, NULL, member_columns},
         {NULL, NULL, NULL, NULL},
 };
@@ -46,16 +53,22 @@ static const struct pbctl_field_spec hello_view[] = {
 };
 
 const struct pbctl_command pbctl_commands[] = {
-        {"status",
-         {NULL},
-         0,
-         "status",
-         "show this node's role, term, indexes and members",
-         status_view},
-        {"hello", {NULL}, 0, "hello", "show the daemon's version and protocol", hello_view},
+        {
+                .name = "status",
+                .method = "status",
+                .help = "show this node's role, term, indexes and members",
+                .view = status_view,
+        },
+        {
+                .name = "hello",
+                .method = "hello",
+                .help = "show the daemon's version and protocol",
+                .view = hello_view,
+        },
         /* Added as the daemon implements them, e.g.:
-         * {"transfer", {"node", NULL}, 1, "transfer", "hand leadership to NODE", NULL}, */
-        {NULL, {NULL}, 0, NULL, NULL, NULL},
+         * {.name = "transfer", .args = {"node"}, .min_args = 1, .method = "transfer",
+         *  .help = "hand leadership to NODE"}, */
+        {.name = NULL},
 };
 
 const struct pbctl_command *pbctl_command_find(const char *name)

@@ -9,7 +9,8 @@
  *
  * Commands are rows of pbctl_commands[] (commands.c). Adding one is one row:
  * its name, argument names (they become the params keys, in order), the
- * daemon method, a help line and optionally a view for labels and tables.
+ * daemon method, a help line and optionally a view for labels and tables
+ * (and, rarely, a render function of its own that still feeds the writer).
  *
  * Threading: none.
  */
@@ -42,6 +43,7 @@ struct pbctl_command {
     const char *method;                  /* the ctl method to call */
     const char *help;                    /* one line for --help */
     const struct pbctl_field_spec *view; /* NULL: generic rendering */
+    pbctl_render_fn render;              /* NULL: pbctl_render */
 };
 
 /* The command table, terminated by a {NULL} entry. */

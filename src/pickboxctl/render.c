@@ -103,6 +103,26 @@ void pbctl_format_ms_ago(const json_t *v, char *buf, size_t len)
         snprintf(buf, len, "%.1fs ago", (double)ms / 1000.0);
 }
 
+void pbctl_format_duration_s(const json_t *v, char *buf, size_t len)
+{
+    if (!json_is_integer(v) || json_integer_value(v) < 0) {
+        pbctl_format_default(v, buf, len);
+        return;
+    }
+    json_int_t s = json_integer_value(v);
+    json_int_t d = s / 86400, h = s / 3600 % 24, m = s / 60 % 60;
+    size_t used = 0;
+    buf[0] = '\0';
+    if (d > 0)
+        used += (size_t)snprintf(buf + used, len - used, "%" JSON_INTEGER_FORMAT "d", d);
+    if (used < len && (d > 0 || h > 0))
+        used += (size_t)snprintf(buf + used, len - used, "%" JSON_INTEGER_FORMAT "h", h);
+    if (used < len && (d > 0 || h > 0 || m > 0))
+        used += (size_t)snprintf(buf + used, len - used, "%" JSON_INTEGER_FORMAT "m", m);
+    if (used < len)
+        snprintf(buf + used, len - used, "%" JSON_INTEGER_FORMAT "s", s % 60);
+}
+
 /* ---- the walker ------------------------------------------------------------------- */
 
 static char *label_from_key(const char *key, bool upper)

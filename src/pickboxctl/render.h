@@ -78,9 +78,14 @@ void pbctl_writer_free(struct pbctl_writer *w);
  * no named fields) into w, then calls finish. Returns finish's result. */
 int pbctl_render(const struct pbctl_field_spec *view, const json_t *result, struct pbctl_writer *w);
 
+/* The shape of pbctl_render(), for commands that need their own walk. */
+typedef int (*pbctl_render_fn)(const struct pbctl_field_spec *view, const json_t *result,
+                               struct pbctl_writer *w);
+
 /* Formatters for views. */
 void pbctl_format_default(const json_t *v, char *buf, size_t len);
 void pbctl_format_voter(const json_t *v, char *buf, size_t len);  /* true: voter, false: learner */
 void pbctl_format_ms_ago(const json_t *v, char *buf, size_t len); /* 1500 -> "1.5s ago" */
+void pbctl_format_duration_s(const json_t *v, char *buf, size_t len); /* 3725 -> "1h2m5s" */
 
 #endif

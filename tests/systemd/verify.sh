@@ -7,6 +7,7 @@
 #    warn and keep rc 0, so the output is checked too), and the same check
 #    does flag a deliberately broken copy (so this test can fail);
 #  - the control socket keeps the contract the daemon relies on;
+#  - the sandbox stays tight: systemd-analyze security exposure <= 2.0;
 #  - systemd-sysusers and systemd-tmpfiles accept our files (in a temp root);
 #  - pickboxd --check-config accepts etc/pickbox/example.conf (skipped while
 #    pickboxd does not offer --check-config yet).
@@ -23,7 +24,7 @@ not_ok() { n=$((n + 1)); failed=1; echo "not ok $n - $1"; }
 skip() { n=$((n + 1)); echo "ok $n - $1 # SKIP $2"; }
 diag() { sed 's/^/# /'; }
 
-echo "1..8"
+echo "1..9"
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/pickbox-units.XXXXXX") || exit 1
 trap 'rm -rf "$tmp"' EXIT
@@ -84,6 +85,26 @@ else
         ok "a broken unit is flagged"
     fi
 fi
+
+# 9 (run here, numbered last). systemd-analyze security, offline; 1.4 when written.
+security_check() {
+    if [ -z "$SYSTEMD_ANALYZE" ] || [ ! -x "$pickboxd" ]; then
+        skip "hardening: systemd-analyze security exposure <= 2.0" \
+            "no systemd-analyze or no pickboxd binary"
+        return
+    fi
+    out=$(cd "$tmp/units" && "$SYSTEMD_ANALYZE" security --offline=true --threshold=20 \
+        --no-pager ./pickboxd@test.service 2>&1)
+    rc=$?
+    level=$(printf '%s\n' "$out" | grep 'Overall exposure level' || true)
+    if [ $rc -eq 0 ] && [ -n "$level" ]; then
+        ok "hardening: systemd-analyze security exposure <= 2.0"
+        printf '%s\n' "$level" | diag
+    else
+        not_ok "hardening: systemd-analyze security exposure <= 2.0"
+        printf '%s\n' "$out" | grep -v '^✓' | diag
+    fi
+}
 
 # 4. the contract between the socket unit, the service and the daemon
 missing=""
@@ -165,5 +186,7 @@ else
     skip "pickboxd --check-config accepts etc/pickbox/example.conf" \
         "pickboxd has no --check-config yet"
 fi
+
+security_check
 
 exit $failed
