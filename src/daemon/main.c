@@ -196,7 +196,11 @@ static int daemon_run(const struct pb_config *cfg)
 
 int main(int argc, char **argv)
 {
-    /* A client that hangs up must not kill us on the next write. */
+    /* daemon(7): start from a clean signal mask, whatever our parent blocked.
+     * A client that hangs up must not kill us on the next write. */
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
     signal(SIGPIPE, SIG_IGN);
 
     struct pb_config cfg;

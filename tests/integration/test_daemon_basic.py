@@ -8,10 +8,10 @@ import stat
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pbharness import Harness, free_port, pickboxd_path  # noqa: E402
+from pbharness import Harness, free_port, pickboxd_path, wait_until  # noqa: E402
 
 with Harness("basic") as h:
-    h.plan(23)
+    h.plan(24)
     version = h.run([pickboxd_path(), "--version"]).stdout.split()[-1]
 
     n1 = h.start_daemon("n1")
@@ -68,6 +68,9 @@ with Harness("basic") as h:
     # Restart on the same dirs works (nothing stale left behind), then SIGINT.
     n1b = h.start_daemon("n1", port=n1.port)
     h.eq(n1b.call("status")["result"]["node_id"], "n1", "restart on the same dirs")
+    n1b.signal(signal.SIGHUP)
+    wait_until(lambda: "SIGHUP received" in n1b.log_text(), what="SIGHUP logged")
+    h.ok(n1b.call("hello")["result"]["node_id"] == "n1", "SIGHUP does not stop the daemon")
     n1b.signal(signal.SIGINT)
     h.eq(n1b.wait_exit(), 0, "SIGINT: exit 0")
 
