@@ -172,8 +172,9 @@ class Daemon:
         self.returncode = None
 
     def argv(self):
-        argv = [pickboxd_path(), "--node-id", self.node_id, "--data-dir", self.data_dir,
-                "--log-level", "debug"]
+        argv = [pickboxd_path(), "--node-id", self.node_id, "--data-dir", self.data_dir]
+        if "--log-level" not in self.extra_args:
+            argv += ["--log-level", "debug"]
         if self.pass_port:
             argv += ["--port", str(self.port)]
         if self.control_socket != os.path.join(self.state_dir, "control.sock"):
