@@ -8,18 +8,31 @@
  *     {"id":1,"result":{...}}   or
  *     {"id":1,"error":{"code":"NOT_LEADER","message":"...","data":{...}}}
  * with the stable string codes below. "id" is echoed as given (any JSON
- * scalar, or null when absent); "params" is optional and must be an object.
+ * scalar, or null when absent or when the line was not a usable request);
+ * "params" is optional and must be an object (null counts as {}). Other
+ * top-level members are refused (BAD_REQUEST), so that a typo such as
+ * "parms" is not silently ignored. Duplicate keys are refused. A trailing
+ * "\r" is ignored and blank lines get no reply. When a client half-closes
+ * (shutdown(SHUT_WR)), what it sent is answered, a last line without "\n"
+ * included, and then the connection is closed.
  *
  * The server owns framing, limits and dispatch; the daemon registers a table
  * of methods and answers each request by calling ctl_reply_result() or
  * ctl_reply_error() exactly once, either inside the handler or later (for a
  * request that waits for a commit). Requests on one connection are answered
- * in order: the next line is not read until the current request is answered.
+ * in order: the next line is not dispatched until the current request is
+ * answered (meanwhile input is only buffered, up to CTL_MAX_LINE, so that a
+ * client hanging up is noticed). A client that does not read its replies
+ * makes the server stop reading from it once several MiB of replies wait.
  *
  * Bad input never stops the server: malformed JSON, a non-object, a missing
- * method or bad params get an error reply; a line over CTL_MAX_LINE, binary
- * garbage that is not a line, a client idle past its timeout or a client
- * beyond the connection limit are disconnected. Other clients are unaffected.
+ * method or bad params get an error reply and the connection stays usable; a
+ * line over CTL_MAX_LINE (also endless garbage without a newline) gets a
+ * BAD_REQUEST reply and is disconnected; a client idle past its timeout
+ * (between requests, or not reading a reply) is disconnected; a client beyond
+ * the connection limit gets one BUSY line and is closed; when accept() runs
+ * out of descriptors the listener pauses briefly instead of spinning. Other
+ * clients are unaffected.
  *
  * Threading: everything runs on the event loop thread of the base given.
  */
@@ -80,24 +93,34 @@ struct ctl_options {
 struct ctl_server *ctl_server_new(struct event_base *base, const struct ctl_method *methods,
                                   size_t n, void *arg, const struct ctl_options *opts);
 
-/* Serves on an already-listening Unix stream socket (from systemd). The
- * server takes ownership of fd. Returns 0 or a negative errno. */
+/* Serves on an already-listening Unix stream socket (from systemd). On
+ * success the server owns fd (closed by ctl_server_free(); a socket file
+ * behind it is left alone); on failure fd stays the caller's. A server has
+ * one listener: a second listen call fails with -EBUSY. Returns 0 or a
+ * negative errno. */
 int ctl_server_listen_fd(struct ctl_server *srv, int fd);
 
-/* Binds and listens on path with the given mode (e.g. 0660). A stale socket
- * file (nobody accepting) is replaced; a live one is refused with -EADDRINUSE.
- * The file is removed again by ctl_server_free(). Returns 0 or negative errno. */
+/* Binds and listens on path with the given mode (e.g. 0660), set before
+ * listen() so that nobody connects under a laxer mode. A stale socket file
+ * (nobody accepting) is replaced; a live one is refused with -EADDRINUSE; a
+ * path that exists but is not a socket is left alone (-EEXIST); a path too
+ * long for sun_path is -ENAMETOOLONG. The file is removed again by
+ * ctl_server_free() if it is still the one we bound. Returns 0 or negative
+ * errno. */
 int ctl_server_listen_path(struct ctl_server *srv, const char *path, mode_t mode);
 
 /* Closes listeners and connections; requests still pending become orphans
  * whose replies are dropped (their memory is freed when they are answered).
- * NULL is allowed. */
+ * NULL is allowed. Must not be called from inside a method handler. */
 void ctl_server_free(struct ctl_server *srv);
 
 /* Number of connected clients (for status and tests). */
 size_t ctl_server_clients(const struct ctl_server *srv);
 
-/* Answers req with a result (reference stolen; NULL means {}) and frees req. */
+/* Answers req with a result (reference stolen; NULL means {}) and frees req.
+ * May be called inside the handler or later from any event callback; if the
+ * client is gone the reply is dropped. A result that cannot be encoded is
+ * answered with INTERNAL instead. */
 void ctl_reply_result(struct ctl_request *req, json_t *result);
 
 /* Answers req with an error: code is one of CTL_ERR_*, data (reference
@@ -108,9 +131,15 @@ void ctl_reply_error(struct ctl_request *req, const char *code, json_t *data, co
 /* The method name of req (valid until it is answered). */
 const char *ctl_request_method(const struct ctl_request *req);
 
-/* Credentials of the client that sent req (SO_PEERCRED). */
+/* Credentials of the client that sent req (SO_PEERCRED, taken at connect;
+ * uid (uid_t)-1 and pid 0 when the kernel would not tell). */
 uid_t ctl_request_uid(const struct ctl_request *req);
 pid_t ctl_request_pid(const struct ctl_request *req);
+
+/* True when the client may call CTL_METHOD_MUTATING methods: it is root, the
+ * daemon's effective user, or has the daemon's effective group as its
+ * primary or a supplementary group (SO_PEERGROUPS). */
+bool ctl_request_privileged(const struct ctl_request *req);
 
 /* True while the client that sent req is still connected. */
 bool ctl_request_connected(const struct ctl_request *req);

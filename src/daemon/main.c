@@ -1,18 +1,234 @@
 /*
- * main.c: pickboxd entry point (bootstrap placeholder; the daemon module
- * replaces this with the real wiring).
+ * main.c: pickboxd, one cluster node, in the foreground.
+ *
+ * Startup: load and check the configuration (errors exit 2), set up logging,
+ * create the directories, take sockets from systemd or bind them, start the
+ * control server, then tell systemd READY=1 and run the event loop. Any
+ * failure before READY is one log line and exit 1. SIGTERM/SIGINT send
+ * STOPPING=1, stop the loop, close everything (removing the control socket
+ * file when we created it) and exit 0.
  */
-#include <config.h> /* autoconf; not src/daemon/config.h */
+#include <config.h>
 
+#include <errno.h>
+#include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+
+#include "ctl/ctl.h"
+#include "daemon/config.h"
+#include "daemon/daemon.h"
+#include "daemon/dirs.h"
+#include "daemon/listen.h"
+#include "daemon/methods.h"
+#include "daemon/node.h"
+#include "daemon/notify.h"
+#include "lib/error.h"
+#include "lib/log.h"
+#include "lib/util.h"
+
+#define DAEMON_CONTROL_MODE 0660
+
+static void daemon_on_stop_signal(evutil_socket_t sig, short what, void *arg)
+{
+    struct daemon *d = arg;
+    (void)what;
+    log_notice("%s received, shutting down", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+    notify_stopping();
+    event_base_loopexit(d->base, NULL);
+}
+
+static void daemon_on_sighup(evutil_socket_t sig, short what, void *arg)
+{
+    (void)sig;
+    (void)what;
+    (void)arg;
+    log_notice("SIGHUP received: nothing to reload yet");
+}
+
+static int daemon_add_signal(struct daemon *d, struct event **ev, int sig, event_callback_fn cb,
+                             struct pb_error *err)
+{
+    *ev = evsignal_new(d->base, sig, cb, d);
+    if (*ev == NULL || evsignal_add(*ev, NULL) < 0)
+        return pb_error_set(err, -EINVAL, "cannot handle signal %d", sig);
+    return 0;
+}
+
+/* Everything up to READY=1. On error, err says what; d is partly set up and
+ * daemon_stop() releases it. */
+static int daemon_start(struct daemon *d, const struct pb_config *cfg, struct pb_error *err)
+{
+    int rc = dirs_prepare(cfg, err);
+    if (rc < 0)
+        return rc;
+
+    struct listen_fds fds;
+    rc = listen_from_systemd(&fds, err);
+    if (rc < 0)
+        return rc;
+    d->peer_fd = fds.peer;
+    d->peer_from_systemd = fds.peer >= 0;
+    d->control_from_systemd = fds.control >= 0;
+
+    if (d->peer_fd < 0) {
+        if (cfg->port == 0) {
+            if (fds.control >= 0)
+                close(fds.control);
+            return pb_error_set(err, -EINVAL, "no peer port: set port or pass a 'peer' socket");
+        }
+        rc = listen_tcp(cfg->bind, cfg->port, &d->peer_fd, err);
+        if (rc < 0) {
+            if (fds.control >= 0)
+                close(fds.control);
+            return rc;
+        }
+    }
+
+    d->base = event_base_new();
+    if (d->base == NULL) {
+        if (fds.control >= 0)
+            close(fds.control);
+        return pb_error_set(err, -ENOMEM, "cannot create the event loop");
+    }
+    /* Signals first: from the moment the control socket answers, SIGTERM
+     * must mean a clean stop. */
+    if ((rc = daemon_add_signal(d, &d->sig_term, SIGTERM, daemon_on_stop_signal, err)) < 0 ||
+        (rc = daemon_add_signal(d, &d->sig_int, SIGINT, daemon_on_stop_signal, err)) < 0 ||
+        (rc = daemon_add_signal(d, &d->sig_hup, SIGHUP, daemon_on_sighup, err)) < 0) {
+        if (fds.control >= 0)
+            close(fds.control);
+        return rc;
+    }
+    node_state_init(&d->node, cfg, pb_now_ms());
+
+    size_t n_methods;
+    const struct ctl_method *methods = methods_table(&n_methods);
+    d->ctl = ctl_server_new(d->base, methods, n_methods, d, NULL);
+    if (fds.control >= 0) {
+        rc = ctl_server_listen_fd(d->ctl, fds.control);
+        if (rc < 0) {
+            close(fds.control);
+            return pb_error_set(err, rc, "cannot serve the control socket from systemd: %s",
+                                strerror(-rc));
+        }
+    } else {
+        rc = ctl_server_listen_path(d->ctl, cfg->control_socket, DAEMON_CONTROL_MODE);
+        if (rc == -EADDRINUSE)
+            return pb_error_set(err, rc,
+                                "control socket %s is in use: is another pickboxd running?",
+                                cfg->control_socket);
+        if (rc < 0)
+            return pb_error_set(err, rc, "cannot listen on control socket %s: %s",
+                                cfg->control_socket, strerror(-rc));
+    }
+
+    d->watchdog = notify_watchdog_start(d->base);
+    return 0;
+}
+
+void daemon_node_changed(struct daemon *d)
+{
+    char line[256];
+    node_status_line(&d->node, line, sizeof(line));
+    if (strcmp(line, d->status_line) == 0)
+        return;
+    snprintf(d->status_line, sizeof(d->status_line), "%s", line);
+    notify_status(line);
+    log_info("status: %s", line);
+}
+
+static void daemon_stop(struct daemon *d)
+{
+    ctl_server_free(d->ctl); /* removes the socket file if we made it */
+    d->ctl = NULL;
+    if (d->peer_fd >= 0)
+        close(d->peer_fd);
+    d->peer_fd = -1;
+    struct event *events[] = {d->sig_term, d->sig_int, d->sig_hup, d->watchdog};
+    for (size_t i = 0; i < PB_ARRAY_SIZE(events); i++) {
+        if (events[i] != NULL)
+            event_free(events[i]);
+    }
+    if (d->base != NULL)
+        event_base_free(d->base);
+    d->base = NULL;
+    node_state_free(&d->node);
+}
+
+static int daemon_run(const struct pb_config *cfg)
+{
+    struct daemon d = {.cfg = cfg, .peer_fd = -1};
+    struct pb_error err;
+    pb_error_clear(&err);
+
+    if (daemon_start(&d, cfg, &err) < 0) {
+        log_err("%s", err.msg);
+        daemon_stop(&d);
+        return EXIT_FAILURE;
+    }
+
+    node_status_line(&d.node, d.status_line, sizeof(d.status_line));
+    notify_ready(d.status_line);
+    char peer[300];
+    if (d.peer_from_systemd)
+        snprintf(peer, sizeof(peer), "systemd");
+    else if (strchr(cfg->bind, ':') != NULL)
+        snprintf(peer, sizeof(peer), "[%s]:%u", cfg->bind, (unsigned)cfg->port);
+    else
+        snprintf(peer, sizeof(peer), "%s:%u", cfg->bind, (unsigned)cfg->port);
+    log_notice("ready: node=%s control=%s peer=%s role=%s term=%llu", d.node.node_id,
+               d.control_from_systemd ? "systemd" : cfg->control_socket, peer,
+               node_role_name(d.node.role), (unsigned long long)d.node.term);
+
+    int rc = event_base_dispatch(d.base);
+    if (rc < 0)
+        log_err("event loop failed");
+    daemon_stop(&d);
+    if (rc == 0)
+        log_info("stopped");
+    return rc < 0 ? EXIT_FAILURE : EXIT_SUCCESS;
+}
 
 int main(int argc, char **argv)
 {
-    if (argc > 1 && strcmp(argv[1], "--version") == 0) {
-        printf("pickboxd %s\n", PACKAGE_VERSION);
-        return 0;
+    /* daemon(7): start from a clean signal mask, whatever our parent blocked.
+     * A client that hangs up must not kill us on the next write. */
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    struct pb_config cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    struct pb_error err;
+    pb_error_clear(&err);
+    int rc = config_load(&cfg, argc, argv, &err);
+    if (rc < 0) {
+        fprintf(stderr, "pickboxd: %s\n", err.msg);
+        config_free(&cfg);
+        return 2;
     }
-    fprintf(stderr, "pickboxd: not wired yet\n");
-    return 2;
+    if (rc == 1) {
+        config_free(&cfg);
+        return EXIT_SUCCESS;
+    }
+    if (cfg.check_config) {
+        config_print(&cfg, stdout);
+        printf("# configuration OK\n");
+        config_free(&cfg);
+        return fflush(stdout) == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+    }
+
+    log_set_level(cfg.log_level);
+    if (isatty(STDERR_FILENO))
+        log_set_ident(cfg.node_id); /* several nodes in several terminals */
+
+    rc = daemon_run(&cfg);
+    config_free(&cfg);
+    return rc;
 }

@@ -1,0 +1,34 @@
+/*
+ * daemon.h: the running pickboxd, as the pieces wired by main.c see it.
+ */
+#ifndef PICKBOX_DAEMON_DAEMON_H
+#define PICKBOX_DAEMON_DAEMON_H
+
+#include "daemon/node.h"
+
+struct ctl_server;
+struct event;
+struct event_base;
+struct pb_config;
+
+struct daemon {
+    const struct pb_config *cfg;
+    struct event_base *base;
+    struct ctl_server *ctl;
+    struct node_state node;
+    /* The peer TCP listener: bound here (or passed by systemd as "peer") so
+     * that the port is owned from startup. Nothing accepts on it yet; the peer
+     * transport (src/net) takes this fd over when it is wired in. -1 = none. */
+    int peer_fd;
+    bool peer_from_systemd;
+    bool control_from_systemd;
+    struct event *sig_term, *sig_int, *sig_hup;
+    struct event *watchdog; /* NULL when WatchdogSec= is not set */
+    char status_line[256];  /* the last STATUS= sent */
+};
+
+/* Call after changing d->node (role, term, leader, ...): sends a new STATUS=
+ * to systemd and logs it, when the one-line summary changed. */
+void daemon_node_changed(struct daemon *d);
+
+#endif

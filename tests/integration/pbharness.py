@@ -1,0 +1,362 @@
+"""pbharness: run pickboxd processes for multi-process tests (Python 3 stdlib only).
+
+A test script does:
+
+    from pbharness import Harness
+    with Harness("basic") as h:
+        h.plan(3)
+        n1 = h.start_daemon("n1")
+        h.ok(n1.call("hello")["result"]["node_id"] == "n1", "hello answers")
+        ...
+
+Every daemon gets a free loopback port and its own directory under a private
+temp dir. Waiting is always polling against a deadline (wait_until), never a
+bare sleep. The harness stops exactly the processes it started, by PID (never
+by name), on success, on failure, on KeyboardInterrupt and on SIGTERM from the
+test driver. Each daemon's stderr goes to a log file that is printed (as TAP
+comments) when the test fails. Output is TAP: plan, ok / not ok, # comments. Set PB_DAEMON_WRAPPER (e.g.
+"valgrind -q --error-exitcode=9 --leak-check=full") to run every daemon under
+a tool; its exit status then shows in the tests that check exit codes.
+"""
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+DEFAULT_TIMEOUT = 10.0
+
+
+class HarnessError(Exception):
+    pass
+
+
+def wait_until(predicate, timeout=DEFAULT_TIMEOUT, interval=0.01, what="condition"):
+    """Polls predicate() until it returns a true value (returned) or timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise HarnessError("timed out after %.1fs waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def free_port(host="127.0.0.1"):
+    """A TCP port nobody listens on right now (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def top_builddir():
+    return os.environ.get("top_builddir") or os.path.abspath(
+        os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def pickboxd_path():
+    return os.path.join(top_builddir(), "src", "pickboxd")
+
+
+def pickboxctl_path():
+    for rel in (("src", "pickboxctl", "pickboxctl"), ("src", "pickboxctl")):
+        path = os.path.join(top_builddir(), *rel)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+class Client:
+    """One NDJSON connection to a control socket."""
+
+    def __init__(self, path, timeout=DEFAULT_TIMEOUT):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buf = b""
+        self.next_id = 1
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def send(self, method, params=None, req_id=None):
+        if req_id is None:
+            req_id = self.next_id
+            self.next_id += 1
+        msg = {"id": req_id, "method": method}
+        if params is not None:
+            msg["params"] = params
+        self.send_raw(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+        return req_id
+
+    def recv_line(self, timeout=DEFAULT_TIMEOUT):
+        """The next reply line, parsed; None when the server closed the connection."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HarnessError("no reply within %.1fs" % timeout)
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def call(self, method, params=None, timeout=DEFAULT_TIMEOUT):
+        req_id = self.send(method, params)
+        reply = self.recv_line(timeout)
+        if reply is None:
+            raise HarnessError("connection closed instead of a reply to %s" % method)
+        if reply.get("id") != req_id:
+            raise HarnessError("reply id %r != request id %r" % (reply.get("id"), req_id))
+        return reply
+
+    def wait_closed(self, timeout=DEFAULT_TIMEOUT):
+        """True once the server has closed the connection (data is discarded)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except socket.timeout:
+                continue
+            except (ConnectionResetError, BrokenPipeError):
+                return True
+            if not chunk:
+                return True
+        return False
+
+
+class Daemon:
+    """One pickboxd process started by the harness."""
+
+    def __init__(self, harness, node_id, args=(), port=None, wrapper=(), env=None,
+                 control_socket=None, pass_port=True):
+        self.h = harness
+        self.node_id = node_id
+        self.dir = os.path.join(harness.tmpdir, node_id)
+        self.data_dir = os.path.join(self.dir, "tree")
+        self.state_dir = os.path.join(self.data_dir, ".pickbox", "state")
+        self.control_socket = control_socket or os.path.join(self.state_dir, "control.sock")
+        self.port = port if port is not None else free_port()
+        harness._runs += 1
+        self.log_path = os.path.join(harness.tmpdir, "%s.%d.log" % (node_id, harness._runs))
+        self.extra_args = list(args)
+        self.wrapper = list(wrapper)
+        self.env = env
+        self.pass_port = pass_port  # False: the port comes from a systemd "peer" fd
+        self.proc = None
+        self.returncode = None
+
+    def argv(self):
+        argv = [pickboxd_path(), "--node-id", self.node_id, "--data-dir", self.data_dir]
+        if "--log-level" not in self.extra_args:
+            argv += ["--log-level", "debug"]
+        if self.pass_port:
+            argv += ["--port", str(self.port)]
+        if self.control_socket != os.path.join(self.state_dir, "control.sock"):
+            argv += ["--control-socket", self.control_socket]
+        # PB_DAEMON_WRAPPER="valgrind -q --error-exitcode=9" runs every daemon under a tool.
+        tool = shlex.split(os.environ.get("PB_DAEMON_WRAPPER", ""))
+        return self.wrapper + tool + argv + self.extra_args
+
+    def start(self):
+        os.makedirs(self.dir, exist_ok=True)
+        env = dict(os.environ)
+        for k in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET",
+                  "WATCHDOG_USEC", "WATCHDOG_PID"):
+            env.pop(k, None)
+        if self.env:
+            env.update(self.env)
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=env)
+        self.h._started.append(self)
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def client(self, timeout=DEFAULT_TIMEOUT):
+        return Client(self.control_socket, timeout)
+
+    def wait_ready(self, timeout=DEFAULT_TIMEOUT):
+        """Waits until hello answers on the control socket (or the daemon dies)."""
+        def ready():
+            if not self.alive():
+                raise HarnessError("%s exited with %s before it was ready"
+                                   % (self.node_id, self.proc.returncode))
+            try:
+                with self.client(timeout=2) as c:
+                    return c.call("hello")
+            except (FileNotFoundError, ConnectionRefusedError):
+                return None
+        return wait_until(ready, timeout, what="%s to answer hello" % self.node_id)
+
+    def call(self, method, params=None, timeout=DEFAULT_TIMEOUT):
+        with self.client(timeout) as c:
+            return c.call(method, params, timeout)
+
+    def signal(self, sig):
+        if self.alive():
+            os.kill(self.proc.pid, sig)
+
+    def wait_exit(self, timeout=DEFAULT_TIMEOUT):
+        """Waits for the process to end; returns its exit status (negative = signal)."""
+        try:
+            self.returncode = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise HarnessError("%s (pid %d) did not exit within %.1fs"
+                               % (self.node_id, self.proc.pid, timeout))
+        return self.returncode
+
+    def stop(self, timeout=DEFAULT_TIMEOUT):
+        """SIGTERM and wait; returns the exit status."""
+        self.signal(signal.SIGTERM)
+        return self.wait_exit(timeout)
+
+    def kill(self):
+        """SIGKILL this process (only ours, by PID) and reap it."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.log.close()
+
+    def log_text(self):
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+
+class _Terminated(BaseException):
+    pass
+
+
+class Harness:
+    """A TAP test with a private temp dir and the daemons it started."""
+
+    def __init__(self, name):
+        self.name = name
+        self.tmpdir = None
+        self._started = []
+        self._runs = 0
+        self._n = 0
+        self._planned = None
+        self.failed = 0
+
+    # --- TAP ---------------------------------------------------------------
+    def plan(self, n):
+        self._planned = n
+        print("1..%d" % n, flush=True)
+
+    def ok(self, cond, desc, diag=None):
+        self._n += 1
+        print("%s %d - %s" % ("ok" if cond else "not ok", self._n, desc), flush=True)
+        if not cond:
+            self.failed += 1
+            if diag:
+                self.diag(diag)
+        return bool(cond)
+
+    def eq(self, got, want, desc):
+        return self.ok(got == want, desc, "got %r, want %r" % (got, want))
+
+    def skip(self, desc, why):
+        self._n += 1
+        print("ok %d - %s # SKIP %s" % (self._n, desc, why), flush=True)
+
+    def skip_all(self, why):
+        print("1..0 # SKIP %s" % why, flush=True)
+        self._planned = 0
+
+    def diag(self, text):
+        for line in str(text).splitlines():
+            print("# " + line, flush=True)
+
+    # --- processes ---------------------------------------------------------
+    def start_daemon(self, node_id, args=(), ready=True, **kw):
+        d = Daemon(self, node_id, args, **kw).start()
+        if ready:
+            d.wait_ready()
+        return d
+
+    def run(self, argv, timeout=DEFAULT_TIMEOUT, env=None):
+        """Runs a short-lived command (e.g. pickboxd --check-config); returns
+        CompletedProcess with text stdout/stderr. It is killed on timeout."""
+        e = dict(os.environ)
+        if env:
+            e.update(env)
+        return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout, env=e)
+
+    # --- lifecycle ---------------------------------------------------------
+    def __enter__(self):
+        self.tmpdir = tempfile.mkdtemp(prefix="pb-%s-" % self.name)
+        self._old_term = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def _on_sigterm(self, signum, frame):
+        raise _Terminated()
+
+    def __exit__(self, exc_type, exc, tb):
+        problem = exc_type is not None
+        if problem:
+            self.failed += 1
+            self._n += 1
+            print("not ok %d - %s raised %s" % (self._n, self.name, exc_type.__name__),
+                  flush=True)
+            self.diag("".join(traceback.format_exception(exc_type, exc, tb)))
+        for d in self._started:
+            d.kill()
+        if self._planned is not None and self._planned != self._n and not problem:
+            self.diag("planned %d tests, ran %d" % (self._planned, self._n))
+            self.failed += 1
+        if self.failed:
+            for d in self._started:
+                self.diag("---- log of %s (pid %d) ----" % (d.node_id, d.pid))
+                self.diag(d.log_text())
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        signal.signal(signal.SIGTERM, self._old_term)
+        sys.stdout.flush()
+        # Exceptions were reported as TAP; the exit status tells the driver.
+        code = 1 if self.failed else 0
+        if exc_type is KeyboardInterrupt:
+            code = 130
+        sys.exit(code)

@@ -1,0 +1,46 @@
+"""pickboxd talks sd_notify: READY=1 with a STATUS= line once it serves,
+WATCHDOG=1 at half of WATCHDOG_USEC, STOPPING=1 when asked to stop."""
+
+import os
+import socket
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pbharness import Harness, wait_until  # noqa: E402
+
+with Harness("notify") as h:
+    h.plan(6)
+    path = os.path.join(h.tmpdir, "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    messages = []
+
+    def drain():
+        while True:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                return
+
+    def seen(pred):
+        drain()
+        return any(pred(m) for m in messages)
+
+    n1 = h.start_daemon("n1", env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"},
+                        ready=False)
+    wait_until(lambda: seen(lambda m: "READY=1" in m), what="READY=1")
+    ready = [m for m in messages if "READY=1" in m][0]
+    h.ok(True, "READY=1 sent")
+    # READY comes only once the control socket answers.
+    h.eq(n1.call("hello")["result"]["node_id"], "n1", "serving when READY=1 arrived")
+    h.ok("STATUS=follower, term 0" in ready, "READY carries STATUS= with role and term", ready)
+
+    start = time.monotonic()
+    wait_until(lambda: (drain() or True) and
+               sum(m.strip() == "WATCHDOG=1" for m in messages) >= 4, what="4 WATCHDOG=1")
+    h.ok(time.monotonic() - start < 2.0, "WATCHDOG=1 about every 100 ms")
+    h.eq(n1.stop(), 0, "SIGTERM: exit 0")
+    h.ok(seen(lambda m: m.strip() == "STOPPING=1"), "STOPPING=1 sent", repr(messages))
+    sock.close()

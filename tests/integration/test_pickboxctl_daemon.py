@@ -1,0 +1,41 @@
+"""pickboxctl against a real pickboxd: status and hello as a table and as
+JSON, and exit 3 when nobody listens."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pbharness import Harness, pickboxctl_path  # noqa: E402
+
+with Harness("ctl-e2e") as h:
+    ctl = pickboxctl_path()
+    if ctl is None:
+        h.skip_all("pickboxctl not built")
+        sys.exit(0)
+    h.plan(6)
+    n1 = h.start_daemon("n1")
+
+    r = h.run([ctl, "-s", n1.control_socket, "--json", "status"])
+    st = json.loads(r.stdout) if r.returncode == 0 else {}
+    want = n1.call("status")["result"]
+    for k in ("uptime_s", "control_clients"):
+        st.pop(k, None)
+        want.pop(k, None)
+    h.eq(st, want, "pickboxctl --json status is the daemon's status")
+
+    r = h.run([ctl, "-s", n1.control_socket, "status"])
+    h.ok(r.returncode == 0 and "follower" in r.stdout and "n1" in r.stdout,
+         "pickboxctl status prints a table", "rc=%d out=%r err=%r"
+         % (r.returncode, r.stdout, r.stderr))
+
+    r = h.run([ctl, "-s", n1.control_socket, "--json", "hello"])
+    h.ok(r.returncode == 0 and json.loads(r.stdout)["node_id"] == "n1", "pickboxctl hello",
+         r.stderr)
+
+    r = h.run([ctl, "-s", n1.control_socket, "frobnicate"])
+    h.eq(r.returncode, 2, "unknown command: usage error")
+
+    h.eq(n1.stop(), 0, "daemon stops")
+    r = h.run([ctl, "-s", n1.control_socket, "status"])
+    h.eq(r.returncode, 3, "no daemon: exit 3 (cannot connect)")
