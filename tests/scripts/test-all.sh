@@ -5,7 +5,7 @@
 #   fuzzers for a bounded time. Ends with one summary line
 #   "pickbox: N passed, M failed" and exits non-zero if anything failed.
 # Environment: FUZZ_SECONDS (default 20 per target), SKIP_DISTCHECK=1,
-#   SKIP_SANITIZERS=1, SKIP_VALGRIND=1 to shorten a local run.
+#   SKIP_SANITIZERS=1, SKIP_VALGRIND=1, SKIP_PACKAGE=1 to shorten a local run.
 set -u
 top=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$top"
@@ -112,6 +112,14 @@ if [ "${SKIP_VALGRIND:-0}" != 1 ]; then
         [ $st -ne 0 ] && tail -60 "_build/valgrind-$(basename "$prog").out"
         record "valgrind $prog" $st
     done < tests/scripts/valgrind.list
+fi
+
+if [ "${SKIP_PACKAGE:-0}" != 1 ]; then
+    stage "Debian package and lintian"
+    tests/scripts/package.sh "$top/_build-deb" > _build/package.out 2>&1
+    st=$?
+    tail -20 _build/package.out
+    record "package" $st
 fi
 
 if [ -x tests/fuzz/run.sh ]; then
