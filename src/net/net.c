@@ -66,6 +66,8 @@ struct net_conn {
     bool initiator;
     bool pending_in; /* counted in net->npending_in */
     bool authed;
+    bool retired; /* lost the duplicate-link rule: draining, then closed */
+    bool shut_wr; /* shutdown(SHUT_WR) done */
     bool closing;
     char desc[80]; /* remote address, for logs */
     struct net_hs hs;
@@ -299,6 +301,41 @@ static EVP_MAC_CTX *conn_mac_new(struct net *net, const uint8_t key[NET_KEY_LEN]
     return ctx;
 }
 
+static void conn_retire_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    conn_close(arg, LOG_LEVEL_DEBUG, "retired link did not drain");
+}
+
+/* Half-closes a retired link once everything written on it has gone. */
+static void conn_retire_flush(struct net_conn *conn)
+{
+    if (conn->retired && !conn->shut_wr &&
+            evbuffer_get_length(bufferevent_get_output(conn->bev)) == 0) {
+        conn->shut_wr = true;
+        shutdown(bufferevent_getfd(conn->bev), SHUT_WR);
+    }
+}
+
+/*
+ * Retires a duplicate link instead of closing it at once: both ends retire
+ * the same one, stop sending on it, half-close it when its output has
+ * drained and read it until the other end's EOF, so nothing sent on it
+ * before the switch is lost. A timer bounds the wait.
+ */
+static void conn_retire(struct net_conn *conn)
+{
+    struct net *net = conn->net;
+    conn->peer = NULL;
+    conn->retired = true;
+    log_debug("net: retiring duplicate link to node %llu addr=%s",
+            (unsigned long long)conn->hs.peer_id, conn->desc);
+    event_assign(conn->hs_timer, net->base, -1, 0, conn_retire_timeout, conn);
+    struct timeval ht = {net->cfg.handshake_timeout_ms / 1000,
+            (net->cfg.handshake_timeout_ms % 1000) * 1000};
+    evtimer_add(conn->hs_timer, &ht);
+    conn_retire_flush(conn);
+}
+
 /* The handshake completed: make conn the peer's link (or drop it). */
 static void conn_authed(struct net_conn *conn)
 {
@@ -334,17 +371,17 @@ static void conn_authed(struct net_conn *conn)
         bool old_pref = (old->initiator ? net->cfg.node_id : id) == lower;
         bool new_pref = (conn->initiator ? net->cfg.node_id : id) == lower;
         if (old_pref && !new_pref) {
-            conn_close(conn, LOG_LEVEL_DEBUG, "duplicate link");
+            conn_retire(conn);
             return;
         }
-        old->peer = NULL;
-        conn_close(old, LOG_LEVEL_DEBUG, "replaced by a newer link");
+        conn_retire(old);
     }
     peer->conn = conn;
     conn->peer = peer;
     evtimer_del(peer->redial);
     peer->backoff_ms = net->cfg.backoff_min_ms;
     peer->st.connected = true;
+    peer->st.initiated = conn->initiator;
     peer->st.connects++;
     snprintf(peer->st.name, sizeof(peer->st.name), "%s", conn->hs.peer_name);
     peer->st.has_cluster_id = conn->hs.peer_has_cluster_id;
@@ -370,7 +407,7 @@ static void conn_deliver(struct net_conn *conn, uint8_t type, const uint8_t *p, 
 {
     struct net *net = conn->net;
     if (net->cfg.cb.on_frame != NULL)
-        net->cfg.cb.on_frame(net->cfg.cb_arg, conn->peer->id, type, p, len);
+        net->cfg.cb.on_frame(net->cfg.cb_arg, conn->hs.peer_id, type, p, len);
 }
 
 /* One frame on an authenticated link. */
@@ -382,7 +419,11 @@ static void conn_on_frame(struct net_conn *conn, const struct net_frame *f)
         conn_proto_error(conn, "frame tag mismatch (corrupted or injected data)");
         return;
     }
-    struct net_peer *peer = conn->peer;
+    /* A retired link still delivers what the peer sent on it before it
+     * switched; nothing once the peer was removed or partitioned. */
+    struct net_peer *peer = conn->peer ? conn->peer : net_find(conn->net, conn->hs.peer_id);
+    if (peer == NULL || peer->partitioned)
+        return;
     peer->st.bytes_recv += NET_FRAME_HDR_LEN + f->len + NET_FRAME_TAG_LEN;
     peer->st.frames_recv++;
     peer->st.last_contact_ms = pb_now_ms();
@@ -494,7 +535,11 @@ static void conn_read_cb(struct bufferevent *bev, void *arg)
 static void conn_write_cb(struct bufferevent *bev, void *arg)
 {
     struct net_conn *conn = arg;
-    if (!conn->closing && conn->peer != NULL)
+    if (conn->closing)
+        return;
+    if (conn->retired)
+        conn_retire_flush(conn);
+    else if (conn->peer != NULL)
         peer_pump(conn->peer, true);
 }
 
@@ -516,7 +561,8 @@ static void conn_event_cb(struct bufferevent *bev, short what, void *arg)
     if (!conn->authed)
         conn->net->stats.hs_failed++;
     /* Failed dials repeat with backoff: keep them out of the default log. */
-    conn_close(conn, conn->authed ? LOG_LEVEL_NOTICE : LOG_LEVEL_DEBUG, reason);
+    conn_close(conn, conn->authed && !conn->retired ? LOG_LEVEL_NOTICE : LOG_LEVEL_DEBUG,
+            reason);
 }
 
 static void conn_hs_timeout(evutil_socket_t fd, short what, void *arg)

@@ -92,6 +92,7 @@ struct net_peer_stats {
     char name[NET_NAME_MAX + 1]; /* as claimed in its HELLO; "" before */
     char addr[128];              /* "" for a peer that only dialed us */
     bool connected;              /* authenticated link up */
+    bool initiated;              /* the link up was dialed by this node */
     bool partitioned;            /* net_set_partition() */
     bool has_cluster_id;
     uint8_t cluster_id[NET_CLUSTER_ID_LEN];
