@@ -34,7 +34,7 @@
 /* ---- frame codec ---------------------------------------------------- */
 
 static size_t frame_build(uint8_t *out, uint8_t type, uint8_t flags, const void *p, uint32_t len,
-        size_t tag_len)
+                          size_t tag_len)
 {
     net_frame_encode_header(out, type, flags, len);
     memcpy(out + NET_FRAME_HDR_LEN, p, len);
@@ -62,7 +62,7 @@ START_TEST(test_frame_roundtrip)
     n = frame_build(buf, 16, 0, "xy", 2, NET_FRAME_TAG_LEN);
     buf[n] = NET_FRAME_MAGIC;
     ck_assert_int_eq(net_frame_decode(buf, n + 1, 100, NET_FRAME_TAG_LEN, &f, &need, NULL),
-            (long)n);
+                     (long)n);
     ck_assert_ptr_eq(f.tag, buf + NET_FRAME_HDR_LEN + 2);
     ck_assert_uint_eq(f.tag[0], 0xAA);
 
@@ -121,12 +121,12 @@ START_TEST(test_frame_errors)
     net_frame_encode_header(buf, 20, 0, 101);
     ck_assert_int_eq(net_frame_decode(buf, NET_FRAME_HDR_LEN, 100, 0, &f, &need, &err), -EMSGSIZE);
     net_frame_encode_header(buf, 20, 0, 0xFFFFFFFFu);
-    ck_assert_int_eq(
-            net_frame_decode(buf, NET_FRAME_HDR_LEN, SIZE_MAX, 0, &f, &need, &err), -EMSGSIZE);
+    ck_assert_int_eq(net_frame_decode(buf, NET_FRAME_HDR_LEN, SIZE_MAX, 0, &f, &need, &err),
+                     -EMSGSIZE);
     /* max_payload is capped at the protocol's own limit. */
     net_frame_encode_header(buf, 20, 0, NET_FRAME_MAX_PAYLOAD + 1);
-    ck_assert_int_eq(
-            net_frame_decode(buf, NET_FRAME_HDR_LEN, SIZE_MAX, 0, &f, &need, &err), -EMSGSIZE);
+    ck_assert_int_eq(net_frame_decode(buf, NET_FRAME_HDR_LEN, SIZE_MAX, 0, &f, &need, &err),
+                     -EMSGSIZE);
     net_frame_encode_header(buf, 20, 0, NET_FRAME_MAX_PAYLOAD);
     ck_assert_int_eq(net_frame_decode(buf, NET_FRAME_HDR_LEN, SIZE_MAX, 0, &f, &need, &err), 0);
     ck_assert_uint_eq(need, NET_FRAME_HDR_LEN + NET_FRAME_MAX_PAYLOAD);
@@ -137,11 +137,11 @@ END_TEST
 
 static const uint8_t SECRET[] = "0123456789abcdef-cluster-secret";
 static const uint8_t OTHER_SECRET[] = "0123456789abcdef-cluster-secreT";
-static const uint8_t CLUSTER[NET_CLUSTER_ID_LEN] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
-        15, 16};
+static const uint8_t CLUSTER[NET_CLUSTER_ID_LEN] = {1, 2,  3,  4,  5,  6,  7,  8,
+                                                    9, 10, 11, 12, 13, 14, 15, 16};
 
 static void local_init(struct net_hs_local *l, uint64_t id, const char *name, const uint8_t *secret,
-        const uint8_t *cluster)
+                       const uint8_t *cluster)
 {
     memset(l, 0, sizeof(*l));
     l->node_id = id;
@@ -161,7 +161,7 @@ static void nonce_fill(uint8_t *n, uint8_t v)
 
 /* Feeds msg (type, payload) to hs, returns its result; reply in *reply. */
 static int hs_feed(struct net_hs *hs, uint8_t type, const struct buf *msg, struct buf *reply,
-        uint8_t *reply_type, struct pb_error *err)
+                   uint8_t *reply_type, struct pb_error *err)
 {
     buf_reset(reply);
     return net_hs_input(hs, type, msg->data, msg->len, reply, reply_type, err);
@@ -176,7 +176,7 @@ struct hs_run {
 
 /* Runs a full exchange between a (initiator) and b. */
 static void hs_run(struct hs_run *r, const struct net_hs_local *la, const struct net_hs_local *lb,
-        uint64_t a_expects)
+                   uint64_t a_expects)
 {
     uint8_t na[NET_NONCE_LEN], nb[NET_NONCE_LEN];
     uint8_t t;
@@ -618,8 +618,7 @@ static void t_on_frame(void *arg, uint64_t from, uint8_t type, const uint8_t *p,
         n->cap = n->cap ? n->cap * 2 : 64;
         n->recs = pb_xreallocarray(n->recs, n->cap, sizeof(*n->recs));
     }
-    n->recs[n->nrecs++] =
-            (struct trec){from, type, len >= 4 ? pb_load_u32(p) : UINT32_MAX, len};
+    n->recs[n->nrecs++] = (struct trec){from, type, len >= 4 ? pb_load_u32(p) : UINT32_MAX, len};
 }
 
 static void t_on_peer_state(void *arg, uint64_t id, bool up)
@@ -685,7 +684,8 @@ static void w_free(struct tworld *w)
 
 /* Starts node i with the given id on 127.0.0.1 (port 0: a free one). */
 static struct tnode *node_start_cfg(struct tworld *w, int i, uint64_t id, const uint8_t *secret,
-        const uint8_t *cluster, uint16_t port, const struct net_config *tweak)
+                                    const uint8_t *cluster, uint16_t port,
+                                    const struct net_config *tweak)
 {
     struct tnode *n = &w->n[i];
     struct net_config cfg;
@@ -909,8 +909,8 @@ static void raw_connect(struct raw *r, uint16_t port)
     memset(r, 0, sizeof(*r));
     r->fd = socket(AF_INET, SOCK_STREAM, 0);
     ck_assert_int_ge(r->fd, 0);
-    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons(port),
-            .sin_addr.s_addr = htonl(0x7f000001)};
+    struct sockaddr_in sin = {
+            .sin_family = AF_INET, .sin_port = htons(port), .sin_addr.s_addr = htonl(0x7f000001)};
     ck_assert_int_eq(connect(r->fd, (struct sockaddr *)&sin, sizeof(sin)), 0);
     ck_assert_int_eq(fcntl(r->fd, F_SETFL, O_NONBLOCK), 0);
 }
@@ -957,7 +957,7 @@ static bool raw_frame(struct raw *r, uint8_t *type, struct buf *payload)
 }
 
 static void raw_send_frame(struct raw *r, uint8_t type, uint8_t flags, const void *p, size_t len,
-        const uint8_t *key, uint64_t seq)
+                           const uint8_t *key, uint64_t seq)
 {
     struct buf b = BUF_INIT;
     uint8_t hdr[NET_FRAME_HDR_LEN];
@@ -982,7 +982,7 @@ static void raw_send_frame(struct raw *r, uint8_t type, uint8_t flags, const voi
 
 /* Handshakes as node `id` holding `secret`; returns the final state. */
 static int raw_handshake(struct tworld *w, struct raw *r, uint64_t id, const uint8_t *secret,
-        struct buf *extra_after_auth)
+                         struct buf *extra_after_auth)
 {
     uint8_t nonce[NET_NONCE_LEN];
     struct buf msg = BUF_INIT, reply = BUF_INIT;
@@ -998,7 +998,7 @@ static int raw_handshake(struct tworld *w, struct raw *r, uint64_t id, const uin
     raw_send_frame(r, rt, 0, reply.data, reply.len, NULL, 0);
     if (extra_after_auth != NULL)
         ck_assert_int_eq(send(r->fd, extra_after_auth->data, extra_after_auth->len, MSG_NOSIGNAL),
-                (ssize_t)extra_after_auth->len);
+                         (ssize_t)extra_after_auth->len);
     uint64_t dl = pb_now_ms() + T_DEADLINE;
     while (r->hs.state == NET_HS_WAIT_AUTH) {
         if (raw_frame(r, &type, &msg)) {
@@ -1226,8 +1226,9 @@ START_TEST(test_net_bulk_does_not_delay_control)
     fprintf(stderr,
             "# bulk: %u MiB in %llu ms, %u pings during bulk, max %llu bulk bytes ahead of a "
             "ping, %u ENOBUFS, %d drains, max queued %llu\n",
-            T_BULK_MSGS * (T_BULK_MSG >> 20), (unsigned long long)(pb_now_ms() - dl + 4 * T_DEADLINE),
-            b->pings_during_bulk, (unsigned long long)b->ping_max_delta, enobufs, a->drains,
+            T_BULK_MSGS * (T_BULK_MSG >> 20),
+            (unsigned long long)(pb_now_ms() - dl + 4 * T_DEADLINE), b->pings_during_bulk,
+            (unsigned long long)b->ping_max_delta, enobufs, a->drains,
             (unsigned long long)max_queued);
     ck_assert(!b->bulk_bad);
     ck_assert_uint_eq(b->bulk_bytes, (uint64_t)T_BULK_MSG * T_BULK_MSGS);
@@ -1240,7 +1241,7 @@ START_TEST(test_net_bulk_does_not_delay_control)
      * 64 KiB socket buffers), never behind the 8 MiB queue. */
     ck_assert_uint_ge(b->pings_during_bulk, 10);
     ck_assert_msg(b->ping_max_delta <= 1024 * 1024, "a ping waited behind %llu bulk bytes",
-            (unsigned long long)b->ping_max_delta);
+                  (unsigned long long)b->ping_max_delta);
     w_free(&w);
 }
 END_TEST
@@ -1343,7 +1344,7 @@ START_TEST(test_net_api_errors)
             net_send(a->net, 2, NET_CLASS_CONTROL, T_CTL, SECRET, NET_FRAME_MAX_PAYLOAD + 1),
             -EMSGSIZE);
     ck_assert_int_eq(net_send(a->net, 2, NET_CLASS_BULK, T_CTL, SECRET, NET_MSG_MAX + 1),
-            -EMSGSIZE);
+                     -EMSGSIZE);
     ck_assert_int_eq(net_peer_remove(a->net, 2), 0);
     ck_assert_int_eq(net_peer_remove(a->net, 2), -ENOENT);
     ck_assert_int_eq(net_set_partition(a->net, 1, true), -EINVAL);
@@ -1358,8 +1359,9 @@ START_TEST(test_net_api_errors)
     char addr[32];
     snprintf(addr, sizeof(addr), "127.0.0.1:%u", (unsigned)a->port);
     int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons(a->port),
-            .sin_addr.s_addr = htonl(0x7f000001)};
+    struct sockaddr_in sin = {.sin_family = AF_INET,
+                              .sin_port = htons(a->port),
+                              .sin_addr.s_addr = htonl(0x7f000001)};
     ck_assert_int_ne(bind(fd, (struct sockaddr *)&sin, sizeof(sin)), 0);
     close(fd);
     (void)b;

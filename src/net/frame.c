@@ -13,7 +13,7 @@
 #include "lib/buf.h"
 
 void net_frame_encode_header(uint8_t hdr[NET_FRAME_HDR_LEN], uint8_t type, uint8_t flags,
-        uint32_t len)
+                             uint32_t len)
 {
     hdr[0] = NET_FRAME_MAGIC;
     hdr[1] = NET_FRAME_VERSION;
@@ -23,7 +23,7 @@ void net_frame_encode_header(uint8_t hdr[NET_FRAME_HDR_LEN], uint8_t type, uint8
 }
 
 long net_frame_decode(const uint8_t *p, size_t n, size_t max_payload, size_t tag_len,
-        struct net_frame *f, size_t *need, struct pb_error *err)
+                      struct net_frame *f, size_t *need, struct pb_error *err)
 {
     memset(f, 0, sizeof(*f));
     *need = NET_FRAME_HDR_LEN;
@@ -35,7 +35,8 @@ long net_frame_decode(const uint8_t *p, size_t n, size_t max_payload, size_t tag
         return pb_error_set(err, -EPROTO, "not a pickbox peer frame (magic 0x%02x)", p[0]);
     if (p[1] != NET_FRAME_VERSION)
         return pb_error_set(err, -EPROTONOSUPPORT,
-                "unsupported frame version %u (this node speaks %u)", p[1], NET_FRAME_VERSION);
+                            "unsupported frame version %u (this node speaks %u)", p[1],
+                            NET_FRAME_VERSION);
     uint8_t type = p[2];
     uint8_t flags = p[3];
     uint32_t len = pb_load_u32(p + 4);
@@ -49,7 +50,7 @@ long net_frame_decode(const uint8_t *p, size_t n, size_t max_payload, size_t tag
         return pb_error_set(err, -EPROTO, "transport frame type %u marked bulk", type);
     if (len > max_payload)
         return pb_error_set(err, -EMSGSIZE, "frame payload of %u bytes exceeds the limit of %zu",
-                len, max_payload);
+                            len, max_payload);
     size_t total = NET_FRAME_HDR_LEN + (size_t)len + tag_len;
     *need = total;
     if (n < total)

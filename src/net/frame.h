@@ -30,14 +30,14 @@
 
 #include "lib/error.h"
 
-#define NET_FRAME_MAGIC       0xB7
-#define NET_FRAME_VERSION     1
-#define NET_FRAME_HDR_LEN     8
-#define NET_FRAME_TAG_LEN     16
+#define NET_FRAME_MAGIC   0xB7
+#define NET_FRAME_VERSION 1
+#define NET_FRAME_HDR_LEN 8
+#define NET_FRAME_TAG_LEN 16
 /* The largest payload of one frame (and so of one control message). */
 #define NET_FRAME_MAX_PAYLOAD (256u * 1024u)
 /* The largest bulk message after reassembly. */
-#define NET_MSG_MAX           (16u * 1024u * 1024u)
+#define NET_MSG_MAX (16u * 1024u * 1024u)
 
 #define NET_FRAME_F_BULK  0x01
 #define NET_FRAME_F_MORE  0x02
@@ -61,7 +61,7 @@ struct net_frame {
 
 /* Writes a frame header into hdr. len must be at most NET_FRAME_MAX_PAYLOAD. */
 void net_frame_encode_header(uint8_t hdr[NET_FRAME_HDR_LEN], uint8_t type, uint8_t flags,
-        uint32_t len);
+                             uint32_t len);
 
 /*
  * Decodes the frame at the start of p[0..n) whose payload may be at most
@@ -76,6 +76,6 @@ void net_frame_encode_header(uint8_t hdr[NET_FRAME_HDR_LEN], uint8_t type, uint8
  *         validated as soon as it is complete, before the payload arrives.
  */
 long net_frame_decode(const uint8_t *p, size_t n, size_t max_payload, size_t tag_len,
-        struct net_frame *f, size_t *need, struct pb_error *err);
+                      struct net_frame *f, size_t *need, struct pb_error *err);
 
 #endif

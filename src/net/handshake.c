@@ -52,7 +52,7 @@ bool net_hs_name_valid(const char *name, size_t len)
 }
 
 void net_hs_init(struct net_hs *hs, const struct net_hs_local *local, bool initiator,
-        uint64_t expect_node_id, const uint8_t nonce[NET_NONCE_LEN])
+                 uint64_t expect_node_id, const uint8_t nonce[NET_NONCE_LEN])
 {
     memset(hs, 0, sizeof(*hs));
     hs->state = NET_HS_START;
@@ -98,7 +98,7 @@ static void hs_mac(const struct net_hs *hs, const char *label, uint8_t out[32])
     memcpy(msg + pl + ll, hs->transcript, sizeof(hs->transcript));
     unsigned int n = 32;
     if (HMAC(EVP_sha256(), hs->local->secret, (int)hs->local->secret_len, msg,
-                pl + ll + sizeof(hs->transcript), out, &n) == NULL)
+             pl + ll + sizeof(hs->transcript), out, &n) == NULL)
         hs_crypto_failed();
     OPENSSL_cleanse(msg, sizeof(msg));
 }
@@ -128,7 +128,7 @@ static void hs_transcript(struct net_hs *hs, const uint8_t *peer_hello, size_t p
 }
 
 static int hs_on_hello(struct net_hs *hs, const uint8_t *p, size_t len, struct buf *reply,
-        uint8_t *reply_type, struct pb_error *err)
+                       uint8_t *reply_type, struct pb_error *err)
 {
     const struct net_hs_local *l = hs->local;
     struct cursor c;
@@ -141,7 +141,8 @@ static int hs_on_hello(struct net_hs *hs, const uint8_t *p, size_t len, struct b
         return hs_fail(hs, err, -EPROTO, "malformed HELLO");
     if (vmin > vmax || vmax < NET_PROTO_VERSION || vmin > NET_PROTO_VERSION) {
         hs->state = NET_HS_FAILED;
-        return pb_error_set(err, -EPROTONOSUPPORT,
+        return pb_error_set(
+                err, -EPROTONOSUPPORT,
                 "handshake: protocol version mismatch: peer speaks %u..%u, this node speaks %u",
                 vmin, vmax, NET_PROTO_VERSION);
     }
@@ -164,29 +165,29 @@ static int hs_on_hello(struct net_hs *hs, const uint8_t *p, size_t len, struct b
     if (id == 0) {
         hs->state = NET_HS_FAILED;
         return pb_error_set(err, -ECONNREFUSED, "handshake: peer %s claims node id 0",
-                hs->peer_name);
+                            hs->peer_name);
     }
     if (id == l->node_id) {
         hs->state = NET_HS_FAILED;
-        return pb_error_set(err, -ECONNREFUSED,
+        return pb_error_set(
+                err, -ECONNREFUSED,
                 "handshake: peer %s claims our own node id %llu (connected to ourselves?)",
                 hs->peer_name, (unsigned long long)id);
     }
     if (hs->expect_node_id != 0 && id != hs->expect_node_id) {
         hs->state = NET_HS_FAILED;
-        return pb_error_set(err, -ECONNREFUSED,
-                "handshake: dialed node %llu but node %llu (%s) answered",
+        return pb_error_set(
+                err, -ECONNREFUSED, "handshake: dialed node %llu but node %llu (%s) answered",
                 (unsigned long long)hs->expect_node_id, (unsigned long long)id, hs->peer_name);
     }
     hs->peer_has_cluster_id = cid_len != 0;
     if (cid_len != 0)
         memcpy(hs->peer_cluster_id, cid, NET_CLUSTER_ID_LEN);
-    if (cid_len != 0 && l->has_cluster_id &&
-            memcmp(cid, l->cluster_id, NET_CLUSTER_ID_LEN) != 0) {
+    if (cid_len != 0 && l->has_cluster_id && memcmp(cid, l->cluster_id, NET_CLUSTER_ID_LEN) != 0) {
         hs->state = NET_HS_FAILED;
         return pb_error_set(err, -ECONNREFUSED,
-                "handshake: node %llu (%s) belongs to another cluster",
-                (unsigned long long)id, hs->peer_name);
+                            "handshake: node %llu (%s) belongs to another cluster",
+                            (unsigned long long)id, hs->peer_name);
     }
     hs_transcript(hs, p, len);
     hs_mac(hs, hs->initiator ? "auth initiator" : "auth responder", hs_reserve(reply, NET_MAC_LEN));
@@ -206,7 +207,8 @@ static int hs_on_auth(struct net_hs *hs, const uint8_t *p, size_t len, struct pb
     OPENSSL_cleanse(want, sizeof(want));
     if (bad != 0) {
         hs->state = NET_HS_FAILED;
-        return pb_error_set(err, -EACCES,
+        return pb_error_set(
+                err, -EACCES,
                 "handshake: authentication failed with node %llu (%s): the cluster secrets "
                 "differ",
                 (unsigned long long)hs->peer_id, hs->peer_name);
@@ -218,7 +220,7 @@ static int hs_on_auth(struct net_hs *hs, const uint8_t *p, size_t len, struct pb
 }
 
 int net_hs_input(struct net_hs *hs, uint8_t type, const uint8_t *p, size_t len, struct buf *reply,
-        uint8_t *reply_type, struct pb_error *err)
+                 uint8_t *reply_type, struct pb_error *err)
 {
     *reply_type = 0;
     switch (hs->state) {

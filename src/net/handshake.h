@@ -53,7 +53,7 @@
 #define NET_SECRET_MIN     16
 #define NET_SECRET_MAX     1024
 /* Upper bound of a HELLO payload we accept (room for later extensions). */
-#define NET_HELLO_MAX      4096
+#define NET_HELLO_MAX 4096
 
 /* What this node says about itself; borrowed by struct net_hs. */
 struct net_hs_local {
@@ -95,7 +95,7 @@ struct net_hs {
 /* Starts a handshake. initiator: we dialed. expect_node_id: the id we
  * dialed (0 accepts any). local must outlive hs. */
 void net_hs_init(struct net_hs *hs, const struct net_hs_local *local, bool initiator,
-        uint64_t expect_node_id, const uint8_t nonce[NET_NONCE_LEN]);
+                 uint64_t expect_node_id, const uint8_t nonce[NET_NONCE_LEN]);
 
 /* Wipes the keys and frees what hs holds; safe on a zeroed struct. */
 void net_hs_free(struct net_hs *hs);
@@ -111,7 +111,7 @@ void net_hs_hello(struct net_hs *hs, struct buf *out);
  * err, and the state is NET_HS_FAILED for good.
  */
 int net_hs_input(struct net_hs *hs, uint8_t type, const uint8_t *p, size_t len, struct buf *reply,
-        uint8_t *reply_type, struct pb_error *err);
+                 uint8_t *reply_type, struct pb_error *err);
 
 /* True if name is 1..NET_NAME_MAX printable ASCII characters. */
 bool net_hs_name_valid(const char *name, size_t len);

@@ -252,21 +252,20 @@ static void conn_close(struct net_conn *conn, enum log_level level, const char *
 }
 
 static void conn_tag(EVP_MAC_CTX *ctx, uint64_t seq, const uint8_t *hdr, const uint8_t *p,
-        size_t len, uint8_t out[32])
+                     size_t len, uint8_t out[32])
 {
     uint8_t s[8];
     size_t outl = 0;
     pb_store_u64(s, seq);
     if (EVP_MAC_init(ctx, NULL, 0, NULL) != 1 || EVP_MAC_update(ctx, s, sizeof(s)) != 1 ||
-            EVP_MAC_update(ctx, hdr, NET_FRAME_HDR_LEN) != 1 ||
-            (len > 0 && EVP_MAC_update(ctx, p, len) != 1) ||
-            EVP_MAC_final(ctx, out, &outl, 32) != 1)
+        EVP_MAC_update(ctx, hdr, NET_FRAME_HDR_LEN) != 1 ||
+        (len > 0 && EVP_MAC_update(ctx, p, len) != 1) || EVP_MAC_final(ctx, out, &outl, 32) != 1)
         net_crypto_failed();
 }
 
 /* Appends one frame to conn's output; tagged once authenticated. */
 static void conn_write_frame(struct net_conn *conn, uint8_t type, uint8_t flags, const void *data,
-        size_t len)
+                             size_t len)
 {
     uint8_t hdr[NET_FRAME_HDR_LEN];
     struct evbuffer *out = bufferevent_get_output(conn->bev);
@@ -310,7 +309,7 @@ static void conn_retire_timeout(evutil_socket_t fd, short what, void *arg)
 static void conn_retire_flush(struct net_conn *conn)
 {
     if (conn->retired && !conn->shut_wr &&
-            evbuffer_get_length(bufferevent_get_output(conn->bev)) == 0) {
+        evbuffer_get_length(bufferevent_get_output(conn->bev)) == 0) {
         conn->shut_wr = true;
         shutdown(bufferevent_getfd(conn->bev), SHUT_WR);
     }
@@ -328,10 +327,10 @@ static void conn_retire(struct net_conn *conn)
     conn->peer = NULL;
     conn->retired = true;
     log_debug("net: retiring duplicate link to node %llu addr=%s",
-            (unsigned long long)conn->hs.peer_id, conn->desc);
+              (unsigned long long)conn->hs.peer_id, conn->desc);
     event_assign(conn->hs_timer, net->base, -1, 0, conn_retire_timeout, conn);
     struct timeval ht = {net->cfg.handshake_timeout_ms / 1000,
-            (net->cfg.handshake_timeout_ms % 1000) * 1000};
+                         (net->cfg.handshake_timeout_ms % 1000) * 1000};
     evtimer_add(conn->hs_timer, &ht);
     conn_retire_flush(conn);
 }
@@ -391,7 +390,7 @@ static void conn_authed(struct net_conn *conn)
         peer->bulk_head->off = 0;
     if (old == NULL)
         log_info("net: link to node %llu (%s) up addr=%s dir=%s", (unsigned long long)id,
-                conn->hs.peer_name, conn->desc, conn->initiator ? "out" : "in");
+                 conn->hs.peer_name, conn->desc, conn->initiator ? "out" : "in");
     peer_pump(peer, false);
     if (old == NULL && net->cfg.cb.on_peer_state != NULL)
         net->cfg.cb.on_peer_state(net->cfg.cb_arg, id, true);
@@ -512,10 +511,10 @@ static void conn_read_cb(struct bufferevent *bev, void *arg)
         if (n < NET_FRAME_HDR_LEN)
             return;
         long r = net_frame_decode(evbuffer_pullup(in, NET_FRAME_HDR_LEN), NET_FRAME_HDR_LEN, maxp,
-                tag_len, &f, &need, &err);
+                                  tag_len, &f, &need, &err);
         if (r == 0 && n >= need)
-            r = net_frame_decode(evbuffer_pullup(in, (ssize_t)need), need, maxp, tag_len, &f,
-                    &need, &err);
+            r = net_frame_decode(evbuffer_pullup(in, (ssize_t)need), need, maxp, tag_len, &f, &need,
+                                 &err);
         if (r < 0) {
             if (!conn->authed)
                 conn->net->stats.hs_failed++;
@@ -557,12 +556,11 @@ static void conn_event_cb(struct bufferevent *bev, short what, void *arg)
         snprintf(reason, sizeof(reason), "closed by peer");
     else
         snprintf(reason, sizeof(reason), "%s",
-                evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+                 evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
     if (!conn->authed)
         conn->net->stats.hs_failed++;
     /* Failed dials repeat with backoff: keep them out of the default log. */
-    conn_close(conn, conn->authed && !conn->retired ? LOG_LEVEL_NOTICE : LOG_LEVEL_DEBUG,
-            reason);
+    conn_close(conn, conn->authed && !conn->retired ? LOG_LEVEL_NOTICE : LOG_LEVEL_DEBUG, reason);
 }
 
 static void conn_hs_timeout(evutil_socket_t fd, short what, void *arg)
@@ -570,7 +568,7 @@ static void conn_hs_timeout(evutil_socket_t fd, short what, void *arg)
     struct net_conn *conn = arg;
     conn->net->stats.hs_failed++;
     conn_close(conn, conn->initiator ? LOG_LEVEL_DEBUG : LOG_LEVEL_WARNING,
-            "no authentication within the handshake timeout");
+               "no authentication within the handshake timeout");
 }
 
 static void net_sockopts(struct net *net, evutil_socket_t fd)
@@ -586,7 +584,7 @@ static void net_sockopts(struct net *net, evutil_socket_t fd)
 
 /* Wraps fd (nonblocking) into a connection that starts the handshake. */
 static struct net_conn *conn_new(struct net *net, evutil_socket_t fd, bool initiator,
-        uint64_t dial_id, const char *desc)
+                                 uint64_t dial_id, const char *desc)
 {
     struct net_conn *conn = pb_xcalloc(1, sizeof(*conn));
     uint8_t nonce[NET_NONCE_LEN];
@@ -605,11 +603,12 @@ static struct net_conn *conn_new(struct net *net, evutil_socket_t fd, bool initi
         abort();
     }
     bufferevent_setcb(conn->bev, conn_read_cb, conn_write_cb, conn_event_cb, conn);
-    struct timeval wt = {net->cfg.write_timeout_ms / 1000, (net->cfg.write_timeout_ms % 1000) * 1000};
+    struct timeval wt = {net->cfg.write_timeout_ms / 1000,
+                         (net->cfg.write_timeout_ms % 1000) * 1000};
     bufferevent_set_timeouts(conn->bev, NULL, &wt);
     bufferevent_enable(conn->bev, EV_READ | EV_WRITE);
     struct timeval ht = {net->cfg.handshake_timeout_ms / 1000,
-            (net->cfg.handshake_timeout_ms % 1000) * 1000};
+                         (net->cfg.handshake_timeout_ms % 1000) * 1000};
     evtimer_add(conn->hs_timer, &ht);
     conn->next = net->conns;
     net->conns = conn;
@@ -659,7 +658,7 @@ static void peer_dial(struct net_peer *peer)
     uint16_t p;
     if (pb_split_host_port(peer->addr, host, sizeof(host), &p) < 0) {
         log_warning("net: node %llu has a bad address %s", (unsigned long long)peer->id,
-                peer->addr);
+                    peer->addr);
         return;
     }
     snprintf(port, sizeof(port), "%u", (unsigned)p);
@@ -726,7 +725,7 @@ static void peer_pump(struct net_peer *peer, bool may_drain)
         }
     }
     if (may_drain && popped && peer->want_drain &&
-            peer->bulk_bytes <= net->cfg.bulk_queue_max / 2) {
+        peer->bulk_bytes <= net->cfg.bulk_queue_max / 2) {
         peer->want_drain = false;
         if (net->cfg.cb.on_drain != NULL)
             net->cfg.cb.on_drain(net->cfg.cb_arg, peer->id);
@@ -763,7 +762,7 @@ static void net_format_addr(const struct sockaddr *sa, char *out, size_t n)
 }
 
 static void net_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
-        int salen, void *arg)
+                          int salen, void *arg)
 {
     struct net *net = arg;
     char desc[80];
@@ -772,7 +771,7 @@ static void net_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct s
     if (net->npending_in >= net->cfg.max_pending) {
         net->stats.refused++;
         log_warning("net: refusing %s: %u connections already authenticating", desc,
-                net->npending_in);
+                    net->npending_in);
         evutil_closesocket(fd);
         return;
     }
@@ -819,7 +818,7 @@ int net_listen(struct net *net, const char *hostport, struct pb_error *err)
         /* pb_split_host_port refuses port 0; allow it to pick a free port. */
         const char *colon = strrchr(hostport, ':');
         if (colon == NULL || strcmp(colon, ":0") != 0 ||
-                (size_t)(colon - hostport) >= sizeof(host) || colon == hostport)
+            (size_t)(colon - hostport) >= sizeof(host) || colon == hostport)
             return pb_error_set(err, -EINVAL, "net: bad listen address '%s'", hostport);
         size_t hl = (size_t)(colon - hostport);
         memcpy(host, hostport, hl);
@@ -839,16 +838,17 @@ int net_listen(struct net *net, const char *hostport, struct pb_error *err)
     hints.ai_flags = AI_NUMERICSERV | AI_PASSIVE;
     int gr = getaddrinfo(host, port, &hints, &ai);
     if (gr != 0 || ai == NULL)
-        return pb_error_set(err, -EINVAL, "net: cannot resolve listen address '%s': %s",
-                hostport, gai_strerror(gr));
-    struct evconnlistener *l = evconnlistener_new_bind(net->base, net_accept_cb, net,
+        return pb_error_set(err, -EINVAL, "net: cannot resolve listen address '%s': %s", hostport,
+                            gai_strerror(gr));
+    struct evconnlistener *l = evconnlistener_new_bind(
+            net->base, net_accept_cb, net,
             LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC | LEV_OPT_REUSEABLE, -1, ai->ai_addr,
             (int)ai->ai_addrlen);
     int e = errno;
     freeaddrinfo(ai);
     if (l == NULL)
         return pb_error_set(err, e ? -e : -EIO, "net: cannot listen on %s: %s", hostport,
-                strerror(e));
+                            strerror(e));
     return net_listener_set(net, l, err);
 }
 
@@ -859,8 +859,8 @@ int net_listen_fd(struct net *net, int fd, struct pb_error *err)
     if (evutil_make_socket_nonblocking(fd) < 0)
         return pb_error_set(err, -EINVAL, "net: listen fd %d is not usable", fd);
     /* backlog 0: the socket is already listening (event2/listener.h). */
-    struct evconnlistener *l = evconnlistener_new(net->base, net_accept_cb, net,
-            LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, 0, fd);
+    struct evconnlistener *l = evconnlistener_new(
+            net->base, net_accept_cb, net, LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, 0, fd);
     return net_listener_set(net, l, err);
 }
 
@@ -869,7 +869,7 @@ uint16_t net_local_port(const struct net *net)
     struct sockaddr_storage ss;
     socklen_t len = sizeof(ss);
     if (net->listener == NULL ||
-            getsockname(evconnlistener_get_fd(net->listener), (struct sockaddr *)&ss, &len) < 0)
+        getsockname(evconnlistener_get_fd(net->listener), (struct sockaddr *)&ss, &len) < 0)
         return 0;
     if (ss.ss_family == AF_INET)
         return ntohs(((struct sockaddr_in *)&ss)->sin_port);
@@ -888,13 +888,13 @@ struct net *net_new(struct event_base *base, const struct net_config *cfg, struc
     }
     if (cfg->node_name == NULL || !net_hs_name_valid(cfg->node_name, strlen(cfg->node_name))) {
         pb_error_set(err, -EINVAL, "net: node name must be 1..%d printable characters",
-                NET_NAME_MAX);
+                     NET_NAME_MAX);
         return NULL;
     }
     if (cfg->secret == NULL || cfg->secret_len < NET_SECRET_MIN ||
-            cfg->secret_len > NET_SECRET_MAX) {
-        pb_error_set(err, -EINVAL, "net: the cluster secret must be %d..%d bytes",
-                NET_SECRET_MIN, NET_SECRET_MAX);
+        cfg->secret_len > NET_SECRET_MAX) {
+        pb_error_set(err, -EINVAL, "net: the cluster secret must be %d..%d bytes", NET_SECRET_MIN,
+                     NET_SECRET_MAX);
         return NULL;
     }
     struct net *net = pb_xcalloc(1, sizeof(*net));
@@ -994,9 +994,9 @@ int net_peer_add(struct net *net, uint64_t node_id, const char *hostport, struct
     if (node_id == 0 || node_id == net->cfg.node_id)
         return pb_error_set(err, -EINVAL, "net: bad peer id %llu", (unsigned long long)node_id);
     if (hostport == NULL || strlen(hostport) >= sizeof(((struct net_peer_stats *)0)->addr) ||
-            pb_split_host_port(hostport, host, sizeof(host), &port) < 0)
+        pb_split_host_port(hostport, host, sizeof(host), &port) < 0)
         return pb_error_set(err, -EINVAL, "net: bad peer address '%s' (want host:port)",
-                hostport ? hostport : "(null)");
+                            hostport ? hostport : "(null)");
     struct net_peer *peer = peer_get(net, node_id);
     if (peer == NULL)
         return pb_error_set(err, -ENOSPC, "net: too many peers");
@@ -1038,7 +1038,7 @@ int net_peer_remove(struct net *net, uint64_t node_id)
 }
 
 int net_send(struct net *net, uint64_t node_id, enum net_class cls, uint8_t type, const void *data,
-        size_t len)
+             size_t len)
 {
     if (type < NET_FRAME_USER_MIN || (cls != NET_CLASS_CONTROL && cls != NET_CLASS_BULK))
         return -EINVAL;
@@ -1060,7 +1060,7 @@ int net_send(struct net *net, uint64_t node_id, enum net_class cls, uint8_t type
         return -ENOTCONN;
     if (cls == NET_CLASS_CONTROL) {
         if (evbuffer_get_length(bufferevent_get_output(conn->bev)) + len >
-                net->cfg.control_queue_max)
+            net->cfg.control_queue_max)
             return -ENOBUFS;
         conn_write_frame(conn, type, 0, data, len);
         return 0;

@@ -152,7 +152,7 @@ int net_peer_remove(struct net *net, uint64_t node_id);
  * A peer partitioned by net_set_partition() is down.
  */
 int net_send(struct net *net, uint64_t node_id, enum net_class cls, uint8_t type, const void *data,
-        size_t len);
+             size_t len);
 
 /*
  * Fault injection for tests: while partitioned, the link to node_id is
