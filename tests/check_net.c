@@ -1140,6 +1140,54 @@ START_TEST(test_net_stall_and_pending_limit)
 }
 END_TEST
 
+START_TEST(test_net_stalled_reader_is_bounded_and_dropped)
+{
+    struct tworld w;
+    struct net_config cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.control_queue_max = 256 * 1024;
+    cfg.sock_buf = 32 * 1024;
+    cfg.write_timeout_ms = 300;
+    w_init(&w, 5);
+    struct tnode *a = node_start_cfg(&w, 0, 1, SECRET, CLUSTER, 0, &cfg);
+    /* A peer that authenticates and then never reads. */
+    struct raw r;
+    memset(&r, 0, sizeof(r));
+    r.fd = socket(AF_INET, SOCK_STREAM, 0);
+    int small = 32 * 1024;
+    setsockopt(r.fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+    struct sockaddr_in sin = {.sin_family = AF_INET,
+                              .sin_port = htons(a->port),
+                              .sin_addr.s_addr = htonl(0x7f000001)};
+    ck_assert_int_eq(connect(r.fd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    ck_assert_int_eq(fcntl(r.fd, F_SETFL, O_NONBLOCK), 0);
+    ck_assert_int_eq(raw_handshake(&w, &r, 9, SECRET, NULL), NET_HS_DONE);
+    WAIT_FOR(&w, a->up[9]);
+
+    static uint8_t chunk[16 * 1024];
+    ck_assert_int_eq(net_send(a->net, 9, NET_CLASS_BULK, T_BULK, chunk, sizeof(chunk)), 0);
+    size_t sent = 0;
+    int r_send = 0;
+    uint64_t dl = pb_now_ms() + T_DEADLINE;
+    while ((r_send = net_send(a->net, 9, NET_CLASS_CONTROL, T_CTL, chunk, sizeof(chunk))) == 0) {
+        sent += sizeof(chunk);
+        ck_assert(pb_now_ms() < dl);
+        event_base_loop(w.base, EVLOOP_NONBLOCK);
+    }
+    ck_assert_int_eq(r_send, -ENOBUFS);
+    fprintf(stderr, "# stalled reader: %zu control bytes accepted before ENOBUFS\n", sent);
+    /* The queue limit plus what the two small socket buffers hold. */
+    ck_assert_uint_le(sent, 2 * 1024 * 1024);
+    ck_assert_uint_ge(sent, cfg.control_queue_max);
+    /* The write timeout drops the link and its queues. */
+    WAIT_FOR(&w, !a->up[9]);
+    ck_assert_uint_eq(pstats(a, 9).bulk_queued, 0);
+    ck_assert_int_eq(net_send(a->net, 9, NET_CLASS_CONTROL, T_CTL, "x", 1), -ENOTCONN);
+    raw_close(&r);
+    w_free(&w);
+}
+END_TEST
+
 START_TEST(test_net_join_unknown_peer)
 {
     struct tworld w;
@@ -1395,6 +1443,7 @@ static Suite *net_suite(void)
     tcase_add_test(tc, test_net_wrong_secret_refused);
     tcase_add_test(tc, test_net_raw_injection);
     tcase_add_test(tc, test_net_stall_and_pending_limit);
+    tcase_add_test(tc, test_net_stalled_reader_is_bounded_and_dropped);
     tcase_add_test(tc, test_net_join_unknown_peer);
     tcase_add_test(tc, test_net_bulk_does_not_delay_control);
     tcase_add_test(tc, test_net_reconnect_after_restart);

@@ -575,7 +575,16 @@ static void net_sockopts(struct net *net, evutil_socket_t fd)
 {
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    /* A peer that vanished without a FIN (power loss, partition) is noticed
+     * by keepalive probes within about 30 s even on a link we only read
+     * from, and by TCP_USER_TIMEOUT when our data goes unacknowledged. */
+    int idle = 15, intvl = 5, cnt = 3;
+    unsigned int uto = net->cfg.write_timeout_ms;
     setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
+    setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &uto, sizeof(uto));
     if (net->cfg.sock_buf > 0) {
         setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &net->cfg.sock_buf, sizeof(net->cfg.sock_buf));
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &net->cfg.sock_buf, sizeof(net->cfg.sock_buf));

@@ -19,12 +19,17 @@
  *       NET_BULK_FRAME bytes; the next bulk frame is handed to the socket only
  *       once the socket buffer has drained, so a control frame waits behind
  *       at most one bulk frame plus what the kernel holds.
- * Order is kept within a class, not across classes. Messages to a peer that
- * is down are refused (-ENOTCONN), not queued: Raft retries by itself.
+ * Order is kept within a class on one link, not across classes, and not
+ * across a switch between two links (see below). Messages to a peer that is
+ * down are refused (-ENOTCONN), not queued: Raft retries by itself. Delivery
+ * is best effort: what is in flight when a link drops is lost.
  *
  * Connections: both ends dial peers they know (net_peer_add) with jittered
  * exponential backoff; if two connections between the same pair authenticate,
- * both ends keep the one dialed by the lower node id. Inbound connections
+ * both ends keep the one dialed by the lower node id (between two dialed by
+ * the same node, the newer). The other one is retired, not cut: both ends
+ * stop sending on it, half-close it once its output drained and deliver what
+ * still arrives on it until EOF, so a switch loses nothing. Inbound connections
  * from ids not added yet are accepted once authenticated (a joining node) and
  * reported through on_peer_state; net_peer_stats() tells their name and
  * cluster id.
@@ -107,7 +112,8 @@ struct net_stats {
     uint64_t accepted;       /* inbound TCP connections */
     uint64_t refused;        /* inbound refused over max_pending */
     uint64_t hs_ok;          /* handshakes completed */
-    uint64_t hs_failed;      /* handshakes failed (bad MAC, version, id, timeout, ...) */
+    uint64_t hs_failed;      /* connections lost before authenticating: refused or failed
+                                dials, bad MAC, version, id, timeout, partition */
     uint64_t auth_failed;    /* of which wrong MAC */
     uint64_t proto_errors;   /* authenticated links dropped for a protocol violation */
     uint64_t frames_dropped; /* by the partition hook */
