@@ -47,6 +47,7 @@
 #define NET_DEF_BACKOFF_MAX   5000
 #define NET_DEF_MAX_PENDING   16
 #define NET_ACCEPT_RETRY_MS   1000
+#define NET_HS_WARN_MS        10000
 
 struct net_bulk_msg {
     struct net_bulk_msg *next;
@@ -112,6 +113,8 @@ struct net {
     uint64_t rng;
     EVP_MAC *mac;
     struct net_stats stats;
+    uint64_t hs_warn_ms; /* last handshake failure logged as a warning */
+    uint64_t hs_warn_suppressed;
 };
 
 static _Noreturn void net_crypto_failed(void)
@@ -144,6 +147,27 @@ static struct net_peer *peer_get(struct net *net, uint64_t id);
 static void peer_pump(struct net_peer *peer, bool may_drain);
 
 /* ---- connections ---------------------------------------------------- */
+
+/*
+ * A misconfigured peer (wrong secret, other version) fails again at every
+ * redial: warn at most once per NET_HS_WARN_MS and log the rest at debug
+ * level, counting them.
+ */
+static enum log_level net_hs_fail_level(struct net *net)
+{
+    uint64_t now = pb_now_ms();
+    net->stats.hs_failed++;
+    if (net->hs_warn_ms != 0 && now - net->hs_warn_ms < NET_HS_WARN_MS) {
+        net->hs_warn_suppressed++;
+        return LOG_LEVEL_DEBUG;
+    }
+    if (net->hs_warn_suppressed > 0)
+        log_warning("net: %llu more handshake failures in the last %d s (debug level shows them)",
+                    (unsigned long long)net->hs_warn_suppressed, NET_HS_WARN_MS / 1000);
+    net->hs_warn_suppressed = 0;
+    net->hs_warn_ms = now;
+    return LOG_LEVEL_WARNING;
+}
 
 static void conn_destroy(struct net_conn *conn)
 {
@@ -468,17 +492,15 @@ static void conn_on_hs_frame(struct net_conn *conn, const struct net_frame *f)
     uint8_t reply_type = 0;
     pb_error_clear(&err);
     if (f->flags != 0 || f->type >= NET_FRAME_USER_MIN) {
-        net->stats.hs_failed++;
-        conn_close(conn, LOG_LEVEL_WARNING, "message before authentication");
+        conn_close(conn, net_hs_fail_level(net), "message before authentication");
         return;
     }
     int r = net_hs_input(&conn->hs, f->type, f->payload, f->len, &reply, &reply_type, &err);
     if (r < 0) {
         buf_free(&reply);
-        net->stats.hs_failed++;
         if (r == -EACCES)
             net->stats.auth_failed++;
-        conn_close(conn, LOG_LEVEL_WARNING, err.msg);
+        conn_close(conn, net_hs_fail_level(net), err.msg);
         return;
     }
     if (conn->hs.state == NET_HS_WAIT_AUTH) {
@@ -516,9 +538,10 @@ static void conn_read_cb(struct bufferevent *bev, void *arg)
             r = net_frame_decode(evbuffer_pullup(in, (ssize_t)need), need, maxp, tag_len, &f, &need,
                                  &err);
         if (r < 0) {
-            if (!conn->authed)
-                conn->net->stats.hs_failed++;
-            conn_proto_error(conn, err.msg);
+            if (conn->authed)
+                conn_proto_error(conn, err.msg);
+            else
+                conn_close(conn, net_hs_fail_level(conn->net), err.msg);
             return;
         }
         if (r == 0)
@@ -566,9 +589,13 @@ static void conn_event_cb(struct bufferevent *bev, short what, void *arg)
 static void conn_hs_timeout(evutil_socket_t fd, short what, void *arg)
 {
     struct net_conn *conn = arg;
-    conn->net->stats.hs_failed++;
-    conn_close(conn, conn->initiator ? LOG_LEVEL_DEBUG : LOG_LEVEL_WARNING,
-               "no authentication within the handshake timeout");
+    enum log_level level = LOG_LEVEL_DEBUG;
+    /* Dials to a peer that is down time out here too: not worth a warning. */
+    if (conn->initiator)
+        conn->net->stats.hs_failed++;
+    else
+        level = net_hs_fail_level(conn->net);
+    conn_close(conn, level, "no authentication within the handshake timeout");
 }
 
 static void net_sockopts(struct net *net, evutil_socket_t fd)
@@ -1128,6 +1155,8 @@ int net_peer_stats(const struct net *net, uint64_t node_id, struct net_peer_stat
         return -ENOENT;
     *out = peer->st;
     out->bulk_queued = peer->bulk_bytes;
+    out->out_queued =
+            peer->conn != NULL ? evbuffer_get_length(bufferevent_get_output(peer->conn->bev)) : 0;
     return 0;
 }
 

@@ -106,6 +106,7 @@ struct net_peer_stats {
     uint64_t last_contact_ms;          /* pb_now_ms() of the last frame received, 0: never */
     uint64_t connects;                 /* links established */
     size_t bulk_queued;                /* bytes waiting in the bulk queue */
+    size_t out_queued;                 /* frame bytes not yet handed to the kernel */
 };
 
 struct net_stats {
