@@ -506,9 +506,11 @@ START_TEST(test_hs_malformed)
     buf_put_str(&m, "be\nta");
     buf_put(&m, nonce, NET_NONCE_LEN);
     m.data[m.len - 1] ^= 1;
+    struct pb_error err;
     net_hs_init(&hs, &la, false, 0, nonce);
     net_hs_hello(&hs, &reply);
-    ck_assert_int_eq(hs_feed(&hs, NET_FRAME_HELLO, &m, &reply, &t, NULL), -EPROTO);
+    ck_assert_int_eq(hs_feed(&hs, NET_FRAME_HELLO, &m, &reply, &t, &err), -EPROTO);
+    ck_assert_ptr_nonnull(strstr(err.msg, "invalid node name"));
     net_hs_free(&hs);
     /* A cluster id of the wrong length. */
     buf_reset(&m);
@@ -520,7 +522,8 @@ START_TEST(test_hs_malformed)
     buf_put(&m, good.data + good.len - NET_NONCE_LEN, NET_NONCE_LEN);
     net_hs_init(&hs, &la, false, 0, nonce);
     net_hs_hello(&hs, &reply);
-    ck_assert_int_eq(hs_feed(&hs, NET_FRAME_HELLO, &m, &reply, &t, NULL), -EPROTO);
+    ck_assert_int_eq(hs_feed(&hs, NET_FRAME_HELLO, &m, &reply, &t, &err), -EPROTO);
+    ck_assert_ptr_nonnull(strstr(err.msg, "malformed HELLO"));
     net_hs_free(&hs);
 
     ck_assert(net_hs_name_valid("n1", 2));
@@ -541,6 +544,7 @@ END_TEST
 #define T_CTL       20 /* control message: u32 seq */
 #define T_PING      21 /* control message: u64 receiver's bytes_recv at send time */
 #define T_BULK      30 /* bulk message: u32 index, then a pattern */
+#define T_BLOB      31 /* any size, either class: recorded with a hash */
 #define T_BULK_MSG  (1024u * 1024u)
 #define T_BULK_MSGS 64u
 
@@ -549,7 +553,16 @@ struct trec {
     uint8_t type;
     uint32_t seq;
     size_t len;
+    uint64_t hash;
 };
+
+static uint64_t fnv1a(const uint8_t *p, size_t n)
+{
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ p[i]) * 0x100000001b3ull;
+    return h;
+}
 
 struct tworld;
 
@@ -618,7 +631,8 @@ static void t_on_frame(void *arg, uint64_t from, uint8_t type, const uint8_t *p,
         n->cap = n->cap ? n->cap * 2 : 64;
         n->recs = pb_xreallocarray(n->recs, n->cap, sizeof(*n->recs));
     }
-    n->recs[n->nrecs++] = (struct trec){from, type, len >= 4 ? pb_load_u32(p) : UINT32_MAX, len};
+    n->recs[n->nrecs++] =
+            (struct trec){from, type, len >= 4 ? pb_load_u32(p) : UINT32_MAX, len, fnv1a(p, len)};
 }
 
 static void t_on_peer_state(void *arg, uint64_t id, bool up)
@@ -1295,6 +1309,52 @@ START_TEST(test_net_bulk_does_not_delay_control)
 }
 END_TEST
 
+START_TEST(test_net_size_edges)
+{
+    struct tworld w;
+    w_init(&w, 5);
+    struct tnode *a = node_start(&w, 0, 1);
+    struct tnode *b = node_start(&w, 1, 2);
+    node_add(a, b);
+    WAIT_FOR(&w, a->up[2] && b->up[1]);
+    static const size_t sizes[] = {
+            0, 1, NET_BULK_FRAME - 1, NET_BULK_FRAME, NET_BULK_FRAME + 1, 3 * NET_BULK_FRAME + 17};
+    size_t nsizes = sizeof(sizes) / sizeof(sizes[0]);
+    uint8_t *blob = pb_xmalloc(3 * NET_BULK_FRAME + 17);
+    for (size_t i = 0; i < 3 * NET_BULK_FRAME + 17; i++)
+        blob[i] = (uint8_t)(i * 13 + 5);
+    /* Bulk at every fragment boundary, control up to the frame limit,
+     * interleaved. */
+    for (size_t i = 0; i < nsizes; i++) {
+        ck_assert_int_eq(net_send(a->net, 2, NET_CLASS_BULK, T_BLOB, blob, sizes[i]), 0);
+        if (sizes[i] <= NET_FRAME_MAX_PAYLOAD)
+            ck_assert_int_eq(net_send(a->net, 2, NET_CLASS_CONTROL, T_BLOB, blob, sizes[i]), 0);
+    }
+    size_t nctl = 4; /* sizes up to NET_FRAME_MAX_PAYLOAD */
+    WAIT_FOR(&w, b->nrecs == nsizes + nctl);
+    /* Each class arrives complete and in order. */
+    size_t seen_bulk = 0, seen_ctl = 0;
+    for (size_t i = 0; i < b->nrecs; i++) {
+        const struct trec *r = &b->recs[i];
+        ck_assert_uint_eq(r->type, T_BLOB);
+        bool matches_bulk = seen_bulk < nsizes && r->len == sizes[seen_bulk] &&
+                            r->hash == fnv1a(blob, sizes[seen_bulk]);
+        bool matches_ctl = seen_ctl < nctl && r->len == sizes[seen_ctl] &&
+                           r->hash == fnv1a(blob, sizes[seen_ctl]);
+        ck_assert(matches_bulk || matches_ctl);
+        /* Equal sizes are indistinguishable; prefer control, which leads. */
+        if (matches_ctl)
+            seen_ctl++;
+        else
+            seen_bulk++;
+    }
+    ck_assert_uint_eq(seen_ctl, nctl);
+    ck_assert_uint_eq(seen_bulk, nsizes);
+    free(blob);
+    w_free(&w);
+}
+END_TEST
+
 START_TEST(test_net_reconnect_after_restart)
 {
     struct tworld w;
@@ -1453,6 +1513,7 @@ static Suite *net_suite(void)
     tcase_add_test(tc, test_net_stalled_reader_is_bounded_and_dropped);
     tcase_add_test(tc, test_net_join_unknown_peer);
     tcase_add_test(tc, test_net_bulk_does_not_delay_control);
+    tcase_add_test(tc, test_net_size_edges);
     tcase_add_test(tc, test_net_reconnect_after_restart);
     tcase_add_test(tc, test_net_partition_and_heal);
     tcase_add_test(tc, test_net_api_errors);
