@@ -915,7 +915,7 @@ struct raw {
     bool closed;
     struct net_hs hs;
     struct net_hs_local local;
-    uint64_t seq_send;
+    uint64_t seq_recv;
 };
 
 static void raw_connect(struct raw *r, uint16_t port)
@@ -953,15 +953,36 @@ static bool raw_pump(struct raw *r)
 }
 
 /* Takes one complete untagged frame from the input, if there is one. */
+static void raw_tag(const uint8_t *key, uint64_t seq, const uint8_t *hdr, const uint8_t *p,
+                    size_t len, uint8_t tag[32])
+{
+    struct buf m = BUF_INIT;
+    unsigned tl = 32;
+    buf_put_u64(&m, seq);
+    buf_put(&m, hdr, NET_FRAME_HDR_LEN);
+    buf_put(&m, p, len);
+    HMAC(EVP_sha256(), key, NET_KEY_LEN, m.data, m.len, tag, &tl);
+    buf_free(&m);
+}
+
+/* Takes one complete frame from the input, if there is one; once the
+ * handshake is done, checks its tag independently of net.c. */
 static bool raw_frame(struct raw *r, uint8_t *type, struct buf *payload)
 {
     struct net_frame f;
     size_t need;
+    bool tagged = r->hs.state == NET_HS_DONE;
     raw_pump(r);
-    long n = net_frame_decode(r->in.data, r->in.len, NET_FRAME_MAX_PAYLOAD, 0, &f, &need, NULL);
+    long n = net_frame_decode(r->in.data, r->in.len, NET_FRAME_MAX_PAYLOAD,
+                              tagged ? NET_FRAME_TAG_LEN : 0, &f, &need, NULL);
     ck_assert_int_ge(n, 0);
     if (n == 0)
         return false;
+    if (tagged) {
+        uint8_t tag[32];
+        raw_tag(r->hs.key_recv, r->seq_recv++, f.hdr, f.payload, f.len, tag);
+        ck_assert_mem_eq(tag, f.tag, NET_FRAME_TAG_LEN);
+    }
     *type = f.type;
     buf_reset(payload);
     buf_put(payload, f.payload, f.len);
@@ -980,15 +1001,9 @@ static void raw_send_frame(struct raw *r, uint8_t type, uint8_t flags, const voi
     buf_put(&b, p, len);
     if (key != NULL) {
         /* The tag computed independently with one-shot HMAC(). */
-        struct buf m = BUF_INIT;
         uint8_t tag[32];
-        unsigned tl = 32;
-        buf_put_u64(&m, seq);
-        buf_put(&m, hdr, sizeof(hdr));
-        buf_put(&m, p, len);
-        HMAC(EVP_sha256(), key, NET_KEY_LEN, m.data, m.len, tag, &tl);
+        raw_tag(key, seq, hdr, p, len, tag);
         buf_put(&b, tag, NET_FRAME_TAG_LEN);
-        buf_free(&m);
     }
     ck_assert_int_eq(send(r->fd, b.data, b.len, MSG_NOSIGNAL), (ssize_t)b.len);
     buf_free(&b);
@@ -1116,6 +1131,53 @@ START_TEST(test_net_raw_injection)
     ck_assert_uint_eq(a->nrecs, 1);
     ck_assert_uint_eq(nstats(a).proto_errors, 2);
     raw_close(&r);
+    w_free(&w);
+}
+END_TEST
+
+START_TEST(test_net_retired_link_delivers_until_eof)
+{
+    struct tworld w;
+    struct raw r1, r2;
+    struct buf msg = BUF_INIT;
+    uint8_t type = 0, p[4];
+    w_init(&w, 5);
+    struct tnode *a = node_start(&w, 0, 1);
+    raw_connect(&r1, a->port);
+    ck_assert_int_eq(raw_handshake(&w, &r1, 9, SECRET, NULL), NET_HS_DONE);
+    WAIT_FOR(&w, a->up[9]);
+    /* Node 9 dials again (both links dialed by 9: the newer wins). The
+     * switch is invisible to the owner. */
+    raw_connect(&r2, a->port);
+    r2.seq_recv = 0;
+    ck_assert_int_eq(raw_handshake(&w, &r2, 9, SECRET, NULL), NET_HS_DONE);
+    /* a half-closes the retired link once its output is empty... */
+    WAIT_FOR(&w, raw_pump(&r1));
+    ck_assert_int_eq(a->ups[9], 1);
+    ck_assert_int_eq(a->downs[9], 0);
+    /* ... but still delivers what 9 sent on it before switching. */
+    pb_store_u32(p, 41);
+    raw_send_frame(&r1, T_CTL, 0, p, 4, r1.hs.key_send, 0);
+    WAIT_FOR(&w, a->nrecs == 1);
+    ck_assert_uint_eq(a->recs[0].seq, 41);
+    /* New traffic from a goes on the new link only, tagged for it. */
+    send_ctl(a, 9, 42);
+    WAIT_FOR(&w, raw_frame(&r2, &type, &msg));
+    ck_assert_uint_eq(type, T_CTL);
+    ck_assert_uint_eq(pb_load_u32(msg.data), 42);
+    ck_assert_uint_eq(r1.in.len, 0);
+    /* 9 closes the retired link: a stays up on the new one. */
+    raw_close(&r1);
+    pb_store_u32(p, 43);
+    raw_send_frame(&r2, T_CTL, 0, p, 4, r2.hs.key_send, 0);
+    WAIT_FOR(&w, a->nrecs == 2);
+    ck_assert_uint_eq(a->recs[1].seq, 43);
+    ck_assert(a->up[9]);
+    ck_assert_int_eq(a->downs[9], 0);
+    ck_assert_uint_eq(pstats(a, 9).connects, 2);
+    raw_close(&r2);
+    WAIT_FOR(&w, !a->up[9]);
+    buf_free(&msg);
     w_free(&w);
 }
 END_TEST
@@ -1509,6 +1571,7 @@ static Suite *net_suite(void)
     tcase_add_test(tc, test_net_three_nodes_and_listen_fd);
     tcase_add_test(tc, test_net_wrong_secret_refused);
     tcase_add_test(tc, test_net_raw_injection);
+    tcase_add_test(tc, test_net_retired_link_delivers_until_eof);
     tcase_add_test(tc, test_net_stall_and_pending_limit);
     tcase_add_test(tc, test_net_stalled_reader_is_bounded_and_dropped);
     tcase_add_test(tc, test_net_join_unknown_peer);
