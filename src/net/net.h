@@ -29,10 +29,11 @@
  * both ends keep the one dialed by the lower node id (between two dialed by
  * the same node, the newer). The other one is retired, not cut: both ends
  * stop sending on it, half-close it once its output drained and deliver what
- * still arrives on it until EOF, so a switch loses nothing. Inbound connections
- * from ids not added yet are accepted once authenticated (a joining node) and
- * reported through on_peer_state; net_peer_stats() tells their name and
- * cluster id.
+ * still arrives on it until EOF, so what was already sent on it is not lost
+ * (a bulk message half sent on it starts over on the new link). Inbound
+ * connections from ids not added yet are accepted once authenticated (a
+ * joining node) and reported through on_peer_state; net_peer_stats() tells
+ * their name and cluster id.
  *
  * Threading: single-threaded; everything runs on the event_base given to
  * net_new(). Callbacks run from the loop; they may call net_send(),
