@@ -10,7 +10,7 @@
  *   HELLO  u16 version_min, u16 version_max   protocol versions spoken (1..1)
  *          u64 node_id                        claimed id, never 0
  *          u32 n + n bytes cluster id          n = 16, or 0 while joining
- *          u32 n + n bytes node name           n <= 64, printable ASCII
+ *          u32 n + n bytes node name           1..64 printable ASCII, no space
  *          32 bytes nonce                      fresh random per connection
  *          (trailing bytes: reserved for later versions, ignored but covered
  *          by the transcript)
