@@ -1272,8 +1272,19 @@ START_TEST(test_net_join_unknown_peer)
     struct tnode *a = node_start(&w, 0, 1);
     /* j has no cluster id yet and a has never heard of it. */
     struct tnode *j = node_start_cfg(&w, 1, 5, SECRET, NULL, 0, NULL);
-    node_add(j, a);
+    /* j knows only an address (--join ADDR), not who listens there, and a
+     * is not up yet: the seed is retried until it answers. */
+    struct pb_error err;
+    uint16_t port = a->port;
+    node_stop(a);
+    ck_assert_int_eq(net_seed_add(j->net, "bad", &err), -EINVAL);
+    ck_assert_int_eq(net_seed_add(j->net, a->addr, &err), 0);
+    WAIT_FOR(&w, nstats(j).hs_failed >= 2);
+    ck_assert_int_eq(j->ups[1], 0);
+    a = node_start_cfg(&w, 0, 1, SECRET, CLUSTER, port, NULL);
     WAIT_FOR(&w, a->up[5] && j->up[1]);
+    ck_assert_str_eq(pstats(j, 1).addr, a->addr);
+    ck_assert_str_eq(pstats(j, 1).name, "n1");
     struct net_peer_stats s = pstats(a, 5);
     ck_assert_str_eq(s.name, "n5");
     ck_assert_str_eq(s.addr, "");

@@ -57,8 +57,11 @@ struct net_bulk_msg {
     uint8_t data[];
 };
 
+struct net_seed;
+
 struct net_conn {
     struct net *net;
+    struct net_seed *seed; /* outbound to a seed address (id unknown) */
     struct net_conn *next; /* net->conns, or net->dead once closed */
     struct bufferevent *bev;
     struct event *hs_timer;
@@ -96,6 +99,16 @@ struct net_peer {
     struct net_peer_stats st;
 };
 
+/* An address to dial without knowing who answers (pickboxd --join ADDR). */
+struct net_seed {
+    struct net_seed *next;
+    struct net *net;
+    char *addr;
+    struct event *redial;
+    unsigned backoff_ms;
+    struct net_conn *dialing;
+};
+
 struct net {
     struct event_base *base;
     struct net_config cfg;
@@ -106,6 +119,7 @@ struct net {
     struct event *accept_retry;
     struct net_peer *peers;
     size_t npeers;
+    struct net_seed *seeds;
     struct net_conn *conns;
     struct net_conn *dead;
     struct event *reaper;
@@ -203,18 +217,30 @@ static void peer_bulk_clear(struct net_peer *peer)
     peer->bulk_bytes = 0;
 }
 
-static void peer_schedule_redial(struct net_peer *peer)
+/* Arms redial with "equal jitter" (half the backoff fixed, half random)
+ * and doubles *backoff_ms up to the configured cap. */
+static void net_arm_redial(struct net *net, struct event *redial, unsigned *backoff_ms)
 {
-    struct net *net = peer->net;
-    if (peer->addr == NULL || peer->partitioned || peer->conn != NULL || peer->dialing != NULL)
-        return;
-    unsigned b = peer->backoff_ms;
-    /* "Equal jitter": half the backoff fixed, half random. */
+    unsigned b = *backoff_ms;
     unsigned delay = b / 2 + (unsigned)(net_rand(net) % (b / 2 + 1));
     unsigned next = b * 2;
-    peer->backoff_ms = next > net->cfg.backoff_max_ms ? net->cfg.backoff_max_ms : next;
+    *backoff_ms = next > net->cfg.backoff_max_ms ? net->cfg.backoff_max_ms : next;
     struct timeval tv = {delay / 1000, (delay % 1000) * 1000};
-    evtimer_add(peer->redial, &tv);
+    evtimer_add(redial, &tv);
+}
+
+static void peer_schedule_redial(struct net_peer *peer)
+{
+    if (peer->addr == NULL || peer->partitioned || peer->conn != NULL || peer->dialing != NULL)
+        return;
+    net_arm_redial(peer->net, peer->redial, &peer->backoff_ms);
+}
+
+static void seed_free(struct net_seed *seed)
+{
+    event_free(seed->redial);
+    free(seed->addr);
+    free(seed);
 }
 
 /*
@@ -262,6 +288,11 @@ static void conn_close(struct net_conn *conn, enum log_level level, const char *
     } else {
         if (reason != NULL)
             log_msg(level, "net: connection %s closed: %s", conn->desc, reason);
+        if (conn->seed != NULL && conn->seed->dialing == conn) {
+            conn->seed->dialing = NULL;
+            net_arm_redial(net, conn->seed->redial, &conn->seed->backoff_ms);
+        }
+        conn->seed = NULL;
         if (conn->dial_id != 0) {
             struct net_peer *peer = net_find(net, conn->dial_id);
             if (peer != NULL && peer->dialing == conn) {
@@ -378,6 +409,26 @@ static void conn_authed(struct net_conn *conn)
     if (peer == NULL) {
         conn_close(conn, LOG_LEVEL_WARNING, "too many peers");
         return;
+    }
+    if (conn->seed != NULL) {
+        /* The seed answered: from now on it is an ordinary peer that is
+         * redialed at this address. */
+        struct net_seed *seed = conn->seed;
+        for (struct net_seed **sp = &net->seeds; *sp != NULL; sp = &(*sp)->next) {
+            if (*sp == seed) {
+                *sp = seed->next;
+                break;
+            }
+        }
+        conn->seed = NULL;
+        if (peer->addr == NULL) {
+            peer->addr = seed->addr;
+            seed->addr = NULL;
+            snprintf(peer->st.addr, sizeof(peer->st.addr), "%s", peer->addr);
+        }
+        log_info("net: seed %s is node %llu (%s)", conn->desc, (unsigned long long)id,
+                 conn->hs.peer_name);
+        seed_free(seed);
     }
     if (peer->partitioned) {
         conn_close(conn, LOG_LEVEL_DEBUG, "partitioned (fault injection)");
@@ -684,19 +735,15 @@ static struct net_peer *peer_get(struct net *net, uint64_t id)
     return peer;
 }
 
-static void peer_dial(struct net_peer *peer)
+/* Starts an outbound connection to addr ("host:port"); NULL if it could not
+ * even start (the caller arms its redial timer). */
+static struct net_conn *net_dial(struct net *net, const char *addr, uint64_t expect_id)
 {
-    struct net *net = peer->net;
-    if (peer->addr == NULL || peer->partitioned || peer->conn != NULL || peer->dialing != NULL)
-        return;
     char host[256];
     char port[8];
     uint16_t p;
-    if (pb_split_host_port(peer->addr, host, sizeof(host), &p) < 0) {
-        log_warning("net: node %llu has a bad address %s", (unsigned long long)peer->id,
-                    peer->addr);
-        return;
-    }
+    if (pb_split_host_port(addr, host, sizeof(host), &p) < 0)
+        return NULL; /* checked when the address was added */
     snprintf(port, sizeof(port), "%u", (unsigned)p);
     struct addrinfo hints;
     struct addrinfo *ai = NULL;
@@ -708,26 +755,53 @@ static void peer_dial(struct net_peer *peer)
      * practice; a DNS name here stalls the loop for its lookup. */
     int gr = getaddrinfo(host, port, &hints, &ai);
     if (gr != 0 || ai == NULL) {
-        log_debug("net: cannot resolve %s: %s", peer->addr, gai_strerror(gr));
+        log_debug("net: cannot resolve %s: %s", addr, gai_strerror(gr));
         if (ai != NULL)
             freeaddrinfo(ai);
-        peer_schedule_redial(peer);
-        return;
+        return NULL;
     }
     evutil_socket_t fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         log_warning("net: socket: %s", strerror(errno));
         freeaddrinfo(ai);
-        peer_schedule_redial(peer);
-        return;
+        return NULL;
     }
     net_sockopts(net, fd);
-    struct net_conn *conn = conn_new(net, fd, true, peer->id, peer->addr);
-    peer->dialing = conn;
+    struct net_conn *conn = conn_new(net, fd, true, expect_id, addr);
     int cr = bufferevent_socket_connect(conn->bev, ai->ai_addr, (int)ai->ai_addrlen);
     freeaddrinfo(ai);
-    if (cr < 0)
+    if (cr < 0) {
+        /* Not linked to its peer or seed yet: a quiet close, no redial. */
+        conn->dial_id = 0;
         conn_close(conn, LOG_LEVEL_DEBUG, "connect failed");
+        return NULL;
+    }
+    return conn;
+}
+
+static void peer_dial(struct net_peer *peer)
+{
+    if (peer->addr == NULL || peer->partitioned || peer->conn != NULL || peer->dialing != NULL)
+        return;
+    peer->dialing = net_dial(peer->net, peer->addr, peer->id);
+    if (peer->dialing == NULL)
+        peer_schedule_redial(peer);
+}
+
+static void seed_dial(struct net_seed *seed)
+{
+    if (seed->dialing != NULL)
+        return;
+    seed->dialing = net_dial(seed->net, seed->addr, 0);
+    if (seed->dialing == NULL)
+        net_arm_redial(seed->net, seed->redial, &seed->backoff_ms);
+    else
+        seed->dialing->seed = seed;
+}
+
+static void seed_redial_cb(evutil_socket_t fd, short what, void *arg)
+{
+    seed_dial(arg);
 }
 
 /*
@@ -1002,6 +1076,11 @@ void net_free(struct net *net)
         net->peers = p->next;
         peer_free(p);
     }
+    while (net->seeds != NULL) {
+        struct net_seed *sd = net->seeds;
+        net->seeds = sd->next;
+        seed_free(sd);
+    }
     if (net->listener != NULL)
         evconnlistener_free(net->listener);
     if (net->reaper != NULL)
@@ -1044,6 +1123,29 @@ int net_peer_add(struct net *net, uint64_t node_id, const char *hostport, struct
         peer->backoff_ms = net->cfg.backoff_min_ms;
         peer_dial(peer);
     }
+    return 0;
+}
+
+int net_seed_add(struct net *net, const char *hostport, struct pb_error *err)
+{
+    char host[256];
+    uint16_t port;
+    if (hostport == NULL || strlen(hostport) >= sizeof(((struct net_peer_stats *)0)->addr) ||
+        pb_split_host_port(hostport, host, sizeof(host), &port) < 0)
+        return pb_error_set(err, -EINVAL, "net: bad seed address '%s' (want host:port)",
+                            hostport ? hostport : "(null)");
+    struct net_seed *seed = pb_xcalloc(1, sizeof(*seed));
+    seed->net = net;
+    seed->addr = pb_xstrdup(hostport);
+    seed->backoff_ms = net->cfg.backoff_min_ms;
+    seed->redial = evtimer_new(net->base, seed_redial_cb, seed);
+    if (seed->redial == NULL) {
+        log_err("net: out of memory for a timer");
+        abort();
+    }
+    seed->next = net->seeds;
+    net->seeds = seed;
+    seed_dial(seed);
     return 0;
 }
 

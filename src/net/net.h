@@ -147,6 +147,14 @@ void net_set_cluster_id(struct net *net, const uint8_t cluster_id[NET_CLUSTER_ID
  */
 int net_peer_add(struct net *net, uint64_t node_id, const char *hostport, struct pb_error *err);
 
+/*
+ * Dials "host:port" without knowing which node listens there (pickboxd
+ * --join ADDR), retrying with backoff until a node authenticates. That node
+ * then becomes an ordinary peer with this address (on_peer_state up) and the
+ * seed is forgotten. Returns 0 or -EINVAL (err filled).
+ */
+int net_seed_add(struct net *net, const char *hostport, struct pb_error *err);
+
 /* Forgets peer node_id: closes its link (on_peer_state down is not called)
  * and drops its queues. Returns 0 or -ENOENT. */
 int net_peer_remove(struct net *net, uint64_t node_id);
