@@ -4,8 +4,10 @@
  * The write path (batches, group commit, the storage thread) is in commit.c;
  * the fault-injection VFS in faultvfs.c. The schema is:
  *
- *   raft_meta(id=1, format, cluster_id, node_id, current_term, voted_for)
- *       exactly one row; term and vote change in one UPDATE
+ *   raft_meta(id=1, format, cluster_id, node_id, current_term, voted_for,
+ *             barriers)
+ *       exactly one row; term and vote change in one UPDATE; barriers counts
+ *       empty batches (a probe must change a byte to reach the disk)
  *   raft_log(idx PRIMARY KEY, term, type, data, crc)
  *       crc = CRC-32C of idx|term|type|data (big-endian integers)
  *   raft_snapshot(id, last_index, last_term, membership, size, crc, complete)
@@ -44,36 +46,36 @@
 #include "store/store_int.h"
 
 /* PRAGMA application_id of raft.db: "PBRF". */
-#define STORE_APPLICATION_ID 0x50425246
+#define STORE_APPLICATION_ID  0x50425246
 #define STORE_BUSY_TIMEOUT_MS 5000
 
-static const char store_schema_v1[] =
-        "CREATE TABLE raft_meta ("
-        " id INTEGER PRIMARY KEY CHECK (id = 1),"
-        " format INTEGER NOT NULL,"
-        " cluster_id BLOB NOT NULL,"
-        " node_id INTEGER NOT NULL,"
-        " current_term INTEGER NOT NULL,"
-        " voted_for INTEGER NOT NULL) STRICT;"
-        "CREATE TABLE raft_log ("
-        " idx INTEGER PRIMARY KEY,"
-        " term INTEGER NOT NULL,"
-        " type INTEGER NOT NULL,"
-        " data BLOB NOT NULL,"
-        " crc INTEGER NOT NULL) STRICT;"
-        "CREATE TABLE raft_snapshot ("
-        " id INTEGER PRIMARY KEY,"
-        " last_index INTEGER NOT NULL,"
-        " last_term INTEGER NOT NULL,"
-        " membership BLOB NOT NULL,"
-        " size INTEGER NOT NULL,"
-        " crc INTEGER NOT NULL,"
-        " complete INTEGER NOT NULL) STRICT;"
-        "CREATE TABLE raft_snapshot_chunk ("
-        " snap_id INTEGER NOT NULL,"
-        " off INTEGER NOT NULL,"
-        " data BLOB NOT NULL,"
-        " PRIMARY KEY (snap_id, off)) STRICT;";
+static const char store_schema_v1[] = "CREATE TABLE raft_meta ("
+                                      " id INTEGER PRIMARY KEY CHECK (id = 1),"
+                                      " format INTEGER NOT NULL,"
+                                      " cluster_id BLOB NOT NULL,"
+                                      " node_id INTEGER NOT NULL,"
+                                      " current_term INTEGER NOT NULL,"
+                                      " voted_for INTEGER NOT NULL,"
+                                      " barriers INTEGER NOT NULL DEFAULT 0) STRICT;"
+                                      "CREATE TABLE raft_log ("
+                                      " idx INTEGER PRIMARY KEY,"
+                                      " term INTEGER NOT NULL,"
+                                      " type INTEGER NOT NULL,"
+                                      " data BLOB NOT NULL,"
+                                      " crc INTEGER NOT NULL) STRICT;"
+                                      "CREATE TABLE raft_snapshot ("
+                                      " id INTEGER PRIMARY KEY,"
+                                      " last_index INTEGER NOT NULL,"
+                                      " last_term INTEGER NOT NULL,"
+                                      " membership BLOB NOT NULL,"
+                                      " size INTEGER NOT NULL,"
+                                      " crc INTEGER NOT NULL,"
+                                      " complete INTEGER NOT NULL) STRICT;"
+                                      "CREATE TABLE raft_snapshot_chunk ("
+                                      " snap_id INTEGER NOT NULL,"
+                                      " off INTEGER NOT NULL,"
+                                      " data BLOB NOT NULL,"
+                                      " PRIMARY KEY (snap_id, off)) STRICT;";
 
 /* Migrations from an older format to the next one, run in one transaction at
  * open. Format 1 is the first, so there is none yet; a v1 -> v2 step goes
@@ -160,8 +162,7 @@ static int store_query_i64(sqlite3 *db, const char *sql, int64_t *out, struct pb
     return rc == SQLITE_OK ? 0 : store_sql_error(db, rc, err, sql);
 }
 
-uint32_t store_entry_crc(uint64_t index, uint64_t term, uint8_t type, const void *data,
-                         size_t len)
+uint32_t store_entry_crc(uint64_t index, uint64_t term, uint8_t type, const void *data, size_t len)
 {
     uint8_t hdr[17];
     pb_store_u64(hdr, index);
@@ -217,10 +218,10 @@ static int store_create(sqlite3 *db, struct pb_error *err)
     if (rc < 0)
         return rc;
     char *sql = pb_xasprintf("%s PRAGMA application_id = %d;"
-                             "INSERT INTO raft_meta VALUES (1, %d, x'', %" PRId64 ", 0, 0);"
+                             "INSERT INTO raft_meta (id, format, cluster_id, node_id, current_term,"
+                             " voted_for) VALUES (1, %d, x'', %" PRId64 ", 0, 0);"
                              "COMMIT;",
-                             store_schema_v1, STORE_APPLICATION_ID, STORE_FORMAT,
-                             (int64_t)node_id);
+                             store_schema_v1, STORE_APPLICATION_ID, STORE_FORMAT, (int64_t)node_id);
     rc = store_exec(db, sql, err);
     free(sql);
     if (rc < 0) {
@@ -268,8 +269,8 @@ static int store_check_format(sqlite3 *db, struct pb_error *err)
         }
         log_notice("raft.db migrated from format %" PRId64 " to %" PRId64, f, f + 1);
     }
-    char *sql = pb_xasprintf("UPDATE raft_meta SET format = %d WHERE id = 1; COMMIT;",
-                             STORE_FORMAT);
+    char *sql =
+            pb_xasprintf("UPDATE raft_meta SET format = %d WHERE id = 1; COMMIT;", STORE_FORMAT);
     rc = store_exec(db, sql, err);
     free(sql);
     if (rc < 0)
@@ -410,8 +411,8 @@ static int store_validate(sqlite3 *db, const struct store_wstate *ws, struct pb_
     int64_t node_id, cid_len, nsnap;
     int rc = store_query_i64(db, "SELECT node_id FROM raft_meta WHERE id = 1", &node_id, err);
     if (rc == 0)
-        rc = store_query_i64(db, "SELECT length(cluster_id) FROM raft_meta WHERE id = 1",
-                             &cid_len, err);
+        rc = store_query_i64(db, "SELECT length(cluster_id) FROM raft_meta WHERE id = 1", &cid_len,
+                             err);
     if (rc == 0)
         rc = store_query_i64(db, "SELECT count(*) FROM raft_snapshot", &nsnap, err);
     if (rc < 0)
@@ -519,8 +520,9 @@ static int store_validate(sqlite3 *db, const struct store_wstate *ws, struct pb_
             what = "disagrees with the snapshot's last term";
         if (what != NULL) {
             sqlite3_finalize(st);
-            return pb_error_set(err, -EBADMSG, "raft.db: log entry %" PRIu64 " (term %" PRIu64
-                                ") %s", idx, term, what);
+            return pb_error_set(err, -EBADMSG,
+                                "raft.db: log entry %" PRIu64 " (term %" PRIu64 ") %s", idx, term,
+                                what);
         }
         prev_term = term;
     }
@@ -750,8 +752,7 @@ static int store_read_range(sqlite3 *db, uint64_t lo, uint64_t hi, size_t max_by
         if (e->index != expect) {
             sqlite3_finalize(st);
             return pb_error_set(err, -EBADMSG,
-                                "raft.db: log entry %" PRIu64 " is missing (next is %" PRIu64
-                                ")",
+                                "raft.db: log entry %" PRIu64 " is missing (next is %" PRIu64 ")",
                                 expect, e->index);
         }
         expect++;
@@ -909,8 +910,7 @@ int store_read_entries(struct store *s, uint64_t lo, uint64_t hi, size_t max_byt
     return rc;
 }
 
-int store_snapshot_staged(struct store *s, uint64_t last_index, uint64_t last_term,
-                          uint64_t *bytes)
+int store_snapshot_staged(struct store *s, uint64_t last_index, uint64_t last_term, uint64_t *bytes)
 {
     *bytes = 0;
     sqlite3_stmt *st;
@@ -939,18 +939,18 @@ int store_snapshot_read(struct store *s, uint64_t last_index, uint64_t offset, v
     int64_t id;
     sqlite3_stmt *st = NULL;
     rc = store_prepare(s->r,
-                           "SELECT id, size FROM raft_snapshot WHERE complete = 1 AND "
-                           "last_index = ?1",
-                           &st, err);
+                       "SELECT id, size FROM raft_snapshot WHERE complete = 1 AND "
+                       "last_index = ?1",
+                       &st, err);
     if (rc < 0)
         goto out;
     sqlite3_bind_int64(st, 1, (int64_t)last_index);
     rc = sqlite3_step(st);
     if (rc != SQLITE_ROW) {
-        rc = rc == SQLITE_DONE ? pb_error_set(err, -ENOENT,
-                                              "raft.db: no complete snapshot at index %" PRIu64,
-                                              last_index)
-                               : store_sql_error(s->r, rc, err, "read snapshot");
+        rc = rc == SQLITE_DONE
+                     ? pb_error_set(err, -ENOENT, "raft.db: no complete snapshot at index %" PRIu64,
+                                    last_index)
+                     : store_sql_error(s->r, rc, err, "read snapshot");
         goto out;
     }
     id = sqlite3_column_int64(st, 0);

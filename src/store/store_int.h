@@ -93,8 +93,7 @@ void store_thread_stop(struct store *s);
 int store_sqlite_errno(int rc);
 int store_open_writer(struct store *s, struct pb_error *err);
 int store_load_wstate(sqlite3 *db, struct store_wstate *ws, struct pb_error *err);
-uint32_t store_entry_crc(uint64_t index, uint64_t term, uint8_t type, const void *data,
-                         size_t len);
+uint32_t store_entry_crc(uint64_t index, uint64_t term, uint8_t type, const void *data, size_t len);
 
 /* faultvfs.c: a shim over the default VFS whose writes or syncs can be made to
  * fail for the next n write transactions. One per store, registered under a
