@@ -15,6 +15,7 @@
 #include <fcntl.h>
 #include <ftw.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <signal.h>
 #include <sqlite3.h>
 #include <stdio.h>
@@ -449,17 +450,25 @@ END_TEST
 
 struct model {
     uint64_t term, vote;
-    uint64_t last;
+    bool has_snap;
+    uint64_t snap_index, snap_term;
+    uint64_t first, last;
     uint64_t terms[CRASH_MAX_LOG];
 };
 
 struct gen_batch {
     bool has_hs;
     struct store_hard_state hs;
+    bool has_chunk;
+    struct store_snapshot_chunk chunk;
     uint64_t truncate_from;
     struct ebatch eb;
     size_t n;
+    bool has_local;
+    struct store_local_snapshot local;
 };
+
+static const uint8_t crash_payload[100] = {1, 2, 3};
 
 static uint64_t rng_next(uint64_t *x)
 {
@@ -469,7 +478,18 @@ static uint64_t rng_next(uint64_t *x)
     return *x;
 }
 
-/* The next batch of the workload from model m (which it advances). */
+/* A random index of the log above the snapshot, or 0 if there is none. */
+static uint64_t pick_above_snapshot(const struct model *m, uint64_t *rng)
+{
+    uint64_t lo = PB_MAX(m->snap_index + 1, m->first);
+    if (m->last < lo)
+        return 0;
+    return lo + rng_next(rng) % (m->last - lo + 1);
+}
+
+/* The next batch of the workload from model m (which it advances): new terms
+ * and votes, appends, conflict truncations, incoming snapshots (rules 6 and
+ * 7) and local snapshots, in the order the store applies them. */
 static void gen_next(struct model *m, uint64_t *rng, struct gen_batch *g)
 {
     memset(g, 0, sizeof(*g));
@@ -479,10 +499,34 @@ static void gen_next(struct model *m, uint64_t *rng, struct gen_batch *g)
         g->has_hs = true;
         g->hs = (struct store_hard_state){m->term, m->vote};
     }
+    uint64_t r = rng_next(rng) % 24;
+    if (r == 0 && m->last + 16 < CRASH_MAX_LOG) {
+        uint64_t idx = rng_next(rng) % 2 ? pick_above_snapshot(m, rng) : 0;
+        uint64_t term;
+        if (idx != 0) { /* rule 6: the log has it, keep the suffix */
+            term = m->terms[idx];
+        } else { /* rule 7: beyond the log, discard it all */
+            idx = m->last + 1 + rng_next(rng) % 3;
+            term = m->term;
+            m->last = idx;
+        }
+        g->has_chunk = true;
+        g->chunk = (struct store_snapshot_chunk){.last_index = idx,
+                                                 .last_term = term,
+                                                 .membership = "m",
+                                                 .membership_len = 1,
+                                                 .data = crash_payload,
+                                                 .len = sizeof(crash_payload),
+                                                 .done = true};
+        m->has_snap = true;
+        m->snap_index = idx;
+        m->snap_term = term;
+        m->first = idx + 1;
+    }
     uint64_t from = m->last + 1;
     if (m->last > 4 && rng_next(rng) % 5 == 0) {
         uint64_t x = m->last - rng_next(rng) % 4;
-        if (m->terms[x] < m->term) {
+        if (x > m->snap_index && m->terms[x] < m->term) {
             g->truncate_from = x;
             from = x;
         }
@@ -498,16 +542,30 @@ static void gen_next(struct model *m, uint64_t *rng, struct gen_batch *g)
         m->terms[from + i] = m->term;
     if (g->n > 0)
         m->last = from + g->n - 1;
+    if (r == 1) {
+        uint64_t idx = pick_above_snapshot(m, rng);
+        if (idx != 0) {
+            g->has_local = true;
+            g->local = (struct store_local_snapshot){idx, m->terms[idx], "l", 1};
+            m->has_snap = true;
+            m->snap_index = idx;
+            m->snap_term = m->terms[idx];
+        }
+    }
 }
 
 static bool model_matches(const struct model *m, const struct store_state *st)
 {
     if (st->hard_state.term != m->term || st->hard_state.vote != m->vote)
         return false;
-    if (st->last_index != m->last || st->entries.n != m->last)
+    if (st->has_snapshot != m->has_snap || st->snapshot.last_index != m->snap_index ||
+        st->snapshot.last_term != m->snap_term)
+        return false;
+    if (st->first_index != m->first || st->last_index != m->last ||
+        st->entries.n != m->last + 1 - m->first)
         return false;
     for (size_t i = 0; i < st->entries.n; i++)
-        if (st->entries.v[i].term != m->terms[i + 1])
+        if (st->entries.v[i].term != m->terms[m->first + i])
             return false;
     return true;
 }
@@ -517,6 +575,10 @@ static void model_from_state(struct model *m, const struct store_state *st)
     memset(m, 0, sizeof(*m));
     m->term = st->hard_state.term;
     m->vote = st->hard_state.vote;
+    m->has_snap = st->has_snapshot;
+    m->snap_index = st->snapshot.last_index;
+    m->snap_term = st->snapshot.last_term;
+    m->first = st->first_index;
     m->last = st->last_index;
     for (size_t i = 0; i < st->entries.n; i++)
         m->terms[st->entries.v[i].index] = st->entries.v[i].term;
@@ -560,9 +622,11 @@ static void crash_child(const char *dir, uint64_t seed, int fd)
             struct gen_batch g;
             gen_next(&m, &rng, &g);
             struct store_batch b = {.hard_state = g.has_hs ? &g.hs : NULL,
+                                    .snapshot_chunk = g.has_chunk ? &g.chunk : NULL,
                                     .truncate_from = g.truncate_from,
                                     .entries = g.eb.e,
-                                    .n_entries = g.n};
+                                    .n_entries = g.n,
+                                    .local_snapshot = g.has_local ? &g.local : NULL};
             uint64_t seq;
             if (store_submit(s, &b, &seq) < 0)
                 _exit(5);
@@ -579,6 +643,7 @@ START_TEST(test_crash_safety)
     uint64_t rng = 0x9E3779B97F4A7C15ull ^ (uint64_t)getpid();
     static struct model m; /* the durable state the parent has verified */
     memset(&m, 0, sizeof(m));
+    m.first = 1;
     int iterations = 30, kills_with_acks = 0;
     for (int it = 0; it < iterations; it++) {
         uint64_t seed = rng_next(&rng) | 1;
@@ -595,7 +660,18 @@ START_TEST(test_crash_safety)
         close(p[1]);
         uint64_t acked = 0, v;
         unsigned got = 0;
-        while (got < want_acks && read(p[0], &v, sizeof(v)) == sizeof(v)) {
+        uint64_t deadline = pb_now_ms() + DEADLINE_MS;
+        while (got < want_acks) {
+            struct pollfd pfd = {.fd = p[0], .events = POLLIN};
+            int left = (int)(deadline - PB_MIN(deadline, pb_now_ms()));
+            int n = poll(&pfd, 1, left);
+            if (n == 0) {
+                kill(pid, SIGKILL);
+                waitpid(pid, NULL, 0);
+                ck_abort_msg("iteration %d: no ack from the child in time", it);
+            }
+            if (n < 0 || read(p[0], &v, sizeof(v)) != sizeof(v))
+                break; /* the child died: its exit status says why */
             acked = v;
             got++;
         }
@@ -634,6 +710,7 @@ START_TEST(test_crash_safety)
         store_state_free(&st);
     }
     ck_assert_int_gt(kills_with_acks, 0);
+    ck_assert(m.has_snap); /* the workload installed snapshots */
     fx_fini(&f);
 }
 END_TEST
