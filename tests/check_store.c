@@ -420,6 +420,19 @@ START_TEST(test_group_commit)
         if (first_seq == 0)
             first_seq = seq;
     }
+    /* While the storage thread commits, the reader connection sees a growing
+     * committed prefix of the log, never an error or a gap. */
+    size_t seen = 0;
+    for (int i = 0; i < 50; i++) {
+        struct store_entries es;
+        struct pb_error err;
+        ck_assert_int_eq(store_read_entries(f.s, 1, N, SIZE_MAX, &es, &err), 0);
+        ck_assert_uint_ge(es.n, seen);
+        for (size_t k = 0; k < es.n; k++)
+            ck_assert_uint_eq(es.v[k].index, k + 1);
+        seen = es.n;
+        store_entries_free(&es);
+    }
     ck_assert_int_eq(fx_wait(&f, seq), 0);
     /* In order, contiguous, each completion covering one or more batches;
      * fewer completions than batches means batches shared a commit. */

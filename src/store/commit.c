@@ -260,9 +260,13 @@ static int apply_entries(struct store *s, struct store_wstate *t, const struct s
         sqlite3_bind_int64(st, 1, (int64_t)e->index);
         sqlite3_bind_int64(st, 2, (int64_t)e->term);
         sqlite3_bind_int(st, 3, e->type);
-        sqlite3_bind_blob(st, 4, e->len ? e->data : "", (int)e->len, SQLITE_STATIC);
+        int rc = sqlite3_bind_blob(st, 4, e->len ? e->data : "", (int)e->len, SQLITE_STATIC);
+        if (rc != SQLITE_OK) {
+            sqlite3_clear_bindings(st);
+            return txn_sql(s, te, rc, "bind entry");
+        }
         sqlite3_bind_int64(st, 5, store_entry_crc(e->index, e->term, e->type, e->data, e->len));
-        int rc = stmt_run(s, st, te, "append entry");
+        rc = stmt_run(s, st, te, "append entry");
         if (rc < 0)
             return rc;
         t->last = e->index;
@@ -393,8 +397,9 @@ static int apply_chunk(struct store *s, struct store_wstate *t,
             return txn_sql(s, te, rc, "prepare snapshot chunk");
         sqlite3_bind_int64(st, 1, id);
         sqlite3_bind_int64(st, 2, (int64_t)c->offset);
-        sqlite3_bind_blob(st, 3, c->data, (int)c->len, SQLITE_STATIC);
-        rc = sqlite3_step(st);
+        rc = sqlite3_bind_blob(st, 3, c->data, (int)c->len, SQLITE_STATIC);
+        if (rc == SQLITE_OK)
+            rc = sqlite3_step(st);
         sqlite3_finalize(st);
         if (rc != SQLITE_DONE)
             return txn_sql(s, te, rc, "write snapshot chunk");
@@ -768,8 +773,10 @@ int store_submit(struct store *s, const struct store_batch *b, uint64_t *seq)
     size_t bytes = 0;
     for (size_t i = 0; i < b->n_entries; i++) {
         const struct store_entry *e = &b->entries[i];
-        if (too_big(e->index) || too_big(e->term) || e->index == 0 || e->len > INT32_MAX)
+        if (too_big(e->index) || too_big(e->term) || e->index == 0)
             return -EINVAL;
+        if (e->len > STORE_MAX_BLOB)
+            return -E2BIG;
         bytes += e->len;
     }
     if (b->hard_state && too_big(b->hard_state->term))
@@ -779,15 +786,18 @@ int store_submit(struct store *s, const struct store_batch *b, uint64_t *seq)
     const struct store_snapshot_chunk *c = b->snapshot_chunk;
     if (c != NULL) {
         if (too_big(c->last_index) || too_big(c->last_term) || too_big(c->offset) ||
-            c->last_index == 0 || c->len > INT32_MAX || c->membership_len > INT32_MAX)
+            c->last_index == 0)
             return -EINVAL;
+        if (c->len > STORE_MAX_BLOB || c->membership_len > STORE_MAX_BLOB)
+            return -E2BIG;
         bytes += c->len + (c->offset == 0 ? c->membership_len : 0);
     }
     const struct store_local_snapshot *l = b->local_snapshot;
     if (l != NULL) {
-        if (too_big(l->last_index) || too_big(l->last_term) || l->last_index == 0 ||
-            l->membership_len > INT32_MAX)
+        if (too_big(l->last_index) || too_big(l->last_term) || l->last_index == 0)
             return -EINVAL;
+        if (l->membership_len > STORE_MAX_BLOB)
+            return -E2BIG;
         bytes += l->membership_len;
     }
 

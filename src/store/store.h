@@ -41,6 +41,8 @@ struct store;
 #define STORE_FORMAT         1
 #define STORE_CLUSTER_ID_LEN 16
 #define STORE_DB_NAME        "raft.db"
+/* Largest entry, snapshot chunk or membership blob one batch may carry. */
+#define STORE_MAX_BLOB (64u << 20)
 
 /* A log entry. For store_submit() data is read-only and only borrowed for the
  * duration of the call (the store copies it). In results it is owned by the
@@ -170,8 +172,8 @@ void store_close(struct store *s);
 
 /* Queues a batch (deep-copied) and returns its sequence number in *seq
  * (1, 2, 3, ...). Returns the degraded code without queueing while the store
- * is degraded, -EINVAL for a malformed batch (values over INT64_MAX, a
- * cluster id of the wrong size). Log-invariant violations are found by the
+ * is degraded, -EINVAL for a malformed batch (index 0, values over
+ * INT64_MAX), -E2BIG for a blob over STORE_MAX_BLOB. Log-invariant violations are found by the
  * storage thread and reported (and degrade the store) through the completion. */
 int store_submit(struct store *s, const struct store_batch *b, uint64_t *seq);
 
