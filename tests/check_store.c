@@ -975,6 +975,30 @@ START_TEST(test_corrupt_bytes_on_disk)
 }
 END_TEST
 
+START_TEST(test_quick_check)
+{
+    struct fx f;
+    fx_init(&f);
+    fill_log(&f, 10);
+    /* Damage the file header's free-page count: every row still reads
+     * fine, only a structural check can see it. */
+    char path[300];
+    snprintf(path, sizeof(path), "%s/raft.db", f.dir);
+    int fd = open(path, O_RDWR);
+    ck_assert_int_ge(fd, 0);
+    const uint8_t seven[4] = {0, 0, 0, 7};
+    ck_assert_int_eq(pwrite(fd, seven, 4, 36), 4);
+    close(fd);
+    struct pb_error err;
+    ck_assert_int_eq(fx_open_err(&f, false, &err), 0);
+    fx_close(&f);
+    pb_error_clear(&err);
+    ck_assert_int_eq(fx_open_err(&f, true, &err), -EBADMSG);
+    ck_assert_msg(strstr(err.msg, "quick_check"), "%s", err.msg);
+    fx_fini(&f);
+}
+END_TEST
+
 START_TEST(test_corrupt_contiguity)
 {
     struct fx f;
@@ -1030,6 +1054,19 @@ START_TEST(test_formats)
     raw_sql(&f, "UPDATE raft_meta SET format = 1");
     fx_open(&f);
     fx_close(&f);
+    fx_fini(&f);
+
+    /* Not a database at all. */
+    fx_init(&f);
+    char path[300];
+    snprintf(path, sizeof(path), "%s/raft.db", f.dir);
+    FILE *fp = fopen(path, "w");
+    ck_assert_ptr_nonnull(fp);
+    for (int i = 0; i < 1000; i++)
+        fputs("garbage ", fp);
+    fclose(fp);
+    ck_assert_int_eq(reopen_expect_fail(&f, &err), -EBADMSG);
+    ck_assert_msg(strstr(err.msg, "not a database"), "%s", err.msg);
     fx_fini(&f);
 
     /* Another application's SQLite file. */
@@ -1161,6 +1198,7 @@ static Suite *store_suite(void)
     tcase_add_test(tc, test_compaction);
     tcase_add_test(tc, test_corrupt_blob_sql);
     tcase_add_test(tc, test_corrupt_bytes_on_disk);
+    tcase_add_test(tc, test_quick_check);
     tcase_add_test(tc, test_corrupt_contiguity);
     tcase_add_test(tc, test_corrupt_snapshot_gap);
     tcase_add_test(tc, test_formats);
