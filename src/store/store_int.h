@@ -89,11 +89,22 @@ struct store {
 int store_thread_start(struct store *s);
 void store_thread_stop(struct store *s);
 
-/* store.c: shared with the storage thread. */
-int store_sqlite_errno(int rc);
+/* store.c */
 int store_open_writer(struct store *s, struct pb_error *err);
-int store_load_wstate(sqlite3 *db, struct store_wstate *ws, struct pb_error *err);
+
+/* schema.c: SQL helpers (errors name the statement and SQLite's message). */
+int store_sqlite_errno(int rc);
+int store_sql_error(sqlite3 *db, int rc, struct pb_error *err, const char *what);
+int store_exec(sqlite3 *db, const char *sql, struct pb_error *err);
+int store_prepare(sqlite3 *db, const char *sql, sqlite3_stmt **st, struct pb_error *err);
+int store_query_i64(sqlite3 *db, const char *sql, int64_t *out, struct pb_error *err);
 uint32_t store_entry_crc(uint64_t index, uint64_t term, uint8_t type, const void *data, size_t len);
+/* schema.c: the open-time steps, in this order. */
+int store_init_schema(sqlite3 *db, struct pb_error *err);
+int store_drop_incomplete(sqlite3 *db, struct pb_error *err);
+int store_load_wstate(sqlite3 *db, struct store_wstate *ws, struct pb_error *err);
+int store_validate(sqlite3 *db, const struct store_wstate *ws, struct pb_error *err);
+int store_quick_check(sqlite3 *db, struct pb_error *err);
 
 /* faultvfs.c: a shim over the default VFS whose writes or syncs can be made to
  * fail for the next n write transactions. One per store, registered under a
