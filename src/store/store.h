@@ -24,6 +24,15 @@
  * process has raft.db open), -EINVAL (a batch breaks a log invariant).
  * After any failed write the store is DEGRADED: durable state is unknown, every
  * later submission fails fast with the same code until store_retry().
+ *
+ * How the daemon drives it: at startup store_open() + store_load() rebuild the
+ * Raft core's state. For each Raft "ready", one store_submit() carries the new
+ * hard state, the conflict truncation, the new entries and/or the snapshot
+ * piece; messages that depend on them (votes, append acks) are sent only when
+ * the completion covering that seq reports 0. On a failed completion: stop
+ * acknowledging, step down, store_retry() after store_retry_backoff_ms(), probe
+ * with an empty batch, then reload with store_load() (a failed batch may or may
+ * not have reached the disk) before the core runs again.
  */
 #ifndef PICKBOX_STORE_STORE_H
 #define PICKBOX_STORE_STORE_H
