@@ -448,6 +448,9 @@ START_TEST(test_group_commit)
     struct store_health h;
     store_health(f.s, &h);
     ck_assert_uint_eq(h.last_persisted_seq, seq);
+    /* Fewer transactions than batches: batches shared commits (fsyncs). */
+    ck_assert_uint_eq(h.batches, N + 1);
+    ck_assert_uint_lt(h.transactions, N / 2);
     uint64_t terms[N + 1];
     for (int i = 0; i <= N; i++)
         terms[i] = 1;

@@ -718,6 +718,8 @@ static void *storage_thread(void *arg)
                     last = p->seq;
                 pthread_mutex_lock(&s->mu);
                 s->last_persisted_seq = last;
+                s->n_transactions++;
+                s->n_batches += last - list->seq + 1;
                 push_completion(s, list->seq, last, 0);
                 pthread_mutex_unlock(&s->mu);
                 notify_loop(s);

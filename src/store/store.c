@@ -228,6 +228,8 @@ void store_health(struct store *s, struct store_health *h)
     memcpy(h->msg, s->deg_msg, sizeof(h->msg));
     h->since_ms = s->deg_since_ms;
     h->last_persisted_seq = s->last_persisted_seq;
+    h->transactions = s->n_transactions;
+    h->batches = s->n_batches;
     pthread_mutex_unlock(&s->mu);
 }
 

@@ -223,6 +223,8 @@ struct store_health {
     char msg[256];     /* what failed, one line */
     uint64_t since_ms; /* wall clock (ms since the epoch) of the failure */
     uint64_t last_persisted_seq;
+    uint64_t transactions; /* committed batch transactions since open */
+    uint64_t batches;      /* batches they carried */
 };
 void store_health(struct store *s, struct store_health *h);
 
