@@ -21,7 +21,9 @@
  * Errors: 0 or a negative errno. -ENOSPC (disk full), -EIO (any I/O error),
  * -EBADMSG (corruption: checksum, contiguity, snapshot/log disagreement),
  * -EPROTONOSUPPORT (raft.db written by a newer pickbox), -EBUSY (another
- * process has raft.db open), -EINVAL (a batch breaks a log invariant).
+ * process has raft.db open), -EINVAL (a batch breaks a log invariant),
+ * -EEXIST (the cluster id is already set), -E2BIG (a blob over
+ * STORE_MAX_BLOB), -ENOENT (reads: compacted away / no such snapshot).
  * After any failed write the store is DEGRADED: durable state is unknown, every
  * later submission fails fast with the same code until store_retry().
  *
