@@ -780,14 +780,25 @@ START_TEST(test_snapshot_install)
     ck_assert_uint_eq(have, 300);
     ck_assert_int_eq(store_snapshot_staged(f.s, 5, 2, &have), 0);
     ck_assert_uint_eq(have, 0);
-    /* A chunk at the wrong offset is refused; staging is kept. */
-    ck_assert_int_eq(fx_chunk(&f, 5, 1, 250, payload + 250, 100, false), -EINVAL);
+    /* A chunk after a gap is refused; staging is kept. */
+    ck_assert_int_eq(fx_chunk(&f, 5, 1, 350, payload + 350, 100, false), -EINVAL);
+    struct store_health h;
+    store_health(f.s, &h);
+    ck_assert_ptr_nonnull(strstr(h.msg, "gap"));
     store_retry(f.s);
     ck_assert_int_eq(store_snapshot_staged(f.s, 5, 1, &have), 0);
     ck_assert_uint_eq(have, 300);
+    /* Retransmissions: a repeated first chunk changes nothing, an
+     * overlapping one adds only its new tail. */
+    ck_assert_int_eq(fx_chunk(&f, 5, 1, 0, payload, 300, false), 0);
+    ck_assert_int_eq(store_snapshot_staged(f.s, 5, 1, &have), 0);
+    ck_assert_uint_eq(have, 300);
+    ck_assert_int_eq(fx_chunk(&f, 5, 1, 250, payload + 250, 100, false), 0);
+    ck_assert_int_eq(store_snapshot_staged(f.s, 5, 1, &have), 0);
+    ck_assert_uint_eq(have, 350);
     /* Resume where the staged bytes end; the last chunk installs (rule 6: the
      * log holds 5/1, so entries after it stay). */
-    ck_assert_int_eq(fx_chunk(&f, 5, 1, 300, payload + 300, 300, false), 0);
+    ck_assert_int_eq(fx_chunk(&f, 5, 1, 350, payload + 350, 250, false), 0);
     ck_assert_int_eq(fx_chunk(&f, 5, 1, 600, payload + 600, 100, true), 0);
     struct store_state st;
     fx_load(&f, &st);

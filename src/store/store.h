@@ -89,8 +89,10 @@ struct store_snapshot_meta {
 
 /* One piece of an incoming snapshot (InstallSnapshot). offset 0 starts staging
  * (last_index, last_term) and replaces any other incomplete snapshot; a later
- * chunk must continue exactly where the staged bytes end (ask with
- * store_snapshot_staged()). done installs it in the same transaction: mark it
+ * chunk must not start after the staged bytes end (ask with
+ * store_snapshot_staged(); a gap fails the batch). Bytes already staged are
+ * taken as a retransmission and skipped. done installs it in the same
+ * transaction: mark it
  * complete, drop the older snapshot and its payload, and drop log entries
  * <= last_index if the log holds (last_index, last_term), else the whole log
  * (Raft Figure 13, rules 6-7). */
