@@ -27,6 +27,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -754,9 +755,16 @@ static void *storage_thread(void *arg)
 
 int store_thread_start(struct store *s)
 {
+    /* The thread blocks every signal so that the daemon's handlers (SIGTERM,
+     * SIGHUP) run on the loop thread; it inherits the mask at creation. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
     int rc = pthread_create(&s->thread, NULL, storage_thread, s);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc != 0)
         return -rc;
+    pthread_setname_np(s->thread, "pb-store");
     s->thread_started = true;
     return 0;
 }
