@@ -51,6 +51,16 @@
 #define FSM_TMP_PREFIX   ".pickbox.tmp."
 #define FSM_CONFLICT_TAG ".pickbox-conflict-"
 
+/* What a path names. NONE: nothing (absent), also "must not exist" in an
+ * expectation. Hard links, devices, FIFOs and sockets are never replicated. */
+enum fsm_kind {
+    FSM_KIND_NONE = 0,
+    FSM_KIND_FILE = 1,
+    FSM_KIND_DIR = 2,
+    FSM_KIND_SYMLINK = 3,
+    FSM_KIND_OTHER = 4, /* found on disk only: device, FIFO, socket */
+};
+
 enum fsm_op_type {
     FSM_OP_PUT = 1,
     FSM_OP_DELETE = 2,
