@@ -1,0 +1,554 @@
+/*
+ * check_fsm_conflict.c: the apply decision (src/fsm/fsm) against the
+ * in-memory reference index (src/fsm/memindex). The table below has one case
+ * per row of doc/conflicts.md (same ids): a log of ops applied at indexes
+ * 1, 2, 3, ..., the expected outcome and rule of each op, and the complete
+ * set of live paths afterwards with their kind and content.
+ */
+#include "config.h"
+
+#include <check.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fsm/fsm.h"
+#include "fsm/memindex.h"
+#include "lib/util.h"
+
+/* ---- building ops -------------------------------------------------------- */
+
+struct step {
+    enum fsm_op_type type;
+    const char *origin;
+    const char *path;
+    uint64_t base;
+    const char *arg; /* PUT: content; SYMLINK: target; RENAME: destination */
+    uint64_t base_to;
+    bool is_dir;   /* DELETE */
+    bool no_data;  /* PUT: reference the chunk without carrying it */
+    uint32_t mode; /* SETATTR (and PUT if nonzero) */
+    enum fsm_outcome want;
+    const char *rule;
+};
+
+struct expect {
+    const char *path;
+    enum fsm_kind kind;
+    const char *content; /* files: the PUT content that must be there */
+    uint32_t mode;       /* checked if nonzero */
+};
+
+struct ctable {
+    const char *id;
+    struct step steps[6];
+    struct expect live[7]; /* every live path, nothing else */
+};
+
+static void build_op(const struct step *s, struct fsm_op *op)
+{
+    fsm_op_init(op);
+    op->type = s->type;
+    op->origin = pb_xstrdup(s->origin ? s->origin : "n1");
+    op->path = pb_xstrdup(s->path);
+    op->base = s->base;
+    switch (s->type) {
+    case FSM_OP_PUT: {
+        size_t n = strlen(s->arg);
+        op->u.put.mode = s->mode ? s->mode : 0644;
+        op->u.put.mtime_ns = 1000;
+        op->u.put.size = n;
+        if (n == 0)
+            break;
+        op->u.put.n_refs = 1;
+        op->u.put.refs = pb_xcalloc(1, sizeof(struct fsm_chunk_ref));
+        op->u.put.refs[0].len = (uint32_t)n;
+        ck_assert_int_eq(fsm_sha256(s->arg, n, op->u.put.refs[0].id), 0);
+        if (s->no_data)
+            break;
+        op->u.put.n_data = 1;
+        op->u.put.data = pb_xcalloc(1, sizeof(struct fsm_chunk_data));
+        memcpy(op->u.put.data[0].id, op->u.put.refs[0].id, FSM_CHUNK_ID_LEN);
+        op->u.put.data[0].len = (uint32_t)n;
+        op->u.put.data[0].data = pb_xmalloc(n);
+        memcpy(op->u.put.data[0].data, s->arg, n);
+        break;
+    }
+    case FSM_OP_SYMLINK:
+        op->u.symlink.target = pb_xstrdup(s->arg);
+        break;
+    case FSM_OP_RENAME:
+        op->u.rename.to = pb_xstrdup(s->arg);
+        op->u.rename.base_to = s->base_to;
+        break;
+    case FSM_OP_DELETE:
+        op->u.del.is_dir = s->is_dir;
+        break;
+    case FSM_OP_MKDIR:
+        op->u.mkdir.mode = 0755;
+        op->u.mkdir.mtime_ns = 2000;
+        break;
+    case FSM_OP_SETATTR:
+        op->u.setattr.fields = FSM_ATTR_MODE;
+        op->u.setattr.mode = s->mode;
+        break;
+    default:
+        ck_abort_msg("unsupported step");
+    }
+    ck_assert_int_eq(fsm_op_validate(op, NULL), 0);
+}
+
+/* Content hash of a file holding text, as the index records it. */
+static void text_hash(const char *text, uint8_t out[FSM_CHUNK_ID_LEN])
+{
+    struct fsm_chunk_ref r;
+    size_t n = strlen(text);
+    r.len = (uint32_t)n;
+    ck_assert_int_eq(fsm_sha256(text, n, r.id), 0);
+    ck_assert_int_eq(fsm_content_hash(&r, n ? 1 : 0, out), 0);
+}
+
+/* ---- the table (ids match doc/conflicts.md) ------------------------------ */
+
+#define PUT(o, p, b, c, w, r)                                                                      \
+    {                                                                                              \
+        FSM_OP_PUT, o, p, b, c, 0, false, false, 0, w, r                                           \
+    }
+#define DEL(o, p, b, d, w, r)                                                                      \
+    {                                                                                              \
+        FSM_OP_DELETE, o, p, b, NULL, 0, d, false, 0, w, r                                         \
+    }
+#define MKDIR(o, p, b, w, r)                                                                       \
+    {                                                                                              \
+        FSM_OP_MKDIR, o, p, b, NULL, 0, false, false, 0, w, r                                      \
+    }
+#define RENAME(o, p, b, t, bt, w, r)                                                               \
+    {                                                                                              \
+        FSM_OP_RENAME, o, p, b, t, bt, false, false, 0, w, r                                       \
+    }
+#define CHMOD(o, p, b, m, w, r)                                                                    \
+    {                                                                                              \
+        FSM_OP_SETATTR, o, p, b, NULL, 0, false, false, m, w, r                                    \
+    }
+#define LINK(o, p, b, t, w, r)                                                                     \
+    {                                                                                              \
+        FSM_OP_SYMLINK, o, p, b, t, 0, false, false, 0, w, r                                       \
+    }
+#define A FSM_OUT_APPLIED
+#define C FSM_OUT_CONFLICT
+#define N FSM_OUT_NOOP
+#define F FSM_KIND_FILE
+#define D FSM_KIND_DIR
+#define L FSM_KIND_SYMLINK
+
+static const struct ctable table[] = {
+        {"R0 missing chunk",
+         {{FSM_OP_PUT, "n1", "a", 0, "bytes nobody has", 0, false, true, 0, FSM_OUT_MISSING_CHUNKS,
+           "R0"}},
+         {{NULL}}},
+        {"R1 create", {PUT("n1", "a.txt", 0, "hello", A, "R1")}, {{"a.txt", F, "hello", 0644}}},
+        {"R1 create symlink",
+         {LINK("n1", "l", 0, "../../etc/passwd", A, "R1")},
+         {{"l", L, NULL, 0}}},
+        {"R2 sequential edits on three nodes",
+         {PUT("n1", "a", 0, "v1", A, "R1"), PUT("n2", "a", 1, "v2", A, "R2"),
+          PUT("n3", "a", 2, "v3", A, "R2")},
+         {{"a", F, "v3", 0}}},
+        {"R2 symlink replaces a file the proposer saw",
+         {PUT("n1", "a", 0, "v1", A, "R1"), LINK("n2", "a", 1, "t", A, "R2")},
+         {{"a", L, NULL, 0}}},
+        {"R3 edit after a concurrent delete recreates",
+         {PUT("n1", "a", 0, "v1", A, "R1"), DEL("n2", "a", 1, false, A, "R13"),
+          PUT("n3", "a", 1, "v2", A, "R3")},
+         {{"a", F, "v2", 0}}},
+        {"R4 concurrent edits: first committed stays, later is a copy",
+         {PUT("n1", "r.txt", 0, "v1", A, "R1"), PUT("n2", "r.txt", 1, "n2 edit", A, "R2"),
+          PUT("n3", "r.txt", 1, "n3 edit", C, "R4")},
+         {{"r.txt", F, "n2 edit", 0}, {"r.pickbox-conflict-n3-3.txt", F, "n3 edit", 0}}},
+        {"R4 two nodes create the same new path",
+         {PUT("n1", "new.md", 0, "A", A, "R1"), PUT("n2", "new.md", 0, "B", C, "R4")},
+         {{"new.md", F, "A", 0}, {"new.pickbox-conflict-n2-2.md", F, "B", 0}}},
+        {"R4 conflict name already taken: next sequence number",
+         {PUT("n1", "a.txt", 0, "v1", A, "R1"),
+          PUT("n2", "a.pickbox-conflict-n3-3.txt", 0, "squatter", A, "R1"),
+          PUT("n3", "a.txt", 0, "v3", C, "R4")},
+         {{"a.txt", F, "v1", 0},
+          {"a.pickbox-conflict-n3-3.txt", F, "squatter", 0},
+          {"a.pickbox-conflict-n3-3-1.txt", F, "v3", 0}}},
+        {"R5 concurrent edits with identical content",
+         {PUT("n1", "a", 0, "x", A, "R1"), PUT("n2", "a", 1, "same", A, "R2"),
+          PUT("n3", "a", 1, "same", N, "R5")},
+         {{"a", F, "same", 0}}},
+        {"R6 empty directory replaced by a file (sequential)",
+         {MKDIR("n1", "p", 0, A, "R8"), PUT("n1", "p", 1, "file", A, "R6")},
+         {{"p", F, "file", 0}}},
+        {"R7 file onto a directory with children",
+         {MKDIR("n1", "p", 0, A, "R8"), PUT("n1", "p/c", 0, "c", A, "R1"),
+          PUT("n2", "p", 1, "file", C, "R7")},
+         {{"p", D, NULL, 0}, {"p/c", F, "c", 0}, {"p.pickbox-conflict-n2-3", F, "file", 0}}},
+        {"R7 mkdir and file created concurrently, mkdir first",
+         {MKDIR("n1", "p", 0, A, "R8"), PUT("n2", "p", 0, "f", C, "R7")},
+         {{"p", D, NULL, 0}, {"p.pickbox-conflict-n2-2", F, "f", 0}}},
+        {"R8 mkdir", {MKDIR("n1", "d", 0, A, "R8")}, {{"d", D, NULL, 0755}}},
+        {"R9 directories merge",
+         {MKDIR("n1", "d", 0, A, "R8"), MKDIR("n2", "d", 0, N, "R9"),
+          PUT("n2", "d/x", 0, "x", A, "R1")},
+         {{"d", D, NULL, 0}, {"d/x", F, "x", 0}}},
+        {"R10 file replaced by a directory (sequential)",
+         {PUT("n1", "p", 0, "f", A, "R1"), MKDIR("n1", "p", 1, A, "R10")},
+         {{"p", D, NULL, 0}}},
+        {"R11 file and mkdir created concurrently, file first",
+         {PUT("n1", "p.txt", 0, "f", A, "R1"), MKDIR("n2", "p.txt", 0, C, "R11")},
+         {{"p.txt", D, NULL, 0}, {"p.pickbox-conflict-n1-1.txt", F, "f", 0}}},
+        {"R12 delete of an absent path", {DEL("n1", "nothing", 0, false, N, "R12")}, {{NULL}}},
+        {"R13 sequential delete",
+         {PUT("n1", "a", 0, "v1", A, "R1"), DEL("n2", "a", 1, false, A, "R13")},
+         {{NULL}}},
+        {"R14 edit beats a concurrent delete (edit first)",
+         {PUT("n1", "a", 0, "v1", A, "R1"), PUT("n2", "a", 1, "v2", A, "R2"),
+          DEL("n3", "a", 1, false, N, "R14")},
+         {{"a", F, "v2", 0}}},
+        {"R14 chmod beats a concurrent delete",
+         {PUT("n1", "a", 0, "v1", A, "R1"), CHMOD("n2", "a", 1, 0600, A, "R17"),
+          DEL("n3", "a", 1, false, N, "R14")},
+         {{"a", F, "v1", 0600}}},
+        {"R14 delete of a file where a directory now is",
+         {MKDIR("n1", "a", 0, A, "R8"), DEL("n2", "a", 1, false, N, "R14")},
+         {{"a", D, NULL, 0}}},
+        {"R15 directory delete with a concurrently added child",
+         {MKDIR("n1", "d", 0, A, "R8"), PUT("n2", "d/new", 0, "c", A, "R1"),
+          DEL("n1", "d", 1, true, N, "R15")},
+         {{"d", D, NULL, 0}, {"d/new", F, "c", 0}}},
+        {"R15 rm -rf then the same directory delete: empty, deleted",
+         {MKDIR("n1", "d", 0, A, "R8"), PUT("n1", "d/x", 0, "x", A, "R1"),
+          DEL("n1", "d/x", 2, false, A, "R13"), DEL("n1", "d", 1, true, A, "R13")},
+         {{NULL}}},
+        {"R16 child added after its directory was deleted recreates it",
+         {MKDIR("n1", "d", 0, A, "R8"), DEL("n1", "d", 1, true, A, "R13"),
+          PUT("n2", "d/new", 0, "c", A, "R1")},
+         {{"d", D, NULL, 0755}, {"d/new", F, "c", 0}}},
+        {"R16 implicit parents",
+         {PUT("n1", "a/b/c", 0, "c", A, "R1")},
+         {{"a", D, NULL, 0755}, {"a/b", D, NULL, 0755}, {"a/b/c", F, "c", 0}}},
+        {"R16 a file in the way of a new directory's child moves to a copy",
+         {PUT("n1", "x", 0, "file", A, "R1"), PUT("n2", "x/y", 0, "c", C, "R1")},
+         {{"x", D, NULL, 0}, {"x/y", F, "c", 0}, {"x.pickbox-conflict-n1-1", F, "file", 0}}},
+        {"R17 chmod",
+         {PUT("n1", "a", 0, "v1", A, "R1"), CHMOD("n2", "a", 1, 0600, A, "R17")},
+         {{"a", F, "v1", 0600}}},
+        {"R17 chmod concurrent with an edit is no conflict",
+         {PUT("n1", "a", 0, "v1", A, "R1"), CHMOD("n2", "a", 1, 0600, A, "R17"),
+          PUT("n3", "a", 1, "v2", A, "R2")},
+         {{"a", F, "v2", 0}}},
+        {"R17 chmod of a symlink sets nothing",
+         {LINK("n1", "l", 0, "t", A, "R1"), CHMOD("n2", "l", 1, 0600, N, "R17")},
+         {{"l", L, NULL, 0}}},
+        {"R18 chmod of a deleted file",
+         {PUT("n1", "a", 0, "v1", A, "R1"), DEL("n2", "a", 1, false, A, "R13"),
+          CHMOD("n3", "a", 1, 0600, N, "R18")},
+         {{NULL}}},
+        {"R19 rename after a concurrent delete",
+         {PUT("n1", "a", 0, "v1", A, "R1"), DEL("n2", "a", 1, false, A, "R13"),
+          RENAME("n3", "a", 1, "b", 0, N, "R19")},
+         {{NULL}}},
+        {"R12 delete after a concurrent rename",
+         {PUT("n1", "a", 0, "v1", A, "R1"), RENAME("n3", "a", 1, "b", 0, A, "R21"),
+          DEL("n2", "a", 1, false, N, "R12")},
+         {{"b", F, "v1", 0}}},
+        {"R20 rename a directory into itself",
+         {MKDIR("n1", "d", 0, A, "R8"), RENAME("n1", "d", 1, "d/e", 0, N, "R20")},
+         {{"d", D, NULL, 0}}},
+        {"R21 rename",
+         {PUT("n1", "a", 0, "v1", A, "R1"), RENAME("n2", "a", 1, "b", 0, A, "R21")},
+         {{"b", F, "v1", 0}}},
+        {"R21 directory rename carries its children, creates parents",
+         {MKDIR("n1", "d", 0, A, "R8"), PUT("n1", "d/x", 0, "x", A, "R1"),
+          RENAME("n2", "d", 1, "e/f", 0, A, "R21")},
+         {{"e", D, NULL, 0}, {"e/f", D, NULL, 0}, {"e/f/x", F, "x", 0}}},
+        {"R21 edit then concurrent rename: the edit moves",
+         {PUT("n1", "a", 0, "v1", A, "R1"), PUT("n2", "a", 1, "v2", A, "R2"),
+          RENAME("n3", "a", 1, "b", 0, A, "R21")},
+         {{"b", F, "v2", 0}}},
+        {"R21 rename then concurrent edit: the edit recreates the old name",
+         {PUT("n1", "a", 0, "v1", A, "R1"), RENAME("n2", "a", 1, "b", 0, A, "R21"),
+          PUT("n3", "a", 1, "v2", A, "R3")},
+         {{"a", F, "v2", 0}, {"b", F, "v1", 0}}},
+        {"R22 editor save: write a temp name, rename over the original",
+         {PUT("n1", "doc", 0, "v1", A, "R1"), PUT("n1", ".doc.swp", 0, "v2", A, "R1"),
+          RENAME("n1", ".doc.swp", 2, "doc", 1, A, "R22")},
+         {{"doc", F, "v2", 0}}},
+        {"R22 rename a directory over an empty one it saw",
+         {MKDIR("n1", "a", 0, A, "R8"), MKDIR("n1", "b", 0, A, "R8"),
+          PUT("n1", "a/x", 0, "x", A, "R1"), RENAME("n1", "a", 1, "b", 2, A, "R22")},
+         {{"b", D, NULL, 0}, {"b/x", F, "x", 0}}},
+        {"R23 rename onto a concurrently created target",
+         {PUT("n1", "t.txt", 0, "mine", A, "R1"), PUT("n2", "s", 0, "theirs", A, "R1"),
+          RENAME("n2", "s", 2, "t.txt", 0, C, "R23")},
+         {{"t.txt", F, "mine", 0}, {"t.pickbox-conflict-n2-3.txt", F, "theirs", 0}}},
+        {"R23 editor save over a concurrently edited original",
+         {PUT("n1", "doc", 0, "v1", A, "R1"), PUT("n2", "doc", 1, "n2 edit", A, "R2"),
+          PUT("n1", ".doc.swp", 0, "n1 edit", A, "R1"),
+          RENAME("n1", ".doc.swp", 3, "doc", 1, C, "R23")},
+         {{"doc", F, "n2 edit", 0}, {"doc.pickbox-conflict-n1-4", F, "n1 edit", 0}}},
+};
+
+static void run_row(const struct ctable *row)
+{
+    struct fsm_memindex *m = fsm_memindex_new();
+    struct fsm_index ix;
+    fsm_memindex_bind(m, &ix);
+    for (size_t i = 0; i < PB_ARRAY_SIZE(row->steps) && row->steps[i].path; i++) {
+        const struct step *s = &row->steps[i];
+        struct fsm_op op;
+        struct fsm_decision d;
+        build_op(s, &op);
+        int rc = fsm_memindex_step(m, &op, i + 1, &d);
+        ck_assert_msg(rc == 0, "%s: step %zu rc %d", row->id, i + 1, rc);
+        ck_assert_msg(d.outcome == s->want, "%s: step %zu outcome %s, want %s (%s)", row->id, i + 1,
+                      fsm_outcome_name(d.outcome), fsm_outcome_name(s->want),
+                      d.reason ? d.reason : "");
+        ck_assert_msg(d.rule && strcmp(d.rule, s->rule) == 0, "%s: step %zu rule %s, want %s",
+                      row->id, i + 1, d.rule ? d.rule : "-", s->rule);
+        fsm_decision_free(&d);
+        fsm_op_free(&op);
+    }
+    int want_live = 0;
+    for (size_t i = 0; i < PB_ARRAY_SIZE(row->live) && row->live[i].path; i++) {
+        const struct expect *x = &row->live[i];
+        struct fsm_index_entry e;
+        want_live++;
+        ck_assert_msg(ix.get(ix.arg, x->path, &e) == 0 && !e.deleted, "%s: %s not live", row->id,
+                      x->path);
+        ck_assert_msg(e.kind == x->kind, "%s: %s kind %d want %d", row->id, x->path, e.kind,
+                      x->kind);
+        if (x->content) {
+            uint8_t h[FSM_CHUNK_ID_LEN];
+            text_hash(x->content, h);
+            ck_assert_msg(memcmp(h, e.content, FSM_CHUNK_ID_LEN) == 0, "%s: %s content", row->id,
+                          x->path);
+        }
+        if (x->mode)
+            ck_assert_msg(e.mode == x->mode, "%s: %s mode %o want %o", row->id, x->path, e.mode,
+                          x->mode);
+    }
+    /* nothing else is live: count the live rows of the dump */
+    int live = 0;
+    struct buf dump = BUF_INIT;
+    fsm_memindex_dump(m, &dump);
+    buf_put_u8(&dump, 0);
+    for (char *line = (char *)dump.data; line && *line;) {
+        char *nl = strchr(line, '\n');
+        char path[256];
+        int kind, deleted;
+        unsigned long long v, cv;
+        ck_assert_int_eq(sscanf(line, "%255s %d %llu %llu %d", path, &kind, &v, &cv, &deleted), 5);
+        if (!deleted)
+            live++;
+        line = nl ? nl + 1 : NULL;
+    }
+    ck_assert_msg(live == want_live, "%s: %d live entries, want %d:\n%s", row->id, live, want_live,
+                  (char *)dump.data);
+    buf_free(&dump);
+    fsm_memindex_free(m);
+}
+
+START_TEST(test_conflict_table)
+{
+    run_row(&table[_i]);
+}
+END_TEST
+
+/* The same log applied on two nodes gives byte-identical indexes, and the
+ * decision for one op is the same every time it is asked. */
+START_TEST(test_conflict_deterministic)
+{
+    struct fsm_memindex *a = fsm_memindex_new(), *b = fsm_memindex_new();
+    struct buf da = BUF_INIT, db = BUF_INIT;
+    for (size_t r = 0; r < PB_ARRAY_SIZE(table); r++) {
+        uint64_t base_index = r * 10;
+        for (size_t i = 0; i < PB_ARRAY_SIZE(table[r].steps) && table[r].steps[i].path; i++) {
+            struct step s = table[r].steps[i];
+            if (s.base)
+                s.base += base_index;
+            if (s.base_to)
+                s.base_to += base_index;
+            struct fsm_op op;
+            build_op(&s, &op);
+            ck_assert_int_eq(fsm_memindex_step(a, &op, base_index + i + 1, NULL), 0);
+            ck_assert_int_eq(fsm_memindex_step(b, &op, base_index + i + 1, NULL), 0);
+            fsm_op_free(&op);
+        }
+    }
+    fsm_memindex_dump(a, &da);
+    fsm_memindex_dump(b, &db);
+    ck_assert_uint_gt(da.len, 0);
+    ck_assert_uint_eq(da.len, db.len);
+    ck_assert_mem_eq(da.data, db.data, da.len);
+    buf_free(&da);
+    buf_free(&db);
+    fsm_memindex_free(a);
+    fsm_memindex_free(b);
+}
+END_TEST
+
+START_TEST(test_conflict_batch_and_errors)
+{
+    struct fsm_memindex *m = fsm_memindex_new();
+    struct fsm_index ix;
+    fsm_memindex_bind(m, &ix);
+    /* a BATCH: mkdir, file inside, delete of something absent */
+    struct step steps[3] = {MKDIR("n1", "d", 0, A, "R8"), PUT("n1", "d/f", 0, "f", A, "R1"),
+                            DEL("n1", "zz", 0, false, N, "R12")};
+    struct fsm_op batch;
+    fsm_op_init(&batch);
+    batch.type = FSM_OP_BATCH;
+    batch.origin = pb_xstrdup("n1");
+    batch.u.batch.n_ops = 3;
+    batch.u.batch.ops = pb_xcalloc(3, sizeof(struct fsm_op));
+    for (int i = 0; i < 3; i++)
+        build_op(&steps[i], &batch.u.batch.ops[i]);
+    struct fsm_decision d;
+    fsm_decision_init(&d);
+    ck_assert_int_eq(fsm_decide(&batch, 1, &ix, &d), -EINVAL);
+    ck_assert_int_eq(fsm_memindex_step(m, &batch, 7, &d), 0);
+    ck_assert_int_eq(d.outcome, FSM_OUT_NOOP);
+    fsm_decision_free(&d);
+    struct fsm_index_entry e;
+    ck_assert_int_eq(ix.get(ix.arg, "d/f", &e), 0);
+    ck_assert_uint_eq(e.version, 7);
+    ck_assert_str_eq(e.origin, "n1");
+    fsm_op_free(&batch);
+
+    /* a chunk carried by CHUNKS makes a later PUT without bytes applicable */
+    struct step put = {FSM_OP_PUT, "n2", "big", 0, "large content", 0, false, true, 0, A, "R1"};
+    struct fsm_op op;
+    build_op(&put, &op);
+    ck_assert_int_eq(fsm_memindex_step(m, &op, 8, &d), 0);
+    ck_assert_int_eq(d.outcome, FSM_OUT_MISSING_CHUNKS);
+    ck_assert_uint_eq(d.n_acts, 0);
+    fsm_decision_free(&d);
+    struct fsm_op chunks;
+    fsm_op_init(&chunks);
+    chunks.type = FSM_OP_CHUNKS;
+    chunks.origin = pb_xstrdup("n2");
+    chunks.u.chunks.n_data = 1;
+    chunks.u.chunks.data = pb_xcalloc(1, sizeof(struct fsm_chunk_data));
+    memcpy(chunks.u.chunks.data[0].id, op.u.put.refs[0].id, FSM_CHUNK_ID_LEN);
+    chunks.u.chunks.data[0].len = 13;
+    chunks.u.chunks.data[0].data = pb_xmalloc(13);
+    memcpy(chunks.u.chunks.data[0].data, "large content", 13);
+    ck_assert_int_eq(fsm_memindex_step(m, &chunks, 9, NULL), 0);
+    ck_assert_int_eq(fsm_memindex_step(m, &op, 10, &d), 0);
+    ck_assert_int_eq(d.outcome, FSM_OUT_APPLIED);
+    fsm_decision_free(&d);
+    fsm_op_free(&op);
+    fsm_op_free(&chunks);
+    fsm_memindex_free(m);
+}
+END_TEST
+
+/* ---- conflict names ------------------------------------------------------ */
+
+START_TEST(test_conflict_names)
+{
+    static const struct {
+        const char *path;
+        unsigned seq;
+        const char *want;
+    } rows[] = {
+            {"a.txt", 0, "a.pickbox-conflict-n1-5.txt"},
+            {"dir/sub/report.pdf", 0, "dir/sub/report.pickbox-conflict-n1-5.pdf"},
+            {"backup.tar.gz", 0, "backup.pickbox-conflict-n1-5.tar.gz"},
+            {"B.TAR.XZ", 0, "B.pickbox-conflict-n1-5.TAR.XZ"},
+            {".tar.gz", 0, ".tar.pickbox-conflict-n1-5.gz"},
+            {"a.b.c", 0, "a.b.pickbox-conflict-n1-5.c"},
+            {".bashrc", 0, ".bashrc.pickbox-conflict-n1-5"},
+            {".config.json", 0, ".config.pickbox-conflict-n1-5.json"},
+            {"Makefile", 0, "Makefile.pickbox-conflict-n1-5"},
+            {"trailing.", 0, "trailing..pickbox-conflict-n1-5"},
+            {"x.this-is-not-an-extension", 0, "x.this-is-not-an-extension.pickbox-conflict-n1-5"},
+            {"d.dir/noext", 0, "d.dir/noext.pickbox-conflict-n1-5"},
+            {"a.txt", 3, "a.pickbox-conflict-n1-5-3.txt"},
+            {"a.pickbox-conflict-n2-4.txt", 0, "a.pickbox-conflict-n2-4.pickbox-conflict-n1-5.txt"},
+    };
+    char out[FSM_PATH_MAX + 1], again[FSM_PATH_MAX + 1];
+    for (size_t i = 0; i < PB_ARRAY_SIZE(rows); i++) {
+        ck_assert_int_eq(fsm_conflict_name(rows[i].path, "n1", 5, rows[i].seq, out), 0);
+        ck_assert_str_eq(out, rows[i].want);
+        ck_assert(fsm_path_valid(out));
+        ck_assert_int_eq(fsm_conflict_name(rows[i].path, "n1", 5, rows[i].seq, again), 0);
+        ck_assert_str_eq(out, again);
+    }
+    ck_assert_int_eq(fsm_conflict_name("a", "node-7", UINT64_MAX, 0, out), 0);
+    ck_assert_str_eq(out, "a.pickbox-conflict-node-7-18446744073709551615");
+
+    /* a 254-byte UTF-8 name: the stem is cut at a character boundary */
+    char name[300];
+    size_t n = 0;
+    for (int i = 0; i < 125; i++) {
+        name[n++] = '\xc3';
+        name[n++] = '\xa9';
+    }
+    memcpy(name + n, ".txt", 5);
+    ck_assert(fsm_path_valid(name));
+    ck_assert_int_eq(fsm_conflict_name(name, "n1", 5, 0, out), 0);
+    size_t len = strlen(out);
+    ck_assert_uint_le(len, FSM_NAME_MAX);
+    ck_assert(fsm_path_valid(out));
+    ck_assert_str_eq(out + len - strlen(".pickbox-conflict-n1-5.txt"),
+                     ".pickbox-conflict-n1-5.txt");
+    size_t stem = len - strlen(".pickbox-conflict-n1-5.txt");
+    ck_assert_uint_eq(stem % 2, 0);
+    ck_assert_int_eq((unsigned char)out[0], 0xc3);
+
+    /* a deep path: the whole result stays within FSM_PATH_MAX */
+    char *deep = pb_xmalloc(FSM_PATH_MAX + 1);
+    size_t k = 0;
+    while (k + 201 < FSM_PATH_MAX - 40) {
+        memset(deep + k, 'd', 200);
+        k += 200;
+        deep[k++] = '/';
+    }
+    memset(deep + k, 'f', 30);
+    k += 30;
+    memcpy(deep + k, ".dat", 5);
+    ck_assert(fsm_path_valid(deep));
+    ck_assert_int_eq(fsm_conflict_name(deep, "n1", 5, 0, out), 0);
+    ck_assert_uint_le(strlen(out), FSM_PATH_MAX);
+    ck_assert(fsm_path_valid(out));
+    ck_assert_str_eq(out + strlen(out) - 4, ".dat");
+    /* no room at all for even one stem byte */
+    memset(deep, 'd', FSM_PATH_MAX);
+    for (size_t i = 200; i < FSM_PATH_MAX - 2; i += 201)
+        deep[i] = '/';
+    deep[FSM_PATH_MAX - 2] = '/';
+    deep[FSM_PATH_MAX] = '\0';
+    ck_assert(fsm_path_valid(deep));
+    ck_assert_int_eq(fsm_conflict_name(deep, "n1", 5, 0, out), -ENAMETOOLONG);
+    free(deep);
+}
+END_TEST
+
+static Suite *fsm_conflict_suite(void)
+{
+    Suite *s = suite_create("fsm_conflict");
+    TCase *tc = tcase_create("rules");
+    tcase_add_loop_test(tc, test_conflict_table, 0, (int)PB_ARRAY_SIZE(table));
+    tcase_add_test(tc, test_conflict_deterministic);
+    tcase_add_test(tc, test_conflict_batch_and_errors);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("names");
+    tcase_add_test(tc, test_conflict_names);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    SRunner *sr = srunner_create(fsm_conflict_suite());
+    srunner_run_all(sr, CK_ENV);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
