@@ -9,6 +9,7 @@
  */
 #include "config.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,31 +49,35 @@ int main(int argc, char **argv)
     }
     uint64_t total = mib << 20;
 
-    /* chunking + SHA-256 of every chunk */
+    /* Each measurement runs 3 times, the best counts: the machine is shared. */
     struct count k = {0, 0};
-    struct fsm_chunker c;
-    fsm_chunker_init(&c, count_chunk, &k);
-    uint64_t t0 = pb_now_us();
-    for (uint64_t done = 0; done < total;) {
-        size_t n = (size_t)PB_MIN((uint64_t)BENCH_BUF, total - done);
-        if (fsm_chunker_feed(&c, buf, n) != 0)
+    uint64_t best = UINT64_MAX, hbest = UINT64_MAX;
+    for (int round = 0; round < 3; round++) {
+        struct fsm_chunker c;
+        k.chunks = k.bytes = 0;
+        fsm_chunker_init(&c, count_chunk, &k);
+        uint64_t t0 = pb_now_us();
+        for (uint64_t done = 0; done < total;) {
+            size_t n = (size_t)PB_MIN((uint64_t)BENCH_BUF, total - done);
+            if (fsm_chunker_feed(&c, buf, n) != 0)
+                return 1;
+            done += n;
+        }
+        if (fsm_chunker_finish(&c) != 0)
             return 1;
-        done += n;
+        best = PB_MIN(best, pb_now_us() - t0);
+        fsm_chunker_free(&c);
+
+        /* SHA-256 alone over the same bytes, in average-size pieces */
+        uint8_t id[FSM_CHUNK_ID_LEN];
+        uint64_t t2 = pb_now_us();
+        for (uint64_t done = 0; done < total; done += FSM_CHUNK_AVG)
+            if (fsm_sha256(buf + done % BENCH_BUF, FSM_CHUNK_AVG, id) < 0)
+                return 1;
+        hbest = PB_MIN(hbest, pb_now_us() - t2);
     }
-    if (fsm_chunker_finish(&c) != 0)
-        return 1;
-    uint64_t t1 = pb_now_us();
-    fsm_chunker_free(&c);
 
-    /* SHA-256 alone over the same bytes, in average-size pieces */
-    uint8_t id[FSM_CHUNK_ID_LEN];
-    uint64_t t2 = pb_now_us();
-    for (uint64_t done = 0; done < total; done += FSM_CHUNK_AVG)
-        if (fsm_sha256(buf + done % BENCH_BUF, FSM_CHUNK_AVG, id) < 0)
-            return 1;
-    uint64_t t3 = pb_now_us();
-
-    double secs = (double)(t1 - t0) / 1e6, hsecs = (double)(t3 - t2) / 1e6;
+    double secs = (double)best / 1e6, hsecs = (double)hbest / 1e6;
     double mb = (double)total / 1e6;
     printf("input            %llu MiB pseudo-random\n", (unsigned long long)mib);
     printf("chunks           %llu (average %.1f KiB; min/avg/max %u/%u/%u KiB)\n",
@@ -80,8 +85,8 @@ int main(int argc, char **argv)
            FSM_CHUNK_MIN / 1024, FSM_CHUNK_AVG / 1024, FSM_CHUNK_MAX / 1024);
     printf("chunk + SHA-256  %.0f MB/s (%.2f s)\n", mb / secs, secs);
     printf("SHA-256 alone    %.0f MB/s\n", mb / hsecs);
-    printf("chunking alone   ~%.0f MB/s (derived)\n",
-           mb / (secs - hsecs > 0 ? secs - hsecs : 1e-9));
+    if (secs > hsecs) /* noise on a shared machine can invert the two */
+        printf("chunking alone   ~%.0f MB/s (derived: total minus hashing)\n", mb / (secs - hsecs));
     free(buf);
     return 0;
 }
