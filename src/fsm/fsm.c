@@ -293,25 +293,38 @@ static int leaf_content(const struct fsm_op *op, enum fsm_kind *kind, uint8_t h[
     return fsm_sha256(op->u.symlink.target, strlen(op->u.symlink.target), h);
 }
 
+static int cmp_id(const void *a, const void *b)
+{
+    return memcmp(a, b, FSM_CHUNK_ID_LEN);
+}
+
 static int chunks_present(const struct fsm_op *op, const struct fsm_index *ix, bool *ok)
 {
+    uint32_t nd = op->u.put.n_data;
+    uint8_t(*carried)[FSM_CHUNK_ID_LEN] = NULL;
+    int rc = 0;
     *ok = true;
+    if (nd > 0) { /* sorted once: a big PUT may carry thousands of chunks */
+        carried = pb_xreallocarray(NULL, nd, FSM_CHUNK_ID_LEN);
+        for (uint32_t k = 0; k < nd; k++)
+            memcpy(carried[k], op->u.put.data[k].id, FSM_CHUNK_ID_LEN);
+        qsort(carried, nd, FSM_CHUNK_ID_LEN, cmp_id);
+    }
     for (uint32_t i = 0; i < op->u.put.n_refs; i++) {
         const uint8_t *id = op->u.put.refs[i].id;
-        bool carried = false;
-        for (uint32_t k = 0; k < op->u.put.n_data && !carried; k++)
-            carried = memcmp(op->u.put.data[k].id, id, FSM_CHUNK_ID_LEN) == 0;
-        if (carried)
+        if (nd > 0 && bsearch(id, carried, nd, FSM_CHUNK_ID_LEN, cmp_id) != NULL)
             continue;
-        int rc = ix->has_chunk(ix->arg, id);
+        rc = ix->has_chunk(ix->arg, id);
         if (rc < 0)
-            return rc;
+            break;
         if (rc == 0) {
             *ok = false;
-            return 0;
+            break;
         }
+        rc = 0;
     }
-    return 0;
+    free(carried);
+    return rc < 0 ? rc : 0;
 }
 
 /* PUT and SYMLINK: write a leaf. */

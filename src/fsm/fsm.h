@@ -17,7 +17,9 @@
  * delete; a directory beats a file at the same path; directories merge.
  *
  * A BATCH is decided op by op: decide sub-op k, apply its plan to the index,
- * then decide sub-op k+1 (all at the batch's log index). CHUNKS ops change
+ * then decide sub-op k+1 (all at the batch's log index). A batch should not
+ * change one path twice: the second change would see the first as concurrent
+ * (its base is older than the batch's index). CHUNKS ops change
  * no path and need no decision.
  */
 #ifndef PICKBOX_FSM_FSM_H

@@ -3,6 +3,7 @@
  */
 #include "config.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -166,7 +167,9 @@ static void apply_write(struct fsm_memindex *m, const struct fsm_op *op, uint64_
 static void apply_move(struct fsm_memindex *m, uint64_t index, const char *from, const char *to)
 {
     size_t flen = strlen(from);
-    struct fsm_index_entry top = find(m, from)->e;
+    const struct row *src = find(m, from);
+    assert(src != NULL && !src->e.deleted); /* fsm_decide() moves only live entries */
+    struct fsm_index_entry top = src->e;
     /* Collect first: renaming rows while scanning would revisit them. */
     size_t *idx = pb_xreallocarray(NULL, m->n ? m->n : 1, sizeof(*idx));
     size_t k = 0;
