@@ -34,6 +34,7 @@
 struct fsm_tree {
     int root_fd;
     char *root;
+    bool walk; /* no openat2 (old kernel, valgrind): resolve component by component */
 };
 
 /* ---- small helpers ------------------------------------------------------- */
@@ -55,6 +56,55 @@ static int sys_openat2(int dirfd, const char *path, int flags, uint64_t resolve)
 }
 
 #define TREE_RESOLVE (RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+
+/*
+ * The fallback when the kernel has no openat2: open each component of a
+ * validated relative path (no "", ".", "..", no leading '/') with
+ * O_NOFOLLOW | O_DIRECTORY from the previous one. A symlink anywhere fails
+ * with ELOOP, a non-directory with ENOTDIR, as openat2 does with
+ * RESOLVE_NO_SYMLINKS; ".." cannot occur, so nothing resolves above the root.
+ */
+static int walk_beneath(int root_fd, const char *rel)
+{
+    char comp[FSM_NAME_MAX + 1];
+    int cur = openat(root_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (cur < 0)
+        return -errno;
+    if (strcmp(rel, ".") == 0)
+        return cur;
+    for (const char *p = rel; *p != '\0';) {
+        const char *slash = strchr(p, '/');
+        size_t n = slash ? (size_t)(slash - p) : strlen(p);
+        if (n == 0 || n > FSM_NAME_MAX) {
+            close(cur);
+            return -EINVAL;
+        }
+        memcpy(comp, p, n);
+        comp[n] = '\0';
+        int next = openat(cur, comp, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        int e = errno;
+        struct stat st;
+        /* O_DIRECTORY wins over O_NOFOLLOW (ENOTDIR); report a symlink as
+         * openat2 would. */
+        if (next < 0 && e == ENOTDIR && fstatat(cur, comp, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+            S_ISLNK(st.st_mode))
+            e = ELOOP;
+        close(cur);
+        if (next < 0)
+            return -e;
+        cur = next;
+        p += n + (slash ? 1 : 0);
+    }
+    return cur;
+}
+
+/* Opens directory rel (a validated relative path or ".") beneath the root. */
+static int open_beneath(const struct fsm_tree *t, const char *rel)
+{
+    if (t->walk)
+        return walk_beneath(t->root_fd, rel);
+    return sys_openat2(t->root_fd, rel, O_RDONLY | O_DIRECTORY | O_CLOEXEC, TREE_RESOLVE);
+}
 
 static void close_keep_errno(int fd)
 {
@@ -157,7 +207,7 @@ static int open_parent(struct fsm_tree *t, const char *path, int *dirfd, const c
         parent[n] = '\0';
         *name = slash + 1;
     }
-    int fd = sys_openat2(t->root_fd, parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC, TREE_RESOLVE);
+    int fd = open_beneath(t, parent);
     if (fd < 0)
         return fd;
     *dirfd = fd;
@@ -217,9 +267,9 @@ int fsm_tree_init(const char *root, struct pb_error *err)
                           strerror(errno));
         goto out;
     }
-    int mfd = sys_openat2(fd, FSM_MARKER_NAME, O_RDONLY | O_DIRECTORY | O_CLOEXEC, TREE_RESOLVE);
+    int mfd = openat(fd, FSM_MARKER_NAME, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (mfd < 0) {
-        rc = pb_error_set(err, mfd, "tree %s: %s is not a directory", root, FSM_MARKER_NAME);
+        rc = pb_error_set(err, -errno, "tree %s: %s is not a directory", root, FSM_MARKER_NAME);
         goto out;
     }
     int ffd = openat(mfd, TREE_MARKER_FILE, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
@@ -265,7 +315,7 @@ int fsm_tree_clean_temps(struct fsm_tree *t, unsigned *removed)
     stack[n++] = pb_xstrdup(".");
     while (n > 0) {
         char *dir = stack[--n];
-        int fd = sys_openat2(t->root_fd, dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, TREE_RESOLVE);
+        int fd = open_beneath(t, dir);
         if (fd < 0) {
             /* Vanished or replaced meanwhile: nothing of ours to clean. */
             if (fd != -ENOENT && fd != -ENOTDIR && fd != -ELOOP)
@@ -330,20 +380,25 @@ int fsm_tree_open(const char *root, struct fsm_tree **out, struct pb_error *err)
     int fd = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0)
         return pb_error_set(err, -errno, "tree %s: %s", root, strerror(errno));
-    /* Probe openat2 once, so an old kernel fails here and not at the first
-     * apply. */
+    /* Probe openat2 once: without it (Linux < 5.6, or valgrind < 3.21 which
+     * does not know the system call) paths are walked component by
+     * component, which is as strict but costs one open per component. */
+    bool walk = false;
     int probe = sys_openat2(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC, TREE_RESOLVE);
-    if (probe < 0) {
+    if (probe == -ENOSYS) {
+        log_warning("tree %s: no openat2 system call; resolving paths component by component",
+                    root);
+        walk = true;
+    } else if (probe < 0) {
         close(fd);
-        if (probe == -ENOSYS)
-            return pb_error_set(err, -ENOSYS, "tree %s: the kernel lacks openat2 (Linux >= 5.6)",
-                                root);
         return pb_error_set(err, probe, "tree %s: openat2: %s", root, strerror(-probe));
+    } else {
+        close(probe);
     }
-    close(probe);
     struct fsm_tree *t = pb_xcalloc(1, sizeof(*t));
     t->root_fd = fd;
     t->root = pb_xstrdup(root);
+    t->walk = walk;
     if (fsm_tree_check_marker(t) < 0) {
         fsm_tree_close(t);
         return pb_error_set(err, -FSM_TREE_ENOMARKER,

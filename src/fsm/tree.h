@@ -27,7 +27,8 @@
  * file was deleted". Hard links, devices, FIFOs and sockets are never created.
  *
  * Threading: a struct fsm_tree may be used by one thread at a time.
- * Requires Linux >= 5.6 (openat2).
+ * Uses openat2 (Linux >= 5.6); without it, parents are opened one component
+ * at a time with O_NOFOLLOW | O_DIRECTORY, which refuses the same paths.
  */
 #ifndef PICKBOX_FSM_TREE_H
 #define PICKBOX_FSM_TREE_H
@@ -68,7 +69,7 @@ typedef int (*fsm_tree_fill_fn)(void *arg, int fd);
 int fsm_tree_init(const char *root, struct pb_error *err);
 
 /* Opens the tree rooted at root. Refuses with -FSM_TREE_ENOMARKER if
- * root/.pickbox/ is not a directory, -ENOSYS if the kernel lacks openat2.
+ * root/.pickbox/ is not a directory.
  * Removes stale `.pickbox.tmp.*` files left by a crash anywhere in the tree
  * (never following symlinks). On success *out is owned by the caller
  * (fsm_tree_close()). */
