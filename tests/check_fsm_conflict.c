@@ -3,19 +3,234 @@
  * in-memory reference index (src/fsm/memindex). The table below has one case
  * per row of doc/conflicts.md (same ids): a log of ops applied at indexes
  * 1, 2, 3, ..., the expected outcome and rule of each op, and the complete
- * set of live paths afterwards with their kind and content.
+ * set of live paths afterwards with their kind and content. Every plan is
+ * also carried out in a real tree (src/fsm/materialize), which must then
+ * hold exactly the index's live entries with their contents.
  */
 #include "config.h"
 
 #include <check.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include "fsm/chunker.h"
 #include "fsm/fsm.h"
+#include "fsm/materialize.h"
 #include "fsm/memindex.h"
 #include "lib/util.h"
+
+/* ---- a node's disk records and chunk store, in memory -------------------- */
+
+struct rec {
+    char *path;
+    struct fsm_tree_stat st;
+};
+
+struct memdisk {
+    struct rec r[64];
+    size_t n;
+    struct {
+        uint8_t id[FSM_CHUNK_ID_LEN];
+        uint8_t *data;
+        uint32_t len;
+    } chunks[64];
+    size_t n_chunks;
+};
+
+static struct rec *rec_find(struct memdisk *m, const char *path)
+{
+    for (size_t i = 0; i < m->n; i++)
+        if (strcmp(m->r[i].path, path) == 0)
+            return &m->r[i];
+    return NULL;
+}
+
+static void rec_drop(struct memdisk *m, struct rec *r)
+{
+    free(r->path);
+    *r = m->r[--m->n];
+}
+
+static int md_expected(void *arg, const char *path, struct fsm_tree_stat *st)
+{
+    struct rec *r = rec_find(arg, path);
+    if (r != NULL)
+        *st = r->st;
+    else
+        memset(st, 0, sizeof(*st));
+    return 0;
+}
+
+static int md_record(void *arg, const char *path, const struct fsm_tree_stat *st)
+{
+    struct memdisk *m = arg;
+    struct rec *r = rec_find(m, path);
+    if (st->kind == FSM_KIND_NONE) {
+        if (r != NULL)
+            rec_drop(m, r);
+        return 0;
+    }
+    if (r == NULL) {
+        ck_assert_uint_lt(m->n, PB_ARRAY_SIZE(m->r));
+        r = &m->r[m->n++];
+        r->path = pb_xstrdup(path);
+    }
+    r->st = *st;
+    return 0;
+}
+
+static int md_record_move(void *arg, const char *from, const char *to)
+{
+    struct memdisk *m = arg;
+    size_t fl = strlen(from);
+    for (size_t i = 0; i < m->n; i++) {
+        char *p = m->r[i].path;
+        if (strcmp(p, from) != 0 && !(strncmp(p, from, fl) == 0 && p[fl] == '/'))
+            continue;
+        char *np = pb_xasprintf("%s%s", to, p + fl);
+        struct rec *old = rec_find(m, np);
+        if (old != NULL && old != &m->r[i]) {
+            size_t oi = (size_t)(old - m->r);
+            rec_drop(m, old);
+            if (m->n == i) /* the moved record itself was swapped into old's slot */
+                i = oi;
+        }
+        free(m->r[i].path);
+        m->r[i].path = np;
+    }
+    return 0;
+}
+
+static int md_read_chunk(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN], uint8_t *buf, uint32_t len)
+{
+    struct memdisk *m = arg;
+    for (size_t i = 0; i < m->n_chunks; i++) {
+        if (memcmp(m->chunks[i].id, id, FSM_CHUNK_ID_LEN) == 0 && m->chunks[i].len == len) {
+            memcpy(buf, m->chunks[i].data, len);
+            return 0;
+        }
+    }
+    return -ENOENT;
+}
+
+static void md_store(struct memdisk *m, const struct fsm_op *op)
+{
+    if (op->type != FSM_OP_PUT)
+        return;
+    for (uint32_t i = 0; i < op->u.put.n_data; i++) {
+        ck_assert_uint_lt(m->n_chunks, PB_ARRAY_SIZE(m->chunks));
+        memcpy(m->chunks[m->n_chunks].id, op->u.put.data[i].id, FSM_CHUNK_ID_LEN);
+        m->chunks[m->n_chunks].len = op->u.put.data[i].len;
+        m->chunks[m->n_chunks].data = pb_xmalloc(op->u.put.data[i].len);
+        memcpy(m->chunks[m->n_chunks].data, op->u.put.data[i].data, op->u.put.data[i].len);
+        m->n_chunks++;
+    }
+}
+
+static void md_free(struct memdisk *m)
+{
+    for (size_t i = 0; i < m->n; i++)
+        free(m->r[i].path);
+    for (size_t i = 0; i < m->n_chunks; i++)
+        free(m->chunks[i].data);
+}
+
+static void md_bind(struct memdisk *m, struct fsm_disk *d)
+{
+    d->arg = m;
+    d->expected = md_expected;
+    d->record = md_record;
+    d->record_move = md_record_move;
+    d->read_chunk = md_read_chunk;
+}
+
+/* ---- a real tree in a temp dir ------------------------------------------- */
+
+static int rm_one(const char *p, const struct stat *s, int flag, struct FTW *f)
+{
+    (void)s;
+    (void)flag;
+    (void)f;
+    return remove(p);
+}
+
+static int tree_entries;
+static const char *tree_root_path;
+
+static int count_one(const char *p, const struct stat *s, int flag, struct FTW *f)
+{
+    (void)s;
+    (void)flag;
+    (void)f;
+    const char *rel = p + strlen(tree_root_path);
+    if (*rel == '\0')
+        return 0;
+    if (strncmp(rel, "/.pickbox", 9) == 0 && (rel[9] == '\0' || rel[9] == '/'))
+        return 0;
+    tree_entries++;
+    return 0;
+}
+
+struct refs {
+    struct fsm_chunk_ref v[16];
+    uint32_t n;
+};
+
+static int collect_ref(void *arg, const struct fsm_chunk *c)
+{
+    struct refs *r = arg;
+    ck_assert_uint_lt(r->n, 16);
+    memcpy(r->v[r->n].id, c->id, FSM_CHUNK_ID_LEN);
+    r->v[r->n].len = c->len;
+    r->n++;
+    return 0;
+}
+
+/* The tree holds exactly the index's live entries, with their contents. */
+static void assert_tree_matches(const char *id, struct fsm_tree *t, const char *root,
+                                struct fsm_index *ix, const char *const *paths, size_t n_live)
+{
+    for (size_t i = 0; i < n_live; i++) {
+        struct fsm_index_entry e;
+        struct fsm_tree_stat st;
+        ck_assert_int_eq(ix->get(ix->arg, paths[i], &e), 0);
+        ck_assert_int_eq(fsm_tree_lstat(t, paths[i], &st), 0);
+        ck_assert_msg(st.kind == e.kind, "%s: tree %s kind %d, index %d", id, paths[i], st.kind,
+                      e.kind);
+        uint8_t h[FSM_CHUNK_ID_LEN];
+        if (e.kind == FSM_KIND_FILE) {
+            int fd = -1;
+            struct refs r = {.n = 0};
+            ck_assert_int_eq(fsm_tree_open_file(t, paths[i], &fd), 0);
+            ck_assert_int_eq(fsm_chunk_fd(fd, collect_ref, &r), 0);
+            close(fd);
+            ck_assert_int_eq(fsm_content_hash(r.v, r.n, h), 0);
+            ck_assert_msg(memcmp(h, e.content, FSM_CHUNK_ID_LEN) == 0, "%s: tree %s content", id,
+                          paths[i]);
+            ck_assert_msg((st.mode & 0777) == (e.mode & 0777), "%s: tree %s mode %o index %o", id,
+                          paths[i], st.mode, e.mode);
+        } else if (e.kind == FSM_KIND_SYMLINK) {
+            char *p = pb_xasprintf("%s/%s", root, paths[i]);
+            char target[FSM_PATH_MAX + 1];
+            ssize_t n = readlink(p, target, sizeof(target) - 1);
+            free(p);
+            ck_assert_int_gt(n, 0);
+            ck_assert_int_eq(fsm_sha256(target, (size_t)n, h), 0);
+            ck_assert_msg(memcmp(h, e.content, FSM_CHUNK_ID_LEN) == 0, "%s: link %s", id, paths[i]);
+        }
+    }
+    tree_entries = 0;
+    tree_root_path = root;
+    ck_assert_int_eq(nftw(root, count_one, 16, FTW_PHYS), 0);
+    ck_assert_msg((size_t)tree_entries == n_live, "%s: tree has %d entries, index %zu live", id,
+                  tree_entries, n_live);
+}
 
 /* ---- building ops -------------------------------------------------------- */
 
@@ -297,7 +512,17 @@ static void run_row(const struct ctable *row)
 {
     struct fsm_memindex *m = fsm_memindex_new();
     struct fsm_index ix;
+    struct memdisk md;
+    struct fsm_disk disk;
+    struct fsm_tree *t = NULL;
+    char base[] = "/tmp/check_fsm_conflict.XXXXXX";
+    memset(&md, 0, sizeof(md));
+    md_bind(&md, &disk);
     fsm_memindex_bind(m, &ix);
+    ck_assert_ptr_nonnull(mkdtemp(base));
+    ck_assert_int_eq(fsm_tree_init(base, NULL), 0);
+    ck_assert_int_eq(fsm_tree_open(base, &t, NULL), 0);
+
     for (size_t i = 0; i < PB_ARRAY_SIZE(row->steps) && row->steps[i].path; i++) {
         const struct step *s = &row->steps[i];
         struct fsm_op op;
@@ -310,14 +535,21 @@ static void run_row(const struct ctable *row)
                       d.reason ? d.reason : "");
         ck_assert_msg(d.rule && strcmp(d.rule, s->rule) == 0, "%s: step %zu rule %s, want %s",
                       row->id, i + 1, d.rule ? d.rule : "-", s->rule);
+        /* the same plan, carried out in a real tree: nothing may be pending */
+        unsigned pending = 99;
+        md_store(&md, &op);
+        rc = fsm_materialize(t, &op, &d, &disk, &pending);
+        ck_assert_msg(rc == 0, "%s: step %zu materialize rc %d", row->id, i + 1, rc);
+        ck_assert_msg(pending == 0, "%s: step %zu: %u actions pending", row->id, i + 1, pending);
         fsm_decision_free(&d);
         fsm_op_free(&op);
     }
-    int want_live = 0;
+    const char *paths[8];
+    size_t want_live = 0;
     for (size_t i = 0; i < PB_ARRAY_SIZE(row->live) && row->live[i].path; i++) {
         const struct expect *x = &row->live[i];
         struct fsm_index_entry e;
-        want_live++;
+        paths[want_live++] = x->path;
         ck_assert_msg(ix.get(ix.arg, x->path, &e) == 0 && !e.deleted, "%s: %s not live", row->id,
                       x->path);
         ck_assert_msg(e.kind == x->kind, "%s: %s kind %d want %d", row->id, x->path, e.kind,
@@ -333,7 +565,7 @@ static void run_row(const struct ctable *row)
                           x->mode);
     }
     /* nothing else is live: count the live rows of the dump */
-    int live = 0;
+    size_t live = 0;
     struct buf dump = BUF_INIT;
     fsm_memindex_dump(m, &dump);
     buf_put_u8(&dump, 0);
@@ -347,9 +579,13 @@ static void run_row(const struct ctable *row)
             live++;
         line = nl ? nl + 1 : NULL;
     }
-    ck_assert_msg(live == want_live, "%s: %d live entries, want %d:\n%s", row->id, live, want_live,
-                  (char *)dump.data);
+    ck_assert_msg(live == want_live, "%s: %zu live entries, want %zu:\n%s", row->id, live,
+                  want_live, (char *)dump.data);
+    assert_tree_matches(row->id, t, base, &ix, paths, want_live);
     buf_free(&dump);
+    fsm_tree_close(t);
+    nftw(base, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    md_free(&md);
     fsm_memindex_free(m);
 }
 
@@ -448,6 +684,102 @@ START_TEST(test_conflict_batch_and_errors)
 }
 END_TEST
 
+/* A local edit the watcher has not proposed yet is never overwritten or
+ * deleted by an apply; a lost chunk and a missing marker stop the run. */
+START_TEST(test_materialize_pending_and_errors)
+{
+    struct fsm_memindex *m = fsm_memindex_new();
+    struct memdisk md;
+    struct fsm_disk disk;
+    struct fsm_tree *t = NULL;
+    char base[] = "/tmp/check_fsm_conflict.XXXXXX";
+    memset(&md, 0, sizeof(md));
+    md_bind(&md, &disk);
+    ck_assert_ptr_nonnull(mkdtemp(base));
+    ck_assert_int_eq(fsm_tree_init(base, NULL), 0);
+    ck_assert_int_eq(fsm_tree_open(base, &t, NULL), 0);
+
+    struct step steps[] = {PUT("n1", "a", 0, "v1", A, "R1"), PUT("n2", "a", 1, "v2", A, "R2"),
+                           MKDIR("n1", "d", 0, A, "R8"), DEL("n2", "d", 3, true, A, "R13"),
+                           PUT("n1", "b", 0, "lost", A, "R1")};
+    unsigned pending;
+    for (size_t i = 0; i < PB_ARRAY_SIZE(steps); i++) {
+        struct fsm_op op;
+        struct fsm_decision d;
+        build_op(&steps[i], &op);
+        ck_assert_int_eq(fsm_memindex_step(m, &op, i + 1, &d), 0);
+        ck_assert_int_eq(d.outcome, steps[i].want);
+        if (i == 1) { /* someone edits a locally before the apply of v2 */
+            char *p = pb_xasprintf("%s/a", base);
+            FILE *f = fopen(p, "w");
+            fputs("local edit", f);
+            fclose(f);
+            free(p);
+        }
+        if (i == 3) { /* a local file appears in d before its delete */
+            char *p = pb_xasprintf("%s/d/new", base);
+            FILE *f = fopen(p, "w");
+            fclose(f);
+            free(p);
+        }
+        if (i == 4) { /* the chunk store lost the bytes, the op does not carry them */
+            free(op.u.put.data[0].data);
+            free(op.u.put.data);
+            op.u.put.data = NULL;
+            op.u.put.n_data = 0;
+        } else {
+            md_store(&md, &op);
+        }
+        int rc = fsm_materialize(t, &op, &d, &disk, &pending);
+        if (i == 4) {
+            ck_assert_int_eq(rc, -ENODATA);
+            ck_assert_uint_eq(pending, 0);
+        } else {
+            ck_assert_int_eq(rc, 0);
+            ck_assert_uint_eq(pending, (i == 1 || i == 3) ? 1 : 0);
+        }
+        fsm_decision_free(&d);
+        fsm_op_free(&op);
+    }
+    char *p = pb_xasprintf("%s/a", base);
+    FILE *f = fopen(p, "r");
+    char buf[32] = {0};
+    ck_assert_ptr_nonnull(f);
+    ck_assert_ptr_nonnull(fgets(buf, sizeof(buf), f));
+    fclose(f);
+    free(p);
+    ck_assert_str_eq(buf, "local edit");
+    struct fsm_tree_stat st;
+    ck_assert_int_eq(fsm_tree_lstat(t, "d/new", &st), 0);
+    ck_assert_int_eq(st.kind, FSM_KIND_FILE);
+    ck_assert_int_eq(fsm_tree_lstat(t, "b", &st), 0);
+    ck_assert_int_eq(st.kind, FSM_KIND_NONE);
+
+    /* the marker vanishes: nothing is applied */
+    char *marker = pb_xasprintf("%s/.pickbox/marker", base);
+    char *mdir = pb_xasprintf("%s/.pickbox", base);
+    ck_assert_int_eq(unlink(marker), 0);
+    ck_assert_int_eq(rmdir(mdir), 0);
+    free(marker);
+    free(mdir);
+    struct step put = PUT("n1", "c", 0, "c", A, "R1");
+    struct fsm_op op;
+    struct fsm_decision d;
+    build_op(&put, &op);
+    ck_assert_int_eq(fsm_memindex_step(m, &op, 9, &d), 0);
+    ck_assert_int_eq(fsm_materialize(t, &op, &d, &disk, &pending), -FSM_TREE_ENOMARKER);
+    ck_assert_int_eq(fsm_tree_lstat(t, "c", &st), 0);
+    ck_assert_int_eq(st.kind, FSM_KIND_NONE);
+    fsm_decision_free(&d);
+    fsm_op_free(&op);
+
+    fsm_tree_close(t);
+    nftw(base, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    md_free(&md);
+    fsm_memindex_free(m);
+}
+END_TEST
+
 /* ---- conflict names ------------------------------------------------------ */
 
 START_TEST(test_conflict_names)
@@ -537,6 +869,7 @@ static Suite *fsm_conflict_suite(void)
     tcase_add_loop_test(tc, test_conflict_table, 0, (int)PB_ARRAY_SIZE(table));
     tcase_add_test(tc, test_conflict_deterministic);
     tcase_add_test(tc, test_conflict_batch_and_errors);
+    tcase_add_test(tc, test_materialize_pending_and_errors);
     suite_add_tcase(s, tc);
     tc = tcase_create("names");
     tcase_add_test(tc, test_conflict_names);
