@@ -23,6 +23,7 @@
 #include "fsm/fsm.h"
 #include "fsm/materialize.h"
 #include "fsm/memindex.h"
+#include "fsm/propose.h"
 #include "lib/util.h"
 
 /* ---- a node's disk records and chunk store, in memory -------------------- */
@@ -39,7 +40,7 @@ struct memdisk {
         uint8_t id[FSM_CHUNK_ID_LEN];
         uint8_t *data;
         uint32_t len;
-    } chunks[64];
+    } chunks[1024];
     size_t n_chunks;
 };
 
@@ -121,14 +122,23 @@ static int md_read_chunk(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN], uint8_t 
 
 static void md_store(struct memdisk *m, const struct fsm_op *op)
 {
-    if (op->type != FSM_OP_PUT)
+    const struct fsm_chunk_data *d;
+    uint32_t n;
+    if (op->type == FSM_OP_PUT) {
+        d = op->u.put.data;
+        n = op->u.put.n_data;
+    } else if (op->type == FSM_OP_CHUNKS) {
+        d = op->u.chunks.data;
+        n = op->u.chunks.n_data;
+    } else {
         return;
-    for (uint32_t i = 0; i < op->u.put.n_data; i++) {
+    }
+    for (uint32_t i = 0; i < n; i++) {
         ck_assert_uint_lt(m->n_chunks, PB_ARRAY_SIZE(m->chunks));
-        memcpy(m->chunks[m->n_chunks].id, op->u.put.data[i].id, FSM_CHUNK_ID_LEN);
-        m->chunks[m->n_chunks].len = op->u.put.data[i].len;
-        m->chunks[m->n_chunks].data = pb_xmalloc(op->u.put.data[i].len);
-        memcpy(m->chunks[m->n_chunks].data, op->u.put.data[i].data, op->u.put.data[i].len);
+        memcpy(m->chunks[m->n_chunks].id, d[i].id, FSM_CHUNK_ID_LEN);
+        m->chunks[m->n_chunks].len = d[i].len;
+        m->chunks[m->n_chunks].data = pb_xmalloc(d[i].len);
+        memcpy(m->chunks[m->n_chunks].data, d[i].data, d[i].len);
         m->n_chunks++;
     }
 }
@@ -780,6 +790,169 @@ START_TEST(test_materialize_pending_and_errors)
 }
 END_TEST
 
+/* ---- the whole path of a change: propose on node A, apply on node B ------- */
+
+struct pipeline {
+    struct fsm_memindex *m; /* node B's index (and chunk store) */
+    struct fsm_index ix;
+    struct memdisk md;
+    struct fsm_disk disk;
+    struct fsm_tree *tree_b;
+    uint64_t next_index;
+    int n_ops, n_chunks_ops;
+    uint32_t last_put_carried;
+    uint64_t last_put_index;
+    const char *poison_path; /* lacks() rewrites this file of tree A (race test) */
+    const char *root_a;
+};
+
+static int pl_lacks(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN])
+{
+    struct pipeline *p = arg;
+    if (p->poison_path != NULL) {
+        char *path = pb_xasprintf("%s/%s", p->root_a, p->poison_path);
+        FILE *f = fopen(path, "a");
+        fputs("changed while read", f);
+        fclose(f);
+        free(path);
+        p->poison_path = NULL;
+    }
+    int rc = p->ix.has_chunk(p->ix.arg, id);
+    return rc < 0 ? rc : !rc;
+}
+
+/* Each op goes over "the wire" (encode, decode, verify), is committed at the
+ * next index on node B and materialized there. */
+static int pl_emit(void *arg, const struct fsm_op *op)
+{
+    struct pipeline *p = arg;
+    struct buf b = BUF_INIT;
+    struct fsm_op in;
+    struct fsm_decision d;
+    unsigned pending = 9;
+    ck_assert_int_eq(fsm_op_encode(op, &b), 0);
+    ck_assert_uint_le(b.len, FSM_OP_MAX_BYTES);
+    ck_assert_int_eq(fsm_op_decode(b.data, b.len, &in, NULL), 0);
+    buf_free(&b);
+    ck_assert_int_eq(fsm_op_verify_chunks(&in, NULL), 0);
+    uint64_t index = p->next_index++;
+    ck_assert_int_eq(fsm_memindex_step(p->m, &in, index, &d), 0);
+    md_store(&p->md, &in);
+    if (in.type == FSM_OP_PUT) {
+        ck_assert_msg(d.outcome == FSM_OUT_APPLIED, "PUT %s: %s %s", in.path,
+                      fsm_outcome_name(d.outcome), d.reason);
+        ck_assert_int_eq(fsm_materialize(p->tree_b, &in, &d, &p->disk, &pending), 0);
+        ck_assert_uint_eq(pending, 0);
+        p->last_put_carried = in.u.put.n_data;
+        p->last_put_index = index;
+    } else {
+        p->n_chunks_ops++;
+    }
+    p->n_ops++;
+    fsm_decision_free(&d);
+    fsm_op_free(&in);
+    return 0;
+}
+
+static void write_bytes(const char *root, const char *rel, const uint8_t *p, size_t n)
+{
+    char *path = pb_xasprintf("%s/%s", root, rel);
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_uint_eq(fwrite(p, 1, n, f), n);
+    fclose(f);
+    free(path);
+}
+
+static void assert_same_file(const char *a, const char *b, const char *rel)
+{
+    char *cmd = pb_xasprintf("cmp -s '%s/%s' '%s/%s'", a, rel, b, rel);
+    ck_assert_msg(system(cmd) == 0, "%s differs", rel);
+    free(cmd);
+}
+
+START_TEST(test_pipeline_propose_apply)
+{
+    char base_a[] = "/tmp/check_fsm_pipeA.XXXXXX", base_b[] = "/tmp/check_fsm_pipeB.XXXXXX";
+    struct fsm_tree *ta = NULL;
+    struct pipeline p;
+    memset(&p, 0, sizeof(p));
+    p.m = fsm_memindex_new();
+    fsm_memindex_bind(p.m, &p.ix);
+    md_bind(&p.md, &p.disk);
+    p.next_index = 1;
+    p.root_a = base_a;
+    ck_assert_ptr_nonnull(mkdtemp(base_a));
+    ck_assert_ptr_nonnull(mkdtemp(base_b));
+    ck_assert_int_eq(fsm_tree_init(base_a, NULL), 0);
+    ck_assert_int_eq(fsm_tree_init(base_b, NULL), 0);
+    ck_assert_int_eq(fsm_tree_open(base_a, &ta, NULL), 0);
+    ck_assert_int_eq(fsm_tree_open(base_b, &p.tree_b, NULL), 0);
+
+    /* 20 MiB of pseudo-random bytes: more new bytes than one PUT carries */
+    size_t n = 20u << 20;
+    uint8_t *data = pb_xmalloc(n + 10);
+    uint64_t x = 88172645463325252ULL;
+    for (size_t i = 0; i < n; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data[i] = (uint8_t)(x >> 29);
+    }
+    write_bytes(base_a, "big.bin", data, n);
+    struct fsm_tree_stat st;
+    ck_assert_int_eq(fsm_propose_put(ta, "big.bin", "n1", 0, pl_lacks, pl_emit, &p, &st), 0);
+    ck_assert_int_eq(p.n_chunks_ops, 1);
+    ck_assert_int_eq(p.n_ops, 2);
+    ck_assert_uint_eq(st.size, n);
+    assert_same_file(base_a, base_b, "big.bin");
+
+    /* an empty file and a small one */
+    write_bytes(base_a, "empty", data, 0);
+    write_bytes(base_a, "small.txt", (const uint8_t *)"hello", 5);
+    ck_assert_int_eq(fsm_propose_put(ta, "empty", "n1", 0, pl_lacks, pl_emit, &p, NULL), 0);
+    ck_assert_int_eq(fsm_propose_put(ta, "small.txt", "n1", 0, pl_lacks, pl_emit, &p, NULL), 0);
+    assert_same_file(base_a, base_b, "empty");
+    assert_same_file(base_a, base_b, "small.txt");
+
+    /* 10 bytes inserted in the middle: a sequential edit carrying 1-2 chunks */
+    uint64_t v = 0;
+    struct fsm_index_entry e;
+    ck_assert_int_eq(p.ix.get(p.ix.arg, "big.bin", &e), 0);
+    v = e.version;
+    memmove(data + n / 2 + 10, data + n / 2, n - n / 2);
+    memcpy(data + n / 2, "INSERTED!!", 10);
+    write_bytes(base_a, "big.bin", data, n + 10);
+    int ops_before = p.n_ops;
+    ck_assert_int_eq(fsm_propose_put(ta, "big.bin", "n1", v, pl_lacks, pl_emit, &p, NULL), 0);
+    ck_assert_int_eq(p.n_ops, ops_before + 1);
+    ck_assert_uint_ge(p.last_put_carried, 1);
+    ck_assert_uint_le(p.last_put_carried, 2);
+    assert_same_file(base_a, base_b, "big.bin");
+
+    /* a file that changes while it is read is not proposed */
+    ops_before = p.n_ops;
+    p.poison_path = "small.txt";
+    ck_assert_int_eq(fsm_propose_put(ta, "small.txt", "n1", 0, pl_lacks, pl_emit, &p, NULL),
+                     -EAGAIN);
+    ck_assert_int_eq(p.n_ops, ops_before);
+    /* not a regular file */
+    char *dir = pb_xasprintf("%s/d", base_a);
+    ck_assert_int_eq(mkdir(dir, 0755), 0);
+    free(dir);
+    ck_assert_int_eq(fsm_propose_put(ta, "d", "n1", 0, pl_lacks, pl_emit, &p, NULL), -EINVAL);
+    ck_assert_int_eq(fsm_propose_put(ta, "nope", "n1", 0, pl_lacks, pl_emit, &p, NULL), -EINVAL);
+
+    free(data);
+    fsm_tree_close(ta);
+    fsm_tree_close(p.tree_b);
+    nftw(base_a, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    nftw(base_b, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    md_free(&p.md);
+    fsm_memindex_free(p.m);
+}
+END_TEST
+
 /* ---- conflict names ------------------------------------------------------ */
 
 START_TEST(test_conflict_names)
@@ -870,6 +1043,10 @@ static Suite *fsm_conflict_suite(void)
     tcase_add_test(tc, test_conflict_deterministic);
     tcase_add_test(tc, test_conflict_batch_and_errors);
     tcase_add_test(tc, test_materialize_pending_and_errors);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("pipeline");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, test_pipeline_propose_apply);
     suite_add_tcase(s, tc);
     tc = tcase_create("names");
     tcase_add_test(tc, test_conflict_names);
