@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "fsm/tree.h"
@@ -549,6 +550,67 @@ START_TEST(test_tree_rename)
 }
 END_TEST
 
+/* ---- modes that would lock an unprivileged daemon out -------------------- */
+
+#define TRY(cond)                                                                                  \
+    do {                                                                                           \
+        if (!(cond))                                                                               \
+            return __LINE__;                                                                       \
+    } while (0)
+
+/* Runs as an unprivileged user (root bypasses permission checks). Returns 0,
+ * or the line of the first failed check. */
+static int unprivileged_body(void)
+{
+    struct fsm_tree *t = NULL;
+    struct fsm_tree_stat f, f2, d, x;
+    struct text tx = {"data", 4};
+    TRY(fsm_tree_init(root, NULL) == 0);
+    TRY(fsm_tree_open(root, &t, NULL) == 0);
+    /* a file nobody may read or write, then made readable again */
+    TRY(fsm_tree_put(t, "f", &NONE, 0000, 5, fill_text, &tx, &f) == 0);
+    TRY(f.mode == 0000);
+    TRY(fsm_tree_setattr(t, "f", &f, FSM_ATTR_MODE | FSM_ATTR_MTIME, 0644, 6, &f2) == 0);
+    TRY(f2.mode == 0644 && f2.mtime_ns == 6 && f2.ino == f.ino);
+    /* a pending edit is still detected on the by-name path */
+    TRY(fsm_tree_setattr(t, "f", &f2, FSM_ATTR_MODE, 0000, 0, &f) == 0);
+    TRY(fsm_tree_setattr(t, "f", &f2, FSM_ATTR_MODE, 0644, 0, NULL) == -FSM_TREE_EPENDING);
+    /* directories keep the owner's rwx, so their contents stay reachable */
+    TRY(fsm_tree_mkdir(t, "d", &NONE, 0000, 0, &d) == 0);
+    TRY(d.mode == 0700);
+    TRY(fsm_tree_put(t, "d/x", &NONE, 0644, 0, fill_text, &tx, &x) == 0);
+    TRY(fsm_tree_setattr(t, "d", &d, FSM_ATTR_MODE, 0111, 0, &d) == 0);
+    TRY(d.mode == 0711);
+    TRY(fsm_tree_delete(t, "d/x", &x) == 0);
+    TRY(fsm_tree_delete(t, "d", &d) == 0);
+    TRY(fsm_tree_delete(t, "f", &f) == 0);
+    fsm_tree_close(t);
+    return 0;
+}
+
+START_TEST(test_tree_unprivileged_modes)
+{
+    if (geteuid() != 0) {
+        ck_assert_int_eq(unprivileged_body(), 0);
+        return;
+    }
+    ck_assert_int_eq(chmod(base_dir, 0755), 0);
+    ck_assert_int_eq(chown(root, 65534, 65534), 0);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        if (setgid(65534) < 0 || setuid(65534) < 0)
+            _exit(255);
+        _exit(unprivileged_body() & 0xff);
+    }
+    int status = 0;
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert(WIFEXITED(status));
+    ck_assert_msg(WEXITSTATUS(status) == 0, "unprivileged check failed at line %d (mod 256)",
+                  WEXITSTATUS(status));
+}
+END_TEST
+
 /* ---- temp cleanup -------------------------------------------------------- */
 
 START_TEST(test_tree_temp_cleanup)
@@ -597,6 +659,7 @@ static Suite *fsm_tree_suite(void)
     tcase_add_test(tc, test_tree_delete);
     tcase_add_test(tc, test_tree_rename);
     tcase_add_test(tc, test_tree_temp_cleanup);
+    tcase_add_test(tc, test_tree_unprivileged_modes);
     suite_add_tcase(s, tc);
     return s;
 }

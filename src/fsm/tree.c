@@ -246,6 +246,14 @@ static int set_times_fd(int fd, int64_t mtime_ns)
     return futimens(fd, ts) < 0 ? -errno : 0;
 }
 
+/* A directory always keeps its owner's rwx on disk: without them the daemon
+ * could neither apply nor watch anything below it (the index keeps the mode
+ * as replicated). */
+static uint32_t dir_mode(uint32_t mode)
+{
+    return (mode & FSM_TREE_MODE_MASK) | 0700u;
+}
+
 static int fsync_dir(int dirfd)
 {
     /* EINVAL: the filesystem cannot sync directories; nothing more to do. */
@@ -643,7 +651,7 @@ int fsm_tree_mkdir(struct fsm_tree *t, const char *path, const struct fsm_tree_s
         rc = errno == ENOTDIR || errno == ELOOP ? -FSM_TREE_EPENDING : -errno;
         goto out;
     }
-    if (fchmod(fd, mode & FSM_TREE_MODE_MASK) < 0) {
+    if (fchmod(fd, dir_mode(mode)) < 0) {
         rc = -errno;
         goto out;
     }
@@ -660,6 +668,36 @@ out:
     close_keep_errno(fd);
     close(dfd);
     return rc;
+}
+
+/*
+ * setattr of a file the daemon may not open (mode 0 or write-only, daemon
+ * not root): by name, never following a symlink (glibc implements
+ * fchmodat(AT_SYMLINK_NOFOLLOW) with an O_PATH descriptor). The kind and inode
+ * were checked just before, as everywhere else. No fsync of the inode is
+ * possible without a descriptor; the directory is synced.
+ */
+static int setattr_unreadable(int dfd, const char *name, const struct fsm_tree_stat *expect,
+                              uint32_t fields, uint32_t mode, int64_t mtime_ns,
+                              struct fsm_tree_stat *out)
+{
+    int rc = check_expect(dfd, name, expect);
+    if (rc < 0)
+        return rc;
+    if ((fields & FSM_ATTR_MODE) &&
+        fchmodat(dfd, name, mode & FSM_TREE_MODE_MASK, AT_SYMLINK_NOFOLLOW) < 0)
+        return -errno;
+    if (fields & FSM_ATTR_MTIME) {
+        struct timespec ts[2];
+        ts[0].tv_sec = 0;
+        ts[0].tv_nsec = UTIME_OMIT;
+        ts[1] = ns_to_ts(mtime_ns);
+        if (utimensat(dfd, name, ts, AT_SYMLINK_NOFOLLOW) < 0)
+            return -errno;
+    }
+    if ((rc = fsync_dir(dfd)) < 0)
+        return rc;
+    return out != NULL ? stat_at(dfd, name, out) : 0;
 }
 
 int fsm_tree_setattr(struct fsm_tree *t, const char *path, const struct fsm_tree_stat *expect,
@@ -691,8 +729,15 @@ int fsm_tree_setattr(struct fsm_tree *t, const char *path, const struct fsm_tree
             rc = stat_at(dfd, name, out);
         goto out;
     }
-    if ((rc = open_expected(dfd, name, expect, &fd)) < 0)
+    rc = open_expected(dfd, name, expect, &fd);
+    if (rc == -EACCES && expect->kind == FSM_KIND_FILE) {
+        rc = setattr_unreadable(dfd, name, expect, fields, mode, mtime_ns, out);
         goto out;
+    }
+    if (rc < 0)
+        goto out;
+    if (expect->kind == FSM_KIND_DIR)
+        mode = dir_mode(mode);
     if ((fields & FSM_ATTR_MODE) && fchmod(fd, mode & FSM_TREE_MODE_MASK) < 0) {
         rc = -errno;
         goto out;

@@ -20,7 +20,8 @@
  * in the target's directory, is fsync'ed, gets its mode and mtime, and is
  * renamed over the target; then the directory is fsync'ed. A reader sees the
  * old file or the new one, never a mix. Mode bits other than 0777 (setuid,
- * setgid, sticky) are never materialized.
+ * setgid, sticky) are never materialized, and a directory always keeps its
+ * owner's rwx on disk (else the daemon would lock itself out of it).
  *
  * The tree root must contain the `.pickbox/` marker directory, so that an
  * unmounted or replaced tree stops the node instead of looking like "every
