@@ -798,6 +798,163 @@ START_TEST(test_materialize_pending_and_errors)
 }
 END_TEST
 
+/* ---- random logs: invariants after every op ------------------------------ */
+
+static uint64_t rnd_state;
+
+static uint32_t rnd(uint32_t n)
+{
+    rnd_state ^= rnd_state << 13;
+    rnd_state ^= rnd_state >> 7;
+    rnd_state ^= rnd_state << 17;
+    return (uint32_t)((rnd_state >> 11) % n);
+}
+
+/* Live paths of m (from its dump; test paths have no spaces). */
+static size_t live_paths(struct fsm_memindex *m, char paths[][64], size_t max)
+{
+    struct buf dump = BUF_INIT;
+    size_t n = 0;
+    fsm_memindex_dump(m, &dump);
+    buf_put_u8(&dump, 0);
+    for (char *line = (char *)dump.data; line && *line;) {
+        char *nl = strchr(line, '\n');
+        char path[64];
+        int kind, deleted;
+        unsigned long long v, cv;
+        ck_assert_int_eq(sscanf(line, "%63s %d %llu %llu %d", path, &kind, &v, &cv, &deleted), 5);
+        if (!deleted) {
+            ck_assert_uint_lt(n, max);
+            strcpy(paths[n++], path);
+        }
+        line = nl ? nl + 1 : NULL;
+    }
+    buf_free(&dump);
+    return n;
+}
+
+START_TEST(test_conflict_random_logs)
+{
+    static const char *names[] = {"a", "b", "a/x", "a/y", "b/x", "c.txt", "a/x/z", "b/x/z"};
+    static const char *contents[] = {"", "one", "two", "three", "one"};
+    static const char *nodes[] = {"n1", "n2", "n3"};
+    rnd_state = 0x1234567ULL + (uint64_t)_i * 7919;
+    struct fsm_memindex *m = fsm_memindex_new(), *twin = fsm_memindex_new();
+    struct fsm_index ix;
+    struct memdisk md;
+    struct fsm_disk disk;
+    struct fsm_tree *t = NULL;
+    char base[] = "/tmp/check_fsm_random.XXXXXX";
+    memset(&md, 0, sizeof(md));
+    md_bind(&md, &disk);
+    fsm_memindex_bind(m, &ix);
+    ck_assert_ptr_nonnull(mkdtemp(base));
+    ck_assert_int_eq(fsm_tree_init(base, NULL), 0);
+    ck_assert_int_eq(fsm_tree_open(base, &t, NULL), 0);
+
+    for (uint64_t index = 1; index <= 30; index++) {
+        struct step s;
+        memset(&s, 0, sizeof(s));
+        static const enum fsm_op_type types[] = {FSM_OP_PUT,     FSM_OP_PUT,    FSM_OP_MKDIR,
+                                                 FSM_OP_DELETE,  FSM_OP_RENAME, FSM_OP_SETATTR,
+                                                 FSM_OP_SYMLINK, FSM_OP_DELETE};
+        s.type = types[rnd(PB_ARRAY_SIZE(types))];
+        s.origin = nodes[rnd(3)];
+        s.path = names[rnd(PB_ARRAY_SIZE(names))];
+        struct fsm_index_entry e;
+        bool known = ix.get(ix.arg, s.path, &e) == 0;
+        /* the base: what the proposer saw: current (sequential), nothing, or older */
+        uint32_t pick = rnd(3);
+        s.base = pick == 0 && known ? e.version : pick == 1 ? 0 : rnd((uint32_t)index);
+        s.mode = 0600 + rnd(0100);
+        switch (s.type) {
+        case FSM_OP_PUT:
+            s.arg = contents[rnd(PB_ARRAY_SIZE(contents))];
+            break;
+        case FSM_OP_SYMLINK:
+            s.arg = "target";
+            break;
+        case FSM_OP_DELETE:
+            s.is_dir = known && !e.deleted ? e.kind == FSM_KIND_DIR : rnd(2);
+            break;
+        case FSM_OP_RENAME:
+            do {
+                s.arg = names[rnd(PB_ARRAY_SIZE(names))];
+            } while (strcmp(s.arg, s.path) == 0);
+            if (ix.get(ix.arg, s.arg, &e) == 0 && rnd(2))
+                s.base_to = e.content_version;
+            break;
+        default:
+            break;
+        }
+        struct fsm_op op;
+        struct fsm_decision d, d2;
+        build_op(&s, &op);
+        ck_assert_int_eq(fsm_memindex_step(m, &op, index, &d), 0);
+        ck_assert_int_eq(fsm_memindex_step(twin, &op, index, &d2), 0);
+        /* the same decision, asked twice */
+        ck_assert_int_eq(d.outcome, d2.outcome);
+        ck_assert_uint_eq(d.n_acts, d2.n_acts);
+        for (size_t k = 0; k < d.n_acts; k++) {
+            ck_assert_int_eq(d.acts[k].type, d2.acts[k].type);
+            ck_assert_str_eq(d.acts[k].path, d2.acts[k].path);
+        }
+        unsigned pending = 9;
+        md_store(&md, &op);
+        ck_assert_int_eq(fsm_materialize(t, &op, &d, &disk, &pending), 0);
+        ck_assert_msg(pending == 0, "seed %d index %llu: %u pending (%s %s)", _i,
+                      (unsigned long long)index, pending, fsm_op_type_name(op.type), op.path);
+
+        /* invariants: every live entry's parent is a live directory; a PUT
+         * that took effect has its content live somewhere; the tree holds
+         * exactly the live entries */
+        char paths[64][64];
+        size_t n = live_paths(m, paths, 64);
+        const char *pp[64];
+        bool content_found = false;
+        uint8_t h[FSM_CHUNK_ID_LEN];
+        if (op.type == FSM_OP_PUT)
+            text_hash(s.arg, h);
+        for (size_t k = 0; k < n; k++) {
+            pp[k] = paths[k];
+            char *slash = strrchr(paths[k], '/');
+            ck_assert_int_eq(ix.get(ix.arg, paths[k], &e), 0);
+            if (op.type == FSM_OP_PUT && e.kind == FSM_KIND_FILE &&
+                memcmp(e.content, h, FSM_CHUNK_ID_LEN) == 0)
+                content_found = true;
+            if (slash == NULL)
+                continue;
+            char parent[64];
+            memcpy(parent, paths[k], (size_t)(slash - paths[k]));
+            parent[slash - paths[k]] = '\0';
+            ck_assert_msg(ix.get(ix.arg, parent, &e) == 0 && !e.deleted && e.kind == FSM_KIND_DIR,
+                          "seed %d index %llu: %s has no live parent directory", _i,
+                          (unsigned long long)index, paths[k]);
+        }
+        if (op.type == FSM_OP_PUT && (d.outcome == FSM_OUT_APPLIED ||
+                                      d.outcome == FSM_OUT_CONFLICT || d.outcome == FSM_OUT_NOOP))
+            ck_assert_msg(content_found, "seed %d index %llu: PUT %s content lost (%s)", _i,
+                          (unsigned long long)index, op.path, d.rule);
+        assert_tree_matches("random", t, base, &ix, pp, n);
+        fsm_decision_free(&d);
+        fsm_decision_free(&d2);
+        fsm_op_free(&op);
+    }
+    struct buf da = BUF_INIT, db = BUF_INIT;
+    fsm_memindex_dump(m, &da);
+    fsm_memindex_dump(twin, &db);
+    ck_assert_uint_eq(da.len, db.len);
+    ck_assert_mem_eq(da.data, db.data, da.len);
+    buf_free(&da);
+    buf_free(&db);
+    fsm_tree_close(t);
+    nftw(base, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    md_free(&md);
+    fsm_memindex_free(m);
+    fsm_memindex_free(twin);
+}
+END_TEST
+
 /* ---- the whole path of a change: propose on node A, apply on node B ------- */
 
 struct pipeline {
@@ -1051,6 +1208,10 @@ static Suite *fsm_conflict_suite(void)
     tcase_add_test(tc, test_conflict_deterministic);
     tcase_add_test(tc, test_conflict_batch_and_errors);
     tcase_add_test(tc, test_materialize_pending_and_errors);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("random");
+    tcase_set_timeout(tc, 120);
+    tcase_add_loop_test(tc, test_conflict_random_logs, 0, 40);
     suite_add_tcase(s, tc);
     tc = tcase_create("pipeline");
     tcase_set_timeout(tc, 120);
