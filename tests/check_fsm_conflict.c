@@ -1118,6 +1118,139 @@ START_TEST(test_pipeline_propose_apply)
 }
 END_TEST
 
+/* The node that loses a conflict: its local edit is proposed, a concurrent
+ * edit from another node commits first (skipped here: pending), then its own
+ * op commits as a conflict copy, and the original name is repaired to the
+ * winner. Nothing is lost, and the tree ends equal to the index. */
+static struct buf captured;
+
+static int capture_op(void *arg, const struct fsm_op *op)
+{
+    (void)arg;
+    buf_reset(&captured);
+    return fsm_op_encode(op, &captured);
+}
+
+static int lacks_all(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN])
+{
+    (void)arg;
+    (void)id;
+    return 1;
+}
+
+static char *slurp(const char *root, const char *rel)
+{
+    char *p = pb_xasprintf("%s/%s", root, rel);
+    FILE *f = fopen(p, "r");
+    free(p);
+    if (f == NULL)
+        return NULL;
+    char *b = pb_xcalloc(1, 256);
+    size_t n = fread(b, 1, 255, f);
+    b[n] = '\0';
+    fclose(f);
+    return b;
+}
+
+START_TEST(test_loser_node_lifecycle)
+{
+    struct fsm_memindex *m = fsm_memindex_new();
+    struct fsm_index ix;
+    struct memdisk md;
+    struct fsm_disk disk;
+    struct fsm_tree *t = NULL;
+    struct fsm_decision d;
+    struct fsm_op op;
+    unsigned pending;
+    char base[] = "/tmp/check_fsm_loser.XXXXXX";
+    memset(&md, 0, sizeof(md));
+    md_bind(&md, &disk);
+    fsm_memindex_bind(m, &ix);
+    buf_init(&captured);
+    ck_assert_ptr_nonnull(mkdtemp(base));
+    ck_assert_int_eq(fsm_tree_init(base, NULL), 0);
+    ck_assert_int_eq(fsm_tree_open(base, &t, NULL), 0);
+
+    /* 1: the file as everyone has it */
+    struct step s1 = PUT("n1", "doc.txt", 0, "v1", A, "R1");
+    build_op(&s1, &op);
+    ck_assert_int_eq(fsm_memindex_step(m, &op, 1, &d), 0);
+    md_store(&md, &op);
+    ck_assert_int_eq(fsm_materialize(t, &op, &d, &disk, &pending), 0);
+    fsm_decision_free(&d);
+    fsm_op_free(&op);
+
+    /* a local edit on this node (nB), proposed; the record stays as it was */
+    char *p = pb_xasprintf("%s/doc.txt", base);
+    FILE *f = fopen(p, "w");
+    fputs("local edit", f);
+    fclose(f);
+    free(p);
+    struct fsm_tree_stat proposed;
+    ck_assert_int_eq(fsm_propose_put(t, "doc.txt", "nB", 1, lacks_all, capture_op, NULL, &proposed),
+                     0);
+
+    /* 2: n2's concurrent edit commits first: skipped here, the edit stays */
+    struct step s2 = PUT("n2", "doc.txt", 1, "winner", A, "R2");
+    struct fsm_op winner;
+    build_op(&s2, &winner);
+    ck_assert_int_eq(fsm_memindex_step(m, &winner, 2, &d), 0);
+    md_store(&md, &winner);
+    ck_assert_int_eq(fsm_materialize(t, &winner, &d, &disk, &pending), 0);
+    ck_assert_uint_eq(pending, 1);
+    fsm_decision_free(&d);
+    char *text = slurp(base, "doc.txt");
+    ck_assert_str_eq(text, "local edit");
+    free(text);
+
+    /* 3: our own op commits: the record becomes what we proposed, the
+     * decision is a conflict, the copy is written from the op's bytes */
+    ck_assert_int_eq(fsm_op_decode(captured.data, captured.len, &op, NULL), 0);
+    ck_assert_int_eq(md_record(&md, "doc.txt", &proposed), 0);
+    ck_assert_int_eq(fsm_memindex_step(m, &op, 3, &d), 0);
+    ck_assert_int_eq(d.outcome, FSM_OUT_CONFLICT);
+    md_store(&md, &op);
+    ck_assert_int_eq(fsm_materialize(t, &op, &d, &disk, &pending), 0);
+    ck_assert_uint_eq(pending, 0);
+    fsm_decision_free(&d);
+    fsm_op_free(&op);
+
+    /* repair the original name from the index (the winner) */
+    struct fsm_index_entry e;
+    ck_assert_int_eq(ix.get(ix.arg, "doc.txt", &e), 0);
+    ck_assert_int_eq(fsm_materialize_entry(t, "doc.txt", &e, winner.u.put.refs, winner.u.put.n_refs,
+                                           NULL, &disk),
+                     0);
+    text = slurp(base, "doc.txt");
+    ck_assert_str_eq(text, "winner");
+    free(text);
+    text = slurp(base, "doc.pickbox-conflict-nB-3.txt");
+    ck_assert_ptr_nonnull(text);
+    ck_assert_str_eq(text, "local edit");
+    free(text);
+    const char *live[] = {"doc.txt", "doc.pickbox-conflict-nB-3.txt"};
+    assert_tree_matches("loser", t, base, &ix, live, 2);
+
+    /* repairing to "nothing" and to a directory */
+    ck_assert_int_eq(fsm_materialize_entry(t, "doc.txt", NULL, NULL, 0, NULL, &disk), 0);
+    struct fsm_tree_stat st;
+    ck_assert_int_eq(fsm_tree_lstat(t, "doc.txt", &st), 0);
+    ck_assert_int_eq(st.kind, FSM_KIND_NONE);
+    struct fsm_index_entry dir = {.kind = FSM_KIND_DIR, .mode = 0750};
+    ck_assert_int_eq(fsm_materialize_entry(t, "doc.txt", &dir, NULL, 0, NULL, &disk), 0);
+    ck_assert_int_eq(fsm_tree_lstat(t, "doc.txt", &st), 0);
+    ck_assert_int_eq(st.kind, FSM_KIND_DIR);
+    ck_assert_uint_eq(st.mode, 0750);
+
+    fsm_op_free(&winner);
+    buf_free(&captured);
+    fsm_tree_close(t);
+    nftw(base, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    md_free(&md);
+    fsm_memindex_free(m);
+}
+END_TEST
+
 /* ---- conflict names ------------------------------------------------------ */
 
 START_TEST(test_conflict_names)
@@ -1216,6 +1349,7 @@ static Suite *fsm_conflict_suite(void)
     tc = tcase_create("pipeline");
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_pipeline_propose_apply);
+    tcase_add_test(tc, test_loser_node_lifecycle);
     suite_add_tcase(s, tc);
     tc = tcase_create("names");
     tcase_add_test(tc, test_conflict_names);

@@ -11,7 +11,11 @@
 #include "fsm/materialize.h"
 #include "lib/util.h"
 
+/* What fill_chunks() writes: the chunk list, bytes from the op when it
+ * carries them (op may be NULL), else from the store. */
 struct content {
+    const struct fsm_chunk_ref *refs;
+    uint32_t n_refs;
     const struct fsm_op *op;
     const struct fsm_disk *disk;
 };
@@ -32,6 +36,8 @@ static int write_all(int fd, const uint8_t *p, size_t n)
 
 static const struct fsm_chunk_data *carried(const struct fsm_op *op, const uint8_t *id)
 {
+    if (op == NULL)
+        return NULL;
     for (uint32_t i = 0; i < op->u.put.n_data; i++)
         if (memcmp(op->u.put.data[i].id, id, FSM_CHUNK_ID_LEN) == 0)
             return &op->u.put.data[i];
@@ -43,12 +49,11 @@ static const struct fsm_chunk_data *carried(const struct fsm_op *op, const uint8
 static int fill_chunks(void *arg, int fd)
 {
     const struct content *c = arg;
-    const struct fsm_op *op = c->op;
     uint8_t *buf = NULL;
     int rc = 0;
-    for (uint32_t i = 0; i < op->u.put.n_refs && rc == 0; i++) {
-        const struct fsm_chunk_ref *r = &op->u.put.refs[i];
-        const struct fsm_chunk_data *d = carried(op, r->id);
+    for (uint32_t i = 0; i < c->n_refs && rc == 0; i++) {
+        const struct fsm_chunk_ref *r = &c->refs[i];
+        const struct fsm_chunk_data *d = carried(c->op, r->id);
         if (d != NULL) {
             rc = write_all(fd, d->data, d->len);
             continue;
@@ -82,7 +87,7 @@ static int do_write(struct fsm_tree *t, const struct fsm_op *op, const struct fs
     if (rc < 0)
         return rc;
     if (op->type == FSM_OP_PUT) {
-        struct content c = {op, disk};
+        struct content c = {op->u.put.refs, op->u.put.n_refs, op, disk};
         rc = fsm_tree_put(t, a->path, &exp, op->u.put.mode, op->u.put.mtime_ns, fill_chunks, &c,
                           &out);
     } else {
@@ -157,4 +162,52 @@ int fsm_materialize(struct fsm_tree *t, const struct fsm_op *op, const struct fs
     if (pending != NULL)
         *pending = skipped;
     return rc < 0 && !is_pending(rc) ? rc : 0;
+}
+
+int fsm_materialize_entry(struct fsm_tree *t, const char *path, const struct fsm_index_entry *e,
+                          const struct fsm_chunk_ref *refs, uint32_t n_refs, const char *target,
+                          const struct fsm_disk *disk)
+{
+    static const struct fsm_tree_stat none = {.kind = FSM_KIND_NONE};
+    struct fsm_tree_stat exp, out;
+    int rc = fsm_tree_check_marker(t);
+    if (rc < 0 || (rc = disk->expected(disk->arg, path, &exp)) < 0)
+        return rc;
+    bool want_none = e == NULL || e->deleted;
+    /* Anything of another kind than wanted goes first (a directory only if
+     * empty: a directory with unknown entries is a pending edit). */
+    if (exp.kind != FSM_KIND_NONE && (want_none || exp.kind != e->kind ||
+                                      (e->kind != FSM_KIND_DIR && exp.kind == FSM_KIND_DIR))) {
+        if ((rc = fsm_tree_delete(t, path, &exp)) < 0)
+            return rc;
+        if ((rc = disk->record(disk->arg, path, &none)) < 0)
+            return rc;
+        exp = none;
+    }
+    if (want_none)
+        return 0;
+    switch (e->kind) {
+    case FSM_KIND_FILE: {
+        struct content c = {refs, n_refs, NULL, disk};
+        rc = fsm_tree_put(t, path, &exp, e->mode, e->mtime_ns, fill_chunks, &c, &out);
+        break;
+    }
+    case FSM_KIND_SYMLINK:
+        if (target == NULL)
+            return -EINVAL;
+        rc = fsm_tree_symlink(t, path, &exp, target, e->mtime_ns, &out);
+        break;
+    case FSM_KIND_DIR:
+        if (exp.kind == FSM_KIND_DIR)
+            rc = fsm_tree_setattr(t, path, &exp, FSM_ATTR_MODE | FSM_ATTR_MTIME, e->mode,
+                                  e->mtime_ns, &out);
+        else
+            rc = fsm_tree_mkdir(t, path, &none, e->mode, e->mtime_ns, &out);
+        break;
+    default:
+        return -EINVAL;
+    }
+    if (rc < 0)
+        return rc;
+    return disk->record(disk->arg, path, &out);
 }

@@ -47,4 +47,16 @@ struct fsm_disk {
 int fsm_materialize(struct fsm_tree *t, const struct fsm_op *op, const struct fsm_decision *d,
                     const struct fsm_disk *disk, unsigned *pending);
 
+/*
+ * Repairs one path: makes the tree at path hold the index's entry e (NULL or
+ * a tombstone: nothing; a file with chunk list refs; a symlink to target; a
+ * directory), replacing what the disk record says is there. Used when a
+ * node's own pending edit has committed (see doc/fsm.md, "Pending local
+ * edits") and after a rescan finds the tree behind the index. A disk that
+ * does not match the record is -FSM_TREE_EPENDING, as everywhere.
+ */
+int fsm_materialize_entry(struct fsm_tree *t, const char *path, const struct fsm_index_entry *e,
+                          const struct fsm_chunk_ref *refs, uint32_t n_refs, const char *target,
+                          const struct fsm_disk *disk);
+
 #endif
