@@ -1,0 +1,213 @@
+/*
+ * materialize.c: apply decisions to the tree (see materialize.h).
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "fsm/materialize.h"
+#include "lib/util.h"
+
+/* What fill_chunks() writes: the chunk list, bytes from the op when it
+ * carries them (op may be NULL), else from the store. */
+struct content {
+    const struct fsm_chunk_ref *refs;
+    uint32_t n_refs;
+    const struct fsm_op *op;
+    const struct fsm_disk *disk;
+};
+
+static int write_all(int fd, const uint8_t *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0)
+            return -errno;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+static const struct fsm_chunk_data *carried(const struct fsm_op *op, const uint8_t *id)
+{
+    if (op == NULL)
+        return NULL;
+    for (uint32_t i = 0; i < op->u.put.n_data; i++)
+        if (memcmp(op->u.put.data[i].id, id, FSM_CHUNK_ID_LEN) == 0)
+            return &op->u.put.data[i];
+    return NULL;
+}
+
+/* fsm_tree_fill_fn: the file's chunks in order. Stored chunks are read into
+ * one FSM_CHUNK_MAX_LEN buffer, so memory stays bounded. */
+static int fill_chunks(void *arg, int fd)
+{
+    const struct content *c = arg;
+    uint8_t *buf = NULL;
+    int rc = 0;
+    for (uint32_t i = 0; i < c->n_refs && rc == 0; i++) {
+        const struct fsm_chunk_ref *r = &c->refs[i];
+        const struct fsm_chunk_data *d = carried(c->op, r->id);
+        if (d != NULL) {
+            rc = write_all(fd, d->data, d->len);
+            continue;
+        }
+        if (buf == NULL)
+            buf = pb_xmalloc(FSM_CHUNK_MAX_LEN);
+        rc = c->disk->read_chunk(c->disk->arg, r->id, buf, r->len);
+        if (rc == -ENOENT) /* not "a parent is missing": a store that lost data */
+            rc = -ENODATA;
+        if (rc == 0)
+            rc = write_all(fd, buf, r->len);
+    }
+    free(buf);
+    return rc;
+}
+
+/* Tree errors that mean "the tree differs from the record here": the target
+ * itself (EPENDING), or a parent that is missing, not a directory, or a
+ * symlink (ENOENT, ENOTDIR, ELOOP) because of a local edit or an earlier
+ * skipped action. */
+static bool is_pending(int rc)
+{
+    return rc == -FSM_TREE_EPENDING || rc == -ENOENT || rc == -ENOTDIR || rc == -ELOOP;
+}
+
+static int do_write(struct fsm_tree *t, const struct fsm_op *op, const struct fsm_action *a,
+                    const struct fsm_disk *disk)
+{
+    struct fsm_tree_stat exp, out;
+    int rc = disk->expected(disk->arg, a->path, &exp);
+    if (rc < 0)
+        return rc;
+    if (op->type == FSM_OP_PUT) {
+        struct content c = {op->u.put.refs, op->u.put.n_refs, op, disk};
+        rc = fsm_tree_put(t, a->path, &exp, op->u.put.mode, op->u.put.mtime_ns, fill_chunks, &c,
+                          &out);
+    } else {
+        rc = fsm_tree_symlink(t, a->path, &exp, op->u.symlink.target, op->u.symlink.mtime_ns, &out);
+    }
+    if (rc < 0)
+        return rc;
+    return disk->record(disk->arg, a->path, &out);
+}
+
+static int do_action(struct fsm_tree *t, const struct fsm_op *op, const struct fsm_action *a,
+                     const struct fsm_disk *disk)
+{
+    static const struct fsm_tree_stat none = {.kind = FSM_KIND_NONE};
+    struct fsm_tree_stat exp, exp2, out;
+    int rc;
+    switch (a->type) {
+    case FSM_ACT_WRITE:
+        return do_write(t, op, a, disk);
+    case FSM_ACT_MKDIR:
+        if ((rc = fsm_tree_mkdir(t, a->path, &none, a->mode, a->mtime_ns, &out)) < 0)
+            return rc;
+        return disk->record(disk->arg, a->path, &out);
+    case FSM_ACT_SETATTR:
+        if ((rc = disk->expected(disk->arg, a->path, &exp)) < 0)
+            return rc;
+        if (exp.kind == FSM_KIND_NONE) /* never materialized here */
+            return -FSM_TREE_EPENDING;
+        rc = fsm_tree_setattr(t, a->path, &exp, a->fields, a->mode, a->mtime_ns, &out);
+        if (rc < 0)
+            return rc;
+        return disk->record(disk->arg, a->path, &out);
+    case FSM_ACT_DELETE:
+        if ((rc = disk->expected(disk->arg, a->path, &exp)) < 0)
+            return rc;
+        if (exp.kind != FSM_KIND_NONE && (rc = fsm_tree_delete(t, a->path, &exp)) < 0)
+            return rc;
+        return disk->record(disk->arg, a->path, &none);
+    case FSM_ACT_MOVE:
+        if ((rc = disk->expected(disk->arg, a->path, &exp)) < 0 ||
+            (rc = disk->expected(disk->arg, a->path2, &exp2)) < 0)
+            return rc;
+        if (exp.kind == FSM_KIND_NONE)
+            return -FSM_TREE_EPENDING;
+        if (!a->replace)
+            exp2 = none;
+        if ((rc = fsm_tree_rename(t, a->path, &exp, a->path2, &exp2, &out)) < 0)
+            return rc;
+        return disk->record_move(disk->arg, a->path, a->path2);
+    }
+    return -EINVAL;
+}
+
+int fsm_materialize(struct fsm_tree *t, const struct fsm_op *op, const struct fsm_decision *d,
+                    const struct fsm_disk *disk, unsigned *pending)
+{
+    unsigned skipped = 0;
+    int rc = fsm_tree_check_marker(t);
+    if (pending != NULL)
+        *pending = 0;
+    if (rc < 0)
+        return rc;
+    for (size_t i = 0; i < d->n_acts; i++) {
+        rc = do_action(t, op, &d->acts[i], disk);
+        if (rc < 0 && is_pending(rc)) {
+            skipped++;
+            continue;
+        }
+        if (rc < 0)
+            break;
+    }
+    if (pending != NULL)
+        *pending = skipped;
+    return rc < 0 && !is_pending(rc) ? rc : 0;
+}
+
+int fsm_materialize_entry(struct fsm_tree *t, const char *path, const struct fsm_index_entry *e,
+                          const struct fsm_chunk_ref *refs, uint32_t n_refs, const char *target,
+                          const struct fsm_disk *disk)
+{
+    static const struct fsm_tree_stat none = {.kind = FSM_KIND_NONE};
+    struct fsm_tree_stat exp, out;
+    int rc = fsm_tree_check_marker(t);
+    if (rc < 0 || (rc = disk->expected(disk->arg, path, &exp)) < 0)
+        return rc;
+    bool want_none = e == NULL || e->deleted;
+    /* Anything of another kind than wanted goes first (a directory only if
+     * empty: a directory with unknown entries is a pending edit). */
+    if (exp.kind != FSM_KIND_NONE && (want_none || exp.kind != e->kind ||
+                                      (e->kind != FSM_KIND_DIR && exp.kind == FSM_KIND_DIR))) {
+        if ((rc = fsm_tree_delete(t, path, &exp)) < 0)
+            return rc;
+        if ((rc = disk->record(disk->arg, path, &none)) < 0)
+            return rc;
+        exp = none;
+    }
+    if (want_none)
+        return 0;
+    switch (e->kind) {
+    case FSM_KIND_FILE: {
+        struct content c = {refs, n_refs, NULL, disk};
+        rc = fsm_tree_put(t, path, &exp, e->mode, e->mtime_ns, fill_chunks, &c, &out);
+        break;
+    }
+    case FSM_KIND_SYMLINK:
+        if (target == NULL)
+            return -EINVAL;
+        rc = fsm_tree_symlink(t, path, &exp, target, e->mtime_ns, &out);
+        break;
+    case FSM_KIND_DIR:
+        if (exp.kind == FSM_KIND_DIR)
+            rc = fsm_tree_setattr(t, path, &exp, FSM_ATTR_MODE | FSM_ATTR_MTIME, e->mode,
+                                  e->mtime_ns, &out);
+        else
+            rc = fsm_tree_mkdir(t, path, &none, e->mode, e->mtime_ns, &out);
+        break;
+    default:
+        return -EINVAL;
+    }
+    if (rc < 0)
+        return rc;
+    return disk->record(disk->arg, path, &out);
+}

@@ -1,0 +1,62 @@
+/*
+ * materialize.h: carrying out an apply decision in a node's tree.
+ *
+ * After fsm_decide() and after the decision is committed to state.db (in the
+ * same transaction as the applied index), fsm_materialize() makes the tree
+ * match: each action becomes a safe, atomic, conditional tree operation
+ * (src/fsm/tree.h). What the node believes its tree holds at each path (the
+ * stat it recorded when it last wrote the path, or when its watcher proposed
+ * a local edit there) comes from the caller through struct fsm_disk; those
+ * records are node-local columns of state.db, not replicated state.
+ *
+ * Where the tree does not hold what the node recorded, a local edit is
+ * pending: that action is skipped and counted, the edit stays, and the watcher
+ * proposes it (it then meets the conflict rules like any other op). Only
+ * I/O errors stop the run: then the tree's state is unknown and the caller
+ * must rescan before going on.
+ */
+#ifndef PICKBOX_FSM_MATERIALIZE_H
+#define PICKBOX_FSM_MATERIALIZE_H
+
+#include <stdint.h>
+
+#include "fsm/fsm.h"
+#include "fsm/tree.h"
+
+struct fsm_disk {
+    void *arg;
+    /* The stat this node last recorded for path; kind NONE if none. 0 or -errno. */
+    int (*expected)(void *arg, const char *path, struct fsm_tree_stat *st);
+    /* path now holds st (kind NONE: nothing). 0 or -errno. */
+    int (*record)(void *arg, const char *path, const struct fsm_tree_stat *st);
+    /* The entry at from, and everything recorded below it, is now at to. */
+    int (*record_move)(void *arg, const char *from, const char *to);
+    /* Copies the len bytes of chunk id into buf. 0, -ENOENT, or -errno. */
+    int (*read_chunk)(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN], uint8_t *buf, uint32_t len);
+};
+
+/*
+ * Carries out decision d (made for op) in tree t, action by action. Chunks
+ * the op carries are taken from the op, others from disk->read_chunk.
+ * *pending (may be NULL) gets the number of actions skipped because a local
+ * edit is pending (the target or a parent differs from the record). Returns
+ * 0, or the first error that is not a pending edit (-EIO, -ENOSPC, a
+ * callback's error, -FSM_TREE_ENOMARKER ...), after which the remaining
+ * actions are not attempted.
+ */
+int fsm_materialize(struct fsm_tree *t, const struct fsm_op *op, const struct fsm_decision *d,
+                    const struct fsm_disk *disk, unsigned *pending);
+
+/*
+ * Repairs one path: makes the tree at path hold the index's entry e (NULL or
+ * a tombstone: nothing; a file with chunk list refs; a symlink to target; a
+ * directory), replacing what the disk record says is there. Used when a
+ * node's own pending edit has committed (see doc/fsm.md, "Pending local
+ * edits") and after a rescan finds the tree behind the index. A disk that
+ * does not match the record is -FSM_TREE_EPENDING, as everywhere.
+ */
+int fsm_materialize_entry(struct fsm_tree *t, const char *path, const struct fsm_index_entry *e,
+                          const struct fsm_chunk_ref *refs, uint32_t n_refs, const char *target,
+                          const struct fsm_disk *disk);
+
+#endif
