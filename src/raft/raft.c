@@ -359,9 +359,8 @@ static void queue_clear(struct msg_queue *q)
  * state that must be durable first. */
 static struct raft_msg *msg_new(struct raft *r, uint8_t type, uint64_t to)
 {
-    bool early = r->role == RAFT_LEADER &&
-                 (type == RAFT_MSG_APP || type == RAFT_MSG_HEARTBEAT || type == RAFT_MSG_SNAP ||
-                  type == RAFT_MSG_TIMEOUT_NOW);
+    bool early = r->role == RAFT_LEADER && (type == RAFT_MSG_APP || type == RAFT_MSG_HEARTBEAT ||
+                                            type == RAFT_MSG_SNAP || type == RAFT_MSG_TIMEOUT_NOW);
     struct raft_msg *m = queue_push(early ? &r->msgs : &r->msgs_after);
     m->type = type;
     m->from = r->id;
@@ -438,17 +437,35 @@ static void conf_refresh(struct raft *r)
 
 /* ---------------------------------------------------------- role changes */
 
+/* Drops queued after-persist messages that must not leave any more:
+ * responses of an older term (stale once we moved on: canonical/raft 35479fc)
+ * and acknowledgements of entries at or above a truncation point. */
+static void drop_stale_after(struct raft *r, uint64_t below_term, uint64_t truncated_from)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < r->msgs_after.n; i++) {
+        struct raft_msg *m = &r->msgs_after.v[i];
+        bool stale = m->term != 0 && m->term < below_term;
+        stale |= m->type == RAFT_MSG_APP_RESP && !m->reject && m->index >= truncated_from;
+        if (stale)
+            msg_free_owned(m);
+        else
+            r->msgs_after.v[k++] = *m;
+    }
+    r->msgs_after.n = k;
+}
+
 static void reset(struct raft *r, uint64_t term)
 {
     if (r->term != term) {
         r->term = term;
         r->vote = RAFT_NONE;
+        drop_stale_after(r, term, UINT64_MAX);
     }
     r->lead = RAFT_NONE;
     r->election_elapsed = 0;
     r->heartbeat_elapsed = 0;
-    r->randomized_timeout =
-            r->cfg.election_tick + (unsigned)(rng_next(r) % r->cfg.election_tick);
+    r->randomized_timeout = r->cfg.election_tick + (unsigned)(rng_next(r) % r->cfg.election_tick);
     r->transferee = RAFT_NONE;
     r->bcast_pending = false;
     r->heartbeat_pending = false;
@@ -832,8 +849,8 @@ static void add_read(struct raft *r, uint64_t ctx, uint64_t from)
     }
     if (r->n_reads_pending == r->cap_reads_pending) {
         r->cap_reads_pending = r->cap_reads_pending ? r->cap_reads_pending * 2 : 8;
-        r->reads_pending = pb_xreallocarray(r->reads_pending, r->cap_reads_pending,
-                                            sizeof(*r->reads_pending));
+        r->reads_pending =
+                pb_xreallocarray(r->reads_pending, r->cap_reads_pending, sizeof(*r->reads_pending));
     }
     struct pending_read *p = &r->reads_pending[r->n_reads_pending++];
     p->ctx = ctx;
@@ -983,6 +1000,7 @@ static void handle_append(struct raft *r, const struct raft_msg *m)
             uint64_t from = m->entries[i].index;
             if (from <= last_index(r)) {
                 assert(from > r->commit); /* committed entries never conflict */
+                drop_stale_after(r, 0, from);
                 for (uint64_t k = from; k <= last_index(r); k++)
                     conf_changed |= r->ents[k - r->first].type == RAFT_ENTRY_CONF;
                 log_truncate(r, from);
@@ -1105,8 +1123,8 @@ static void handle_snapshot(struct raft *r, const struct raft_msg *m)
     struct raft_msg *resp;
     /* Resume only the very transfer we staged: two leaders' snapshots of
      * one index need not be byte-identical. */
-    if (r->rx_index != m->snap.index || r->rx_term != m->snap.term ||
-        r->rx_size != m->snap.size || r->rx_from != m->from || m->offset != r->rx_offset) {
+    if (r->rx_index != m->snap.index || r->rx_term != m->snap.term || r->rx_size != m->snap.size ||
+        r->rx_from != m->from || m->offset != r->rx_offset) {
         resp = msg_new(r, RAFT_MSG_SNAP_RESP, m->from);
         resp->reject = true;
         resp->index = r->rx_index;
@@ -1161,8 +1179,7 @@ static void step_follower(struct raft *r, const struct raft_msg *m)
 
 static void step_candidate(struct raft *r, const struct raft_msg *m)
 {
-    uint8_t resp_type =
-            r->role == RAFT_PRE_CANDIDATE ? RAFT_MSG_PREVOTE_RESP : RAFT_MSG_VOTE_RESP;
+    uint8_t resp_type = r->role == RAFT_PRE_CANDIDATE ? RAFT_MSG_PREVOTE_RESP : RAFT_MSG_VOTE_RESP;
     switch (m->type) {
     case RAFT_MSG_APP:
     case RAFT_MSG_HEARTBEAT:
@@ -1243,8 +1260,7 @@ struct raft *raft_new(const struct raft_config *cfg)
 {
     if (cfg->id == RAFT_NONE || cfg->election_tick < 2 || cfg->heartbeat_tick == 0 ||
         cfg->heartbeat_tick >= cfg->election_tick || cfg->max_inflight_msgs == 0 ||
-        cfg->max_inflight_bytes == 0 || cfg->snapshot_chunk_bytes == 0 ||
-        cfg->max_msg_bytes == 0)
+        cfg->max_inflight_bytes == 0 || cfg->snapshot_chunk_bytes == 0 || cfg->max_msg_bytes == 0)
         return NULL;
     struct raft *r = pb_xcalloc(1, sizeof(*r));
     r->cfg = *cfg;
@@ -1866,9 +1882,9 @@ const char *raft_role_name(enum raft_role role)
 const char *raft_msg_type_name(uint8_t type)
 {
     static const char *const names[] = {
-            "?",         "PROP",     "APP",         "APP_RESP",  "VOTE",
-            "VOTE_RESP", "PREVOTE",  "PREVOTE_RESP", "HEARTBEAT", "HEARTBEAT_RESP",
-            "SNAP",      "SNAP_RESP", "TIMEOUT_NOW", "READ_INDEX", "READ_INDEX_RESP",
+            "?",         "PROP",      "APP",          "APP_RESP",   "VOTE",
+            "VOTE_RESP", "PREVOTE",   "PREVOTE_RESP", "HEARTBEAT",  "HEARTBEAT_RESP",
+            "SNAP",      "SNAP_RESP", "TIMEOUT_NOW",  "READ_INDEX", "READ_INDEX_RESP",
     };
     return type < PB_ARRAY_SIZE(names) ? names[type] : "?";
 }

@@ -134,19 +134,19 @@ struct raft_snapshot_meta {
 };
 
 enum raft_msg_type {
-    RAFT_MSG_PROP = 1,      /* follower forwards proposals to the leader */
-    RAFT_MSG_APP,           /* AppendEntries */
-    RAFT_MSG_APP_RESP,      /* index = last matching index or rejected index */
-    RAFT_MSG_VOTE,          /* RequestVote: index/log_term = last entry */
+    RAFT_MSG_PROP = 1, /* follower forwards proposals to the leader */
+    RAFT_MSG_APP,      /* AppendEntries */
+    RAFT_MSG_APP_RESP, /* index = last matching index or rejected index */
+    RAFT_MSG_VOTE,     /* RequestVote: index/log_term = last entry */
     RAFT_MSG_VOTE_RESP,
-    RAFT_MSG_PREVOTE,       /* §9.6, term = the term the sender would use */
+    RAFT_MSG_PREVOTE, /* §9.6, term = the term the sender would use */
     RAFT_MSG_PREVOTE_RESP,
-    RAFT_MSG_HEARTBEAT,     /* commit, ctx = ReadIndex round */
+    RAFT_MSG_HEARTBEAT, /* commit, ctx = ReadIndex round */
     RAFT_MSG_HEARTBEAT_RESP,
-    RAFT_MSG_SNAP,          /* one chunk of InstallSnapshot */
-    RAFT_MSG_SNAP_RESP,     /* offset = bytes received so far */
-    RAFT_MSG_TIMEOUT_NOW,   /* leadership transfer: campaign now (§3.10) */
-    RAFT_MSG_READ_INDEX,    /* follower asks the leader for a read index */
+    RAFT_MSG_SNAP,        /* one chunk of InstallSnapshot */
+    RAFT_MSG_SNAP_RESP,   /* offset = bytes received so far */
+    RAFT_MSG_TIMEOUT_NOW, /* leadership transfer: campaign now (§3.10) */
+    RAFT_MSG_READ_INDEX,  /* follower asks the leader for a read index */
     RAFT_MSG_READ_INDEX_RESP,
 };
 #define RAFT_MSG_TYPE_MAX RAFT_MSG_READ_INDEX_RESP
@@ -165,8 +165,8 @@ struct raft_msg {
     uint64_t index;    /* APP: prev index; VOTE: last index; APP_RESP; SNAP: snap index */
     uint64_t log_term; /* APP: prev term; VOTE: last term; APP_RESP reject: hint term */
     uint64_t commit;
-    uint64_t hint;     /* APP_RESP reject: follower's probe hint index */
-    uint64_t ctx;      /* ReadIndex context / round */
+    uint64_t hint;              /* APP_RESP reject: follower's probe hint index */
+    uint64_t ctx;               /* ReadIndex context / round */
     struct raft_entry *entries; /* APP, PROP */
     size_t n_entries;
     /* SNAP and SNAP_RESP */
@@ -212,18 +212,18 @@ struct raft_ready {
 };
 
 struct raft_config {
-    uint64_t id;                /* this node, != RAFT_NONE */
-    uint64_t seed;              /* PRNG seed (election timeouts) */
-    unsigned election_tick;     /* T: timeouts are drawn from [T, 2T); default 10 */
-    unsigned heartbeat_tick;    /* default 1 */
-    size_t max_msg_bytes;       /* entry bytes per AppendEntries (at least one entry); 1 MiB */
-    unsigned max_inflight_msgs; /* per peer in replicate state; default 64 */
-    size_t max_inflight_bytes;  /* per peer; default 8 MiB */
+    uint64_t id;                  /* this node, != RAFT_NONE */
+    uint64_t seed;                /* PRNG seed (election timeouts) */
+    unsigned election_tick;       /* T: timeouts are drawn from [T, 2T); default 10 */
+    unsigned heartbeat_tick;      /* default 1 */
+    size_t max_msg_bytes;         /* entry bytes per AppendEntries (at least one entry); 1 MiB */
+    unsigned max_inflight_msgs;   /* per peer in replicate state; default 64 */
+    size_t max_inflight_bytes;    /* per peer; default 8 MiB */
     size_t max_uncommitted_bytes; /* leader refuses proposals beyond (-ENOBUFS); 64 MiB */
-    size_t snapshot_chunk_bytes; /* default 1 MiB */
-    uint64_t snapshot_trailing; /* entries kept behind a snapshot; default 128 */
-    uint64_t catchup_max_lag;   /* learner promotable when this close; default 64 */
-    bool disable_pre_vote;      /* both default on; switches exist for tests only */
+    size_t snapshot_chunk_bytes;  /* default 1 MiB */
+    uint64_t snapshot_trailing;   /* entries kept behind a snapshot; default 128 */
+    uint64_t catchup_max_lag;     /* learner promotable when this close; default 64 */
+    bool disable_pre_vote;        /* both default on; switches exist for tests only */
     bool disable_check_quorum;
 };
 
@@ -266,7 +266,7 @@ struct raft_status {
     uint64_t first_index;
     uint64_t last_index;
     uint64_t snapshot_index;
-    uint64_t transferee; /* leadership transfer target, or RAFT_NONE */
+    uint64_t transferee;                             /* leadership transfer target, or RAFT_NONE */
     struct raft_peer_status peers[RAFT_MAX_MEMBERS]; /* leader: progress; else conf only */
     size_t n_peers;
 };

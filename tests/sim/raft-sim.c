@@ -100,10 +100,10 @@ int main(int argc, char **argv)
            " ticks: %u failed\n"
            "  msgs=%" PRIu64 " dropped=%" PRIu64 " duplicated=%" PRIu64 " crashes=%" PRIu64
            " elections=%" PRIu64 " snapshots sent=%" PRIu64 " installed=%" PRIu64
-           " compactions=%" PRIu64 " conf changes=%" PRIu64 " transfers=%" PRIu64
-           " reads=%" PRIu64 " retried ops deduplicated=%" PRIu64 "\n",
+           " compactions=%" PRIu64 " conf changes=%" PRIu64 " transfers=%" PRIu64 " reads=%" PRIu64
+           " retried ops deduplicated=%" PRIu64 "\n",
            seeds, seed_start, nodes, ticks, failures, tot.msgs, tot.dropped, tot.duplicated,
-           tot.crashes, tot.elections, tot.snapshots_sent, tot.snapshots_installed,
-           tot.compactions, tot.conf_changes, tot.transfers, tot.reads, tot.dups);
+           tot.crashes, tot.elections, tot.snapshots_sent, tot.snapshots_installed, tot.compactions,
+           tot.conf_changes, tot.transfers, tot.reads, tot.dups);
     return failures ? 1 : 0;
 }

@@ -63,7 +63,7 @@ struct node {
 };
 
 struct client {
-    uint64_t seq;     /* op in flight (or last acked when !pending) */
+    uint64_t seq; /* op in flight (or last acked when !pending) */
     uint64_t acked;
     bool pending;
     uint64_t retry_at;
@@ -87,7 +87,7 @@ struct sim {
     uint64_t next_id;
     struct node nodes[SIM_MAX_SLOTS];
     bool blocked[SIM_MAX_SLOTS][SIM_MAX_SLOTS];
-    unsigned drop, dup, long_delay; /* per mille */
+    unsigned drop, dup, long_delay, leader_faults; /* per mille */
     bool chaos_on;
     struct sim_msg *net;
     size_t n_net, cap_net;
@@ -326,8 +326,9 @@ static void record_committed(struct sim *s, struct node *nd, const struct raft_e
         return;
     }
     if (s->com_term[e->index] != e->term || s->com_hash[e->index] != h)
-        fail(s, "state machine safety: n%" PRIu64 " applied index %" PRIu64 " term %" PRIu64
-                ", another node applied term %" PRIu64 " (or other content)",
+        fail(s,
+             "state machine safety: n%" PRIu64 " applied index %" PRIu64 " term %" PRIu64
+             ", another node applied term %" PRIu64 " (or other content)",
              nd->id, e->index, e->term, s->com_term[e->index]);
     else if (s->com_fsm[e->index] != nd->fsm.hash)
         fail(s, "state machine safety: n%" PRIu64 " state after %" PRIu64 " differs", nd->id,
@@ -403,8 +404,9 @@ static void check_sent(struct sim *s, struct node *nd, const struct raft_msg *m)
     case RAFT_MSG_VOTE_RESP:
         /* A later persisted term implies we never vote again in m->term. */
         if (!m->reject && d->hs.term <= m->term && (d->hs.term != m->term || d->hs.vote != m->to))
-            fail(s, "n%" PRIu64 " granted a vote for term %" PRIu64 " to n%" PRIu64
-                    " before persisting it (disk term %" PRIu64 " vote %" PRIu64 ")",
+            fail(s,
+                 "n%" PRIu64 " granted a vote for term %" PRIu64 " to n%" PRIu64
+                 " before persisting it (disk term %" PRIu64 " vote %" PRIu64 ")",
                  nd->id, m->term, m->to, d->hs.term, d->hs.vote);
         break;
     case RAFT_MSG_VOTE:
@@ -423,8 +425,8 @@ static void check_sent(struct sim *s, struct node *nd, const struct raft_msg *m)
     case RAFT_MSG_APP_RESP:
         if (!m->reject && m->index > 0 && m->index > disk_last(d) &&
             !(d->has_snap && d->snap_index >= m->index))
-            fail(s, "n%" PRIu64 " acknowledged index %" PRIu64 " not on its disk (last %" PRIu64
-                    ")",
+            fail(s,
+                 "n%" PRIu64 " acknowledged index %" PRIu64 " not on its disk (last %" PRIu64 ")",
                  nd->id, m->index, disk_last(d));
         break;
     case RAFT_MSG_SNAP_RESP:
@@ -506,7 +508,7 @@ static struct raft *node_core(struct sim *s, struct node *nd)
     cfg.seed = rnd(s);
     cfg.election_tick = ELECTION_TICK;
     cfg.heartbeat_tick = 2;
-    cfg.max_msg_bytes = 64;
+    cfg.max_msg_bytes = 16;
     cfg.max_inflight_msgs = 4;
     cfg.max_inflight_bytes = 256;
     cfg.snapshot_chunk_bytes = 48;
@@ -634,8 +636,8 @@ static void persist(struct sim *s, struct node *nd, const struct raft_ready *rd)
     if (rd->snapshot) {
         const struct raft_snapshot_meta *m = rd->snapshot;
         if (d->st_index != m->index || d->st_term != m->term || d->st_len != m->size) {
-            fail(s, "n%" PRIu64 " installs snapshot %" PRIu64 " but staged %" PRIu64 "/%zu",
-                 nd->id, m->index, d->st_index, d->st_len);
+            fail(s, "n%" PRIu64 " installs snapshot %" PRIu64 " but staged %" PRIu64 "/%zu", nd->id,
+                 m->index, d->st_index, d->st_len);
             return;
         }
         struct fsm f;
@@ -736,8 +738,8 @@ static void take_snapshot(struct sim *s, struct node *nd)
         d->first = meta.index + 1;
     nd->snap_every = 10 + rndn(s, 30);
     s->st.compactions++;
-    trace(s, "n%" PRIu64 " snapshot at %" PRIu64 " (%zu bytes), log compacted to %" PRIu64,
-          nd->id, meta.index, len, compact_to);
+    trace(s, "n%" PRIu64 " snapshot at %" PRIu64 " (%zu bytes), log compacted to %" PRIu64, nd->id,
+          meta.index, len, compact_to);
 }
 
 static void check_reads(struct sim *s, struct node *nd, const struct raft_ready *rd)
@@ -750,8 +752,9 @@ static void check_reads(struct sim *s, struct node *nd, const struct raft_ready 
             if (p->id != nd->id)
                 fail(s, "read %" PRIu64 " answered on the wrong node", p->ctx);
             else if (rd->reads[i].index < p->min_index)
-                fail(s, "stale ReadIndex: n%" PRIu64 " read %" PRIu64 " at %" PRIu64
-                        " but %" PRIu64 " was committed before it was issued",
+                fail(s,
+                     "stale ReadIndex: n%" PRIu64 " read %" PRIu64 " at %" PRIu64 " but %" PRIu64
+                     " was committed before it was issued",
                      nd->id, p->ctx, rd->reads[i].index, p->min_index);
             trace(s, "n%" PRIu64 " read %" PRIu64 " at index %" PRIu64, nd->id, p->ctx,
                   rd->reads[i].index);
@@ -820,8 +823,9 @@ static void check_roles(struct sim *s)
                         continue;
                     const struct raft_entry *e = raft_entry_at(nd->r, k);
                     if (e == NULL || e->term != s->com_term[k]) {
-                        fail(s, "leader completeness: n%" PRIu64 " leads term %" PRIu64
-                                " without committed entry %" PRIu64,
+                        fail(s,
+                             "leader completeness: n%" PRIu64 " leads term %" PRIu64
+                             " without committed entry %" PRIu64,
                              nd->id, term, k);
                         break;
                     }
@@ -881,8 +885,8 @@ int sim_propose(struct sim *s, unsigned slot, unsigned client)
     size_t len;
     op_data(client, cl->seq, data, sizeof(data), &len);
     int rc = raft_propose(nd->r, client + 1, cl->seq, data, len, NULL);
-    trace(s, "client %u proposes seq %" PRIu64 " via n%" PRIu64 ": %d", client + 1, cl->seq,
-          nd->id, rc);
+    trace(s, "client %u proposes seq %" PRIu64 " via n%" PRIu64 ": %d", client + 1, cl->seq, nd->id,
+          rc);
     cl->retry_at = s->now + (rc == 0 ? 30 + rndn(s, 50) : 3 + rndn(s, 5));
     return rc;
 }
@@ -1011,6 +1015,16 @@ static void chaos(struct sim *s)
             trace(s, "one-way block slot %u -> slot %u", a, b);
         }
     }
+    if (chance(s, s->leader_faults)) {
+        /* Leader churn is where commitment bugs (Figure 8) live. */
+        int l = find_leader(s);
+        if (l >= 0 && chance(s, 500)) {
+            sim_crash(s, (unsigned)l);
+        } else if (l >= 0) {
+            sim_isolate(s, (unsigned)l, true);
+            trace(s, "isolate leader n%" PRIu64, s->nodes[l].id);
+        }
+    }
     if (chance(s, 12))
         sim_heal(s);
     if (s->o.membership && chance(s, 8))
@@ -1022,8 +1036,8 @@ static void chaos(struct sim *s)
             if (c->n > 0) {
                 uint64_t to = c->members[rndn(s, (unsigned)c->n)].id;
                 int rc = raft_transfer_leader(s->nodes[l].r, to);
-                trace(s, "n%" PRIu64 " transfer leadership to n%" PRIu64 ": %d", s->nodes[l].id,
-                      to, rc);
+                trace(s, "n%" PRIu64 " transfer leadership to n%" PRIu64 ": %d", s->nodes[l].id, to,
+                      rc);
                 s->st.transfers += rc == 0;
             }
         }
@@ -1149,6 +1163,7 @@ struct sim *sim_new(const struct sim_opts *o)
     s->drop = rndn(s, 60);
     s->dup = rndn(s, 30);
     s->long_delay = rndn(s, 30);
+    s->leader_faults = rndn(s, 25);
     s->next_id = o->nodes + 1;
     for (unsigned i = 0; i < o->nodes; i++) {
         struct node *nd = &s->nodes[i];
@@ -1220,8 +1235,9 @@ void sim_restart(struct sim *s, unsigned slot)
     struct node *nd = &s->nodes[slot];
     if (!nd->exists || nd->r)
         return;
-    trace(s, "n%" PRIu64 " restart (disk term %" PRIu64 " vote %" PRIu64 " log [%" PRIu64
-             ", %" PRIu64 "] snap %" PRIu64 ")",
+    trace(s,
+          "n%" PRIu64 " restart (disk term %" PRIu64 " vote %" PRIu64 " log [%" PRIu64 ", %" PRIu64
+          "] snap %" PRIu64 ")",
           nd->id, nd->disk.hs.term, nd->disk.hs.vote, nd->disk.first, disk_last(&nd->disk),
           nd->disk.snap_index);
     node_start(s, nd);
@@ -1349,7 +1365,6 @@ int sim_run(struct sim *s)
             return 0;
         }
     }
-    fail(s, "liveness: no settled leader %u ticks after the network healed",
-         s->o.liveness_ticks);
+    fail(s, "liveness: no settled leader %u ticks after the network healed", s->o.liveness_ticks);
     return -1;
 }

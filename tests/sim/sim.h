@@ -31,11 +31,11 @@
 
 struct sim_opts {
     uint64_t seed;
-    unsigned nodes;   /* initial voters, 1..SIM_MAX_SLOTS */
-    unsigned steps;   /* chaos ticks for sim_run() */
-    bool trace;       /* print every event to stdout */
-    bool chaos;       /* random faults and workload in sim_tick() */
-    bool membership;  /* chaos includes membership changes */
+    unsigned nodes;          /* initial voters, 1..SIM_MAX_SLOTS */
+    unsigned steps;          /* chaos ticks for sim_run() */
+    bool trace;              /* print every event to stdout */
+    bool chaos;              /* random faults and workload in sim_tick() */
+    bool membership;         /* chaos includes membership changes */
     unsigned liveness_ticks; /* bound after healing (sim_run) */
 };
 
