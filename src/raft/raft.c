@@ -998,8 +998,9 @@ static void handle_append(struct raft *r, const struct raft_msg *m)
         }
         if (i < m->n_entries) {
             uint64_t from = m->entries[i].index;
+            if (from <= r->commit)
+                return; /* committed entries never conflict: a bogus leader */
             if (from <= last_index(r)) {
-                assert(from > r->commit); /* committed entries never conflict */
                 drop_stale_after(r, 0, from);
                 for (uint64_t k = from; k <= last_index(r); k++)
                     conf_changed |= r->ents[k - r->first].type == RAFT_ENTRY_CONF;

@@ -1292,6 +1292,9 @@ uint64_t sim_now(const struct sim *s)
 void sim_stats(const struct sim *s, struct sim_stats *st)
 {
     *st = s->st;
+    st->acked = 0;
+    for (unsigned c = 0; c < SIM_MAX_CLIENTS; c++)
+        st->acked += s->clients[c].acked;
 }
 
 int sim_wait_leader(struct sim *s, unsigned max, unsigned *slot)

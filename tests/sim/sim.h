@@ -78,7 +78,7 @@ int sim_add_learner(struct sim *s, unsigned leader_slot);
 /* Counters for reports. */
 struct sim_stats {
     uint64_t msgs, dropped, duplicated, crashes, elections, snapshots_sent, snapshots_installed;
-    uint64_t conf_changes, transfers, reads, dups, compactions;
+    uint64_t conf_changes, transfers, reads, dups, compactions, acked;
 };
 void sim_stats(const struct sim *s, struct sim_stats *st);
 
