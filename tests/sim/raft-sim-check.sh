@@ -6,7 +6,7 @@
 # per cluster size. Under sanitizers raft-sim --ci shortens each run (fewer
 # ticks per seed) but the seed count stays the same.
 sim="${top_builddir:-.}/tests/sim/raft-sim"
-seeds="${RAFT_SIM_SEEDS:-1200}"
+seeds="${RAFT_SIM_SEEDS:-2000}"
 
 echo "1..4"
 n=0

@@ -20,7 +20,7 @@
 
 /* --ci: ticks per seed in `make check`; shorter under ASan (same seeds). */
 #if defined(__SANITIZE_ADDRESS__)
-#define RAFT_SIM_CI_STEPS 400
+#define RAFT_SIM_CI_STEPS 600
 #else
 #define RAFT_SIM_CI_STEPS 1000
 #endif
@@ -115,9 +115,9 @@ int main(int argc, char **argv)
            "  msgs=%" PRIu64 " dropped=%" PRIu64 " duplicated=%" PRIu64 " crashes=%" PRIu64
            " elections=%" PRIu64 " snapshots sent=%" PRIu64 " installed=%" PRIu64
            " compactions=%" PRIu64 " conf changes=%" PRIu64 " transfers=%" PRIu64 " reads=%" PRIu64
-           " retried ops deduplicated=%" PRIu64 "\n",
+           " ops acknowledged=%" PRIu64 " retried ops deduplicated=%" PRIu64 "\n",
            seeds, seed_start, nodes, ticks, failures, tot.msgs, tot.dropped, tot.duplicated,
            tot.crashes, tot.elections, tot.snapshots_sent, tot.snapshots_installed, tot.compactions,
-           tot.conf_changes, tot.transfers, tot.reads, tot.dups);
+           tot.conf_changes, tot.transfers, tot.reads, tot.acked, tot.dups);
     return failures ? 1 : 0;
 }
