@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "lib/buf.h"
 #include "lib/util.h"
 #include "raft/raft.h"
 #include "sim/sim.h"
@@ -1076,6 +1077,110 @@ START_TEST(test_fuzz_step)
 }
 END_TEST
 
+START_TEST(test_codec_roundtrip)
+{
+    struct raft_entry ents[2] = {
+            {.term = 3,
+             .index = 7,
+             .client_id = 9,
+             .seq = 4,
+             .type = RAFT_ENTRY_NORMAL,
+             .data = (uint8_t *)"hello",
+             .len = 5},
+            {.term = 3, .index = 8, .type = RAFT_ENTRY_NOOP},
+    };
+    struct raft_msg m = {.type = RAFT_MSG_APP,
+                         .flags = RAFT_MSG_FLAG_DONE,
+                         .reject = true,
+                         .from = 1,
+                         .to = 2,
+                         .term = 3,
+                         .index = 6,
+                         .log_term = 2,
+                         .commit = 5,
+                         .hint = 4,
+                         .ctx = 11,
+                         .entries = ents,
+                         .n_entries = 2,
+                         .offset = 17,
+                         .data = (const uint8_t *)"chunk",
+                         .len = 5};
+    m.snap.index = 6;
+    m.snap.term = 2;
+    m.snap.size = 99;
+    m.snap.conf = (const uint8_t *)"conf";
+    m.snap.conf_len = 4;
+    struct buf b = BUF_INIT;
+    ck_assert_int_eq(raft_msg_encode(&m, &b), 0);
+    struct raft_msg d;
+    ck_assert_int_eq(raft_msg_decode(b.data, b.len, &d), 0);
+    ck_assert_int_eq(d.type, m.type);
+    ck_assert_int_eq(d.flags, m.flags);
+    ck_assert(d.reject);
+    ck_assert_uint_eq(d.from, 1);
+    ck_assert_uint_eq(d.to, 2);
+    ck_assert_uint_eq(d.term, 3);
+    ck_assert_uint_eq(d.index, 6);
+    ck_assert_uint_eq(d.log_term, 2);
+    ck_assert_uint_eq(d.commit, 5);
+    ck_assert_uint_eq(d.hint, 4);
+    ck_assert_uint_eq(d.ctx, 11);
+    ck_assert_uint_eq(d.n_entries, 2);
+    ck_assert_uint_eq(d.entries[0].client_id, 9);
+    ck_assert_uint_eq(d.entries[0].seq, 4);
+    ck_assert_mem_eq(d.entries[0].data, "hello", 5);
+    ck_assert_int_eq(d.entries[1].type, RAFT_ENTRY_NOOP);
+    ck_assert_uint_eq(d.snap.size, 99);
+    ck_assert_mem_eq(d.snap.conf, "conf", 4);
+    ck_assert_uint_eq(d.offset, 17);
+    ck_assert_mem_eq(d.data, "chunk", 5);
+    raft_msg_clear(&d);
+    /* every truncation fails cleanly; every bit flip decodes or fails */
+    for (size_t i = 0; i < b.len; i++) {
+        ck_assert_int_ne(raft_msg_decode(b.data, i, &d), 0);
+        for (int bit = 0; bit < 8; bit++) {
+            b.data[i] ^= (uint8_t)(1u << bit);
+            if (raft_msg_decode(b.data, b.len, &d) == 0)
+                raft_msg_clear(&d);
+            b.data[i] ^= (uint8_t)(1u << bit);
+        }
+    }
+    b.data[0] = 2;
+    ck_assert_int_eq(raft_msg_decode(b.data, b.len, &d), -EPROTO);
+    buf_free(&b);
+    /* a count that the bytes cannot hold is refused before allocating */
+    uint8_t lie[4 + 8 * 8 + 4];
+    memset(lie, 0, sizeof(lie));
+    lie[0] = RAFT_CODEC_VERSION;
+    lie[1] = RAFT_MSG_APP;
+    lie[sizeof(lie) - 2] = 0xff;
+    ck_assert_int_eq(raft_msg_decode(lie, sizeof(lie), &d), -EINVAL);
+    ck_assert_int_eq(raft_msg_decode(NULL, 0, &d), -EINVAL);
+    /* encoding refuses what it cannot represent */
+    struct raft_msg bad = {.type = RAFT_MSG_SNAP, .len = 5};
+    ck_assert_int_eq(raft_msg_encode(&bad, &b), -EINVAL);
+    bad.type = 0;
+    ck_assert_int_eq(raft_msg_encode(&bad, &b), -EINVAL);
+    struct raft_entry be = {.type = 7};
+    struct raft_msg bm = {.type = RAFT_MSG_APP, .entries = &be, .n_entries = 1};
+    ck_assert_int_eq(raft_msg_encode(&bm, &b), -EINVAL);
+    ck_assert_uint_eq(b.len, 0);
+    /* entries on their own */
+    ck_assert_int_eq(raft_entry_encode(&ents[0], &b), 0);
+    struct raft_entry e;
+    ck_assert_int_eq(raft_entry_decode(b.data, b.len, &e), 0);
+    ck_assert_uint_eq(e.index, 7);
+    ck_assert_mem_eq(e.data, "hello", 5);
+    free(e.data);
+    for (size_t i = 0; i < b.len; i++)
+        ck_assert_int_ne(raft_entry_decode(b.data, i, &e), 0);
+    b.data[0] = 9;
+    ck_assert_int_eq(raft_entry_decode(b.data, b.len, &e), -EPROTO);
+    ck_assert_int_eq(raft_entry_encode(&be, &b), -EINVAL);
+    buf_free(&b);
+}
+END_TEST
+
 static Suite *raft_suite(void)
 {
     Suite *s = suite_create("raft");
@@ -1089,6 +1194,7 @@ static Suite *raft_suite(void)
     tcase_add_test(tc, test_snapshot_onto_conflicting_log);
     tcase_add_test(tc, test_duplicate_append_keeps_log);
     tcase_add_test(tc, test_conf_codec);
+    tcase_add_test(tc, test_codec_roundtrip);
     tcase_add_test(tc, test_api_errors);
     tcase_add_test(tc, test_fuzz_step);
     suite_add_tcase(s, tc);

@@ -369,4 +369,24 @@ int raft_conf_copy(struct raft_conf *dst, const struct raft_conf *src);
 /* Member with id, or NULL. */
 const struct raft_member *raft_conf_find(const struct raft_conf *conf, uint64_t id);
 
+/* ---- Wire codec (codec.c): versioned, bounds-checked, for the network
+ * layer and the store. Encoding appends to b. A SNAP message must carry its
+ * chunk (data != NULL or len == 0). Decoding validates untrusted bytes and
+ * never reads past len; on success the message owns copies of everything
+ * (free with raft_msg_clear()); -EINVAL on malformed input, -EPROTO on an
+ * unknown version. Limits: RAFT_CODEC_MAX_ENTRIES entries per message,
+ * RAFT_CODEC_MAX_DATA bytes per entry or chunk. */
+#define RAFT_CODEC_VERSION     1
+#define RAFT_CODEC_MAX_ENTRIES 65536
+#define RAFT_CODEC_MAX_DATA    (64u << 20)
+
+struct buf;
+int raft_msg_encode(const struct raft_msg *m, struct buf *b);
+int raft_msg_decode(const uint8_t *p, size_t len, struct raft_msg *m);
+void raft_msg_clear(struct raft_msg *m);
+/* One entry (for the store's log rows): same rules. raft_entry_decode
+ * allocates e->data (free() it). */
+int raft_entry_encode(const struct raft_entry *e, struct buf *b);
+int raft_entry_decode(const uint8_t *p, size_t len, struct raft_entry *e);
+
 #endif

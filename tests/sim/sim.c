@@ -378,11 +378,7 @@ dup:
 
 static void msg_free(struct raft_msg *m)
 {
-    for (size_t i = 0; i < m->n_entries; i++)
-        free(m->entries[i].data);
-    free(m->entries);
-    free((void *)(uintptr_t)m->snap.conf);
-    free((void *)(uintptr_t)m->data);
+    raft_msg_clear(m);
 }
 
 static void describe(char *buf, size_t n, const struct raft_msg *m)
@@ -448,31 +444,26 @@ static void net_push(struct sim *s, const struct sim_msg *sm)
     s->net[s->n_net++] = *sm;
 }
 
+/* Every message crosses the wire codec, as it will between real nodes. */
 static bool msg_copy(struct sim *s, struct node *from, const struct raft_msg *m, struct raft_msg *d)
 {
-    *d = *m;
-    d->entries = NULL;
-    d->snap.conf = NULL;
-    d->data = NULL;
+    struct raft_msg tmp = *m;
     if (m->type == RAFT_MSG_SNAP && m->data == NULL) {
         /* The application serves chunks of its current snapshot. */
         const struct disk *dk = &from->disk;
         if (!dk->has_snap || dk->snap_index != m->snap.index || m->offset + m->len > dk->snap_size)
             return false;
-        d->data = dup_bytes(dk->snap_data + m->offset, m->len);
+        tmp.data = dk->snap_data + m->offset;
         s->st.snapshots_sent += m->offset == 0;
-    } else if (m->data != NULL) {
-        d->data = dup_bytes(m->data, m->len);
     }
-    if (m->n_entries) {
-        d->entries = pb_xcalloc(m->n_entries, sizeof(*d->entries));
-        for (size_t i = 0; i < m->n_entries; i++) {
-            d->entries[i] = m->entries[i];
-            d->entries[i].data = dup_bytes(m->entries[i].data, m->entries[i].len);
-        }
-    }
-    d->snap.conf = dup_bytes(m->snap.conf, m->snap.conf_len);
-    return true;
+    struct buf b = BUF_INIT;
+    int rc = raft_msg_encode(&tmp, &b);
+    if (rc == 0)
+        rc = raft_msg_decode(b.data, b.len, d);
+    buf_free(&b);
+    if (rc != 0)
+        fail(s, "codec: %s message does not round-trip: %d", raft_msg_type_name(m->type), rc);
+    return rc == 0;
 }
 
 static void net_send(struct sim *s, struct node *from, const struct raft_msg *m)
@@ -492,7 +483,8 @@ static void net_send(struct sim *s, struct node *from, const struct raft_msg *m)
     net_push(s, &sm);
     if (s->chaos_on && chance(s, s->dup)) {
         struct sim_msg dup;
-        msg_copy(s, from, &sm.m, &dup.m);
+        if (!msg_copy(s, from, &sm.m, &dup.m))
+            return;
         dup.at = s->now + 1 + rndn(s, 2 * ELECTION_TICK);
         net_push(s, &dup);
         s->st.duplicated++;
