@@ -1132,9 +1132,6 @@ static void handle_snapshot(struct raft *r, const struct raft_msg *m)
         resp->offset = r->rx_index == m->snap.index && r->rx_from == m->from ? r->rx_offset : 0;
         return;
     }
-    if (r->chunk_pending &&
-        (r->chunk.index != m->snap.index || r->chunk.offset + r->chunk.len != m->offset))
-        r->chunk_pending = false;
     chunk_stage(r, m);
     r->rx_offset += m->len;
     resp = msg_new(r, RAFT_MSG_SNAP_RESP, m->from);
