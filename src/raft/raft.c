@@ -1820,6 +1820,8 @@ void raft_status(const struct raft *r, struct raft_status *st)
     for (size_t i = 0; i < r->conf.n; i++) {
         struct raft_peer_status *p = &st->peers[st->n_peers++];
         p->id = r->conf.members[i].id;
+        p->ctx = r->conf.members[i].ctx;
+        p->ctx_len = r->conf.members[i].ctx_len;
         p->role = r->conf.members[i].role;
         if (r->role == RAFT_LEADER) {
             for (size_t j = 0; j < r->n_prs; j++) {

@@ -29,6 +29,15 @@
  *   If the node crashes before the persist completed, nothing of rd counts:
  *   restart from what is on disk with raft_restore().
  *
+ * Ownership. Everything passed in (messages, proposal data, configurations,
+ * contexts, restore state) is copied: the caller keeps its buffers. Entry
+ * payloads belong to the core's in-memory log; rd.entries, rd.committed and
+ * the entries of outgoing messages point into it, which is why the core is
+ * frozen until raft_advance(). Received snapshot chunks are copied into a
+ * core buffer exposed as rd.chunk. The leader counts itself in a quorum only
+ * up to its persisted index (raft_advance), so even a single-node cluster
+ * never commits what is not on its disk.
+ *
  * Snapshots. The application produces a snapshot of its state machine at an
  * applied index, keeps it, and calls raft_snapshot_taken(); the core then
  * compacts its in-memory log (keeping cfg.snapshot_trailing entries) and
@@ -57,6 +66,9 @@
  * snapshots and survives restarts); an entry whose seq is not above the
  * session's is skipped at apply time. Each client has one op in flight and
  * uses seq = last acknowledged + 1. tests/sim proves this under retries.
+ * Why apply-side (dissertation §6.3): the dedup state must be part of the
+ * replicated state (snapshots, restarts, every node deciding alike), and
+ * session expiry is application policy; the core only carries the key.
  *
  * Threading: none; a struct raft is used by one thread at a time.
  * Errors: functions return 0 or a negative errno. -EBUSY: frozen (between
@@ -241,6 +253,8 @@ struct raft_restore_state {
 
 struct raft_peer_status {
     uint64_t id;
+    const uint8_t *ctx; /* member context (points into the core, see below) */
+    size_t ctx_len;
     uint8_t role;  /* enum raft_member_role */
     uint8_t state; /* enum raft_progress_state, leader only */
     uint64_t match;
@@ -328,8 +342,11 @@ int raft_change_conf(struct raft *r, enum raft_conf_change type, uint64_t id, co
 int raft_transfer_leader(struct raft *r, uint64_t target);
 
 /* Linearizable read barrier (§6.4). The result comes back in a later
- * rd.reads with the same ctx. On a follower the request goes to the leader.
- * -EAGAIN no leader known or the leader has not committed in its term. */
+ * rd.reads with the same ctx: serve the read once the state machine applied
+ * up to its index. On a follower the request goes to the leader. Requests
+ * are dropped, without an answer, on a leadership change or a lost message:
+ * time out and retry. -EAGAIN no leader known or the leader has not
+ * committed in its term yet. */
 int raft_read_index(struct raft *r, uint64_t ctx);
 
 /* The application took a snapshot of its state machine at index (<= applied)
@@ -346,9 +363,11 @@ bool raft_ready(struct raft *r, struct raft_ready *rd);
 /* The application persisted, sent and applied everything in rd. */
 void raft_advance(struct raft *r, const struct raft_ready *rd);
 
-/* Introspection for `status`. */
+/* Introspection for `status`. Pointers inside st (member contexts) and the
+ * ones returned below point into the core: valid until the next call that
+ * takes a non-const struct raft. */
 void raft_status(const struct raft *r, struct raft_status *st);
-/* Configuration in effect (pointer valid until the next call on r). */
+/* Configuration in effect (the latest appended, committed or not). */
 const struct raft_conf *raft_conf(const struct raft *r);
 /* Entry at index if still in the in-memory log, else NULL. */
 const struct raft_entry *raft_entry_at(const struct raft *r, uint64_t index);

@@ -33,7 +33,7 @@ static void usage(void)
 
 int main(int argc, char **argv)
 {
-    uint64_t seed_start = 1, seeds = 100, nodes = 3, steps = 1000, liveness = 1000;
+    uint64_t seed_start = 1, seeds = 100, nodes = 3, steps = 1000, liveness = 600;
     bool trace = false, membership = true, ci = false, steps_given = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -105,6 +105,8 @@ int main(int argc, char **argv)
         tot.dups += st.dups;
         tot.compactions += st.compactions;
         tot.acked += st.acked;
+        if (st.settle_ticks > tot.settle_ticks)
+            tot.settle_ticks = st.settle_ticks;
         ticks += sim_now(s);
         sim_free(s);
         if (failures >= 10)
@@ -115,9 +117,11 @@ int main(int argc, char **argv)
            "  msgs=%" PRIu64 " dropped=%" PRIu64 " duplicated=%" PRIu64 " crashes=%" PRIu64
            " elections=%" PRIu64 " snapshots sent=%" PRIu64 " installed=%" PRIu64
            " compactions=%" PRIu64 " conf changes=%" PRIu64 " transfers=%" PRIu64 " reads=%" PRIu64
-           " ops acknowledged=%" PRIu64 " retried ops deduplicated=%" PRIu64 "\n",
+           " ops acknowledged=%" PRIu64 " retried ops deduplicated=%" PRIu64
+           "\n  slowest settle after healing: %" PRIu64 " ticks (bound %" PRIu64 ")\n",
            seeds, seed_start, nodes, ticks, failures, tot.msgs, tot.dropped, tot.duplicated,
            tot.crashes, tot.elections, tot.snapshots_sent, tot.snapshots_installed, tot.compactions,
-           tot.conf_changes, tot.transfers, tot.reads, tot.acked, tot.dups);
+           tot.conf_changes, tot.transfers, tot.reads, tot.acked, tot.dups, tot.settle_ticks,
+           liveness);
     return failures ? 1 : 0;
 }

@@ -1054,11 +1054,11 @@ static void chaos(struct sim *s)
 
 static void deliver(struct sim *s)
 {
-    size_t due[4096], n = 0;
-    for (size_t i = 0; i < s->n_net && n < PB_ARRAY_SIZE(due); i++)
+    size_t *due = pb_xcalloc(s->n_net ? s->n_net : 1, sizeof(*due)), n = 0;
+    for (size_t i = 0; i < s->n_net; i++)
         if (s->net[i].at <= s->now)
             due[n++] = i;
-    /* shuffle, then deliver in that order (highest index first removal) */
+    /* shuffle: messages due in the same tick arrive in any order */
     for (size_t i = n; i > 1; i--) {
         size_t j = rndn(s, (unsigned)i);
         size_t t = due[i - 1];
@@ -1101,6 +1101,7 @@ static void deliver(struct sim *s)
     }
     free(batch);
     free(keep);
+    free(due);
 }
 
 int sim_tick(struct sim *s)
@@ -1137,7 +1138,7 @@ void sim_opts_init(struct sim_opts *o, uint64_t seed, unsigned nodes)
     o->steps = 1000;
     o->chaos = true;
     o->membership = true;
-    o->liveness_ticks = 1000;
+    o->liveness_ticks = 600;
 }
 
 struct sim *sim_new(const struct sim_opts *o)
@@ -1356,6 +1357,7 @@ int sim_run(struct sim *s)
         if (sim_tick(s) != 0)
             return -1;
         if (settled(s)) {
+            s->st.settle_ticks = s->now - healed_at;
             trace(s, "settled %" PRIu64 " ticks after healing", s->now - healed_at);
             return 0;
         }

@@ -79,6 +79,7 @@ int sim_add_learner(struct sim *s, unsigned leader_slot);
 struct sim_stats {
     uint64_t msgs, dropped, duplicated, crashes, elections, snapshots_sent, snapshots_installed;
     uint64_t conf_changes, transfers, reads, dups, compactions, acked;
+    uint64_t settle_ticks; /* ticks from healing to settled (sim_run) */
 };
 void sim_stats(const struct sim *s, struct sim_stats *st);
 
