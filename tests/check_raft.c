@@ -1181,6 +1181,162 @@ START_TEST(test_codec_roundtrip)
 }
 END_TEST
 
+/* A follower that missed compacted entries catches up by snapshot. */
+START_TEST(test_snapshot_catch_up)
+{
+    struct sim *s = quiet_sim(3, 13);
+    unsigned l;
+    ck_assert_int_eq(sim_wait_leader(s, 300, &l), 0);
+    unsigned f = (l + 1) % 3;
+    sim_isolate(s, f, true);
+    for (int i = 0; i < 60; i++)
+        sim_commit_op(s, l, (unsigned)i % 3);
+    struct raft_status st;
+    raft_status(sim_raft(s, l), &st);
+    ck_assert_uint_gt(st.snapshot_index, 0);
+    ck_assert_uint_gt(st.first_index, 2); /* the log was compacted */
+    struct sim_stats before, after;
+    sim_stats(s, &before);
+    sim_isolate(s, f, false);
+    sim_ticks(s, 200);
+    sim_stats(s, &after);
+    ck_assert_uint_gt(after.snapshots_installed, before.snapshots_installed);
+    ck_assert_uint_eq(sim_applied_ops(s, f), sim_applied_ops(s, l));
+    sim_free(s);
+}
+END_TEST
+
+/* Restarting from inconsistent persisted state is refused, not guessed. */
+START_TEST(test_restore_validation)
+{
+    struct raft_config cfg;
+    raft_config_init(&cfg, 1);
+    struct raft_conf conf = conf_of(3);
+    uint8_t *enc;
+    size_t len;
+    ck_assert_int_eq(raft_conf_encode(&conf, &enc, &len), 0);
+    struct raft_entry ents[3] = {
+            {.term = 1, .index = 5}, {.term = 2, .index = 6}, {.term = 2, .index = 7}};
+    struct raft_snapshot_meta snap = {
+            .index = 5, .term = 1, .size = 3, .conf = enc, .conf_len = len};
+    struct raft_restore_state st = {.hs = {.term = 2, .commit = 6},
+                                    .snapshot = &snap,
+                                    .entries = ents,
+                                    .n_entries = 3,
+                                    .applied = 5};
+    struct raft *r = raft_new(&cfg);
+    ck_assert_int_eq(raft_restore(r, &st), 0); /* trailing entry 5 gives its term */
+    struct raft_status rs;
+    raft_status(r, &rs);
+    ck_assert_uint_eq(rs.first_index, 6);
+    ck_assert_uint_eq(rs.last_index, 7);
+    ck_assert_uint_eq(rs.commit, 6);
+    ck_assert_uint_eq(rs.applied, 5);
+    ck_assert_uint_eq(raft_conf(r)->n, 3);
+    struct raft_ready rd;
+    ck_assert(raft_ready(r, &rd));
+    ck_assert_uint_eq(rd.n_committed, 1); /* 6 is committed, not yet applied */
+    raft_advance(r, &rd);
+    raft_free(r);
+
+    struct raft_restore_state bad = st;
+    ents[1].index = 9; /* not contiguous */
+    r = raft_new(&cfg);
+    ck_assert_int_eq(raft_restore(r, &bad), -EINVAL);
+    raft_free(r);
+    ents[1].index = 6;
+    ents[0].term = 2; /* entry at the snapshot index with another term */
+    r = raft_new(&cfg);
+    ck_assert_int_eq(raft_restore(r, &bad), -EINVAL);
+    raft_free(r);
+    ents[0].term = 1;
+    bad.hs.commit = 9; /* commit beyond the log */
+    r = raft_new(&cfg);
+    ck_assert_int_eq(raft_restore(r, &bad), -EINVAL);
+    raft_free(r);
+    bad = st;
+    bad.entries = ents + 2; /* gap after the snapshot */
+    bad.n_entries = 1;
+    r = raft_new(&cfg);
+    ck_assert_int_eq(raft_restore(r, &bad), -EINVAL);
+    raft_free(r);
+    bad = st;
+    snap.conf_len = 2; /* corrupt configuration */
+    r = raft_new(&cfg);
+    ck_assert_int_eq(raft_restore(r, &bad), -EINVAL);
+    raft_free(r);
+    snap.conf_len = len;
+    bad.hs.term = 1; /* entries from a term above the hard state */
+    r = raft_new(&cfg);
+    ck_assert_int_eq(raft_restore(r, &bad), -EINVAL);
+    raft_free(r);
+    /* entries all before the snapshot are dropped */
+    bad = st;
+    bad.n_entries = 1;
+    bad.hs.commit = 5;
+    r = raft_new(&cfg);
+    ck_assert_int_eq(raft_restore(r, &bad), 0);
+    raft_status(r, &rs);
+    ck_assert_uint_eq(rs.last_index, 5);
+    raft_free(r);
+    free(enc);
+}
+END_TEST
+
+/* Back-pressure and an unreachable transfer target. */
+START_TEST(test_limits_and_transfer_timeout)
+{
+    struct tc c;
+    memset(&c, 0, sizeof(c));
+    tc_bootstrap(&c, 3);
+    tc_run(&c, 30);
+    uint64_t l = tc_leader(&c), t = l == 1 ? 2 : 1;
+    ck_assert_uint_ne(l, 0);
+    /* transfer to a node that never answers: aborted after a timeout */
+    raft_free(c.r[t]);
+    c.r[t] = NULL;
+    ck_assert_int_eq(raft_transfer_leader(c.r[l], t), 0);
+    ck_assert_int_eq(raft_transfer_leader(c.r[l], t), 0);
+    ck_assert_int_eq(raft_transfer_leader(c.r[l], 6 - l - t), -EBUSY);
+    ck_assert_int_eq(raft_change_conf(c.r[l], RAFT_CONF_REMOVE, t, NULL, 0), -EBUSY);
+    tc_run(&c, 12);
+    struct raft_status st;
+    raft_status(c.r[l], &st);
+    ck_assert_int_eq(st.role, RAFT_LEADER);
+    ck_assert_uint_eq(st.transferee, RAFT_NONE);
+    ck_assert_int_eq(raft_propose(c.r[l], 1, 1, "x", 1, NULL), 0);
+    tc_free(&c);
+
+    /* max_uncommitted_bytes */
+    struct raft_config cfg;
+    raft_config_init(&cfg, 1);
+    cfg.max_uncommitted_bytes = 10;
+    struct raft *r = raft_new(&cfg);
+    struct raft_conf two = conf_of(2);
+    raft_bootstrap(r, &two);
+    struct raft_msg tn = {.type = RAFT_MSG_TIMEOUT_NOW, .from = 2, .to = 1, .term = 1};
+    raft_step(r, &tn);
+    struct raft_ready rd;
+    while (raft_ready(r, &rd))
+        raft_advance(r, &rd);
+    struct raft_msg vr = {.type = RAFT_MSG_VOTE_RESP, .from = 2, .to = 1, .term = 2};
+    raft_step(r, &vr);
+    ck_assert_int_eq(raft_role(r), RAFT_LEADER);
+    ck_assert_int_eq(raft_propose(r, 1, 1, "12345678", 8, NULL), 0);
+    ck_assert_int_eq(raft_propose(r, 1, 2, "12345678", 8, NULL), -ENOBUFS);
+    /* a forwarded proposal beyond the limit is dropped too */
+    struct raft_entry pe = {.client_id = 1, .seq = 3, .data = (uint8_t *)"12345678", .len = 8};
+    struct raft_msg prop = {
+            .type = RAFT_MSG_PROP, .from = 2, .to = 1, .entries = &pe, .n_entries = 1};
+    raft_step(r, &prop);
+    raft_status(r, &st);
+    ck_assert_uint_eq(st.last_index, 3); /* conf, no-op, first proposal */
+    while (raft_ready(r, &rd))
+        raft_advance(r, &rd);
+    raft_free(r);
+}
+END_TEST
+
 static Suite *raft_suite(void)
 {
     Suite *s = suite_create("raft");
@@ -1197,6 +1353,8 @@ static Suite *raft_suite(void)
     tcase_add_test(tc, test_codec_roundtrip);
     tcase_add_test(tc, test_api_errors);
     tcase_add_test(tc, test_fuzz_step);
+    tcase_add_test(tc, test_restore_validation);
+    tcase_add_test(tc, test_limits_and_transfer_timeout);
     suite_add_tcase(s, tc);
     TCase *ts = tcase_create("sim");
     tcase_set_timeout(ts, 120);
@@ -1208,6 +1366,7 @@ static Suite *raft_suite(void)
     tcase_add_test(ts, test_read_index);
     tcase_add_test(ts, test_sim_exactly_once);
     tcase_add_test(ts, test_crash_restart);
+    tcase_add_test(ts, test_snapshot_catch_up);
     suite_add_tcase(s, ts);
     return s;
 }
