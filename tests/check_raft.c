@@ -46,6 +46,7 @@ static uint8_t *dup_bytes(const void *p, size_t n)
 static void msg_copy(struct raft_msg *d, const struct raft_msg *m)
 {
     *d = *m;
+    d->entries = NULL;
     if (m->n_entries) {
         d->entries = pb_xcalloc(m->n_entries, sizeof(*d->entries));
         for (size_t i = 0; i < m->n_entries; i++) {
@@ -1283,6 +1284,33 @@ START_TEST(test_restore_validation)
 }
 END_TEST
 
+/* A follower with a stale view passes a proposal on, a bounded number of
+ * hops. */
+START_TEST(test_forwarding_hops)
+{
+    struct tc c;
+    memset(&c, 0, sizeof(c));
+    tc_bootstrap(&c, 3);
+    tc_run(&c, 30);
+    uint64_t l = tc_leader(&c), f = l == 1 ? 2 : 1, g = 6 - l - f;
+    ck_assert_uint_ne(l, 0);
+    uint64_t last = tc_last(&c, l);
+    struct raft_entry e = {.client_id = 3, .seq = 1, .data = (uint8_t *)"op", .len = 2};
+    struct raft_msg prop = {
+            .type = RAFT_MSG_PROP, .from = f, .to = g, .entries = &e, .n_entries = 1};
+    raft_step(c.r[g], &prop);
+    tc_flush(&c, g);
+    tc_deliver(&c, g, l, RAFT_MSG_PROP);
+    ck_assert_uint_eq(tc_last(&c, l), last + 1);
+    ck_assert_uint_eq(raft_entry_at(c.r[l], last + 1)->client_id, 3);
+    prop.ctx = 2; /* already travelled too far */
+    raft_step(c.r[g], &prop);
+    tc_flush(&c, g);
+    ck_assert_uint_eq(tc_deliver(&c, g, l, RAFT_MSG_PROP), 0);
+    tc_free(&c);
+}
+END_TEST
+
 /* Back-pressure and an unreachable transfer target. */
 START_TEST(test_limits_and_transfer_timeout)
 {
@@ -1354,6 +1382,7 @@ static Suite *raft_suite(void)
     tcase_add_test(tc, test_api_errors);
     tcase_add_test(tc, test_fuzz_step);
     tcase_add_test(tc, test_restore_validation);
+    tcase_add_test(tc, test_forwarding_hops);
     tcase_add_test(tc, test_limits_and_transfer_timeout);
     suite_add_tcase(s, tc);
     TCase *ts = tcase_create("sim");

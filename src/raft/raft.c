@@ -1143,6 +1143,26 @@ static void handle_snapshot(struct raft *r, const struct raft_msg *m)
     }
 }
 
+#define RAFT_PROP_MAX_HOPS 2
+
+static void forward_props(struct raft *r, const struct raft_entry *ents, size_t n, uint64_t hops)
+{
+    if (n == 0)
+        return;
+    struct raft_msg *m = msg_new(r, RAFT_MSG_PROP, r->lead);
+    m->term = 0;
+    m->ctx = hops;
+    m->entries = pb_xcalloc(n, sizeof(*m->entries));
+    m->n_entries = n;
+    for (size_t i = 0; i < n; i++) {
+        m->entries[i].client_id = ents[i].client_id;
+        m->entries[i].seq = ents[i].seq;
+        m->entries[i].type = RAFT_ENTRY_NORMAL;
+        m->entries[i].data = dup_bytes(ents[i].data, ents[i].len);
+        m->entries[i].len = ents[i].data != NULL ? ents[i].len : 0;
+    }
+}
+
 static void step_follower(struct raft *r, const struct raft_msg *m)
 {
     switch (m->type) {
@@ -1169,6 +1189,12 @@ static void step_follower(struct raft *r, const struct raft_msg *m)
     case RAFT_MSG_READ_INDEX_RESP:
         if (m->from == r->lead)
             read_state_push(r, m->ctx, m->index);
+        break;
+    case RAFT_MSG_PROP:
+        /* Sent to us as if we led (a stale view): pass it on, a bounded
+         * number of hops (ctx counts them) so that stale views cannot loop. */
+        if (r->lead != RAFT_NONE && r->lead != m->from && m->ctx < RAFT_PROP_MAX_HOPS)
+            forward_props(r, m->entries, m->n_entries, m->ctx + 1);
         break;
     default:
         break;
@@ -1528,15 +1554,9 @@ int raft_propose(struct raft *r, uint64_t client_id, uint64_t seq, const void *d
     }
     if (r->role != RAFT_FOLLOWER || r->lead == RAFT_NONE)
         return -EAGAIN;
-    struct raft_msg *m = msg_new(r, RAFT_MSG_PROP, r->lead);
-    m->term = 0;
-    m->entries = pb_xcalloc(1, sizeof(*m->entries));
-    m->n_entries = 1;
-    m->entries[0].client_id = client_id;
-    m->entries[0].seq = seq;
-    m->entries[0].type = RAFT_ENTRY_NORMAL;
-    m->entries[0].data = dup_bytes(data, len);
-    m->entries[0].len = len;
+    struct raft_entry e = {
+            .client_id = client_id, .seq = seq, .data = (uint8_t *)(uintptr_t)data, .len = len};
+    forward_props(r, &e, 1, 0);
     return 0;
 }
 

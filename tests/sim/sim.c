@@ -473,6 +473,7 @@ static void net_send(struct sim *s, struct node *from, const struct raft_msg *m)
     s->st.msgs++;
     if (s->chaos_on && chance(s, s->drop)) {
         s->st.dropped++;
+        trace(s, "drop n%" PRIu64 "->n%" PRIu64 " %s", m->from, m->to, raft_msg_type_name(m->type));
         return;
     }
     if (!msg_copy(s, from, m, &sm.m))
@@ -760,6 +761,15 @@ static void check_reads(struct sim *s, struct node *nd, const struct raft_ready 
 static void complete_ready(struct sim *s, struct node *nd)
 {
     struct raft_ready *rd = &nd->rd;
+    if (s->o.trace && (rd->hs_changed || rd->n_entries || rd->n_committed))
+        trace(s,
+              "n%" PRIu64 " persisted term=%" PRIu64 " vote=%" PRIu64 " commit=%" PRIu64
+              " entries=[%" PRIu64 "..%" PRIu64 "], applies [%" PRIu64 "..%" PRIu64 "]",
+              nd->id, rd->hs.term, rd->hs.vote, rd->hs.commit,
+              rd->n_entries ? rd->entries[0].index : 0,
+              rd->n_entries ? rd->entries[rd->n_entries - 1].index : 0,
+              rd->n_committed ? rd->committed[0].index : 0,
+              rd->n_committed ? rd->committed[rd->n_committed - 1].index : 0);
     persist(s, nd, rd);
     for (size_t i = 0; i < rd->n_msgs_after_persist; i++)
         net_send(s, nd, &rd->msgs_after_persist[i]);
@@ -781,6 +791,7 @@ static void process_ready(struct sim *s, struct node *nd)
         if (s->chaos_on && chance(s, 300)) {
             nd->busy = true;
             nd->busy_until = s->now + 1 + rndn(s, 3);
+            trace(s, "n%" PRIu64 " persisting until t=%" PRIu64, nd->id, nd->busy_until);
             return;
         }
         complete_ready(s, nd);
