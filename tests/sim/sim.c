@@ -88,6 +88,7 @@ struct sim {
     struct node nodes[SIM_MAX_SLOTS];
     bool blocked[SIM_MAX_SLOTS][SIM_MAX_SLOTS];
     unsigned drop, dup, long_delay, leader_faults; /* per mille */
+    unsigned skew[SIM_MAX_SLOTS];                  /* per mille of missed ticks */
     bool chaos_on;
     struct sim_msg *net;
     size_t n_net, cap_net;
@@ -1129,7 +1130,8 @@ int sim_tick(struct sim *s)
             continue;
         if (nd->busy && nd->busy_until <= s->now)
             complete_ready(s, nd);
-        if (!nd->busy)
+        /* clocks drift: a node sometimes misses a tick */
+        if (!nd->busy && !(s->chaos_on && chance(s, s->skew[i])))
             raft_tick(nd->r);
     }
     for (int i = 0; i < SIM_MAX_SLOTS; i++)
@@ -1168,6 +1170,8 @@ struct sim *sim_new(const struct sim_opts *o)
     s->dup = rndn(s, 30);
     s->long_delay = rndn(s, 30);
     s->leader_faults = rndn(s, 25);
+    for (int i = 0; i < SIM_MAX_SLOTS; i++)
+        s->skew[i] = rndn(s, 4) == 0 ? rndn(s, 150) : 0;
     s->next_id = o->nodes + 1;
     for (unsigned i = 0; i < o->nodes; i++) {
         struct node *nd = &s->nodes[i];
