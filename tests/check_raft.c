@@ -717,6 +717,34 @@ START_TEST(test_partitioned_node_rejoins_quietly)
 }
 END_TEST
 
+/* Leader stickiness (§4.2.3): a follower that stops hearing the leader (a
+ * one-way partition) campaigns, but the others, who still hear the leader,
+ * ignore it even though its log is as good as theirs. */
+START_TEST(test_leader_stickiness)
+{
+    struct sim *s = quiet_sim(3, 17);
+    unsigned l;
+    ck_assert_int_eq(sim_wait_leader(s, 300, &l), 0);
+    sim_commit_op(s, l, 0);
+    uint64_t term = raft_term(sim_raft(s, l));
+    unsigned f = (l + 1) % 3;
+    sim_block(s, l, f, true);
+    bool campaigned = false;
+    for (int i = 0; i < 150; i++) {
+        sim_ticks(s, 1);
+        campaigned |= raft_role(sim_raft(s, f)) != RAFT_FOLLOWER;
+    }
+    ck_assert(campaigned);
+    ck_assert_int_eq(raft_role(sim_raft(s, l)), RAFT_LEADER);
+    ck_assert_uint_eq(raft_term(sim_raft(s, l)), term);
+    ck_assert_uint_eq(raft_term(sim_raft(s, f)), term);
+    sim_block(s, l, f, false);
+    sim_ticks(s, 20);
+    ck_assert_uint_eq(raft_leader(sim_raft(s, f)), sim_id(s, l));
+    sim_free(s);
+}
+END_TEST
+
 /* Check-quorum: a leader cut off from the majority steps down; the rest
  * elect a new one. */
 START_TEST(test_check_quorum_steps_down)
@@ -790,6 +818,20 @@ START_TEST(test_learner_promotion)
     }
     ck_assert_int_eq(rc, 0);
     ck_assert_uint_gt(waited, 1);
+    /* promoted only once it had caught up (lag 3 in the sim's config; the
+     * promotion entry itself is one more) */
+    struct raft_status ls_st;
+    raft_status(lr, &ls_st);
+    bool found = false;
+    for (size_t i = 0; i < ls_st.n_peers; i++) {
+        if (ls_st.peers[i].id != lid)
+            continue;
+        found = true;
+        ck_assert_uint_ge(ls_st.peers[i].match + 3 + 1, ls_st.last_index);
+        ck_assert(ls_st.peers[i].recent_active);
+        ck_assert_uint_gt(ls_st.peers[i].ctx_len, 0);
+    }
+    ck_assert(found);
     const struct raft_member *m = raft_conf_find(raft_conf(lr), lid);
     ck_assert_ptr_nonnull(m);
     ck_assert_int_eq(m->role, RAFT_VOTER);
@@ -1389,6 +1431,7 @@ static Suite *raft_suite(void)
     tcase_set_timeout(ts, 120);
     tcase_add_test(ts, test_partitioned_node_rejoins_quietly);
     tcase_add_test(ts, test_check_quorum_steps_down);
+    tcase_add_test(ts, test_leader_stickiness);
     tcase_add_test(ts, test_remove_leader);
     tcase_add_test(ts, test_learner_promotion);
     tcase_add_test(ts, test_leadership_transfer);
