@@ -87,8 +87,8 @@ struct sim {
     uint64_t next_id;
     struct node nodes[SIM_MAX_SLOTS];
     bool blocked[SIM_MAX_SLOTS][SIM_MAX_SLOTS];
-    unsigned drop, dup, long_delay, leader_faults; /* per mille */
-    unsigned skew[SIM_MAX_SLOTS];                  /* per mille of missed ticks */
+    unsigned drop, dup, long_delay, leader_faults, conf_rate; /* per mille */
+    unsigned skew[SIM_MAX_SLOTS];                             /* per mille of missed ticks */
     bool chaos_on;
     struct sim_msg *net;
     size_t n_net, cap_net;
@@ -903,6 +903,14 @@ static void chaos_clients(struct sim *s, bool new_ops)
         if (!go)
             continue;
         int slot = random_up(s);
+        /* Clients mostly talk to members (a removed node may never learn
+         * it was removed and keeps a stale view of the leader). */
+        int l = find_leader(s);
+        for (int tries = 0; l >= 0 && slot >= 0 && tries < 8 && !chance(s, 150); tries++) {
+            if (raft_conf_find(raft_conf(s->nodes[l].r), s->nodes[slot].id) != NULL)
+                break;
+            slot = random_up(s);
+        }
         if (slot >= 0)
             sim_propose(s, (unsigned)slot, c);
     }
@@ -1031,7 +1039,7 @@ static void chaos(struct sim *s)
     }
     if (chance(s, 12))
         sim_heal(s);
-    if (s->o.membership && chance(s, 8))
+    if (s->o.membership && chance(s, s->conf_rate))
         chaos_membership(s);
     if (chance(s, 4)) {
         int l = find_leader(s);
@@ -1170,6 +1178,7 @@ struct sim *sim_new(const struct sim_opts *o)
     s->dup = rndn(s, 30);
     s->long_delay = rndn(s, 30);
     s->leader_faults = rndn(s, 25);
+    s->conf_rate = 2 + rndn(s, 60);
     for (int i = 0; i < SIM_MAX_SLOTS; i++)
         s->skew[i] = rndn(s, 4) == 0 ? rndn(s, 150) : 0;
     s->next_id = o->nodes + 1;
