@@ -367,11 +367,48 @@ START_TEST(test_commit_with_current_term_entry)
     tc_restore(&c, 2, 3, 3, 0, NULL, 0, 1);
     tc_restore(&c, 3, 3, 3, 0, NULL, 0, 1);
     tc_campaign(&c, 1);
-    for (int i = 0; i < 10; i++)
+    for (int i = 0; i < 4 && raft_role(c.r[1]) != RAFT_LEADER; i++)
         tc_deliver(&c, 0, 0, 0);
     ck_assert_int_eq(raft_role(c.r[1]), RAFT_LEADER);
+    /* dissertation errata: no configuration change before an entry of the
+     * leader's term committed */
+    ck_assert_uint_lt(tc_commit(&c, 1), 3);
+    int rc = raft_change_conf(c.r[1], RAFT_CONF_ADD_LEARNER, 9, NULL, 0);
+    ck_assert(rc == -EAGAIN || rc == -EBUSY);
+    ck_assert_int_eq(raft_read_index(c.r[1], 1), -EAGAIN);
+    for (int i = 0; i < 10; i++)
+        tc_deliver(&c, 0, 0, 0);
     ck_assert_uint_eq(tc_commit(&c, 1), 3);
+    ck_assert_int_eq(raft_change_conf(c.r[1], RAFT_CONF_ADD_LEARNER, 9, "ctx", 3), 0);
+    ck_assert_int_eq(raft_conf_find(raft_conf(c.r[1]), 9)->role, RAFT_LEARNER);
     ck_assert_uint_eq(tc_commit(&c, 2), 3);
+    tc_free(&c);
+}
+END_TEST
+
+/* Dissertation errata: even with every earlier entry committed, a new leader
+ * changes the configuration only after its own no-op committed. */
+START_TEST(test_conf_change_waits_for_term_commit)
+{
+    struct tc c;
+    memset(&c, 0, sizeof(c));
+    const uint64_t t2[] = {2};
+    for (uint64_t id = 1; id <= 3; id++)
+        tc_restore(&c, id, 3, 3, 0, t2, 1, 2);
+    tc_campaign(&c, 1);
+    for (int i = 0; i < 4 && raft_role(c.r[1]) != RAFT_LEADER; i++) {
+        tc_deliver(&c, 0, 0, RAFT_MSG_PREVOTE);
+        tc_deliver(&c, 0, 0, RAFT_MSG_PREVOTE_RESP);
+        tc_deliver(&c, 0, 0, RAFT_MSG_VOTE);
+        tc_deliver(&c, 0, 0, RAFT_MSG_VOTE_RESP);
+    }
+    ck_assert_int_eq(raft_role(c.r[1]), RAFT_LEADER);
+    ck_assert_uint_eq(tc_commit(&c, 1), 2);
+    ck_assert_int_eq(raft_change_conf(c.r[1], RAFT_CONF_REMOVE, 3, NULL, 0), -EAGAIN);
+    for (int i = 0; i < 6; i++)
+        tc_deliver(&c, 0, 0, 0);
+    ck_assert_uint_eq(tc_commit(&c, 1), 3);
+    ck_assert_int_eq(raft_change_conf(c.r[1], RAFT_CONF_REMOVE, 3, NULL, 0), 0);
     tc_free(&c);
 }
 END_TEST
@@ -1416,6 +1453,7 @@ static Suite *raft_suite(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_figure8);
     tcase_add_test(tc, test_commit_with_current_term_entry);
+    tcase_add_test(tc, test_conf_change_waits_for_term_commit);
     tcase_add_test(tc, test_vote_persisted_before_sent);
     tcase_add_test(tc, test_prevote_checkquorum_liveness);
     tcase_add_test(tc, test_stale_responses_after_term_change);
