@@ -353,6 +353,8 @@ int raft_read_index(struct raft *r, uint64_t ctx);
  * of size bytes; from now on it must be able to serve its chunks. The core
  * compacts its log and fills *meta (pointers valid until the next call on r)
  * and *compact_to: log entries <= compact_to may be deleted from disk.
+ * Transfers of the previous snapshot restart with this one, so take
+ * snapshots less often than a transfer to the slowest peer takes.
  * -EINVAL if index is not applied or older than the current snapshot. */
 int raft_snapshot_taken(struct raft *r, uint64_t index, uint64_t size,
                         struct raft_snapshot_meta *meta, uint64_t *compact_to);
