@@ -472,6 +472,58 @@ START_TEST(test_vote_persisted_before_sent)
 }
 END_TEST
 
+/* A failed persist: nothing that depended on it leaves, the next ready
+ * retries the same state, and a leader steps down. */
+START_TEST(test_persist_failed)
+{
+    struct tc c;
+    memset(&c, 0, sizeof(c));
+    tc_restore(&c, 2, 3, 1, 0, NULL, 0, 1);
+    struct raft_entry e2 = {.term = 5, .index = 2, .data = (uint8_t *)"x", .len = 1};
+    struct raft_msg app = {.type = RAFT_MSG_APP,
+                           .from = 1,
+                           .to = 2,
+                           .term = 5,
+                           .index = 1,
+                           .log_term = 1,
+                           .entries = &e2,
+                           .n_entries = 1,
+                           .commit = 2};
+    raft_step(c.r[2], &app);
+    struct raft_ready rd;
+    ck_assert(raft_ready(c.r[2], &rd));
+    ck_assert_uint_eq(rd.n_entries, 1);
+    ck_assert_uint_eq(rd.n_msgs_after_persist, 1);
+    ck_assert_uint_eq(rd.n_committed, 1);
+    raft_persist_failed(c.r[2], &rd);
+    ck_assert(raft_ready(c.r[2], &rd)); /* the same state, again */
+    ck_assert(rd.hs_changed);
+    ck_assert_uint_eq(rd.hs.term, 5);
+    ck_assert_uint_eq(rd.n_entries, 1);
+    ck_assert_uint_eq(rd.entries[0].index, 2);
+    ck_assert_uint_eq(rd.n_msgs_after_persist, 0); /* that ack is gone for good */
+    ck_assert_uint_eq(rd.n_committed, 1);
+    raft_advance(c.r[2], &rd);
+    ck_assert(!raft_ready(c.r[2], &rd));
+    tc_free(&c);
+
+    memset(&c, 0, sizeof(c));
+    tc_bootstrap(&c, 3);
+    tc_run(&c, 30);
+    uint64_t l = tc_leader(&c);
+    ck_assert_uint_ne(l, 0);
+    ck_assert_int_eq(raft_propose(c.r[l], 1, 1, "y", 1, NULL), 0);
+    ck_assert(raft_ready(c.r[l], &rd));
+    raft_persist_failed(c.r[l], &rd);
+    ck_assert_int_eq(raft_role(c.r[l]), RAFT_FOLLOWER);
+    ck_assert(raft_ready(c.r[l], &rd));
+    ck_assert_uint_eq(rd.n_entries, 1);
+    raft_advance(c.r[l], &rd);
+    raft_persist_failed(c.r[l], &rd); /* not frozen: ignored */
+    tc_free(&c);
+}
+END_TEST
+
 /* Pre-vote + check-quorum liveness (etcd #8501 class): a node with a higher
  * term but a stale log must not keep the others from electing a leader. */
 START_TEST(test_prevote_checkquorum_liveness)
@@ -1455,6 +1507,7 @@ static Suite *raft_suite(void)
     tcase_add_test(tc, test_commit_with_current_term_entry);
     tcase_add_test(tc, test_conf_change_waits_for_term_commit);
     tcase_add_test(tc, test_vote_persisted_before_sent);
+    tcase_add_test(tc, test_persist_failed);
     tcase_add_test(tc, test_prevote_checkquorum_liveness);
     tcase_add_test(tc, test_stale_responses_after_term_change);
     tcase_add_test(tc, test_snapshot_onto_conflicting_log);

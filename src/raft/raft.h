@@ -23,6 +23,7 @@
  *              4. apply rd.committed to the state machine, in order
  *              5. raft_advance(r, &rd)
  *            }
+ *            (if the persist fails: raft_persist_failed(r, &rd) instead of 3-5)
  *   Between raft_ready() and raft_advance() the core is frozen: every other
  *   call on it returns -EBUSY (queue inputs meanwhile). Every pointer in rd
  *   points into memory the core owns and stays valid until raft_advance().
@@ -364,6 +365,14 @@ bool raft_ready(struct raft *r, struct raft_ready *rd);
 
 /* The application persisted, sent and applied everything in rd. */
 void raft_advance(struct raft *r, const struct raft_ready *rd);
+
+/* The persist of rd failed and was rolled back (nothing of it is on disk),
+ * e.g. SQLITE_FULL or an I/O error. Instead of steps 3-5: nothing of
+ * rd.msgs_after_persist is sent and nothing of rd.committed is applied. The
+ * core unfreezes, keeps the entries, hard state, chunk and snapshot install
+ * pending (the next ready presents them again: retry with a backoff), drops
+ * the after-persist messages and read states, and steps down if it led. */
+void raft_persist_failed(struct raft *r, const struct raft_ready *rd);
 
 /* Introspection for `status`. Pointers inside st (member contexts) and the
  * ones returned below point into the core: valid until the next call that

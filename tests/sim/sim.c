@@ -87,8 +87,8 @@ struct sim {
     uint64_t next_id;
     struct node nodes[SIM_MAX_SLOTS];
     bool blocked[SIM_MAX_SLOTS][SIM_MAX_SLOTS];
-    unsigned drop, dup, long_delay, leader_faults, conf_rate; /* per mille */
-    unsigned skew[SIM_MAX_SLOTS];                             /* per mille of missed ticks */
+    unsigned drop, dup, long_delay, leader_faults, conf_rate, disk_fail; /* per mille */
+    unsigned skew[SIM_MAX_SLOTS]; /* per mille of missed ticks */
     bool chaos_on;
     struct sim_msg *net;
     size_t n_net, cap_net;
@@ -762,6 +762,14 @@ static void check_reads(struct sim *s, struct node *nd, const struct raft_ready 
 static void complete_ready(struct sim *s, struct node *nd)
 {
     struct raft_ready *rd = &nd->rd;
+    if (s->chaos_on && rd->must_sync && chance(s, s->disk_fail)) {
+        /* The write was rolled back: nothing reached the disk. */
+        trace(s, "n%" PRIu64 " persist FAILED (disk error), will retry", nd->id);
+        raft_persist_failed(nd->r, rd);
+        nd->busy = false;
+        s->st.disk_failures++;
+        return;
+    }
     if (s->o.trace && (rd->hs_changed || rd->n_entries || rd->n_committed))
         trace(s,
               "n%" PRIu64 " persisted term=%" PRIu64 " vote=%" PRIu64 " commit=%" PRIu64
@@ -1179,6 +1187,7 @@ struct sim *sim_new(const struct sim_opts *o)
     s->long_delay = rndn(s, 30);
     s->leader_faults = rndn(s, 25);
     s->conf_rate = 2 + rndn(s, 60);
+    s->disk_fail = rndn(s, 3) == 0 ? rndn(s, 40) : 0;
     for (int i = 0; i < SIM_MAX_SLOTS; i++)
         s->skew[i] = rndn(s, 4) == 0 ? rndn(s, 150) : 0;
     s->next_id = o->nodes + 1;
