@@ -25,6 +25,13 @@ struct sim_msg {
     struct raft_msg m;
 };
 
+struct fsm {
+    uint64_t applied;
+    uint64_t hash;
+    uint64_t ops;
+    uint64_t sess[SIM_MAX_CLIENTS];
+};
+
 struct disk {
     struct raft_hard_state hs;
     struct raft_entry *ents; /* contiguous from first */
@@ -35,17 +42,13 @@ struct disk {
     uint8_t *snap_conf;
     size_t snap_conf_len;
     uint8_t *snap_data;
+    /* the state machine's durable state (state.db in the daemon) */
+    bool has_fsm;
+    struct fsm fsm;
     /* staging area of an incoming snapshot */
     uint64_t st_index, st_term;
     uint8_t *st_data;
     size_t st_len;
-};
-
-struct fsm {
-    uint64_t applied;
-    uint64_t hash;
-    uint64_t ops;
-    uint64_t sess[SIM_MAX_CLIENTS];
 };
 
 struct node {
@@ -553,6 +556,12 @@ static void node_start(struct sim *s, struct node *nd)
     };
     if (d->has_snap && fsm_decode(&nd->fsm, d->snap_data, d->snap_size) != 0)
         fail(s, "n%" PRIu64 " snapshot on disk does not decode", nd->id);
+    if (d->has_fsm && chance(s, 500)) {
+        /* Like state.db: the state machine kept its own durable state (and
+         * applied index); only later entries are applied again. */
+        nd->fsm = d->fsm;
+        st.applied = d->fsm.applied;
+    }
     int rc = raft_restore(nd->r, &st);
     if (rc != 0)
         fail(s, "n%" PRIu64 " restore failed: %d", nd->id, rc);
@@ -787,6 +796,8 @@ static void complete_ready(struct sim *s, struct node *nd)
     check_reads(s, nd, rd);
     raft_advance(nd->r, rd);
     nd->busy = false;
+    nd->disk.fsm = nd->fsm; /* the state machine's own durable copy */
+    nd->disk.has_fsm = true;
     take_snapshot(s, nd);
 }
 
