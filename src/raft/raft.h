@@ -100,6 +100,8 @@ enum raft_entry_type {
     RAFT_ENTRY_NORMAL = 0, /* application command */
     RAFT_ENTRY_NOOP = 1,   /* appended by every new leader (§6.4, §5.4.2) */
     RAFT_ENTRY_CONF = 2,   /* a full configuration, encoded by the core */
+    /* NOOP and CONF entries also reach rd.committed: the state machine only
+     * records their index as applied. */
 };
 
 struct raft_entry {
@@ -303,7 +305,11 @@ void raft_free(struct raft *r);
  * -EINVAL if the node already has state or conf is invalid. */
 int raft_bootstrap(struct raft *r, const struct raft_conf *conf);
 
-/* Loads persisted state (copied). -EINVAL on inconsistent input. */
+/* Loads persisted state (copied) into a node fresh from raft_new().
+ * -EINVAL on inconsistent input: entries not contiguous or not reaching the
+ * snapshot, an entry at the snapshot index with another term, a commit or
+ * applied index beyond the log (durable data was lost: fail loudly rather
+ * than diverge), an undecodable snapshot configuration. */
 int raft_restore(struct raft *r, const struct raft_restore_state *st);
 
 /* Advances time by one tick: elections, heartbeats, check-quorum. */
