@@ -105,11 +105,13 @@ if [ "${SKIP_VALGRIND:-0}" != 1 ]; then
     while read -r prog; do
         case "$prog" in ''|'#'*) continue ;; esac
         [ -x "_build/$prog" ] || { record "valgrind $prog (missing)" 1; continue; }
-        CK_FORK=no CK_DEFAULT_TIMEOUT=120 CK_VERBOSITY=minimal \
+        # Run as make check does: from the build dir, with its environment.
+        ( cd _build && CK_FORK=no CK_DEFAULT_TIMEOUT=120 CK_VERBOSITY=normal \
+            top_srcdir="$top" top_builddir="$top/_build" \
             valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect \
-            "_build/$prog" > "_build/valgrind-$(basename "$prog").out" 2>&1
+            "./$prog" ) > "_build/valgrind-$(basename "$prog").out" 2>&1
         st=$?
-        [ $st -ne 0 ] && tail -60 "_build/valgrind-$(basename "$prog").out"
+        [ $st -ne 0 ] && grep -v ':Passed$' "_build/valgrind-$(basename "$prog").out" | tail -60
         record "valgrind $prog" $st
     done < tests/scripts/valgrind.list
 fi
