@@ -423,12 +423,28 @@ END_TEST
 
 /* ---- snapshots ----------------------------------------------------------- */
 
-/* The whole stream of db's replicated state, read in pieces of `piece`. */
-static uint8_t *stream_all(struct statedb *db, size_t piece, size_t *len)
+static int has_in(void *arg, const uint8_t id[STATEDB_ID_LEN])
+{
+    return statedb_chunk_has(arg, id);
+}
+
+static int has_all(void *arg, const uint8_t id[STATEDB_ID_LEN])
+{
+    (void)arg;
+    (void)id;
+    return 1;
+}
+
+static uint64_t last_skipped;
+
+/* The whole stream of db's replicated state, read in pieces of `piece`;
+ * chunks that `receiver` holds travel as ids only (receiver NULL: all). */
+static uint8_t *stream_for(struct statedb *db, int (*has)(void *, const uint8_t *), void *receiver,
+                           size_t piece, size_t *len)
 {
     struct statedb_snapshot *s;
     struct pb_error err;
-    ck_assert_int_eq(statedb_snapshot_begin(db, &s, &err), 0);
+    ck_assert_int_eq(statedb_snapshot_begin(db, has, receiver, &s, &err), 0);
     struct buf b = BUF_INIT;
     uint8_t *tmp = pb_xmalloc(piece);
     for (;;) {
@@ -439,8 +455,27 @@ static uint8_t *stream_all(struct statedb *db, size_t piece, size_t *len)
             break;
     }
     free(tmp);
+    last_skipped = statedb_snapshot_skipped(s);
     statedb_snapshot_end(s);
     return buf_steal(&b, len);
+}
+
+static uint8_t *stream_all(struct statedb *db, size_t piece, size_t *len)
+{
+    return stream_for(db, NULL, NULL, piece, len);
+}
+
+static void install(struct statedb *db, const uint8_t *p, size_t len, int want)
+{
+    struct statedb_install *in;
+    struct pb_error err;
+    pb_error_clear(&err);
+    ck_assert_int_eq(statedb_install_begin(db, &in, &err), 0);
+    int rc = statedb_install_write(in, p, len, &err);
+    if (rc == 0)
+        rc = statedb_install_finish(in, NULL, NULL, &err);
+    ck_assert_msg(rc == want, "install: %d, want %d: %s", rc, want, err.msg);
+    statedb_install_abort(in);
 }
 
 static void populate(struct statedb *db, int variant)
@@ -493,7 +528,7 @@ START_TEST(test_snapshot_roundtrip)
     /* the stream is a consistent read: applying meanwhile does not change it */
     struct statedb_snapshot *s;
     struct pb_error err;
-    ck_assert_int_eq(statedb_snapshot_begin(a, &s, &err), 0);
+    ck_assert_int_eq(statedb_snapshot_begin(a, NULL, NULL, &s, &err), 0);
     uint8_t first[100];
     size_t n;
     ck_assert_int_eq(statedb_snapshot_read(s, 0, first, sizeof(first), &n, &err), 0);
@@ -616,6 +651,57 @@ START_TEST(test_snapshot_damaged)
 }
 END_TEST
 
+/* Only the chunks the receiver lacks travel; the result is the same. */
+START_TEST(test_snapshot_delta)
+{
+    struct statedb *a = open_db("xA.db"), *b = open_db("xB.db"), *c = open_db("xC.db");
+    populate(a, 1);
+    size_t la, lb, lx, lc0;
+    uint8_t *sa = stream_all(a, 65536, &la);
+    install(b, sa, la, 0); /* B catches up fully once */
+    free(sa);
+
+    /* A moves on: new chunks, a dropped list, collection */
+    populate(a, 3);
+    ck_assert_int_eq(statedb_begin(a), 0);
+    ck_assert_int_eq(statedb_chunklist_put(a,
+                                           "dir1/file\xe9"
+                                           "00",
+                                           NULL, 0),
+                     0);
+    uint64_t n;
+    ck_assert_int_eq(statedb_chunk_collect(a, 1000, &n), 0);
+    ck_assert_uint_ge(n, 1);
+    ck_assert_int_eq(statedb_commit(a), 0);
+
+    sa = stream_all(a, 65536, &la);
+    uint8_t *sx = stream_for(a, has_in, b, 65536, &lx);
+    ck_assert_uint_ge(last_skipped, 10);
+    ck_assert_uint_le(lx + 5 * 200000, la); /* five big chunks B holds did not travel */
+    install(b, sx, lx, 0);
+    uint8_t *sb = stream_all(b, 4096, &lb);
+    ck_assert_uint_eq(lb, la);
+    ck_assert_int_eq(memcmp(sa, sb, la), 0);
+    free(sb);
+    free(sx);
+
+    /* a sender that wrongly assumes the receiver holds its chunks */
+    uint8_t *sc0 = stream_all(c, 4096, &lc0);
+    sx = stream_for(a, has_all, NULL, 65536, &lx);
+    install(c, sx, lx, -ENOENT);
+    free(sx);
+    sb = stream_all(c, 4096, &lb);
+    ck_assert_uint_eq(lb, lc0);
+    ck_assert_int_eq(memcmp(sb, sc0, lb), 0);
+    free(sb);
+    free(sc0);
+    free(sa);
+    statedb_close(a);
+    statedb_close(b);
+    statedb_close(c);
+}
+END_TEST
+
 static Suite *statedb_suite(void)
 {
     Suite *s = suite_create("statedb");
@@ -630,6 +716,7 @@ static Suite *statedb_suite(void)
     tcase_add_test(tc, test_format_refusal);
     tcase_add_test(tc, test_snapshot_roundtrip);
     tcase_add_test(tc, test_snapshot_damaged);
+    tcase_add_test(tc, test_snapshot_delta);
     suite_add_tcase(s, tc);
     return s;
 }

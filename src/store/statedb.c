@@ -13,7 +13,8 @@
  *   disk(path PK, kind, mode, size, mtime_ns, ino, row_content,
  *        row_mode, row_mtime_ns)                                 node-local
  *   stage_manifest, stage_chunklist, stage_chunks, stage_sessions: a snapshot
- *        being received (node-local, emptied at every install)
+ *        being received (node-local, emptied at every install); a staged
+ *        chunk with local = 1 is one the receiver already holds (K record)
  *
  * chunks.refs is kept by triggers on chunklist (insert +1, delete -1), and an
  * insert naming a chunk that is not stored aborts the statement: a chunk list
@@ -31,9 +32,11 @@
  *      u8 has_target, [bytes target]
  *   L: bytes path, u32 seq, 32 id, u32 len
  *   C: 32 id, u64 keep_until, bytes data     (refs are recomputed on install)
+ *   K: 32 id, u64 keep_until, u32 len        (a chunk the receiver said it
+ *      holds: its bytes do not travel; instead of C, only when asked for)
  *   S: u64 client_id, u64 seq
  *   E: u64 number of records before it, u32 CRC-32C of every byte before it
- * Equal replicated state gives equal bytes.
+ * Equal replicated state gives equal bytes (for the same receiver_has answers).
  */
 #include "config.h"
 
@@ -91,7 +94,7 @@ static const char statedb_schema_v1[] =
         " id BLOB NOT NULL, len INTEGER NOT NULL, PRIMARY KEY (path, seq)) STRICT,"
         " WITHOUT ROWID;"
         "CREATE TABLE stage_chunks (id BLOB PRIMARY KEY NOT NULL,"
-        " keep_until INTEGER NOT NULL, data BLOB NOT NULL) STRICT;"
+        " keep_until INTEGER NOT NULL, local INTEGER NOT NULL, data BLOB NOT NULL) STRICT;"
         "CREATE TABLE stage_sessions (client_id INTEGER PRIMARY KEY,"
         " seq INTEGER NOT NULL) STRICT;";
 
@@ -1051,13 +1054,17 @@ static const char *const snap_sql[] = {
         [SEC_MANIFEST] = "SELECT path, kind, deleted, version, content_version, content, mode, "
                          "mtime_ns, size, origin, target FROM manifest ORDER BY path",
         [SEC_CHUNKLIST] = "SELECT path, seq, id, len FROM chunklist ORDER BY path, seq",
-        [SEC_CHUNKS] = "SELECT id, keep_until, data FROM chunks ORDER BY id",
+        [SEC_CHUNKS] = "SELECT id, keep_until, length(data) FROM chunks ORDER BY id",
         [SEC_SESSIONS] = "SELECT client_id, seq FROM sessions ORDER BY client_id",
 };
 
 struct statedb_snapshot {
     sqlite3 *db;
     sqlite3_stmt *st[SEC_DONE];
+    sqlite3_stmt *data; /* one chunk's bytes */
+    int (*receiver_has)(void *arg, const uint8_t id[STATEDB_ID_LEN]);
+    void *has_arg;
+    uint64_t skipped; /* chunks sent as K records */
     struct statedb_applied a;
     int section;
     uint64_t records;
@@ -1141,12 +1148,35 @@ static int snap_gen(struct statedb_snapshot *s, struct pb_error *err)
             put_fixed_col(b, st, 2);
             buf_put_u32(b, (uint32_t)sqlite3_column_int64(st, 3));
             break;
-        case SEC_CHUNKS:
-            buf_put_u8(b, 'C');
-            put_fixed_col(b, st, 0);
+        case SEC_CHUNKS: {
+            uint8_t id[STATEDB_ID_LEN];
+            col_fixed(st, 0, id, STATEDB_ID_LEN);
+            int has = s->receiver_has != NULL ? s->receiver_has(s->has_arg, id) : 0;
+            if (has < 0) {
+                b->len = start;
+                return pb_error_set(err, has, "state.db snapshot: receiver_has failed");
+            }
+            buf_put_u8(b, has ? 'K' : 'C');
+            buf_put(b, id, STATEDB_ID_LEN);
             buf_put_u64(b, (uint64_t)sqlite3_column_int64(st, 1));
-            put_blob_col(b, st, 2);
+            if (has) {
+                buf_put_u32(b, (uint32_t)sqlite3_column_int64(st, 2));
+                s->skipped++;
+                break;
+            }
+            sqlite3_reset(s->data);
+            sqlite3_bind_blob(s->data, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
+            rc = sqlite3_step(s->data);
+            if (rc != SQLITE_ROW) {
+                b->len = start;
+                sqlite3_reset(s->data);
+                return pb_error_set(err, -EIO, "state.db snapshot: read chunk: %s",
+                                    sqlite3_errmsg(s->db));
+            }
+            put_blob_col(b, s->data, 0);
+            sqlite3_reset(s->data);
             break;
+        }
         default:
             buf_put_u8(b, 'S');
             buf_put_u64(b, (uint64_t)sqlite3_column_int64(st, 0));
@@ -1166,14 +1196,19 @@ static void snap_restart(struct statedb_snapshot *s)
         sqlite3_reset(s->st[i]);
     s->section = SEC_HEADER;
     s->records = 0;
+    s->skipped = 0;
     s->crc = 0;
     buf_reset(&s->pend);
     s->pend_off = 0;
 }
 
-int statedb_snapshot_begin(struct statedb *db, struct statedb_snapshot **out, struct pb_error *err)
+int statedb_snapshot_begin(struct statedb *db,
+                           int (*receiver_has)(void *arg, const uint8_t id[STATEDB_ID_LEN]),
+                           void *arg, struct statedb_snapshot **out, struct pb_error *err)
 {
     struct statedb_snapshot *s = pb_xcalloc(1, sizeof(*s));
+    s->receiver_has = receiver_has;
+    s->has_arg = arg;
     *out = NULL;
     int rc = sqlite3_open_v2(db->path, &s->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
     int e = 0;
@@ -1200,6 +1235,11 @@ int statedb_snapshot_begin(struct statedb *db, struct statedb_snapshot **out, st
         e = pb_error_set(err, -EIO, "state.db snapshot: read applied: %s", sqlite3_errstr(rc));
         goto fail;
     }
+    rc = sqlite3_prepare_v2(s->db, "SELECT data FROM chunks WHERE id = ?1", -1, &s->data, NULL);
+    if (rc != SQLITE_OK) {
+        e = pb_error_set(err, -EIO, "state.db snapshot: %s", sqlite3_errmsg(s->db));
+        goto fail;
+    }
     for (int i = SEC_MANIFEST; i <= SEC_SESSIONS; i++) {
         rc = sqlite3_prepare_v2(s->db, snap_sql[i], -1, &s->st[i], NULL);
         if (rc != SQLITE_OK) {
@@ -1213,6 +1253,11 @@ int statedb_snapshot_begin(struct statedb *db, struct statedb_snapshot **out, st
 fail:
     statedb_snapshot_end(s);
     return e;
+}
+
+uint64_t statedb_snapshot_skipped(const struct statedb_snapshot *s)
+{
+    return s->skipped;
 }
 
 void statedb_snapshot_info(const struct statedb_snapshot *s, uint64_t *index, uint64_t *term)
@@ -1256,6 +1301,7 @@ void statedb_snapshot_end(struct statedb_snapshot *s)
         return;
     for (int i = 0; i < SEC_DONE; i++)
         sqlite3_finalize(s->st[i]);
+    sqlite3_finalize(s->data);
     if (s->db != NULL) {
         sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
         sqlite3_close(s->db);
@@ -1279,7 +1325,7 @@ struct statedb_install {
 static const char *const stage_sql[4] = {
         "INSERT INTO stage_manifest VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         "INSERT INTO stage_chunklist VALUES (?1, ?2, ?3, ?4)",
-        "INSERT INTO stage_chunks VALUES (?1, ?2, ?3)",
+        "INSERT INTO stage_chunks VALUES (?1, ?2, ?4, ?3)",
         "INSERT INTO stage_sessions VALUES (?1, ?2)",
 };
 
@@ -1427,6 +1473,37 @@ static int stage_record(struct statedb_install *in, const uint8_t *rec, size_t l
             sqlite3_bind_zeroblob(st, 3, 0);
         else
             sqlite3_bind_blob(st, 3, p, (int)n, SQLITE_STATIC);
+        sqlite3_bind_int(st, 4, 0);
+        break;
+    }
+    case 'K': {
+        st = in->ins[2];
+        q = cursor_take(&c, STATEDB_ID_LEN);
+        uint64_t keep = cursor_u64(&c);
+        uint32_t klen = cursor_u32(&c);
+        if (!cursor_ok(&c) || cursor_remaining(&c) != 0)
+            return pb_error_set(err, -EBADMSG, "snapshot: bad kept-chunk record");
+        /* the sender relies on our copy: it must be here, of that length */
+        int64_t have = -1;
+        sqlite3_stmt *h;
+        int rc = sqlite3_prepare_v2(in->db->db, "SELECT length(data) FROM chunks WHERE id = ?1", -1,
+                                    &h, NULL);
+        if (rc == SQLITE_OK) {
+            sqlite3_bind_blob(h, 1, q, STATEDB_ID_LEN, SQLITE_STATIC);
+            if ((rc = sqlite3_step(h)) == SQLITE_ROW)
+                have = sqlite3_column_int64(h, 0);
+        }
+        sqlite3_finalize(h);
+        if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+            return pb_error_set(err, -EIO, "snapshot: %s", sqlite3_errmsg(in->db->db));
+        if (have != (int64_t)klen)
+            return pb_error_set(err, -ENOENT,
+                                "snapshot: the sender assumed this node holds a chunk it "
+                                "does not have; ask for the full snapshot");
+        sqlite3_bind_blob(st, 1, q, STATEDB_ID_LEN, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 2, (int64_t)keep);
+        sqlite3_bind_zeroblob(st, 3, 0);
+        sqlite3_bind_int(st, 4, 1);
         break;
     }
     case 'S': {
@@ -1506,11 +1583,36 @@ int statedb_install_finish(struct statedb_install *in, uint64_t *index, uint64_t
     int e = statedb_begin(db);
     if (e < 0)
         return pb_error_set(err, e, "%s", db->errmsg);
+    /* Chunks sent as K records stay (their bytes are ours); every other
+     * chunk is replaced by the staged ones; refs are recounted by the
+     * chunk-list triggers. */
+    int64_t lacking = 0;
     int rc = sqlite3_exec(db->db,
-                          "DELETE FROM chunks; DELETE FROM chunklist; DELETE FROM manifest;"
-                          "DELETE FROM sessions;"
+                          "DELETE FROM chunklist; DELETE FROM manifest; DELETE FROM sessions;"
+                          "DELETE FROM chunks WHERE id NOT IN"
+                          " (SELECT id FROM stage_chunks WHERE local = 1);",
+                          NULL, NULL, NULL);
+    if (rc == SQLITE_OK &&
+        (e = sd_query_i64(db->db,
+                          "SELECT count(*) FROM stage_chunks s WHERE local = 1 AND NOT EXISTS"
+                          " (SELECT 1 FROM chunks c WHERE c.id = s.id)",
+                          &lacking, err)) < 0) {
+        statedb_rollback(db);
+        return e;
+    }
+    if (rc == SQLITE_OK && lacking > 0) {
+        statedb_rollback(db);
+        return pb_error_set(err, -ENOENT,
+                            "snapshot: %" PRId64 " chunks the sender assumed here are missing; "
+                            "ask for the full snapshot",
+                            lacking);
+    }
+    if (rc == SQLITE_OK)
+        rc = sqlite3_exec(db->db,
+                          "UPDATE chunks SET refs = 0, keep_until ="
+                          " (SELECT keep_until FROM stage_chunks s WHERE s.id = chunks.id);"
                           "INSERT INTO chunks (id, refs, keep_until, data)"
-                          " SELECT id, 0, keep_until, data FROM stage_chunks;"
+                          " SELECT id, 0, keep_until, data FROM stage_chunks WHERE local = 0;"
                           "INSERT INTO manifest SELECT * FROM stage_manifest;"
                           "INSERT INTO chunklist SELECT * FROM stage_chunklist;"
                           "INSERT INTO sessions SELECT * FROM stage_sessions;",

@@ -212,8 +212,18 @@ int statedb_status_get(struct statedb *db, uint8_t file_kind, uint8_t dir_kind,
  * read: copies up to len bytes at offset into buf, *n gets how many; *n < len
  * means the end of the stream. Reading sequentially is cheap; an earlier
  * offset re-generates the stream from the start. end: closes it.
+ * receiver_has (may be NULL; called on the reading thread): 1 if the
+ * receiver already holds chunk id (as reported by it, e.g. with its
+ * chunk-id list), then only the id travels ("only chunks the receiver lacks
+ * need to travel", DESIGN.md §5); the install fails with -ENOENT if the
+ * receiver turns out not to hold it, and the sender then sends the full
+ * stream.
  */
-int statedb_snapshot_begin(struct statedb *db, struct statedb_snapshot **out, struct pb_error *err);
+int statedb_snapshot_begin(struct statedb *db,
+                           int (*receiver_has)(void *arg, const uint8_t id[STATEDB_ID_LEN]),
+                           void *arg, struct statedb_snapshot **out, struct pb_error *err);
+/* Chunks sent without their bytes so far (K records). */
+uint64_t statedb_snapshot_skipped(const struct statedb_snapshot *s);
 void statedb_snapshot_info(const struct statedb_snapshot *s, uint64_t *index, uint64_t *term);
 int statedb_snapshot_read(struct statedb_snapshot *s, uint64_t offset, void *buf, size_t len,
                           size_t *n, struct pb_error *err);
