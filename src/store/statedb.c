@@ -1316,6 +1316,7 @@ struct statedb_install {
     struct statedb *db;
     struct buf part; /* bytes of an incomplete record */
     bool have_header, have_end;
+    int failed; /* the first error: the stream cannot continue after it */
     struct statedb_applied a;
     uint64_t records;
     uint32_t crc;
@@ -1539,6 +1540,10 @@ int statedb_install_write(struct statedb_install *in, const void *data, size_t l
 {
     struct statedb *db = in->db;
     const uint8_t *p = data;
+    if (in->failed)
+        return pb_error_set(err, in->failed, "snapshot: the stream already failed");
+    if (db->in_txn)
+        return pb_error_set(err, -EBUSY, "state.db: install inside an apply transaction");
     int e = sd_exec(db->db, "BEGIN IMMEDIATE", err);
     if (e < 0)
         return e;
@@ -1567,17 +1572,21 @@ int statedb_install_write(struct statedb_install *in, const void *data, size_t l
         }
         buf_reset(&in->part);
     }
+    if (e == 0)
+        e = sd_exec(db->db, "COMMIT", err);
     if (e < 0) {
         sqlite3_exec(db->db, "ROLLBACK", NULL, NULL, NULL);
-        return e;
+        in->failed = e;
     }
-    return sd_exec(db->db, "COMMIT", err);
+    return e;
 }
 
 int statedb_install_finish(struct statedb_install *in, uint64_t *index, uint64_t *term,
                            struct pb_error *err)
 {
     struct statedb *db = in->db;
+    if (in->failed)
+        return pb_error_set(err, in->failed, "snapshot: the stream already failed");
     if (!in->have_end || in->part.len != 0)
         return pb_error_set(err, -EBADMSG, "snapshot: stream ends before its end record");
     int e = statedb_begin(db);
@@ -1626,10 +1635,13 @@ int statedb_install_finish(struct statedb_install *in, uint64_t *index, uint64_t
         statedb_rollback(db);
         return e;
     }
-    if ((e = statedb_applied_set(db, &in->a)) < 0 ||
-        (e = sd_exec(db->db, stage_clear_sql, err)) < 0) {
+    if ((e = statedb_applied_set(db, &in->a)) < 0) {
         statedb_rollback(db);
         return pb_error_set(err, e, "%s", db->errmsg);
+    }
+    if ((e = sd_exec(db->db, stage_clear_sql, err)) < 0) {
+        statedb_rollback(db);
+        return e;
     }
     if ((e = statedb_commit(db)) < 0)
         return pb_error_set(err, e, "%s", db->errmsg);

@@ -236,8 +236,10 @@ void statedb_snapshot_end(struct statedb_snapshot *s);
  * CRC-32C) and, in ONE transaction, replaces the replicated tables with the
  * staged ones and sets the applied index and term, keeping node-local
  * tables. *index and *term (may be NULL) get the snapshot's. Any error
- * leaves the replicated tables as they were; free with statedb_install_abort()
- * (also after finish). Not inside an apply transaction.
+ * leaves the replicated tables as they were, and after a failed write the
+ * stream cannot go on (start again with begin); free with
+ * statedb_install_abort() (also after finish). Not inside an apply
+ * transaction. Staging needs about the stream's size in free disk space.
  */
 int statedb_install_begin(struct statedb *db, struct statedb_install **out, struct pb_error *err);
 int statedb_install_write(struct statedb_install *in, const void *data, size_t len,
