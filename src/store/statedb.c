@@ -257,6 +257,23 @@ static bool path_ok(const char *p)
     return p != NULL && strlen(p) <= STATEDB_PATH_BYTES_MAX;
 }
 
+/*
+ * Outside statedb_begin()/commit() only node-local rows are written (disk
+ * records, one autocommit statement each, and snapshot staging), with
+ * synchronous = NORMAL: in WAL mode such a commit survives a process crash
+ * and is made durable by the next FULL commit (which syncs the WAL up to
+ * its own frames); only a power loss right after it can drop it, which
+ * leaves a record older than the tree: the same state as a crash between a
+ * tree write and its record, which the watcher's comparison with the index
+ * already handles. Apply transactions (the replicated state, the applied
+ * index) always commit with synchronous = FULL. This saves one fsync per
+ * materialized path.
+ */
+static void sd_local_sync(struct statedb *db)
+{
+    sqlite3_exec(db->db, "PRAGMA synchronous = NORMAL", NULL, NULL, NULL);
+}
+
 /* ---- open / close -------------------------------------------------------- */
 
 static int sd_query_i64(sqlite3 *h, const char *sql, int64_t *out, struct pb_error *err)
@@ -368,6 +385,7 @@ int statedb_open(const char *path, struct statedb **out, struct pb_error *err)
         statedb_close(db);
         return rc;
     }
+    sd_local_sync(db);
     *out = db;
     return 0;
 }
@@ -404,8 +422,12 @@ int statedb_begin(struct statedb *db)
         snprintf(db->errmsg, sizeof(db->errmsg), "state.db: a transaction is already open");
         return -EBUSY;
     }
+    /* FULL for the replicated state's transactions (see sd_local_sync) */
+    int rc = sqlite3_exec(db->db, "PRAGMA synchronous = FULL", NULL, NULL, NULL);
+    if (rc != SQLITE_OK)
+        return sd_fail(db, rc, "PRAGMA synchronous");
     store_fault_vfs_begin(db->fvfs);
-    int rc = sqlite3_exec(db->db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
+    rc = sqlite3_exec(db->db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
     if (rc != SQLITE_OK) {
         store_fault_vfs_end(db->fvfs);
         return sd_fail(db, rc, "BEGIN");
@@ -426,6 +448,7 @@ int statedb_commit(struct statedb *db)
     }
     db->in_txn = false;
     store_fault_vfs_end(db->fvfs);
+    sd_local_sync(db);
     return 0;
 }
 
@@ -441,6 +464,7 @@ void statedb_rollback(struct statedb *db)
         sqlite3_exec(db->db, "ROLLBACK", NULL, NULL, NULL);
     db->in_txn = false;
     store_fault_vfs_end(db->fvfs);
+    sd_local_sync(db);
 }
 
 bool statedb_in_txn(const struct statedb *db)
