@@ -15,6 +15,7 @@
 #include <check.h>
 #include <errno.h>
 #include <ftw.h>
+#include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -149,16 +150,23 @@ static int check_row(void *arg, const char *path, const struct statedb_row *r)
 {
     struct tree_check *c = arg;
     struct fsm_tree_stat st;
-    ck_assert_int_eq(fsm_tree_lstat(c->t, path, &st), 0);
-    if (r->deleted)
+    int rc = fsm_tree_lstat(c->t, path, &st);
+    if (r->deleted) { /* nothing there (or no parent to hold it) */
+        ck_assert_msg(rc == -ELOOP || rc == -ENOTDIR || rc == -ENOENT ||
+                              (rc == 0 && st.kind == FSM_KIND_NONE),
+                      "%s: a tombstone, yet %d/%d on disk", path, rc, (int)st.kind);
         return 0;
+    }
+    ck_assert_int_eq(rc, 0);
     c->live++;
     ck_assert_msg(st.kind == (enum fsm_kind)r->kind, "%s: kind %d on disk, %d in manifest", path,
                   (int)st.kind, (int)r->kind);
     if (r->kind == FSM_KIND_FILE)
         ck_assert_uint_eq(st.size, r->size);
-    if (r->kind != FSM_KIND_SYMLINK)
+    if (r->kind == FSM_KIND_FILE)
         ck_assert_uint_eq(st.mode, r->mode & FSM_TREE_MODE_MASK);
+    if (r->kind == FSM_KIND_DIR) /* the owner's rwx stay on disk */
+        ck_assert_uint_eq(st.mode, (r->mode & FSM_TREE_MODE_MASK) | 0700);
     return 0;
 }
 
@@ -716,6 +724,149 @@ START_TEST(test_apply_storage_failure)
 }
 END_TEST
 
+/* ---- random logs --------------------------------------------------------- */
+
+static uint64_t rnd_state;
+
+static uint32_t rnd(uint32_t n)
+{
+    rnd_state ^= rnd_state << 13;
+    rnd_state ^= rnd_state >> 7;
+    rnd_state ^= rnd_state << 17;
+    return (uint32_t)(rnd_state % n);
+}
+
+/* A random op over a few paths: bases current, absent or stale, so every
+ * conflict rule gets its turn. */
+static void random_op(struct cluster *c, uint64_t index, struct fsm_op *op)
+{
+    static const char *names[] = {"a", "b", "a/x", "a/y", "b/x", "c.txt", "a/x/z", "b/x/z"};
+    static const char *contents[] = {"", "one", "two", "three", "one"};
+    static const char *nodes[] = {"n1", "n2", "n3"};
+    static const enum fsm_op_type types[] = {FSM_OP_PUT,     FSM_OP_PUT,    FSM_OP_MKDIR,
+                                             FSM_OP_DELETE,  FSM_OP_RENAME, FSM_OP_SETATTR,
+                                             FSM_OP_SYMLINK, FSM_OP_DELETE, FSM_OP_BATCH};
+    enum fsm_op_type t = types[rnd(PB_ARRAY_SIZE(types))];
+    fsm_op_init(op);
+    op->type = t;
+    op->origin = pb_xstrdup(nodes[rnd(3)]);
+    if (t == FSM_OP_BATCH) { /* two MKDIRs of distinct paths */
+        op->u.batch.n_ops = 2;
+        op->u.batch.ops = pb_xcalloc(2, sizeof(struct fsm_op));
+        uint32_t k = rnd(PB_ARRAY_SIZE(names));
+        for (int i = 0; i < 2; i++) {
+            simple_op(&op->u.batch.ops[i], FSM_OP_MKDIR, op->origin,
+                      names[(k + (uint32_t)i) % PB_ARRAY_SIZE(names)], 0);
+            op->u.batch.ops[i].u.mkdir.mode = 0750;
+        }
+        return;
+    }
+    const char *path = names[rnd(PB_ARRAY_SIZE(names))];
+    op->path = pb_xstrdup(path);
+    struct statedb_row r;
+    bool known = statedb_row_get(c->a.db, path, &r, NULL) == 0;
+    uint32_t pick = rnd(3);
+    op->base = pick == 0 && known ? r.version : pick == 1 ? 0 : rnd((uint32_t)index);
+    switch (t) {
+    case FSM_OP_PUT: {
+        const char *text = contents[rnd(PB_ARRAY_SIZE(contents))];
+        size_t n = strlen(text);
+        op->u.put.mode = 0600 + rnd(0100);
+        op->u.put.mtime_ns = (int64_t)rnd(1000000) * 1000;
+        op->u.put.size = n;
+        if (n == 0)
+            break;
+        op->u.put.n_refs = 1;
+        op->u.put.refs = pb_xcalloc(1, sizeof(struct fsm_chunk_ref));
+        op->u.put.refs[0].len = (uint32_t)n;
+        ck_assert_int_eq(fsm_sha256(text, n, op->u.put.refs[0].id), 0);
+        if (rnd(4) == 0) /* relies on the cluster holding it */
+            break;
+        op->u.put.n_data = 1;
+        op->u.put.data = pb_xcalloc(1, sizeof(struct fsm_chunk_data));
+        memcpy(op->u.put.data[0].id, op->u.put.refs[0].id, FSM_CHUNK_ID_LEN);
+        op->u.put.data[0].len = (uint32_t)n;
+        op->u.put.data[0].data = pb_xmalloc(n);
+        memcpy(op->u.put.data[0].data, text, n);
+        break;
+    }
+    case FSM_OP_SYMLINK:
+        op->u.symlink.target = pb_xstrdup(rnd(2) ? "target" : "../up");
+        op->u.symlink.mtime_ns = 77;
+        break;
+    case FSM_OP_RENAME: {
+        const char *to;
+        do {
+            to = names[rnd(PB_ARRAY_SIZE(names))];
+        } while (strcmp(to, path) == 0);
+        op->u.rename.to = pb_xstrdup(to);
+        if (statedb_row_get(c->a.db, to, &r, NULL) == 0 && rnd(2))
+            op->u.rename.base_to = r.content_version;
+        break;
+    }
+    case FSM_OP_DELETE:
+        op->u.del.is_dir = known && !r.deleted ? r.kind == FSM_KIND_DIR : rnd(2);
+        break;
+    case FSM_OP_MKDIR:
+        op->u.mkdir.mode = 0700 + rnd(0100);
+        op->u.mkdir.mtime_ns = 2000;
+        break;
+    case FSM_OP_SETATTR:
+        op->u.setattr.fields = FSM_ATTR_MODE | (rnd(2) ? FSM_ATTR_MTIME : 0);
+        op->u.setattr.mode = 0700 + rnd(0100);
+        op->u.setattr.mtime_ns = 5000;
+        break;
+    default:
+        break;
+    }
+    ck_assert_int_eq(fsm_op_validate(op, NULL), 0);
+}
+
+/* 40 random ops on two nodes: after every op both nodes and the reference
+ * agree, the trees match; at the end B's tree and records are wiped and the
+ * repair rebuilds the tree from state.db alone. */
+START_TEST(test_random_logs)
+{
+    struct cluster c;
+    cluster_init(&c);
+    rnd_state = 0x9E3779B97F4A7C15ULL + (uint64_t)_i * 104729;
+    unsigned outcomes[8] = {0};
+    for (int k = 0; k < 40; k++) {
+        struct fsm_op op;
+        random_op(&c, c.next_index, &op);
+        struct fsm_apply_result r = commit_op(&c, &op, FSM_APPLY_DONE);
+        outcomes[r.outcome & 7]++;
+        ck_assert_uint_eq(r.pending, 0);
+        fsm_op_free(&op);
+        assert_same_state(&c);
+    }
+    /* the rules were exercised, not just the happy path */
+    ck_assert_uint_gt(outcomes[FSM_OUT_APPLIED], 0);
+    ck_assert_uint_gt(outcomes[FSM_OUT_NOOP] + outcomes[FSM_OUT_CONFLICT], 0);
+
+    /* rebuild B's tree from nothing */
+    node_stop(&c.b);
+    char *cmd = pb_xasprintf("cd '%s' && find . -mindepth 1 -maxdepth 1 ! -name .pickbox "
+                             "-exec rm -rf {} +",
+                             c.b.tree_dir);
+    ck_assert_int_eq(system(cmd), 0);
+    free(cmd);
+    sqlite3 *h;
+    ck_assert_int_eq(sqlite3_open(c.b.db_path, &h), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_exec(h, "DELETE FROM disk", NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(h);
+    node_start(&c.b);
+    unsigned repaired = 0, pending = 9;
+    ck_assert_int_eq(fsm_apply_repair(c.b.ap, &repaired, &pending), 0);
+    ck_assert_uint_eq(pending, 0);
+    assert_same_state(&c);
+    unsigned again = 9;
+    ck_assert_int_eq(fsm_apply_repair(c.b.ap, &again, &pending), 0);
+    ck_assert_uint_eq(again, 0);
+    cluster_free(&c);
+}
+END_TEST
+
 static Suite *fsm_apply_suite(void)
 {
     Suite *s = suite_create("fsm_apply");
@@ -725,6 +876,10 @@ static Suite *fsm_apply_suite(void)
     tcase_add_test(tc, test_crash_between_commit_and_materialize);
     tcase_add_test(tc, test_snapshot_install_then_repair);
     tcase_add_test(tc, test_apply_storage_failure);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("random");
+    tcase_set_timeout(tc, 300);
+    tcase_add_loop_test(tc, test_random_logs, 0, 20);
     suite_add_tcase(s, tc);
     return s;
 }
