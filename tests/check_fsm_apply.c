@@ -867,6 +867,72 @@ START_TEST(test_random_logs)
 }
 END_TEST
 
+/* B applies the same log as A, but in groups of 1..8 entries per
+ * transaction (with Raft no-op entries in between, and a repeated client
+ * op): the replicated state and the tree end the same. */
+START_TEST(test_batched_equals_single)
+{
+    struct cluster c;
+    cluster_init(&c);
+    rnd_state = 0xC0FFEEULL + (uint64_t)_i * 7919;
+    struct fsm_apply_input in[8];
+    struct buf bufs[8];
+    struct fsm_apply_result ra, rb[8];
+    struct pb_error err;
+    size_t n = 0;
+    for (int k = 0; k < 60; k++) {
+        uint64_t index = c.next_index++;
+        buf_init(&bufs[n]);
+        in[n] = (struct fsm_apply_input){index, 3, 0, 0, NULL, 0};
+        if (rnd(6) == 0) { /* a Raft no-op entry */
+            ck_assert_int_eq(fsm_apply_skip(c.a.ap, index, 3, &err), 0);
+        } else {
+            struct fsm_op op;
+            random_op(&c, index, &op);
+            ck_assert_int_eq(fsm_op_encode(&op, &bufs[n]), 0);
+            fsm_op_free(&op);
+            in[n].client_id = 77;
+            in[n].seq = rnd(5) == 0 ? (uint64_t)k : (uint64_t)k + 1; /* some repeat */
+            in[n].data = bufs[n].data;
+            in[n].len = bufs[n].len;
+            ck_assert_int_eq(fsm_apply_entry(c.a.ap, index, 3, 77, in[n].seq, in[n].data, in[n].len,
+                                             &ra, &err),
+                             0);
+            ck_assert_int_eq(ra.tree_rc, 0);
+        }
+        n++;
+        if (n == 8 || rnd(3) == 0 || k == 59) {
+            ck_assert_int_eq(fsm_apply_entries(c.b.ap, in, n, rb, &err), 0);
+            for (size_t i = 0; i < n; i++) {
+                ck_assert_int_eq(rb[i].tree_rc, 0);
+                ck_assert_int_ne(rb[i].status, FSM_APPLY_ALREADY);
+            }
+            /* the whole group again (a replay after a restart): no-ops */
+            ck_assert_int_eq(fsm_apply_entries(c.b.ap, in, n, rb, &err), 0);
+            for (size_t i = 0; i < n; i++) {
+                ck_assert_int_eq(rb[i].status, FSM_APPLY_ALREADY);
+                buf_free(&bufs[i]);
+            }
+            n = 0;
+        }
+    }
+    struct buf sa = BUF_INIT, sb = BUF_INIT;
+    snapshot_bytes(c.a.db, &sa);
+    snapshot_bytes(c.b.db, &sb);
+    ck_assert_uint_eq(sa.len, sb.len);
+    ck_assert_int_eq(memcmp(sa.data, sb.data, sa.len), 0);
+    assert_trees_equal(&c.a, &c.b);
+    assert_tree_matches_manifest(&c.b);
+    struct statedb_applied aa;
+    ck_assert_int_eq(statedb_applied_get(c.b.db, &aa), 0);
+    ck_assert_uint_eq(aa.index, c.next_index - 1);
+    ck_assert_uint_gt(aa.duplicates, 0);
+    buf_free(&sa);
+    buf_free(&sb);
+    cluster_free(&c);
+}
+END_TEST
+
 static Suite *fsm_apply_suite(void)
 {
     Suite *s = suite_create("fsm_apply");
@@ -880,6 +946,7 @@ static Suite *fsm_apply_suite(void)
     tc = tcase_create("random");
     tcase_set_timeout(tc, 300);
     tcase_add_loop_test(tc, test_random_logs, 0, 20);
+    tcase_add_loop_test(tc, test_batched_equals_single, 0, 10);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -368,91 +368,134 @@ static int apply_op(struct fsm_apply *ap, const struct fsm_op *op, uint64_t inde
     return 0;
 }
 
+/* One entry inside the open transaction: updates *a, fills *out, leaves the
+ * decoded op and its plan in *op / *p for materializing after the commit. */
+static int apply_in_txn(struct fsm_apply *ap, const struct fsm_apply_input *in,
+                        struct statedb_applied *a, struct fsm_op *op, struct plan *p,
+                        struct fsm_apply_result *out, struct pb_error *err)
+{
+    struct pb_error derr;
+    int rc;
+    if (in->index == 0)
+        return pb_error_set(err, -EINVAL, "apply: index 0");
+    if (in->index <= a->index) {
+        out->status = FSM_APPLY_ALREADY;
+        return 0;
+    }
+    if (in->data == NULL) {
+        out->status = FSM_APPLY_INDEX_ONLY;
+    } else {
+        pb_error_clear(&derr);
+        rc = fsm_op_decode(in->data, in->len, op, &derr);
+        if (rc == -EPROTONOSUPPORT)
+            return pb_error_set(err, rc, "apply %" PRIu64 ": %s", in->index, derr.msg);
+        if (rc == 0 && (rc = fsm_op_verify_chunks(op, &derr)) == -EIO)
+            return pb_error_set(err, rc, "apply %" PRIu64 ": %s", in->index, derr.msg);
+        uint64_t last = 0;
+        if (rc < 0) {
+            log_warning("apply %" PRIu64 ": malformed entry ignored: %s", in->index, derr.msg);
+            out->status = FSM_APPLY_MALFORMED;
+            a->malformed++;
+        } else if (in->client_id != 0 &&
+                   (rc = statedb_session_get(ap->db, in->client_id, &last)) < 0) {
+            return pb_error_set(err, rc, "%s", statedb_errmsg(ap->db));
+        } else if (in->client_id != 0 && in->seq <= last) {
+            out->status = FSM_APPLY_DUPLICATE;
+            a->duplicates++;
+        } else {
+            if (in->client_id != 0 &&
+                (rc = statedb_session_set(ap->db, in->client_id, in->seq)) < 0)
+                return pb_error_set(err, rc, "%s", statedb_errmsg(ap->db));
+            if ((rc = apply_op(ap, op, in->index, a, p, out, err)) < 0)
+                return rc;
+        }
+    }
+    /* collected after every entry, at its index: the same chunks exist
+     * before each entry however entries are grouped into transactions */
+    if ((rc = statedb_chunk_collect(ap->db, in->index, &out->collected)) < 0)
+        return pb_error_set(err, rc, "%s", statedb_errmsg(ap->db));
+    a->index = in->index;
+    a->term = in->term;
+    return 0;
+}
+
+int fsm_apply_entries(struct fsm_apply *ap, const struct fsm_apply_input *in, size_t n,
+                      struct fsm_apply_result *out, struct pb_error *err)
+{
+    struct statedb_applied a;
+    struct fsm_op *ops = pb_xcalloc(n ? n : 1, sizeof(*ops));
+    struct plan *plans = pb_xcalloc(n ? n : 1, sizeof(*plans));
+    for (size_t i = 0; i < n; i++) {
+        fsm_op_init(&ops[i]);
+        memset(&out[i], 0, sizeof(out[i]));
+    }
+    int rc = statedb_begin(ap->db);
+    if (rc < 0) {
+        pb_error_set(err, rc, "%s", statedb_errmsg(ap->db));
+        goto done;
+    }
+    if ((rc = statedb_applied_get(ap->db, &a)) < 0) {
+        pb_error_set(err, rc, "%s", statedb_errmsg(ap->db));
+        goto done;
+    }
+    uint64_t before = a.index;
+    for (size_t i = 0; i < n && rc == 0; i++)
+        rc = apply_in_txn(ap, &in[i], &a, &ops[i], &plans[i], &out[i], err);
+    if (rc == 0 && a.index == before) { /* nothing new: leave the file alone */
+        statedb_rollback(ap->db);
+        goto done;
+    }
+    if (rc == 0 &&
+        ((rc = statedb_applied_set(ap->db, &a)) < 0 || (rc = statedb_commit(ap->db)) < 0))
+        pb_error_set(err, rc, "%s", statedb_errmsg(ap->db));
+    if (rc < 0)
+        goto done;
+    /* Committed. Now the tree, in log order; its errors do not undo the
+     * entries: the repair catches the tree up later. */
+    int tree_rc = 0;
+    for (size_t k = 0; k < n; k++) {
+        for (uint32_t i = 0; i < plans[k].n && tree_rc == 0; i++) {
+            unsigned pending = 0;
+            tree_rc = fsm_materialize(ap->tree, &plans[k].ops[i], &plans[k].d[i], &ap->disk,
+                                      &pending);
+            out[k].pending += pending;
+        }
+        out[k].tree_rc = tree_rc;
+        if (tree_rc < 0 && (k == 0 || out[k - 1].tree_rc == 0))
+            log_err("apply %" PRIu64 ": the tree could not be updated (%s); it will be "
+                    "repaired from state.db",
+                    in[k].index, strerror(-tree_rc));
+    }
+done:
+    if (rc < 0) {
+        statedb_rollback(ap->db);
+        for (size_t i = 0; i < n; i++)
+            memset(&out[i], 0, sizeof(out[i]));
+    }
+    for (size_t i = 0; i < n; i++) {
+        plan_free(&plans[i]);
+        fsm_op_free(&ops[i]);
+    }
+    free(plans);
+    free(ops);
+    return rc;
+}
+
 int fsm_apply_entry(struct fsm_apply *ap, uint64_t index, uint64_t term, uint64_t client_id,
                     uint64_t seq, const uint8_t *data, size_t len, struct fsm_apply_result *out,
                     struct pb_error *err)
 {
-    struct statedb_applied a;
-    struct fsm_op op;
-    struct plan p = {NULL, 0, NULL};
-    struct pb_error derr;
-    memset(out, 0, sizeof(*out));
-    fsm_op_init(&op);
-    if (index == 0)
-        return pb_error_set(err, -EINVAL, "apply: index 0");
-    int rc = statedb_begin(ap->db);
-    if (rc < 0)
-        return pb_error_set(err, rc, "%s", statedb_errmsg(ap->db));
-    if ((rc = statedb_applied_get(ap->db, &a)) < 0) {
-        pb_error_set(err, rc, "%s", statedb_errmsg(ap->db));
-        goto fail;
-    }
-    if (index <= a.index) {
-        statedb_rollback(ap->db);
-        out->status = FSM_APPLY_ALREADY;
-        return 0;
-    }
-    pb_error_clear(&derr);
-    rc = fsm_op_decode(data, len, &op, &derr);
-    if (rc == -EPROTONOSUPPORT) {
-        pb_error_set(err, rc, "apply %" PRIu64 ": %s", index, derr.msg);
-        goto fail;
-    }
-    if (rc == 0 && (rc = fsm_op_verify_chunks(&op, &derr)) == -EIO) {
-        pb_error_set(err, rc, "apply %" PRIu64 ": %s", index, derr.msg);
-        goto fail;
-    }
-    if (rc < 0) {
-        log_warning("apply %" PRIu64 ": malformed entry ignored: %s", index, derr.msg);
-        out->status = FSM_APPLY_MALFORMED;
-        a.malformed++;
-    } else {
-        uint64_t last = 0;
-        if (client_id != 0 && (rc = statedb_session_get(ap->db, client_id, &last)) < 0) {
-            pb_error_set(err, rc, "%s", statedb_errmsg(ap->db));
-            goto fail;
-        }
-        if (client_id != 0 && seq <= last) {
-            out->status = FSM_APPLY_DUPLICATE;
-            a.duplicates++;
-        } else {
-            if (client_id != 0 && (rc = statedb_session_set(ap->db, client_id, seq)) < 0) {
-                pb_error_set(err, rc, "%s", statedb_errmsg(ap->db));
-                goto fail;
-            }
-            if ((rc = apply_op(ap, &op, index, &a, &p, out, err)) < 0)
-                goto fail;
-        }
-    }
-    if ((rc = statedb_chunk_collect(ap->db, index, &out->collected)) < 0) {
-        pb_error_set(err, rc, "%s", statedb_errmsg(ap->db));
-        goto fail;
-    }
-    a.index = index;
-    a.term = term;
-    if ((rc = statedb_applied_set(ap->db, &a)) < 0 || (rc = statedb_commit(ap->db)) < 0) {
-        pb_error_set(err, rc, "%s", statedb_errmsg(ap->db));
-        goto fail;
-    }
-    /* Committed. Now the tree; its errors do not undo the entry. */
-    for (uint32_t i = 0; i < p.n && out->tree_rc == 0; i++) {
-        unsigned pending = 0;
-        out->tree_rc = fsm_materialize(ap->tree, &p.ops[i], &p.d[i], &ap->disk, &pending);
-        out->pending += pending;
-    }
-    if (out->tree_rc < 0)
-        log_err("apply %" PRIu64 ": the tree could not be updated (%s); it will be repaired "
-                "from state.db",
-                index, strerror(-out->tree_rc));
-    plan_free(&p);
-    fsm_op_free(&op);
-    return 0;
-fail:
-    statedb_rollback(ap->db);
-    plan_free(&p);
-    fsm_op_free(&op);
-    memset(out, 0, sizeof(*out));
-    return rc;
+    struct fsm_apply_input in = {index, term, client_id, seq, data, len};
+    if (data == NULL) /* a payload, even empty, is an op; NULL is for index-only */
+        in.data = (const uint8_t *)"";
+    return fsm_apply_entries(ap, &in, 1, out, err);
+}
+
+int fsm_apply_skip(struct fsm_apply *ap, uint64_t index, uint64_t term, struct pb_error *err)
+{
+    struct fsm_apply_input in = {index, term, 0, 0, NULL, 0};
+    struct fsm_apply_result out;
+    return fsm_apply_entries(ap, &in, 1, &out, err);
 }
 
 /* ---- repair -------------------------------------------------------------- */

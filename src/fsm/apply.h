@@ -52,11 +52,12 @@
 #define FSM_APPLY_CHUNK_KEEP 8192u
 
 enum fsm_apply_status {
-    FSM_APPLY_DONE = 1,  /* applied (see outcome) */
-    FSM_APPLY_ALREADY,   /* index <= applied index: nothing done */
-    FSM_APPLY_DUPLICATE, /* (client_id, seq) already applied: no-op */
-    FSM_APPLY_MALFORMED, /* undecodable or bad chunk bytes: no-op */
-    FSM_APPLY_CHUNKS,    /* a CHUNKS op: chunks stored */
+    FSM_APPLY_DONE = 1,   /* applied (see outcome) */
+    FSM_APPLY_ALREADY,    /* index <= applied index: nothing done */
+    FSM_APPLY_DUPLICATE,  /* (client_id, seq) already applied: no-op */
+    FSM_APPLY_MALFORMED,  /* undecodable or bad chunk bytes: no-op */
+    FSM_APPLY_CHUNKS,     /* a CHUNKS op: chunks stored */
+    FSM_APPLY_INDEX_ONLY, /* not an op (fsm_apply_skip): the applied index moved */
 };
 
 struct fsm_apply_result {
@@ -88,6 +89,33 @@ void fsm_apply_free(struct fsm_apply *ap);
 int fsm_apply_entry(struct fsm_apply *ap, uint64_t index, uint64_t term, uint64_t client_id,
                     uint64_t seq, const uint8_t *data, size_t len, struct fsm_apply_result *out,
                     struct pb_error *err);
+
+/* One committed entry for fsm_apply_entries(); data NULL: not an op (a
+ * no-op or configuration entry of Raft): only the applied index moves. */
+struct fsm_apply_input {
+    uint64_t index;
+    uint64_t term;
+    uint64_t client_id;
+    uint64_t seq;
+    const uint8_t *data;
+    size_t len;
+};
+
+/*
+ * Applies n committed entries (in log order) in ONE state.db transaction,
+ * then materializes them in order; out[i] is entry i's result. The state
+ * after it is exactly that of n fsm_apply_entry() calls (chunks are
+ * collected after each entry at its index); one fsync instead of n. All n
+ * decoded ops are held in memory until materialized: bound n by the bytes
+ * of the entries. On error nothing is applied (as fsm_apply_entry()); after
+ * -EPROTONOSUPPORT, apply the entries one by one to get as far as possible.
+ */
+int fsm_apply_entries(struct fsm_apply *ap, const struct fsm_apply_input *in, size_t n,
+                      struct fsm_apply_result *out, struct pb_error *err);
+
+/* Moves the applied index to index (term) for a committed entry that is
+ * not an op, so snapshots and compaction can use Raft's applied index. */
+int fsm_apply_skip(struct fsm_apply *ap, uint64_t index, uint64_t term, struct pb_error *err);
 
 /* Re-materializes every path where the tree may be behind state.db (see
  * above). *repaired and *pending (may be NULL) get the number of paths
