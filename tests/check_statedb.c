@@ -135,6 +135,14 @@ START_TEST(test_rows_and_children)
     ck_assert_int_eq(statedb_commit(db), 0);
     ck_assert_int_eq(statedb_row_get(db, "d/b", &g, NULL), -ENOENT);
 
+    /* one opener at a time */
+    struct statedb *second = NULL;
+    struct pb_error err;
+    char *path = dbpath("a.db");
+    ck_assert_int_eq(statedb_open(path, &second, &err), -EBUSY);
+    ck_assert_ptr_null(second);
+    free(path);
+
     /* persisted across a reopen */
     statedb_close(db);
     db = open_db("a.db");

@@ -46,6 +46,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <unistd.h>
+#include <fcntl.h>
 
 #include "lib/buf.h"
 #include "lib/log.h"
@@ -168,6 +171,7 @@ static const char *const statedb_sql[Q_MAX] = {
 
 struct statedb {
     char *path;
+    int lock_fd;
     sqlite3 *db;
     struct store_fault_vfs *fvfs;
     sqlite3_stmt *q[Q_MAX];
@@ -353,7 +357,23 @@ int statedb_open(const char *path, struct statedb **out, struct pb_error *err)
 {
     struct statedb *db = pb_xcalloc(1, sizeof(*db));
     db->path = pb_xstrdup(path);
+    db->lock_fd = -1;
     *out = NULL;
+    /* One applier per state.db: two would apply every entry twice to one
+     * tree. flock() is separate from SQLite's POSIX locks. */
+    db->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (db->lock_fd < 0) {
+        int e = pb_error_set(err, -errno, "%s: %s", path, strerror(errno));
+        statedb_close(db);
+        return e;
+    }
+    if (flock(db->lock_fd, LOCK_EX | LOCK_NB) < 0) {
+        int e = errno == EWOULDBLOCK
+                        ? pb_error_set(err, -EBUSY, "%s is in use by another process", path)
+                        : pb_error_set(err, -errno, "%s: flock: %s", path, strerror(errno));
+        statedb_close(db);
+        return e;
+    }
     db->fvfs = store_fault_vfs_new();
     if (db->fvfs == NULL) {
         statedb_close(db);
@@ -400,6 +420,10 @@ void statedb_close(struct statedb *db)
         sqlite3_finalize(db->q[i]);
     sqlite3_close(db->db);
     store_fault_vfs_free(db->fvfs);
+    /* only after SQLite's: closing any descriptor of the file drops the
+     * process's POSIX locks on it */
+    if (db->lock_fd >= 0)
+        close(db->lock_fd);
     free(db->path);
     free(db);
 }

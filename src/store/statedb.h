@@ -107,9 +107,11 @@ struct statedb_status {
     uint64_t tombstones;
 };
 
-/* Opens (creating if missing) the state.db file at path. Refuses a newer
- * format with -EPROTONOSUPPORT naming both versions, a file that is not a
- * state.db with -EBADMSG. *out is the caller's (statedb_close()). */
+/* Opens (creating if missing, mode 0600) the state.db file at path. Refuses
+ * a newer format with -EPROTONOSUPPORT naming both versions, a file that is
+ * not a state.db with -EBADMSG, a file another statedb has open (this or
+ * another process; flock) with -EBUSY. *out is the caller's
+ * (statedb_close()). */
 int statedb_open(const char *path, struct statedb **out, struct pb_error *err);
 /* Closes db (rolling back an open transaction); NULL is fine. */
 void statedb_close(struct statedb *db);
