@@ -32,6 +32,22 @@
  * collected at apply time, identically on every node.
  *
  * Threading: one thread at a time (the one that owns the statedb and tree).
+ * Every call may block on fsync (state.db commits, tree writes): run the
+ * applier on its own thread, not on the event loop (DESIGN.md §5), and give
+ * the watcher's index lookups to that same thread (or a second, read-only
+ * statedb connection; WAL allows it).
+ *
+ * How the daemon drives it: at startup statedb_open(<data>/state.db),
+ * fsm_tree_open(), fsm_apply_new(), fsm_apply_repair(); Raft may then
+ * compact raft.db up to statedb's applied index. For each group of committed
+ * entries: fsm_apply_entries() (ops; Raft no-op and configuration entries
+ * with data NULL), then act on each result: MISSING_CHUNKS for an own op
+ * means re-propose it with the bytes; tree_rc < 0 means rescan/repair; a
+ * negative return means stop acknowledging and retry (storage) or stop
+ * (-EPROTONOSUPPORT). When the node's own op commits, first
+ * fsm_apply_record_local() with the stat it proposed. Snapshots:
+ * statedb_snapshot_begin() on the sender; statedb_install_*() then
+ * fsm_apply_repair() on the receiver.
  */
 #ifndef PICKBOX_FSM_APPLY_H
 #define PICKBOX_FSM_APPLY_H
