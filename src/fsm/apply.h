@@ -98,9 +98,11 @@ void fsm_apply_free(struct fsm_apply *ap);
  * encoded op; client_id 0 means no session). Returns 0 once state.db holds
  * the entry's effects and applied index (then *out says what happened, and
  * out->tree_rc whether the tree is up to date); a negative errno means
- * state.db is unchanged: -EPROTONOSUPPORT (newer op format: stop), -EIO /
- * -ENOSPC (storage: durable state unknown, stop and retry later), -EINVAL
- * (index 0). err (may be NULL) says what went wrong.
+ * the transaction was rolled back: -EPROTONOSUPPORT (newer op format:
+ * stop), -EINVAL (index 0), -EIO / -ENOSPC (storage: a failed commit may
+ * still have reached the disk, so stop acknowledging, reopen state.db, run
+ * fsm_apply_repair() and retry; an entry that did land is then ALREADY).
+ * err (may be NULL) says what went wrong.
  */
 int fsm_apply_entry(struct fsm_apply *ap, uint64_t index, uint64_t term, uint64_t client_id,
                     uint64_t seq, const uint8_t *data, size_t len, struct fsm_apply_result *out,
