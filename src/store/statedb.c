@@ -1123,7 +1123,9 @@ struct statedb_snapshot {
 
 static void put_blob_col(struct buf *b, sqlite3_stmt *st, int i)
 {
-    buf_put_bytes(b, sqlite3_column_blob(st, i), (size_t)sqlite3_column_bytes(st, i));
+    const void *p = sqlite3_column_blob(st, i); /* before _bytes(), as SQLite asks */
+    size_t n = (size_t)sqlite3_column_bytes(st, i);
+    buf_put_bytes(b, p, n);
 }
 
 static void put_fixed_col(struct buf *b, sqlite3_stmt *st, int i)
@@ -1181,7 +1183,8 @@ static int snap_gen(struct statedb_snapshot *s, struct pb_error *err)
             buf_put_u32(b, (uint32_t)sqlite3_column_int64(st, 6));
             buf_put_u64(b, (uint64_t)sqlite3_column_int64(st, 7));
             buf_put_u64(b, (uint64_t)sqlite3_column_int64(st, 8));
-            buf_put_bytes(b, sqlite3_column_text(st, 9), (size_t)sqlite3_column_bytes(st, 9));
+            const unsigned char *origin = sqlite3_column_text(st, 9);
+            buf_put_bytes(b, origin, (size_t)sqlite3_column_bytes(st, 9));
             if (sqlite3_column_type(st, 10) == SQLITE_NULL) {
                 buf_put_u8(b, 0);
             } else {
