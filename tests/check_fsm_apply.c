@@ -724,6 +724,105 @@ START_TEST(test_apply_storage_failure)
 }
 END_TEST
 
+/* A CHUNKS op's bytes serve a PUT committed within FSM_APPLY_CHUNK_KEEP
+ * entries; after that they are collected and a PUT relying on them fails
+ * alike everywhere (MISSING_CHUNKS). Carried bytes that do not hash to
+ * their id make the entry a counted no-op. */
+static void encode_chunks(struct buf *b, const char *text)
+{
+    struct fsm_op op;
+    fsm_op_init(&op);
+    op.type = FSM_OP_CHUNKS;
+    op.origin = pb_xstrdup("nA");
+    op.u.chunks.n_data = 1;
+    op.u.chunks.data = pb_xcalloc(1, sizeof(struct fsm_chunk_data));
+    op.u.chunks.data[0].len = (uint32_t)strlen(text);
+    op.u.chunks.data[0].data = (uint8_t *)pb_xstrdup(text);
+    ck_assert_int_eq(fsm_sha256(text, strlen(text), op.u.chunks.data[0].id), 0);
+    ck_assert_int_eq(fsm_op_encode(&op, b), 0);
+    fsm_op_free(&op);
+}
+
+static void put_relying_on(struct fsm_op *op, const char *path, const char *text)
+{
+    simple_op(op, FSM_OP_PUT, "nA", path, 0);
+    op->u.put.mode = 0644;
+    op->u.put.size = strlen(text);
+    op->u.put.n_refs = 1;
+    op->u.put.refs = pb_xcalloc(1, sizeof(struct fsm_chunk_ref));
+    op->u.put.refs[0].len = (uint32_t)strlen(text);
+    ck_assert_int_eq(fsm_sha256(text, strlen(text), op->u.put.refs[0].id), 0);
+}
+
+START_TEST(test_chunk_window_and_bad_bytes)
+{
+    struct cluster c;
+    struct fsm_op op;
+    struct buf b = BUF_INIT;
+    cluster_init(&c);
+    /* within the window */
+    encode_chunks(&b, "carried ahead of its PUT");
+    commit(&c, 0, 0, b.data, b.len, FSM_APPLY_CHUNKS);
+    buf_reset(&b);
+    put_relying_on(&op, "in-time", "carried ahead of its PUT");
+    ck_assert_int_eq(fsm_op_encode(&op, &b), 0);
+    struct fsm_apply_result r = commit_at(&c, c.next_index + FSM_APPLY_CHUNK_KEEP - 2, 0, 0, b.data,
+                                          b.len, FSM_APPLY_DONE);
+    ck_assert_int_eq(r.outcome, FSM_OUT_APPLIED);
+    fsm_op_free(&op);
+    buf_reset(&b);
+    assert_same_state(&c);
+
+    /* too late: collected before the PUT applies */
+    encode_chunks(&b, "carried but never used in time");
+    uint64_t at = c.next_index;
+    struct fsm_apply_result ra, rb;
+    struct pb_error err;
+    ck_assert_int_eq(fsm_apply_entry(c.a.ap, at, 2, 0, 0, b.data, b.len, &ra, &err), 0);
+    ck_assert_int_eq(fsm_apply_entry(c.b.ap, at, 2, 0, 0, b.data, b.len, &rb, &err), 0);
+    buf_reset(&b);
+    put_relying_on(&op, "too-late", "carried but never used in time");
+    ck_assert_int_eq(fsm_op_encode(&op, &b), 0);
+    fsm_op_free(&op);
+    /* an entry past the window (a Raft no-op) collects them at its end */
+    struct fsm_apply_input noop = {at + FSM_APPLY_CHUNK_KEEP + 1, 2, 0, 0, NULL, 0};
+    ck_assert_int_eq(fsm_apply_entries(c.a.ap, &noop, 1, &ra, &err), 0);
+    ck_assert_int_eq(fsm_apply_entries(c.b.ap, &noop, 1, &rb, &err), 0);
+    ck_assert_int_eq(ra.status, FSM_APPLY_INDEX_ONLY);
+    ck_assert_uint_eq(ra.collected, 1);
+    ck_assert_uint_eq(rb.collected, 1);
+    uint64_t late = noop.index + 1;
+    ck_assert_int_eq(fsm_apply_entry(c.a.ap, late, 2, 0, 0, b.data, b.len, &ra, &err), 0);
+    ck_assert_int_eq(fsm_apply_entry(c.b.ap, late, 2, 0, 0, b.data, b.len, &rb, &err), 0);
+    ck_assert_int_eq(ra.outcome, FSM_OUT_MISSING_CHUNKS);
+    ck_assert_int_eq(rb.outcome, FSM_OUT_MISSING_CHUNKS);
+    ck_assert(!file_exists(&c.a, "too-late"));
+    buf_reset(&b);
+    c.next_index = late + 1;
+
+    /* carried bytes that do not match their id */
+    struct fsm_op bad;
+    put_relying_on(&bad, "bad", "right bytes");
+    bad.u.put.n_data = 1;
+    bad.u.put.data = pb_xcalloc(1, sizeof(struct fsm_chunk_data));
+    memcpy(bad.u.put.data[0].id, bad.u.put.refs[0].id, FSM_CHUNK_ID_LEN);
+    bad.u.put.data[0].len = 11;
+    bad.u.put.data[0].data = (uint8_t *)pb_xstrdup("wrong bytes");
+    ck_assert_int_eq(fsm_op_encode(&bad, &b), 0);
+    fsm_op_free(&bad);
+    commit(&c, 0, 0, b.data, b.len, FSM_APPLY_MALFORMED);
+    ck_assert(!file_exists(&c.b, "bad"));
+    struct statedb_applied ap;
+    ck_assert_int_eq(statedb_applied_get(c.b.db, &ap), 0);
+    ck_assert_uint_eq(ap.malformed, 1);
+    uint8_t id[FSM_CHUNK_ID_LEN];
+    ck_assert_int_eq(fsm_sha256("right bytes", 11, id), 0);
+    ck_assert_int_eq(statedb_chunk_has(c.b.db, id), 0); /* never stored */
+    buf_free(&b);
+    cluster_free(&c);
+}
+END_TEST
+
 /* ---- random logs --------------------------------------------------------- */
 
 static uint64_t rnd_state;
@@ -942,6 +1041,7 @@ static Suite *fsm_apply_suite(void)
     tcase_add_test(tc, test_crash_between_commit_and_materialize);
     tcase_add_test(tc, test_snapshot_install_then_repair);
     tcase_add_test(tc, test_apply_storage_failure);
+    tcase_add_test(tc, test_chunk_window_and_bad_bytes);
     suite_add_tcase(s, tc);
     tc = tcase_create("random");
     tcase_set_timeout(tc, 300);

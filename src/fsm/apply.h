@@ -26,10 +26,12 @@
  * overwritten. Run it at startup, after a snapshot install, and after a
  * materialize error.
  *
- * Chunk collection: chunks carried by an entry are kept until the applied
- * index passes index + FSM_APPLY_CHUNK_KEEP, so a CHUNKS op's bytes survive
- * until the PUT after it applies; after that, a chunk no file references is
- * collected at apply time, identically on every node.
+ * Chunk collection: at the end of every entry (index i), inside its
+ * transaction, the chunks that no file references and whose keep_until is
+ * below i are removed, identically on every node. Chunks carried by an entry
+ * at index c get keep_until = c + FSM_APPLY_CHUNK_KEEP, so a CHUNKS op's
+ * bytes serve every entry up to the first one after that; a PUT relying on
+ * them later fails alike everywhere (MISSING_CHUNKS) and is re-proposed.
  *
  * Threading: one thread at a time (the one that owns the statedb and tree).
  * Every call may block on fsync (state.db commits, tree writes): run the
