@@ -823,6 +823,74 @@ START_TEST(test_chunk_window_and_bad_bytes)
 }
 END_TEST
 
+/* The node that loses a conflict (doc/fsm.md, pending local edits): B's
+ * local edit is proposed; A's concurrent edit commits first and is skipped
+ * on B (pending); B's op commits as a conflict copy, its record is set to
+ * the proposed stat, and the repair puts the winner back at the name. */
+START_TEST(test_loser_node_with_statedb)
+{
+    struct cluster c;
+    uint64_t seq_a = 0;
+    cluster_init(&c);
+    write_file(c.a.tree_dir, "doc.txt", "v1", 2);
+    propose_commit(&c, &c.a, "nA", "doc.txt", 0, 1, &seq_a, 1);
+    assert_same_state(&c);
+    uint64_t v1 = version_of(&c.a, "doc.txt");
+
+    /* B's local edit, proposed (not committed yet) */
+    write_file(c.b.tree_dir, "doc.txt", "local edit", 10);
+    struct proposal pb = {.n = 0, .db = c.b.db};
+    struct fsm_tree_stat proposed;
+    ck_assert_int_eq(fsm_propose_put(c.b.t, "doc.txt", "nB", v1, pr_lacks, pr_emit, &pb, &proposed),
+                     0);
+    /* A's edit commits first: B skips it, its local edit stays */
+    write_file(c.a.tree_dir, "doc.txt", "winner", 6);
+    struct proposal pa = {.n = 0, .db = c.a.db};
+    struct fsm_tree_stat sta;
+    ck_assert_int_eq(fsm_propose_put(c.a.t, "doc.txt", "nA", v1, pr_lacks, pr_emit, &pa, &sta), 0);
+    ck_assert_int_eq(fsm_apply_record_local(c.a.ap, "doc.txt", &sta), 0);
+    struct fsm_apply_result ra, rb;
+    struct pb_error err;
+    uint64_t i1 = c.next_index++;
+    ck_assert_int_eq(fsm_apply_entry(c.a.ap, i1, 2, 0, 0, pa.ops[0].data, pa.ops[0].len, &ra, &err),
+                     0);
+    ck_assert_int_eq(fsm_apply_entry(c.b.ap, i1, 2, 0, 0, pa.ops[0].data, pa.ops[0].len, &rb, &err),
+                     0);
+    ck_assert_int_eq(ra.outcome, FSM_OUT_APPLIED);
+    ck_assert_uint_eq(rb.pending, 1);
+    /* B's op commits: a conflict copy on both nodes */
+    ck_assert_int_eq(fsm_apply_record_local(c.b.ap, "doc.txt", &proposed), 0);
+    uint64_t i2 = c.next_index++;
+    ck_assert_int_eq(fsm_apply_entry(c.a.ap, i2, 2, 0, 0, pb.ops[0].data, pb.ops[0].len, &ra, &err),
+                     0);
+    ck_assert_int_eq(fsm_apply_entry(c.b.ap, i2, 2, 0, 0, pb.ops[0].data, pb.ops[0].len, &rb, &err),
+                     0);
+    ck_assert_int_eq(ra.outcome, FSM_OUT_CONFLICT);
+    ck_assert_int_eq(rb.outcome, FSM_OUT_CONFLICT);
+    ck_assert_uint_eq(rb.pending, 0);
+    /* the repair puts the winner at the name on B; nothing to do on A */
+    unsigned repaired = 0, pending = 9;
+    ck_assert_int_eq(fsm_apply_repair(c.a.ap, &repaired, &pending), 0);
+    ck_assert_uint_eq(repaired, 0);
+    ck_assert_int_eq(fsm_apply_repair(c.b.ap, &repaired, &pending), 0);
+    ck_assert_uint_eq(repaired, 1);
+    ck_assert_uint_eq(pending, 0);
+    assert_trees_equal(&c.a, &c.b);
+    char *copy = pb_xasprintf("%s/doc.pickbox-conflict-nB-%llu.txt", c.b.tree_dir,
+                              (unsigned long long)i2);
+    FILE *f = fopen(copy, "r");
+    ck_assert_ptr_nonnull(f);
+    char txt[32] = {0};
+    ck_assert_uint_eq(fread(txt, 1, sizeof(txt) - 1, f), 10);
+    fclose(f);
+    ck_assert_str_eq(txt, "local edit");
+    free(copy);
+    proposal_free(&pa);
+    proposal_free(&pb);
+    cluster_free(&c);
+}
+END_TEST
+
 /* ---- random logs --------------------------------------------------------- */
 
 static uint64_t rnd_state;
@@ -1042,6 +1110,7 @@ static Suite *fsm_apply_suite(void)
     tcase_add_test(tc, test_snapshot_install_then_repair);
     tcase_add_test(tc, test_apply_storage_failure);
     tcase_add_test(tc, test_chunk_window_and_bad_bytes);
+    tcase_add_test(tc, test_loser_node_with_statedb);
     suite_add_tcase(s, tc);
     tc = tcase_create("random");
     tcase_set_timeout(tc, 300);
