@@ -143,6 +143,26 @@ START_TEST(test_rows_and_children)
     ck_assert_ptr_null(second);
     free(path);
 
+    /* a read-only second handle beside the writer */
+    struct statedb *rd = NULL;
+    path = dbpath("a.db");
+    ck_assert_int_eq(statedb_open_reader(path, &rd, &err), 0);
+    free(path);
+    ck_assert_int_eq(statedb_row_get(rd, "d/a", &g, NULL), 0);
+    ck_assert_int_eq(statedb_begin(rd), -EROFS);
+    struct statedb_disk dk = {.kind = 1};
+    ck_assert_int_eq(statedb_disk_set(rd, "x", &dk), -EROFS);
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_row_put(db, "fresh", &r, NULL), 0);
+    ck_assert_int_eq(statedb_row_get(rd, "fresh", &g, NULL), -ENOENT); /* not committed */
+    ck_assert_int_eq(statedb_commit(db), 0);
+    ck_assert_int_eq(statedb_row_get(rd, "fresh", &g, NULL), 0);
+    statedb_close(rd);
+    path = dbpath("nonexistent.db");
+    ck_assert_int_lt(statedb_open_reader(path, &rd, &err), 0);
+    ck_assert_ptr_null(rd);
+    free(path);
+
     /* persisted across a reopen */
     statedb_close(db);
     db = open_db("a.db");

@@ -172,6 +172,7 @@ static const char *const statedb_sql[Q_MAX] = {
 struct statedb {
     char *path;
     int lock_fd;
+    bool reader; /* statedb_open_reader(): no writes */
     sqlite3 *db;
     struct store_fault_vfs *fvfs;
     sqlite3_stmt *q[Q_MAX];
@@ -353,6 +354,49 @@ static int sd_init_schema(sqlite3 *h, struct pb_error *err)
     return sd_exec(h, "PRAGMA journal_mode = WAL;", err);
 }
 
+/* A reader: an existing state.db of this format, read-only, no flock. */
+static int sd_open_reader(struct statedb *db, struct pb_error *err)
+{
+    int rc = sqlite3_open_v2(db->path, &db->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
+    if (rc != SQLITE_OK)
+        return pb_error_set(err, store_sqlite_errno(rc) ? store_sqlite_errno(rc) : -EIO,
+                            "state.db: open %s: %s", db->path,
+                            db->db ? sqlite3_errmsg(db->db) : sqlite3_errstr(rc));
+    sqlite3_extended_result_codes(db->db, 1);
+    sqlite3_busy_timeout(db->db, STATEDB_BUSY_MS);
+    int64_t appid, format;
+    if ((rc = sd_exec(db->db, "PRAGMA query_only = ON; PRAGMA trusted_schema = OFF;", err)) < 0 ||
+        (rc = sd_query_i64(db->db, "PRAGMA application_id", &appid, err)) < 0)
+        return rc;
+    if (appid != STATEDB_APPLICATION_ID)
+        return pb_error_set(err, -EBADMSG, "state.db: %s is not a pickbox state database",
+                            db->path);
+    if ((rc = sd_query_i64(db->db, "SELECT format FROM statedb_meta WHERE id = 1", &format, err)) <
+        0)
+        return rc;
+    if (format != STATEDB_FORMAT)
+        return pb_error_set(err, format > STATEDB_FORMAT ? -EPROTONOSUPPORT : -EBADMSG,
+                            "state.db has format %" PRId64 ", this pickbox reads format %d", format,
+                            STATEDB_FORMAT);
+    return 0;
+}
+
+int statedb_open_reader(const char *path, struct statedb **out, struct pb_error *err)
+{
+    struct statedb *db = pb_xcalloc(1, sizeof(*db));
+    db->path = pb_xstrdup(path);
+    db->lock_fd = -1;
+    db->reader = true;
+    *out = NULL;
+    int rc = sd_open_reader(db, err);
+    if (rc < 0) {
+        statedb_close(db);
+        return rc;
+    }
+    *out = db;
+    return 0;
+}
+
 int statedb_open(const char *path, struct statedb **out, struct pb_error *err)
 {
     struct statedb *db = pb_xcalloc(1, sizeof(*db));
@@ -435,13 +479,18 @@ const char *statedb_errmsg(const struct statedb *db)
 
 void statedb_fault_inject(struct statedb *db, enum store_fault kind, unsigned n)
 {
-    store_fault_vfs_arm(db->fvfs, kind, n);
+    if (db->fvfs != NULL)
+        store_fault_vfs_arm(db->fvfs, kind, n);
 }
 
 /* ---- transactions -------------------------------------------------------- */
 
 int statedb_begin(struct statedb *db)
 {
+    if (db->reader) {
+        snprintf(db->errmsg, sizeof(db->errmsg), "state.db: a reader cannot write");
+        return -EROFS;
+    }
     if (db->in_txn) {
         snprintf(db->errmsg, sizeof(db->errmsg), "state.db: a transaction is already open");
         return -EBUSY;

@@ -113,6 +113,12 @@ struct statedb_status {
  * another process; flock) with -EBUSY. *out is the caller's
  * (statedb_close()). */
 int statedb_open(const char *path, struct statedb **out, struct pb_error *err);
+/* A second, read-only handle on an existing state.db (for another thread,
+ * e.g. the watcher's index lookups and the disk records it compares with,
+ * beside the applier; WAL lets it read while the applier writes). Every
+ * read function works on it; statedb_begin() and writes fail (-EROFS). No
+ * flock: any number of readers. */
+int statedb_open_reader(const char *path, struct statedb **out, struct pb_error *err);
 /* Closes db (rolling back an open transaction); NULL is fine. */
 void statedb_close(struct statedb *db);
 /* The message of the last failure (never NULL). */
