@@ -1,7 +1,8 @@
 /*
  * statedb.h: state.db, the replicated tree's state machine (DESIGN.md §5).
  *
- * One SQLite database (WAL, synchronous=FULL, STRICT tables) holding:
+ * One SQLite database (WAL, STRICT tables; transactions commit with
+ * synchronous=FULL, node-local autocommit writes with NORMAL) holding:
  *   - replicated tables, identical on every node and changed only by applying
  *     the log: the manifest (one row per path, live or tombstone), each
  *     file's chunk list, the content-addressed chunks, the applied index and
@@ -30,7 +31,8 @@
  * (no such row), -EINVAL (bad argument or a schema constraint), -EBUSY.
  *
  * Threading: a struct statedb is used by one thread at a time; a snapshot
- * reader (struct statedb_snapshot) may be used by another thread.
+ * reader (struct statedb_snapshot) and a statedb_open_reader() handle may
+ * be used by other threads. Calls that commit block on fsync.
  */
 #ifndef PICKBOX_STORE_STATEDB_H
 #define PICKBOX_STORE_STATEDB_H
@@ -169,7 +171,8 @@ int statedb_list_children(struct statedb *db, const char *dir,
 
 /* Chunks. has: 1, 0 or -errno. get: copies exactly len bytes (-ENOENT if
  * absent, -EBADMSG if the stored length differs). put: stores the chunk if
- * absent and raises its keep_until to at least keep_until. collect: removes
+ * absent (the bytes are not hashed here: verify them first) and raises its
+ * keep_until to at least keep_until. collect: removes
  * chunks with no reference and keep_until < index; *n (may be NULL) gets how
  * many. */
 int statedb_chunk_has(struct statedb *db, const uint8_t id[STATEDB_ID_LEN]);
