@@ -1,0 +1,1767 @@
+/*
+ * statedb.c: state.db, the replicated tree's state (see statedb.h).
+ *
+ * Schema (format 1; every table STRICT):
+ *
+ *   statedb_meta(id=1, format)                 node file's format
+ *   applied(id=1, idx, term, malformed, conflicts, duplicates)   replicated
+ *   manifest(path BLOB PK, kind, deleted, version, content_version, content,
+ *            mode, mtime_ns, size, origin, target BLOB NULL)     replicated
+ *   chunklist(path, seq, id, len; PK (path, seq))                replicated
+ *   chunks(id BLOB PK, refs, keep_until, data)                   replicated
+ *   sessions(client_id PK, seq)                                  replicated
+ *   disk(path PK, kind, mode, size, mtime_ns, ino, row_content,
+ *        row_mode, row_mtime_ns)                                 node-local
+ *   stage_manifest, stage_chunklist, stage_chunks, stage_sessions: a snapshot
+ *        being received (node-local, emptied at every install); a staged
+ *        chunk with local = 1 is one the receiver already holds (K record)
+ *
+ * chunks.refs is kept by triggers on chunklist (insert +1, delete -1), and an
+ * insert naming a chunk that is not stored aborts the statement: a chunk list
+ * can never point at a missing chunk and refs cannot drift. uint64 values are
+ * stored as SQLite's int64 (the same 64 bits).
+ *
+ * Snapshot stream (format 1). A sequence of records, each
+ *   u32 length (of what follows), u8 tag, body
+ * in this order: one 'H', the manifest rows ('M', by path), the chunk lists
+ * ('L', by path and seq), the chunks ('C', by id), the sessions ('S', by
+ * client id), one 'E'. Big-endian integers; bytes = u32 length + bytes.
+ *   H: "PBSD", u32 format, u64 index, term, malformed, conflicts, duplicates
+ *   M: bytes path, u8 kind, u8 deleted, u64 version, u64 content_version,
+ *      32 content, u32 mode, u64 mtime_ns, u64 size, bytes origin,
+ *      u8 has_target, [bytes target]
+ *   L: bytes path, u32 seq, 32 id, u32 len
+ *   C: 32 id, u64 keep_until, bytes data     (refs are recomputed on install)
+ *   K: 32 id, u64 keep_until, u32 len        (a chunk the receiver said it
+ *      holds: its bytes do not travel; instead of C, only when asked for)
+ *   S: u64 client_id, u64 seq
+ *   E: u64 number of records before it, u32 CRC-32C of every byte before it
+ * Equal replicated state gives equal bytes (for the same receiver_has answers).
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <unistd.h>
+#include <fcntl.h>
+
+#include "lib/buf.h"
+#include "lib/log.h"
+#include "lib/util.h"
+#include "store/crc32c.h"
+#include "store/statedb.h"
+#include "store/store_int.h"
+
+#define STATEDB_APPLICATION_ID 0x50425354 /* "PBST" */
+#define STATEDB_BUSY_MS        5000
+#define STATEDB_PATH_BYTES_MAX 4096
+
+static const char statedb_schema_v1[] =
+        "CREATE TABLE statedb_meta (id INTEGER PRIMARY KEY CHECK (id = 1),"
+        " format INTEGER NOT NULL) STRICT;"
+        "CREATE TABLE applied (id INTEGER PRIMARY KEY CHECK (id = 1),"
+        " idx INTEGER NOT NULL, term INTEGER NOT NULL, malformed INTEGER NOT NULL,"
+        " conflicts INTEGER NOT NULL, duplicates INTEGER NOT NULL) STRICT;"
+        "CREATE TABLE manifest (path BLOB PRIMARY KEY NOT NULL, kind INTEGER NOT NULL,"
+        " deleted INTEGER NOT NULL, version INTEGER NOT NULL,"
+        " content_version INTEGER NOT NULL, content BLOB NOT NULL, mode INTEGER NOT NULL,"
+        " mtime_ns INTEGER NOT NULL, size INTEGER NOT NULL, origin TEXT NOT NULL,"
+        " target BLOB) STRICT, WITHOUT ROWID;"
+        "CREATE TABLE chunklist (path BLOB NOT NULL, seq INTEGER NOT NULL, id BLOB NOT NULL,"
+        " len INTEGER NOT NULL, PRIMARY KEY (path, seq)) STRICT, WITHOUT ROWID;"
+        "CREATE TABLE chunks (id BLOB PRIMARY KEY NOT NULL, refs INTEGER NOT NULL,"
+        " keep_until INTEGER NOT NULL, data BLOB NOT NULL) STRICT;"
+        "CREATE INDEX chunks_unreferenced ON chunks (keep_until) WHERE refs = 0;"
+        "CREATE TRIGGER chunklist_ref AFTER INSERT ON chunklist BEGIN"
+        " SELECT RAISE(ABORT, 'chunk list names a chunk that is not stored')"
+        "  WHERE NOT EXISTS (SELECT 1 FROM chunks WHERE id = NEW.id);"
+        " UPDATE chunks SET refs = refs + 1 WHERE id = NEW.id; END;"
+        "CREATE TRIGGER chunklist_unref AFTER DELETE ON chunklist BEGIN"
+        " UPDATE chunks SET refs = refs - 1 WHERE id = OLD.id; END;"
+        "CREATE TABLE sessions (client_id INTEGER PRIMARY KEY, seq INTEGER NOT NULL) STRICT;"
+        "CREATE TABLE disk (path BLOB PRIMARY KEY NOT NULL, kind INTEGER NOT NULL,"
+        " mode INTEGER NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,"
+        " ino INTEGER NOT NULL, row_content BLOB NOT NULL, row_mode INTEGER NOT NULL,"
+        " row_mtime_ns INTEGER NOT NULL) STRICT, WITHOUT ROWID;"
+        "CREATE TABLE stage_manifest (path BLOB PRIMARY KEY NOT NULL, kind INTEGER NOT NULL,"
+        " deleted INTEGER NOT NULL, version INTEGER NOT NULL,"
+        " content_version INTEGER NOT NULL, content BLOB NOT NULL, mode INTEGER NOT NULL,"
+        " mtime_ns INTEGER NOT NULL, size INTEGER NOT NULL, origin TEXT NOT NULL,"
+        " target BLOB) STRICT, WITHOUT ROWID;"
+        "CREATE TABLE stage_chunklist (path BLOB NOT NULL, seq INTEGER NOT NULL,"
+        " id BLOB NOT NULL, len INTEGER NOT NULL, PRIMARY KEY (path, seq)) STRICT,"
+        " WITHOUT ROWID;"
+        "CREATE TABLE stage_chunks (id BLOB PRIMARY KEY NOT NULL,"
+        " keep_until INTEGER NOT NULL, local INTEGER NOT NULL, data BLOB NOT NULL) STRICT;"
+        "CREATE TABLE stage_sessions (client_id INTEGER PRIMARY KEY,"
+        " seq INTEGER NOT NULL) STRICT;";
+
+/* Cached statements of the writer connection. */
+enum {
+    Q_APPLIED_GET,
+    Q_APPLIED_SET,
+    Q_ROW_GET,
+    Q_ROW_PUT,
+    Q_ROW_DEL,
+    Q_CL_DEL,
+    Q_CL_GET,
+    Q_CL_INS,
+    Q_CHUNK_HAS,
+    Q_CHUNK_GET,
+    Q_CHUNK_INS,
+    Q_CHUNK_KEEP,
+    Q_CHUNK_GC,
+    Q_CHUNK_REFS,
+    Q_SESS_GET,
+    Q_SESS_SET,
+    Q_DISK_GET,
+    Q_DISK_SET,
+    Q_DISK_DEL,
+    Q_ROW_RENAME,
+    Q_CL_RENAME,
+    Q_DISK_RENAME,
+    Q_MAX
+};
+
+static const char *const statedb_sql[Q_MAX] = {
+        [Q_APPLIED_GET] = "SELECT idx, term, malformed, conflicts, duplicates FROM applied "
+                          "WHERE id = 1",
+        [Q_APPLIED_SET] = "UPDATE applied SET idx = ?1, term = ?2, malformed = ?3, "
+                          "conflicts = ?4, duplicates = ?5 WHERE id = 1",
+        [Q_ROW_GET] = "SELECT kind, deleted, version, content_version, content, mode, "
+                      "mtime_ns, size, origin, target FROM manifest WHERE path = ?1",
+        [Q_ROW_PUT] = "INSERT INTO manifest (path, kind, deleted, version, content_version, "
+                      "content, mode, mtime_ns, size, origin, target) VALUES "
+                      "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT (path) DO "
+                      "UPDATE SET kind = ?2, deleted = ?3, version = ?4, content_version = ?5, "
+                      "content = ?6, mode = ?7, mtime_ns = ?8, size = ?9, origin = ?10, "
+                      "target = ?11",
+        [Q_ROW_DEL] = "DELETE FROM manifest WHERE path = ?1",
+        [Q_CL_DEL] = "DELETE FROM chunklist WHERE path = ?1",
+        [Q_CL_GET] = "SELECT id, len FROM chunklist WHERE path = ?1 ORDER BY seq",
+        [Q_CL_INS] = "INSERT INTO chunklist (path, seq, id, len) VALUES (?1, ?2, ?3, ?4)",
+        [Q_CHUNK_HAS] = "SELECT 1 FROM chunks WHERE id = ?1",
+        [Q_CHUNK_GET] = "SELECT data FROM chunks WHERE id = ?1",
+        [Q_CHUNK_INS] = "INSERT INTO chunks (id, refs, keep_until, data) VALUES (?1, 0, ?2, ?3) "
+                        "ON CONFLICT (id) DO NOTHING",
+        [Q_CHUNK_KEEP] = "UPDATE chunks SET keep_until = ?2 WHERE id = ?1 AND keep_until < ?2",
+        [Q_CHUNK_GC] = "DELETE FROM chunks WHERE refs = 0 AND keep_until < ?1",
+        [Q_CHUNK_REFS] = "SELECT refs FROM chunks WHERE id = ?1",
+        [Q_SESS_GET] = "SELECT seq FROM sessions WHERE client_id = ?1",
+        [Q_SESS_SET] = "INSERT INTO sessions (client_id, seq) VALUES (?1, ?2) ON CONFLICT "
+                       "(client_id) DO UPDATE SET seq = ?2",
+        [Q_DISK_GET] = "SELECT kind, mode, size, mtime_ns, ino, row_content, row_mode, "
+                       "row_mtime_ns FROM disk WHERE path = ?1",
+        [Q_DISK_SET] = "INSERT INTO disk (path, kind, mode, size, mtime_ns, ino, row_content, "
+                       "row_mode, row_mtime_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) "
+                       "ON CONFLICT (path) DO UPDATE SET kind = ?2, mode = ?3, size = ?4, "
+                       "mtime_ns = ?5, ino = ?6, row_content = ?7, row_mode = ?8, "
+                       "row_mtime_ns = ?9",
+        [Q_DISK_DEL] = "DELETE FROM disk WHERE path = ?1",
+        [Q_ROW_RENAME] = "UPDATE manifest SET path = ?2, version = ?3, content_version = ?3 "
+                         "WHERE path = ?1",
+        [Q_CL_RENAME] = "UPDATE chunklist SET path = ?2 WHERE path = ?1",
+        [Q_DISK_RENAME] = "UPDATE disk SET path = ?2 WHERE path = ?1",
+};
+
+struct statedb {
+    char *path;
+    int lock_fd;
+    bool reader; /* statedb_open_reader(): no writes */
+    sqlite3 *db;
+    struct store_fault_vfs *fvfs;
+    sqlite3_stmt *q[Q_MAX];
+    bool in_txn;
+    char errmsg[512];
+};
+
+/* ---- helpers ------------------------------------------------------------- */
+
+static int sd_fail(struct statedb *db, int rc, const char *what)
+{
+    int e = store_sqlite_errno(rc);
+    if (e == 0)
+        e = -EIO;
+    snprintf(db->errmsg, sizeof(db->errmsg), "state.db: %s: %s (%s)", what, sqlite3_errmsg(db->db),
+             sqlite3_errstr(rc));
+    return e;
+}
+
+static int sd_exec(sqlite3 *h, const char *sql, struct pb_error *err)
+{
+    int rc = sqlite3_exec(h, sql, NULL, NULL, NULL);
+    if (rc != SQLITE_OK)
+        return pb_error_set(err, store_sqlite_errno(rc) ? store_sqlite_errno(rc) : -EIO,
+                            "state.db: %s: %s", sql, sqlite3_errmsg(h));
+    return 0;
+}
+
+/* The cached statement id, reset and unbound; NULL with db->errmsg set. */
+static sqlite3_stmt *sd_q(struct statedb *db, int id, int *err)
+{
+    if (db->q[id] == NULL) {
+        int rc = sqlite3_prepare_v3(db->db, statedb_sql[id], -1, SQLITE_PREPARE_PERSISTENT,
+                                    &db->q[id], NULL);
+        if (rc != SQLITE_OK) {
+            *err = sd_fail(db, rc, statedb_sql[id]);
+            return NULL;
+        }
+    }
+    sqlite3_reset(db->q[id]);
+    sqlite3_clear_bindings(db->q[id]);
+    return db->q[id];
+}
+
+static void bind_path(sqlite3_stmt *st, int i, const char *path)
+{
+    size_t n = strlen(path);
+    if (n == 0)
+        sqlite3_bind_zeroblob(st, i, 0);
+    else
+        sqlite3_bind_blob(st, i, path, (int)n, SQLITE_STATIC);
+}
+
+/* Copies a BLOB column into a new NUL-terminated string. */
+static char *col_str(sqlite3_stmt *st, int i)
+{
+    int n = sqlite3_column_bytes(st, i);
+    const void *p = sqlite3_column_blob(st, i);
+    char *s = pb_xmalloc((size_t)n + 1);
+    if (n > 0)
+        memcpy(s, p, (size_t)n);
+    s[n] = '\0';
+    return s;
+}
+
+/* Copies a fixed-size BLOB column (zeroes if it has another size). */
+static void col_fixed(sqlite3_stmt *st, int i, uint8_t *out, size_t len)
+{
+    if ((size_t)sqlite3_column_bytes(st, i) == len)
+        memcpy(out, sqlite3_column_blob(st, i), len);
+    else
+        memset(out, 0, len);
+}
+
+/* Steps a statement expecting no row. */
+static int sd_done(struct statedb *db, sqlite3_stmt *st, const char *what)
+{
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    if (rc != SQLITE_DONE)
+        return sd_fail(db, rc, what);
+    return 0;
+}
+
+static bool path_ok(const char *p)
+{
+    return p != NULL && strlen(p) <= STATEDB_PATH_BYTES_MAX;
+}
+
+/*
+ * Outside statedb_begin()/commit() only node-local rows are written (disk
+ * records, one autocommit statement each, and snapshot staging), with
+ * synchronous = NORMAL: in WAL mode such a commit survives a process crash
+ * and is made durable by the next FULL commit (which syncs the WAL up to
+ * its own frames); only a power loss right after it can drop it, which
+ * leaves a record older than the tree: the same state as a crash between a
+ * tree write and its record, which the watcher's comparison with the index
+ * already handles. Apply transactions (the replicated state, the applied
+ * index) always commit with synchronous = FULL. This saves one fsync per
+ * materialized path.
+ */
+static void sd_local_sync(struct statedb *db)
+{
+    sqlite3_exec(db->db, "PRAGMA synchronous = NORMAL", NULL, NULL, NULL);
+}
+
+/* ---- open / close -------------------------------------------------------- */
+
+static int sd_query_i64(sqlite3 *h, const char *sql, int64_t *out, struct pb_error *err)
+{
+    sqlite3_stmt *st;
+    int rc = sqlite3_prepare_v2(h, sql, -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return pb_error_set(err, store_sqlite_errno(rc) ? store_sqlite_errno(rc) : -EIO,
+                            "state.db: %s: %s", sql, sqlite3_errmsg(h));
+    rc = sqlite3_step(st);
+    *out = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return pb_error_set(err, store_sqlite_errno(rc) ? store_sqlite_errno(rc) : -EIO,
+                            "state.db: %s: %s", sql, sqlite3_errstr(rc));
+    return 0;
+}
+
+static int sd_create(sqlite3 *h, struct pb_error *err)
+{
+    int rc = sd_exec(h, "PRAGMA page_size = 4096; PRAGMA auto_vacuum = INCREMENTAL;", err);
+    if (rc == 0)
+        rc = sd_exec(h, "PRAGMA journal_mode = WAL;", err);
+    if (rc == 0)
+        rc = sd_exec(h, "BEGIN IMMEDIATE", err);
+    if (rc < 0)
+        return rc;
+    char *sql = pb_xasprintf("%s PRAGMA application_id = %d;"
+                             "INSERT INTO statedb_meta (id, format) VALUES (1, %d);"
+                             "INSERT INTO applied VALUES (1, 0, 0, 0, 0, 0);"
+                             "COMMIT;",
+                             statedb_schema_v1, STATEDB_APPLICATION_ID, STATEDB_FORMAT);
+    rc = sd_exec(h, sql, err);
+    free(sql);
+    if (rc < 0) {
+        sqlite3_exec(h, "ROLLBACK", NULL, NULL, NULL);
+        return rc;
+    }
+    log_info("created state.db format=%d", STATEDB_FORMAT);
+    return 0;
+}
+
+static int sd_init_schema(sqlite3 *h, struct pb_error *err)
+{
+    int64_t appid, tables, format;
+    int rc = sd_query_i64(h, "PRAGMA application_id", &appid, err);
+    if (rc == 0)
+        rc = sd_query_i64(h, "SELECT count(*) FROM sqlite_schema", &tables, err);
+    if (rc < 0)
+        return rc;
+    if (appid == 0 && tables == 0)
+        return sd_create(h, err);
+    if (appid != STATEDB_APPLICATION_ID)
+        return pb_error_set(err, -EBADMSG,
+                            "state.db: not a pickbox state database (application_id 0x%08" PRIx64
+                            ", expected 0x%08x)",
+                            (uint64_t)appid, STATEDB_APPLICATION_ID);
+    rc = sd_query_i64(h, "SELECT format FROM statedb_meta WHERE id = 1", &format, err);
+    if (rc < 0)
+        return rc;
+    if (format > STATEDB_FORMAT)
+        return pb_error_set(err, -EPROTONOSUPPORT,
+                            "state.db has format %" PRId64 ", newer than format %d that this "
+                            "pickbox understands; refusing to open it (downgrades are not "
+                            "supported: run the newer pickbox)",
+                            format, STATEDB_FORMAT);
+    if (format < STATEDB_FORMAT)
+        /* Format 1 is the first: there is no older format to migrate yet. */
+        return pb_error_set(err, -EBADMSG,
+                            "state.db has format %" PRId64 " but format %d has no migration "
+                            "from it; the file is damaged",
+                            format, STATEDB_FORMAT);
+    return sd_exec(h, "PRAGMA journal_mode = WAL;", err);
+}
+
+/* A reader: an existing state.db of this format, read-only, no flock. */
+static int sd_open_reader(struct statedb *db, struct pb_error *err)
+{
+    int rc = sqlite3_open_v2(db->path, &db->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
+    if (rc != SQLITE_OK)
+        return pb_error_set(err, store_sqlite_errno(rc) ? store_sqlite_errno(rc) : -EIO,
+                            "state.db: open %s: %s", db->path,
+                            db->db ? sqlite3_errmsg(db->db) : sqlite3_errstr(rc));
+    sqlite3_extended_result_codes(db->db, 1);
+    sqlite3_busy_timeout(db->db, STATEDB_BUSY_MS);
+    int64_t appid, format;
+    if ((rc = sd_exec(db->db, "PRAGMA query_only = ON; PRAGMA trusted_schema = OFF;", err)) < 0 ||
+        (rc = sd_query_i64(db->db, "PRAGMA application_id", &appid, err)) < 0)
+        return rc;
+    if (appid != STATEDB_APPLICATION_ID)
+        return pb_error_set(err, -EBADMSG, "state.db: %s is not a pickbox state database",
+                            db->path);
+    if ((rc = sd_query_i64(db->db, "SELECT format FROM statedb_meta WHERE id = 1", &format, err)) <
+        0)
+        return rc;
+    if (format != STATEDB_FORMAT)
+        return pb_error_set(err, format > STATEDB_FORMAT ? -EPROTONOSUPPORT : -EBADMSG,
+                            "state.db has format %" PRId64 ", this pickbox reads format %d", format,
+                            STATEDB_FORMAT);
+    return 0;
+}
+
+int statedb_open_reader(const char *path, struct statedb **out, struct pb_error *err)
+{
+    struct statedb *db = pb_xcalloc(1, sizeof(*db));
+    db->path = pb_xstrdup(path);
+    db->lock_fd = -1;
+    db->reader = true;
+    *out = NULL;
+    int rc = sd_open_reader(db, err);
+    if (rc < 0) {
+        statedb_close(db);
+        return rc;
+    }
+    *out = db;
+    return 0;
+}
+
+int statedb_open(const char *path, struct statedb **out, struct pb_error *err)
+{
+    struct statedb *db = pb_xcalloc(1, sizeof(*db));
+    db->path = pb_xstrdup(path);
+    db->lock_fd = -1;
+    *out = NULL;
+    /* One applier per state.db: two would apply every entry twice to one
+     * tree. flock() is separate from SQLite's POSIX locks. */
+    db->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (db->lock_fd < 0) {
+        int e = pb_error_set(err, -errno, "%s: %s", path, strerror(errno));
+        statedb_close(db);
+        return e;
+    }
+    if (flock(db->lock_fd, LOCK_EX | LOCK_NB) < 0) {
+        int e = errno == EWOULDBLOCK
+                        ? pb_error_set(err, -EBUSY, "%s is in use by another process", path)
+                        : pb_error_set(err, -errno, "%s: flock: %s", path, strerror(errno));
+        statedb_close(db);
+        return e;
+    }
+    db->fvfs = store_fault_vfs_new();
+    if (db->fvfs == NULL) {
+        statedb_close(db);
+        return pb_error_set(err, -EIO, "state.db: cannot register the VFS shim");
+    }
+    int rc = sqlite3_open_v2(path, &db->db,
+                             SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
+                             store_fault_vfs_name(db->fvfs));
+    if (rc != SQLITE_OK) {
+        rc = pb_error_set(err, store_sqlite_errno(rc) ? store_sqlite_errno(rc) : -EIO,
+                          "state.db: open %s: %s", path,
+                          db->db ? sqlite3_errmsg(db->db) : sqlite3_errstr(rc));
+        statedb_close(db);
+        return rc;
+    }
+    sqlite3_extended_result_codes(db->db, 1);
+    sqlite3_busy_timeout(db->db, STATEDB_BUSY_MS);
+    /* FULL: the applied index must be exactly as durable as the effects. */
+    rc = sd_exec(db->db,
+                 "PRAGMA trusted_schema = OFF; PRAGMA cell_size_check = ON;"
+                 "PRAGMA foreign_keys = OFF; PRAGMA recursive_triggers = OFF;"
+                 "PRAGMA temp_store = MEMORY; PRAGMA cache_size = -16384;"
+                 "PRAGMA synchronous = FULL; PRAGMA journal_size_limit = 67108864;",
+                 err);
+    if (rc == 0)
+        rc = sd_init_schema(db->db, err);
+    if (rc < 0) {
+        pb_error_prefix(err, "%s: ", path);
+        statedb_close(db);
+        return rc;
+    }
+    sd_local_sync(db);
+    *out = db;
+    return 0;
+}
+
+void statedb_close(struct statedb *db)
+{
+    if (db == NULL)
+        return;
+    if (db->in_txn)
+        statedb_rollback(db);
+    for (int i = 0; i < Q_MAX; i++)
+        sqlite3_finalize(db->q[i]);
+    sqlite3_close(db->db);
+    store_fault_vfs_free(db->fvfs);
+    /* only after SQLite's: closing any descriptor of the file drops the
+     * process's POSIX locks on it */
+    if (db->lock_fd >= 0)
+        close(db->lock_fd);
+    free(db->path);
+    free(db);
+}
+
+const char *statedb_errmsg(const struct statedb *db)
+{
+    return db->errmsg;
+}
+
+void statedb_fault_inject(struct statedb *db, enum store_fault kind, unsigned n)
+{
+    if (db->fvfs != NULL)
+        store_fault_vfs_arm(db->fvfs, kind, n);
+}
+
+/* ---- transactions -------------------------------------------------------- */
+
+int statedb_begin(struct statedb *db)
+{
+    if (db->reader) {
+        snprintf(db->errmsg, sizeof(db->errmsg), "state.db: a reader cannot write");
+        return -EROFS;
+    }
+    if (db->in_txn) {
+        snprintf(db->errmsg, sizeof(db->errmsg), "state.db: a transaction is already open");
+        return -EBUSY;
+    }
+    /* FULL for the replicated state's transactions (see sd_local_sync) */
+    int rc = sqlite3_exec(db->db, "PRAGMA synchronous = FULL", NULL, NULL, NULL);
+    if (rc != SQLITE_OK)
+        return sd_fail(db, rc, "PRAGMA synchronous");
+    store_fault_vfs_begin(db->fvfs);
+    rc = sqlite3_exec(db->db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
+    if (rc != SQLITE_OK) {
+        store_fault_vfs_end(db->fvfs);
+        return sd_fail(db, rc, "BEGIN");
+    }
+    db->in_txn = true;
+    return 0;
+}
+
+int statedb_commit(struct statedb *db)
+{
+    if (!db->in_txn)
+        return -EINVAL;
+    int rc = sqlite3_exec(db->db, "COMMIT", NULL, NULL, NULL);
+    if (rc != SQLITE_OK) {
+        int e = sd_fail(db, rc, "COMMIT");
+        statedb_rollback(db);
+        return e;
+    }
+    db->in_txn = false;
+    store_fault_vfs_end(db->fvfs);
+    sd_local_sync(db);
+    return 0;
+}
+
+void statedb_rollback(struct statedb *db)
+{
+    if (!db->in_txn)
+        return;
+    for (int i = 0; i < Q_MAX; i++)
+        if (db->q[i] != NULL)
+            sqlite3_reset(db->q[i]);
+    /* After an I/O error SQLite may have rolled back already. */
+    if (!sqlite3_get_autocommit(db->db))
+        sqlite3_exec(db->db, "ROLLBACK", NULL, NULL, NULL);
+    db->in_txn = false;
+    store_fault_vfs_end(db->fvfs);
+    sd_local_sync(db);
+}
+
+bool statedb_in_txn(const struct statedb *db)
+{
+    return db->in_txn;
+}
+
+/* ---- applied ------------------------------------------------------------- */
+
+int statedb_applied_get(struct statedb *db, struct statedb_applied *a)
+{
+    int e = 0;
+    sqlite3_stmt *st = sd_q(db, Q_APPLIED_GET, &e);
+    if (st == NULL)
+        return e;
+    int rc = sqlite3_step(st);
+    if (rc != SQLITE_ROW) {
+        sqlite3_reset(st);
+        if (rc == SQLITE_DONE) {
+            snprintf(db->errmsg, sizeof(db->errmsg), "state.db: the applied row is missing");
+            return -EBADMSG;
+        }
+        return sd_fail(db, rc, "read applied");
+    }
+    a->index = (uint64_t)sqlite3_column_int64(st, 0);
+    a->term = (uint64_t)sqlite3_column_int64(st, 1);
+    a->malformed = (uint64_t)sqlite3_column_int64(st, 2);
+    a->conflicts = (uint64_t)sqlite3_column_int64(st, 3);
+    a->duplicates = (uint64_t)sqlite3_column_int64(st, 4);
+    sqlite3_reset(st);
+    return 0;
+}
+
+int statedb_applied_set(struct statedb *db, const struct statedb_applied *a)
+{
+    int e = 0;
+    sqlite3_stmt *st = sd_q(db, Q_APPLIED_SET, &e);
+    if (st == NULL)
+        return e;
+    sqlite3_bind_int64(st, 1, (int64_t)a->index);
+    sqlite3_bind_int64(st, 2, (int64_t)a->term);
+    sqlite3_bind_int64(st, 3, (int64_t)a->malformed);
+    sqlite3_bind_int64(st, 4, (int64_t)a->conflicts);
+    sqlite3_bind_int64(st, 5, (int64_t)a->duplicates);
+    return sd_done(db, st, "set applied");
+}
+
+/* ---- manifest ------------------------------------------------------------ */
+
+static void read_row(sqlite3_stmt *st, int c, struct statedb_row *r)
+{
+    memset(r, 0, sizeof(*r));
+    r->kind = (uint8_t)sqlite3_column_int(st, c);
+    r->deleted = sqlite3_column_int(st, c + 1) != 0;
+    r->version = (uint64_t)sqlite3_column_int64(st, c + 2);
+    r->content_version = (uint64_t)sqlite3_column_int64(st, c + 3);
+    col_fixed(st, c + 4, r->content, STATEDB_ID_LEN);
+    r->mode = (uint32_t)sqlite3_column_int64(st, c + 5);
+    r->mtime_ns = sqlite3_column_int64(st, c + 6);
+    r->size = (uint64_t)sqlite3_column_int64(st, c + 7);
+    const unsigned char *o = sqlite3_column_text(st, c + 8);
+    snprintf(r->origin, sizeof(r->origin), "%s", o ? (const char *)o : "");
+}
+
+int statedb_row_get(struct statedb *db, const char *path, struct statedb_row *r, char **target)
+{
+    int e = 0;
+    if (target != NULL)
+        *target = NULL;
+    if (!path_ok(path))
+        return -EINVAL;
+    sqlite3_stmt *st = sd_q(db, Q_ROW_GET, &e);
+    if (st == NULL)
+        return e;
+    bind_path(st, 1, path);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_DONE) {
+        sqlite3_reset(st);
+        return -ENOENT;
+    }
+    if (rc != SQLITE_ROW) {
+        e = sd_fail(db, rc, "read manifest");
+        sqlite3_reset(st);
+        return e;
+    }
+    read_row(st, 0, r);
+    if (target != NULL && sqlite3_column_type(st, 9) != SQLITE_NULL)
+        *target = col_str(st, 9);
+    sqlite3_reset(st);
+    return 0;
+}
+
+int statedb_row_put(struct statedb *db, const char *path, const struct statedb_row *r,
+                    const char *target)
+{
+    int e = 0;
+    if (!path_ok(path) || path[0] == '\0')
+        return -EINVAL;
+    sqlite3_stmt *st = sd_q(db, Q_ROW_PUT, &e);
+    if (st == NULL)
+        return e;
+    bind_path(st, 1, path);
+    sqlite3_bind_int(st, 2, r->kind);
+    sqlite3_bind_int(st, 3, r->deleted ? 1 : 0);
+    sqlite3_bind_int64(st, 4, (int64_t)r->version);
+    sqlite3_bind_int64(st, 5, (int64_t)r->content_version);
+    sqlite3_bind_blob(st, 6, r->content, STATEDB_ID_LEN, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 7, r->mode);
+    sqlite3_bind_int64(st, 8, r->mtime_ns);
+    sqlite3_bind_int64(st, 9, (int64_t)r->size);
+    sqlite3_bind_text(st, 10, r->origin, -1, SQLITE_STATIC);
+    if (target != NULL)
+        bind_path(st, 11, target);
+    return sd_done(db, st, "write manifest");
+}
+
+int statedb_row_delete(struct statedb *db, const char *path)
+{
+    int e = 0;
+    sqlite3_stmt *st = sd_q(db, Q_CL_DEL, &e);
+    if (st == NULL)
+        return e;
+    bind_path(st, 1, path);
+    if ((e = sd_done(db, st, "delete chunk list")) < 0)
+        return e;
+    if ((st = sd_q(db, Q_ROW_DEL, &e)) == NULL)
+        return e;
+    bind_path(st, 1, path);
+    return sd_done(db, st, "delete manifest row");
+}
+
+/* Collects the paths of table `table` at from or below it (live only for the
+ * manifest), in byte order. */
+static int subtree_paths(struct statedb *db, const char *table, bool live_only, const char *from,
+                         char ***out, size_t *n_out)
+{
+    char *sql = pb_xasprintf("SELECT path FROM %s WHERE (path = ?1 OR (path >= ?2 AND path < ?3))"
+                             "%s ORDER BY path",
+                             table, live_only ? " AND deleted = 0" : "");
+    sqlite3_stmt *st;
+    int rc = sqlite3_prepare_v2(db->db, sql, -1, &st, NULL);
+    free(sql);
+    if (rc != SQLITE_OK)
+        return sd_fail(db, rc, "prepare subtree");
+    size_t n = strlen(from);
+    char *lo = pb_xasprintf("%s/", from), *hi = pb_xasprintf("%s0", from);
+    bind_path(st, 1, from);
+    sqlite3_bind_blob(st, 2, lo, (int)n + 1, SQLITE_STATIC);
+    sqlite3_bind_blob(st, 3, hi, (int)n + 1, SQLITE_STATIC);
+    char **v = NULL;
+    size_t k = 0, cap = 0;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (k == cap) {
+            cap = cap ? 2 * cap : 16;
+            v = pb_xreallocarray(v, cap, sizeof(*v));
+        }
+        v[k++] = col_str(st, 0);
+    }
+    int e = rc == SQLITE_DONE ? 0 : sd_fail(db, rc, "read subtree");
+    sqlite3_finalize(st);
+    free(lo);
+    free(hi);
+    if (e < 0) {
+        for (size_t i = 0; i < k; i++)
+            free(v[i]);
+        free(v);
+        return e;
+    }
+    *out = v;
+    *n_out = k;
+    return 0;
+}
+
+static void free_paths(char **v, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free(v[i]);
+    free(v);
+}
+
+static bool inside(const char *a, const char *b)
+{
+    size_t n = strlen(b);
+    return strncmp(a, b, n) == 0 && (a[n] == '/' || a[n] == '\0');
+}
+
+/* Renames rows of the subtree (table rows: manifest + chunk lists, or disk).
+ * Rows at the new paths give way first. */
+static int move_rows(struct statedb *db, bool manifest, const char *from, const char *to,
+                     uint64_t version)
+{
+    if (!path_ok(from) || !path_ok(to) || inside(to, from) || inside(from, to)) {
+        snprintf(db->errmsg, sizeof(db->errmsg), "state.db: cannot move a path into itself");
+        return -EINVAL;
+    }
+    char **v = NULL;
+    size_t n = 0;
+    int e = subtree_paths(db, manifest ? "manifest" : "disk", manifest, from, &v, &n);
+    if (e < 0)
+        return e;
+    size_t flen = strlen(from);
+    char **nv = pb_xreallocarray(NULL, n ? n : 1, sizeof(*nv));
+    for (size_t i = 0; i < n; i++)
+        nv[i] = pb_xasprintf("%s%s", to, v[i] + flen);
+    for (size_t i = 0; i < n && e == 0; i++) {
+        if (strlen(nv[i]) > STATEDB_PATH_BYTES_MAX) {
+            e = -ENAMETOOLONG;
+            break;
+        }
+        if (manifest) {
+            e = statedb_row_delete(db, nv[i]);
+        } else {
+            sqlite3_stmt *st = sd_q(db, Q_DISK_DEL, &e);
+            if (st != NULL) {
+                bind_path(st, 1, nv[i]);
+                e = sd_done(db, st, "delete disk record");
+            }
+        }
+    }
+    for (size_t i = 0; i < n && e == 0; i++) {
+        sqlite3_stmt *st = sd_q(db, manifest ? Q_ROW_RENAME : Q_DISK_RENAME, &e);
+        if (st == NULL)
+            break;
+        bind_path(st, 1, v[i]);
+        bind_path(st, 2, nv[i]);
+        if (manifest)
+            sqlite3_bind_int64(st, 3, (int64_t)version);
+        if ((e = sd_done(db, st, "move row")) < 0 || !manifest)
+            continue;
+        if ((st = sd_q(db, Q_CL_RENAME, &e)) == NULL)
+            break;
+        bind_path(st, 1, v[i]);
+        bind_path(st, 2, nv[i]);
+        e = sd_done(db, st, "move chunk list");
+    }
+    free_paths(v, n);
+    free_paths(nv, n);
+    return e;
+}
+
+int statedb_row_move(struct statedb *db, const char *from, const char *to, uint64_t version)
+{
+    return move_rows(db, true, from, to, version);
+}
+
+int statedb_row_foreach(struct statedb *db,
+                        int (*fn)(void *arg, const char *path, const struct statedb_row *r),
+                        void *arg)
+{
+    sqlite3_stmt *st;
+    int rc = sqlite3_prepare_v2(db->db,
+                                "SELECT path, kind, deleted, version, content_version, content, "
+                                "mode, mtime_ns, size, origin FROM manifest ORDER BY path",
+                                -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return sd_fail(db, rc, "prepare foreach");
+    int ret = 0;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        struct statedb_row r;
+        char *p = col_str(st, 0);
+        read_row(st, 1, &r);
+        ret = fn(arg, p, &r);
+        free(p);
+        if (ret != 0)
+            break;
+    }
+    if (ret == 0 && rc != SQLITE_DONE)
+        ret = sd_fail(db, rc, "foreach");
+    sqlite3_finalize(st);
+    return ret;
+}
+
+int statedb_list_children(struct statedb *db, const char *dir,
+                          int (*fn)(void *arg, const char *name), void *arg)
+{
+    size_t n = strlen(dir);
+    sqlite3_stmt *st;
+    const char *sql = n == 0 ? "SELECT path FROM manifest WHERE deleted = 0 AND "
+                               "instr(path, x'2f') = 0 ORDER BY path"
+                             : "SELECT path FROM manifest WHERE deleted = 0 AND path >= ?1 AND "
+                               "path < ?2 AND instr(substr(path, ?3), x'2f') = 0 ORDER BY path";
+    /* A statement of its own: fn may use db's cached ones. */
+    int rc = sqlite3_prepare_v2(db->db, sql, -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return sd_fail(db, rc, "prepare list");
+    char *lo = pb_xasprintf("%s/", dir), *hi = pb_xasprintf("%s0", dir);
+    if (n > 0) {
+        sqlite3_bind_blob(st, 1, lo, (int)n + 1, SQLITE_STATIC);
+        sqlite3_bind_blob(st, 2, hi, (int)n + 1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 3, (int64_t)n + 2);
+    }
+    int ret = 0;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        char *p = col_str(st, 0);
+        ret = fn(arg, p + (n ? n + 1 : 0));
+        free(p);
+        if (ret != 0)
+            break;
+    }
+    if (ret == 0 && rc != SQLITE_DONE)
+        ret = sd_fail(db, rc, "list children");
+    sqlite3_finalize(st);
+    free(lo);
+    free(hi);
+    return ret;
+}
+
+/* ---- chunks -------------------------------------------------------------- */
+
+int statedb_chunk_has(struct statedb *db, const uint8_t id[STATEDB_ID_LEN])
+{
+    int e = 0;
+    sqlite3_stmt *st = sd_q(db, Q_CHUNK_HAS, &e);
+    if (st == NULL)
+        return e;
+    sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    if (rc == SQLITE_ROW)
+        return 1;
+    if (rc == SQLITE_DONE)
+        return 0;
+    return sd_fail(db, rc, "chunk lookup");
+}
+
+int statedb_chunk_get(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], void *buf, uint32_t len)
+{
+    int e = 0;
+    sqlite3_stmt *st = sd_q(db, Q_CHUNK_GET, &e);
+    if (st == NULL)
+        return e;
+    sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        if ((uint32_t)sqlite3_column_bytes(st, 0) != len) {
+            snprintf(db->errmsg, sizeof(db->errmsg), "state.db: a chunk has the wrong length");
+            e = -EBADMSG;
+        } else if (len > 0) {
+            memcpy(buf, sqlite3_column_blob(st, 0), len);
+        }
+    } else {
+        e = rc == SQLITE_DONE ? -ENOENT : sd_fail(db, rc, "read chunk");
+    }
+    sqlite3_reset(st);
+    return e;
+}
+
+int statedb_chunk_put(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], const void *data,
+                      uint32_t len, uint64_t keep_until)
+{
+    int e = 0;
+    sqlite3_stmt *st = sd_q(db, Q_CHUNK_INS, &e);
+    if (st == NULL)
+        return e;
+    sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, (int64_t)keep_until);
+    sqlite3_bind_blob(st, 3, data, (int)len, SQLITE_STATIC);
+    if ((e = sd_done(db, st, "store chunk")) < 0)
+        return e;
+    if (sqlite3_changes(db->db) > 0)
+        return 0;
+    if ((st = sd_q(db, Q_CHUNK_KEEP, &e)) == NULL)
+        return e;
+    sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, (int64_t)keep_until);
+    return sd_done(db, st, "keep chunk");
+}
+
+int statedb_chunk_collect(struct statedb *db, uint64_t index, uint64_t *n)
+{
+    int e = 0;
+    sqlite3_stmt *st = sd_q(db, Q_CHUNK_GC, &e);
+    if (st == NULL)
+        return e;
+    sqlite3_bind_int64(st, 1, (int64_t)index);
+    if ((e = sd_done(db, st, "collect chunks")) < 0)
+        return e;
+    if (n != NULL)
+        *n = (uint64_t)sqlite3_changes(db->db);
+    return 0;
+}
+
+int statedb_chunk_refs(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], uint64_t *refs)
+{
+    int e = 0;
+    sqlite3_stmt *st = sd_q(db, Q_CHUNK_REFS, &e);
+    if (st == NULL)
+        return e;
+    sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW)
+        *refs = (uint64_t)sqlite3_column_int64(st, 0);
+    else
+        e = rc == SQLITE_DONE ? -ENOENT : sd_fail(db, rc, "chunk refs");
+    sqlite3_reset(st);
+    return e;
+}
+
+int statedb_chunklist_get(struct statedb *db, const char *path, struct statedb_ref **refs,
+                          uint32_t *n)
+{
+    int e = 0;
+    *refs = NULL;
+    *n = 0;
+    sqlite3_stmt *st = sd_q(db, Q_CL_GET, &e);
+    if (st == NULL)
+        return e;
+    bind_path(st, 1, path);
+    struct statedb_ref *v = NULL;
+    size_t k = 0, cap = 0;
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (k == cap) {
+            cap = cap ? 2 * cap : 16;
+            v = pb_xreallocarray(v, cap, sizeof(*v));
+        }
+        col_fixed(st, 0, v[k].id, STATEDB_ID_LEN);
+        v[k].len = (uint32_t)sqlite3_column_int64(st, 1);
+        k++;
+    }
+    if (rc != SQLITE_DONE) {
+        e = sd_fail(db, rc, "read chunk list");
+        free(v);
+        v = NULL;
+        k = 0;
+    }
+    sqlite3_reset(st);
+    *refs = v;
+    *n = (uint32_t)k;
+    return e;
+}
+
+int statedb_chunklist_put(struct statedb *db, const char *path, const struct statedb_ref *refs,
+                          uint32_t n)
+{
+    int e = 0;
+    sqlite3_stmt *st = sd_q(db, Q_CL_DEL, &e);
+    if (st == NULL)
+        return e;
+    bind_path(st, 1, path);
+    if ((e = sd_done(db, st, "replace chunk list")) < 0)
+        return e;
+    for (uint32_t i = 0; i < n; i++) {
+        if ((st = sd_q(db, Q_CL_INS, &e)) == NULL)
+            return e;
+        bind_path(st, 1, path);
+        sqlite3_bind_int64(st, 2, i);
+        sqlite3_bind_blob(st, 3, refs[i].id, STATEDB_ID_LEN, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 4, refs[i].len);
+        if ((e = sd_done(db, st, "write chunk list")) < 0)
+            return e;
+    }
+    return 0;
+}
+
+/* ---- sessions ------------------------------------------------------------ */
+
+int statedb_session_get(struct statedb *db, uint64_t client_id, uint64_t *seq)
+{
+    int e = 0;
+    sqlite3_stmt *st = sd_q(db, Q_SESS_GET, &e);
+    if (st == NULL)
+        return e;
+    sqlite3_bind_int64(st, 1, (int64_t)client_id);
+    int rc = sqlite3_step(st);
+    *seq = rc == SQLITE_ROW ? (uint64_t)sqlite3_column_int64(st, 0) : 0;
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        e = sd_fail(db, rc, "read session");
+    sqlite3_reset(st);
+    return e;
+}
+
+int statedb_session_set(struct statedb *db, uint64_t client_id, uint64_t seq)
+{
+    int e = 0;
+    sqlite3_stmt *st = sd_q(db, Q_SESS_SET, &e);
+    if (st == NULL)
+        return e;
+    sqlite3_bind_int64(st, 1, (int64_t)client_id);
+    sqlite3_bind_int64(st, 2, (int64_t)seq);
+    return sd_done(db, st, "write session");
+}
+
+/* ---- disk records -------------------------------------------------------- */
+
+int statedb_disk_get(struct statedb *db, const char *path, struct statedb_disk *d)
+{
+    int e = 0;
+    memset(d, 0, sizeof(*d));
+    sqlite3_stmt *st = sd_q(db, Q_DISK_GET, &e);
+    if (st == NULL)
+        return e;
+    bind_path(st, 1, path);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        d->kind = (uint8_t)sqlite3_column_int(st, 0);
+        d->mode = (uint32_t)sqlite3_column_int64(st, 1);
+        d->size = (uint64_t)sqlite3_column_int64(st, 2);
+        d->mtime_ns = sqlite3_column_int64(st, 3);
+        d->ino = (uint64_t)sqlite3_column_int64(st, 4);
+        col_fixed(st, 5, d->row_content, STATEDB_ID_LEN);
+        d->row_mode = (uint32_t)sqlite3_column_int64(st, 6);
+        d->row_mtime_ns = sqlite3_column_int64(st, 7);
+    } else if (rc != SQLITE_DONE) {
+        e = sd_fail(db, rc, "read disk record");
+    }
+    sqlite3_reset(st);
+    return e;
+}
+
+int statedb_disk_set(struct statedb *db, const char *path, const struct statedb_disk *d)
+{
+    int e = 0;
+    if (!path_ok(path) || path[0] == '\0')
+        return -EINVAL;
+    sqlite3_stmt *st = sd_q(db, d->kind == 0 ? Q_DISK_DEL : Q_DISK_SET, &e);
+    if (st == NULL)
+        return e;
+    bind_path(st, 1, path);
+    if (d->kind != 0) {
+        sqlite3_bind_int(st, 2, d->kind);
+        sqlite3_bind_int64(st, 3, d->mode);
+        sqlite3_bind_int64(st, 4, (int64_t)d->size);
+        sqlite3_bind_int64(st, 5, d->mtime_ns);
+        sqlite3_bind_int64(st, 6, (int64_t)d->ino);
+        sqlite3_bind_blob(st, 7, d->row_content, STATEDB_ID_LEN, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 8, d->row_mode);
+        sqlite3_bind_int64(st, 9, d->row_mtime_ns);
+    }
+    return sd_done(db, st, "write disk record");
+}
+
+int statedb_disk_move(struct statedb *db, const char *from, const char *to)
+{
+    return move_rows(db, false, from, to, 0);
+}
+
+int statedb_disk_mismatches(struct statedb *db, int (*fn)(void *arg, const char *path, bool remove),
+                            void *arg)
+{
+    static const char *const sql[2] = {
+            "SELECT m.path FROM manifest m LEFT JOIN disk d ON d.path = m.path WHERE "
+            "m.deleted = 0 AND (d.path IS NULL OR d.kind <> m.kind OR d.row_content <> m.content "
+            "OR d.row_mode <> m.mode OR d.row_mtime_ns <> m.mtime_ns) ORDER BY m.path",
+            "SELECT d.path FROM disk d LEFT JOIN manifest m ON m.path = d.path WHERE "
+            "m.path IS NULL OR m.deleted = 1 ORDER BY d.path DESC",
+    };
+    int ret = 0;
+    for (int pass = 0; pass < 2 && ret == 0; pass++) {
+        sqlite3_stmt *st;
+        int rc = sqlite3_prepare_v2(db->db, sql[pass], -1, &st, NULL);
+        if (rc != SQLITE_OK)
+            return sd_fail(db, rc, "prepare mismatches");
+        char **v = NULL;
+        size_t k = 0, cap = 0;
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+            if (k == cap) {
+                cap = cap ? 2 * cap : 16;
+                v = pb_xreallocarray(v, cap, sizeof(*v));
+            }
+            v[k++] = col_str(st, 0);
+        }
+        if (rc != SQLITE_DONE)
+            ret = sd_fail(db, rc, "read mismatches");
+        sqlite3_finalize(st);
+        for (size_t i = 0; i < k && ret == 0; i++)
+            ret = fn(arg, v[i], pass == 1);
+        free_paths(v, k);
+    }
+    return ret;
+}
+
+int statedb_status_get(struct statedb *db, uint8_t file_kind, uint8_t dir_kind,
+                       struct statedb_status *s)
+{
+    memset(s, 0, sizeof(*s));
+    sqlite3_stmt *st;
+    int rc = sqlite3_prepare_v2(
+            db->db,
+            "SELECT (SELECT count(*) FROM manifest WHERE deleted = 0 AND kind = ?1),"
+            " (SELECT count(*) FROM manifest WHERE deleted = 0 AND kind = ?2),"
+            " (SELECT coalesce(sum(size), 0) FROM manifest WHERE deleted = 0 AND kind = ?1),"
+            " (SELECT count(*) FROM chunks), (SELECT coalesce(sum(length(data)), 0) FROM chunks),"
+            " (SELECT count(*) FROM manifest WHERE deleted = 1)",
+            -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return sd_fail(db, rc, "prepare status");
+    sqlite3_bind_int(st, 1, file_kind);
+    sqlite3_bind_int(st, 2, dir_kind);
+    rc = sqlite3_step(st);
+    int e = 0;
+    if (rc == SQLITE_ROW) {
+        s->files = (uint64_t)sqlite3_column_int64(st, 0);
+        s->dirs = (uint64_t)sqlite3_column_int64(st, 1);
+        s->bytes = (uint64_t)sqlite3_column_int64(st, 2);
+        s->chunks = (uint64_t)sqlite3_column_int64(st, 3);
+        s->chunk_bytes = (uint64_t)sqlite3_column_int64(st, 4);
+        s->tombstones = (uint64_t)sqlite3_column_int64(st, 5);
+    } else {
+        e = sd_fail(db, rc, "status");
+    }
+    sqlite3_finalize(st);
+    return e;
+}
+
+/* ---- snapshot: the sender ------------------------------------------------ */
+
+enum { SEC_HEADER, SEC_MANIFEST, SEC_CHUNKLIST, SEC_CHUNKS, SEC_SESSIONS, SEC_END, SEC_DONE };
+
+static const char *const snap_sql[] = {
+        [SEC_MANIFEST] = "SELECT path, kind, deleted, version, content_version, content, mode, "
+                         "mtime_ns, size, origin, target FROM manifest ORDER BY path",
+        [SEC_CHUNKLIST] = "SELECT path, seq, id, len FROM chunklist ORDER BY path, seq",
+        [SEC_CHUNKS] = "SELECT id, keep_until, length(data) FROM chunks ORDER BY id",
+        [SEC_SESSIONS] = "SELECT client_id, seq FROM sessions ORDER BY client_id",
+};
+
+struct statedb_snapshot {
+    sqlite3 *db;
+    sqlite3_stmt *st[SEC_DONE];
+    sqlite3_stmt *data; /* one chunk's bytes */
+    int (*receiver_has)(void *arg, const uint8_t id[STATEDB_ID_LEN]);
+    void *has_arg;
+    uint64_t skipped; /* chunks sent as K records */
+    struct statedb_applied a;
+    int section;
+    uint64_t records;
+    uint32_t crc;
+    struct buf pend;   /* generated bytes not yet consumed */
+    uint64_t pend_off; /* stream offset of pend.data[0] */
+};
+
+static void put_blob_col(struct buf *b, sqlite3_stmt *st, int i)
+{
+    const void *p = sqlite3_column_blob(st, i); /* before _bytes(), as SQLite asks */
+    size_t n = (size_t)sqlite3_column_bytes(st, i);
+    buf_put_bytes(b, p, n);
+}
+
+static void put_fixed_col(struct buf *b, sqlite3_stmt *st, int i)
+{
+    uint8_t id[STATEDB_ID_LEN];
+    col_fixed(st, i, id, STATEDB_ID_LEN);
+    buf_put(b, id, STATEDB_ID_LEN);
+}
+
+/* Appends the next record to s->pend (or moves to the next section). */
+static int snap_gen(struct statedb_snapshot *s, struct pb_error *err)
+{
+    struct buf *b = &s->pend;
+    size_t start = b->len;
+    buf_put_u32(b, 0);
+    if (s->section == SEC_HEADER) {
+        buf_put_u8(b, 'H');
+        buf_put(b, "PBSD", 4);
+        buf_put_u32(b, STATEDB_SNAP_FORMAT);
+        buf_put_u64(b, s->a.index);
+        buf_put_u64(b, s->a.term);
+        buf_put_u64(b, s->a.malformed);
+        buf_put_u64(b, s->a.conflicts);
+        buf_put_u64(b, s->a.duplicates);
+        s->section = SEC_MANIFEST;
+    } else if (s->section == SEC_END) {
+        buf_put_u8(b, 'E');
+        buf_put_u64(b, s->records);
+        buf_put_u32(b, s->crc);
+        s->section = SEC_DONE;
+        pb_store_u32(b->data + start, (uint32_t)(b->len - start - 4));
+        return 0;
+    } else {
+        sqlite3_stmt *st = s->st[s->section];
+        int rc = sqlite3_step(st);
+        if (rc == SQLITE_DONE) {
+            b->len = start;
+            s->section++;
+            return 0;
+        }
+        if (rc != SQLITE_ROW) {
+            b->len = start;
+            return pb_error_set(err, store_sqlite_errno(rc) ? store_sqlite_errno(rc) : -EIO,
+                                "state.db snapshot: %s", sqlite3_errmsg(s->db));
+        }
+        switch (s->section) {
+        case SEC_MANIFEST:
+            buf_put_u8(b, 'M');
+            put_blob_col(b, st, 0);
+            buf_put_u8(b, (uint8_t)sqlite3_column_int(st, 1));
+            buf_put_u8(b, (uint8_t)sqlite3_column_int(st, 2));
+            buf_put_u64(b, (uint64_t)sqlite3_column_int64(st, 3));
+            buf_put_u64(b, (uint64_t)sqlite3_column_int64(st, 4));
+            put_fixed_col(b, st, 5);
+            buf_put_u32(b, (uint32_t)sqlite3_column_int64(st, 6));
+            buf_put_u64(b, (uint64_t)sqlite3_column_int64(st, 7));
+            buf_put_u64(b, (uint64_t)sqlite3_column_int64(st, 8));
+            const unsigned char *origin = sqlite3_column_text(st, 9);
+            buf_put_bytes(b, origin, (size_t)sqlite3_column_bytes(st, 9));
+            if (sqlite3_column_type(st, 10) == SQLITE_NULL) {
+                buf_put_u8(b, 0);
+            } else {
+                buf_put_u8(b, 1);
+                put_blob_col(b, st, 10);
+            }
+            break;
+        case SEC_CHUNKLIST:
+            buf_put_u8(b, 'L');
+            put_blob_col(b, st, 0);
+            buf_put_u32(b, (uint32_t)sqlite3_column_int64(st, 1));
+            put_fixed_col(b, st, 2);
+            buf_put_u32(b, (uint32_t)sqlite3_column_int64(st, 3));
+            break;
+        case SEC_CHUNKS: {
+            uint8_t id[STATEDB_ID_LEN];
+            col_fixed(st, 0, id, STATEDB_ID_LEN);
+            int has = s->receiver_has != NULL ? s->receiver_has(s->has_arg, id) : 0;
+            if (has < 0) {
+                b->len = start;
+                return pb_error_set(err, has, "state.db snapshot: receiver_has failed");
+            }
+            buf_put_u8(b, has ? 'K' : 'C');
+            buf_put(b, id, STATEDB_ID_LEN);
+            buf_put_u64(b, (uint64_t)sqlite3_column_int64(st, 1));
+            if (has) {
+                buf_put_u32(b, (uint32_t)sqlite3_column_int64(st, 2));
+                s->skipped++;
+                break;
+            }
+            sqlite3_reset(s->data);
+            sqlite3_bind_blob(s->data, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
+            rc = sqlite3_step(s->data);
+            if (rc != SQLITE_ROW) {
+                b->len = start;
+                sqlite3_reset(s->data);
+                return pb_error_set(err, -EIO, "state.db snapshot: read chunk: %s",
+                                    sqlite3_errmsg(s->db));
+            }
+            put_blob_col(b, s->data, 0);
+            sqlite3_reset(s->data);
+            break;
+        }
+        default:
+            buf_put_u8(b, 'S');
+            buf_put_u64(b, (uint64_t)sqlite3_column_int64(st, 0));
+            buf_put_u64(b, (uint64_t)sqlite3_column_int64(st, 1));
+            break;
+        }
+    }
+    pb_store_u32(b->data + start, (uint32_t)(b->len - start - 4));
+    s->records++;
+    s->crc = pb_crc32c(s->crc, b->data + start, b->len - start);
+    return 0;
+}
+
+static void snap_restart(struct statedb_snapshot *s)
+{
+    for (int i = SEC_MANIFEST; i <= SEC_SESSIONS; i++)
+        sqlite3_reset(s->st[i]);
+    s->section = SEC_HEADER;
+    s->records = 0;
+    s->skipped = 0;
+    s->crc = 0;
+    buf_reset(&s->pend);
+    s->pend_off = 0;
+}
+
+int statedb_snapshot_begin(struct statedb *db,
+                           int (*receiver_has)(void *arg, const uint8_t id[STATEDB_ID_LEN]),
+                           void *arg, struct statedb_snapshot **out, struct pb_error *err)
+{
+    struct statedb_snapshot *s = pb_xcalloc(1, sizeof(*s));
+    s->receiver_has = receiver_has;
+    s->has_arg = arg;
+    *out = NULL;
+    int rc = sqlite3_open_v2(db->path, &s->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
+    int e = 0;
+    if (rc != SQLITE_OK) {
+        e = pb_error_set(err, -EIO, "state.db snapshot: open: %s", sqlite3_errstr(rc));
+        goto fail;
+    }
+    sqlite3_busy_timeout(s->db, STATEDB_BUSY_MS);
+    if ((e = sd_exec(s->db, "BEGIN", err)) < 0)
+        goto fail;
+    /* The first read fixes the snapshot the transaction sees. */
+    sqlite3_stmt *st;
+    rc = sqlite3_prepare_v2(s->db, statedb_sql[Q_APPLIED_GET], -1, &st, NULL);
+    if (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        s->a.index = (uint64_t)sqlite3_column_int64(st, 0);
+        s->a.term = (uint64_t)sqlite3_column_int64(st, 1);
+        s->a.malformed = (uint64_t)sqlite3_column_int64(st, 2);
+        s->a.conflicts = (uint64_t)sqlite3_column_int64(st, 3);
+        s->a.duplicates = (uint64_t)sqlite3_column_int64(st, 4);
+        rc = SQLITE_OK;
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_OK) {
+        e = pb_error_set(err, -EIO, "state.db snapshot: read applied: %s", sqlite3_errstr(rc));
+        goto fail;
+    }
+    rc = sqlite3_prepare_v2(s->db, "SELECT data FROM chunks WHERE id = ?1", -1, &s->data, NULL);
+    if (rc != SQLITE_OK) {
+        e = pb_error_set(err, -EIO, "state.db snapshot: %s", sqlite3_errmsg(s->db));
+        goto fail;
+    }
+    for (int i = SEC_MANIFEST; i <= SEC_SESSIONS; i++) {
+        rc = sqlite3_prepare_v2(s->db, snap_sql[i], -1, &s->st[i], NULL);
+        if (rc != SQLITE_OK) {
+            e = pb_error_set(err, -EIO, "state.db snapshot: %s", sqlite3_errmsg(s->db));
+            goto fail;
+        }
+    }
+    snap_restart(s);
+    *out = s;
+    return 0;
+fail:
+    statedb_snapshot_end(s);
+    return e;
+}
+
+uint64_t statedb_snapshot_skipped(const struct statedb_snapshot *s)
+{
+    return s->skipped;
+}
+
+void statedb_snapshot_info(const struct statedb_snapshot *s, uint64_t *index, uint64_t *term)
+{
+    if (index != NULL)
+        *index = s->a.index;
+    if (term != NULL)
+        *term = s->a.term;
+}
+
+int statedb_snapshot_read(struct statedb_snapshot *s, uint64_t offset, void *buf, size_t len,
+                          size_t *n, struct pb_error *err)
+{
+    *n = 0;
+    if (offset < s->pend_off)
+        snap_restart(s);
+    for (;;) {
+        uint64_t end = s->pend_off + s->pend.len;
+        if (end >= offset + len || s->section == SEC_DONE)
+            break;
+        if (end <= offset) { /* everything pending was consumed */
+            s->pend_off = end;
+            buf_reset(&s->pend);
+        }
+        int rc = snap_gen(s, err);
+        if (rc < 0)
+            return rc;
+    }
+    uint64_t end = s->pend_off + s->pend.len;
+    if (offset >= end)
+        return 0;
+    size_t k = (size_t)PB_MIN((uint64_t)len, end - offset);
+    memcpy(buf, s->pend.data + (offset - s->pend_off), k);
+    *n = k;
+    return 0;
+}
+
+void statedb_snapshot_end(struct statedb_snapshot *s)
+{
+    if (s == NULL)
+        return;
+    for (int i = 0; i < SEC_DONE; i++)
+        sqlite3_finalize(s->st[i]);
+    sqlite3_finalize(s->data);
+    if (s->db != NULL) {
+        sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+        sqlite3_close(s->db);
+    }
+    buf_free(&s->pend);
+    free(s);
+}
+
+/* ---- snapshot: the receiver ---------------------------------------------- */
+
+struct statedb_install {
+    struct statedb *db;
+    struct buf part; /* bytes of an incomplete record */
+    bool have_header, have_end;
+    int failed; /* the first error: the stream cannot continue after it */
+    struct statedb_applied a;
+    uint64_t records;
+    uint32_t crc;
+    sqlite3_stmt *ins[4]; /* stage_manifest, stage_chunklist, stage_chunks, stage_sessions */
+};
+
+static const char *const stage_sql[4] = {
+        "INSERT INTO stage_manifest VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        "INSERT INTO stage_chunklist VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO stage_chunks VALUES (?1, ?2, ?4, ?3)",
+        "INSERT INTO stage_sessions VALUES (?1, ?2)",
+};
+
+static const char stage_clear_sql[] = "DELETE FROM stage_manifest; DELETE FROM stage_chunklist;"
+                                      "DELETE FROM stage_chunks; DELETE FROM stage_sessions;";
+
+int statedb_install_begin(struct statedb *db, struct statedb_install **out, struct pb_error *err)
+{
+    *out = NULL;
+    if (db->in_txn)
+        return pb_error_set(err, -EBUSY, "state.db: install inside an apply transaction");
+    int e = sd_exec(db->db, stage_clear_sql, err);
+    if (e < 0)
+        return e;
+    struct statedb_install *in = pb_xcalloc(1, sizeof(*in));
+    in->db = db;
+    for (int i = 0; i < 4; i++) {
+        int rc = sqlite3_prepare_v2(db->db, stage_sql[i], -1, &in->ins[i], NULL);
+        if (rc != SQLITE_OK) {
+            e = pb_error_set(err, -EIO, "state.db: %s", sqlite3_errmsg(db->db));
+            statedb_install_abort(in);
+            return e;
+        }
+    }
+    *out = in;
+    return 0;
+}
+
+/* A string field that must be a path-like byte string (no NUL). */
+static const uint8_t *take_path(struct cursor *c, size_t *n)
+{
+    const uint8_t *p = cursor_bytes(c, STATEDB_PATH_BYTES_MAX, n);
+    if (p != NULL && memchr(p, 0, *n) != NULL) {
+        cursor_fail(c);
+        return NULL;
+    }
+    return p;
+}
+
+static int stage_step(struct statedb_install *in, sqlite3_stmt *st, struct pb_error *err)
+{
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    if (rc == SQLITE_DONE)
+        return 0;
+    if ((rc & 0xff) == SQLITE_CONSTRAINT)
+        return pb_error_set(err, -EBADMSG, "snapshot: duplicate record (%s)",
+                            sqlite3_errmsg(in->db->db));
+    return pb_error_set(err, store_sqlite_errno(rc) ? store_sqlite_errno(rc) : -EIO,
+                        "snapshot: staging: %s", sqlite3_errmsg(in->db->db));
+}
+
+/* Parses and stages one complete record (rec: tag + body). */
+static int stage_record(struct statedb_install *in, const uint8_t *rec, size_t len,
+                        struct pb_error *err)
+{
+    struct cursor c;
+    cursor_init(&c, rec, len);
+    uint8_t tag = cursor_u8(&c);
+    if (in->have_end)
+        return pb_error_set(err, -EBADMSG, "snapshot: bytes after the end record");
+    if (!in->have_header && tag != 'H')
+        return pb_error_set(err, -EBADMSG, "snapshot: does not start with a header");
+    const uint8_t *p, *q;
+    size_t n, m;
+    sqlite3_stmt *st;
+    switch (tag) {
+    case 'H': {
+        if (in->have_header)
+            return pb_error_set(err, -EBADMSG, "snapshot: a second header");
+        p = cursor_take(&c, 4);
+        uint32_t fmt = cursor_u32(&c);
+        in->a.index = cursor_u64(&c);
+        in->a.term = cursor_u64(&c);
+        in->a.malformed = cursor_u64(&c);
+        in->a.conflicts = cursor_u64(&c);
+        in->a.duplicates = cursor_u64(&c);
+        if (!cursor_ok(&c) || cursor_remaining(&c) != 0 || memcmp(p, "PBSD", 4) != 0)
+            return pb_error_set(err, -EBADMSG, "snapshot: bad header");
+        if (fmt != STATEDB_SNAP_FORMAT)
+            return pb_error_set(err, -EPROTONOSUPPORT,
+                                "snapshot stream has format %" PRIu32
+                                ", this pickbox reads format %d",
+                                fmt, STATEDB_SNAP_FORMAT);
+        in->have_header = true;
+        return 0;
+    }
+    case 'M': {
+        st = in->ins[0];
+        p = take_path(&c, &n);
+        uint8_t kind = cursor_u8(&c), deleted = cursor_u8(&c);
+        uint64_t version = cursor_u64(&c), cv = cursor_u64(&c);
+        const uint8_t *content = cursor_take(&c, STATEDB_ID_LEN);
+        uint32_t mode = cursor_u32(&c);
+        uint64_t mtime = cursor_u64(&c), size = cursor_u64(&c);
+        q = cursor_bytes(&c, STATEDB_NODE_MAX, &m);
+        uint8_t has_target = cursor_u8(&c);
+        size_t tn = 0;
+        const uint8_t *t = has_target ? take_path(&c, &tn) : NULL;
+        if (!cursor_ok(&c) || cursor_remaining(&c) != 0 || n == 0 || deleted > 1 || has_target > 1)
+            return pb_error_set(err, -EBADMSG, "snapshot: bad manifest record");
+        sqlite3_bind_blob(st, 1, p, (int)n, SQLITE_STATIC);
+        sqlite3_bind_int(st, 2, kind);
+        sqlite3_bind_int(st, 3, deleted);
+        sqlite3_bind_int64(st, 4, (int64_t)version);
+        sqlite3_bind_int64(st, 5, (int64_t)cv);
+        sqlite3_bind_blob(st, 6, content, STATEDB_ID_LEN, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 7, mode);
+        sqlite3_bind_int64(st, 8, (int64_t)mtime);
+        sqlite3_bind_int64(st, 9, (int64_t)size);
+        sqlite3_bind_text(st, 10, (const char *)q, (int)m, SQLITE_STATIC);
+        if (has_target) {
+            if (tn == 0)
+                sqlite3_bind_zeroblob(st, 11, 0);
+            else
+                sqlite3_bind_blob(st, 11, t, (int)tn, SQLITE_STATIC);
+        }
+        break;
+    }
+    case 'L': {
+        st = in->ins[1];
+        p = take_path(&c, &n);
+        uint32_t seq = cursor_u32(&c);
+        q = cursor_take(&c, STATEDB_ID_LEN);
+        uint32_t clen = cursor_u32(&c);
+        if (!cursor_ok(&c) || cursor_remaining(&c) != 0 || n == 0)
+            return pb_error_set(err, -EBADMSG, "snapshot: bad chunk-list record");
+        sqlite3_bind_blob(st, 1, p, (int)n, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 2, seq);
+        sqlite3_bind_blob(st, 3, q, STATEDB_ID_LEN, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 4, clen);
+        break;
+    }
+    case 'C': {
+        st = in->ins[2];
+        q = cursor_take(&c, STATEDB_ID_LEN);
+        uint64_t keep = cursor_u64(&c);
+        p = cursor_bytes(&c, STATEDB_SNAP_RECORD_MAX, &n);
+        if (!cursor_ok(&c) || cursor_remaining(&c) != 0)
+            return pb_error_set(err, -EBADMSG, "snapshot: bad chunk record");
+        sqlite3_bind_blob(st, 1, q, STATEDB_ID_LEN, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 2, (int64_t)keep);
+        if (n == 0)
+            sqlite3_bind_zeroblob(st, 3, 0);
+        else
+            sqlite3_bind_blob(st, 3, p, (int)n, SQLITE_STATIC);
+        sqlite3_bind_int(st, 4, 0);
+        break;
+    }
+    case 'K': {
+        st = in->ins[2];
+        q = cursor_take(&c, STATEDB_ID_LEN);
+        uint64_t keep = cursor_u64(&c);
+        uint32_t klen = cursor_u32(&c);
+        if (!cursor_ok(&c) || cursor_remaining(&c) != 0)
+            return pb_error_set(err, -EBADMSG, "snapshot: bad kept-chunk record");
+        /* the sender relies on our copy: it must be here, of that length */
+        int64_t have = -1;
+        sqlite3_stmt *h;
+        int rc = sqlite3_prepare_v2(in->db->db, "SELECT length(data) FROM chunks WHERE id = ?1", -1,
+                                    &h, NULL);
+        if (rc == SQLITE_OK) {
+            sqlite3_bind_blob(h, 1, q, STATEDB_ID_LEN, SQLITE_STATIC);
+            if ((rc = sqlite3_step(h)) == SQLITE_ROW)
+                have = sqlite3_column_int64(h, 0);
+        }
+        sqlite3_finalize(h);
+        if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+            return pb_error_set(err, -EIO, "snapshot: %s", sqlite3_errmsg(in->db->db));
+        if (have != (int64_t)klen)
+            return pb_error_set(err, -ENOENT,
+                                "snapshot: the sender assumed this node holds a chunk it "
+                                "does not have; ask for the full snapshot");
+        sqlite3_bind_blob(st, 1, q, STATEDB_ID_LEN, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 2, (int64_t)keep);
+        sqlite3_bind_zeroblob(st, 3, 0);
+        sqlite3_bind_int(st, 4, 1);
+        break;
+    }
+    case 'S': {
+        st = in->ins[3];
+        uint64_t client = cursor_u64(&c), seq = cursor_u64(&c);
+        if (!cursor_ok(&c) || cursor_remaining(&c) != 0)
+            return pb_error_set(err, -EBADMSG, "snapshot: bad session record");
+        sqlite3_bind_int64(st, 1, (int64_t)client);
+        sqlite3_bind_int64(st, 2, (int64_t)seq);
+        break;
+    }
+    case 'E': {
+        uint64_t records = cursor_u64(&c);
+        uint32_t crc = cursor_u32(&c);
+        if (!cursor_ok(&c) || cursor_remaining(&c) != 0)
+            return pb_error_set(err, -EBADMSG, "snapshot: bad end record");
+        if (records != in->records || crc != in->crc)
+            return pb_error_set(err, -EBADMSG,
+                                "snapshot: end record says %" PRIu64 " records crc %08" PRIx32
+                                ", received %" PRIu64 " records crc %08" PRIx32,
+                                records, crc, in->records, in->crc);
+        in->have_end = true;
+        return 0;
+    }
+    default:
+        return pb_error_set(err, -EBADMSG, "snapshot: unknown record type 0x%02x", tag);
+    }
+    return stage_step(in, st, err);
+}
+
+int statedb_install_write(struct statedb_install *in, const void *data, size_t len,
+                          struct pb_error *err)
+{
+    struct statedb *db = in->db;
+    const uint8_t *p = data;
+    if (in->failed)
+        return pb_error_set(err, in->failed, "snapshot: the stream already failed");
+    if (db->in_txn)
+        return pb_error_set(err, -EBUSY, "state.db: install inside an apply transaction");
+    int e = sd_exec(db->db, "BEGIN IMMEDIATE", err);
+    if (e < 0)
+        return e;
+    while (len > 0 && e == 0) {
+        /* Complete the record being assembled: length prefix first. */
+        size_t need = 4;
+        if (in->part.len >= 4) {
+            uint32_t rl = pb_load_u32(in->part.data);
+            if (rl == 0 || rl > STATEDB_SNAP_RECORD_MAX) {
+                e = pb_error_set(err, -EBADMSG, "snapshot: record of %" PRIu32 " bytes", rl);
+                break;
+            }
+            need = 4 + (size_t)rl;
+        }
+        size_t k = PB_MIN(need - in->part.len, len);
+        buf_put(&in->part, p, k);
+        p += k;
+        len -= k;
+        if (in->part.len < need || need == 4)
+            continue;
+        uint8_t tag = in->part.data[4];
+        e = stage_record(in, in->part.data + 4, in->part.len - 4, err);
+        if (e == 0 && tag != 'E') {
+            in->records++;
+            in->crc = pb_crc32c(in->crc, in->part.data, in->part.len);
+        }
+        buf_reset(&in->part);
+    }
+    if (e == 0)
+        e = sd_exec(db->db, "COMMIT", err);
+    if (e < 0) {
+        sqlite3_exec(db->db, "ROLLBACK", NULL, NULL, NULL);
+        in->failed = e;
+    }
+    return e;
+}
+
+int statedb_install_finish(struct statedb_install *in, uint64_t *index, uint64_t *term,
+                           struct pb_error *err)
+{
+    struct statedb *db = in->db;
+    if (in->failed)
+        return pb_error_set(err, in->failed, "snapshot: the stream already failed");
+    if (!in->have_end || in->part.len != 0)
+        return pb_error_set(err, -EBADMSG, "snapshot: stream ends before its end record");
+    int e = statedb_begin(db);
+    if (e < 0)
+        return pb_error_set(err, e, "%s", db->errmsg);
+    /* Chunks sent as K records stay (their bytes are ours); every other
+     * chunk is replaced by the staged ones; refs are recounted by the
+     * chunk-list triggers. */
+    int64_t lacking = 0;
+    int rc = sqlite3_exec(db->db,
+                          "DELETE FROM chunklist; DELETE FROM manifest; DELETE FROM sessions;"
+                          "DELETE FROM chunks WHERE id NOT IN"
+                          " (SELECT id FROM stage_chunks WHERE local = 1);",
+                          NULL, NULL, NULL);
+    if (rc == SQLITE_OK &&
+        (e = sd_query_i64(db->db,
+                          "SELECT count(*) FROM stage_chunks s WHERE local = 1 AND NOT EXISTS"
+                          " (SELECT 1 FROM chunks c WHERE c.id = s.id)",
+                          &lacking, err)) < 0) {
+        statedb_rollback(db);
+        return e;
+    }
+    if (rc == SQLITE_OK && lacking > 0) {
+        statedb_rollback(db);
+        return pb_error_set(err, -ENOENT,
+                            "snapshot: %" PRId64 " chunks the sender assumed here are missing; "
+                            "ask for the full snapshot",
+                            lacking);
+    }
+    if (rc == SQLITE_OK)
+        rc = sqlite3_exec(db->db,
+                          "UPDATE chunks SET refs = 0, keep_until ="
+                          " (SELECT keep_until FROM stage_chunks s WHERE s.id = chunks.id);"
+                          "INSERT INTO chunks (id, refs, keep_until, data)"
+                          " SELECT id, 0, keep_until, data FROM stage_chunks WHERE local = 0;"
+                          "INSERT INTO manifest SELECT * FROM stage_manifest;"
+                          "INSERT INTO chunklist SELECT * FROM stage_chunklist;"
+                          "INSERT INTO sessions SELECT * FROM stage_sessions;",
+                          NULL, NULL, NULL);
+    if (rc != SQLITE_OK) {
+        if ((rc & 0xff) == SQLITE_CONSTRAINT)
+            e = pb_error_set(err, -EBADMSG, "snapshot: inconsistent: %s", sqlite3_errmsg(db->db));
+        else
+            e = pb_error_set(err, store_sqlite_errno(rc) ? store_sqlite_errno(rc) : -EIO,
+                             "snapshot: install: %s", sqlite3_errmsg(db->db));
+        statedb_rollback(db);
+        return e;
+    }
+    if ((e = statedb_applied_set(db, &in->a)) < 0) {
+        statedb_rollback(db);
+        return pb_error_set(err, e, "%s", db->errmsg);
+    }
+    if ((e = sd_exec(db->db, stage_clear_sql, err)) < 0) {
+        statedb_rollback(db);
+        return e;
+    }
+    if ((e = statedb_commit(db)) < 0)
+        return pb_error_set(err, e, "%s", db->errmsg);
+    if (index != NULL)
+        *index = in->a.index;
+    if (term != NULL)
+        *term = in->a.term;
+    log_info("state.db: installed snapshot at index %" PRIu64 " term %" PRIu64 " (%" PRIu64
+             " records)",
+             in->a.index, in->a.term, in->records);
+    return 0;
+}
+
+void statedb_install_abort(struct statedb_install *in)
+{
+    if (in == NULL)
+        return;
+    for (int i = 0; i < 4; i++)
+        sqlite3_finalize(in->ins[i]);
+    sqlite3_exec(in->db->db, stage_clear_sql, NULL, NULL, NULL);
+    buf_free(&in->part);
+    free(in);
+}

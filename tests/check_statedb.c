@@ -1,0 +1,759 @@
+/*
+ * check_statedb.c: state.db: rows, moves, chunks and their deterministic
+ * collection, sessions, disk records, transactions and injected I/O failures,
+ * format refusal, and snapshot streaming + install.
+ */
+#include "config.h"
+
+#include <check.h>
+#include <errno.h>
+#include <ftw.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "lib/buf.h"
+#include "lib/util.h"
+#include "store/statedb.h"
+
+static char tmpdir[64];
+
+static void setup(void)
+{
+    snprintf(tmpdir, sizeof(tmpdir), "/tmp/check_statedb.XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(tmpdir));
+}
+
+static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    (void)sb;
+    (void)flag;
+    (void)ftw;
+    return remove(p);
+}
+
+static void teardown(void)
+{
+    nftw(tmpdir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+static char *dbpath(const char *name)
+{
+    return pb_xasprintf("%s/%s", tmpdir, name);
+}
+
+static struct statedb *open_db(const char *name)
+{
+    char *p = dbpath(name);
+    struct statedb *db = NULL;
+    struct pb_error err;
+    pb_error_clear(&err);
+    int rc = statedb_open(p, &db, &err);
+    ck_assert_msg(rc == 0, "open %s: %s", p, err.msg);
+    free(p);
+    return db;
+}
+
+static void fill_id(uint8_t id[STATEDB_ID_LEN], uint8_t seed)
+{
+    for (int i = 0; i < STATEDB_ID_LEN; i++)
+        id[i] = (uint8_t)(seed * 31 + i);
+}
+
+static struct statedb_row mkrow(uint8_t kind, uint64_t version, const char *origin)
+{
+    struct statedb_row r;
+    memset(&r, 0, sizeof(r));
+    r.kind = kind;
+    r.version = r.content_version = version;
+    r.mode = 0644;
+    r.mtime_ns = -5; /* before 1970 survives */
+    r.size = version * 10;
+    fill_id(r.content, (uint8_t)version);
+    snprintf(r.origin, sizeof(r.origin), "%s", origin);
+    return r;
+}
+
+struct names {
+    char v[16][64];
+    int n;
+};
+
+static int collect_name(void *arg, const char *name)
+{
+    struct names *n = arg;
+    ck_assert_int_lt(n->n, 16);
+    snprintf(n->v[n->n++], 64, "%s", name);
+    return 0;
+}
+
+START_TEST(test_rows_and_children)
+{
+    struct statedb *db = open_db("a.db");
+    struct statedb_row r = mkrow(1, 3, "n1"), g;
+    char *target = NULL;
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_begin(db), -EBUSY);
+    ck_assert_int_eq(statedb_row_put(db, "d", &r, NULL), 0);
+    const char *kids[] = {"d/b", "d/a", "d/\xff\x01raw", "d/a/deep", "d b", "d0", "top"};
+    for (size_t i = 0; i < PB_ARRAY_SIZE(kids); i++)
+        ck_assert_int_eq(statedb_row_put(db, kids[i], &r, NULL), 0);
+    struct statedb_row dead = mkrow(1, 4, "n2");
+    dead.deleted = true;
+    ck_assert_int_eq(statedb_row_put(db, "d/zdead", &dead, NULL), 0);
+    struct statedb_row link = mkrow(3, 5, "n3");
+    ck_assert_int_eq(statedb_row_put(db, "d/link", &link, "../somewhere\x80"), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+
+    ck_assert_int_eq(statedb_row_get(db, "d/link", &g, &target), 0);
+    ck_assert_str_eq(target, "../somewhere\x80");
+    free(target);
+    ck_assert_int_eq(g.kind, 3);
+    ck_assert_uint_eq(g.version, 5);
+    ck_assert_int_eq(statedb_row_get(db, "d/a", &g, &target), 0);
+    ck_assert_ptr_null(target);
+    ck_assert_int_eq(memcmp(&g, &r, sizeof(g)), 0);
+    ck_assert_int_eq(g.mtime_ns, -5);
+    ck_assert_int_eq(statedb_row_get(db, "nope", &g, NULL), -ENOENT);
+
+    struct names n = {.n = 0};
+    ck_assert_int_eq(statedb_list_children(db, "d", collect_name, &n), 0);
+    ck_assert_int_eq(n.n, 4); /* a, b, link, raw; not the tombstone, not a/deep */
+    ck_assert_str_eq(n.v[0], "a");
+    ck_assert_str_eq(n.v[1], "b");
+    ck_assert_str_eq(n.v[2], "link");
+    ck_assert_str_eq(n.v[3], "\xff\x01raw");
+    n.n = 0;
+    ck_assert_int_eq(statedb_list_children(db, "", collect_name, &n), 0);
+    ck_assert_int_eq(n.n, 4); /* d, "d b", d0, top */
+    ck_assert_str_eq(n.v[1], "d b");
+
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_row_delete(db, "d/b"), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    ck_assert_int_eq(statedb_row_get(db, "d/b", &g, NULL), -ENOENT);
+
+    /* one opener at a time */
+    struct statedb *second = NULL;
+    struct pb_error err;
+    char *path = dbpath("a.db");
+    ck_assert_int_eq(statedb_open(path, &second, &err), -EBUSY);
+    ck_assert_ptr_null(second);
+    free(path);
+
+    /* a read-only second handle beside the writer */
+    struct statedb *rd = NULL;
+    path = dbpath("a.db");
+    ck_assert_int_eq(statedb_open_reader(path, &rd, &err), 0);
+    free(path);
+    ck_assert_int_eq(statedb_row_get(rd, "d/a", &g, NULL), 0);
+    ck_assert_int_eq(statedb_begin(rd), -EROFS);
+    struct statedb_disk dk = {.kind = 1};
+    ck_assert_int_eq(statedb_disk_set(rd, "x", &dk), -EROFS);
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_row_put(db, "fresh", &r, NULL), 0);
+    ck_assert_int_eq(statedb_row_get(rd, "fresh", &g, NULL), -ENOENT); /* not committed */
+    ck_assert_int_eq(statedb_commit(db), 0);
+    ck_assert_int_eq(statedb_row_get(rd, "fresh", &g, NULL), 0);
+    statedb_close(rd);
+    path = dbpath("nonexistent.db");
+    ck_assert_int_lt(statedb_open_reader(path, &rd, &err), 0);
+    ck_assert_ptr_null(rd);
+    free(path);
+
+    /* persisted across a reopen */
+    statedb_close(db);
+    db = open_db("a.db");
+    ck_assert_int_eq(statedb_row_get(db, "d/\xff\x01raw", &g, NULL), 0);
+    statedb_close(db);
+}
+END_TEST
+
+START_TEST(test_move_subtree)
+{
+    struct statedb *db = open_db("m.db");
+    uint8_t c1[STATEDB_ID_LEN], c2[STATEDB_ID_LEN];
+    fill_id(c1, 1);
+    fill_id(c2, 2);
+    uint8_t bytes[100];
+    memset(bytes, 7, sizeof(bytes));
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_put(db, c1, bytes, 100, 0), 0);
+    ck_assert_int_eq(statedb_chunk_put(db, c2, bytes, 50, 0), 0);
+    struct statedb_row dir = mkrow(2, 1, "n1"), f = mkrow(1, 2, "n1"), dead = mkrow(1, 3, "n1");
+    dead.deleted = true;
+    ck_assert_int_eq(statedb_row_put(db, "src", &dir, NULL), 0);
+    ck_assert_int_eq(statedb_row_put(db, "src/f", &f, NULL), 0);
+    ck_assert_int_eq(statedb_row_put(db, "src/gone", &dead, NULL), 0);
+    ck_assert_int_eq(statedb_row_put(db, "srcx", &f, NULL), 0);     /* not in the subtree */
+    ck_assert_int_eq(statedb_row_put(db, "dst", &f, NULL), 0);      /* replaced */
+    ck_assert_int_eq(statedb_row_put(db, "dst/f", &dead, NULL), 0); /* tombstone gives way */
+    struct statedb_ref l1[2] = {{{0}, 100}, {{0}, 50}};
+    memcpy(l1[0].id, c1, STATEDB_ID_LEN);
+    memcpy(l1[1].id, c2, STATEDB_ID_LEN);
+    ck_assert_int_eq(statedb_chunklist_put(db, "src/f", l1, 2), 0);
+    ck_assert_int_eq(statedb_chunklist_put(db, "dst", l1, 1), 0);
+    uint64_t refs;
+    ck_assert_int_eq(statedb_chunk_refs(db, c1, &refs), 0);
+    ck_assert_uint_eq(refs, 2);
+
+    ck_assert_int_eq(statedb_row_move(db, "src", "src/in", 9), -EINVAL);
+    ck_assert_int_eq(statedb_row_move(db, "src", "dst", 9), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+
+    struct statedb_row g;
+    ck_assert_int_eq(statedb_row_get(db, "dst", &g, NULL), 0);
+    ck_assert_int_eq(g.kind, 2);
+    ck_assert_uint_eq(g.version, 9);
+    ck_assert_uint_eq(g.content_version, 9);
+    ck_assert_int_eq(statedb_row_get(db, "dst/f", &g, NULL), 0);
+    ck_assert(!g.deleted);
+    ck_assert_uint_eq(g.size, 20);
+    ck_assert_int_eq(statedb_row_get(db, "src/f", &g, NULL), -ENOENT);
+    ck_assert_int_eq(statedb_row_get(db, "src/gone", &g, NULL), 0); /* tombstones stay */
+    ck_assert_int_eq(statedb_row_get(db, "srcx", &g, NULL), 0);
+    ck_assert_int_eq(statedb_row_get(db, "src", &g, NULL), -ENOENT); /* caller's tombstone */
+
+    struct statedb_ref *got;
+    uint32_t n;
+    ck_assert_int_eq(statedb_chunklist_get(db, "dst/f", &got, &n), 0);
+    ck_assert_uint_eq(n, 2);
+    ck_assert_int_eq(memcmp(got[1].id, c2, STATEDB_ID_LEN), 0);
+    ck_assert_uint_eq(got[1].len, 50);
+    free(got);
+    /* the replaced "dst" file's list is gone, so c1 has one reference */
+    ck_assert_int_eq(statedb_chunk_refs(db, c1, &refs), 0);
+    ck_assert_uint_eq(refs, 1);
+    statedb_close(db);
+}
+END_TEST
+
+START_TEST(test_chunks_and_collection)
+{
+    struct statedb *db = open_db("c.db");
+    uint8_t a[STATEDB_ID_LEN], b[STATEDB_ID_LEN], missing[STATEDB_ID_LEN];
+    fill_id(a, 1);
+    fill_id(b, 2);
+    fill_id(missing, 3);
+    uint8_t data[300], out[300];
+    for (int i = 0; i < 300; i++)
+        data[i] = (uint8_t)i;
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_put(db, a, data, 300, 10), 0);
+    ck_assert_int_eq(statedb_chunk_put(db, b, data, 100, 20), 0);
+    ck_assert_int_eq(statedb_chunk_put(db, a, data, 300, 5), 0); /* keep never lowers */
+    ck_assert_int_eq(statedb_chunk_has(db, a), 1);
+    ck_assert_int_eq(statedb_chunk_has(db, missing), 0);
+    ck_assert_int_eq(statedb_chunk_get(db, a, out, 300), 0);
+    ck_assert_int_eq(memcmp(out, data, 300), 0);
+    ck_assert_int_eq(statedb_chunk_get(db, a, out, 299), -EBADMSG);
+    ck_assert_int_eq(statedb_chunk_get(db, missing, out, 1), -ENOENT);
+    struct statedb_ref l[2] = {{{0}, 300}, {{0}, 1}};
+    memcpy(l[0].id, a, STATEDB_ID_LEN);
+    memcpy(l[1].id, missing, STATEDB_ID_LEN);
+    /* a chunk list naming a chunk that is not stored is refused */
+    ck_assert_int_eq(statedb_chunklist_put(db, "f", l, 2), -EINVAL);
+    ck_assert_int_eq(statedb_chunklist_put(db, "f", l, 1), 0);
+    uint64_t n = 99;
+    /* at index 15: a is referenced, b is kept until 20 */
+    ck_assert_int_eq(statedb_chunk_collect(db, 15, &n), 0);
+    ck_assert_uint_eq(n, 0);
+    ck_assert_int_eq(statedb_chunk_collect(db, 21, &n), 0);
+    ck_assert_uint_eq(n, 1);
+    ck_assert_int_eq(statedb_chunk_has(db, b), 0);
+    /* dropping the list frees a at once (its keep_until is past) */
+    ck_assert_int_eq(statedb_chunklist_put(db, "f", NULL, 0), 0);
+    uint64_t refs = 9;
+    ck_assert_int_eq(statedb_chunk_refs(db, a, &refs), 0);
+    ck_assert_uint_eq(refs, 0);
+    ck_assert_int_eq(statedb_chunk_collect(db, 22, &n), 0);
+    ck_assert_uint_eq(n, 1);
+    ck_assert_int_eq(statedb_chunk_has(db, a), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    statedb_close(db);
+}
+END_TEST
+
+static int cb(void *arg, const char *path, bool remove)
+{
+    struct buf *b = arg;
+    char *s = pb_xasprintf("%c%s ", remove ? '-' : '+', path);
+    buf_put(b, s, strlen(s));
+    free(s);
+    return 0;
+}
+
+START_TEST(test_sessions_applied_disk)
+{
+    struct statedb *db = open_db("s.db");
+    uint64_t seq = 9;
+    struct statedb_applied a;
+    ck_assert_int_eq(statedb_applied_get(db, &a), 0);
+    ck_assert_uint_eq(a.index, 0);
+    ck_assert_int_eq(statedb_session_get(db, 42, &seq), 0);
+    ck_assert_uint_eq(seq, 0);
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_session_set(db, UINT64_MAX, 7), 0);
+    ck_assert_int_eq(statedb_session_set(db, 42, 1), 0);
+    ck_assert_int_eq(statedb_session_set(db, 42, 2), 0);
+    a = (struct statedb_applied){
+            .index = 12, .term = 3, .malformed = 1, .conflicts = 2, .duplicates = 4};
+    ck_assert_int_eq(statedb_applied_set(db, &a), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    statedb_close(db);
+    db = open_db("s.db");
+    ck_assert_int_eq(statedb_session_get(db, 42, &seq), 0);
+    ck_assert_uint_eq(seq, 2);
+    ck_assert_int_eq(statedb_session_get(db, UINT64_MAX, &seq), 0);
+    ck_assert_uint_eq(seq, 7);
+    memset(&a, 0, sizeof(a));
+    ck_assert_int_eq(statedb_applied_get(db, &a), 0);
+    ck_assert_uint_eq(a.index, 12);
+    ck_assert_uint_eq(a.term, 3);
+    ck_assert_uint_eq(a.duplicates, 4);
+
+    /* disk records and the mismatch walk */
+    struct statedb_disk d = {.kind = 1, .mode = 0600, .size = 5, .mtime_ns = 77, .ino = 1234};
+    struct statedb_row r = mkrow(1, 3, "n1");
+    memcpy(d.row_content, r.content, STATEDB_ID_LEN);
+    d.row_mode = r.mode;
+    d.row_mtime_ns = r.mtime_ns;
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_row_put(db, "ok", &r, NULL), 0);
+    ck_assert_int_eq(statedb_row_put(db, "stale", &r, NULL), 0);
+    ck_assert_int_eq(statedb_row_put(db, "new", &r, NULL), 0);
+    r.deleted = true;
+    ck_assert_int_eq(statedb_row_put(db, "dead", &r, NULL), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    ck_assert_int_eq(statedb_disk_set(db, "ok", &d), 0);
+    ck_assert_int_eq(statedb_disk_set(db, "dead", &d), 0);
+    ck_assert_int_eq(statedb_disk_set(db, "orphan", &d), 0);
+    ck_assert_int_eq(statedb_disk_set(db, "orphan/kid", &d), 0);
+    d.row_mode = 0600; /* recorded from an older row */
+    ck_assert_int_eq(statedb_disk_set(db, "stale", &d), 0);
+    struct statedb_disk g;
+    ck_assert_int_eq(statedb_disk_get(db, "ok", &g), 0);
+    ck_assert_uint_eq(g.ino, 1234);
+    ck_assert_int_eq(g.mtime_ns, 77);
+    ck_assert_int_eq(statedb_disk_get(db, "none", &g), 0);
+    ck_assert_int_eq(g.kind, 0);
+
+    struct buf seen = BUF_INIT;
+    ck_assert_int_eq(statedb_disk_mismatches(db, cb, &seen), 0);
+    buf_put_u8(&seen, 0);
+    ck_assert_str_eq((char *)seen.data, "+new +stale -orphan/kid -orphan -dead ");
+    buf_free(&seen);
+
+    /* moving records: the kid follows, a record at the target gives way */
+    ck_assert_int_eq(statedb_disk_set(db, "moved", &d), 0);
+    ck_assert_int_eq(statedb_disk_move(db, "orphan", "moved"), 0);
+    ck_assert_int_eq(statedb_disk_get(db, "moved/kid", &g), 0);
+    ck_assert_int_eq(g.kind, 1);
+    ck_assert_int_eq(statedb_disk_get(db, "orphan/kid", &g), 0);
+    ck_assert_int_eq(g.kind, 0);
+    struct statedb_disk none = {.kind = 0};
+    ck_assert_int_eq(statedb_disk_set(db, "moved/kid", &none), 0);
+    ck_assert_int_eq(statedb_disk_get(db, "moved/kid", &g), 0);
+    ck_assert_int_eq(g.kind, 0);
+
+    struct statedb_status s;
+    ck_assert_int_eq(statedb_status_get(db, 1, 2, &s), 0);
+    ck_assert_uint_eq(s.files, 3);
+    ck_assert_uint_eq(s.bytes, 90);
+    ck_assert_uint_eq(s.tombstones, 1);
+    statedb_close(db);
+}
+END_TEST
+
+START_TEST(test_rollback_and_faults)
+{
+    struct statedb *db = open_db("f.db");
+    struct statedb_row r = mkrow(1, 1, "n1"), g;
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_row_put(db, "kept", &r, NULL), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+
+    /* an explicit rollback */
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_row_put(db, "rolled", &r, NULL), 0);
+    statedb_rollback(db);
+    ck_assert(!statedb_in_txn(db));
+    ck_assert_int_eq(statedb_row_get(db, "rolled", &g, NULL), -ENOENT);
+
+    /* the commit's fsync fails: -EIO, nothing of the transaction stays */
+    static const struct {
+        enum store_fault kind;
+        int want;
+    } faults[] = {
+            {STORE_FAULT_IOERR_FSYNC, -EIO},
+            {STORE_FAULT_IOERR_WRITE, -EIO},
+            {STORE_FAULT_FULL, -ENOSPC},
+    };
+    for (size_t i = 0; i < PB_ARRAY_SIZE(faults); i++) {
+        struct statedb_applied a = {.index = 100 + i, .term = 1};
+        statedb_fault_inject(db, faults[i].kind, 1);
+        ck_assert_int_eq(statedb_begin(db), 0);
+        ck_assert_int_eq(statedb_row_put(db, "lost", &r, NULL), 0);
+        ck_assert_int_eq(statedb_applied_set(db, &a), 0);
+        int rc = statedb_commit(db);
+        ck_assert_msg(rc == faults[i].want, "fault %zu: commit %d (%s)", i, rc, statedb_errmsg(db));
+        ck_assert(!statedb_in_txn(db));
+        ck_assert_int_eq(statedb_row_get(db, "lost", &g, NULL), -ENOENT);
+        ck_assert_int_eq(statedb_applied_get(db, &a), 0);
+        ck_assert_uint_eq(a.index, 0);
+    }
+    /* the handle still works afterwards, and so does a reopen */
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_row_put(db, "after", &r, NULL), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    statedb_close(db);
+    db = open_db("f.db");
+    ck_assert_int_eq(statedb_row_get(db, "lost", &g, NULL), -ENOENT);
+    ck_assert_int_eq(statedb_row_get(db, "kept", &g, NULL), 0);
+    ck_assert_int_eq(statedb_row_get(db, "after", &g, NULL), 0);
+    statedb_close(db);
+}
+END_TEST
+
+static void raw_exec(const char *name, const char *sql)
+{
+    char *p = dbpath(name);
+    sqlite3 *h;
+    ck_assert_int_eq(sqlite3_open(p, &h), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_exec(h, sql, NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(h);
+    free(p);
+}
+
+START_TEST(test_format_refusal)
+{
+    struct statedb *db = open_db("v.db");
+    statedb_close(db);
+    raw_exec("v.db", "UPDATE statedb_meta SET format = 2");
+    char *p = dbpath("v.db");
+    struct pb_error err;
+    pb_error_clear(&err);
+    ck_assert_int_eq(statedb_open(p, &db, &err), -EPROTONOSUPPORT);
+    ck_assert_ptr_null(db);
+    ck_assert_ptr_nonnull(strstr(err.msg, "format 2"));
+    ck_assert_ptr_nonnull(strstr(err.msg, "format 1"));
+    free(p);
+
+    raw_exec("other.db", "CREATE TABLE t (x)");
+    p = dbpath("other.db");
+    ck_assert_int_eq(statedb_open(p, &db, &err), -EBADMSG);
+    ck_assert_ptr_nonnull(strstr(err.msg, "not a pickbox state database"));
+    free(p);
+}
+END_TEST
+
+/* ---- snapshots ----------------------------------------------------------- */
+
+static int has_in(void *arg, const uint8_t id[STATEDB_ID_LEN])
+{
+    return statedb_chunk_has(arg, id);
+}
+
+static int has_all(void *arg, const uint8_t id[STATEDB_ID_LEN])
+{
+    (void)arg;
+    (void)id;
+    return 1;
+}
+
+static uint64_t last_skipped;
+
+/* The whole stream of db's replicated state, read in pieces of `piece`;
+ * chunks that `receiver` holds travel as ids only (receiver NULL: all). */
+static uint8_t *stream_for(struct statedb *db, int (*has)(void *, const uint8_t *), void *receiver,
+                           size_t piece, size_t *len)
+{
+    struct statedb_snapshot *s;
+    struct pb_error err;
+    ck_assert_int_eq(statedb_snapshot_begin(db, has, receiver, &s, &err), 0);
+    struct buf b = BUF_INIT;
+    uint8_t *tmp = pb_xmalloc(piece);
+    for (;;) {
+        size_t n;
+        ck_assert_int_eq(statedb_snapshot_read(s, b.len, tmp, piece, &n, &err), 0);
+        buf_put(&b, tmp, n);
+        if (n < piece)
+            break;
+    }
+    free(tmp);
+    last_skipped = statedb_snapshot_skipped(s);
+    statedb_snapshot_end(s);
+    return buf_steal(&b, len);
+}
+
+static uint8_t *stream_all(struct statedb *db, size_t piece, size_t *len)
+{
+    return stream_for(db, NULL, NULL, piece, len);
+}
+
+static void install(struct statedb *db, const uint8_t *p, size_t len, int want)
+{
+    struct statedb_install *in;
+    struct pb_error err;
+    pb_error_clear(&err);
+    ck_assert_int_eq(statedb_install_begin(db, &in, &err), 0);
+    int rc = statedb_install_write(in, p, len, &err);
+    if (rc == 0)
+        rc = statedb_install_finish(in, NULL, NULL, &err);
+    ck_assert_msg(rc == want, "install: %d, want %d: %s", rc, want, err.msg);
+    statedb_install_abort(in);
+}
+
+static void populate(struct statedb *db, int variant)
+{
+    uint8_t big[200000];
+    for (size_t i = 0; i < sizeof(big); i++)
+        big[i] = (uint8_t)(i * 7 + variant);
+    ck_assert_int_eq(statedb_begin(db), 0);
+    for (int i = 0; i < 20; i++) {
+        uint8_t id[STATEDB_ID_LEN];
+        fill_id(id, (uint8_t)(i + variant * 50));
+        uint32_t len = i % 3 == 0 ? (uint32_t)sizeof(big) : (uint32_t)(1000 + i);
+        ck_assert_int_eq(statedb_chunk_put(db, id, big, len, (uint64_t)i), 0);
+        char path[32];
+        snprintf(path, sizeof(path), "dir%d/file\xe9%02d", variant, i);
+        struct statedb_row r = mkrow(1, (uint64_t)i + 1, "n1");
+        r.deleted = i % 5 == 4;
+        ck_assert_int_eq(statedb_row_put(db, path, &r, i % 7 == 0 ? "tgt" : NULL), 0);
+        if (!r.deleted && i % 4 != 1) {
+            struct statedb_ref ref;
+            memcpy(ref.id, id, STATEDB_ID_LEN);
+            ref.len = len;
+            ck_assert_int_eq(statedb_chunklist_put(db, path, &ref, 1), 0);
+        }
+        ck_assert_int_eq(
+                statedb_session_set(db, (uint64_t)i * 1000003u + (uint64_t)variant, (uint64_t)i),
+                0);
+    }
+    struct statedb_applied a = {.index = 500 + (uint64_t)variant, .term = 7, .conflicts = 3};
+    ck_assert_int_eq(statedb_applied_set(db, &a), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+}
+
+START_TEST(test_snapshot_roundtrip)
+{
+    struct statedb *a = open_db("snapA.db"), *b = open_db("snapB.db");
+    populate(a, 1);
+    populate(b, 2); /* B has other replicated state, and node-local records */
+    struct statedb_disk d = {.kind = 1, .mode = 0644, .size = 1, .mtime_ns = 1, .ino = 9};
+    ck_assert_int_eq(statedb_disk_set(b, "local/record", &d), 0);
+
+    size_t la, la2;
+    uint8_t *sa = stream_all(a, 4096, &la);
+    uint8_t *sa2 = stream_all(a, 7, &la2); /* any piece size: the same bytes */
+    ck_assert_uint_eq(la, la2);
+    ck_assert_int_eq(memcmp(sa, sa2, la), 0);
+    ck_assert_uint_gt(la, 7 * 200000);
+    free(sa2);
+
+    /* the stream is a consistent read: applying meanwhile does not change it */
+    struct statedb_snapshot *s;
+    struct pb_error err;
+    ck_assert_int_eq(statedb_snapshot_begin(a, NULL, NULL, &s, &err), 0);
+    uint8_t first[100];
+    size_t n;
+    ck_assert_int_eq(statedb_snapshot_read(s, 0, first, sizeof(first), &n, &err), 0);
+    ck_assert_int_eq(statedb_begin(a), 0);
+    struct statedb_row r = mkrow(1, 999, "late");
+    ck_assert_int_eq(statedb_row_put(a, "zzz-late", &r, NULL), 0);
+    ck_assert_int_eq(statedb_commit(a), 0);
+    uint8_t *rest = pb_xmalloc(la + 10);
+    ck_assert_int_eq(statedb_snapshot_read(s, 100, rest, la + 10, &n, &err), 0);
+    ck_assert_uint_eq(n, la - 100);
+    ck_assert_int_eq(memcmp(rest, sa + 100, n), 0);
+    /* an earlier offset again (a retransmission) */
+    ck_assert_int_eq(statedb_snapshot_read(s, 5, rest, 50, &n, &err), 0);
+    ck_assert_uint_eq(n, 50);
+    ck_assert_int_eq(memcmp(rest, sa + 5, 50), 0);
+    uint64_t si, st;
+    statedb_snapshot_info(s, &si, &st);
+    ck_assert_uint_eq(si, 501);
+    ck_assert_uint_eq(st, 7);
+    statedb_snapshot_end(s);
+    free(rest);
+
+    /* install into B in odd pieces */
+    struct statedb_install *in;
+    ck_assert_int_eq(statedb_install_begin(b, &in, &err), 0);
+    for (size_t off = 0; off < la; off += 9999) {
+        size_t k = PB_MIN((size_t)9999, la - off);
+        ck_assert_msg(statedb_install_write(in, sa + off, k, &err) == 0, "%s", err.msg);
+    }
+    uint64_t idx = 0, term = 0;
+    ck_assert_msg(statedb_install_finish(in, &idx, &term, &err) == 0, "%s", err.msg);
+    statedb_install_abort(in);
+    ck_assert_uint_eq(idx, 501);
+    ck_assert_uint_eq(term, 7);
+
+    /* B's replicated state is now A's as of the snapshot: same stream */
+    size_t lb;
+    uint8_t *sb = stream_all(b, 65536, &lb);
+    ck_assert_uint_eq(lb, la);
+    ck_assert_int_eq(memcmp(sa, sb, la), 0);
+    free(sb);
+    struct statedb_row g;
+    ck_assert_int_eq(statedb_row_get(b, "zzz-late", &g, NULL), -ENOENT);
+    ck_assert_int_eq(statedb_row_get(b,
+                                     "dir2/file\xe9"
+                                     "00",
+                                     &g, NULL),
+                     -ENOENT);
+    ck_assert_int_eq(statedb_row_get(b,
+                                     "dir1/file\xe9"
+                                     "00",
+                                     &g, NULL),
+                     0);
+    /* refs were recomputed from the chunk lists */
+    uint8_t id[STATEDB_ID_LEN];
+    uint64_t refs;
+    fill_id(id, 50);
+    ck_assert_int_eq(statedb_chunk_refs(b, id, &refs), 0);
+    ck_assert_uint_eq(refs, 1);
+    /* node-local rows kept */
+    struct statedb_disk dg;
+    ck_assert_int_eq(statedb_disk_get(b, "local/record", &dg), 0);
+    ck_assert_uint_eq(dg.ino, 9);
+    struct statedb_applied ap;
+    ck_assert_int_eq(statedb_applied_get(b, &ap), 0);
+    ck_assert_uint_eq(ap.index, 501);
+    ck_assert_uint_eq(ap.conflicts, 3);
+    statedb_close(a);
+    statedb_close(b);
+    free(sa);
+}
+END_TEST
+
+START_TEST(test_snapshot_damaged)
+{
+    struct statedb *a = open_db("dA.db"), *b = open_db("dB.db");
+    populate(a, 1);
+    populate(b, 2);
+    size_t la, lb0;
+    uint8_t *sa = stream_all(a, 4096, &la);
+    uint8_t *sb0 = stream_all(b, 4096, &lb0);
+    struct pb_error err;
+    struct statedb_install *in;
+
+    /* one flipped byte in a chunk's data: the CRC refuses it */
+    uint8_t *bad = pb_xmalloc(la);
+    memcpy(bad, sa, la);
+    bad[la / 2] ^= 0x40;
+    ck_assert_int_eq(statedb_install_begin(b, &in, &err), 0);
+    int rc = statedb_install_write(in, bad, la, &err);
+    if (rc == 0)
+        rc = statedb_install_finish(in, NULL, NULL, &err);
+    ck_assert_int_eq(rc, -EBADMSG);
+    statedb_install_abort(in);
+
+    /* truncated: no end record */
+    ck_assert_int_eq(statedb_install_begin(b, &in, &err), 0);
+    ck_assert_int_eq(statedb_install_write(in, sa, la - 20, &err), 0);
+    ck_assert_int_eq(statedb_install_finish(in, NULL, NULL, &err), -EBADMSG);
+    statedb_install_abort(in);
+
+    /* a newer stream format */
+    memcpy(bad, sa, la);
+    bad[4 + 1 + 4 + 3] = 9; /* H record: u32 len, 'H', "PBSD", u32 format */
+    ck_assert_int_eq(statedb_install_begin(b, &in, &err), 0);
+    ck_assert_int_eq(statedb_install_write(in, bad, 64, &err), -EPROTONOSUPPORT);
+    statedb_install_abort(in);
+    free(bad);
+
+    /* B is unchanged by all of that */
+    size_t lb;
+    uint8_t *sb = stream_all(b, 4096, &lb);
+    ck_assert_uint_eq(lb, lb0);
+    ck_assert_int_eq(memcmp(sb, sb0, lb), 0);
+    free(sb);
+    free(sb0);
+    free(sa);
+    statedb_close(a);
+    statedb_close(b);
+}
+END_TEST
+
+/* Only the chunks the receiver lacks travel; the result is the same. */
+START_TEST(test_snapshot_delta)
+{
+    struct statedb *a = open_db("xA.db"), *b = open_db("xB.db"), *c = open_db("xC.db");
+    populate(a, 1);
+    size_t la, lb, lx, lc0;
+    uint8_t *sa = stream_all(a, 65536, &la);
+    install(b, sa, la, 0); /* B catches up fully once */
+    free(sa);
+
+    /* A moves on: new chunks, a dropped list, collection */
+    populate(a, 3);
+    ck_assert_int_eq(statedb_begin(a), 0);
+    ck_assert_int_eq(statedb_chunklist_put(a,
+                                           "dir1/file\xe9"
+                                           "00",
+                                           NULL, 0),
+                     0);
+    uint64_t n;
+    ck_assert_int_eq(statedb_chunk_collect(a, 1000, &n), 0);
+    ck_assert_uint_ge(n, 1);
+    ck_assert_int_eq(statedb_commit(a), 0);
+
+    sa = stream_all(a, 65536, &la);
+    uint8_t *sx = stream_for(a, has_in, b, 65536, &lx);
+    ck_assert_uint_ge(last_skipped, 10);
+    ck_assert_uint_le(lx + 5 * 200000, la); /* five big chunks B holds did not travel */
+    install(b, sx, lx, 0);
+    uint8_t *sb = stream_all(b, 4096, &lb);
+    ck_assert_uint_eq(lb, la);
+    ck_assert_int_eq(memcmp(sa, sb, la), 0);
+    free(sb);
+    free(sx);
+
+    /* a sender that wrongly assumes the receiver holds its chunks */
+    uint8_t *sc0 = stream_all(c, 4096, &lc0);
+    sx = stream_for(a, has_all, NULL, 65536, &lx);
+    install(c, sx, lx, -ENOENT);
+    free(sx);
+    sb = stream_all(c, 4096, &lb);
+    ck_assert_uint_eq(lb, lc0);
+    ck_assert_int_eq(memcmp(sb, sc0, lb), 0);
+    free(sb);
+    free(sc0);
+    free(sa);
+    statedb_close(a);
+    statedb_close(b);
+    statedb_close(c);
+}
+END_TEST
+
+static Suite *statedb_suite(void)
+{
+    Suite *s = suite_create("statedb");
+    TCase *tc = tcase_create("core");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_rows_and_children);
+    tcase_add_test(tc, test_move_subtree);
+    tcase_add_test(tc, test_chunks_and_collection);
+    tcase_add_test(tc, test_sessions_applied_disk);
+    tcase_add_test(tc, test_rollback_and_faults);
+    tcase_add_test(tc, test_format_refusal);
+    tcase_add_test(tc, test_snapshot_roundtrip);
+    tcase_add_test(tc, test_snapshot_damaged);
+    tcase_add_test(tc, test_snapshot_delta);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    SRunner *sr = srunner_create(statedb_suite());
+    srunner_run_all(sr, CK_ENV);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
