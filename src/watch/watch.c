@@ -853,10 +853,22 @@ static char *read_target(struct watch *w, int dfd, const char *name, size_t size
     return NULL;
 }
 
-static bool file_differs(const struct watch_stat *a, const struct watch_stat *b)
+/* What changed in a regular file since it was reported: 0 nothing, else a
+ * kind. ctime alone moves on a rename, chown or xattr change (not worth a
+ * candidate), but also on a write that restored mtime (cp -p, rsync -t):
+ * then an IN_CLOSE_WRITE or a rescan says so. */
+static enum watch_kind file_change(const struct watch_stat *a, const struct watch_stat *b,
+                                   unsigned reasons)
 {
-    return a->ino != b->ino || a->size != b->size || a->mtime_ns != b->mtime_ns ||
-           a->ctime_ns != b->ctime_ns || a->mode != b->mode || a->nlink != b->nlink;
+    bool core = a->ino != b->ino || a->size != b->size || a->mtime_ns != b->mtime_ns ||
+                a->mode != b->mode || a->nlink != b->nlink;
+    if (!core && a->ctime_ns == b->ctime_ns)
+        return 0;
+    if (!core && !(reasons & (R_CONTENT | R_CREATE | R_RESCAN)))
+        return 0;
+    if (reasons == R_ATTRIB && a->ino == b->ino && a->size == b->size)
+        return WATCH_ATTR;
+    return WATCH_UPSERT_FILE;
 }
 
 static void dir_added(struct watch *w, struct wnode *d);
@@ -883,7 +895,8 @@ static void node_sync(struct watch *w, struct wnode *n, const struct stat *st, c
     if (n->reported && n->rep.type != ws.type) {
         emit_node(w, WATCH_REMOVE, n, NULL, NULL, rescan);
         n->reported = false;
-        node_free_children(w, n);
+        if (n->rep.type == WATCH_TYPE_DIR)
+            node_free_children(w, n); /* children of the new one are kept */
         if (ws.type != WATCH_TYPE_DIR && n->wd >= 0) {
             inotify_rm_watch(w->ifd, n->wd);
             wd_remove(w, n);
@@ -894,10 +907,8 @@ static void node_sync(struct watch *w, struct wnode *n, const struct stat *st, c
     case WATCH_TYPE_FILE:
         if (!n->reported)
             kind = WATCH_UPSERT_FILE;
-        else if (file_differs(&n->rep, &ws))
-            kind = (reasons == R_ATTRIB && n->rep.ino == ws.ino && n->rep.size == ws.size)
-                           ? WATCH_ATTR
-                           : WATCH_UPSERT_FILE;
+        else
+            kind = file_change(&n->rep, &ws, reasons);
         break;
     case WATCH_TYPE_DIR:
         if (!n->reported)
@@ -1685,8 +1696,11 @@ struct watch *watch_new(struct event_base *base, const char *root, const struct 
     }
     w->rootfd = open(root, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (w->rootfd < 0) {
-        pb_error_set(err, -errno, "watch: cannot open tree root %s: %s", root,
-                     errno == ELOOP ? "it is a symlink" : strerror(errno));
+        int e = errno;
+        struct stat st;
+        bool link = lstat(root, &st) == 0 && S_ISLNK(st.st_mode);
+        pb_error_set(err, -e, "watch: cannot open tree root %s: %s", root,
+                     link ? "it is a symlink" : strerror(e));
         goto fail;
     }
     char *rp = realpath(root, NULL);
