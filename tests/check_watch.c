@@ -7,6 +7,8 @@
 #include "config.h"
 
 #include <check.h>
+#include <dirent.h>
+#include <inttypes.h>
 #include <errno.h>
 #include <event2/event.h>
 #include <fcntl.h>
@@ -21,6 +23,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "lib/log.h"
 #include "lib/util.h"
 #include "watch/watch.h"
 
@@ -995,6 +998,352 @@ START_TEST(test_bad_root)
 }
 END_TEST
 
+/* ---- an owner model: applies candidates like the daemon would --------- */
+
+struct oentry {
+    char *path;
+    enum watch_type type;
+    bool seen; /* reported during the current full rescan */
+};
+
+static struct oentry owner[4096];
+static size_t nowner;
+static int owner_errors;
+static bool owner_in_rescan;
+static char owner_rescan_top[PATH_MAX];
+
+static ptrdiff_t owner_find(const char *p)
+{
+    for (size_t i = 0; i < nowner; i++)
+        if (strcmp(owner[i].path, p) == 0)
+            return (ptrdiff_t)i;
+    return -1;
+}
+
+static bool under(const char *p, const char *top_)
+{
+    size_t l = strlen(top_);
+    if (l == 0)
+        return true;
+    return strncmp(p, top_, l) == 0 && (p[l] == '\0' || p[l] == '/');
+}
+
+static void owner_remove_tree(const char *p)
+{
+    for (size_t i = 0; i < nowner;) {
+        if (under(owner[i].path, p)) {
+            free(owner[i].path);
+            owner[i] = owner[--nowner];
+        } else {
+            i++;
+        }
+    }
+}
+
+static void owner_error(const char *what, const char *p)
+{
+    fprintf(stderr, "# owner: %s: %s\n", what, p);
+    owner_errors++;
+}
+
+static void owner_put(const char *p, enum watch_type t)
+{
+    const char *slash = strrchr(p, '/');
+    if (slash) {
+        char parent[PATH_MAX];
+        snprintf(parent, sizeof(parent), "%.*s", (int)(slash - p), p);
+        ptrdiff_t i = owner_find(parent);
+        if (i < 0 || owner[i].type != WATCH_TYPE_DIR)
+            owner_error("parent not a known directory", p);
+    }
+    ptrdiff_t i = owner_find(p);
+    if (i >= 0 && owner[i].type != t) {
+        owner_remove_tree(p); /* type change */
+        i = -1;
+    }
+    if (i < 0) {
+        ck_assert_int_lt(nowner, PB_ARRAY_SIZE(owner));
+        owner[nowner].path = pb_xstrdup(p);
+        owner[nowner].type = t;
+        i = (ptrdiff_t)nowner++;
+    }
+    owner[i].seen = true;
+}
+
+static void owner_apply(const struct watch_change *c)
+{
+    switch (c->kind) {
+    case WATCH_UPSERT_FILE:
+    case WATCH_MKDIR:
+    case WATCH_SYMLINK:
+    case WATCH_UNSUPPORTED:
+        owner_put(c->path, c->st.type);
+        break;
+    case WATCH_ATTR:
+        if (owner_find(c->path) < 0)
+            owner_error("ATTR of unknown", c->path);
+        break;
+    case WATCH_REMOVE:
+        owner_remove_tree(c->path);
+        break;
+    case WATCH_RENAME: {
+        ptrdiff_t i = owner_find(c->from);
+        if (i < 0) {
+            owner_error("RENAME of unknown", c->from);
+            break;
+        }
+        owner_remove_tree(c->path);
+        size_t fl = strlen(c->from);
+        for (size_t k = 0; k < nowner; k++) {
+            if (!under(owner[k].path, c->from))
+                continue;
+            char *np = pb_xasprintf("%s%s", c->path, owner[k].path + fl);
+            free(owner[k].path);
+            owner[k].path = np;
+        }
+        i = owner_find(c->path);
+        if (i < 0 || owner[i].type != c->st.type)
+            owner_error("RENAME type mismatch", c->path);
+        break;
+    }
+    case WATCH_RESCAN_BEGIN:
+        owner_in_rescan = true;
+        snprintf(owner_rescan_top, sizeof(owner_rescan_top), "%s", c->path);
+        for (size_t k = 0; k < nowner; k++)
+            owner[k].seen = false;
+        break;
+    case WATCH_RESCAN_END:
+        for (size_t k = 0; k < nowner;) {
+            if (under(owner[k].path, owner_rescan_top) && !owner[k].seen) {
+                free(owner[k].path);
+                owner[k] = owner[--nowner];
+            } else {
+                k++;
+            }
+        }
+        owner_in_rescan = false;
+        break;
+    }
+}
+
+static void on_change_owner(const struct watch_change *c, void *arg)
+{
+    if (getenv("CHECK_WATCH_TRACE"))
+        fprintf(stderr, "#   -> %s %s%s%s\n", kind_name(c->kind), c->from ? c->from : "",
+                c->from ? " -> " : "", c->path);
+    on_change(c, arg);
+    owner_apply(c);
+}
+
+static void owner_clear(void)
+{
+    for (size_t i = 0; i < nowner; i++)
+        free(owner[i].path);
+    nowner = 0;
+    owner_errors = 0;
+}
+
+/* Compares the owner model with the disk; returns the number of mismatches. */
+static int owner_compare_dir(const char *rel, int *seen)
+{
+    char abs[PATH_MAX + 600];
+    snprintf(abs, sizeof(abs), "%s%s%s", root, *rel ? "/" : "", rel);
+    DIR *d = opendir(abs);
+    ck_assert_ptr_nonnull(d);
+    int bad = 0;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
+            continue;
+        if (!*rel && !strcmp(de->d_name, ".pickbox"))
+            continue;
+        if (!strncmp(de->d_name, ".pickbox.tmp.", 13))
+            continue;
+        char p[PATH_MAX];
+        snprintf(p, sizeof(p), "%s%s%s", rel, *rel ? "/" : "", de->d_name);
+        struct stat st;
+        ck_assert_int_eq(fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW), 0);
+        struct watch_stat ws;
+        watch_stat_from_stat(&ws, &st);
+        ptrdiff_t i = owner_find(p);
+        (*seen)++;
+        if (i < 0 || owner[i].type != ws.type) {
+            fprintf(stderr, "# disk has %s (type %d), owner %s\n", p, ws.type,
+                    i < 0 ? "does not" : "has another type");
+            bad++;
+        }
+        if (S_ISDIR(st.st_mode))
+            bad += owner_compare_dir(p, seen);
+    }
+    closedir(d);
+    return bad;
+}
+
+static int owner_compare(void)
+{
+    int seen = 0;
+    int bad = owner_compare_dir("", &seen);
+    if ((size_t)seen != nowner) {
+        fprintf(stderr, "# owner knows %zu paths, disk has %d\n", nowner, seen);
+        for (size_t i = 0; i < nowner; i++) {
+            struct stat st;
+            if (lstat(P("%s", owner[i].path), &st) < 0)
+                fprintf(stderr, "#   stale in owner: %s\n", owner[i].path);
+        }
+        bad++;
+    }
+    return bad;
+}
+
+/* ---- randomized: the owner's view converges to the disk --------------- */
+
+static uint64_t rng_state;
+
+static uint32_t rnd(uint32_t n)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (uint32_t)(rng_state % n);
+}
+
+static void rand_rel(char *buf, size_t len)
+{
+    static const char *const names[] = {"a", "b", "c", "d"};
+    int depth = 1 + (int)rnd(3);
+    buf[0] = '\0';
+    for (int i = 0; i < depth; i++) {
+        size_t l = strlen(buf);
+        snprintf(buf + l, len - l, "%s%s", i ? "/" : "", names[rnd(PB_ARRAY_SIZE(names))]);
+    }
+}
+
+static void random_op(void)
+{
+    char a[64], b[64], cmd[4 * PATH_MAX];
+    rand_rel(a, sizeof(a));
+    rand_rel(b, sizeof(b));
+    const char *pa = P("%s", a), *pb = P("%s", b);
+    uint32_t op = rnd(12);
+    if (getenv("CHECK_WATCH_TRACE"))
+        fprintf(stderr, "# op %u %s %s\n", op, a, b);
+    switch (op) {
+    case 0:
+    case 1: {
+        int fd = open(pa, O_WRONLY | O_CREAT | (rnd(2) ? O_APPEND : O_TRUNC), 0644);
+        if (fd >= 0) {
+            (void)!write(fd, "data", 1 + rnd(4));
+            close(fd);
+        }
+        break;
+    }
+    case 2:
+        (void)mkdir(pa, 0755);
+        break;
+    case 3:
+        (void)unlink(pa);
+        break;
+    case 4:
+        (void)rmdir(pa);
+        break;
+    case 5:
+    case 6:
+        (void)rename(pa, pb);
+        break;
+    case 7: { /* editor save: temp + rename over */
+        char tmp[PATH_MAX + 600];
+        snprintf(tmp, sizeof(tmp), "%s.goutputstream-X", pa);
+        int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd >= 0) {
+            (void)!write(fd, "saved", 5);
+            close(fd);
+            if (rename(tmp, pa) < 0)
+                (void)unlink(tmp);
+        }
+        break;
+    }
+    case 8: { /* vim: rename to backup, write, unlink backup */
+        char bak[PATH_MAX + 600];
+        snprintf(bak, sizeof(bak), "%s~", pa);
+        struct stat st;
+        if (lstat(pa, &st) == 0 && S_ISREG(st.st_mode) && rename(pa, bak) == 0) {
+            int fd = open(pa, O_WRONLY | O_CREAT, 0644);
+            if (fd >= 0) {
+                (void)!write(fd, "vim", 3);
+                close(fd);
+            }
+            (void)unlink(bak);
+        }
+        break;
+    }
+    case 9: /* move out, or in */
+        snprintf(cmd, sizeof(cmd), "%s/%s", out, rnd(2) ? "x" : "y");
+        if (rnd(2))
+            (void)rename(pa, cmd);
+        else
+            (void)rename(cmd, pa);
+        break;
+    case 10:
+        (void)chmod(pa, rnd(2) ? 0600 : 0755);
+        break;
+    case 11:
+        (void)symlink("target", pa);
+        break;
+    }
+}
+
+static void random_run(uint64_t seed, int ops)
+{
+    rng_state = seed * 2654435761u + 1;
+    owner_clear();
+    struct pb_error err;
+    struct watch_options o;
+    default_opts(&o);
+    w = watch_new(base, root, &o, on_change_owner, NULL, &err);
+    ck_assert_ptr_nonnull(w);
+    ck_assert(wait_for(WATCH_RESCAN_END, ""));
+    for (int i = 0; i < ops; i++) {
+        random_op();
+        uint32_t r = rnd(10);
+        if (r < 3)
+            event_base_loop(base, EVLOOP_NONBLOCK);
+        else if (r < 4)
+            slice();
+    }
+    quiesce();
+    int bad = owner_compare();
+    if (bad || owner_errors)
+        recs_dump("random");
+    ck_assert_msg(bad == 0 && owner_errors == 0, "seed %" PRIu64 ": %d mismatches, %d errors", seed,
+                  bad, owner_errors);
+    /* A full rescan agrees. */
+    recs_clear();
+    ck_assert_int_eq(watch_rescan(w, ""), 0);
+    ck_assert(wait_for(WATCH_RESCAN_END, ""));
+    quiesce();
+    ck_assert_int_eq(owner_compare(), 0);
+    watch_free(w);
+    w = NULL;
+    owner_clear();
+}
+
+START_TEST(test_random_ops)
+{
+    const char *env = getenv("CHECK_WATCH_SEEDS");
+    int seeds = env ? atoi(env) : 8;
+    const char *first = getenv("CHECK_WATCH_SEED");
+    if (getenv("CHECK_WATCH_TRACE"))
+        log_set_level(LOG_LEVEL_DEBUG);
+    for (int s = first ? atoi(first) : 1; s <= seeds; s++) {
+        char cmd[PATH_MAX + 600];
+        snprintf(cmd, sizeof(cmd), "rm -rf '%s'/* '%s'/*", root, out);
+        ck_assert_int_eq(run(cmd), 0);
+        recs_clear();
+        random_run((uint64_t)s + (uint64_t)_i * 1000, 300);
+    }
+}
+END_TEST
+
 static const struct {
     const char *name;
     const TTest *const *test;
@@ -1019,6 +1368,7 @@ static const struct {
         {"test_odd_files", &test_odd_files},
         {"test_type_change", &test_type_change},
         {"test_bad_root", &test_bad_root},
+        {"test_random_ops", &test_random_ops},
 };
 
 /* CHECK_WATCH_ONLY=test_name runs one test (debugging). */

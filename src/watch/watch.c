@@ -160,6 +160,7 @@ struct watch {
     bool warned_watch;
     bool in_cb;
     bool freeing;
+    unsigned rec_emitting;
     unsigned walking;
     struct watch_stats st;
 
@@ -536,10 +537,48 @@ static void rec_new(struct watch *w, struct wnode *n, struct wnode *from_parent,
 
 /* Emits the oldest pending rename. Earlier records are already emitted, so
  * the owner's view is "current state minus the still pending records". */
+static void node_sync(struct watch *w, struct wnode *n, const struct stat *st, char *target,
+                      unsigned reasons, bool rescan);
+static void stack_push(struct watch *w, struct wnode *n);
+static void subtree_unreport(struct wnode *n);
+
+/* Before a rename into a directory the owner does not know as a directory
+ * yet (created or replaced since), report that directory. false when a
+ * destination ancestor is no directory on disk any more. */
+static bool rec_settle_dest(struct watch *w, struct wnode *n)
+{
+    size_t base = w->stack_n;
+    for (struct wnode *x = n->parent; x && x != w->rootn; x = x->parent)
+        stack_push(w, x);
+    bool ok = true;
+    while (w->stack_n > base) {
+        struct wnode *x = w->stack[--w->stack_n]; /* top-most first */
+        if (!ok || (x->reported && x->rep.type == WATCH_TYPE_DIR))
+            continue;
+        struct stat st;
+        if (fstatat(w->rootfd, node_path(w, 0, x), &st, AT_SYMLINK_NOFOLLOW) < 0 ||
+            !S_ISDIR(st.st_mode)) {
+            ok = false;
+            continue;
+        }
+        size_t keep = w->stack_n;
+        node_sync(w, x, &st, NULL, R_RESCAN, false);
+        assert(w->stack_n == keep);
+        (void)keep;
+    }
+    return ok;
+}
+
+/* Emits the oldest pending rename. Earlier records are already emitted, so
+ * the owner's view is "current state minus the still pending records". */
 static void rec_emit(struct watch *w, struct wrec *r)
 {
     assert(r == w->rec_head);
     struct wnode *n = r->node;
+    w->rec_emitting++;
+    bool ok = rec_settle_dest(w, n);
+    w->rec_emitting--;
+    assert(r == w->rec_head);
     const char *from = path_build(w, 1, r->from_parent, r->from_name, strlen(r->from_name), true);
     const char *to = path_build(w, 2, n->parent, n->name, n->namelen, true);
     bool same = strcmp(from, to) == 0;
@@ -547,8 +586,15 @@ static void rec_emit(struct watch *w, struct wrec *r)
     if (n->rep.type == WATCH_TYPE_SYMLINK)
         c.target = n->target;
     rec_unlink(w, r);
-    if (!same)
+    if (!ok) {
+        /* Moved into a directory that is gone again: for the owner, the
+         * old path is gone; what is left is found by later flushes. */
+        struct watch_change rm = {.kind = WATCH_REMOVE, .path = from};
+        subtree_unreport(n);
+        deliver(w, &rm);
+    } else if (!same) {
         deliver(w, &c);
+    }
 }
 
 static void rec_flush_all(struct watch *w)
@@ -568,9 +614,12 @@ static bool rec_refs_subtree(struct watch *w, const struct wnode *top)
 static void emit_node(struct watch *w, enum watch_kind kind, struct wnode *n,
                       const struct watch_stat *ws, const char *target, bool rescan)
 {
-    rec_flush_all(w);
-    struct watch_change c = {
-            .kind = kind, .path = node_path(w, 0, n), .target = target, .rescan = rescan};
+    if (!w->rec_emitting)
+        rec_flush_all(w);
+    /* In the owner's view (the same as the current one unless a rename is
+     * being emitted and later ones are pending). */
+    const char *p = n == w->rootn ? "" : path_build(w, 0, n->parent, n->name, n->namelen, true);
+    struct watch_change c = {.kind = kind, .path = p, .target = target, .rescan = rescan};
     if (ws)
         c.st = *ws;
     deliver(w, &c);
@@ -872,15 +921,46 @@ static enum watch_kind file_change(const struct watch_stat *a, const struct watc
 }
 
 static void dir_added(struct watch *w, struct wnode *d);
+static void stash_release_slot(struct watch *w, const struct wnode *d, const char *name,
+                               size_t len);
 
 /*
  * Compares node n with what lstat said (st NULL: nothing there) and emits
  * what differs from what was last reported. May free n (when gone).
  * target: for a symlink, its readlink value (ownership passes to n).
  */
+/* What node_sync() would emit for n given ws (0 = nothing). */
+static enum watch_kind node_decide(const struct wnode *n, const struct watch_stat *ws,
+                                   const char *target, unsigned reasons, bool *type_change)
+{
+    *type_change = n->reported && n->rep.type != ws->type;
+    bool known = n->reported && !*type_change;
+    switch (ws->type) {
+    case WATCH_TYPE_FILE:
+        return !known ? WATCH_UPSERT_FILE : file_change(&n->rep, ws, reasons);
+    case WATCH_TYPE_DIR:
+        return !known ? WATCH_MKDIR : n->rep.mode != ws->mode ? WATCH_ATTR : 0;
+    case WATCH_TYPE_SYMLINK:
+        return (!known || !n->target || !target || strcmp(n->target, target) != 0) ? WATCH_SYMLINK
+                                                                                   : 0;
+    default:
+        return (!known || n->rep.ino != ws->ino || n->rep.mode != ws->mode) ? WATCH_UNSUPPORTED : 0;
+    }
+}
+
 static void node_sync(struct watch *w, struct wnode *n, const struct stat *st, char *target,
                       unsigned reasons, bool rescan)
 {
+    /* Pending renames go first; emitting them may report an ancestor (or n
+     * itself, as the destination directory of a rename), so decide after. */
+    if (w->rec_head && !w->rec_emitting) {
+        bool tc;
+        struct watch_stat tmp;
+        if (st)
+            watch_stat_from_stat(&tmp, st);
+        if (st ? node_decide(n, &tmp, target, reasons, &tc) != 0 : n->reported)
+            rec_flush_all(w);
+    }
     if (!st) {
         free(target);
         if (n == w->rootn)
@@ -892,7 +972,9 @@ static void node_sync(struct watch *w, struct wnode *n, const struct stat *st, c
     }
     struct watch_stat ws;
     watch_stat_from_stat(&ws, st);
-    if (n->reported && n->rep.type != ws.type) {
+    bool type_change;
+    enum watch_kind kind = node_decide(n, &ws, target, reasons, &type_change);
+    if (type_change) {
         emit_node(w, WATCH_REMOVE, n, NULL, NULL, rescan);
         n->reported = false;
         if (n->rep.type == WATCH_TYPE_DIR)
@@ -901,29 +983,6 @@ static void node_sync(struct watch *w, struct wnode *n, const struct stat *st, c
             inotify_rm_watch(w->ifd, n->wd);
             wd_remove(w, n);
         }
-    }
-    enum watch_kind kind = 0;
-    switch (ws.type) {
-    case WATCH_TYPE_FILE:
-        if (!n->reported)
-            kind = WATCH_UPSERT_FILE;
-        else
-            kind = file_change(&n->rep, &ws, reasons);
-        break;
-    case WATCH_TYPE_DIR:
-        if (!n->reported)
-            kind = WATCH_MKDIR;
-        else if (n->rep.mode != ws.mode)
-            kind = WATCH_ATTR;
-        break;
-    case WATCH_TYPE_SYMLINK:
-        if (!n->reported || !n->target || !target || strcmp(n->target, target) != 0)
-            kind = WATCH_SYMLINK;
-        break;
-    default:
-        if (!n->reported || n->rep.ino != ws.ino || n->rep.mode != ws.mode)
-            kind = WATCH_UNSUPPORTED;
-        break;
     }
     if (kind)
         emit_node(w, kind, n, &ws, ws.type == WATCH_TYPE_SYMLINK ? (target ? target : "") : NULL,
@@ -1018,6 +1077,8 @@ static void walk(struct watch *w, struct wnode *top, enum walk_mode mode)
             if (name_ignored(w, d, nm, len, isdir))
                 continue;
             struct wnode *c = node_lookup(w, d, nm, len);
+            if (!c && w->stash)
+                stash_release_slot(w, d, nm, len);
             if (!c)
                 c = node_new(w, d, nm, len);
             c->seen_gen = gen;
@@ -1200,6 +1261,28 @@ static void stash_expire(struct watch *w, uint64_t now)
     }
 }
 
+/* Something new appears at (d, name): a MOVED_FROM still waiting there for
+ * its MOVED_TO is from an earlier rename out of the tree (the pair of a
+ * rename is adjacent in the queue), so it must reach the owner first. */
+static void stash_release_slot(struct watch *w, const struct wnode *d, const char *name, size_t len)
+{
+    for (struct wstash **pp = &w->stash; *pp;) {
+        struct wstash *s = *pp;
+        const struct wnode *par = s->node ? s->node->parent : s->parent;
+        const char *nm = s->node ? s->node->name : s->name;
+        if (par != d || strlen(nm) != len || memcmp(nm, name, len) != 0) {
+            pp = &s->next;
+            continue;
+        }
+        *pp = s->next;
+        struct wnode *m = s->node;
+        stash_free(s);
+        if (m)
+            node_moved_out(w, m);
+        pp = &w->stash;
+    }
+}
+
 static void moved_from(struct watch *w, struct wnode *d, const char *name, size_t len,
                        uint32_t cookie)
 {
@@ -1245,6 +1328,8 @@ static void moved_to(struct watch *w, struct wnode *d, const char *name, size_t 
         }
         stash_free(s);
     }
+    if (w->stash)
+        stash_release_slot(w, d, name, len);
     struct wnode *t = node_lookup(w, d, name, len);
     if (!m) {
         /* Moved in from outside (or from a name we never knew). */
@@ -1333,6 +1418,8 @@ static void handle_event(struct watch *w, int wd, uint32_t mask, uint32_t cookie
     }
     size_t len = strlen(name);
     bool isdir = (mask & IN_ISDIR) != 0;
+    if (log_get_level() >= LOG_LEVEL_DEBUG)
+        log_debug("watch: event %s/%s mask=%#x cookie=%u", node_path(w, 0, d), name, mask, cookie);
     if (name_ignored(w, d, name, len, isdir))
         return;
     if (mask & IN_MOVED_FROM) {
@@ -1343,6 +1430,8 @@ static void handle_event(struct watch *w, int wd, uint32_t mask, uint32_t cookie
         moved_to(w, d, name, len, cookie, isdir);
         return;
     }
+    if ((mask & IN_CREATE) && w->stash)
+        stash_release_slot(w, d, name, len);
     struct wnode *c = node_lookup(w, d, name, len);
     if (mask & IN_DELETE) {
         if (c)
