@@ -71,6 +71,7 @@ struct wrec {
     struct wnode *from_parent; /* old location, as the owner knows it */
     char *from_name;
     uint64_t due_ms;
+    bool replaced; /* the rename replaced something the owner knows */
 };
 
 struct wstash {
@@ -1180,6 +1181,8 @@ static void full_rescan(struct watch *w, struct wnode *top)
 static bool collapse_ok(struct watch *w, struct wnode *m)
 {
     struct wrec *r = m->rec;
+    if (r->replaced)
+        return false;
     for (struct wrec *o = w->rec_head; o; o = o->next)
         if (o != r && (node_within(o->node, m) || node_within(o->from_parent, m)))
             return false;
@@ -1340,7 +1343,14 @@ static void moved_to(struct watch *w, struct wnode *d, const char *name, size_t 
         mark_dirty(w, t, R_MOVED | R_CONTENT);
         return;
     }
+    /* A pending rename that replaced something cannot be merged with this
+     * one (the owner must learn what it replaced): report it now; m's
+     * parent and name still say where it was. */
+    if (m->rec && m->rec->replaced)
+        rec_flush_all(w);
+    t = node_lookup(w, d, name, len);
     bool need_rec = m->reported && !m->rec;
+    bool replaced = t && t->reported;
     if (t) {
         /* m replaces t. Children still known under t (t was an empty
          * directory on disk) are gone: say so before anything else. */
@@ -1367,6 +1377,8 @@ static void moved_to(struct watch *w, struct wnode *d, const char *name, size_t 
     }
     if (need_rec)
         rec_new(w, m, m->parent, m->name, pb_now_ms());
+    if (m->rec && replaced)
+        m->rec->replaced = true;
     node_rename(m, name, len);
     node_attach(w, m, d);
     if (m->rec && m->rec->from_parent == d && strlen(m->rec->from_name) == len &&
