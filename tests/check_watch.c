@@ -1304,10 +1304,13 @@ static void random_run(uint64_t seed, int ops)
     ck_assert(wait_for(WATCH_RESCAN_END, ""));
     for (int i = 0; i < ops; i++) {
         random_op();
+        /* Vary how much happens between two looks at the queue. */
         uint32_t r = rnd(10);
+        if (seed % 3 == 0)
+            continue;
         if (r < 3)
             event_base_loop(base, EVLOOP_NONBLOCK);
-        else if (r < 4)
+        else if (r < (seed % 3 == 1 ? 4u : 8u))
             slice();
     }
     quiesce();
