@@ -1090,6 +1090,13 @@ static void walk(struct watch *w, struct wnode *top, enum walk_mode mode)
                 continue;
             }
             assert(have_st);
+            if (mode == WALK_DIFF && w->nholds && node_held(w, c)) {
+                /* The owner is applying there: look again after its end. */
+                mark_dirty(w, c, R_RESCAN);
+                if (isdir)
+                    stack_push(w, c);
+                continue;
+            }
             char *target = NULL;
             if (S_ISLNK(st.st_mode))
                 target = read_target(w, dfd, nm, (size_t)st.st_size);
@@ -1103,7 +1110,7 @@ static void walk(struct watch *w, struct wnode *top, enum walk_mode mode)
         struct wnode *c = d->child;
         while (c) {
             struct wnode *next = c->sib_next;
-            if (c->seen_gen != gen && !c->dlist && !c->rec)
+            if (c->seen_gen != gen && !c->dlist && !c->rec && !(w->nholds && node_held(w, c)))
                 node_sync(w, c, NULL, NULL, R_RESCAN, mode == WALK_FULL);
             else if (c->seen_gen != gen)
                 mark_dirty(w, c, R_RESCAN); /* busy: let the debounce decide */
@@ -1607,8 +1614,13 @@ static void on_deferred(evutil_socket_t fd, short what, void *arg)
         char *p = w->rescan_req[0];
         memmove(w->rescan_req, w->rescan_req + 1, --w->nrescan_req * sizeof(char *));
         struct wnode *n = resolve_path(w, p, true);
-        if (n)
+        if (n) {
             full_rescan(w, n);
+        } else {
+            /* Ignored: nothing exists there for the owner. */
+            emit_marker(w, WATCH_RESCAN_BEGIN, p);
+            emit_marker(w, WATCH_RESCAN_END, p);
+        }
         free(p);
     }
     rearm(w);

@@ -24,9 +24,12 @@
  *   rename over it, or found different by a rescan). The owner hashes it.
  *   st.nlink > 1 means hard links: pickbox does not preserve them; each
  *   name is reported as an independent file (the owner decides).
- * - ATTR path st: only metadata changed (chmod, touch -m/utimensat) of a
- *   file or directory that was already reported with the same inode and size;
- *   only IN_ATTRIB events were seen. Content is unchanged.
+ * - ATTR path st: only metadata changed (chmod, chown, touch/utimensat of
+ *   both times) of a file or directory already reported with the same inode
+ *   and size; only IN_ATTRIB events were seen, so content is unchanged.
+ *   (Setting mtime alone, `touch -m`, is reported by the kernel as IN_MODIFY,
+ *   like a write, and so arrives as UPSERT_FILE.) A rename or link count
+ *   change that moves only ctime is no candidate.
  * - MKDIR path st: a directory exists at path (created, moved in, or found by
  *   a rescan).
  * - SYMLINK path st target: a symlink exists at path (never followed); target
@@ -54,6 +57,12 @@
  *   The periodic safety rescan and the retry of a failed watch are diffs
  *   instead: they emit only what differs from what the watcher last reported
  *   (with explicit REMOVEs) and no RESCAN_BEGIN/END.
+ * - Timing: a path is reported debounce_ms after its last event. A regular
+ *   file that was created or written (IN_CREATE, IN_MODIFY) but not yet
+ *   closed (IN_CLOSE_WRITE) waits up to write_hold_ms for its writer; the
+ *   close ends that wait early (then debounce_ms, so that a rename right
+ *   after the close, as editors do, is paired first). A path that never goes
+ *   quiet is reported at least every max_delay_ms.
  * - Order: a directory's creation is emitted before anything inside it;
  *   pending renames are emitted before any other candidate, in the order they
  *   happened.
@@ -191,8 +200,9 @@ void watch_free(struct watch *w);
  * Requests a full rescan of the subtree at subpath ("" or NULL = the whole
  * tree). It runs from the loop soon after (never inside this call) and is
  * reported as RESCAN_BEGIN subpath ... RESCAN_END subpath. Returns 0, or
- * -EINVAL for a path that is absolute, contains "." or ".." components or
- * is ignored.
+ * -EINVAL for a path that is absolute or contains empty, "." or ".."
+ * components. An ignored subpath gives RESCAN_BEGIN/END with nothing in
+ * between (the owner must not know anything there).
  */
 int watch_rescan(struct watch *w, const char *subpath);
 
