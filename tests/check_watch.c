@@ -660,6 +660,42 @@ START_TEST(test_editor_saves)
 }
 END_TEST
 
+START_TEST(test_backup_kept_and_rm_rf)
+{
+    write_file(P("f"), "v1", 0);
+    ck_assert_int_eq(mkdir(P("big"), 0755), 0);
+    ck_assert_int_eq(mkdir(P("big/sub"), 0755), 0);
+    for (int i = 0; i < 50; i++)
+        write_file(P("big/sub/%d", i), "x", 0);
+    start();
+    /* emacs-style save keeping the backup: the owner sees the rename, then
+     * the new file. */
+    ck_assert_int_eq(rename(P("f"), P("f~")), 0);
+    write_file(P("f"), "v2!", 0);
+    ck_assert(wait_for(WATCH_UPSERT_FILE, "f"));
+    quiesce();
+    recs_dump("backup kept");
+    ck_assert_int_eq(nrecs, 2);
+    ck_assert_int_eq(recs[0].kind, WATCH_RENAME);
+    ck_assert_str_eq(recs[0].from, "f");
+    ck_assert_str_eq(recs[0].path, "f~");
+    ck_assert_int_eq(recs[1].kind, WATCH_UPSERT_FILE);
+    ck_assert_int_eq(recs[1].st.size, 3);
+    recs_clear();
+    /* rm -rf inside one debounce window: one REMOVE for the top. */
+    char cmd[PATH_MAX + 32];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", P("big"));
+    ck_assert_int_eq(run(cmd), 0);
+    ck_assert(wait_for(WATCH_REMOVE, "big"));
+    quiesce();
+    ck_assert_int_eq(nrecs, 1);
+    struct watch_stats s;
+    watch_get_stats(w, &s);
+    ck_assert_int_eq(s.watches, 1);
+    ck_assert_int_eq(s.nodes, 2); /* f and f~ */
+}
+END_TEST
+
 START_TEST(test_real_editors)
 {
     write_file(P("f.txt"), "hello\n", 0);
@@ -1360,6 +1396,7 @@ static const struct {
         {"test_chmod_touch", &test_chmod_touch},
         {"test_symlink_not_followed", &test_symlink_not_followed},
         {"test_editor_saves", &test_editor_saves},
+        {"test_backup_kept_and_rm_rf", &test_backup_kept_and_rm_rf},
         {"test_real_editors", &test_real_editors},
         {"test_ignore", &test_ignore},
         {"test_overflow_injected", &test_overflow_injected},
