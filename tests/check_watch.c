@@ -579,6 +579,23 @@ START_TEST(test_symlink_not_followed)
     watch_get_stats(w, &s);
     ck_assert_int_eq(s.watches, 2); /* root and dir; never through the links */
     recs_clear();
+    /* A directory swapped for a symlink to the outside: nothing outside is
+     * ever reported. */
+    char cmd[PATH_MAX + 64];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", P("dir"));
+    ck_assert_int_eq(run(cmd), 0);
+    ck_assert_int_eq(symlink(out, P("dir")), 0);
+    char o[PATH_MAX + 8];
+    snprintf(o, sizeof(o), "%s/secret", out);
+    write_file(o, "s", 0);
+    ck_assert(wait_for(WATCH_SYMLINK, "dir"));
+    quiesce();
+    for (size_t i = 0; i < nrecs; i++)
+        ck_assert_msg(strncmp(recs[i].path, "dir/", 4) != 0, "reported %s", recs[i].path);
+    ck_assert_int_eq(count(WATCH_REMOVE, "dir"), 1);
+    watch_get_stats(w, &s);
+    ck_assert_int_eq(s.watches, 1);
+    recs_clear();
     /* Retarget. */
     ck_assert_int_eq(unlink(P("ln")), 0);
     ck_assert_int_eq(symlink("elsewhere", P("ln")), 0);

@@ -33,7 +33,14 @@
 #include <string.h>
 #include <sys/inotify.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
+#if defined(__has_include)
+#if __has_include(<linux/openat2.h>)
+#include <linux/openat2.h>
+#define WATCH_HAVE_OPENAT2 1
+#endif
+#endif
 
 #include "lib/log.h"
 #include "lib/util.h"
@@ -542,6 +549,7 @@ static void node_sync(struct watch *w, struct wnode *n, const struct stat *st, c
                       unsigned reasons, bool rescan);
 static void stack_push(struct watch *w, struct wnode *n);
 static void subtree_unreport(struct wnode *n);
+static int tree_lstat(struct watch *w, const char *rel, struct stat *st, char **target);
 
 /* Before a rename into a directory the owner does not know as a directory
  * yet (created or replaced since), report that directory. false when a
@@ -557,8 +565,7 @@ static bool rec_settle_dest(struct watch *w, struct wnode *n)
         if (!ok || (x->reported && x->rep.type == WATCH_TYPE_DIR))
             continue;
         struct stat st;
-        if (fstatat(w->rootfd, node_path(w, 0, x), &st, AT_SYMLINK_NOFOLLOW) < 0 ||
-            !S_ISDIR(st.st_mode)) {
+        if (tree_lstat(w, node_path(w, 0, x), &st, NULL) < 0 || !S_ISDIR(st.st_mode)) {
             ok = false;
             continue;
         }
@@ -820,11 +827,71 @@ static bool name_ignored(struct watch *w, const struct wnode *parent, const char
     return false;
 }
 
+/* ---- reaching into the tree without following symlinks ---------------- */
+
+static char *read_target(struct watch *w, int dfd, const char *name, size_t size_hint);
+
+/* "Not there as a path of the tree": gone, or a symlink on the way. */
+static int errno_norm(int e)
+{
+    return (e == ENOENT || e == ENOTDIR || e == ELOOP || e == EXDEV) ? -ENOENT : -e;
+}
+
+/* Opens directory rel ("" = the root) of the tree without following any
+ * symlink on the way (openat2 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS where
+ * the kernel has it; else only the last component is checked). */
+static int dir_open(struct watch *w, const char *rel)
+{
+#ifdef WATCH_HAVE_OPENAT2
+    static bool no_openat2;
+    if (!no_openat2) {
+        struct open_how how = {.flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC,
+                               .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+                                          RESOLVE_NO_MAGICLINKS};
+        long fd = syscall(SYS_openat2, w->rootfd, rel_or_dot(rel), &how, sizeof(how));
+        if (fd >= 0 || (errno != ENOSYS && errno != EPERM))
+            return (int)fd;
+        no_openat2 = true; /* old kernel or a seccomp filter */
+    }
+#endif
+    return openat(w->rootfd, rel_or_dot(rel), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+}
+
+/* lstat of rel inside the tree, never through a symlink; *target gets a
+ * symlink's target (caller frees) when target is not NULL. 0 or a negative
+ * errno, -ENOENT when rel is not there as a tree path. */
+static int tree_lstat(struct watch *w, const char *rel, struct stat *st, char **target)
+{
+    if (target)
+        *target = NULL;
+    const char *slash = strrchr(rel, '/');
+    int pfd = w->rootfd;
+    const char *name = *rel ? rel : ".";
+    if (slash) {
+        size_t dl = (size_t)(slash - rel);
+        char *dir = pb_xmalloc(dl + 1);
+        memcpy(dir, rel, dl);
+        dir[dl] = '\0';
+        pfd = dir_open(w, dir);
+        free(dir);
+        if (pfd < 0)
+            return errno_norm(errno);
+        name = slash + 1;
+    }
+    int r = fstatat(pfd, name, st, AT_SYMLINK_NOFOLLOW);
+    int e = errno;
+    if (r == 0 && target && S_ISLNK(st->st_mode))
+        *target = read_target(w, pfd, name, (size_t)st->st_size);
+    if (pfd != w->rootfd)
+        close(pfd);
+    return r < 0 ? errno_norm(e) : 0;
+}
+
 /* ---- watches ---------------------------------------------------------- */
 
 /* Adds (or confirms) the watch of directory node d. 0, or a negative errno;
  * -ENOENT / -ENOTDIR mean the directory vanished (quietly). */
-static int node_add_watch(struct watch *w, struct wnode *d)
+static int node_add_watch(struct watch *w, struct wnode *d, int dfd)
 {
     const char *rel = node_path(w, 0, d);
     size_t rl = strlen(w->root), pl = strlen(rel);
@@ -838,8 +905,25 @@ static int node_add_watch(struct watch *w, struct wnode *d)
         off += pl;
     }
     abs[off] = '\0';
-    int wd = w->o.add_watch ? w->o.add_watch(w->ifd, abs, WATCH_DIR_MASK, w->o.add_watch_arg)
-                            : inotify_add_watch(w->ifd, abs, WATCH_DIR_MASK);
+    int wd;
+    if (w->o.add_watch) {
+        wd = w->o.add_watch(w->ifd, abs, WATCH_DIR_MASK, w->o.add_watch_arg);
+    } else {
+        /* Watch exactly the directory that was opened (beneath the root, no
+         * symlinks): through its /proc/self/fd link, which must be followed. */
+        int fd = dfd >= 0 ? dfd : dir_open(w, rel);
+        if (fd < 0)
+            return errno_norm(errno);
+        char proc[64];
+        snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+        wd = inotify_add_watch(w->ifd, proc, WATCH_DIR_MASK & ~(uint32_t)IN_DONT_FOLLOW);
+        if (wd < 0 && errno == ENOENT) /* no /proc */
+            wd = inotify_add_watch(w->ifd, abs, WATCH_DIR_MASK);
+        int e = errno;
+        if (fd != dfd)
+            close(fd);
+        errno = e;
+    }
     if (wd < 0) {
         int e = errno;
         if (e == ENOENT || e == ENOTDIR || e == ELOOP)
@@ -1001,19 +1085,16 @@ static void node_check(struct watch *w, struct wnode *n, unsigned reasons)
 {
     const char *p = node_path(w, 0, n);
     struct stat st;
-    if (fstatat(w->rootfd, rel_or_dot(p), &st, AT_SYMLINK_NOFOLLOW) < 0) {
-        if (errno == ENOENT || errno == ENOTDIR) {
-            node_sync(w, n, NULL, NULL, reasons, false);
-            return;
-        }
+    char *target;
+    int r = tree_lstat(w, p, &st, &target);
+    if (r == -ENOENT) {
+        node_sync(w, n, NULL, NULL, reasons, false);
+    } else if (r < 0) {
         w->st.errors++;
-        log_debug("watch: lstat %s: %s", p, strerror(errno));
-        return;
+        log_debug("watch: lstat %s: %s", p, strerror(-r));
+    } else {
+        node_sync(w, n, &st, target, reasons, false);
     }
-    char *target = NULL;
-    if (S_ISLNK(st.st_mode))
-        target = read_target(w, w->rootfd, p, (size_t)st.st_size);
-    node_sync(w, n, &st, target, reasons, false);
 }
 
 /* ---- walking (scans) -------------------------------------------------- */
@@ -1041,18 +1122,20 @@ static void walk(struct watch *w, struct wnode *top, enum walk_mode mode)
     stack_push(w, top);
     while (w->stack_n > base) {
         struct wnode *d = w->stack[--w->stack_n];
-        /* Watch first, then read: whatever is created after the watch is
-         * an event, whatever before it is in the listing. */
-        if (d->wd < 0 && node_add_watch(w, d) < 0 && !d->unwatched)
-            continue; /* vanished */
         const char *p = node_path(w, 0, d);
-        int dfd = openat(w->rootfd, rel_or_dot(p), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        int dfd = dir_open(w, p);
         if (dfd < 0) {
-            if (errno != ENOENT && errno != ENOTDIR) {
+            if (errno_norm(errno) != -ENOENT) {
                 w->st.errors++;
                 log_warning("watch: cannot read directory %s: %s", rel_or_dot(p), strerror(errno));
             }
             continue;
+        }
+        /* Watch first, then read: whatever is created after the watch is
+         * an event, whatever before it is in the listing. */
+        if (d->wd < 0 && node_add_watch(w, d, dfd) < 0 && !d->unwatched) {
+            close(dfd);
+            continue; /* vanished */
         }
         DIR *dir = fdopendir(dfd);
         if (!dir) {
@@ -1164,12 +1247,11 @@ static void full_rescan(struct watch *w, struct wnode *top)
     if (top != w->rootn) {
         struct stat st;
         const char *p = node_path(w, 0, top);
-        if (fstatat(w->rootfd, p, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+        char *target;
+        if (tree_lstat(w, p, &st, &target) < 0) {
             node_free_tree(w, top);
             exists = false;
         } else {
-            char *target =
-                    S_ISLNK(st.st_mode) ? read_target(w, w->rootfd, p, (size_t)st.st_size) : NULL;
             node_sync(w, top, &st, target, R_RESCAN, true);
             exists = S_ISDIR(st.st_mode);
         }
@@ -1466,8 +1548,8 @@ static void handle_event(struct watch *w, int wd, uint32_t mask, uint32_t cookie
             struct stat st;
             /* A regular file being created is usually still being written:
              * wait for its IN_CLOSE_WRITE (up to write_hold_ms). */
-            if (fstatat(w->rootfd, node_path(w, 0, c), &st, AT_SYMLINK_NOFOLLOW) == 0 &&
-                S_ISREG(st.st_mode) && st.st_nlink == 1)
+            if (tree_lstat(w, node_path(w, 0, c), &st, NULL) == 0 && S_ISREG(st.st_mode) &&
+                st.st_nlink == 1)
                 c->write_open = true;
         }
         mark_dirty(w, c, R_CREATE);
@@ -1974,8 +2056,9 @@ int watch_suppress_end(struct watch *w, const char *path, const struct watch_sta
         n->rep = *st;
         free(n->target);
         n->target = NULL;
-        if (st->type == WATCH_TYPE_SYMLINK)
-            n->target = read_target(w, w->rootfd, path, (size_t)st->size);
+        struct stat lst;
+        if (st->type == WATCH_TYPE_SYMLINK && tree_lstat(w, path, &lst, &n->target) < 0)
+            n->target = NULL;
         if (st->type == WATCH_TYPE_DIR && n->wd < 0 && !n->unwatched)
             dir_added(w, n);
     } else if (n) {
