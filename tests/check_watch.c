@@ -1357,6 +1357,11 @@ static void random_run(uint64_t seed, int ops)
     ck_assert(wait_for(WATCH_RESCAN_END, ""));
     for (int i = 0; i < ops; i++) {
         random_op();
+        /* Now and then lose track on purpose. */
+        if (rnd(100) == 0)
+            watch_test_inject_overflow(w);
+        else if (rnd(100) == 0)
+            ck_assert_int_eq(watch_rescan(w, rnd(2) ? "a" : "b/c"), 0);
         /* Vary how much happens between two looks at the queue. */
         uint32_t r = rnd(10);
         if (seed % 3 == 0)
