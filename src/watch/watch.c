@@ -12,6 +12,19 @@
  * are computed in the owner's view (ancestors whose own renames are still
  * pending use their old location).
  *
+ * Collapsing (why editor saves give one candidate): an unreported node
+ * renamed over a reported one inherits its `rep` (temp file over target ->
+ * one UPSERT); a reported node deleted or moved out while its own rename is
+ * still pending hands its `rep` back to its old slot (vim: "f -> f~, new f,
+ * rm f~" -> the new f inherits -> one UPSERT), unless the rename replaced a
+ * known path or other pending renames involve it; then everything pending is
+ * emitted in order instead. The randomized test in check_watch.c checks that
+ * an owner applying the candidates always ends up with the tree on disk.
+ *
+ * Every lookup into the tree goes through openat2(RESOLVE_BENEATH |
+ * RESOLVE_NO_SYMLINKS) when available, and watches are added on the opened
+ * directory (/proc/self/fd), so a symlink swapped in is never followed.
+ *
  * Invariant: a node referenced by a pending rename record (as the renamed
  * node or as its old parent) or by a stash entry (a MOVED_FROM waiting for
  * its MOVED_TO) is never freed before the record is emitted or dropped and
@@ -136,7 +149,6 @@ struct watch {
     struct watch_options o;
     struct wpattern *pats;
     size_t npats;
-    bool slash_pats;
 
     struct wnode *rootn;
     struct wnode **nb; /* name hash */
@@ -1835,8 +1847,6 @@ static int pattern_add(struct watch *w, const char *glob, struct pb_error *err)
     p->glob[l] = '\0';
     p->has_slash = memchr(p->glob, '/', l) != NULL;
     p->dir_only = dir_only;
-    if (p->has_slash)
-        w->slash_pats = true;
     return 0;
 }
 
