@@ -182,6 +182,7 @@ struct watch {
     bool freeing;
     unsigned rec_emitting;
     unsigned walking;
+    uint64_t full_end_ms, full_dur_ms; /* the last full rescan of the root */
     struct watch_stats st;
 
     _Alignas(struct inotify_event) char ibuf[64 * 1024];
@@ -1507,7 +1508,21 @@ static void handle_event(struct watch *w, int wd, uint32_t mask, uint32_t cookie
         log_warning("watch: inotify queue overflow, rescanning the whole tree overflows=%" PRIu64,
                     w->st.overflows);
         w->need_full = true;
-        event_active(w->ev_deferred, EV_TIMEOUT, 0);
+        /* Under a storm of changes on a big tree, rescanning may itself
+         * take long enough to overflow again: space full rescans out to
+         * twice their duration rather than loop on them. */
+        uint64_t now = pb_now_ms(), gap = 2 * w->full_dur_ms;
+        if (gap > 60000)
+            gap = 60000;
+        if (w->full_end_ms && now < w->full_end_ms + gap) {
+            uint64_t delay = w->full_end_ms + gap - now;
+            struct timeval tv = {.tv_sec = (time_t)(delay / 1000),
+                                 .tv_usec = (suseconds_t)((delay % 1000) * 1000)};
+            event_add(w->ev_deferred, &tv);
+            log_info("watch: next full rescan in %" PRIu64 " ms", delay);
+        } else {
+            event_active(w->ev_deferred, EV_TIMEOUT, 0);
+        }
         return;
     }
     struct wnode *d = wd_lookup(w, wd);
@@ -1702,7 +1717,10 @@ static void on_deferred(evutil_socket_t fd, short what, void *arg)
         for (size_t i = 0; i < w->nrescan_req; i++)
             free(w->rescan_req[i]);
         w->nrescan_req = 0;
+        uint64_t t0 = pb_now_ms();
         full_rescan(w, w->rootn);
+        w->full_end_ms = pb_now_ms();
+        w->full_dur_ms = w->full_end_ms - t0;
     }
     while (w->nrescan_req) {
         char *p = w->rescan_req[0];
