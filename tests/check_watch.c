@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/inotify.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/wait.h>
@@ -261,6 +262,7 @@ static void teardown(void)
     w = NULL;
     event_base_free(base);
     recs_clear();
+    (void)umount2(P("m"), MNT_DETACH); /* test_unmount_inside, if it failed */
     char cmd[PATH_MAX + 32];
     snprintf(cmd, sizeof(cmd), "rm -rf '%s'", top);
     (void)run(cmd);
@@ -1029,6 +1031,32 @@ START_TEST(test_type_change)
 }
 END_TEST
 
+START_TEST(test_unmount_inside)
+{
+    ck_assert_int_eq(mkdir(P("m"), 0755), 0);
+    if (mount("pickbox-test", P("m"), "tmpfs", 0, "size=1m") < 0) {
+        fprintf(stderr, "# mount: %s, skipping the unmount test\n", strerror(errno));
+        return;
+    }
+    write_file(P("m/before"), "b", 0);
+    start();
+    write_file(P("m/x"), "x", 0);
+    ck_assert(wait_for(WATCH_UPSERT_FILE, "m/x"));
+    quiesce();
+    recs_clear();
+    ck_assert_int_eq(umount(P("m")), 0);
+    ck_assert(wait_for(WATCH_RESCAN_END, "m"));
+    quiesce();
+    recs_dump("unmount");
+    ck_assert_int_eq(count(WATCH_RESCAN_BEGIN, "m"), 1);
+    ck_assert_int_eq(count(WATCH_MKDIR, "m"), 1);
+    ck_assert_int_eq(count(WATCH_UPSERT_FILE, NULL), 0);
+    /* The directory under the mount point is watched again. */
+    write_file(P("m/y"), "y", 0);
+    ck_assert(wait_for(WATCH_UPSERT_FILE, "m/y"));
+}
+END_TEST
+
 START_TEST(test_bad_root)
 {
     struct pb_error err;
@@ -1429,6 +1457,7 @@ static const struct {
         {"test_suppression", &test_suppression},
         {"test_odd_files", &test_odd_files},
         {"test_type_change", &test_type_change},
+        {"test_unmount_inside", &test_unmount_inside},
         {"test_bad_root", &test_bad_root},
         {"test_random_ops", &test_random_ops},
 };

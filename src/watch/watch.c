@@ -1535,8 +1535,15 @@ static void handle_event(struct watch *w, int wd, uint32_t mask, uint32_t cookie
         return;
     }
     if (mask & IN_UNMOUNT) {
-        if (d == w->rootn)
+        if (d == w->rootn) {
             root_lost(w, "unmounted");
+        } else {
+            /* A filesystem mounted inside the tree went away: what is at
+             * that path now is different. */
+            char *p = pb_xstrdup(node_path(w, 0, d));
+            watch_rescan(w, p);
+            free(p);
+        }
         return;
     }
     if (!name || !*name) {
