@@ -515,6 +515,28 @@ START_TEST(test_move_out_and_in)
     ck_assert_int_eq(nrecs, 4);
     write_file(P("in/d/z"), "z", 0);
     ck_assert(wait_for(WATCH_UPSERT_FILE, "in/d/z"));
+    quiesce();
+    recs_clear();
+
+    /* Move a directory in over an existing empty one: its content is
+     * reported and it is watched (not the replaced directory's watch). */
+    ck_assert_int_eq(mkdir(P("in/e"), 0755), 0);
+    ck_assert(wait_for(WATCH_MKDIR, "in/e"));
+    quiesce();
+    recs_clear();
+    snprintf(dst, sizeof(dst), "%s/e2", out);
+    ck_assert_int_eq(mkdir(dst, 0755), 0);
+    snprintf(dst, sizeof(dst), "%s/e2/inside", out);
+    write_file(dst, "i", 0);
+    snprintf(dst, sizeof(dst), "%s/e2", out);
+    ck_assert_int_eq(rename(dst, P("in/e")), 0);
+    ck_assert(wait_for(WATCH_UPSERT_FILE, "in/e/inside"));
+    write_file(P("in/e/after"), "a", 0);
+    ck_assert(wait_for(WATCH_UPSERT_FILE, "in/e/after"));
+    quiesce();
+    struct watch_stats s2;
+    watch_get_stats(w, &s2);
+    ck_assert_int_eq(s2.watches, 4); /* root, in, in/d, in/e */
 }
 END_TEST
 

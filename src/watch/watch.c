@@ -1413,6 +1413,26 @@ static void moved_from(struct watch *w, struct wnode *d, const char *name, size_
     timer_arm(w, s->due_ms);
 }
 
+/* Something was renamed over t: t's own children (t was an empty directory
+ * on disk, but removals may still be pending) are gone, and t's watch
+ * belongs to the replaced inode. */
+static void slot_replaced(struct watch *w, struct wnode *t)
+{
+    if (t->rec || rec_refs_subtree(w, t))
+        rec_flush_all(w);
+    for (struct wnode *c = t->child; c;) {
+        struct wnode *next = c->sib_next;
+        if (c->reported)
+            emit_node(w, WATCH_REMOVE, c, NULL, NULL, false);
+        node_free_tree(w, c);
+        c = next;
+    }
+    if (t->wd >= 0) {
+        inotify_rm_watch(w->ifd, t->wd);
+        wd_remove(w, t);
+    }
+}
+
 static void moved_to(struct watch *w, struct wnode *d, const char *name, size_t len,
                      uint32_t cookie, bool isdir)
 {
@@ -1438,7 +1458,9 @@ static void moved_to(struct watch *w, struct wnode *d, const char *name, size_t 
     struct wnode *t = node_lookup(w, d, name, len);
     if (!m) {
         /* Moved in from outside (or from a name we never knew). */
-        if (!t)
+        if (t)
+            slot_replaced(w, t);
+        else
             t = node_new(w, d, name, len);
         if (isdir)
             dir_added(w, t);
@@ -1454,17 +1476,8 @@ static void moved_to(struct watch *w, struct wnode *d, const char *name, size_t 
     bool need_rec = m->reported && !m->rec;
     bool replaced = t && t->reported;
     if (t) {
-        /* m replaces t. Children still known under t (t was an empty
-         * directory on disk) are gone: say so before anything else. */
-        if (t->rec || rec_refs_subtree(w, t))
-            rec_flush_all(w);
-        for (struct wnode *c = t->child; c;) {
-            struct wnode *next = c->sib_next;
-            if (c->reported)
-                emit_node(w, WATCH_REMOVE, c, NULL, NULL, false);
-            node_free_tree(w, c);
-            c = next;
-        }
+        /* m replaces t. */
+        slot_replaced(w, t);
         if (!m->reported && t->reported) {
             /* An unreported file (a temp) renamed over a known one: the owner
              * sees one update of the target. */
