@@ -1445,6 +1445,7 @@ static void moved_to(struct watch *w, struct wnode *d, const char *name, size_t 
         }
     }
     struct wnode *m = s ? s->node : NULL;
+    bool paired = s != NULL;
     if (s) {
         if (!m) {
             struct wnode *x = node_lookup(w, s->parent, s->name, strlen(s->name));
@@ -1457,10 +1458,12 @@ static void moved_to(struct watch *w, struct wnode *d, const char *name, size_t 
         stash_release_slot(w, d, name, len);
     struct wnode *t = node_lookup(w, d, name, len);
     if (!m) {
-        /* Moved in from outside (or from a name we never knew). */
-        if (t)
+        /* Moved in from outside (or from an ignored name), or from a name we
+         * do not know (the owner already moved its model: the flush
+         * compares). */
+        if (t && !paired)
             slot_replaced(w, t);
-        else
+        else if (!t)
             t = node_new(w, d, name, len);
         if (isdir)
             dir_added(w, t);
