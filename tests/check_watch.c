@@ -1395,6 +1395,71 @@ static void random_op(void)
     }
 }
 
+/* The owner applies an op the way the daemon does, inside
+ * watch_suppress_begin/end, and records in its model what it told the
+ * watcher it knows. */
+static void owner_end(const char *rel)
+{
+    struct stat st;
+    if (lstat(P("%s", rel), &st) == 0) {
+        struct watch_stat ws;
+        watch_stat_from_stat(&ws, &st);
+        ck_assert_int_eq(watch_suppress_end(w, rel, &ws), 0);
+        owner_put(rel, ws.type);
+    } else {
+        ck_assert_int_eq(watch_suppress_end(w, rel, NULL), 0);
+        owner_remove_tree(rel);
+    }
+}
+
+static void owner_random_op(void)
+{
+    /* A known directory (or the root) as the parent, a random leaf. */
+    const char *parent = "";
+    size_t tries = nowner;
+    while (tries--) {
+        const struct oentry *e = &owner[rnd((uint32_t)nowner)];
+        if (e->type == WATCH_TYPE_DIR && strlen(e->path) < 40) {
+            parent = e->path;
+            break;
+        }
+    }
+    static const char *const leaves[] = {"a", "b", "c", "d"};
+    char rel[64];
+    snprintf(rel, sizeof(rel), "%s%s%s", parent, *parent ? "/" : "",
+             leaves[rnd(PB_ARRAY_SIZE(leaves))]);
+    char par[64];
+    snprintf(par, sizeof(par), "%s", parent);
+    ck_assert_int_eq(watch_suppress_begin(w, rel), 0);
+    uint32_t op = rnd(3);
+    if (getenv("CHECK_WATCH_TRACE"))
+        fprintf(stderr, "# owner op %u %s\n", op, rel);
+    switch (op) {
+    case 0: { /* PUT: temp, rename over */
+        char tmp[PATH_MAX + 600];
+        snprintf(tmp, sizeof(tmp), "%s%s%s/.pickbox.tmp.%u", root, *par ? "/" : "", par, rnd(1000));
+        int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd >= 0) {
+            (void)!write(fd, "applied", 1 + rnd(7));
+            close(fd);
+            if (rename(tmp, P("%s", rel)) < 0)
+                (void)unlink(tmp);
+        }
+        break;
+    }
+    case 1:
+        (void)mkdir(P("%s", rel), 0755);
+        break;
+    case 2: {
+        struct stat st;
+        if (owner_find(rel) >= 0 && lstat(P("%s", rel), &st) == 0 && !S_ISDIR(st.st_mode))
+            (void)unlink(P("%s", rel));
+        break;
+    }
+    }
+    owner_end(rel);
+}
+
 static void random_run(uint64_t seed, int ops)
 {
     rng_state = seed * 2654435761u + 1;
@@ -1406,7 +1471,10 @@ static void random_run(uint64_t seed, int ops)
     ck_assert_ptr_nonnull(w);
     ck_assert(wait_for(WATCH_RESCAN_END, ""));
     for (int i = 0; i < ops; i++) {
-        random_op();
+        if (seed % 2 == 0 && rnd(3) == 0)
+            owner_random_op();
+        else
+            random_op();
         /* Now and then lose track on purpose. */
         if (rnd(100) == 0)
             watch_test_inject_overflow(w);

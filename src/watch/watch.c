@@ -714,7 +714,10 @@ static bool path_held(const struct watch *w, const char *p)
 
 static bool node_held(struct watch *w, const struct wnode *n)
 {
-    return w->nholds && path_held(w, node_path(w, 0, n));
+    /* Held paths are the owner's, so compare in its view. */
+    return w->nholds &&
+           path_held(w,
+                     n == w->rootn ? "" : path_build(w, 0, n->parent, n->name, n->namelen, true));
 }
 
 /* ---- freeing ---------------------------------------------------------- */
@@ -801,6 +804,15 @@ static void subtree_unreport(struct wnode *n)
     n->reported = false;
     for (struct wnode *c = n->child; c; c = c->sib_next)
         subtree_unreport(c);
+}
+
+/* Nothing below n is known to the owner any more: check it all again. */
+static void subtree_redo(struct watch *w, struct wnode *n)
+{
+    n->reported = false;
+    mark_dirty(w, n, R_GONE | R_RESCAN);
+    for (struct wnode *c = n->child; c; c = c->sib_next)
+        subtree_redo(w, c);
 }
 
 static bool subtree_has_reported_below(const struct wnode *n)
@@ -1868,6 +1880,45 @@ static struct wnode *resolve_path(struct watch *w, const char *path, bool create
     return n;
 }
 
+/* Like resolve_path(), for a path as the owner knows it: a directory whose
+ * rename is still pending is found at its old path. Where that is ambiguous
+ * (the old slot is taken by another renamed node), the pending renames are
+ * emitted first and the path resolved as it is now. */
+static struct wnode *resolve_owner_path(struct watch *w, const char *path, bool create)
+{
+    if (!w->rec_head)
+        return resolve_path(w, path, create);
+    struct wnode *n = w->rootn;
+    const char *c = path;
+    while (*c) {
+        const char *e = strchr(c, '/');
+        size_t l = e ? (size_t)(e - c) : strlen(c);
+        struct wnode *next = NULL;
+        for (struct wrec *r = w->rec_head; r && !next; r = r->next)
+            if (r->from_parent == n && strlen(r->from_name) == l && memcmp(r->from_name, c, l) == 0)
+                next = r->node;
+        if (!next) {
+            struct wnode *x = node_lookup(w, n, c, l);
+            if (x && x->rec) {
+                rec_flush_all(w);
+                return resolve_path(w, path, create);
+            }
+            if (!x) {
+                if (!create || name_ignored(w, n, c, l, e != NULL))
+                    return NULL;
+                x = node_new(w, n, c, l);
+                mark_dirty(w, x, R_RESCAN);
+            }
+            next = x;
+        }
+        n = next;
+        if (!e)
+            break;
+        c = e + 1;
+    }
+    return n;
+}
+
 static int pattern_add(struct watch *w, const char *glob, struct pb_error *err)
 {
     size_t l = strlen(glob);
@@ -2099,7 +2150,7 @@ int watch_suppress_end(struct watch *w, const char *path, const struct watch_sta
         }
         break;
     }
-    struct wnode *n = resolve_path(w, path, st != NULL);
+    struct wnode *n = resolve_owner_path(w, path, st != NULL);
     if (n && st) {
         if (n->reported && n->rep.type == WATCH_TYPE_DIR && st->type != WATCH_TYPE_DIR)
             node_free_children(w, n);
@@ -2113,9 +2164,21 @@ int watch_suppress_end(struct watch *w, const char *path, const struct watch_sta
         if (st->type == WATCH_TYPE_DIR && n->wd < 0 && !n->unwatched)
             dir_added(w, n);
     } else if (n) {
-        /* The owner removed it: forget what it knew; a flush verifies. */
-        subtree_unreport(n);
-        mark_dirty(w, n, R_GONE);
+        /* The owner removed it (or knows it is absent): forget what it knew,
+         * and let flushes report whatever is still there. A rename of it
+         * that is still pending (the user moved it away meanwhile) becomes
+         * a creation at its new path. */
+        for (struct wrec *r = w->rec_head; r;) {
+            struct wrec *next = r->next;
+            if (node_within(r->node, n) || node_within(r->from_parent, n)) {
+                struct wnode *m = r->node;
+                rec_unlink(w, r);
+                if (!node_within(m, n))
+                    subtree_redo(w, m);
+            }
+            r = next;
+        }
+        subtree_redo(w, n);
     }
     rearm(w);
     return rc;
@@ -2127,7 +2190,7 @@ int watch_suppress_rename(struct watch *w, const char *from, const char *to)
         return -EINVAL;
     if (w->in_cb)
         return -EBUSY;
-    struct wnode *m = resolve_path(w, from, false);
+    struct wnode *m = resolve_owner_path(w, from, false);
     if (!m)
         return 0;
     const char *slash = strrchr(to, '/');
@@ -2137,7 +2200,7 @@ int watch_suppress_rename(struct watch *w, const char *from, const char *to)
         char *pp = pb_xmalloc((size_t)(slash - to) + 1);
         memcpy(pp, to, (size_t)(slash - to));
         pp[slash - to] = '\0';
-        parent = resolve_path(w, pp, true);
+        parent = resolve_owner_path(w, pp, true);
         free(pp);
         name = slash + 1;
         if (!parent)

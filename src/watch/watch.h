@@ -212,8 +212,11 @@ int watch_rescan(struct watch *w, const char *subpath);
  * apply; NULL = the apply removed path) as what the owner knows. rename
  * tells the watcher that the owner renamed from -> to (already done), so the
  * watcher moves its model (and, for a directory, the whole subtree's watches)
- * without emitting a RENAME. Return 0 or -EINVAL for a bad path; end without
- * begin returns -ENOENT (st is still recorded).
+ * without emitting a RENAME. Paths are the owner's (as it knows them from
+ * the candidates so far). end(path, NULL) for a path the user has renamed
+ * away meanwhile turns that pending rename into a creation at its new path.
+ * Return 0 or -EINVAL for a bad path; end without begin returns -ENOENT (st
+ * is still recorded).
  */
 int watch_suppress_begin(struct watch *w, const char *path);
 int watch_suppress_end(struct watch *w, const char *path, const struct watch_stat *st);
