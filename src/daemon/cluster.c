@@ -28,6 +28,7 @@
 #define CLUSTER_INQ_MAX_BYTES (64u << 20)
 #define CLUSTER_MAX_MSG_BYTES (192u * 1024u) /* entries per AppendEntries: one control frame */
 #define CLUSTER_SNAP_CHUNK    (1u << 20)
+#define CLUSTER_GONE_LINGER_MS 5000
 
 /* ---- member context ---- */
 
@@ -171,7 +172,13 @@ void cluster_sync_conf(struct cluster *c)
     for (size_t j = 0; j < n_old; j++) {
         if (old[j].id != c->id && cluster_member_by_id(c, old[j].id) == NULL) {
             log_info("member %s (%016" PRIx64 ") left the configuration", old[j].name, old[j].id);
-            net_peer_remove(c->net, old[j].id);
+            if (c->n_gone < PB_ARRAY_SIZE(c->gone)) {
+                c->gone[c->n_gone].id = old[j].id;
+                c->gone[c->n_gone].at_ms = pb_now_ms() + CLUSTER_GONE_LINGER_MS;
+                c->n_gone++;
+            } else {
+                net_peer_remove(c->net, old[j].id);
+            }
         }
     }
     for (size_t j = 0; j < n_old; j++)
@@ -183,6 +190,21 @@ void cluster_sync_conf(struct cluster *c)
                    cluster_member_by_id(c, c->id)->voter ? "a voter" : "a learner");
     }
     c->changed = true;
+}
+
+/* Drops the links of members that left once their linger time is over
+ * (unless they came back). */
+void cluster_gone_tick(struct cluster *c, uint64_t now)
+{
+    for (size_t i = 0; i < c->n_gone;) {
+        if (cluster_member_by_id(c, c->gone[i].id) != NULL || now >= c->gone[i].at_ms) {
+            if (cluster_member_by_id(c, c->gone[i].id) == NULL)
+                net_peer_remove(c->net, c->gone[i].id);
+            c->gone[i] = c->gone[--c->n_gone];
+        } else {
+            i++;
+        }
+    }
 }
 
 /* ---- sending ---- */
@@ -680,6 +702,7 @@ static void cluster_on_tick(evutil_socket_t fd, short what, void *arg)
         raft_tick(c->raft);
     }
     cluster_req_tick(c, now);
+    cluster_gone_tick(c, now);
     cluster_schedule(c);
 }
 

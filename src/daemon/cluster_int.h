@@ -130,6 +130,13 @@ struct cluster {
     uint64_t seen_leader, seen_term;
     bool changed;
     uint64_t promote_next_ms;
+    /* Peers dropped from the configuration keep their link a little longer,
+     * so that the answer to their `leave` reaches them. */
+    struct {
+        uint64_t id;
+        uint64_t at_ms;
+    } gone[RAFT_MAX_MEMBERS];
+    size_t n_gone;
 
     /* Requests. */
     struct creq *reqs; /* doubly linked list head */
@@ -156,6 +163,7 @@ void cluster_storage_recovered(struct cluster *c);
 const struct cluster_member *cluster_member_by_id(const struct cluster *c, uint64_t id);
 const struct cluster_member *cluster_member_by_name(const struct cluster *c, const char *name);
 const char *cluster_name_of(const struct cluster *c, uint64_t id);
+void cluster_gone_tick(struct cluster *c, uint64_t now);
 void cluster_hex(const uint8_t *p, size_t n, char *out);
 uint64_t cluster_random_u64(void);
 

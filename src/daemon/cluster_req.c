@@ -113,7 +113,9 @@ static void admin_send_response(struct cluster *c, uint64_t to, uint8_t op, uint
     buf_put_u64(&b, raft_leader(c->raft));
     buf_put_bytes(&b, c->cluster_id, c->has_cluster_id ? 16 : 0);
     buf_put_str(&b, msg);
-    net_send(c->net, to, NET_CLASS_CONTROL, CLUSTER_MSG_ADMIN_RESP, b.data, b.len);
+    int sent = net_send(c->net, to, NET_CLASS_CONTROL, CLUSTER_MSG_ADMIN_RESP, b.data, b.len);
+    if (sent < 0)
+        log_info("cannot answer the admin request of %016" PRIx64 ": %s", to, strerror(-sent));
     buf_free(&b);
 }
 
@@ -686,7 +688,9 @@ void cluster_admin_on_response(struct cluster *c, uint64_t from, const uint8_t *
         free(msg);
         return;
     }
-    if (rc == 0 && q->kind == CREQ_REMOVE) {
+    /* The node was a member when we asked (we checked): the leader not
+     * knowing it means an earlier attempt of ours removed it. */
+    if ((rc == 0 || rc == -ENOENT) && q->kind == CREQ_REMOVE) {
         log_notice("member %s removed", q->name);
         creq_done(c, q,
                   q->leave ? json_pack("{s:b}", "left", 1)
