@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <event2/event.h>
@@ -23,11 +24,11 @@
 #include "lib/buf.h"
 #include "lib/util.h"
 
-#define CLUSTER_CTX_VERSION   1
-#define CLUSTER_INQ_MAX       8192 /* peer messages queued while frozen */
-#define CLUSTER_INQ_MAX_BYTES (64u << 20)
-#define CLUSTER_MAX_MSG_BYTES (192u * 1024u) /* entries per AppendEntries: one control frame */
-#define CLUSTER_SNAP_CHUNK    (1u << 20)
+#define CLUSTER_CTX_VERSION    1
+#define CLUSTER_INQ_MAX        8192 /* peer messages queued while frozen */
+#define CLUSTER_INQ_MAX_BYTES  (64u << 20)
+#define CLUSTER_MAX_MSG_BYTES  (192u * 1024u) /* entries per AppendEntries: one control frame */
+#define CLUSTER_SNAP_CHUNK     (1u << 20)
 #define CLUSTER_GONE_LINGER_MS 5000
 
 /* ---- member context ---- */
@@ -839,6 +840,136 @@ static int cluster_start_raft(struct cluster *c, struct pb_error *err)
     return 0;
 }
 
+static int cluster_start_net(struct cluster *c, int peer_fd, struct pb_error *err)
+{
+    struct net_config nc;
+    memset(&nc, 0, sizeof(nc));
+    nc.node_id = c->id;
+    nc.node_name = c->cfg->node_id;
+    nc.secret = c->secret;
+    nc.secret_len = c->secret_len;
+    nc.cluster_id = c->has_cluster_id ? c->cluster_id : NULL;
+    nc.cb.on_frame = cluster_on_frame;
+    nc.cb.on_peer_state = cluster_on_peer_state;
+    nc.cb_arg = c;
+    c->net = net_new(c->base, &nc, err);
+    if (c->net == NULL) {
+        if (peer_fd >= 0)
+            close(peer_fd);
+        return err->code ? err->code : -EINVAL;
+    }
+    if (peer_fd >= 0) {
+        /* Keep a copy: `pickboxctl join` starts a new transport on it. */
+        if (c->listen_fd < 0)
+            c->listen_fd = fcntl(peer_fd, F_DUPFD_CLOEXEC, 0);
+        int rc = net_listen_fd(c->net, peer_fd, err);
+        if (rc < 0)
+            return rc;
+    }
+    if (c->joining) {
+        int rc = net_seed_add(c->net, c->join_addr, err);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* True when this node is alone in a cluster whose log holds nothing but
+ * its bootstrap (configuration and no-op entries): `pickboxctl join` may
+ * then discard it. */
+bool cluster_is_lone(struct cluster *c)
+{
+    if (c->joining || c->n_members != 1 || c->members[0].id != c->id)
+        return false;
+    struct raft_status rs;
+    raft_status(c->raft, &rs);
+    if (rs.snapshot_index != 0 || rs.first_index != 1)
+        return false;
+    for (uint64_t i = 1; i <= rs.last_index; i++) {
+        const struct raft_entry *e = raft_entry_at(c->raft, i);
+        if (e == NULL || e->type == RAFT_ENTRY_NORMAL)
+            return false;
+    }
+    return true;
+}
+
+/* Discards this lone node's cluster (raft.db, state.db) and starts joining
+ * through addr with a new identity. Called with the core not frozen. */
+int cluster_reset_for_join(struct cluster *c, const char *addr, struct pb_error *err)
+{
+    log_notice("discarding this node's one-node cluster to join through %s", addr);
+    net_free(c->net);
+    c->net = NULL;
+    store_close(c->store);
+    c->store = NULL;
+    sm_close(c->sm);
+    c->sm = NULL;
+    raft_free(c->raft);
+    c->raft = NULL;
+    static const char *const files[] = {"raft.db",  "raft.db-wal",  "raft.db-shm",
+                                        "state.db", "state.db-wal", "state.db-shm"};
+    for (size_t i = 0; i < PB_ARRAY_SIZE(files); i++) {
+        char *path = pb_xasprintf("%s/%s", c->cfg->state_dir, files[i]);
+        if (unlink(path) < 0 && errno != ENOENT)
+            log_warning("cannot remove %s: %s", path, strerror(errno));
+        free(path);
+    }
+    cluster_inq_clear(c);
+    for (size_t i = 0; i < c->n_members; i++)
+        free(c->members[i].ctx);
+    free(c->members);
+    c->members = NULL;
+    c->n_members = 0;
+    c->n_gone = 0;
+    c->frozen = false;
+    c->ready_seq = 0;
+    c->resubmit = false;
+    c->stored_last = 0;
+    memset(&c->stored_hs, 0, sizeof(c->stored_hs));
+    buf_free(&c->rx);
+    c->has_cluster_id = false;
+    c->pending_cluster_id = false;
+    c->storage_error = false;
+    c->seen_role = RAFT_FOLLOWER;
+    c->seen_leader = RAFT_NONE;
+    c->seen_term = 0;
+    free(c->join_addr);
+    c->join_addr = pb_xstrdup(addr);
+    c->joining = true;
+    c->join_next_ms = 0;
+    c->join_attempt = 0;
+    c->join_last_msg[0] = '\0';
+
+    struct store_options so = {.dir = c->cfg->state_dir,
+                               .base = c->base,
+                               .on_complete = cluster_on_store_complete,
+                               .arg = c};
+    int rc = store_open(&c->store, &so, err);
+    if (rc < 0)
+        return rc;
+    struct store_state st;
+    rc = store_load(c->store, 0, 0, &st, err);
+    if (rc < 0)
+        return rc;
+    c->id = st.node_id;
+    store_state_free(&st);
+    if ((rc = sm_open(&c->sm, c->cfg->state_dir, err)) < 0)
+        return rc;
+    if (c->secret)
+        memset(c->secret, 0, c->secret_len);
+    free(c->secret);
+    c->secret = NULL;
+    if ((rc = cluster_load_secret(c, false, err)) < 0)
+        return rc;
+    if ((rc = cluster_start_raft(c, err)) < 0)
+        return rc;
+    int fd = c->listen_fd >= 0 ? fcntl(c->listen_fd, F_DUPFD_CLOEXEC, 0) : -1;
+    if ((rc = cluster_start_net(c, fd, err)) < 0)
+        return rc;
+    c->changed = true;
+    return 0;
+}
+
 int cluster_open(struct cluster **out, const struct cluster_options *opts, struct pb_error *err)
 {
     *out = NULL;
@@ -847,6 +978,8 @@ int cluster_open(struct cluster **out, const struct cluster_options *opts, struc
     c->cfg = opts->cfg;
     c->base = opts->base;
     c->seen_role = RAFT_FOLLOWER;
+    c->listen_fd = -1;
+    c->join_addr = c->cfg->join ? pb_xstrdup(c->cfg->join) : NULL;
     c->snapshot_every = cluster_env_unsigned("PICKBOX_TEST_SNAPSHOT_EVERY", CLUSTER_SNAPSHOT_EVERY);
     c->client_prefix = (uint32_t)(cluster_random_u64() >> 16) | 1u;
     int peer_fd = opts->peer_fd;
@@ -926,32 +1059,10 @@ int cluster_open(struct cluster **out, const struct cluster_options *opts, struc
     store_state_free(&st);
     have_st = false;
 
-    struct net_config nc;
-    memset(&nc, 0, sizeof(nc));
-    nc.node_id = c->id;
-    nc.node_name = c->cfg->node_id;
-    nc.secret = c->secret;
-    nc.secret_len = c->secret_len;
-    nc.cluster_id = c->has_cluster_id ? c->cluster_id : NULL;
-    nc.cb.on_frame = cluster_on_frame;
-    nc.cb.on_peer_state = cluster_on_peer_state;
-    nc.cb_arg = c;
-    c->net = net_new(c->base, &nc, err);
-    if (c->net == NULL) {
-        rc = err->code ? err->code : -EINVAL;
+    rc = cluster_start_net(c, peer_fd, err);
+    peer_fd = -1;
+    if (rc < 0)
         goto fail;
-    }
-    if (peer_fd >= 0) {
-        rc = net_listen_fd(c->net, peer_fd, err);
-        peer_fd = -1;
-        if (rc < 0)
-            goto fail;
-    }
-    if (c->joining) {
-        rc = net_seed_add(c->net, c->cfg->join, err);
-        if (rc < 0)
-            goto fail;
-    }
     cluster_sync_conf(c);
     c->seen_term = raft_term(c->raft);
     struct timeval tv = {.tv_sec = c->cfg->heartbeat_ms / 1000,
@@ -992,6 +1103,10 @@ void cluster_close(struct cluster *c)
     buf_free(&c->entbuf);
     buf_free(&c->rx);
     free(c->slots);
+    free(c->free_slots);
+    free(c->join_addr);
+    if (c->listen_fd >= 0)
+        close(c->listen_fd);
     if (c->secret)
         memset(c->secret, 0, c->secret_len);
     free(c->secret);

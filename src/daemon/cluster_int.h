@@ -89,6 +89,8 @@ struct cluster {
     unsigned election_tick;
     unsigned snapshot_every;
     bool joining;
+    char *join_addr; /* where joining goes through (cfg->join or `pickboxctl join`) */
+    int listen_fd;   /* a dup of the peer listener, for a transport started anew */
     uint64_t join_next_ms;
     unsigned join_attempt;
     char join_last_msg[200];
@@ -163,6 +165,8 @@ void cluster_storage_recovered(struct cluster *c);
 const struct cluster_member *cluster_member_by_id(const struct cluster *c, uint64_t id);
 const struct cluster_member *cluster_member_by_name(const struct cluster *c, const char *name);
 const char *cluster_name_of(const struct cluster *c, uint64_t id);
+int cluster_reset_for_join(struct cluster *c, const char *addr, struct pb_error *err);
+bool cluster_is_lone(struct cluster *c);
 void cluster_gone_tick(struct cluster *c, uint64_t now);
 void cluster_hex(const uint8_t *p, size_t n, char *out);
 uint64_t cluster_random_u64(void);

@@ -409,6 +409,8 @@ static void promote_learners(struct cluster *c, uint64_t now)
     }
 }
 
+static void reset_join_action(struct cluster *c, struct creq *q);
+
 /* ---- the driver's hooks ---- */
 
 void cluster_req_actions(struct cluster *c)
@@ -435,7 +437,8 @@ void cluster_req_actions(struct cluster *c)
             join_action(c, q, now);
             break;
         case CREQ_RESET_JOIN:
-            break;
+            reset_join_action(c, q);
+            return; /* the list may have changed under us */
         }
     }
     promote_learners(c, now);
@@ -466,6 +469,11 @@ void cluster_req_check(struct cluster *c)
                           q->leave ? json_pack("{s:b}", "left", 1)
                                    : json_pack("{s:s}", "removed", q->name));
             }
+        } else if (q->kind == CREQ_RESET_JOIN && q->forwarded && !c->joining) {
+            const char *lname = cluster_name_of(c, leader);
+            creq_done(c, q,
+                      json_pack("{s:b,s:s?}", "joined", 1, "leader_id",
+                                leader != RAFT_NONE ? lname : NULL));
         } else if (q->kind == CREQ_TRANSFER && q->req != NULL && leader != RAFT_NONE &&
                    leader != c->id &&
                    (q->target ? leader == q->target : leader != q->from_leader)) {
@@ -526,15 +534,56 @@ void cluster_req_tick(struct cluster *c, uint64_t now)
 
 void cluster_join(struct cluster *c, struct ctl_request *req, const char *addr, unsigned timeout_ms)
 {
-    (void)timeout_ms;
-    (void)addr;
-    if (c->joining) {
-        ctl_reply_error(req, CTL_ERR_BUSY, NULL, "this node is already joining through %s",
-                        c->cfg->join ? c->cfg->join : "?");
+    char host[256];
+    uint16_t port;
+    if (pb_split_host_port(addr, host, sizeof(host), &port) < 0 || port == 0) {
+        ctl_reply_error(req, CTL_ERR_INVALID_PARAMS, NULL, "bad address %s: want host:port", addr);
         return;
     }
-    ctl_reply_error(req, CTL_ERR_INVALID_PARAMS, NULL,
-                    "this node already belongs to a cluster with %zu members", c->n_members);
+    if (c->joining) {
+        ctl_reply_error(req, CTL_ERR_BUSY, NULL, "this node is already joining through %s",
+                        c->join_addr ? c->join_addr : "?");
+        return;
+    }
+    if (!cluster_is_lone(c)) {
+        ctl_reply_error(req, CTL_ERR_INVALID_PARAMS, NULL,
+                        "this node already belongs to a cluster with %zu members", c->n_members);
+        return;
+    }
+    struct creq *q = creq_new(c, CREQ_RESET_JOIN, req, timeout_ms);
+    snprintf(q->name, sizeof(q->name), "%s", addr);
+    cluster_schedule(c);
+}
+
+static void reset_join_action(struct cluster *c, struct creq *q)
+{
+    if (q->forwarded)
+        return; /* reset done: waiting to be a member */
+    if (!cluster_is_lone(c)) {
+        creq_fail(c, q, -EINVAL, CTL_ERR_INVALID_PARAMS,
+                  "this node is no longer alone in its cluster");
+        return;
+    }
+    /* Everything else in flight belonged to the cluster being discarded. */
+    struct creq *next;
+    for (struct creq *x = c->reqs; x != NULL; x = next) {
+        next = x->next;
+        if (x != q)
+            creq_fail(c, x, -ESHUTDOWN, CTL_ERR_UNAVAILABLE,
+                      "this node is joining another cluster");
+    }
+    struct pb_error err;
+    pb_error_clear(&err);
+    int rc = cluster_reset_for_join(c, q->name, &err);
+    if (rc < 0) {
+        log_err("cannot start joining: %s", err.msg);
+        creq_fail(c, q, rc, CTL_ERR_INTERNAL, err.msg);
+        c->exit_pending = true;
+        if (c->opts.on_exit)
+            c->opts.on_exit(c->opts.arg);
+        return;
+    }
+    q->forwarded = true;
 }
 
 void cluster_partition(struct cluster *c, struct ctl_request *req, const char *name, bool on)
