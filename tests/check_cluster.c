@@ -25,6 +25,7 @@
 
 #include "ctl/ctl.h"
 #include "daemon/cluster.h"
+#include "daemon/cluster_int.h"
 #include "daemon/config.h"
 #include "daemon/daemon.h"
 #include "daemon/methods.h"
@@ -513,6 +514,96 @@ START_TEST(test_cluster_join_needs_secret)
 }
 END_TEST
 
+/* Sends a request without waiting for its reply; returns the socket. */
+static int send_only(const char *path, const char *line)
+{
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un sun = {.sun_family = AF_UNIX};
+    memcpy(sun.sun_path, path, strlen(path) + 1);
+    ck_assert_int_eq(connect(fd, (struct sockaddr *)&sun, sizeof(sun)), 0);
+    ck_assert_int_eq(write(fd, line, strlen(line)), (ssize_t)strlen(line));
+    ck_assert_int_eq(fcntl(fd, F_SETFL, O_NONBLOCK), 0);
+    return fd;
+}
+
+static void storage_fault_case(enum store_fault kind)
+{
+    struct pb_config cfg;
+    cfg_fill(&cfg);
+    struct node n;
+    node_start(&n, &cfg);
+    node_wait_leader(&n);
+    json_int_t before = node_probe(&n);
+
+    /* The next three write transactions fail: the batch of the probe and
+     * the first two retry probes (100 ms, 200 ms backoff). */
+    store_fault_inject(n.d.cluster->store, kind, 3);
+    int fd = send_only(cfg.control_socket,
+                       "{\"id\":9,\"method\":\"probe\",\"params\":{\"size\":10}}\n");
+    /* The error shows in status while the probe waits. */
+    uint64_t deadline = pb_now_ms() + 10000;
+    bool seen = false;
+    while (!seen) {
+        ck_assert_msg(pb_now_ms() < deadline, "storage_error never shown");
+        event_base_loop(n.d.base, EVLOOP_NONBLOCK);
+        json_t *st = node_status(&n);
+        json_t *se = json_object_get(st, "storage_error");
+        if (json_is_object(se)) {
+            seen = true;
+            ck_assert(json_is_string(json_object_get(se, "message")));
+            ck_assert(json_is_integer(json_object_get(se, "since_s")));
+            /* Durable state unknown: it does not act as leader. */
+            ck_assert_str_ne(json_string_value(json_object_get(st, "role")), "leader");
+        }
+        json_decref(st);
+        poll(NULL, 0, 2);
+    }
+    /* It recovers by itself and the waiting probe commits exactly once. */
+    char buf[4096];
+    size_t len = 0;
+    while (memchr(buf, '\n', len) == NULL) {
+        ck_assert_msg(pb_now_ms() < deadline, "probe never answered");
+        event_base_loop(n.d.base, EVLOOP_NONBLOCK);
+        ssize_t r = read(fd, buf + len, sizeof(buf) - 1 - len);
+        if (r > 0)
+            len += (size_t)r;
+        else
+            poll(NULL, 0, 2);
+    }
+    close(fd);
+    buf[len] = '\0';
+    json_t *j = json_loads(buf, 0, NULL);
+    ck_assert_ptr_nonnull(j);
+    json_int_t idx = json_integer_value(json_object_get(json_object_get(j, "result"), "index"));
+    ck_assert_int_eq(idx, before + 1);
+    json_decref(j);
+    json_t *st = node_status(&n);
+    ck_assert(json_is_null(json_object_get(st, "storage_error")));
+    json_decref(st);
+    ck_assert_int_gt(node_probe(&n), idx);
+    node_stop(&n);
+
+    /* What was acknowledged is on disk. */
+    node_start(&n, &cfg);
+    st = node_status(&n);
+    ck_assert_int_gt(json_integer_value(json_object_get(st, "applied_index")), idx);
+    json_decref(st);
+    node_stop(&n);
+    config_free(&cfg);
+}
+
+START_TEST(test_cluster_storage_fsync_error)
+{
+    storage_fault_case(STORE_FAULT_IOERR_FSYNC);
+}
+END_TEST
+
+START_TEST(test_cluster_storage_full)
+{
+    storage_fault_case(STORE_FAULT_FULL);
+}
+END_TEST
+
 static Suite *cluster_suite(void)
 {
     Suite *s = suite_create("cluster");
@@ -526,6 +617,8 @@ static Suite *cluster_suite(void)
     tcase_add_test(tc, test_cluster_lone_restart);
     tcase_add_test(tc, test_cluster_snapshot_restart);
     tcase_add_test(tc, test_cluster_join_needs_secret);
+    tcase_add_test(tc, test_cluster_storage_fsync_error);
+    tcase_add_test(tc, test_cluster_storage_full);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -417,6 +417,8 @@ static void cluster_on_store_complete(void *arg, const struct store_completion *
         cluster_storage_failed(c, done->status, h.msg[0] ? h.msg : strerror(-done->status));
         if (c->frozen && c->ready_seq >= done->first_seq && c->ready_seq <= done->last_seq)
             c->resubmit = true;
+        if (c->probe_seq >= done->first_seq && c->probe_seq <= done->last_seq)
+            c->probe_seq = 0; /* retry again after the backoff */
         return;
     }
     if (c->probe_seq != 0 && c->probe_seq >= done->first_seq && c->probe_seq <= done->last_seq) {
@@ -447,8 +449,14 @@ void cluster_storage_recovered(struct cluster *c)
     c->stored_hs = st.hard_state;
     uint64_t snap_index = st.has_snapshot ? st.snapshot.last_index : 0;
     store_state_free(&st);
-    if (!c->frozen)
+    if (!c->frozen) {
+        /* What failed was not a ready's batch (a snapshot record). */
+        log_notice("storage works again: resuming");
+        c->storage_error = false;
+        c->changed = true;
+        cluster_schedule(c);
         return;
+    }
     if (!c->resubmit) {
         cluster_persist_done(c); /* the persist was fine; applying failed */
         return;
