@@ -358,6 +358,24 @@ static void cluster_on_applied(void *arg, const struct raft_entry *e)
     cluster_req_applied(c, e);
 }
 
+/* Applies the committed entries of c->rd that are already durable in our
+ * own raft.db, before this ready's batch is written: a reply must not wait
+ * for the fsync of entries proposed after it. (Entries not yet in raft.db
+ * wait: state.db must never run ahead of the local log, or a restart could
+ * not replay.) A failure is left to cluster_persist_done(), which applies
+ * again. */
+static void cluster_apply_durable(struct cluster *c)
+{
+    const struct raft_ready *rd = &c->rd;
+    if (rd->snapshot != NULL || rd->n_committed == 0 || rd->committed[0].index > c->stored_last)
+        return;
+    size_t n = 0;
+    while (n < rd->n_committed && rd->committed[n].index <= c->stored_last)
+        n++;
+    struct pb_error err;
+    sm_apply(c->sm, rd->committed, n, cluster_on_applied, c, &err);
+}
+
 /* The batch of c->rd is durable: steps 3-5 of raft.h's loop. Re-entered by
  * the storage retry when applying failed. */
 static void cluster_persist_done(struct cluster *c)
@@ -589,6 +607,7 @@ static void cluster_on_process(evutil_socket_t fd, short what, void *arg)
     c->rd_persisted = false;
     c->rd_installed = false;
     cluster_send_all(c, c->rd.msgs, c->rd.n_msgs);
+    cluster_apply_durable(c);
     cluster_persist(c);
 }
 
