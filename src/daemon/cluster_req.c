@@ -35,6 +35,7 @@
 #define ADMIN_RETRY_MS          1000
 #define REMOTE_DEADLINE_MS      10000
 #define PROMOTE_EVERY_MS        200
+#define TRANSFER_RETRY_MS       3000
 
 /* ---- list ---- */
 
@@ -329,8 +330,8 @@ static void transfer_action(struct cluster *c, struct creq *q, uint64_t now)
 {
     uint64_t leader = raft_leader(c->raft);
     if (raft_role(c->raft) == RAFT_LEADER) {
-        if (q->forwarded)
-            return; /* transfer begun: waiting for the new leader */
+        /* (Again after TRANSFER_RETRY_MS: the core aborts a transfer that
+         * did not finish within an election timeout.) */
         uint64_t target = q->target ? q->target : transfer_pick(c);
         if (target == 0 || target == c->id) {
             if (target == 0 && q->target == 0 && c->n_members <= 1) {
@@ -344,6 +345,7 @@ static void transfer_action(struct cluster *c, struct creq *q, uint64_t now)
         if (rc == 0 || rc == -EBUSY) {
             q->target = target;
             q->forwarded = true;
+            q->retry_at_ms = now + TRANSFER_RETRY_MS;
             if (q->origin != 0) {
                 creq_done(c, q, NULL); /* the origin watches for the new leader */
                 return;
@@ -475,7 +477,6 @@ void cluster_req_check(struct cluster *c)
                       json_pack("{s:b,s:s?}", "joined", 1, "leader_id",
                                 leader != RAFT_NONE ? lname : NULL));
         } else if (q->kind == CREQ_TRANSFER && q->req != NULL && leader != RAFT_NONE &&
-                   leader != c->id &&
                    (q->target ? leader == q->target : leader != q->from_leader)) {
             creq_done(c, q, json_pack("{s:s}", "leader_id", cluster_name_of(c, leader)));
         }
@@ -745,8 +746,10 @@ void cluster_admin_on_response(struct cluster *c, uint64_t from, const uint8_t *
                   q->leave ? json_pack("{s:b}", "left", 1)
                            : json_pack("{s:s}", "removed", q->name));
     } else if (rc == 0 && q->kind == CREQ_TRANSFER) {
-        q->forwarded = true; /* cluster_req_check() answers once the leader changed */
-        q->retry_at_ms = 0;
+        /* cluster_req_check() answers once the leader changed; ask again
+         * if it did not. */
+        q->forwarded = true;
+        q->retry_at_ms = pb_now_ms() + TRANSFER_RETRY_MS;
     } else if (rc == -ENOENT || rc == -EINVAL) {
         creq_fail(c, q, rc, CTL_ERR_INVALID_PARAMS, msg);
     } else {
