@@ -686,6 +686,8 @@ void cluster_after_advance(struct cluster *c)
                        cluster_role_of(c), lname ? lname : "?", term);
         else if (c->seen_role == RAFT_LEADER && role != RAFT_LEADER)
             log_notice("%s is no longer leader (term %" PRIu64 ")", c->cfg->node_id, term);
+        if (leader != c->seen_leader)
+            cluster_req_leader_changed(c);
         c->seen_role = role;
         c->seen_leader = leader;
         c->seen_term = term;

@@ -175,6 +175,7 @@ uint64_t cluster_random_u64(void);
 void cluster_req_applied(struct cluster *c, const struct raft_entry *e);
 void cluster_req_actions(struct cluster *c);
 void cluster_req_check(struct cluster *c);
+void cluster_req_leader_changed(struct cluster *c);
 void cluster_req_tick(struct cluster *c, uint64_t now);
 void cluster_req_close_all(struct cluster *c);
 void cluster_admin_on_request(struct cluster *c, uint64_t from, const uint8_t *p, size_t len);

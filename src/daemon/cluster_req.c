@@ -446,6 +446,19 @@ void cluster_req_actions(struct cluster *c)
     promote_learners(c, now);
 }
 
+void cluster_req_leader_changed(struct cluster *c)
+{
+    /* A proposal in flight may be lost with the old leader: propose it
+     * again now, with the same (client_id, seq), instead of waiting for the
+     * retry timer; the state machine applies it once. */
+    for (struct creq *q = c->reqs; q != NULL; q = q->next) {
+        if (q->kind == CREQ_PROBE && raft_leader(c->raft) != RAFT_NONE) {
+            q->need_action = true;
+            cluster_schedule(c);
+        }
+    }
+}
+
 void cluster_req_check(struct cluster *c)
 {
     struct raft_status rs;
