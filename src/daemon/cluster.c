@@ -99,12 +99,22 @@ const struct cluster_member *cluster_member_by_name(const struct cluster *c, con
     return NULL;
 }
 
-const char *cluster_name_of(const struct cluster *c, uint64_t id)
+const char *cluster_name_of(struct cluster *c, uint64_t id)
 {
+    if (id == RAFT_NONE)
+        return NULL;
     if (id == c->id)
         return c->cfg->node_id;
     const struct cluster_member *m = cluster_member_by_id(c, id);
-    return m != NULL ? m->name : NULL;
+    if (m != NULL)
+        return m->name;
+    /* Not in our configuration (yet): the name it gave in its HELLO. */
+    struct net_peer_stats ps;
+    if (c->net != NULL && net_peer_stats(c->net, id, &ps) == 0 && ps.name[0] != '\0') {
+        snprintf(c->name_buf, sizeof(c->name_buf), "%s", ps.name);
+        return c->name_buf;
+    }
+    return NULL;
 }
 
 void cluster_schedule(struct cluster *c)
@@ -586,14 +596,13 @@ static void cluster_on_peer_state(void *arg, uint64_t node_id, bool up)
 {
     struct cluster *c = arg;
     const char *name = cluster_name_of(c, node_id);
-    log_info("peer %s (%016" PRIx64 ") is %s", name ? name : "?", node_id, up ? "up" : "down");
+    struct net_peer_stats ps;
+    bool have_ps = net_peer_stats(c->net, node_id, &ps) == 0;
+    if (name == NULL)
+        name = have_ps && ps.name[0] ? ps.name : "?";
+    log_info("peer %s (%016" PRIx64 ") is %s", name, node_id, up ? "up" : "down");
     if (up && c->joining)
         c->join_next_ms = 0; /* ask now */
-    if (up && !c->has_cluster_id) {
-        struct net_peer_stats ps;
-        if (net_peer_stats(c->net, node_id, &ps) == 0 && ps.has_cluster_id && c->joining)
-            memcpy(c->peer_cluster_id, ps.cluster_id, sizeof(c->peer_cluster_id));
-    }
 }
 
 /* Everything that waited while the core was frozen, then ready. */

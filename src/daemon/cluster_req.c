@@ -736,7 +736,7 @@ void cluster_admin_on_response(struct cluster *c, uint64_t from, const uint8_t *
         }
         if (c->joining && strcmp(c->join_last_msg, msg) != 0) {
             snprintf(c->join_last_msg, sizeof(c->join_last_msg), "%s", msg);
-            if (rc == 0 || rc == -EINPROGRESS)
+            if (rc == 0 || rc == -EINPROGRESS || rc == -EAGAIN || rc == -EBUSY)
                 log_info("join: %s", msg);
             else
                 log_warning("join refused: %s", msg);
