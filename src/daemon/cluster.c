@@ -656,6 +656,8 @@ static const char *cluster_role_of(const struct cluster *c)
     return self != NULL && !self->voter ? "learner" : "follower";
 }
 
+static void cluster_record_snapshot(struct cluster *c, uint64_t index, uint64_t size);
+
 static void cluster_maybe_snapshot(struct cluster *c)
 {
     uint64_t applied = sm_applied(c->sm);
@@ -671,11 +673,18 @@ static void cluster_maybe_snapshot(struct cluster *c)
         cluster_storage_failed(c, rc, err.msg);
         return;
     }
+    cluster_record_snapshot(c, applied, size);
+}
+
+/* Tells the core about the state machine's snapshot at index, records it in
+ * raft.db and compacts the log behind it. */
+static void cluster_record_snapshot(struct cluster *c, uint64_t index, uint64_t size)
+{
     struct raft_snapshot_meta meta;
     uint64_t compact_to = 0;
-    rc = raft_snapshot_taken(c->raft, applied, size, &meta, &compact_to);
+    int rc = raft_snapshot_taken(c->raft, index, size, &meta, &compact_to);
     if (rc < 0) {
-        log_warning("raft refused snapshot at %" PRIu64 ": %s", applied, strerror(-rc));
+        log_warning("raft refused snapshot at %" PRIu64 ": %s", index, strerror(-rc));
         return;
     }
     struct store_local_snapshot ls = {.last_index = meta.index,
@@ -1082,6 +1091,15 @@ int cluster_open(struct cluster **out, const struct cluster_options *opts, struc
         rc = cluster_restore(c, &st, err);
         if (rc < 0)
             goto fail;
+        uint64_t store_snap = st.has_snapshot ? st.snapshot.last_index : 0;
+        if (sm_snapshot_index(c->sm) > store_snap) {
+            /* Crashed between taking a snapshot and recording it in raft.db:
+             * record it now, so that the one the core offers to lagging
+             * peers is the one the state machine can serve. */
+            size_t len;
+            sm_snapshot_data(c->sm, &len);
+            cluster_record_snapshot(c, sm_snapshot_index(c->sm), len);
+        }
         log_notice("restarted from %s: term %" PRIu64 ", log %" PRIu64 "..%" PRIu64
                    ", applied %" PRIu64,
                    c->cfg->state_dir, st.hard_state.term, st.first_index, st.last_index,
