@@ -1277,4 +1277,10 @@ void cluster_status_fill(struct cluster *c, json_t *obj)
         json_object_set_new(obj, "storage_error", json_null());
     json_object_set_new(obj, "members", cluster_members_array(c));
     json_object_set_new(obj, "sessions", json_integer((json_int_t)sm_sessions(c->sm)));
+    /* How well group commit works: entries per raft.db batch. */
+    json_object_set_new(obj, "raft_stats",
+                        json_pack("{s:I,s:I,s:I,s:I}", "batches", (json_int_t)c->stats_batches,
+                                  "entries", (json_int_t)c->stats_batch_entries,
+                                  "malformed_dropped", (json_int_t)c->stats_malformed,
+                                  "queue_dropped", (json_int_t)c->stats_inq_dropped));
 }
