@@ -36,6 +36,7 @@
 #define REMOTE_DEADLINE_MS      10000
 #define PROMOTE_EVERY_MS        200
 #define TRANSFER_RETRY_MS       3000
+#define REMOTE_MAX_REQS         (CLUSTER_MAX_SLOTS + 1024) /* then a peer's request is refused */
 
 /* ---- list ---- */
 
@@ -650,6 +651,16 @@ void cluster_admin_on_request(struct cluster *c, uint64_t from, const uint8_t *p
     char name[65] = "", addr[CLUSTER_ADDR_MAX] = "";
     if (op == ADMIN_OP_JOIN && cluster_ctx_decode(ctx, ctx_len, name, addr) < 0) {
         admin_send_response(c, from, op, req_id, -EINVAL, "malformed member context");
+        return;
+    }
+    if (op == ADMIN_OP_JOIN && hops == 0 && target != from) {
+        /* A node asks for itself; only a member forwarding may speak for
+         * another (and members are trusted as much as the leader). */
+        admin_send_response(c, from, op, req_id, -EINVAL, "a node can only ask to join itself");
+        return;
+    }
+    if (c->n_reqs >= REMOTE_MAX_REQS) {
+        admin_send_response(c, from, op, req_id, -EBUSY, "too many requests in flight");
         return;
     }
     if (raft_role(c->raft) != RAFT_LEADER) {
