@@ -286,6 +286,7 @@ static void cluster_ready_failed(struct cluster *c, int code, const char *msg)
     c->ready_seq = 0;
     c->verify_overlap = true;
     cluster_storage_failed(c, code, msg);
+    cluster_after_advance(c); /* report the step-down */
 }
 
 /* Submits the store batch for c->rd, or completes at once when nothing needs
@@ -551,6 +552,11 @@ static void cluster_on_raft_frame(struct cluster *c, uint64_t from, const uint8_
                         " (%" PRIu64 " so far)",
                         from, c->stats_malformed);
         }
+        return;
+    }
+    if (c->storage_error) {
+        /* Not driven until the storage works (cluster_on_process). */
+        raft_msg_clear(&m);
         return;
     }
     if (c->frozen || c->inq_n > 0) {
