@@ -1265,7 +1265,8 @@ void cluster_status_fill(struct cluster *c, json_t *obj)
     snprintf(rid, sizeof(rid), "%016" PRIx64, c->id);
     cluster_hex(c->cluster_id, 16, cid);
     json_object_set_new(obj, "raft_id", json_string(rid));
-    json_object_set_new(obj, "cluster_id", c->has_cluster_id ? json_string(cid) : json_null());
+    json_object_set_new(obj, "cluster_id",
+                        c->has_cluster_id && !c->joining ? json_string(cid) : json_null());
     json_object_set_new(obj, "role", json_string(v.role));
     json_object_set_new(obj, "term", json_integer((json_int_t)rs.term));
     json_object_set_new(obj, "leader_id", v.leader ? json_string(v.leader) : json_null());
