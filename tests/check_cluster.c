@@ -4,13 +4,16 @@
  * exactly-once, persistence, snapshots) and the Raft driver (cluster.c) with
  * the real raft core, raft.db and state.db in one process: a lone node
  * bootstraps, commits probes over the control socket and restarts from disk
- * with the same identity and state.
+ * with the same identity and state; storage faults (fsync error, disk full)
+ * are reported and recovered from; three nodes in one process on loopback
+ * join, promote, forward, fail over and remove a member.
  */
 #include <config.h>
 
 #include <check.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,6 +31,7 @@
 #include "daemon/cluster_int.h"
 #include "daemon/config.h"
 #include "daemon/daemon.h"
+#include "daemon/listen.h"
 #include "daemon/methods.h"
 #include "daemon/node.h"
 #include "daemon/secret.h"
@@ -300,18 +304,23 @@ static json_t *call(struct event_base *base, const char *path, const char *line)
 struct node {
     struct daemon d;
     struct pb_config *cfg;
+    bool own_base;
 };
 
-static void node_start(struct node *n, struct pb_config *cfg)
+/* Starts a node on base (a new one when NULL) with the peer listener
+ * peer_fd (-1: none). */
+static void node_start_on(struct node *n, struct pb_config *cfg, struct event_base *base,
+                          int peer_fd)
 {
     memset(n, 0, sizeof(*n));
     n->cfg = cfg;
     n->d.cfg = cfg;
     n->d.peer_fd = -1;
-    n->d.base = event_base_new();
+    n->own_base = base == NULL;
+    n->d.base = base ? base : event_base_new();
     node_state_init(&n->d.node, cfg, pb_now_ms());
     ck_assert_int_eq(mkdir(cfg->state_dir, 0700) == 0 || errno == EEXIST, 1);
-    struct cluster_options co = {.cfg = cfg, .base = n->d.base, .peer_fd = -1};
+    struct cluster_options co = {.cfg = cfg, .base = n->d.base, .peer_fd = peer_fd};
     struct pb_error err;
     pb_error_clear(&err);
     int rc = cluster_open(&n->d.cluster, &co, &err);
@@ -322,12 +331,18 @@ static void node_start(struct node *n, struct pb_config *cfg)
     ck_assert_int_eq(ctl_server_listen_path(n->d.ctl, cfg->control_socket, 0600), 0);
 }
 
+static void node_start(struct node *n, struct pb_config *cfg)
+{
+    node_start_on(n, cfg, NULL, -1);
+}
+
 static void node_stop(struct node *n)
 {
     cluster_close(n->d.cluster);
     ctl_server_free(n->d.ctl);
     node_state_free(&n->d.node);
-    event_base_free(n->d.base);
+    if (n->own_base)
+        event_base_free(n->d.base);
 }
 
 static json_t *node_status(struct node *n)
@@ -629,6 +644,131 @@ START_TEST(test_cluster_storage_full)
 }
 END_TEST
 
+/* ---- three nodes in one process, on loopback ---- */
+
+static const char *str_of(json_t *o, const char *key)
+{
+    const char *v = json_string_value(json_object_get(o, key));
+    return v ? v : "";
+}
+
+/* True when every node of nodes[0..n) (skipping NULL) has n_voters voter
+ * members, the same leader, and applied at least min_applied. */
+static bool formed(struct node **nodes, size_t n, size_t n_voters, json_int_t min_applied)
+{
+    char leader[65] = "";
+    for (size_t i = 0; i < n; i++) {
+        if (nodes[i] == NULL)
+            continue;
+        json_t *st = node_status(nodes[i]);
+        json_t *members = json_object_get(st, "members");
+        size_t voters = 0;
+        for (size_t k = 0; k < json_array_size(members); k++)
+            voters += json_is_true(json_object_get(json_array_get(members, k), "voter"));
+        bool ok = voters == n_voters && json_is_string(json_object_get(st, "leader_id")) &&
+                  json_integer_value(json_object_get(st, "applied_index")) >= min_applied &&
+                  (leader[0] == '\0' || strcmp(leader, str_of(st, "leader_id")) == 0);
+        if (ok)
+            snprintf(leader, sizeof(leader), "%s", str_of(st, "leader_id"));
+        json_decref(st);
+        if (!ok)
+            return false;
+    }
+    return true;
+}
+
+static void wait_formed(struct node **nodes, size_t n, size_t n_voters, json_int_t min_applied)
+{
+    uint64_t deadline = pb_now_ms() + 20000;
+    while (!formed(nodes, n, n_voters, min_applied)) {
+        ck_assert_msg(pb_now_ms() < deadline, "the cluster did not form");
+        event_base_loop(nodes[0] ? nodes[0]->d.base : nodes[1]->d.base, EVLOOP_NONBLOCK);
+        poll(NULL, 0, 5);
+    }
+}
+
+START_TEST(test_cluster_three_in_process)
+{
+    struct event_base *base = event_base_new();
+    struct pb_config cfg[3];
+    struct node nodes[3];
+    struct node *np[3];
+    struct pb_error err;
+    for (int i = 0; i < 3; i++) {
+        cfg_fill(&cfg[i]);
+        free(cfg[i].node_id);
+        cfg[i].node_id = pb_xasprintf("n%d", i + 1);
+        free(cfg[i].state_dir);
+        cfg[i].state_dir = pb_xasprintf("%s/n%d", tmp, i + 1);
+        free(cfg[i].control_socket);
+        cfg[i].control_socket = pb_xasprintf("%s/n%d.sock", tmp, i + 1);
+        int fd;
+        ck_assert_int_eq(listen_tcp("127.0.0.1", 0, &fd, &err), 0);
+        struct sockaddr_in sin;
+        socklen_t sl = sizeof(sin);
+        ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sin, &sl), 0);
+        free(cfg[i].advertise);
+        cfg[i].advertise = pb_xasprintf("127.0.0.1:%u", ntohs(sin.sin_port));
+        if (i > 0) {
+            cfg[i].join = pb_xstrdup(cfg[0].advertise);
+            cfg[i].secret_file = pb_xasprintf("%s/n1/secret", tmp);
+        }
+        node_start_on(&nodes[i], &cfg[i], base, fd);
+        np[i] = &nodes[i];
+        if (i == 0)
+            node_wait_leader(&nodes[0]);
+    }
+    /* They join as learners, get promoted, and agree on one leader. */
+    wait_formed(np, 3, 3, 0);
+
+    /* A probe through a follower is forwarded, committed and applied on
+     * every node. */
+    json_t *st = node_status(&nodes[0]);
+    int leader = str_of(st, "leader_id")[1] - '1';
+    json_decref(st);
+    int follower = (leader + 1) % 3;
+    json_int_t idx = node_probe(&nodes[follower]);
+    wait_formed(np, 3, 3, idx);
+
+    /* The leader stops: the other two elect a new one and commit. */
+    node_stop(&nodes[leader]);
+    np[leader] = NULL;
+    int survivor = (leader + 1) % 3;
+    uint64_t deadline = pb_now_ms() + 20000;
+    json_int_t idx2 = 0;
+    while (idx2 == 0) {
+        ck_assert_msg(pb_now_ms() < deadline, "no commit after the leader stopped");
+        json_t *j = call(base, cfg[survivor].control_socket,
+                         "{\"id\":7,\"method\":\"probe\",\"params\":{\"timeout_s\":0.5}}\n");
+        idx2 = json_integer_value(json_object_get(json_object_get(j, "result"), "index"));
+        json_decref(j);
+    }
+    ck_assert_int_gt(idx2, idx);
+    /* The survivors still list three voters (the stopped node was not
+     * removed) and agree. */
+    wait_formed(np, 3, 3, idx2);
+
+    /* remove the stopped node through a follower of the new leader (or the
+     * leader itself): two voters remain. */
+    char *line = pb_xasprintf("{\"id\":8,\"method\":\"remove\",\"params\":{\"node\":\"n%d\"}}\n",
+                              leader + 1);
+    json_t *j = call(base, cfg[survivor].control_socket, line);
+    free(line);
+    char want[8];
+    snprintf(want, sizeof(want), "n%d", leader + 1);
+    ck_assert_str_eq(str_of(json_object_get(j, "result"), "removed"), want);
+    json_decref(j);
+    wait_formed(np, 3, 2, idx2);
+
+    for (int i = 0; i < 3; i++) {
+        if (np[i] != NULL)
+            node_stop(np[i]);
+        config_free(&cfg[i]);
+    }
+    event_base_free(base);
+}
+END_TEST
+
 static Suite *cluster_suite(void)
 {
     Suite *s = suite_create("cluster");
@@ -644,6 +784,7 @@ static Suite *cluster_suite(void)
     tcase_add_test(tc, test_cluster_join_needs_secret);
     tcase_add_test(tc, test_cluster_storage_fsync_error);
     tcase_add_test(tc, test_cluster_storage_full);
+    tcase_add_test(tc, test_cluster_three_in_process);
     suite_add_tcase(s, tc);
     return s;
 }
