@@ -11,7 +11,23 @@
  * sends rd.msgs_after_persist, applies rd.committed and calls raft_advance().
  * While the core is frozen, peer messages, ticks and requests queue (bounded)
  * and go in after the advance: everything that arrived during one fsync is
- * persisted by the next batch (group commit).
+ * persisted by the next batch (group commit). Committed entries already
+ * durable in the local raft.db are applied before the next batch is written,
+ * so a reply never waits for the fsync of later proposals.
+ *
+ * Storage errors (a failed batch, SQLITE_FULL, I/O): raft_persist_failed()
+ * (the core steps down and acknowledges nothing), `status` shows
+ * storage_error, the core is not driven, and an empty probe batch is retried
+ * with store_retry_backoff_ms(); once it succeeds the view of raft.db is
+ * reloaded and the core resumes (entries a failed batch did write are not
+ * written twice).
+ *
+ * Snapshots: every CLUSTER_SNAPSHOT_EVERY applied entries the state machine
+ * writes one (state.db), the core is told (raft_snapshot_taken) and raft.db
+ * records it and compacts behind it. A lagging peer gets the state machine's
+ * snapshot in chunks; a received one is staged in memory, written to raft.db
+ * whole in the batch that installs it, then installed into state.db (a crash
+ * in between is repaired at startup from raft.db's copy).
  *
  * Identity: the Raft id is raft.db's random node id; the member context in
  * the Raft configuration carries name and advertise address (versioned).
