@@ -274,6 +274,7 @@ void cluster_storage_failed(struct cluster *c, int code, const char *msg)
 /* ---- persisting one ready ---- */
 
 static void cluster_persist_done(struct cluster *c);
+static void cluster_apply_durable(struct cluster *c);
 
 /* The batch of c->rd failed: the core unfreezes, steps down if it led,
  * drops what depended on the persist (acknowledgements, votes) and presents
@@ -392,6 +393,8 @@ static void cluster_persist(struct cluster *c)
     }
     c->ready_seq = seq;
     c->pending_cluster_id = false;
+    /* While the storage thread writes: apply what is already durable. */
+    cluster_apply_durable(c);
     c->stats_batches++;
     c->stats_batch_entries += rd->n_entries;
 }
@@ -641,7 +644,6 @@ static void cluster_on_process(evutil_socket_t fd, short what, void *arg)
     c->rd_persisted = false;
     c->rd_installed = false;
     cluster_send_all(c, c->rd.msgs, c->rd.n_msgs);
-    cluster_apply_durable(c);
     cluster_persist(c);
 }
 
