@@ -25,6 +25,7 @@
 
 #include <event2/event.h>
 #include <jansson.h>
+#include <sqlite3.h>
 
 #include "ctl/ctl.h"
 #include "daemon/cluster.h"
@@ -249,6 +250,125 @@ START_TEST(test_sm_snapshot)
     ck_assert_int_eq(sm_apply(b, &retry, 1, on_applied, NULL, &err), 0);
     ck_assert_int_eq(applied_count, 0);
     ck_assert_uint_eq(sm_applied(b), 3);
+    sm_close(a);
+    sm_close(b);
+    free(a_dir);
+    free(b_dir);
+}
+END_TEST
+
+/* A toy application: counts the entries applied, in its own table. */
+static int app_fail_at;
+
+static int app_count(sqlite3 *db, int64_t *v)
+{
+    sqlite3_stmt *st;
+    *v = 0;
+    if (sqlite3_prepare_v2(db, "SELECT v FROM app WHERE k = 1", -1, &st, NULL) != SQLITE_OK)
+        return -EIO;
+    if (sqlite3_step(st) == SQLITE_ROW)
+        *v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return 0;
+}
+
+static int app_set(sqlite3 *db, int64_t v)
+{
+    char *sql = pb_xasprintf("CREATE TABLE IF NOT EXISTS app (k INTEGER PRIMARY KEY, v INTEGER);"
+                             "INSERT OR REPLACE INTO app VALUES (1, %lld)",
+                             (long long)v);
+    int rc = sqlite3_exec(db, sql, NULL, NULL, NULL);
+    free(sql);
+    return rc == SQLITE_OK ? 0 : -EIO;
+}
+
+static int app_apply(void *arg, sqlite3 *db, const struct raft_entry *e)
+{
+    (void)arg;
+    if ((int)e->index == app_fail_at)
+        return -EIO;
+    int64_t v;
+    sqlite3_exec(db, "CREATE TABLE IF NOT EXISTS app (k INTEGER PRIMARY KEY, v INTEGER)", NULL,
+                 NULL, NULL);
+    return app_count(db, &v) < 0 ? -EIO : app_set(db, v + 1);
+}
+
+static int app_snap_write(void *arg, sqlite3 *db, struct buf *b)
+{
+    (void)arg;
+    int64_t v;
+    if (app_count(db, &v) < 0)
+        v = 0;
+    buf_put_u64(b, (uint64_t)v);
+    return 0;
+}
+
+static int app_snap_read(void *arg, sqlite3 *db, const uint8_t *p, size_t len)
+{
+    (void)arg;
+    if (len != 8)
+        return -EINVAL;
+    return app_set(db, (int64_t)pb_load_u64(p));
+}
+
+START_TEST(test_sm_hooks)
+{
+    struct pb_error err;
+    char *a_dir = pb_xasprintf("%s/a", tmp), *b_dir = pb_xasprintf("%s/b", tmp);
+    ck_assert_int_eq(mkdir(a_dir, 0700), 0);
+    ck_assert_int_eq(mkdir(b_dir, 0700), 0);
+    struct sm_hooks hooks = {
+            .apply = app_apply, .snapshot_write = app_snap_write, .snapshot_read = app_snap_read};
+    struct sm *a;
+    ck_assert_int_eq(sm_open(&a, a_dir, &err), 0);
+    sm_set_hooks(a, &hooks);
+    struct raft_entry e[] = {ent(1, RAFT_ENTRY_NORMAL, 5, 1), ent(2, RAFT_ENTRY_NOOP, 0, 0),
+                             ent(3, RAFT_ENTRY_NORMAL, 5, 1), /* duplicate: not applied */
+                             ent(4, RAFT_ENTRY_NORMAL, 6, 1)};
+    app_fail_at = 0;
+    ck_assert_int_eq(sm_apply(a, e, 4, NULL, NULL, &err), 0);
+    sqlite3 *db;
+    int64_t v;
+    char *path = pb_xasprintf("%s/state.db", a_dir);
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    ck_assert_int_eq(app_count(db, &v), 0);
+    ck_assert_int_eq(v, 2);
+
+    /* A failing application aborts the whole batch: nothing of it stays. */
+    struct raft_entry more[] = {ent(5, RAFT_ENTRY_NORMAL, 7, 1), ent(6, RAFT_ENTRY_NORMAL, 8, 1)};
+    app_fail_at = 6;
+    ck_assert_int_eq(sm_apply(a, more, 2, NULL, NULL, &err), -EIO);
+    ck_assert_uint_eq(sm_applied(a), 4);
+    ck_assert_uint_eq(sm_session_seq(a, 7), 0);
+    ck_assert_int_eq(app_count(db, &v), 0);
+    ck_assert_int_eq(v, 2);
+    app_fail_at = 0;
+    ck_assert_int_eq(sm_apply(a, more, 2, NULL, NULL, &err), 0);
+    ck_assert_int_eq(app_count(db, &v), 0);
+    ck_assert_int_eq(v, 4);
+    sqlite3_close(db);
+    free(path);
+
+    /* The application's state travels in the snapshot. */
+    uint64_t size;
+    ck_assert_int_eq(sm_snapshot_take(a, 1, &size, &err), 0);
+    size_t len;
+    const uint8_t *data = sm_snapshot_data(a, &len);
+    struct sm *b;
+    ck_assert_int_eq(sm_open(&b, b_dir, &err), 0);
+    sm_set_hooks(b, &hooks);
+    /* Truncated application state: refused, nothing installed. */
+    ck_assert_int_eq(sm_snapshot_install(b, 6, 1, data, len - 1, &err), -EINVAL);
+    ck_assert_uint_eq(sm_applied(b), 0);
+    ck_assert_int_eq(sm_snapshot_install(b, 6, 1, data, len, &err), 0);
+    ck_assert_uint_eq(sm_applied(b), 6);
+    ck_assert_uint_eq(sm_session_seq(b, 8), 1);
+    path = pb_xasprintf("%s/state.db", b_dir);
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    ck_assert_int_eq(app_count(db, &v), 0);
+    ck_assert_int_eq(v, 4);
+    sqlite3_close(db);
+    free(path);
     sm_close(a);
     sm_close(b);
     free(a_dir);
@@ -779,6 +899,7 @@ static Suite *cluster_suite(void)
     tcase_add_test(tc, test_secret);
     tcase_add_test(tc, test_sm_apply_exactly_once);
     tcase_add_test(tc, test_sm_snapshot);
+    tcase_add_test(tc, test_sm_hooks);
     tcase_add_test(tc, test_cluster_lone_restart);
     tcase_add_test(tc, test_cluster_snapshot_restart);
     tcase_add_test(tc, test_cluster_join_needs_secret);

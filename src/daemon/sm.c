@@ -35,6 +35,10 @@ struct sm {
     sqlite3_stmt *st_applied; /* UPDATE meta SET applied */
     uint64_t applied;
     struct sm_sessions sess;
+    struct sm_hooks hooks;
+    bool has_hooks;
+    const uint8_t *install_app; /* during sm_snapshot_install() */
+    size_t install_app_len;
     uint8_t *snap; /* current snapshot blob */
     size_t snap_len;
     uint64_t snap_index;
@@ -237,6 +241,15 @@ void sm_close(struct sm *sm)
     free(sm);
 }
 
+void sm_set_hooks(struct sm *sm, const struct sm_hooks *hooks)
+{
+    sm->has_hooks = hooks != NULL;
+    if (hooks != NULL)
+        sm->hooks = *hooks;
+    else
+        memset(&sm->hooks, 0, sizeof(sm->hooks));
+}
+
 uint64_t sm_applied(const struct sm *sm)
 {
     return sm->applied;
@@ -291,8 +304,14 @@ int sm_apply(struct sm *sm, const struct raft_entry *e, size_t n, sm_applied_fn 
         if (x->seq <= seen)
             continue; /* a retry of an op already applied */
         fresh[i] = true;
-        /* Probe entries have no effect beyond the session; the file tree's
-         * ops will be applied here. */
+        /* Without hooks, client entries are probes: no effect beyond the
+         * session. */
+        if (sm->has_hooks && sm->hooks.apply != NULL &&
+            (rc = sm->hooks.apply(sm->hooks.arg, sm->db, x)) < 0) {
+            pb_error_set(err, rc, "state machine: applying entry %" PRIu64 " failed: %s", x->index,
+                         strerror(-rc));
+            goto out;
+        }
         sqlite3_bind_int64(sm->st_session, 1, (int64_t)x->client_id);
         sqlite3_bind_int64(sm->st_session, 2, (int64_t)x->seq);
         if ((rc = sm_step_stmt(sm, sm->st_session, err, "write session")) < 0)
@@ -343,6 +362,15 @@ static int sm_snapshot_store(struct sm *sm, uint64_t index, uint64_t term, const
         sqlite3_bind_int64(sm->st_applied, 1, (int64_t)index);
         if ((rc = sm_step_stmt(sm, sm->st_applied, err, "write applied index")) < 0)
             goto out;
+        if (sm->has_hooks && sm->hooks.snapshot_read != NULL) {
+            rc = sm->hooks.snapshot_read(sm->hooks.arg, sm->db, sm->install_app,
+                                         sm->install_app_len);
+            if (rc < 0) {
+                pb_error_set(err, rc, "state machine: installing the application's state: %s",
+                             strerror(-rc));
+                goto out;
+            }
+        }
     }
     sqlite3_stmt *st = NULL;
     if (sqlite3_prepare_v2(sm->db,
@@ -381,6 +409,18 @@ int sm_snapshot_take(struct sm *sm, uint64_t term, uint64_t *size, struct pb_err
         buf_put_u64(&b, sm->sess.keys[i]);
         buf_put_u64(&b, sm->sess.vals[i]);
     }
+    /* The application's state follows, length-prefixed. */
+    size_t at = b.len;
+    buf_put_u32(&b, 0);
+    if (sm->has_hooks && sm->hooks.snapshot_write != NULL) {
+        int hrc = sm->hooks.snapshot_write(sm->hooks.arg, sm->db, &b);
+        if (hrc < 0) {
+            buf_free(&b);
+            return pb_error_set(err, hrc, "state machine: snapshot of the application failed: %s",
+                                strerror(-hrc));
+        }
+    }
+    pb_store_u32(b.data + at, (uint32_t)(b.len - at - 4));
     int rc = sm_snapshot_store(sm, sm->applied, term, b.data, b.len, false, err);
     if (rc < 0) {
         buf_free(&b);
@@ -415,7 +455,7 @@ int sm_snapshot_install(struct sm *sm, uint64_t index, uint64_t term, const uint
     uint64_t s_term = cursor_u64(&c);
     uint32_t n = cursor_u32(&c);
     if (!cursor_ok(&c) || magic != SM_SNAP_MAGIC || ver != SM_SNAP_VER || s_index != index ||
-        s_term != term || (uint64_t)n * 16 != cursor_remaining(&c))
+        s_term != term || (uint64_t)n * 16 > cursor_remaining(&c))
         return pb_error_set(err, -EINVAL, "snapshot %" PRIu64 "/%" PRIu64 " is malformed", index,
                             term);
     struct sm_sessions fresh = {0};
@@ -424,10 +464,20 @@ int sm_snapshot_install(struct sm *sm, uint64_t index, uint64_t term, const uint
         if (k != 0)
             sess_put(&fresh, k, v);
     }
+    size_t app_len = 0;
+    const uint8_t *app = cursor_bytes(&c, len, &app_len);
+    if (!cursor_ok(&c) || cursor_remaining(&c) != 0) {
+        sess_clear(&fresh);
+        return pb_error_set(err, -EINVAL, "snapshot %" PRIu64 "/%" PRIu64 " is malformed", index,
+                            term);
+    }
     struct sm_sessions old = sm->sess;
     uint64_t old_applied = sm->applied;
     sm->sess = fresh;
+    sm->install_app = app;
+    sm->install_app_len = app_len;
     int rc = sm_snapshot_store(sm, index, term, data, len, true, err);
+    sm->install_app = NULL;
     if (rc < 0) {
         sm->sess = old;
         sm->applied = old_applied;

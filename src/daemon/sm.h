@@ -37,6 +37,29 @@ struct sm;
  * duplicate (client_id, seq), which is skipped). */
 typedef void (*sm_applied_fn)(void *arg, const struct raft_entry *e);
 
+/* Where the application's state machine (the file tree, src/fsm) plugs in.
+ * Without hooks NORMAL entries are no-op probes. db is state.db's
+ * connection: the hooks may create and use their own tables in it; apply
+ * and snapshot_read run inside sm's transaction (never BEGIN/COMMIT). Every
+ * function returns 0 or a negative errno, which aborts (rolls back) the
+ * whole batch or install. */
+struct sqlite3;
+struct buf;
+struct sm_hooks {
+    void *arg;
+    /* A NORMAL entry applied for the first time (at e->index). */
+    int (*apply)(void *arg, struct sqlite3 *db, const struct raft_entry *e);
+    /* Appends the application's state to b (nothing writes state.db
+     * meanwhile: the view is consistent). */
+    int (*snapshot_write)(void *arg, struct sqlite3 *db, struct buf *b);
+    /* Replaces the application's state with p[0..len) from snapshot_write
+     * (untrusted bytes: validate). */
+    int (*snapshot_read)(void *arg, struct sqlite3 *db, const uint8_t *p, size_t len);
+};
+
+/* Installs hooks (copied; NULL removes them). Call before applying. */
+void sm_set_hooks(struct sm *sm, const struct sm_hooks *hooks);
+
 /* Opens (creating) dir/state.db. *out is freed with sm_close(). */
 int sm_open(struct sm **out, const char *dir, struct pb_error *err);
 void sm_close(struct sm *sm);
