@@ -8,12 +8,12 @@
 #include "daemon/cluster_int.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
-#include <fcntl.h>
 #include <unistd.h>
 
 #include <event2/event.h>

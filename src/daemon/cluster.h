@@ -64,7 +64,6 @@ struct cluster_options {
     const struct pb_config *cfg;
     struct event_base *base;
     int peer_fd; /* listening TCP socket; owned by the cluster from now on (even on error) */
-    bool test_hooks;
     void (*on_change)(void *arg); /* role, leader, term or membership changed */
     void (*on_exit)(void *arg);   /* this node left the cluster: stop the daemon */
     void *arg;

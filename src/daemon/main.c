@@ -140,7 +140,6 @@ static int daemon_start(struct daemon *d, const struct pb_config *cfg, struct pb
     struct cluster_options co = {.cfg = cfg,
                                  .base = d->base,
                                  .peer_fd = d->peer_fd,
-                                 .test_hooks = d->test_hooks,
                                  .on_change = daemon_on_cluster_change,
                                  .on_exit = daemon_on_cluster_exit,
                                  .arg = d};
