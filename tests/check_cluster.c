@@ -569,6 +569,11 @@ START_TEST(test_cluster_lone_restart)
     ck_assert_str_eq(json_string_value(json_object_get(json_object_get(j, "error"), "code")),
                      "INVALID_PARAMS");
     json_decref(j);
+    /* The last voter cannot leave. */
+    j = call(n.d.base, cfg.control_socket, "{\"id\":5,\"method\":\"leave\"}\n");
+    ck_assert_str_eq(json_string_value(json_object_get(json_object_get(j, "error"), "code")),
+                     "INVALID_PARAMS");
+    json_decref(j);
     /* Test hooks are off. */
     j = call(n.d.base, cfg.control_socket,
              "{\"id\":6,\"method\":\"debug_partition\",\"params\":{\"node\":\"x\",\"on\":true}}\n");

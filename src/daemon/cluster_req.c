@@ -310,6 +310,9 @@ static void remove_action(struct cluster *c, struct creq *q, uint64_t now)
             log_notice("removing member %s (conf entry %" PRIu64 ")", q->name, q->index);
         } else if (rc == -ENOENT) {
             creq_fail(c, q, rc, CTL_ERR_INVALID_PARAMS, "no such member");
+        } else if (rc == -EINVAL) {
+            creq_fail(c, q, rc, CTL_ERR_INVALID_PARAMS,
+                      "the last voter cannot be removed (the cluster would have none)");
         } else {
             q->retry_at_ms = now + 1;
         }
