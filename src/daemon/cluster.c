@@ -197,6 +197,17 @@ void cluster_sync_conf(struct cluster *c)
     free(old);
     if (c->joining && cluster_member_by_id(c, c->id) != NULL) {
         c->joining = false;
+        struct net_peer_stats ps;
+        uint64_t leader = raft_leader(c->raft);
+        if (!c->has_cluster_id && leader != RAFT_NONE && net_peer_stats(c->net, leader, &ps) == 0 &&
+            ps.has_cluster_id) {
+            /* The answer to our JOIN was lost: the leader's handshake
+             * told us the cluster id too. */
+            memcpy(c->cluster_id, ps.cluster_id, sizeof(c->cluster_id));
+            c->has_cluster_id = true;
+            c->pending_cluster_id = true;
+            net_set_cluster_id(c->net, c->cluster_id);
+        }
         log_notice("joined the cluster as %s",
                    cluster_member_by_id(c, c->id)->voter ? "a voter" : "a learner");
     }
