@@ -403,7 +403,7 @@ static void cluster_persist(struct cluster *c)
         return;
     }
     c->ready_seq = seq;
-    c->pending_cluster_id = false;
+    c->batch_cluster_id = b.cluster_id != NULL;
     /* While the storage thread writes: apply what is already durable. */
     cluster_apply_durable(c);
     c->stats_batches++;
@@ -448,6 +448,9 @@ static void cluster_persist_done(struct cluster *c)
             c->stored_last = rd->snapshot->index;
         c->stored_hs.term = rd->hs.term;
         c->stored_hs.vote = rd->hs.vote;
+        if (c->batch_cluster_id)
+            c->pending_cluster_id = false;
+        c->batch_cluster_id = false;
         cluster_send_all(c, rd->msgs_after_persist, rd->n_msgs_after_persist);
     }
     struct pb_error err;
@@ -530,6 +533,8 @@ void cluster_storage_recovered(struct cluster *c)
     c->stored_last = st.last_index;
     c->stored_hs = st.hard_state;
     c->stored_snap = st.has_snapshot ? st.snapshot.last_index : 0;
+    if (st.has_cluster_id)
+        c->pending_cluster_id = false; /* the failed batch did write it */
     store_state_free(&st);
     if (c->frozen) {
         /* The persist was fine; applying to state.db failed: again. */

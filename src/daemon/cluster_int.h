@@ -83,6 +83,7 @@ struct cluster {
     uint8_t cluster_id[16];
     bool has_cluster_id;
     bool pending_cluster_id; /* to persist with the next batch */
+    bool batch_cluster_id;   /* the batch in flight carries it */
     uint8_t *secret;
     size_t secret_len;
     unsigned election_tick;
