@@ -301,9 +301,8 @@ static void cluster_ready_failed(struct cluster *c, int code, const char *msg)
     cluster_after_advance(c); /* report the step-down */
 }
 
-/* Submits the store batch for c->rd and sends rd.msgs, or completes at once
- * when nothing needs to be durable (a commit-index change alone needs no
- * fsync). */
+/* Submits the store batch for c->rd, or completes at once when nothing needs
+ * to be durable (a commit-index change alone needs no fsync). */
 static void cluster_persist(struct cluster *c)
 {
     const struct raft_ready *rd = &c->rd;
@@ -391,17 +390,12 @@ static void cluster_persist(struct cluster *c)
         b.snapshot_chunk == NULL) {
         free(ents);
         c->ready_seq = 0;
-        cluster_send_all(c, rd->msgs, rd->n_msgs);
         cluster_persist_done(c);
         return;
     }
     uint64_t seq = 0;
     int rc = store_submit(c->store, &b, &seq);
     free(ents);
-    /* rd.msgs may go out before the persist (raft.h): after handing the
-     * batch over, so that our own fsync, usually the longest leg of a
-     * commit, starts first. */
-    cluster_send_all(c, rd->msgs, rd->n_msgs);
     if (rc < 0) {
         char msg[200];
         snprintf(msg, sizeof(msg), "cannot write to raft.db: %s", strerror(-rc));
@@ -668,6 +662,7 @@ static void cluster_on_process(evutil_socket_t fd, short what, void *arg)
     c->frozen = true;
     c->rd_persisted = false;
     c->rd_installed = false;
+    cluster_send_all(c, c->rd.msgs, c->rd.n_msgs);
     cluster_persist(c);
 }
 
