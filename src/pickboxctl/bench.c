@@ -285,6 +285,7 @@ static void conn_readable(struct bench *b, struct bench_conn *c, uint64_t now)
             return;
         }
         c->in_len += (size_t)n;
+        now = pb_now_us(); /* the reply's arrival, not the poll's return */
         char *nl;
         while ((nl = memchr(c->in, '\n', c->in_len)) != NULL) {
             size_t len = (size_t)(nl - c->in);

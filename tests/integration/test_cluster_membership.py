@@ -10,6 +10,7 @@ import os
 import re
 import sys
 
+sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pbharness import Harness, pickboxctl_path, wait_until, HarnessError  # noqa: E402
 

@@ -8,6 +8,7 @@ and term."""
 import os
 import sys
 
+sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pbharness import Harness, NO_COMMIT_CODES  # noqa: E402
 

@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 
+sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pbharness import Harness  # noqa: E402
 
