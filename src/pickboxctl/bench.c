@@ -223,13 +223,16 @@ static void conn_lost(struct bench *b, struct bench_conn *c, const char *why, ui
     pbctl_bench_count_error(b->r, why);
     close(c->fd);
     c->fd = -1;
-    if (now >= b->window_end_us || conn_open(b, c) < 0 || conn_send_probe(b, c, pb_now_us()) < 0) {
+    if (now >= b->window_end_us) {
+        b->live--;
+        return;
+    }
+    if (conn_open(b, c) < 0 || conn_send_probe(b, c, pb_now_us()) < 0) {
         if (c->fd >= 0) {
             close(c->fd);
             c->fd = -1;
         }
-        if (strcmp(why, "CONNECT") != 0)
-            pbctl_bench_count_error(b->r, "CONNECT");
+        pbctl_bench_count_error(b->r, "CONNECT");
         b->live--;
     }
 }

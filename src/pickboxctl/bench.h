@@ -62,6 +62,10 @@ struct pbctl_bench_config {
     unsigned warmup_ms;   /* before it; replies then are not counted */
 };
 
+/* Error replies count when they arrive inside the window; the connection's
+ * own failures (CLOSED: the daemon hung up, BAD_REPLY: not a reply to our
+ * probe, CONNECT: a reconnection failed and the connection is given up)
+ * count whenever they happen. */
 struct pbctl_bench_error_count {
     char code[32]; /* the reply's error code, or CLOSED / BAD_REPLY / CONNECT */
     uint64_t n;

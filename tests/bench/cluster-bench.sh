@@ -8,7 +8,8 @@
 #
 # Environment: BENCH_DURATION (seconds per run, default 10), BENCH_CONCURRENCY
 # (default "1 16 64 256"), BENCH_SIZE (bytes per probe, default 256),
-# BENCH_TARGETS (default "follower leader"), BENCH_KEEP=1 keeps the temp dir.
+# BENCH_TARGETS (default "follower leader"), BENCH_DIR (where the nodes live,
+# default /tmp: put it on the disk you mean to measure), BENCH_KEEP=1 keeps it.
 # It builds nothing, and stops only the daemons it started (by PID).
 set -euo pipefail
 
@@ -27,7 +28,7 @@ for f in "$PICKBOXD" "$CTL"; do
     fi
 done
 
-TMP=$(mktemp -d /tmp/pb-bench.XXXXXX)
+TMP=$(mktemp -d "${BENCH_DIR:-/tmp}/pb-bench.XXXXXX")
 PIDS=()
 cleanup() {
     local pid
