@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pbharness import Harness, pickboxctl_path  # noqa: E402
 
 SIZES = (1, 3, 5)
-PER_SIZE = 6
+PER_SIZE = 7
 
 with Harness("cluster-form") as h:
     h.plan(PER_SIZE * len(SIZES) + 3)
@@ -66,5 +66,5 @@ with Harness("cluster-form") as h:
             h.eq((r.get("error") or {}).get("code"), "UNKNOWN_METHOD",
                  "debug_partition is unknown without PICKBOX_TEST_HOOKS")
 
-        for d in nodes:
-            d.stop(timeout=15)
+        codes = [d.stop(timeout=15) for d in nodes]
+        h.eq(codes, [0] * n, "%d nodes: all stop cleanly (exit 0)" % n)

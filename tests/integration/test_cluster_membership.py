@@ -23,7 +23,7 @@ with Harness("cluster-membership") as h:
     if pickboxctl_path() is None:
         h.skip_all("pickboxctl not built")
         sys.exit(0)
-    h.plan(15)
+    h.plan(16)
     n1 = h.start_node("n1")
     wait_until(lambda: (n1.try_status() or {}).get("role") == "leader", 20, 0.05,
                "n1 to bootstrap")
@@ -115,5 +115,6 @@ with Harness("cluster-membership") as h:
          and (st5 is None or st5.get("joining") is True or not n5.alive()),
          "n5 with the wrong secret is not let in, and the logs say why",
          "n5 status %r" % st5)
-    for d in live + [n5]:
-        d.stop(timeout=15)
+    codes = [d.stop(timeout=15) for d in live]
+    h.eq(codes, [0, 0], "the remaining members stop cleanly (exit 0)")
+    n5.kill()

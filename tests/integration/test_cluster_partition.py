@@ -23,7 +23,7 @@ def partition(h, a, b, on):
 
 
 with Harness("cluster-partition") as h:
-    h.plan(9)
+    h.plan(10)
     nodes = h.start_cluster(3, env=ENV)
     h.ok(True, "3-node cluster formed with PICKBOX_TEST_HOOKS=1")
     x = h.wait_leader(nodes)
@@ -77,5 +77,5 @@ with Harness("cluster-partition") as h:
     res, _ = h.probe_until_ok(x, timeout=20)
     h.wait_applied(nodes, res["index"])
     h.ok(True, "a probe through the formerly isolated node commits everywhere")
-    for d in nodes:
-        d.stop(timeout=15)
+    codes = [d.stop(timeout=15) for d in nodes]
+    h.eq(codes, [0, 0, 0], "all three stop cleanly (exit 0)")

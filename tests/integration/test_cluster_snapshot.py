@@ -18,7 +18,7 @@ THREADS = 6
 ENV = {"PICKBOX_TEST_SNAPSHOT_EVERY": "50"}
 
 with Harness("cluster-snapshot") as h:
-    h.plan(8)
+    h.plan(9)
     nodes = h.start_cluster(3, env=ENV)
     h.ok(True, "3-node cluster formed with PICKBOX_TEST_SNAPSHOT_EVERY=50")
     leader = h.wait_leader(nodes)
@@ -75,5 +75,5 @@ with Harness("cluster-snapshot") as h:
     sts = h.wait_converged(nodes)
     h.ok(True, "all three agree on commit/applied/last index and term (%d)"
          % sts[0]["commit_index"])
-    for d in nodes:
-        d.stop(timeout=15)
+    codes = [d.stop(timeout=15) for d in nodes]
+    h.eq(codes, [0, 0, 0], "all three stop cleanly (exit 0)")
