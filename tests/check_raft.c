@@ -29,7 +29,8 @@ struct tc {
     struct raft_msg q[TC_Q];
     size_t nq;
     struct raft_ready last[TC_MAX + 1]; /* summary of the last ready per node */
-    bool saw_vote_resp_early;
+    /* something other than leader replication left before the persist */
+    bool early_violation;
     uint64_t read_ctx[TC_MAX + 1]; /* last ReadIndex result per node */
     uint64_t read_index[TC_MAX + 1];
 };
@@ -133,6 +134,7 @@ static void tc_bootstrap(struct tc *c, unsigned voters)
 
 static void tc_free(struct tc *c)
 {
+    ck_assert(!c->early_violation);
     for (unsigned i = 0; i <= TC_MAX; i++)
         raft_free(c->r[i]);
     for (size_t i = 0; i < c->nq; i++)
@@ -148,8 +150,10 @@ static void tc_flush(struct tc *c, uint64_t id)
         return;
     while (raft_ready(c->r[id], &rd)) {
         for (size_t i = 0; i < rd.n_msgs; i++) {
-            if (rd.msgs[i].type == RAFT_MSG_VOTE_RESP)
-                c->saw_vote_resp_early = true;
+            uint8_t t = rd.msgs[i].type;
+            if (t != RAFT_MSG_APP && t != RAFT_MSG_HEARTBEAT && t != RAFT_MSG_SNAP &&
+                t != RAFT_MSG_TIMEOUT_NOW)
+                c->early_violation = true;
             ck_assert_uint_lt(c->nq, TC_Q);
             msg_copy(&c->q[c->nq++], &rd.msgs[i]);
         }
@@ -363,11 +367,48 @@ START_TEST(test_commit_with_current_term_entry)
     tc_restore(&c, 2, 3, 3, 0, NULL, 0, 1);
     tc_restore(&c, 3, 3, 3, 0, NULL, 0, 1);
     tc_campaign(&c, 1);
-    for (int i = 0; i < 10; i++)
+    for (int i = 0; i < 4 && raft_role(c.r[1]) != RAFT_LEADER; i++)
         tc_deliver(&c, 0, 0, 0);
     ck_assert_int_eq(raft_role(c.r[1]), RAFT_LEADER);
+    /* dissertation errata: no configuration change before an entry of the
+     * leader's term committed */
+    ck_assert_uint_lt(tc_commit(&c, 1), 3);
+    int rc = raft_change_conf(c.r[1], RAFT_CONF_ADD_LEARNER, 9, NULL, 0);
+    ck_assert(rc == -EAGAIN || rc == -EBUSY);
+    ck_assert_int_eq(raft_read_index(c.r[1], 1), -EAGAIN);
+    for (int i = 0; i < 10; i++)
+        tc_deliver(&c, 0, 0, 0);
     ck_assert_uint_eq(tc_commit(&c, 1), 3);
+    ck_assert_int_eq(raft_change_conf(c.r[1], RAFT_CONF_ADD_LEARNER, 9, "ctx", 3), 0);
+    ck_assert_int_eq(raft_conf_find(raft_conf(c.r[1]), 9)->role, RAFT_LEARNER);
     ck_assert_uint_eq(tc_commit(&c, 2), 3);
+    tc_free(&c);
+}
+END_TEST
+
+/* Dissertation errata: even with every earlier entry committed, a new leader
+ * changes the configuration only after its own no-op committed. */
+START_TEST(test_conf_change_waits_for_term_commit)
+{
+    struct tc c;
+    memset(&c, 0, sizeof(c));
+    const uint64_t t2[] = {2};
+    for (uint64_t id = 1; id <= 3; id++)
+        tc_restore(&c, id, 3, 3, 0, t2, 1, 2);
+    tc_campaign(&c, 1);
+    for (int i = 0; i < 4 && raft_role(c.r[1]) != RAFT_LEADER; i++) {
+        tc_deliver(&c, 0, 0, RAFT_MSG_PREVOTE);
+        tc_deliver(&c, 0, 0, RAFT_MSG_PREVOTE_RESP);
+        tc_deliver(&c, 0, 0, RAFT_MSG_VOTE);
+        tc_deliver(&c, 0, 0, RAFT_MSG_VOTE_RESP);
+    }
+    ck_assert_int_eq(raft_role(c.r[1]), RAFT_LEADER);
+    ck_assert_uint_eq(tc_commit(&c, 1), 2);
+    ck_assert_int_eq(raft_change_conf(c.r[1], RAFT_CONF_REMOVE, 3, NULL, 0), -EAGAIN);
+    for (int i = 0; i < 6; i++)
+        tc_deliver(&c, 0, 0, 0);
+    ck_assert_uint_eq(tc_commit(&c, 1), 3);
+    ck_assert_int_eq(raft_change_conf(c.r[1], RAFT_CONF_REMOVE, 3, NULL, 0), 0);
     tc_free(&c);
 }
 END_TEST
@@ -427,6 +468,58 @@ START_TEST(test_vote_persisted_before_sent)
     ck_assert_uint_eq(rd.hs.vote, 1);
     raft_advance(d.r[1], &rd);
     tc_free(&d);
+    tc_free(&c);
+}
+END_TEST
+
+/* A failed persist: nothing that depended on it leaves, the next ready
+ * retries the same state, and a leader steps down. */
+START_TEST(test_persist_failed)
+{
+    struct tc c;
+    memset(&c, 0, sizeof(c));
+    tc_restore(&c, 2, 3, 1, 0, NULL, 0, 1);
+    struct raft_entry e2 = {.term = 5, .index = 2, .data = (uint8_t *)"x", .len = 1};
+    struct raft_msg app = {.type = RAFT_MSG_APP,
+                           .from = 1,
+                           .to = 2,
+                           .term = 5,
+                           .index = 1,
+                           .log_term = 1,
+                           .entries = &e2,
+                           .n_entries = 1,
+                           .commit = 2};
+    raft_step(c.r[2], &app);
+    struct raft_ready rd;
+    ck_assert(raft_ready(c.r[2], &rd));
+    ck_assert_uint_eq(rd.n_entries, 1);
+    ck_assert_uint_eq(rd.n_msgs_after_persist, 1);
+    ck_assert_uint_eq(rd.n_committed, 1);
+    raft_persist_failed(c.r[2], &rd);
+    ck_assert(raft_ready(c.r[2], &rd)); /* the same state, again */
+    ck_assert(rd.hs_changed);
+    ck_assert_uint_eq(rd.hs.term, 5);
+    ck_assert_uint_eq(rd.n_entries, 1);
+    ck_assert_uint_eq(rd.entries[0].index, 2);
+    ck_assert_uint_eq(rd.n_msgs_after_persist, 0); /* that ack is gone for good */
+    ck_assert_uint_eq(rd.n_committed, 1);
+    raft_advance(c.r[2], &rd);
+    ck_assert(!raft_ready(c.r[2], &rd));
+    tc_free(&c);
+
+    memset(&c, 0, sizeof(c));
+    tc_bootstrap(&c, 3);
+    tc_run(&c, 30);
+    uint64_t l = tc_leader(&c);
+    ck_assert_uint_ne(l, 0);
+    ck_assert_int_eq(raft_propose(c.r[l], 1, 1, "y", 1, NULL), 0);
+    ck_assert(raft_ready(c.r[l], &rd));
+    raft_persist_failed(c.r[l], &rd);
+    ck_assert_int_eq(raft_role(c.r[l]), RAFT_FOLLOWER);
+    ck_assert(raft_ready(c.r[l], &rd));
+    ck_assert_uint_eq(rd.n_entries, 1);
+    raft_advance(c.r[l], &rd);
+    raft_persist_failed(c.r[l], &rd); /* not frozen: ignored */
     tc_free(&c);
 }
 END_TEST
@@ -717,6 +810,34 @@ START_TEST(test_partitioned_node_rejoins_quietly)
 }
 END_TEST
 
+/* Leader stickiness (§4.2.3): a follower that stops hearing the leader (a
+ * one-way partition) campaigns, but the others, who still hear the leader,
+ * ignore it even though its log is as good as theirs. */
+START_TEST(test_leader_stickiness)
+{
+    struct sim *s = quiet_sim(3, 17);
+    unsigned l;
+    ck_assert_int_eq(sim_wait_leader(s, 300, &l), 0);
+    sim_commit_op(s, l, 0);
+    uint64_t term = raft_term(sim_raft(s, l));
+    unsigned f = (l + 1) % 3;
+    sim_block(s, l, f, true);
+    bool campaigned = false;
+    for (int i = 0; i < 150; i++) {
+        sim_ticks(s, 1);
+        campaigned |= raft_role(sim_raft(s, f)) != RAFT_FOLLOWER;
+    }
+    ck_assert(campaigned);
+    ck_assert_int_eq(raft_role(sim_raft(s, l)), RAFT_LEADER);
+    ck_assert_uint_eq(raft_term(sim_raft(s, l)), term);
+    ck_assert_uint_eq(raft_term(sim_raft(s, f)), term);
+    sim_block(s, l, f, false);
+    sim_ticks(s, 20);
+    ck_assert_uint_eq(raft_leader(sim_raft(s, f)), sim_id(s, l));
+    sim_free(s);
+}
+END_TEST
+
 /* Check-quorum: a leader cut off from the majority steps down; the rest
  * elect a new one. */
 START_TEST(test_check_quorum_steps_down)
@@ -790,6 +911,20 @@ START_TEST(test_learner_promotion)
     }
     ck_assert_int_eq(rc, 0);
     ck_assert_uint_gt(waited, 1);
+    /* promoted only once it had caught up (lag 3 in the sim's config; the
+     * promotion entry itself is one more) */
+    struct raft_status ls_st;
+    raft_status(lr, &ls_st);
+    bool found = false;
+    for (size_t i = 0; i < ls_st.n_peers; i++) {
+        if (ls_st.peers[i].id != lid)
+            continue;
+        found = true;
+        ck_assert_uint_ge(ls_st.peers[i].match + 3 + 1, ls_st.last_index);
+        ck_assert(ls_st.peers[i].recent_active);
+        ck_assert_uint_gt(ls_st.peers[i].ctx_len, 0);
+    }
+    ck_assert(found);
     const struct raft_member *m = raft_conf_find(raft_conf(lr), lid);
     ck_assert_ptr_nonnull(m);
     ck_assert_int_eq(m->role, RAFT_VOTER);
@@ -841,11 +976,9 @@ START_TEST(test_read_index)
     ck_assert_uint_eq(c.read_ctx[f], 43);
     ck_assert_uint_ge(c.read_index[f], commit);
     /* a leader cut off from the others cannot answer */
-    uint64_t g = 6 - l - f;
     ck_assert_int_eq(raft_read_index(c.r[l], 44), 0);
     tc_drop(&c, 0, 0);
     ck_assert_uint_eq(c.read_ctx[l], 42);
-    (void)g;
     tc_free(&c);
 
     /* a leader that has not committed in its term refuses */
@@ -1372,7 +1505,9 @@ static Suite *raft_suite(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_figure8);
     tcase_add_test(tc, test_commit_with_current_term_entry);
+    tcase_add_test(tc, test_conf_change_waits_for_term_commit);
     tcase_add_test(tc, test_vote_persisted_before_sent);
+    tcase_add_test(tc, test_persist_failed);
     tcase_add_test(tc, test_prevote_checkquorum_liveness);
     tcase_add_test(tc, test_stale_responses_after_term_change);
     tcase_add_test(tc, test_snapshot_onto_conflicting_log);
@@ -1389,6 +1524,7 @@ static Suite *raft_suite(void)
     tcase_set_timeout(ts, 120);
     tcase_add_test(ts, test_partitioned_node_rejoins_quietly);
     tcase_add_test(ts, test_check_quorum_steps_down);
+    tcase_add_test(ts, test_leader_stickiness);
     tcase_add_test(ts, test_remove_leader);
     tcase_add_test(ts, test_learner_promotion);
     tcase_add_test(ts, test_leadership_transfer);

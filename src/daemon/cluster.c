@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <event2/event.h>
@@ -23,11 +24,12 @@
 #include "lib/buf.h"
 #include "lib/util.h"
 
-#define CLUSTER_CTX_VERSION   1
-#define CLUSTER_INQ_MAX       8192 /* peer messages queued while frozen */
-#define CLUSTER_INQ_MAX_BYTES (64u << 20)
-#define CLUSTER_MAX_MSG_BYTES (192u * 1024u) /* entries per AppendEntries: one control frame */
-#define CLUSTER_SNAP_CHUNK    (1u << 20)
+#define CLUSTER_CTX_VERSION    1
+#define CLUSTER_INQ_MAX        8192 /* peer messages queued while frozen */
+#define CLUSTER_INQ_MAX_BYTES  (64u << 20)
+#define CLUSTER_MAX_MSG_BYTES  (192u * 1024u) /* entries per AppendEntries: one control frame */
+#define CLUSTER_SNAP_CHUNK     (1u << 20)
+#define CLUSTER_GONE_LINGER_MS 5000
 
 /* ---- member context ---- */
 
@@ -171,7 +173,13 @@ void cluster_sync_conf(struct cluster *c)
     for (size_t j = 0; j < n_old; j++) {
         if (old[j].id != c->id && cluster_member_by_id(c, old[j].id) == NULL) {
             log_info("member %s (%016" PRIx64 ") left the configuration", old[j].name, old[j].id);
-            net_peer_remove(c->net, old[j].id);
+            if (c->n_gone < PB_ARRAY_SIZE(c->gone)) {
+                c->gone[c->n_gone].id = old[j].id;
+                c->gone[c->n_gone].at_ms = pb_now_ms() + CLUSTER_GONE_LINGER_MS;
+                c->n_gone++;
+            } else {
+                net_peer_remove(c->net, old[j].id);
+            }
         }
     }
     for (size_t j = 0; j < n_old; j++)
@@ -183,6 +191,21 @@ void cluster_sync_conf(struct cluster *c)
                    cluster_member_by_id(c, c->id)->voter ? "a voter" : "a learner");
     }
     c->changed = true;
+}
+
+/* Drops the links of members that left once their linger time is over
+ * (unless they came back). */
+void cluster_gone_tick(struct cluster *c, uint64_t now)
+{
+    for (size_t i = 0; i < c->n_gone;) {
+        if (cluster_member_by_id(c, c->gone[i].id) != NULL || now >= c->gone[i].at_ms) {
+            if (cluster_member_by_id(c, c->gone[i].id) == NULL)
+                net_peer_remove(c->net, c->gone[i].id);
+            c->gone[i] = c->gone[--c->n_gone];
+        } else {
+            i++;
+        }
+    }
 }
 
 /* ---- sending ---- */
@@ -335,6 +358,24 @@ static void cluster_on_applied(void *arg, const struct raft_entry *e)
     cluster_req_applied(c, e);
 }
 
+/* Applies the committed entries of c->rd that are already durable in our
+ * own raft.db, before this ready's batch is written: a reply must not wait
+ * for the fsync of entries proposed after it. (Entries not yet in raft.db
+ * wait: state.db must never run ahead of the local log, or a restart could
+ * not replay.) A failure is left to cluster_persist_done(), which applies
+ * again. */
+static void cluster_apply_durable(struct cluster *c)
+{
+    const struct raft_ready *rd = &c->rd;
+    if (rd->snapshot != NULL || rd->n_committed == 0 || rd->committed[0].index > c->stored_last)
+        return;
+    size_t n = 0;
+    while (n < rd->n_committed && rd->committed[n].index <= c->stored_last)
+        n++;
+    struct pb_error err;
+    sm_apply(c->sm, rd->committed, n, cluster_on_applied, c, &err);
+}
+
 /* The batch of c->rd is durable: steps 3-5 of raft.h's loop. Re-entered by
  * the storage retry when applying failed. */
 static void cluster_persist_done(struct cluster *c)
@@ -394,6 +435,8 @@ static void cluster_on_store_complete(void *arg, const struct store_completion *
         cluster_storage_failed(c, done->status, h.msg[0] ? h.msg : strerror(-done->status));
         if (c->frozen && c->ready_seq >= done->first_seq && c->ready_seq <= done->last_seq)
             c->resubmit = true;
+        if (c->probe_seq >= done->first_seq && c->probe_seq <= done->last_seq)
+            c->probe_seq = 0; /* retry again after the backoff */
         return;
     }
     if (c->probe_seq != 0 && c->probe_seq >= done->first_seq && c->probe_seq <= done->last_seq) {
@@ -424,8 +467,14 @@ void cluster_storage_recovered(struct cluster *c)
     c->stored_hs = st.hard_state;
     uint64_t snap_index = st.has_snapshot ? st.snapshot.last_index : 0;
     store_state_free(&st);
-    if (!c->frozen)
+    if (!c->frozen) {
+        /* What failed was not a ready's batch (a snapshot record). */
+        log_notice("storage works again: resuming");
+        c->storage_error = false;
+        c->changed = true;
+        cluster_schedule(c);
         return;
+    }
     if (!c->resubmit) {
         cluster_persist_done(c); /* the persist was fine; applying failed */
         return;
@@ -558,6 +607,7 @@ static void cluster_on_process(evutil_socket_t fd, short what, void *arg)
     c->rd_persisted = false;
     c->rd_installed = false;
     cluster_send_all(c, c->rd.msgs, c->rd.n_msgs);
+    cluster_apply_durable(c);
     cluster_persist(c);
 }
 
@@ -636,6 +686,8 @@ void cluster_after_advance(struct cluster *c)
                        cluster_role_of(c), lname ? lname : "?", term);
         else if (c->seen_role == RAFT_LEADER && role != RAFT_LEADER)
             log_notice("%s is no longer leader (term %" PRIu64 ")", c->cfg->node_id, term);
+        if (leader != c->seen_leader)
+            cluster_req_leader_changed(c);
         c->seen_role = role;
         c->seen_leader = leader;
         c->seen_term = term;
@@ -680,6 +732,7 @@ static void cluster_on_tick(evutil_socket_t fd, short what, void *arg)
         raft_tick(c->raft);
     }
     cluster_req_tick(c, now);
+    cluster_gone_tick(c, now);
     cluster_schedule(c);
 }
 
@@ -816,6 +869,136 @@ static int cluster_start_raft(struct cluster *c, struct pb_error *err)
     return 0;
 }
 
+static int cluster_start_net(struct cluster *c, int peer_fd, struct pb_error *err)
+{
+    struct net_config nc;
+    memset(&nc, 0, sizeof(nc));
+    nc.node_id = c->id;
+    nc.node_name = c->cfg->node_id;
+    nc.secret = c->secret;
+    nc.secret_len = c->secret_len;
+    nc.cluster_id = c->has_cluster_id ? c->cluster_id : NULL;
+    nc.cb.on_frame = cluster_on_frame;
+    nc.cb.on_peer_state = cluster_on_peer_state;
+    nc.cb_arg = c;
+    c->net = net_new(c->base, &nc, err);
+    if (c->net == NULL) {
+        if (peer_fd >= 0)
+            close(peer_fd);
+        return err->code ? err->code : -EINVAL;
+    }
+    if (peer_fd >= 0) {
+        /* Keep a copy: `pickboxctl join` starts a new transport on it. */
+        if (c->listen_fd < 0)
+            c->listen_fd = fcntl(peer_fd, F_DUPFD_CLOEXEC, 0);
+        int rc = net_listen_fd(c->net, peer_fd, err);
+        if (rc < 0)
+            return rc;
+    }
+    if (c->joining) {
+        int rc = net_seed_add(c->net, c->join_addr, err);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* True when this node is alone in a cluster whose log holds nothing but
+ * its bootstrap (configuration and no-op entries): `pickboxctl join` may
+ * then discard it. */
+bool cluster_is_lone(struct cluster *c)
+{
+    if (c->joining || c->n_members != 1 || c->members[0].id != c->id)
+        return false;
+    struct raft_status rs;
+    raft_status(c->raft, &rs);
+    if (rs.snapshot_index != 0 || rs.first_index != 1)
+        return false;
+    for (uint64_t i = 1; i <= rs.last_index; i++) {
+        const struct raft_entry *e = raft_entry_at(c->raft, i);
+        if (e == NULL || e->type == RAFT_ENTRY_NORMAL)
+            return false;
+    }
+    return true;
+}
+
+/* Discards this lone node's cluster (raft.db, state.db) and starts joining
+ * through addr with a new identity. Called with the core not frozen. */
+int cluster_reset_for_join(struct cluster *c, const char *addr, struct pb_error *err)
+{
+    log_notice("discarding this node's one-node cluster to join through %s", addr);
+    net_free(c->net);
+    c->net = NULL;
+    store_close(c->store);
+    c->store = NULL;
+    sm_close(c->sm);
+    c->sm = NULL;
+    raft_free(c->raft);
+    c->raft = NULL;
+    static const char *const files[] = {"raft.db",  "raft.db-wal",  "raft.db-shm",
+                                        "state.db", "state.db-wal", "state.db-shm"};
+    for (size_t i = 0; i < PB_ARRAY_SIZE(files); i++) {
+        char *path = pb_xasprintf("%s/%s", c->cfg->state_dir, files[i]);
+        if (unlink(path) < 0 && errno != ENOENT)
+            log_warning("cannot remove %s: %s", path, strerror(errno));
+        free(path);
+    }
+    cluster_inq_clear(c);
+    for (size_t i = 0; i < c->n_members; i++)
+        free(c->members[i].ctx);
+    free(c->members);
+    c->members = NULL;
+    c->n_members = 0;
+    c->n_gone = 0;
+    c->frozen = false;
+    c->ready_seq = 0;
+    c->resubmit = false;
+    c->stored_last = 0;
+    memset(&c->stored_hs, 0, sizeof(c->stored_hs));
+    buf_free(&c->rx);
+    c->has_cluster_id = false;
+    c->pending_cluster_id = false;
+    c->storage_error = false;
+    c->seen_role = RAFT_FOLLOWER;
+    c->seen_leader = RAFT_NONE;
+    c->seen_term = 0;
+    free(c->join_addr);
+    c->join_addr = pb_xstrdup(addr);
+    c->joining = true;
+    c->join_next_ms = 0;
+    c->join_attempt = 0;
+    c->join_last_msg[0] = '\0';
+
+    struct store_options so = {.dir = c->cfg->state_dir,
+                               .base = c->base,
+                               .on_complete = cluster_on_store_complete,
+                               .arg = c};
+    int rc = store_open(&c->store, &so, err);
+    if (rc < 0)
+        return rc;
+    struct store_state st;
+    rc = store_load(c->store, 0, 0, &st, err);
+    if (rc < 0)
+        return rc;
+    c->id = st.node_id;
+    store_state_free(&st);
+    if ((rc = sm_open(&c->sm, c->cfg->state_dir, err)) < 0)
+        return rc;
+    if (c->secret)
+        memset(c->secret, 0, c->secret_len);
+    free(c->secret);
+    c->secret = NULL;
+    if ((rc = cluster_load_secret(c, false, err)) < 0)
+        return rc;
+    if ((rc = cluster_start_raft(c, err)) < 0)
+        return rc;
+    int fd = c->listen_fd >= 0 ? fcntl(c->listen_fd, F_DUPFD_CLOEXEC, 0) : -1;
+    if ((rc = cluster_start_net(c, fd, err)) < 0)
+        return rc;
+    c->changed = true;
+    return 0;
+}
+
 int cluster_open(struct cluster **out, const struct cluster_options *opts, struct pb_error *err)
 {
     *out = NULL;
@@ -824,6 +1007,8 @@ int cluster_open(struct cluster **out, const struct cluster_options *opts, struc
     c->cfg = opts->cfg;
     c->base = opts->base;
     c->seen_role = RAFT_FOLLOWER;
+    c->listen_fd = -1;
+    c->join_addr = c->cfg->join ? pb_xstrdup(c->cfg->join) : NULL;
     c->snapshot_every = cluster_env_unsigned("PICKBOX_TEST_SNAPSHOT_EVERY", CLUSTER_SNAPSHOT_EVERY);
     c->client_prefix = (uint32_t)(cluster_random_u64() >> 16) | 1u;
     int peer_fd = opts->peer_fd;
@@ -903,32 +1088,10 @@ int cluster_open(struct cluster **out, const struct cluster_options *opts, struc
     store_state_free(&st);
     have_st = false;
 
-    struct net_config nc;
-    memset(&nc, 0, sizeof(nc));
-    nc.node_id = c->id;
-    nc.node_name = c->cfg->node_id;
-    nc.secret = c->secret;
-    nc.secret_len = c->secret_len;
-    nc.cluster_id = c->has_cluster_id ? c->cluster_id : NULL;
-    nc.cb.on_frame = cluster_on_frame;
-    nc.cb.on_peer_state = cluster_on_peer_state;
-    nc.cb_arg = c;
-    c->net = net_new(c->base, &nc, err);
-    if (c->net == NULL) {
-        rc = err->code ? err->code : -EINVAL;
+    rc = cluster_start_net(c, peer_fd, err);
+    peer_fd = -1;
+    if (rc < 0)
         goto fail;
-    }
-    if (peer_fd >= 0) {
-        rc = net_listen_fd(c->net, peer_fd, err);
-        peer_fd = -1;
-        if (rc < 0)
-            goto fail;
-    }
-    if (c->joining) {
-        rc = net_seed_add(c->net, c->cfg->join, err);
-        if (rc < 0)
-            goto fail;
-    }
     cluster_sync_conf(c);
     c->seen_term = raft_term(c->raft);
     struct timeval tv = {.tv_sec = c->cfg->heartbeat_ms / 1000,
@@ -969,6 +1132,10 @@ void cluster_close(struct cluster *c)
     buf_free(&c->entbuf);
     buf_free(&c->rx);
     free(c->slots);
+    free(c->free_slots);
+    free(c->join_addr);
+    if (c->listen_fd >= 0)
+        close(c->listen_fd);
     if (c->secret)
         memset(c->secret, 0, c->secret_len);
     free(c->secret);

@@ -89,6 +89,8 @@ struct cluster {
     unsigned election_tick;
     unsigned snapshot_every;
     bool joining;
+    char *join_addr; /* where joining goes through (cfg->join or `pickboxctl join`) */
+    int listen_fd;   /* a dup of the peer listener, for a transport started anew */
     uint64_t join_next_ms;
     unsigned join_attempt;
     char join_last_msg[200];
@@ -130,6 +132,13 @@ struct cluster {
     uint64_t seen_leader, seen_term;
     bool changed;
     uint64_t promote_next_ms;
+    /* Peers dropped from the configuration keep their link a little longer,
+     * so that the answer to their `leave` reaches them. */
+    struct {
+        uint64_t id;
+        uint64_t at_ms;
+    } gone[RAFT_MAX_MEMBERS];
+    size_t n_gone;
 
     /* Requests. */
     struct creq *reqs; /* doubly linked list head */
@@ -156,6 +165,9 @@ void cluster_storage_recovered(struct cluster *c);
 const struct cluster_member *cluster_member_by_id(const struct cluster *c, uint64_t id);
 const struct cluster_member *cluster_member_by_name(const struct cluster *c, const char *name);
 const char *cluster_name_of(const struct cluster *c, uint64_t id);
+int cluster_reset_for_join(struct cluster *c, const char *addr, struct pb_error *err);
+bool cluster_is_lone(struct cluster *c);
+void cluster_gone_tick(struct cluster *c, uint64_t now);
 void cluster_hex(const uint8_t *p, size_t n, char *out);
 uint64_t cluster_random_u64(void);
 
@@ -163,6 +175,7 @@ uint64_t cluster_random_u64(void);
 void cluster_req_applied(struct cluster *c, const struct raft_entry *e);
 void cluster_req_actions(struct cluster *c);
 void cluster_req_check(struct cluster *c);
+void cluster_req_leader_changed(struct cluster *c);
 void cluster_req_tick(struct cluster *c, uint64_t now);
 void cluster_req_close_all(struct cluster *c);
 void cluster_admin_on_request(struct cluster *c, uint64_t from, const uint8_t *p, size_t len);

@@ -35,6 +35,7 @@
 #define ADMIN_RETRY_MS          1000
 #define REMOTE_DEADLINE_MS      10000
 #define PROMOTE_EVERY_MS        200
+#define TRANSFER_RETRY_MS       3000
 
 /* ---- list ---- */
 
@@ -113,7 +114,9 @@ static void admin_send_response(struct cluster *c, uint64_t to, uint8_t op, uint
     buf_put_u64(&b, raft_leader(c->raft));
     buf_put_bytes(&b, c->cluster_id, c->has_cluster_id ? 16 : 0);
     buf_put_str(&b, msg);
-    net_send(c->net, to, NET_CLASS_CONTROL, CLUSTER_MSG_ADMIN_RESP, b.data, b.len);
+    int sent = net_send(c->net, to, NET_CLASS_CONTROL, CLUSTER_MSG_ADMIN_RESP, b.data, b.len);
+    if (sent < 0)
+        log_info("cannot answer the admin request of %016" PRIx64 ": %s", to, strerror(-sent));
     buf_free(&b);
 }
 
@@ -327,8 +330,8 @@ static void transfer_action(struct cluster *c, struct creq *q, uint64_t now)
 {
     uint64_t leader = raft_leader(c->raft);
     if (raft_role(c->raft) == RAFT_LEADER) {
-        if (q->forwarded)
-            return; /* transfer begun: waiting for the new leader */
+        /* (Again after TRANSFER_RETRY_MS: the core aborts a transfer that
+         * did not finish within an election timeout.) */
         uint64_t target = q->target ? q->target : transfer_pick(c);
         if (target == 0 || target == c->id) {
             if (target == 0 && q->target == 0 && c->n_members <= 1) {
@@ -342,6 +345,7 @@ static void transfer_action(struct cluster *c, struct creq *q, uint64_t now)
         if (rc == 0 || rc == -EBUSY) {
             q->target = target;
             q->forwarded = true;
+            q->retry_at_ms = now + TRANSFER_RETRY_MS;
             if (q->origin != 0) {
                 creq_done(c, q, NULL); /* the origin watches for the new leader */
                 return;
@@ -407,6 +411,8 @@ static void promote_learners(struct cluster *c, uint64_t now)
     }
 }
 
+static void reset_join_action(struct cluster *c, struct creq *q);
+
 /* ---- the driver's hooks ---- */
 
 void cluster_req_actions(struct cluster *c)
@@ -433,10 +439,24 @@ void cluster_req_actions(struct cluster *c)
             join_action(c, q, now);
             break;
         case CREQ_RESET_JOIN:
-            break;
+            reset_join_action(c, q);
+            return; /* the list may have changed under us */
         }
     }
     promote_learners(c, now);
+}
+
+void cluster_req_leader_changed(struct cluster *c)
+{
+    /* A proposal in flight may be lost with the old leader: propose it
+     * again now, with the same (client_id, seq), instead of waiting for the
+     * retry timer; the state machine applies it once. */
+    for (struct creq *q = c->reqs; q != NULL; q = q->next) {
+        if (q->kind == CREQ_PROBE && raft_leader(c->raft) != RAFT_NONE) {
+            q->need_action = true;
+            cluster_schedule(c);
+        }
+    }
 }
 
 void cluster_req_check(struct cluster *c)
@@ -464,8 +484,12 @@ void cluster_req_check(struct cluster *c)
                           q->leave ? json_pack("{s:b}", "left", 1)
                                    : json_pack("{s:s}", "removed", q->name));
             }
+        } else if (q->kind == CREQ_RESET_JOIN && q->forwarded && !c->joining) {
+            const char *lname = cluster_name_of(c, leader);
+            creq_done(c, q,
+                      json_pack("{s:b,s:s?}", "joined", 1, "leader_id",
+                                leader != RAFT_NONE ? lname : NULL));
         } else if (q->kind == CREQ_TRANSFER && q->req != NULL && leader != RAFT_NONE &&
-                   leader != c->id &&
                    (q->target ? leader == q->target : leader != q->from_leader)) {
             creq_done(c, q, json_pack("{s:s}", "leader_id", cluster_name_of(c, leader)));
         }
@@ -524,15 +548,56 @@ void cluster_req_tick(struct cluster *c, uint64_t now)
 
 void cluster_join(struct cluster *c, struct ctl_request *req, const char *addr, unsigned timeout_ms)
 {
-    (void)timeout_ms;
-    (void)addr;
-    if (c->joining) {
-        ctl_reply_error(req, CTL_ERR_BUSY, NULL, "this node is already joining through %s",
-                        c->cfg->join ? c->cfg->join : "?");
+    char host[256];
+    uint16_t port;
+    if (pb_split_host_port(addr, host, sizeof(host), &port) < 0 || port == 0) {
+        ctl_reply_error(req, CTL_ERR_INVALID_PARAMS, NULL, "bad address %s: want host:port", addr);
         return;
     }
-    ctl_reply_error(req, CTL_ERR_INVALID_PARAMS, NULL,
-                    "this node already belongs to a cluster with %zu members", c->n_members);
+    if (c->joining) {
+        ctl_reply_error(req, CTL_ERR_BUSY, NULL, "this node is already joining through %s",
+                        c->join_addr ? c->join_addr : "?");
+        return;
+    }
+    if (!cluster_is_lone(c)) {
+        ctl_reply_error(req, CTL_ERR_INVALID_PARAMS, NULL,
+                        "this node already belongs to a cluster with %zu members", c->n_members);
+        return;
+    }
+    struct creq *q = creq_new(c, CREQ_RESET_JOIN, req, timeout_ms);
+    snprintf(q->name, sizeof(q->name), "%s", addr);
+    cluster_schedule(c);
+}
+
+static void reset_join_action(struct cluster *c, struct creq *q)
+{
+    if (q->forwarded)
+        return; /* reset done: waiting to be a member */
+    if (!cluster_is_lone(c)) {
+        creq_fail(c, q, -EINVAL, CTL_ERR_INVALID_PARAMS,
+                  "this node is no longer alone in its cluster");
+        return;
+    }
+    /* Everything else in flight belonged to the cluster being discarded. */
+    struct creq *next;
+    for (struct creq *x = c->reqs; x != NULL; x = next) {
+        next = x->next;
+        if (x != q)
+            creq_fail(c, x, -ESHUTDOWN, CTL_ERR_UNAVAILABLE,
+                      "this node is joining another cluster");
+    }
+    struct pb_error err;
+    pb_error_clear(&err);
+    int rc = cluster_reset_for_join(c, q->name, &err);
+    if (rc < 0) {
+        log_err("cannot start joining: %s", err.msg);
+        creq_fail(c, q, rc, CTL_ERR_INTERNAL, err.msg);
+        c->exit_pending = true;
+        if (c->opts.on_exit)
+            c->opts.on_exit(c->opts.arg);
+        return;
+    }
+    q->forwarded = true;
 }
 
 void cluster_partition(struct cluster *c, struct ctl_request *req, const char *name, bool on)
@@ -686,14 +751,18 @@ void cluster_admin_on_response(struct cluster *c, uint64_t from, const uint8_t *
         free(msg);
         return;
     }
-    if (rc == 0 && q->kind == CREQ_REMOVE) {
+    /* The node was a member when we asked (we checked): the leader not
+     * knowing it means an earlier attempt of ours removed it. */
+    if ((rc == 0 || rc == -ENOENT) && q->kind == CREQ_REMOVE) {
         log_notice("member %s removed", q->name);
         creq_done(c, q,
                   q->leave ? json_pack("{s:b}", "left", 1)
                            : json_pack("{s:s}", "removed", q->name));
     } else if (rc == 0 && q->kind == CREQ_TRANSFER) {
-        q->forwarded = true; /* cluster_req_check() answers once the leader changed */
-        q->retry_at_ms = 0;
+        /* cluster_req_check() answers once the leader changed; ask again
+         * if it did not. */
+        q->forwarded = true;
+        q->retry_at_ms = pb_now_ms() + TRANSFER_RETRY_MS;
     } else if (rc == -ENOENT || rc == -EINVAL) {
         creq_fail(c, q, rc, CTL_ERR_INVALID_PARAMS, msg);
     } else {

@@ -1820,6 +1820,23 @@ void raft_advance(struct raft *r, const struct raft_ready *rd)
     }
 }
 
+void raft_persist_failed(struct raft *r, const struct raft_ready *rd)
+{
+    (void)rd;
+    if (!r->frozen)
+        return;
+    r->frozen = false;
+    /* Nothing that depended on the persist may leave; what was to be
+     * persisted (entries above persisted, hard state, snapshot chunk and
+     * install) stays pending, so the next ready retries it. */
+    queue_clear(&r->msgs);
+    queue_clear(&r->msgs_after);
+    r->n_reads = 0;
+    /* Durable state unknown: a leader steps down (DESIGN.md section 5). */
+    if (r->role == RAFT_LEADER)
+        become_follower(r, r->term, RAFT_NONE);
+}
+
 /* ---------------------------------------------------------- introspection */
 
 void raft_status(const struct raft *r, struct raft_status *st)

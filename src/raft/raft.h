@@ -23,6 +23,7 @@
  *              4. apply rd.committed to the state machine, in order
  *              5. raft_advance(r, &rd)
  *            }
+ *            (if the persist fails: raft_persist_failed(r, &rd) instead of 3-5)
  *   Between raft_ready() and raft_advance() the core is frozen: every other
  *   call on it returns -EBUSY (queue inputs meanwhile). Every pointer in rd
  *   points into memory the core owns and stays valid until raft_advance().
@@ -99,6 +100,8 @@ enum raft_entry_type {
     RAFT_ENTRY_NORMAL = 0, /* application command */
     RAFT_ENTRY_NOOP = 1,   /* appended by every new leader (§6.4, §5.4.2) */
     RAFT_ENTRY_CONF = 2,   /* a full configuration, encoded by the core */
+    /* NOOP and CONF entries also reach rd.committed: the state machine only
+     * records their index as applied. */
 };
 
 struct raft_entry {
@@ -302,7 +305,11 @@ void raft_free(struct raft *r);
  * -EINVAL if the node already has state or conf is invalid. */
 int raft_bootstrap(struct raft *r, const struct raft_conf *conf);
 
-/* Loads persisted state (copied). -EINVAL on inconsistent input. */
+/* Loads persisted state (copied) into a node fresh from raft_new().
+ * -EINVAL on inconsistent input: entries not contiguous or not reaching the
+ * snapshot, an entry at the snapshot index with another term, a commit or
+ * applied index beyond the log (durable data was lost: fail loudly rather
+ * than diverge), an undecodable snapshot configuration. */
 int raft_restore(struct raft *r, const struct raft_restore_state *st);
 
 /* Advances time by one tick: elections, heartbeats, check-quorum. */
@@ -353,6 +360,8 @@ int raft_read_index(struct raft *r, uint64_t ctx);
  * of size bytes; from now on it must be able to serve its chunks. The core
  * compacts its log and fills *meta (pointers valid until the next call on r)
  * and *compact_to: log entries <= compact_to may be deleted from disk.
+ * Transfers of the previous snapshot restart with this one, so take
+ * snapshots less often than a transfer to the slowest peer takes.
  * -EINVAL if index is not applied or older than the current snapshot. */
 int raft_snapshot_taken(struct raft *r, uint64_t index, uint64_t size,
                         struct raft_snapshot_meta *meta, uint64_t *compact_to);
@@ -362,6 +371,14 @@ bool raft_ready(struct raft *r, struct raft_ready *rd);
 
 /* The application persisted, sent and applied everything in rd. */
 void raft_advance(struct raft *r, const struct raft_ready *rd);
+
+/* The persist of rd failed and was rolled back (nothing of it is on disk),
+ * e.g. SQLITE_FULL or an I/O error. Instead of steps 3-5: nothing of
+ * rd.msgs_after_persist is sent and nothing of rd.committed is applied. The
+ * core unfreezes, keeps the entries, hard state, chunk and snapshot install
+ * pending (the next ready presents them again: retry with a backoff), drops
+ * the after-persist messages and read states, and steps down if it led. */
+void raft_persist_failed(struct raft *r, const struct raft_ready *rd);
 
 /* Introspection for `status`. Pointers inside st (member contexts) and the
  * ones returned below point into the core: valid until the next call that

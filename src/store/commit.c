@@ -27,6 +27,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -336,8 +337,32 @@ static int apply_chunk(struct store *s, struct store_wstate *t,
     int64_t id = 0;
     uint64_t size = 0;
     uint32_t crc = 0;
-    int rc;
-    if (c->offset == 0) {
+    int rc = sqlite3_prepare_v2(s->w,
+                                "SELECT id, size, crc FROM raft_snapshot WHERE complete = 0 AND "
+                                "last_index = ?1 AND last_term = ?2",
+                                -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return txn_sql(s, te, rc, "prepare staged snapshot");
+    sqlite3_bind_int64(st, 1, (int64_t)c->last_index);
+    sqlite3_bind_int64(st, 2, (int64_t)c->last_term);
+    rc = sqlite3_step(st);
+    bool staged = rc == SQLITE_ROW;
+    if (staged) {
+        id = sqlite3_column_int64(st, 0);
+        size = (uint64_t)sqlite3_column_int64(st, 1);
+        crc = (uint32_t)sqlite3_column_int64(st, 2);
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return txn_sql(s, te, rc, "read staged snapshot");
+
+    if (!staged) {
+        if (c->offset != 0)
+            return txn_fail(te, -EINVAL,
+                            "snapshot chunk at offset %" PRIu64 " but snapshot %" PRIu64 "/%" PRIu64
+                            " is not staged",
+                            c->offset, c->last_index, c->last_term);
+        /* A new transfer replaces any other incomplete one. */
         rc = exec_sql(s,
                       "DELETE FROM raft_snapshot_chunk WHERE snap_id IN "
                       "(SELECT id FROM raft_snapshot WHERE complete = 0);"
@@ -360,35 +385,20 @@ static int apply_chunk(struct store *s, struct store_wstate *t,
         if (rc != SQLITE_DONE)
             return txn_sql(s, te, rc, "stage snapshot");
         id = sqlite3_last_insert_rowid(s->w);
-    } else {
-        rc = sqlite3_prepare_v2(s->w,
-                                "SELECT id, size, crc FROM raft_snapshot WHERE complete = 0 AND "
-                                "last_index = ?1 AND last_term = ?2",
-                                -1, &st, NULL);
-        if (rc != SQLITE_OK)
-            return txn_sql(s, te, rc, "prepare staged snapshot");
-        sqlite3_bind_int64(st, 1, (int64_t)c->last_index);
-        sqlite3_bind_int64(st, 2, (int64_t)c->last_term);
-        rc = sqlite3_step(st);
-        if (rc == SQLITE_ROW) {
-            id = sqlite3_column_int64(st, 0);
-            size = (uint64_t)sqlite3_column_int64(st, 1);
-            crc = (uint32_t)sqlite3_column_int64(st, 2);
-        }
-        sqlite3_finalize(st);
-        if (rc != SQLITE_ROW && rc != SQLITE_DONE)
-            return txn_sql(s, te, rc, "read staged snapshot");
-        if (rc == SQLITE_DONE)
-            return txn_fail(te, -EINVAL,
-                            "snapshot chunk at offset %" PRIu64 " but snapshot %" PRIu64 "/%" PRIu64
-                            " is not staged",
-                            c->offset, c->last_index, c->last_term);
-        if (size != c->offset)
-            return txn_fail(te, -EINVAL,
-                            "snapshot chunk at offset %" PRIu64 " but %" PRIu64 " bytes are staged",
-                            c->offset, size);
+    } else if (c->offset > size) {
+        return txn_fail(te, -EINVAL,
+                        "snapshot chunk at offset %" PRIu64 " but only %" PRIu64
+                        " bytes are staged (a gap)",
+                        c->offset, size);
     }
-    if (c->len > 0) {
+    /* A retransmission repeats bytes already staged (the same snapshot has
+     * the same bytes): keep only what extends the staged prefix. */
+    const uint8_t *data = c->data;
+    size_t len = c->len;
+    uint64_t dup = size - c->offset;
+    data += PB_MIN(dup, (uint64_t)len);
+    len -= (size_t)PB_MIN(dup, (uint64_t)len);
+    if (len > 0) {
         rc = sqlite3_prepare_v2(s->w,
                                 "INSERT INTO raft_snapshot_chunk (snap_id, off, data) "
                                 "VALUES (?1, ?2, ?3)",
@@ -396,19 +406,19 @@ static int apply_chunk(struct store *s, struct store_wstate *t,
         if (rc != SQLITE_OK)
             return txn_sql(s, te, rc, "prepare snapshot chunk");
         sqlite3_bind_int64(st, 1, id);
-        sqlite3_bind_int64(st, 2, (int64_t)c->offset);
-        rc = sqlite3_bind_blob(st, 3, c->data, (int)c->len, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 2, (int64_t)size);
+        rc = sqlite3_bind_blob(st, 3, data, (int)len, SQLITE_STATIC);
         if (rc == SQLITE_OK)
             rc = sqlite3_step(st);
         sqlite3_finalize(st);
         if (rc != SQLITE_DONE)
             return txn_sql(s, te, rc, "write snapshot chunk");
-        crc = pb_crc32c(crc, c->data, c->len);
+        crc = pb_crc32c(crc, data, len);
         char sql[160];
         snprintf(sql, sizeof(sql),
                  "UPDATE raft_snapshot SET size = %" PRIu64 ", crc = %" PRIu32
                  " WHERE id = %" PRId64,
-                 size + c->len, crc, id);
+                 size + len, crc, id);
         rc = exec_sql(s, sql, te);
         if (rc < 0)
             return rc;
@@ -718,6 +728,8 @@ static void *storage_thread(void *arg)
                     last = p->seq;
                 pthread_mutex_lock(&s->mu);
                 s->last_persisted_seq = last;
+                s->n_transactions++;
+                s->n_batches += last - list->seq + 1;
                 push_completion(s, list->seq, last, 0);
                 pthread_mutex_unlock(&s->mu);
                 notify_loop(s);
@@ -743,9 +755,16 @@ static void *storage_thread(void *arg)
 
 int store_thread_start(struct store *s)
 {
+    /* The thread blocks every signal so that the daemon's handlers (SIGTERM,
+     * SIGHUP) run on the loop thread; it inherits the mask at creation. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
     int rc = pthread_create(&s->thread, NULL, storage_thread, s);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc != 0)
         return -rc;
+    pthread_setname_np(s->thread, "pb-store");
     s->thread_started = true;
     return 0;
 }

@@ -195,14 +195,15 @@ int store_open(struct store **out, const struct store_options *opts, struct pb_e
         rc = pb_error_set(err, -ENOMEM, "store: cannot add the completion event");
         goto fail;
     }
+    /* Logged before the thread owns s->ws. */
+    log_info("opened %s first_index=%" PRIu64 " last_index=%" PRIu64 " term=%" PRIu64
+             " snapshot_index=%" PRIu64,
+             s->path, s->ws.first, s->ws.last, s->ws.term, s->ws.snap_index);
     rc = store_thread_start(s);
     if (rc < 0) {
         pb_error_set(err, rc, "store: cannot start the storage thread: %s", strerror(-rc));
         goto fail;
     }
-    log_info("opened %s first_index=%" PRIu64 " last_index=%" PRIu64 " term=%" PRIu64
-             " snapshot_index=%" PRIu64,
-             s->path, s->ws.first, s->ws.last, s->ws.term, s->ws.snap_index);
     *out = s;
     return 0;
 fail:
@@ -227,6 +228,8 @@ void store_health(struct store *s, struct store_health *h)
     memcpy(h->msg, s->deg_msg, sizeof(h->msg));
     h->since_ms = s->deg_since_ms;
     h->last_persisted_seq = s->last_persisted_seq;
+    h->transactions = s->n_transactions;
+    h->batches = s->n_batches;
     pthread_mutex_unlock(&s->mu);
 }
 

@@ -21,9 +21,20 @@
  * Errors: 0 or a negative errno. -ENOSPC (disk full), -EIO (any I/O error),
  * -EBADMSG (corruption: checksum, contiguity, snapshot/log disagreement),
  * -EPROTONOSUPPORT (raft.db written by a newer pickbox), -EBUSY (another
- * process has raft.db open), -EINVAL (a batch breaks a log invariant).
+ * process has raft.db open), -EINVAL (a batch breaks a log invariant),
+ * -EEXIST (the cluster id is already set), -E2BIG (a blob over
+ * STORE_MAX_BLOB), -ENOENT (reads: compacted away / no such snapshot).
  * After any failed write the store is DEGRADED: durable state is unknown, every
  * later submission fails fast with the same code until store_retry().
+ *
+ * How the daemon drives it: at startup store_open() + store_load() rebuild the
+ * Raft core's state. For each Raft "ready", one store_submit() carries the new
+ * hard state, the conflict truncation, the new entries and/or the snapshot
+ * piece; messages that depend on them (votes, append acks) are sent only when
+ * the completion covering that seq reports 0. On a failed completion: stop
+ * acknowledging, step down, store_retry() after store_retry_backoff_ms(), probe
+ * with an empty batch, then reload with store_load() (a failed batch may or may
+ * not have reached the disk) before the core runs again.
  */
 #ifndef PICKBOX_STORE_STORE_H
 #define PICKBOX_STORE_STORE_H
@@ -78,8 +89,10 @@ struct store_snapshot_meta {
 
 /* One piece of an incoming snapshot (InstallSnapshot). offset 0 starts staging
  * (last_index, last_term) and replaces any other incomplete snapshot; a later
- * chunk must continue exactly where the staged bytes end (ask with
- * store_snapshot_staged()). done installs it in the same transaction: mark it
+ * chunk must not start after the staged bytes end (ask with
+ * store_snapshot_staged(); a gap fails the batch). Bytes already staged are
+ * taken as a retransmission and skipped. done installs it in the same
+ * transaction: mark it
  * complete, drop the older snapshot and its payload, and drop log entries
  * <= last_index if the log holds (last_index, last_term), else the whole log
  * (Raft Figure 13, rules 6-7). */
@@ -214,6 +227,8 @@ struct store_health {
     char msg[256];     /* what failed, one line */
     uint64_t since_ms; /* wall clock (ms since the epoch) of the failure */
     uint64_t last_persisted_seq;
+    uint64_t transactions; /* committed batch transactions since open */
+    uint64_t batches;      /* batches they carried */
 };
 void store_health(struct store *s, struct store_health *h);
 

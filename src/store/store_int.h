@@ -68,6 +68,8 @@ struct store {
     struct store_pending **q_tail;
     uint64_t next_seq;
     uint64_t last_persisted_seq;
+    uint64_t n_transactions;
+    uint64_t n_batches;
     bool stopping;
     bool reopen;
     uint64_t compact_target;

@@ -105,6 +105,7 @@ int main(int argc, char **argv)
         tot.dups += st.dups;
         tot.compactions += st.compactions;
         tot.acked += st.acked;
+        tot.disk_failures += st.disk_failures;
         if (st.settle_ticks > tot.settle_ticks)
             tot.settle_ticks = st.settle_ticks;
         ticks += sim_now(s);
@@ -118,10 +119,11 @@ int main(int argc, char **argv)
            " elections=%" PRIu64 " snapshots sent=%" PRIu64 " installed=%" PRIu64
            " compactions=%" PRIu64 " conf changes=%" PRIu64 " transfers=%" PRIu64 " reads=%" PRIu64
            " ops acknowledged=%" PRIu64 " retried ops deduplicated=%" PRIu64
-           "\n  slowest settle after healing: %" PRIu64 " ticks (bound %" PRIu64 ")\n",
+           " failed persists=%" PRIu64 "\n  slowest settle after healing: %" PRIu64
+           " ticks (bound %" PRIu64 ")\n",
            seeds, seed_start, nodes, ticks, failures, tot.msgs, tot.dropped, tot.duplicated,
            tot.crashes, tot.elections, tot.snapshots_sent, tot.snapshots_installed, tot.compactions,
-           tot.conf_changes, tot.transfers, tot.reads, tot.acked, tot.dups, tot.settle_ticks,
-           liveness);
+           tot.conf_changes, tot.transfers, tot.reads, tot.acked, tot.dups, tot.disk_failures,
+           tot.settle_ticks, liveness);
     return failures ? 1 : 0;
 }

@@ -25,6 +25,13 @@ struct sim_msg {
     struct raft_msg m;
 };
 
+struct fsm {
+    uint64_t applied;
+    uint64_t hash;
+    uint64_t ops;
+    uint64_t sess[SIM_MAX_CLIENTS];
+};
+
 struct disk {
     struct raft_hard_state hs;
     struct raft_entry *ents; /* contiguous from first */
@@ -35,17 +42,13 @@ struct disk {
     uint8_t *snap_conf;
     size_t snap_conf_len;
     uint8_t *snap_data;
+    /* the state machine's durable state (state.db in the daemon) */
+    bool has_fsm;
+    struct fsm fsm;
     /* staging area of an incoming snapshot */
     uint64_t st_index, st_term;
     uint8_t *st_data;
     size_t st_len;
-};
-
-struct fsm {
-    uint64_t applied;
-    uint64_t hash;
-    uint64_t ops;
-    uint64_t sess[SIM_MAX_CLIENTS];
 };
 
 struct node {
@@ -87,7 +90,8 @@ struct sim {
     uint64_t next_id;
     struct node nodes[SIM_MAX_SLOTS];
     bool blocked[SIM_MAX_SLOTS][SIM_MAX_SLOTS];
-    unsigned drop, dup, long_delay, leader_faults; /* per mille */
+    unsigned drop, dup, long_delay, leader_faults, conf_rate, disk_fail; /* per mille */
+    unsigned skew[SIM_MAX_SLOTS]; /* per mille of missed ticks */
     bool chaos_on;
     struct sim_msg *net;
     size_t n_net, cap_net;
@@ -552,6 +556,12 @@ static void node_start(struct sim *s, struct node *nd)
     };
     if (d->has_snap && fsm_decode(&nd->fsm, d->snap_data, d->snap_size) != 0)
         fail(s, "n%" PRIu64 " snapshot on disk does not decode", nd->id);
+    if (d->has_fsm && chance(s, 500)) {
+        /* Like state.db: the state machine kept its own durable state (and
+         * applied index); only later entries are applied again. */
+        nd->fsm = d->fsm;
+        st.applied = d->fsm.applied;
+    }
     int rc = raft_restore(nd->r, &st);
     if (rc != 0)
         fail(s, "n%" PRIu64 " restore failed: %d", nd->id, rc);
@@ -761,6 +771,14 @@ static void check_reads(struct sim *s, struct node *nd, const struct raft_ready 
 static void complete_ready(struct sim *s, struct node *nd)
 {
     struct raft_ready *rd = &nd->rd;
+    if (s->chaos_on && rd->must_sync && chance(s, s->disk_fail)) {
+        /* The write was rolled back: nothing reached the disk. */
+        trace(s, "n%" PRIu64 " persist FAILED (disk error), will retry", nd->id);
+        raft_persist_failed(nd->r, rd);
+        nd->busy = false;
+        s->st.disk_failures++;
+        return;
+    }
     if (s->o.trace && (rd->hs_changed || rd->n_entries || rd->n_committed))
         trace(s,
               "n%" PRIu64 " persisted term=%" PRIu64 " vote=%" PRIu64 " commit=%" PRIu64
@@ -778,6 +796,8 @@ static void complete_ready(struct sim *s, struct node *nd)
     check_reads(s, nd, rd);
     raft_advance(nd->r, rd);
     nd->busy = false;
+    nd->disk.fsm = nd->fsm; /* the state machine's own durable copy */
+    nd->disk.has_fsm = true;
     take_snapshot(s, nd);
 }
 
@@ -902,6 +922,14 @@ static void chaos_clients(struct sim *s, bool new_ops)
         if (!go)
             continue;
         int slot = random_up(s);
+        /* Clients mostly talk to members (a removed node may never learn
+         * it was removed and keeps a stale view of the leader). */
+        int l = find_leader(s);
+        for (int tries = 0; l >= 0 && slot >= 0 && tries < 8 && !chance(s, 150); tries++) {
+            if (raft_conf_find(raft_conf(s->nodes[l].r), s->nodes[slot].id) != NULL)
+                break;
+            slot = random_up(s);
+        }
         if (slot >= 0)
             sim_propose(s, (unsigned)slot, c);
     }
@@ -1030,7 +1058,7 @@ static void chaos(struct sim *s)
     }
     if (chance(s, 12))
         sim_heal(s);
-    if (s->o.membership && chance(s, 8))
+    if (s->o.membership && chance(s, s->conf_rate))
         chaos_membership(s);
     if (chance(s, 4)) {
         int l = find_leader(s);
@@ -1129,7 +1157,8 @@ int sim_tick(struct sim *s)
             continue;
         if (nd->busy && nd->busy_until <= s->now)
             complete_ready(s, nd);
-        if (!nd->busy)
+        /* clocks drift: a node sometimes misses a tick */
+        if (!nd->busy && !(s->chaos_on && chance(s, s->skew[i])))
             raft_tick(nd->r);
     }
     for (int i = 0; i < SIM_MAX_SLOTS; i++)
@@ -1168,6 +1197,10 @@ struct sim *sim_new(const struct sim_opts *o)
     s->dup = rndn(s, 30);
     s->long_delay = rndn(s, 30);
     s->leader_faults = rndn(s, 25);
+    s->conf_rate = 2 + rndn(s, 60);
+    s->disk_fail = rndn(s, 3) == 0 ? rndn(s, 40) : 0;
+    for (int i = 0; i < SIM_MAX_SLOTS; i++)
+        s->skew[i] = rndn(s, 4) == 0 ? rndn(s, 150) : 0;
     s->next_id = o->nodes + 1;
     for (unsigned i = 0; i < o->nodes; i++) {
         struct node *nd = &s->nodes[i];

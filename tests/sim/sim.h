@@ -80,6 +80,7 @@ struct sim_stats {
     uint64_t msgs, dropped, duplicated, crashes, elections, snapshots_sent, snapshots_installed;
     uint64_t conf_changes, transfers, reads, dups, compactions, acked;
     uint64_t settle_ticks; /* ticks from healing to settled (sim_run) */
+    uint64_t disk_failures;
 };
 void sim_stats(const struct sim *s, struct sim_stats *st);
 
