@@ -265,6 +265,19 @@ void cluster_storage_failed(struct cluster *c, int code, const char *msg)
 
 static void cluster_persist_done(struct cluster *c);
 
+/* The batch of c->rd failed: the core unfreezes, steps down if it led,
+ * drops what depended on the persist (acknowledgements, votes) and presents
+ * the rest again in a later ready, which the storage retry lets through. */
+static void cluster_ready_failed(struct cluster *c, int code, const char *msg)
+{
+    c->rx.len = c->rx_undo_len;
+    raft_persist_failed(c->raft, &c->rd);
+    c->frozen = false;
+    c->ready_seq = 0;
+    c->verify_overlap = true;
+    cluster_storage_failed(c, code, msg);
+}
+
 /* Submits the store batch for c->rd, or completes at once when nothing needs
  * to be durable (a commit-index change alone needs no fsync). */
 static void cluster_persist(struct cluster *c)
@@ -278,37 +291,58 @@ static void cluster_persist(struct cluster *c)
     if (c->pending_cluster_id)
         b.cluster_id = c->cluster_id;
 
-    struct store_entry *ents = NULL;
-    if (rd->n_entries > 0) {
-        ents = pb_xcalloc(rd->n_entries, sizeof(*ents));
-        buf_reset(&c->entbuf);
-        size_t *offs = pb_xcalloc(rd->n_entries + 1, sizeof(*offs));
-        for (size_t i = 0; i < rd->n_entries; i++) {
-            offs[i] = c->entbuf.len;
-            raft_entry_encode(&rd->entries[i], &c->entbuf);
+    /* After a storage failure a batch may or may not have reached the disk:
+     * entries already there with the same term are not written again (the
+     * store refuses to truncate matching entries). */
+    size_t skip = 0;
+    if (c->verify_overlap && rd->n_entries > 0 && rd->entries[0].index <= c->stored_last) {
+        struct store_entries have;
+        struct pb_error err;
+        uint64_t hi = PB_MIN(c->stored_last, rd->entries[rd->n_entries - 1].index);
+        if (store_read_entries(c->store, rd->entries[0].index, hi, SIZE_MAX, &have, &err) == 0) {
+            while (skip < have.n && skip < rd->n_entries &&
+                   have.v[skip].index == rd->entries[skip].index &&
+                   have.v[skip].term == rd->entries[skip].term)
+                skip++;
+            store_entries_free(&have);
         }
-        offs[rd->n_entries] = c->entbuf.len;
-        for (size_t i = 0; i < rd->n_entries; i++) {
-            ents[i].index = rd->entries[i].index;
-            ents[i].term = rd->entries[i].term;
-            ents[i].type = rd->entries[i].type;
+    }
+    struct store_entry *ents = NULL;
+    size_t n_ents = rd->n_entries - skip;
+    if (n_ents > 0) {
+        const struct raft_entry *re = rd->entries + skip;
+        ents = pb_xcalloc(n_ents, sizeof(*ents));
+        buf_reset(&c->entbuf);
+        size_t *offs = pb_xcalloc(n_ents + 1, sizeof(*offs));
+        for (size_t i = 0; i < n_ents; i++) {
+            offs[i] = c->entbuf.len;
+            raft_entry_encode(&re[i], &c->entbuf);
+        }
+        offs[n_ents] = c->entbuf.len;
+        for (size_t i = 0; i < n_ents; i++) {
+            ents[i].index = re[i].index;
+            ents[i].term = re[i].term;
+            ents[i].type = re[i].type;
             ents[i].data = c->entbuf.data + offs[i];
             ents[i].len = offs[i + 1] - offs[i];
         }
         free(offs);
         b.entries = ents;
-        b.n_entries = rd->n_entries;
-        if (rd->entries[0].index <= c->stored_last)
-            b.truncate_from = rd->entries[0].index;
+        b.n_entries = n_ents;
+        if (re[0].index <= c->stored_last)
+            b.truncate_from = re[0].index;
     }
 
     /* Incoming snapshot chunks are staged in memory (a partial transfer is
      * not resumed across a restart anyway); the whole snapshot goes to
-     * raft.db in the batch that installs it. */
+     * raft.db in the batch that installs it. A failed persist undoes the
+     * staging: the core presents the chunk again. */
+    c->rx_undo_len = c->rx.len;
     if (rd->chunk != NULL) {
         if (rd->chunk->offset == 0 || rd->chunk->index != c->rx_index ||
             rd->chunk->term != c->rx_term || rd->chunk->offset != c->rx.len) {
             buf_reset(&c->rx);
+            c->rx_undo_len = 0;
             c->rx_index = rd->chunk->index;
             c->rx_term = rd->chunk->term;
         }
@@ -316,7 +350,7 @@ static void cluster_persist(struct cluster *c)
             buf_put(&c->rx, rd->chunk->data, rd->chunk->len);
     }
     struct store_snapshot_chunk chunk;
-    if (rd->snapshot != NULL) {
+    if (rd->snapshot != NULL && !(c->verify_overlap && c->stored_snap >= rd->snapshot->index)) {
         memset(&chunk, 0, sizeof(chunk));
         chunk.last_index = rd->snapshot->index;
         chunk.last_term = rd->snapshot->term;
@@ -341,9 +375,8 @@ static void cluster_persist(struct cluster *c)
     free(ents);
     if (rc < 0) {
         char msg[200];
-        snprintf(msg, sizeof(msg), "cannot submit to raft.db: %s", strerror(-rc));
-        cluster_storage_failed(c, rc, msg);
-        c->resubmit = true;
+        snprintf(msg, sizeof(msg), "cannot write to raft.db: %s", strerror(-rc));
+        cluster_ready_failed(c, rc, msg);
         return;
     }
     c->ready_seq = seq;
@@ -429,79 +462,58 @@ static void cluster_persist_done(struct cluster *c)
 static void cluster_on_store_complete(void *arg, const struct store_completion *done)
 {
     struct cluster *c = arg;
+    bool covers_ready = c->frozen && c->ready_seq != 0 && c->ready_seq >= done->first_seq &&
+                        c->ready_seq <= done->last_seq;
+    bool covers_probe =
+            c->probe_seq != 0 && c->probe_seq >= done->first_seq && c->probe_seq <= done->last_seq;
     if (done->status != 0) {
         struct store_health h;
         store_health(c->store, &h);
-        cluster_storage_failed(c, done->status, h.msg[0] ? h.msg : strerror(-done->status));
-        if (c->frozen && c->ready_seq >= done->first_seq && c->ready_seq <= done->last_seq)
-            c->resubmit = true;
-        if (c->probe_seq >= done->first_seq && c->probe_seq <= done->last_seq)
+        const char *msg = h.msg[0] ? h.msg : strerror(-done->status);
+        if (covers_probe)
             c->probe_seq = 0; /* retry again after the backoff */
+        if (covers_ready)
+            cluster_ready_failed(c, done->status, msg);
+        else
+            cluster_storage_failed(c, done->status, msg);
         return;
     }
-    if (c->probe_seq != 0 && c->probe_seq >= done->first_seq && c->probe_seq <= done->last_seq) {
+    if (covers_probe) {
         c->probe_seq = 0;
         cluster_storage_recovered(c);
         return;
     }
-    if (c->frozen && c->ready_seq != 0 && c->ready_seq >= done->first_seq &&
-        c->ready_seq <= done->last_seq && !c->resubmit) {
+    if (covers_ready) {
         c->ready_seq = 0;
+        c->verify_overlap = false;
         cluster_persist_done(c);
     }
 }
 
 /* After store_retry() and a successful empty probe batch: rebuild our view
- * of raft.db (a failed batch may or may not be on disk) and resubmit what
- * the frozen ready still needs. */
+ * of raft.db (a failed batch may or may not be on disk) and go on. */
 void cluster_storage_recovered(struct cluster *c)
 {
     struct store_state st;
     struct pb_error err;
-    int rc = store_load(c->store, UINT64_MAX, 0, &st, &err);
+    int rc = store_load(c->store, INT64_MAX, 0, &st, &err);
     if (rc < 0) {
         cluster_storage_failed(c, rc, err.msg);
         return;
     }
     c->stored_last = st.last_index;
     c->stored_hs = st.hard_state;
-    uint64_t snap_index = st.has_snapshot ? st.snapshot.last_index : 0;
+    c->stored_snap = st.has_snapshot ? st.snapshot.last_index : 0;
     store_state_free(&st);
-    if (!c->frozen) {
-        /* What failed was not a ready's batch (a snapshot record). */
-        log_notice("storage works again: resuming");
-        c->storage_error = false;
-        c->changed = true;
-        cluster_schedule(c);
-        return;
-    }
-    if (!c->resubmit) {
-        cluster_persist_done(c); /* the persist was fine; applying failed */
-        return;
-    }
-    c->resubmit = false;
-    const struct raft_ready *rd = &c->rd;
-    if (rd->snapshot != NULL && snap_index >= rd->snapshot->index) {
-        /* Already installed on disk. */
+    if (c->frozen) {
+        /* The persist was fine; applying to state.db failed: again. */
         cluster_persist_done(c);
         return;
     }
-    if (rd->n_entries > 0 && c->stored_last >= rd->entries[rd->n_entries - 1].index) {
-        /* The entries may be there (a lost acknowledgement): compare terms. */
-        struct store_entries have;
-        rc = store_read_entries(c->store, rd->entries[0].index,
-                                rd->entries[rd->n_entries - 1].index, SIZE_MAX, &have, &err);
-        bool same = rc == 0 && have.n == rd->n_entries;
-        for (size_t i = 0; same && i < have.n; i++)
-            same = have.v[i].term == rd->entries[i].term;
-        if (rc == 0)
-            store_entries_free(&have);
-        if (same && rd->hs.term == c->stored_hs.term && rd->hs.vote == c->stored_hs.vote) {
-            cluster_persist_done(c);
-            return;
-        }
-    }
-    cluster_persist(c);
+    log_notice("storage works again: resuming");
+    c->storage_error = false;
+    c->changed = true;
+    cluster_schedule(c);
 }
 
 /* ---- feeding the core ---- */
@@ -593,6 +605,13 @@ static void cluster_on_process(evutil_socket_t fd, short what, void *arg)
     c->scheduled = false;
     if (c->frozen || c->closing)
         return;
+    if (c->storage_error) {
+        /* Durable state unknown: acknowledge nothing, vote for nobody, lead
+         * nothing until a probe write succeeds (cluster_on_tick). */
+        cluster_inq_clear(c);
+        c->ticks_pending = 0;
+        return;
+    }
     for (size_t i = 0; i < c->inq_n; i++)
         raft_step(c->raft, &c->inq[i]);
     cluster_inq_clear(c);
@@ -711,8 +730,8 @@ static void cluster_on_tick(evutil_socket_t fd, short what, void *arg)
     (void)what;
     uint64_t now = pb_now_ms();
     if (c->storage_error) {
-        /* The core stays frozen (nothing is acknowledged, no heartbeats go
-         * out: the others elect a leader that can write) until a probe
+        /* The core is not driven (nothing is acknowledged, no heartbeats
+         * go out: the others elect a leader that can write) until a probe
          * batch succeeds. */
         if (c->probe_seq == 0 && now >= c->storage_retry_at) {
             store_retry(c->store);
@@ -952,7 +971,7 @@ int cluster_reset_for_join(struct cluster *c, const char *addr, struct pb_error 
     c->n_gone = 0;
     c->frozen = false;
     c->ready_seq = 0;
-    c->resubmit = false;
+    c->verify_overlap = false;
     c->stored_last = 0;
     memset(&c->stored_hs, 0, sizeof(c->stored_hs));
     buf_free(&c->rx);

@@ -104,7 +104,9 @@ struct cluster {
     struct raft_ready rd;
     uint64_t ready_seq; /* store batch of rd, 0 = none */
     bool rd_persisted, rd_installed;
-    bool resubmit; /* rd's batch failed: submit again after recovery */
+    bool verify_overlap;  /* after a failure: skip entries already on disk */
+    uint64_t stored_snap; /* raft.db's snapshot index as last reloaded */
+    size_t rx_undo_len;
     struct store_hard_state stored_hs;
     uint64_t stored_last;
     struct buf txbuf, entbuf;
