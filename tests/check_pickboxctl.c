@@ -1157,6 +1157,7 @@ struct probe_srv {
     int lfd;
     int stop[2];
     unsigned long answered;
+    unsigned close_every; /* nonzero: hang up right after every close_every-th answer */
     pthread_t thread;
 };
 
@@ -1172,11 +1173,16 @@ static void *probe_srv_main(void *arg)
     for (;;) {
         if (poll(pf, n, 5000) <= 0 || pf[1].revents)
             break;
-        if (pf[0].revents && n < 16) {
-            int fd = accept(s->lfd, NULL, NULL);
+        if (pf[0].revents) {
+            nfds_t slot = 2;
+            while (slot < n && pf[slot].fd >= 0)
+                slot++;
+            int fd = slot < 16 ? accept(s->lfd, NULL, NULL) : -1;
             if (fd >= 0) {
-                len[n] = 0;
-                pf[n++] = (struct pollfd){.fd = fd, .events = POLLIN};
+                len[slot] = 0;
+                pf[slot] = (struct pollfd){.fd = fd, .events = POLLIN};
+                if (slot == n)
+                    n++;
             }
         }
         for (nfds_t i = 2; i < n; i++) {
@@ -1207,6 +1213,11 @@ static void *probe_srv_main(void *arg)
                 size_t used = (size_t)(nl - buf[i]) + 1;
                 memmove(buf[i], nl + 1, len[i] - used);
                 len[i] -= used;
+                if (s->close_every != 0 && s->answered % s->close_every == 0) {
+                    close(pf[i].fd);
+                    pf[i].fd = -1;
+                    break;
+                }
             }
         }
     }
@@ -1217,17 +1228,62 @@ static void *probe_srv_main(void *arg)
     return NULL;
 }
 
+static void probe_srv_start(struct probe_srv *s, unsigned close_every)
+{
+    memset(s, 0, sizeof(*s));
+    s->close_every = close_every;
+    snprintf(s->path, sizeof(s->path), "%s/probe.sock", tmpdir);
+    s->lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", s->path);
+    ck_assert_int_eq(bind(s->lfd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    ck_assert_int_eq(listen(s->lfd, 16), 0);
+    ck_assert_int_eq(pipe(s->stop), 0);
+    ck_assert_int_eq(pthread_create(&s->thread, NULL, probe_srv_main, s), 0);
+}
+
+static void probe_srv_stop(struct probe_srv *s)
+{
+    (void)!write(s->stop[1], "x", 1);
+    pthread_join(s->thread, NULL);
+    close(s->lfd);
+    close(s->stop[0]);
+    close(s->stop[1]);
+    unlink(s->path);
+}
+
+START_TEST(test_bench_reconnects_after_hangup)
+{
+    /* The server hangs up after every 7th answer: the connection is counted
+     * CLOSED, reopened, and the load goes on. */
+    struct probe_srv s;
+    probe_srv_start(&s, 7);
+    struct pbctl_bench_config cfg = {
+            .size = 0, .concurrency = 3, .duration_ms = 200, .warmup_ms = 20};
+    struct pbctl_bench_result *r = pb_xmalloc(sizeof(*r));
+    struct pb_error err;
+    pb_error_clear(&err);
+    int rc = pbctl_bench_run(s.path, &cfg, r, &err);
+    probe_srv_stop(&s);
+    ck_assert_msg(rc == 0, "bench: %s", err.msg);
+    ck_assert_uint_gt(r->commits, 20);
+    uint64_t closed = 0, connect = 0;
+    for (int i = 0; i < r->n_errors; i++) {
+        if (strcmp(r->errors[i].code, "CLOSED") == 0)
+            closed = r->errors[i].n;
+        if (strcmp(r->errors[i].code, "CONNECT") == 0)
+            connect = r->errors[i].n;
+    }
+    ck_assert_uint_gt(closed, 3);
+    ck_assert_uint_eq(connect, 0);
+    free(r);
+}
+END_TEST
+
 START_TEST(test_bench_run_against_fixture)
 {
-    struct probe_srv s = {0};
-    snprintf(s.path, sizeof(s.path), "%s/probe.sock", tmpdir);
-    s.lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", s.path);
-    ck_assert_int_eq(bind(s.lfd, (struct sockaddr *)&sa, sizeof(sa)), 0);
-    ck_assert_int_eq(listen(s.lfd, 16), 0);
-    ck_assert_int_eq(pipe(s.stop), 0);
-    ck_assert_int_eq(pthread_create(&s.thread, NULL, probe_srv_main, &s), 0);
+    struct probe_srv s;
+    probe_srv_start(&s, 0);
 
     struct pbctl_bench_config cfg = {
             .size = 64, .concurrency = 4, .duration_ms = 300, .warmup_ms = 50};
@@ -1235,8 +1291,7 @@ START_TEST(test_bench_run_against_fixture)
     struct pb_error err;
     pb_error_clear(&err);
     int rc = pbctl_bench_run(s.path, &cfg, r, &err);
-    (void)!write(s.stop[1], "x", 1);
-    pthread_join(s.thread, NULL);
+    probe_srv_stop(&s);
     ck_assert_msg(rc == 0, "bench: %s", err.msg);
     ck_assert_uint_gt(r->commits, 10);
     ck_assert_uint_eq(r->latency.count, r->commits);
@@ -1274,10 +1329,6 @@ START_TEST(test_bench_run_against_fixture)
     ck_assert_ptr_nonnull(strstr(buf, "errors: BUSY "));
     free(buf);
     free(r);
-    close(s.lfd);
-    close(s.stop[0]);
-    close(s.stop[1]);
-    unlink(s.path);
 }
 END_TEST
 
@@ -1323,6 +1374,7 @@ static Suite *pickboxctl_suite(void)
     tcase_add_test(tc, test_hist_percentiles_relative_error);
     tcase_add_test(tc, test_bench_config_and_errors);
     tcase_add_test(tc, test_bench_run_against_fixture);
+    tcase_add_test(tc, test_bench_reconnects_after_hangup);
     tcase_add_test(tc, test_bench_cannot_connect);
     suite_add_tcase(s, tc);
 
