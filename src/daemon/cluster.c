@@ -99,12 +99,22 @@ const struct cluster_member *cluster_member_by_name(const struct cluster *c, con
     return NULL;
 }
 
-const char *cluster_name_of(const struct cluster *c, uint64_t id)
+const char *cluster_name_of(struct cluster *c, uint64_t id)
 {
+    if (id == RAFT_NONE)
+        return NULL;
     if (id == c->id)
         return c->cfg->node_id;
     const struct cluster_member *m = cluster_member_by_id(c, id);
-    return m != NULL ? m->name : NULL;
+    if (m != NULL)
+        return m->name;
+    /* Not in our configuration (yet): the name it gave in its HELLO. */
+    struct net_peer_stats ps;
+    if (c->net != NULL && net_peer_stats(c->net, id, &ps) == 0 && ps.name[0] != '\0') {
+        snprintf(c->name_buf, sizeof(c->name_buf), "%s", ps.name);
+        return c->name_buf;
+    }
+    return NULL;
 }
 
 void cluster_schedule(struct cluster *c)
@@ -276,6 +286,7 @@ static void cluster_ready_failed(struct cluster *c, int code, const char *msg)
     c->ready_seq = 0;
     c->verify_overlap = true;
     cluster_storage_failed(c, code, msg);
+    cluster_after_advance(c); /* report the step-down */
 }
 
 /* Submits the store batch for c->rd, or completes at once when nothing needs
@@ -543,6 +554,11 @@ static void cluster_on_raft_frame(struct cluster *c, uint64_t from, const uint8_
         }
         return;
     }
+    if (c->storage_error) {
+        /* Not driven until the storage works (cluster_on_process). */
+        raft_msg_clear(&m);
+        return;
+    }
     if (c->frozen || c->inq_n > 0) {
         if (c->inq_n >= CLUSTER_INQ_MAX || c->inq_bytes + len > CLUSTER_INQ_MAX_BYTES) {
             raft_msg_clear(&m);
@@ -586,14 +602,13 @@ static void cluster_on_peer_state(void *arg, uint64_t node_id, bool up)
 {
     struct cluster *c = arg;
     const char *name = cluster_name_of(c, node_id);
-    log_info("peer %s (%016" PRIx64 ") is %s", name ? name : "?", node_id, up ? "up" : "down");
+    struct net_peer_stats ps;
+    bool have_ps = net_peer_stats(c->net, node_id, &ps) == 0;
+    if (name == NULL)
+        name = have_ps && ps.name[0] ? ps.name : "?";
+    log_info("peer %s (%016" PRIx64 ") is %s", name, node_id, up ? "up" : "down");
     if (up && c->joining)
         c->join_next_ms = 0; /* ask now */
-    if (up && !c->has_cluster_id) {
-        struct net_peer_stats ps;
-        if (net_peer_stats(c->net, node_id, &ps) == 0 && ps.has_cluster_id && c->joining)
-            memcpy(c->peer_cluster_id, ps.cluster_id, sizeof(c->peer_cluster_id));
-    }
 }
 
 /* Everything that waited while the core was frozen, then ready. */
@@ -647,6 +662,8 @@ static const char *cluster_role_of(const struct cluster *c)
     return self != NULL && !self->voter ? "learner" : "follower";
 }
 
+static void cluster_record_snapshot(struct cluster *c, uint64_t index, uint64_t size);
+
 static void cluster_maybe_snapshot(struct cluster *c)
 {
     uint64_t applied = sm_applied(c->sm);
@@ -662,11 +679,18 @@ static void cluster_maybe_snapshot(struct cluster *c)
         cluster_storage_failed(c, rc, err.msg);
         return;
     }
+    cluster_record_snapshot(c, applied, size);
+}
+
+/* Tells the core about the state machine's snapshot at index, records it in
+ * raft.db and compacts the log behind it. */
+static void cluster_record_snapshot(struct cluster *c, uint64_t index, uint64_t size)
+{
     struct raft_snapshot_meta meta;
     uint64_t compact_to = 0;
-    rc = raft_snapshot_taken(c->raft, applied, size, &meta, &compact_to);
+    int rc = raft_snapshot_taken(c->raft, index, size, &meta, &compact_to);
     if (rc < 0) {
-        log_warning("raft refused snapshot at %" PRIu64 ": %s", applied, strerror(-rc));
+        log_warning("raft refused snapshot at %" PRIu64 ": %s", index, strerror(-rc));
         return;
     }
     struct store_local_snapshot ls = {.last_index = meta.index,
@@ -1073,6 +1097,15 @@ int cluster_open(struct cluster **out, const struct cluster_options *opts, struc
         rc = cluster_restore(c, &st, err);
         if (rc < 0)
             goto fail;
+        uint64_t store_snap = st.has_snapshot ? st.snapshot.last_index : 0;
+        if (sm_snapshot_index(c->sm) > store_snap) {
+            /* Crashed between taking a snapshot and recording it in raft.db:
+             * record it now, so that the one the core offers to lagging
+             * peers is the one the state machine can serve. */
+            size_t len;
+            sm_snapshot_data(c->sm, &len);
+            cluster_record_snapshot(c, sm_snapshot_index(c->sm), len);
+        }
         log_notice("restarted from %s: term %" PRIu64 ", log %" PRIu64 "..%" PRIu64
                    ", applied %" PRIu64,
                    c->cfg->state_dir, st.hard_state.term, st.first_index, st.last_index,
@@ -1250,4 +1283,10 @@ void cluster_status_fill(struct cluster *c, json_t *obj)
         json_object_set_new(obj, "storage_error", json_null());
     json_object_set_new(obj, "members", cluster_members_array(c));
     json_object_set_new(obj, "sessions", json_integer((json_int_t)sm_sessions(c->sm)));
+    /* How well group commit works: entries per raft.db batch. */
+    json_object_set_new(obj, "raft_stats",
+                        json_pack("{s:I,s:I,s:I,s:I}", "batches", (json_int_t)c->stats_batches,
+                                  "entries", (json_int_t)c->stats_batch_entries,
+                                  "malformed_dropped", (json_int_t)c->stats_malformed,
+                                  "queue_dropped", (json_int_t)c->stats_inq_dropped));
 }

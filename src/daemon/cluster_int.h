@@ -83,7 +83,6 @@ struct cluster {
     uint8_t cluster_id[16];
     bool has_cluster_id;
     bool pending_cluster_id; /* to persist with the next batch */
-    uint8_t peer_cluster_id[16];
     uint8_t *secret;
     size_t secret_len;
     unsigned election_tick;
@@ -156,6 +155,7 @@ struct cluster {
     uint64_t stats_malformed, stats_inq_dropped, stats_batches, stats_batch_entries;
     uint64_t malformed_warned_ms;
     bool exit_pending;
+    char name_buf[65];
 };
 
 /* cluster.c */
@@ -166,7 +166,9 @@ void cluster_storage_failed(struct cluster *c, int code, const char *msg);
 void cluster_storage_recovered(struct cluster *c);
 const struct cluster_member *cluster_member_by_id(const struct cluster *c, uint64_t id);
 const struct cluster_member *cluster_member_by_name(const struct cluster *c, const char *name);
-const char *cluster_name_of(const struct cluster *c, uint64_t id);
+/* Name of member id (or, outside the configuration, the name the peer
+ * gave in its handshake); NULL if unknown. Valid until the next call. */
+const char *cluster_name_of(struct cluster *c, uint64_t id);
 int cluster_reset_for_join(struct cluster *c, const char *addr, struct pb_error *err);
 bool cluster_is_lone(struct cluster *c);
 void cluster_gone_tick(struct cluster *c, uint64_t now);

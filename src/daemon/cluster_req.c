@@ -36,6 +36,7 @@
 #define REMOTE_DEADLINE_MS      10000
 #define PROMOTE_EVERY_MS        200
 #define TRANSFER_RETRY_MS       3000
+#define REMOTE_MAX_REQS         (CLUSTER_MAX_SLOTS + 1024) /* then a peer's request is refused */
 
 /* ---- list ---- */
 
@@ -652,6 +653,16 @@ void cluster_admin_on_request(struct cluster *c, uint64_t from, const uint8_t *p
         admin_send_response(c, from, op, req_id, -EINVAL, "malformed member context");
         return;
     }
+    if (op == ADMIN_OP_JOIN && hops == 0 && target != from) {
+        /* A node asks for itself; only a member forwarding may speak for
+         * another (and members are trusted as much as the leader). */
+        admin_send_response(c, from, op, req_id, -EINVAL, "a node can only ask to join itself");
+        return;
+    }
+    if (c->n_reqs >= REMOTE_MAX_REQS) {
+        admin_send_response(c, from, op, req_id, -EBUSY, "too many requests in flight");
+        return;
+    }
     if (raft_role(c->raft) != RAFT_LEADER) {
         uint64_t leader = raft_leader(c->raft);
         if (leader == RAFT_NONE || leader == from || hops >= ADMIN_MAX_HOPS) {
@@ -736,7 +747,7 @@ void cluster_admin_on_response(struct cluster *c, uint64_t from, const uint8_t *
         }
         if (c->joining && strcmp(c->join_last_msg, msg) != 0) {
             snprintf(c->join_last_msg, sizeof(c->join_last_msg), "%s", msg);
-            if (rc == 0 || rc == -EINPROGRESS)
+            if (rc == 0 || rc == -EINPROGRESS || rc == -EAGAIN || rc == -EBUSY)
                 log_info("join: %s", msg);
             else
                 log_warning("join refused: %s", msg);
