@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <ftw.h>
 #include <limits.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -22,6 +23,7 @@
 #include <unistd.h>
 
 #include "lib/util.h"
+#include "pickboxctl/bench.h"
 #include "pickboxctl/client.h"
 #include "pickboxctl/pickboxctl.h"
 #include "pickboxctl/render.h"
@@ -45,41 +47,115 @@ static void teardown(void)
 }
 
 static const char sample_status[] =
-        "{\"node_id\":\"n1\",\"role\":\"leader\",\"term\":4,\"leader_id\":\"n1\","
-        "\"commit_index\":120,\"applied_index\":119,\"uptime_s\":3725,\"extra_info\":\"e\","
-        "\"members\":["
-        "{\"id\":\"n1\",\"address\":\"127.0.0.1:8010\",\"voter\":true,\"match\":120,\"lag\":0},"
-        "{\"id\":\"n2\",\"address\":\"127.0.0.1:8011\",\"voter\":true,\"reachable\":true,"
-        "\"match\":118,\"lag\":2,\"last_contact_ms\":40},"
-        "{\"id\":\"n3\",\"address\":\"[::1]:8012\",\"voter\":false,\"reachable\":false,"
-        "\"match\":0,\"lag\":120,\"last_contact_ms\":12500,\"note\":\"x\"}]}";
+        "{\"node_id\":\"n1\",\"raft_id\":\"00c0ffee00c0ffee\",\"cluster_id\":"
+        "\"0123456789abcdef0123456789abcde"
+        "f\",\"role\":\"leader\",\"term\":4,\"leader_id\":\"n1\",\"commit_index\":120,\"applied_"
+        "index\":119,\"last_"
+        "index\":121,\"snapshot_index\":100,\"joining\":false,\"storage_error\":null,\"uptime_s\":"
+        "3725,\"extr"
+        "a_info\":\"e\",\"members\":[{\"id\":\"n1\",\"raft_id\":\"00c0ffee00c0ffee\",\"address\":"
+        "\"127.0.0.1:8010\","
+        "\"voter\":true,\"self\":true,\"reachable\":null,\"match_index\":120,\"lag\":0,\"last_"
+        "contact_ms\":null"
+        "},{\"id\":\"n2\",\"raft_id\":\"1111111111111111\",\"address\":\"127.0.0.1:8011\","
+        "\"voter\":true,\"self\":f"
+        "alse,\"reachable\":true,\"match_index\":118,\"lag\":2,\"last_contact_ms\":40},{\"id\":"
+        "\"n3\",\"raft_id\""
+        ":\"2222222222222222\",\"address\":\"[::1]:8012\",\"voter\":false,\"self\":false,"
+        "\"reachable\":false,\"m"
+        "atch_index\":0,\"lag\":120,\"last_contact_ms\":12500,\"note\":\"x\"}]}";
 
-static const char sample_status_text[] =
-        "node:          n1\n"
-        "role:          leader\n"
-        "term:          4\n"
-        "leader:        n1\n"
-        "commit index:  120\n"
-        "applied index: 119\n"
-        "uptime:        1h2m5s\n"
-        "extra info:    e\n"
-        "members:\n"
-        "  ID  ADDRESS         ROLE     REACHABLE  MATCH  LAG  LAST CONTACT  NOTE\n"
-        "  n1  127.0.0.1:8010  voter    -          120    0    -             -\n"
-        "  n2  127.0.0.1:8011  voter    yes        118    2    40ms ago      -\n"
-        "  n3  [::1]:8012      learner  no         0      120  12.5s ago     x\n";
+static const char sample_status_text[] = "node:           n1\n"
+                                         "raft id:        00c0ffee00c0ffee\n"
+                                         "cluster id:     0123456789abcdef0123456789abcdef\n"
+                                         "role:           leader\n"
+                                         "joining:        no\n"
+                                         "term:           4\n"
+                                         "leader:         n1\n"
+                                         "commit index:   120\n"
+                                         "applied index:  119\n"
+                                         "last log index: 121\n"
+                                         "snapshot index: 100\n"
+                                         "uptime:         1h2m5s\n"
+                                         "storage error:  none\n"
+                                         "extra info:     e\n"
+                                         "members:\n"
+                                         "  ID  SELF  ADDRESS         ROLE     REACHABLE  MATCH  "
+                                         "LAG  LAST CONTACT  RAFT ID           NOTE\n"
+                                         "  n1  *     127.0.0.1:8010  voter    -          120    0 "
+                                         "   -             00c0ffee00c0ffee  -\n"
+                                         "  n2        127.0.0.1:8011  voter    yes        118    2 "
+                                         "   40ms ago      1111111111111111  -\n"
+                                         "  n3        [::1]:8012      learner  no         0      "
+                                         "120  12.5s ago     2222222222222222  x\n";
 
 /* The JSON backend writes the view's keys first, then the others. */
 static const char sample_status_json[] =
-        "{\"node_id\":\"n1\",\"role\":\"leader\",\"term\":4,\"leader_id\":\"n1\","
-        "\"commit_index\":120,\"applied_index\":119,\"uptime_s\":3725,"
-        "\"members\":["
-        "{\"id\":\"n1\",\"address\":\"127.0.0.1:8010\",\"voter\":true,\"match\":120,\"lag\":0},"
-        "{\"id\":\"n2\",\"address\":\"127.0.0.1:8011\",\"voter\":true,\"reachable\":true,"
-        "\"match\":118,\"lag\":2,\"last_contact_ms\":40},"
-        "{\"id\":\"n3\",\"address\":\"[::1]:8012\",\"voter\":false,\"reachable\":false,"
-        "\"match\":0,\"lag\":120,\"last_contact_ms\":12500,\"note\":\"x\"}],"
-        "\"extra_info\":\"e\"}\n";
+        "{\"node_id\":\"n1\",\"raft_id\":\"00c0ffee00c0ffee\",\"cluster_id\":"
+        "\"0123456789abcdef0123456789abcde"
+        "f\",\"role\":\"leader\",\"joining\":false,\"term\":4,\"leader_id\":\"n1\",\"commit_"
+        "index\":120,\"applied_i"
+        "ndex\":119,\"last_index\":121,\"snapshot_index\":100,\"uptime_s\":3725,\"storage_error\":"
+        "null,\"memb"
+        "ers\":[{\"id\":\"n1\",\"self\":true,\"address\":\"127.0.0.1:8010\",\"voter\":true,"
+        "\"reachable\":null,\"mat"
+        "ch_index\":120,\"lag\":0,\"last_contact_ms\":null,\"raft_id\":\"00c0ffee00c0ffee\"},{"
+        "\"id\":\"n2\",\"sel"
+        "f\":false,\"address\":\"127.0.0.1:8011\",\"voter\":true,\"reachable\":true,\"match_"
+        "index\":118,\"lag\":"
+        "2,\"last_contact_ms\":40,\"raft_id\":\"1111111111111111\"},{\"id\":\"n3\",\"self\":false,"
+        "\"address\":\"[:"
+        ":1]:8012\",\"voter\":false,\"reachable\":false,\"match_index\":0,\"lag\":120,\"last_"
+        "contact_ms\":1250"
+        "0,\"raft_id\":\"2222222222222222\",\"note\":\"x\"}],\"extra_info\":\"e\"}\n";
+
+static const char sample_status_failing_text[] =
+        "STORAGE ERROR:  FAILING for 1m15s: disk I/O error (not acknowledging writes)\n"
+        "node:           n1\n"
+        "raft id:        00c0ffee00c0ffee\n"
+        "cluster id:     0123456789abcdef0123456789abcdef\n"
+        "role:           leader\n"
+        "joining:        no\n"
+        "term:           4\n"
+        "leader:         n1\n"
+        "commit index:   120\n"
+        "applied index:  119\n"
+        "last log index: 121\n"
+        "snapshot index: 100\n"
+        "uptime:         1h2m5s\n"
+        "extra info:     e\n"
+        "members:\n"
+        "  ID  SELF  ADDRESS         ROLE     REACHABLE  MATCH  LAG  LAST CONTACT  RAFT ID         "
+        "  NOTE\n"
+        "  n1  *     127.0.0.1:8010  voter    -          120    0    -             "
+        "00c0ffee00c0ffee  -\n"
+        "  n2        127.0.0.1:8011  voter    yes        118    2    40ms ago      "
+        "1111111111111111  -\n"
+        "  n3        [::1]:8012      learner  no         0      120  12.5s ago     "
+        "2222222222222222  x\n";
+
+static const char sample_members[] =
+        "{\"members\":[{\"id\":\"n1\",\"raft_id\":\"00c0ffee00c0ffee\",\"address\":\"127.0.0.1:"
+        "8010\",\"voter\":tru"
+        "e,\"self\":true,\"reachable\":null,\"match_index\":120,\"lag\":0,\"last_contact_ms\":null}"
+        ",{\"id\":\"n2"
+        "\",\"raft_id\":\"1111111111111111\",\"address\":\"127.0.0.1:8011\",\"voter\":true,"
+        "\"self\":false,\"reach"
+        "able\":true,\"match_index\":118,\"lag\":2,\"last_contact_ms\":40},{\"id\":\"n3\",\"raft_"
+        "id\":\"222222222"
+        "2222222\",\"address\":\"[::1]:8012\",\"voter\":false,\"self\":false,\"reachable\":false,"
+        "\"match_index\""
+        ":0,\"lag\":120,\"last_contact_ms\":12500,\"note\":\"x\"}]}";
+
+static const char sample_members_text[] = "members:\n"
+                                          "  ID  SELF  ADDRESS         ROLE     REACHABLE  MATCH  "
+                                          "LAG  LAST CONTACT  RAFT ID           NOTE\n"
+                                          "  n1  *     127.0.0.1:8010  voter    -          120    "
+                                          "0    -             00c0ffee00c0ffee  -\n"
+                                          "  n2        127.0.0.1:8011  voter    yes        118    "
+                                          "2    40ms ago      1111111111111111  -\n"
+                                          "  n3        [::1]:8012      learner  no         0      "
+                                          "120  12.5s ago     2222222222222222  x\n";
 
 static json_t *parse(const char *s)
 {
@@ -260,7 +336,9 @@ START_TEST(test_parse_args_errors)
     } cases[] = {
             {{NULL}, "missing command (see pickboxctl --help)"},
             {{"-j", NULL}, "missing command (see pickboxctl --help)"},
-            {{"stauts", NULL}, "unknown command 'stauts' (commands: status, hello)"},
+            {{"stauts", NULL},
+             "unknown command 'stauts' (commands: status, hello, members, join, leave, remove, "
+             "transfer, probe, bench)"},
             {{"status", "extra", NULL},
              "wrong number of arguments for 'status' (usage: pickboxctl status)"},
             {{"--jsn", "status", NULL}, "unknown option '--jsn' (see pickboxctl --help)"},
@@ -728,7 +806,7 @@ START_TEST(test_exit_usage)
     r = run(NULL, "frobnicate", NULL);
     ck_assert_int_eq(r.rc, PBCTL_EXIT_USAGE);
     ck_assert_str_eq(r.err, "pickboxctl: unknown command 'frobnicate' (commands: status, "
-                            "hello)\n");
+                            "hello, members, join, leave, remove, transfer, probe, bench)\n");
     run_free(&r);
 }
 END_TEST
@@ -805,6 +883,468 @@ START_TEST(test_binary_exit_codes)
 }
 END_TEST
 
+/* ---- cluster commands: status with a storage error, members ------------------- */
+
+/* Renders result with the command's own render function and view. */
+static char *render_cmd(const char *name, const json_t *r, bool json)
+{
+    const struct pbctl_command *c = pbctl_command_find(name);
+    ck_assert_ptr_nonnull(c);
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    ck_assert_ptr_nonnull(f);
+    struct pbctl_writer *w = json ? pbctl_writer_json_new(f) : pbctl_writer_text_new(f);
+    pbctl_render_fn fn = c->render ? c->render : pbctl_render;
+    ck_assert_int_eq(fn(c->view, r, w), 0);
+    pbctl_writer_free(w);
+    fclose(f);
+    return buf;
+}
+
+START_TEST(test_render_status_storage_error_first)
+{
+    json_t *st = parse(sample_status);
+    json_object_set_new(st, "storage_error",
+                        parse("{\"message\":\"disk I/O error\",\"since_s\":75}"));
+    char *out = render_cmd("status", st, false);
+    ck_assert_str_eq(out, sample_status_failing_text);
+    free(out);
+    out = render_cmd("status", st, true);
+    json_t *back = parse(out);
+    ck_assert(json_equal(back, st));
+    ck_assert_str_eq(json_object_iter_key(json_object_iter(back)), "storage_error");
+    json_decref(back);
+    free(out);
+    /* Healthy: the same command renders the sample as the plain view does. */
+    json_object_set_new(st, "storage_error", json_null());
+    out = render_cmd("status", st, false);
+    ck_assert_str_eq(out, sample_status_text);
+    ck_assert_ptr_null(strstr(out, "STORAGE ERROR"));
+    ck_assert_ptr_nonnull(strstr(out, "storage error:  none\n"));
+    free(out);
+    json_decref(st);
+}
+END_TEST
+
+START_TEST(test_render_members)
+{
+    json_t *m = parse(sample_members);
+    char *out = render_cmd("members", m, false);
+    ck_assert_str_eq(out, sample_members_text);
+    free(out);
+    out = render_cmd("members", m, true);
+    json_t *back = parse(out);
+    ck_assert(json_equal(back, m));
+    json_decref(back);
+    free(out);
+    json_decref(m);
+}
+END_TEST
+
+START_TEST(test_parse_cluster_commands)
+{
+    struct pbctl_options o;
+    struct pb_error err;
+    char *argv[32];
+    json_t *p, *want;
+
+    ck_assert_int_eq(parse_args(&o, &err, argv, "join", "10.0.0.1:8010", NULL), 0);
+    ck_assert_str_eq(o.cmd->method, "join");
+    ck_assert_int_eq(o.timeout_ms, 35000); /* joining waits for catch-up */
+    p = pbctl_params(&o);
+    want = parse("{\"address\":\"10.0.0.1:8010\"}");
+    ck_assert(json_equal(p, want));
+    json_decref(p);
+    json_decref(want);
+    /* -t: our wait, and the daemon's one second shorter. */
+    ck_assert_int_eq(parse_args(&o, &err, argv, "-t", "60", "join", "h:1", NULL), 0);
+    ck_assert_int_eq(o.timeout_ms, 60000);
+    p = pbctl_params(&o);
+    want = parse("{\"address\":\"h:1\",\"timeout_s\":59}");
+    ck_assert(json_equal(p, want));
+    json_decref(p);
+    json_decref(want);
+
+    ck_assert_int_eq(parse_args(&o, &err, argv, "transfer", NULL), 0);
+    p = pbctl_params(&o);
+    ck_assert_int_eq(json_object_size(p), 0);
+    json_decref(p);
+    ck_assert_int_eq(parse_args(&o, &err, argv, "transfer", "n2", NULL), 0);
+    p = pbctl_params(&o);
+    ck_assert_str_eq(json_string_value(json_object_get(p, "node")), "n2");
+    json_decref(p);
+    ck_assert_int_eq(parse_args(&o, &err, argv, "remove", "n3", NULL), 0);
+    p = pbctl_params(&o);
+    ck_assert_str_eq(json_string_value(json_object_get(p, "node")), "n3");
+    json_decref(p);
+    ck_assert_int_eq(parse_args(&o, &err, argv, "leave", NULL), 0);
+    ck_assert_str_eq(o.cmd->method, "leave");
+    ck_assert_int_eq(parse_args(&o, &err, argv, "members", NULL), 0);
+
+    /* probe: --size is an integer param, before or after the command. */
+    ck_assert_int_eq(parse_args(&o, &err, argv, "--size", "100", "probe", NULL), 0);
+    p = pbctl_params(&o);
+    want = parse("{\"size\":100}");
+    ck_assert(json_equal(p, want));
+    json_decref(p);
+    json_decref(want);
+    ck_assert_int_eq(parse_args(&o, &err, argv, "probe", "--size=0", "-t", "0.5", NULL), 0);
+    p = pbctl_params(&o);
+    want = parse("{\"size\":0,\"timeout_s\":1}");
+    ck_assert(json_equal(p, want));
+    json_decref(p);
+    json_decref(want);
+
+    ck_assert_int_eq(parse_args(&o, &err, argv, "bench", NULL), 0);
+    ck_assert_ptr_nonnull(o.cmd->run);
+    ck_assert_uint_eq(o.opts_set, 0);
+    ck_assert_int_eq(parse_args(&o, &err, argv, "bench", "--concurrency", "16", "--duration", "2.5",
+                                "--size", "65536", "--json", NULL),
+                     0);
+    ck_assert_uint_eq(o.concurrency, 16);
+    ck_assert_uint_eq(o.duration_ms, 2500);
+    ck_assert_uint_eq(o.size, 65536);
+    ck_assert(o.json);
+}
+END_TEST
+
+START_TEST(test_parse_cluster_commands_errors)
+{
+    static const struct {
+        const char *a[6];
+        const char *msg;
+    } cases[] = {
+            {{"join", NULL},
+             "wrong number of arguments for 'join' (usage: pickboxctl join ADDRESS)"},
+            {{"remove", NULL},
+             "wrong number of arguments for 'remove' (usage: pickboxctl remove NODE)"},
+            {{"transfer", "a", "b", NULL},
+             "wrong number of arguments for 'transfer' (usage: pickboxctl transfer [NODE])"},
+            {{"leave", "now", NULL},
+             "wrong number of arguments for 'leave' (usage: pickboxctl leave)"},
+            {{"status", "--size", "1", NULL}, "option --size does not apply to 'status'"},
+            {{"probe", "--concurrency", "2", NULL},
+             "option --concurrency does not apply to 'probe'"},
+            {{"--duration", "1", "join", "h:1", NULL},
+             "option --duration does not apply to 'join'"},
+            {{"probe", "--size", "65537", NULL}, "bad --size '65537' (expected 0..65536 bytes)"},
+            {{"probe", "--size", "-1", NULL}, "bad --size '-1' (expected 0..65536 bytes)"},
+            {{"bench", "--concurrency", "0", NULL},
+             "bad --concurrency '0' (expected 1..512 connections)"},
+            {{"bench", "--concurrency", "513", NULL},
+             "bad --concurrency '513' (expected 1..512 connections)"},
+            {{"bench", "--duration", "0", NULL},
+             "bad --duration '0' (expected seconds > 0, e.g. 10 or 2.5)"},
+            {{"bench", "--duration", "x", NULL},
+             "bad --duration 'x' (expected seconds > 0, e.g. 10 or 2.5)"},
+            {{"bench", "--size", NULL}, "option '--size' requires a value"},
+    };
+    for (size_t i = 0; i < PB_ARRAY_SIZE(cases); i++) {
+        char *argv[8];
+        int argc = 0;
+        argv[argc++] = (char *)"pickboxctl";
+        for (size_t k = 0; cases[i].a[k] != NULL; k++)
+            argv[argc++] = (char *)cases[i].a[k];
+        argv[argc] = NULL;
+        struct pbctl_options o;
+        struct pb_error err;
+        ck_assert_int_eq(pbctl_parse_args(argc, argv, &o, &err), -EINVAL);
+        ck_assert_str_eq(err.msg, cases[i].msg);
+    }
+}
+END_TEST
+
+/* ---- bench: statistics, configuration, a run against a fixture ------------------ */
+
+START_TEST(test_hist_percentiles_exact_range)
+{
+    struct pbctl_hist h;
+    pbctl_hist_init(&h);
+    ck_assert_uint_eq(pbctl_hist_percentile(&h, 50), 0);
+    /* 1..100 us, recorded in reverse: exact below 128 us. */
+    for (uint64_t v = 100; v >= 1; v--)
+        pbctl_hist_record(&h, v);
+    ck_assert_uint_eq(h.count, 100);
+    ck_assert_uint_eq(h.min_us, 1);
+    ck_assert_uint_eq(h.max_us, 100);
+    ck_assert_uint_eq(pbctl_hist_percentile(&h, 50), 50);
+    ck_assert_uint_eq(pbctl_hist_percentile(&h, 90), 90);
+    ck_assert_uint_eq(pbctl_hist_percentile(&h, 99), 99);
+    ck_assert_uint_eq(pbctl_hist_percentile(&h, 99.5), 100);
+    ck_assert_uint_eq(pbctl_hist_percentile(&h, 100), 100);
+    ck_assert_uint_eq(pbctl_hist_percentile(&h, 0.1), 1);
+
+    /* One value: every percentile is it. */
+    pbctl_hist_init(&h);
+    pbctl_hist_record(&h, 36600);
+    ck_assert_uint_eq(pbctl_hist_percentile(&h, 50), 36600);
+    ck_assert_uint_eq(pbctl_hist_percentile(&h, 99), 36600);
+}
+END_TEST
+
+START_TEST(test_hist_percentiles_relative_error)
+{
+    struct pbctl_hist *h = pb_xmalloc(sizeof(*h));
+    pbctl_hist_init(h);
+    /* 1 ms .. 1000 ms in steps of 1 ms, plus 9,000 values at 0.5 ms: 10,000 samples. */
+    for (uint64_t ms = 1; ms <= 1000; ms++)
+        pbctl_hist_record(h, ms * 1000);
+    for (int i = 0; i < 9000; i++)
+        pbctl_hist_record(h, 500);
+    ck_assert_uint_eq(h->count, 10000);
+    ck_assert_uint_eq(h->sum_us, 500500000ull + 9000ull * 500);
+    /* Ranks: p50 = 5000th (0.5 ms); p95 = 9500th = 500 ms; p99 = 9900th = 900 ms. */
+    const struct {
+        double p;
+        uint64_t want;
+    } cases[] = {{50, 500}, {90, 500}, {95, 500000}, {99, 900000}, {99.99, 999000}};
+    for (size_t i = 0; i < PB_ARRAY_SIZE(cases); i++) {
+        uint64_t got = pbctl_hist_percentile(h, cases[i].p);
+        ck_assert_msg(got >= cases[i].want && got <= cases[i].want + cases[i].want / 64,
+                      "p%g: got %llu, want %llu (+1/64)", cases[i].p, (unsigned long long)got,
+                      (unsigned long long)cases[i].want);
+    }
+    ck_assert_uint_eq(pbctl_hist_percentile(h, 100), 1000000);
+    /* Huge values land in the last bucket; max stays exact. */
+    pbctl_hist_record(h, UINT64_MAX / 2);
+    ck_assert_uint_eq(h->max_us, UINT64_MAX / 2);
+    ck_assert_uint_eq(pbctl_hist_percentile(h, 100), UINT64_MAX / 2);
+    ck_assert_uint_eq(h->buckets[PBCTL_HIST_BUCKETS - 1], 1);
+    free(h);
+}
+END_TEST
+
+START_TEST(test_bench_config_and_errors)
+{
+    struct pbctl_options o;
+    struct pb_error err;
+    char *argv[32];
+    struct pbctl_bench_config cfg;
+    ck_assert_int_eq(parse_args(&o, &err, argv, "bench", NULL), 0);
+    ck_assert_int_eq(pbctl_bench_config_from_options(&o, &cfg, &err), 0);
+    ck_assert_uint_eq(cfg.size, 256);
+    ck_assert_uint_eq(cfg.concurrency, 64);
+    ck_assert_uint_eq(cfg.duration_ms, 10000);
+    ck_assert_uint_eq(cfg.warmup_ms, PBCTL_BENCH_WARMUP_MS);
+    ck_assert_int_eq(parse_args(&o, &err, argv, "bench", "--duration", "0.05", NULL), 0);
+    ck_assert_int_eq(pbctl_bench_config_from_options(&o, &cfg, &err), -EINVAL);
+    ck_assert_str_eq(err.msg, "--duration must be at least 0.1 seconds");
+
+    struct pbctl_bench_result *r = pb_xcalloc(1, sizeof(*r));
+    pbctl_bench_count_error(r, "TIMEOUT");
+    pbctl_bench_count_error(r, "NO_QUORUM");
+    pbctl_bench_count_error(r, "TIMEOUT");
+    ck_assert_int_eq(r->n_errors, 2);
+    ck_assert_str_eq(r->errors[0].code, "TIMEOUT");
+    ck_assert_uint_eq(r->errors[0].n, 2);
+    for (int i = 0; i < 40; i++) {
+        char code[16];
+        snprintf(code, sizeof(code), "E%d", i);
+        pbctl_bench_count_error(r, code);
+    }
+    ck_assert_int_eq(r->n_errors, PBCTL_BENCH_MAX_CODES);
+    ck_assert_str_eq(r->errors[PBCTL_BENCH_MAX_CODES - 1].code, "OTHER");
+    ck_assert_uint_eq(r->errors[PBCTL_BENCH_MAX_CODES - 1].n, 40 - (PBCTL_BENCH_MAX_CODES - 3));
+    free(r);
+}
+END_TEST
+
+/* A probe server: answers every line on every connection with a result,
+ * except every 4th with a BUSY error; stops when stop_fd becomes readable. */
+struct probe_srv {
+    char path[108];
+    int lfd;
+    int stop[2];
+    unsigned long answered;
+    unsigned close_every; /* nonzero: hang up right after every close_every-th answer */
+    pthread_t thread;
+};
+
+static void *probe_srv_main(void *arg)
+{
+    struct probe_srv *s = arg;
+    struct pollfd pf[16];
+    char buf[16][512];
+    size_t len[16] = {0};
+    nfds_t n = 2;
+    pf[0] = (struct pollfd){.fd = s->lfd, .events = POLLIN};
+    pf[1] = (struct pollfd){.fd = s->stop[0], .events = POLLIN};
+    for (;;) {
+        if (poll(pf, n, 5000) <= 0 || pf[1].revents)
+            break;
+        if (pf[0].revents) {
+            nfds_t slot = 2;
+            while (slot < n && pf[slot].fd >= 0)
+                slot++;
+            int fd = slot < 16 ? accept(s->lfd, NULL, NULL) : -1;
+            if (fd >= 0) {
+                len[slot] = 0;
+                pf[slot] = (struct pollfd){.fd = fd, .events = POLLIN};
+                if (slot == n)
+                    n++;
+            }
+        }
+        for (nfds_t i = 2; i < n; i++) {
+            if (!pf[i].revents || pf[i].fd < 0)
+                continue;
+            ssize_t k = read(pf[i].fd, buf[i] + len[i], sizeof(buf[i]) - len[i]);
+            if (k <= 0) {
+                close(pf[i].fd);
+                pf[i].fd = -1;
+                continue;
+            }
+            len[i] += (size_t)k;
+            char *nl;
+            while ((nl = memchr(buf[i], '\n', len[i])) != NULL) {
+                *nl = '\0';
+                const char *id = strstr(buf[i], "\"id\":");
+                unsigned long long v = id ? strtoull(id + 5, NULL, 10) : 0;
+                char out[160];
+                s->answered++;
+                if (s->answered % 4 == 0)
+                    snprintf(out, sizeof(out),
+                             "{\"id\":%llu,\"error\":{\"code\":\"BUSY\",\"message\":\"b\"}}\n", v);
+                else
+                    snprintf(out, sizeof(out),
+                             "{\"id\":%llu,\"result\":{\"index\":%lu,\"term\":1}}\n", v,
+                             s->answered);
+                (void)!send(pf[i].fd, out, strlen(out), MSG_NOSIGNAL);
+                size_t used = (size_t)(nl - buf[i]) + 1;
+                memmove(buf[i], nl + 1, len[i] - used);
+                len[i] -= used;
+                if (s->close_every != 0 && s->answered % s->close_every == 0) {
+                    close(pf[i].fd);
+                    pf[i].fd = -1;
+                    break;
+                }
+            }
+        }
+    }
+    for (nfds_t i = 2; i < n; i++) {
+        if (pf[i].fd >= 0)
+            close(pf[i].fd);
+    }
+    return NULL;
+}
+
+static void probe_srv_start(struct probe_srv *s, unsigned close_every)
+{
+    memset(s, 0, sizeof(*s));
+    s->close_every = close_every;
+    snprintf(s->path, sizeof(s->path), "%s/probe.sock", tmpdir);
+    s->lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", s->path);
+    ck_assert_int_eq(bind(s->lfd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    ck_assert_int_eq(listen(s->lfd, 16), 0);
+    ck_assert_int_eq(pipe(s->stop), 0);
+    ck_assert_int_eq(pthread_create(&s->thread, NULL, probe_srv_main, s), 0);
+}
+
+static void probe_srv_stop(struct probe_srv *s)
+{
+    (void)!write(s->stop[1], "x", 1);
+    pthread_join(s->thread, NULL);
+    close(s->lfd);
+    close(s->stop[0]);
+    close(s->stop[1]);
+    unlink(s->path);
+}
+
+START_TEST(test_bench_reconnects_after_hangup)
+{
+    /* The server hangs up after every 7th answer: the connection is counted
+     * CLOSED, reopened, and the load goes on. */
+    struct probe_srv s;
+    probe_srv_start(&s, 7);
+    struct pbctl_bench_config cfg = {
+            .size = 0, .concurrency = 3, .duration_ms = 200, .warmup_ms = 20};
+    struct pbctl_bench_result *r = pb_xmalloc(sizeof(*r));
+    struct pb_error err;
+    pb_error_clear(&err);
+    int rc = pbctl_bench_run(s.path, &cfg, r, &err);
+    probe_srv_stop(&s);
+    ck_assert_msg(rc == 0, "bench: %s", err.msg);
+    ck_assert_uint_gt(r->commits, 20);
+    uint64_t closed = 0, connect = 0;
+    for (int i = 0; i < r->n_errors; i++) {
+        if (strcmp(r->errors[i].code, "CLOSED") == 0)
+            closed = r->errors[i].n;
+        if (strcmp(r->errors[i].code, "CONNECT") == 0)
+            connect = r->errors[i].n;
+    }
+    ck_assert_uint_gt(closed, 3);
+    ck_assert_uint_eq(connect, 0);
+    free(r);
+}
+END_TEST
+
+START_TEST(test_bench_run_against_fixture)
+{
+    struct probe_srv s;
+    probe_srv_start(&s, 0);
+
+    struct pbctl_bench_config cfg = {
+            .size = 64, .concurrency = 4, .duration_ms = 300, .warmup_ms = 50};
+    struct pbctl_bench_result *r = pb_xmalloc(sizeof(*r));
+    struct pb_error err;
+    pb_error_clear(&err);
+    int rc = pbctl_bench_run(s.path, &cfg, r, &err);
+    probe_srv_stop(&s);
+    ck_assert_msg(rc == 0, "bench: %s", err.msg);
+    ck_assert_uint_gt(r->commits, 10);
+    ck_assert_uint_eq(r->latency.count, r->commits);
+    ck_assert(r->elapsed_s > 0.29 && r->elapsed_s < 0.5);
+    ck_assert_int_eq(r->n_errors, 1);
+    ck_assert_str_eq(r->errors[0].code, "BUSY");
+    /* Every 4th answer is BUSY: about a third as many errors as commits. */
+    ck_assert_uint_gt(r->errors[0].n * 4, r->commits);
+    ck_assert_uint_lt(r->errors[0].n * 2, r->commits);
+
+    char *buf = NULL;
+    size_t blen = 0;
+    FILE *f = open_memstream(&buf, &blen);
+    pbctl_bench_print(&cfg, r, true, f);
+    fclose(f);
+    json_t *j = parse(buf);
+    ck_assert_int_eq(json_integer_value(json_object_get(j, "commits")), (json_int_t)r->commits);
+    ck_assert_int_eq(json_integer_value(json_object_get(j, "concurrency")), 4);
+    ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(j, "errors"), "BUSY")),
+                     (json_int_t)r->errors[0].n);
+    const json_t *lat = json_object_get(j, "latency_ms");
+    ck_assert(json_real_value(json_object_get(lat, "p50")) <=
+              json_real_value(json_object_get(lat, "p99")));
+    ck_assert(json_real_value(json_object_get(lat, "p99")) <=
+              json_real_value(json_object_get(lat, "max")));
+    ck_assert(json_real_value(json_object_get(j, "commits_per_s")) > 0);
+    json_decref(j);
+    free(buf);
+
+    buf = NULL;
+    f = open_memstream(&buf, &blen);
+    pbctl_bench_print(&cfg, r, false, f);
+    fclose(f);
+    ck_assert_ptr_nonnull(strstr(buf, "latency ms: p50 "));
+    ck_assert_ptr_nonnull(strstr(buf, "errors: BUSY "));
+    free(buf);
+    free(r);
+}
+END_TEST
+
+START_TEST(test_bench_cannot_connect)
+{
+    char path[PATH_MAX];
+    snprintf(path, sizeof(path), "%s/nobody.sock", tmpdir);
+    struct run_out r = run(NULL, "-s", path, "bench", "--duration", "0.2", NULL);
+    ck_assert_int_eq(r.rc, PBCTL_EXIT_CONNECT);
+    ck_assert_ptr_nonnull(strstr(r.err, "pickboxctl: cannot connect to "));
+    ck_assert_ptr_null(strchr(strchr(r.err, '\n') + 1, '\n')); /* one line */
+    ck_assert_str_eq(r.out, "");
+    run_free(&r);
+}
+END_TEST
+
 static Suite *pickboxctl_suite(void)
 {
     Suite *s = suite_create("pickboxctl");
@@ -813,6 +1353,8 @@ static Suite *pickboxctl_suite(void)
     tcase_add_test(tc, test_render_status_json_is_the_result);
     tcase_add_test(tc, test_render_generic_values);
     tcase_add_test(tc, test_render_empty_members_table);
+    tcase_add_test(tc, test_render_status_storage_error_first);
+    tcase_add_test(tc, test_render_members);
     tcase_add_test(tc, test_formatters);
     suite_add_tcase(s, tc);
 
@@ -822,6 +1364,18 @@ static Suite *pickboxctl_suite(void)
     tcase_add_test(tc, test_parse_args_errors);
     tcase_add_test(tc, test_params_from_arguments);
     tcase_add_test(tc, test_socket_resolution);
+    tcase_add_test(tc, test_parse_cluster_commands);
+    tcase_add_test(tc, test_parse_cluster_commands_errors);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("bench");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_test(tc, test_hist_percentiles_exact_range);
+    tcase_add_test(tc, test_hist_percentiles_relative_error);
+    tcase_add_test(tc, test_bench_config_and_errors);
+    tcase_add_test(tc, test_bench_run_against_fixture);
+    tcase_add_test(tc, test_bench_reconnects_after_hangup);
+    tcase_add_test(tc, test_bench_cannot_connect);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("run");

@@ -9,6 +9,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -16,7 +17,16 @@
 #include "pickboxctl/client.h"
 #include "lib/util.h"
 
+enum {
+    OPT_SIZE = 256,
+    OPT_CONCURRENCY,
+    OPT_DURATION,
+};
+
 static const struct option pbctl_long_options[] = {
+        {"size", required_argument, NULL, OPT_SIZE},
+        {"concurrency", required_argument, NULL, OPT_CONCURRENCY},
+        {"duration", required_argument, NULL, OPT_DURATION},
         {"socket", required_argument, NULL, 's'},
         {"node", required_argument, NULL, 'n'},
         {"json", no_argument, NULL, 'j'},
@@ -71,6 +81,52 @@ static void command_synopsis(const struct pbctl_command *c, char *buf, size_t le
     }
 }
 
+static const char *opt_name(unsigned bit)
+{
+    switch (bit) {
+    case PBCTL_OPT_SIZE:
+        return "--size";
+    case PBCTL_OPT_CONCURRENCY:
+        return "--concurrency";
+    default:
+        return "--duration";
+    }
+}
+
+/* --size / --concurrency / --duration into opts. */
+static int parse_numeric_option(int c, const char *arg, struct pbctl_options *opts,
+                                struct pb_error *err)
+{
+    uint64_t v = 0;
+    switch (c) {
+    case OPT_SIZE:
+        if (pb_parse_u64(arg, 0, PBCTL_SIZE_MAX, &v) < 0)
+            return pb_error_set(err, -EINVAL, "bad --size '%.32s' (expected 0..%u bytes)", arg,
+                                PBCTL_SIZE_MAX);
+        opts->size = (unsigned)v;
+        opts->opts_set |= PBCTL_OPT_SIZE;
+        return 0;
+    case OPT_CONCURRENCY:
+        if (pb_parse_u64(arg, 1, PBCTL_CONCURRENCY_MAX, &v) < 0)
+            return pb_error_set(err, -EINVAL,
+                                "bad --concurrency '%.32s' (expected 1..%u connections)", arg,
+                                PBCTL_CONCURRENCY_MAX);
+        opts->concurrency = (unsigned)v;
+        opts->opts_set |= PBCTL_OPT_CONCURRENCY;
+        return 0;
+    default: {
+        int ms = 0;
+        if (parse_timeout(arg, &ms) < 0 || ms > (int)PBCTL_DURATION_MAX_S * 1000)
+            return pb_error_set(err, -EINVAL,
+                                "bad --duration '%.32s' (expected seconds > 0, e.g. 10 or 2.5)",
+                                arg);
+        opts->duration_ms = (unsigned)ms;
+        opts->opts_set |= PBCTL_OPT_DURATION;
+        return 0;
+    }
+    }
+}
+
 int pbctl_parse_args(int argc, char **argv, struct pbctl_options *opts, struct pb_error *err)
 {
     memset(opts, 0, sizeof(*opts));
@@ -98,6 +154,13 @@ int pbctl_parse_args(int argc, char **argv, struct pbctl_options *opts, struct p
                 return pb_error_set(err, -EINVAL,
                                     "bad timeout '%.32s' (expected seconds > 0, e.g. 5 or 0.5)",
                                     optarg);
+            opts->timeout_set = true;
+            break;
+        case OPT_SIZE:
+        case OPT_CONCURRENCY:
+        case OPT_DURATION:
+            if (parse_numeric_option(c, optarg, opts, err) < 0)
+                return -EINVAL;
             break;
         case 'h':
             opts->help = true;
@@ -127,6 +190,12 @@ int pbctl_parse_args(int argc, char **argv, struct pbctl_options *opts, struct p
                                      k == pbctl_commands ? "" : ", ", k->name);
         return pb_error_set(err, -EINVAL, "unknown command '%.64s' (commands: %s)", name, list);
     }
+    unsigned extra = opts->opts_set & ~opts->cmd->opts;
+    if (extra != 0)
+        return pb_error_set(err, -EINVAL, "option %s does not apply to '%s'",
+                            opt_name(extra & (~extra + 1u)), opts->cmd->name);
+    if (!opts->timeout_set && opts->cmd->timeout_ms > 0)
+        opts->timeout_ms = opts->cmd->timeout_ms;
     opts->args = argv + optind + 1;
     opts->nargs = argc - optind - 1;
     if (opts->nargs < opts->cmd->min_args || opts->nargs > command_args_max(opts->cmd)) {
@@ -144,6 +213,12 @@ json_t *pbctl_params(const struct pbctl_options *opts)
     json_t *params = json_object();
     for (int i = 0; i < opts->nargs && opts->cmd->args[i] != NULL; i++)
         json_object_set_new(params, opts->cmd->args[i], json_string(opts->args[i]));
+    if (opts->opts_set & PBCTL_OPT_SIZE)
+        json_object_set_new(params, "size", json_integer(opts->size));
+    if ((opts->cmd->opts & PBCTL_OPT_SEND_TIMEOUT) && opts->timeout_set) {
+        int s = opts->timeout_ms / 1000 - 1;
+        json_object_set_new(params, "timeout_s", json_integer(s < 1 ? 1 : s));
+    }
     return params;
 }
 
@@ -157,6 +232,9 @@ void pbctl_usage(FILE *out)
             "  -n, --node NAME       use %s/NAME/control.sock\n"
             "  -j, --json            print the reply as JSON (one line)\n"
             "  -t, --timeout SEC     wait at most SEC seconds for the reply [%d]\n"
+            "      --size N          probe, bench: bytes per probe entry [bench: 256]\n"
+            "      --concurrency N   bench: connections, one probe in flight each [64]\n"
+            "      --duration SEC    bench: measuring time after a 1 s warm-up [10]\n"
             "  -h, --help            show this help and exit\n"
             "  -V, --version         show the version and exit\n\n"
             "Commands:\n",
@@ -209,6 +287,11 @@ int pbctl_run(int argc, char **argv, const struct pbctl_env *env)
     if (pbctl_socket_resolve(o.socket, o.node, env->env_socket, env->run_dir, &path, &e) < 0) {
         fprintf(env->err, "pickboxctl: %s\n", e.msg);
         return PBCTL_EXIT_USAGE;
+    }
+    if (o.cmd->run != NULL) {
+        int code = o.cmd->run(&o, path, env);
+        free(path);
+        return code;
     }
     int fd = pbctl_connect(path, env->run_dir, o.timeout_ms, &e);
     free(path);

@@ -11,6 +11,9 @@
  * its name, argument names (they become the params keys, in order), the
  * daemon method, a help line and optionally a view for labels and tables
  * (and, rarely, a render function of its own that still feeds the writer).
+ * A row may also accept the numeric options --size / --concurrency /
+ * --duration (PBCTL_OPT_*), have its own default timeout, or replace the one
+ * request by a run function of its own (bench).
  *
  * Threading: none.
  */
@@ -34,6 +37,27 @@ enum pbctl_exit {
 #define PBCTL_DEFAULT_TIMEOUT_MS 10000
 #define PBCTL_MAX_ARGS           4
 
+/* Which numeric options a command accepts (struct pbctl_command.opts). */
+#define PBCTL_OPT_SIZE        0x1u /* --size N: params.size (probe, bench) */
+#define PBCTL_OPT_CONCURRENCY 0x2u /* --concurrency N (bench) */
+#define PBCTL_OPT_DURATION    0x4u /* --duration SECONDS (bench) */
+/* The command sends params.timeout_s when -t is given (the daemon's own wait,
+ * one second less than ours so that its TIMEOUT reply still arrives). */
+#define PBCTL_OPT_SEND_TIMEOUT 0x8u
+
+/* Limits of the numeric options. */
+#define PBCTL_SIZE_MAX        65536u
+#define PBCTL_CONCURRENCY_MAX 512u /* the control socket's default client limit */
+#define PBCTL_DURATION_MAX_S  86400u
+
+struct pbctl_options;
+struct pbctl_env;
+
+/* A command that does more than one request (bench). path is the resolved
+ * control socket. Returns the exit code (enum pbctl_exit). */
+typedef int (*pbctl_run_fn)(const struct pbctl_options *opts, const char *path,
+                            const struct pbctl_env *env);
+
 struct pbctl_command {
     const char *name;
     /* Positional arguments: all of them become string members of params under
@@ -44,6 +68,9 @@ struct pbctl_command {
     const char *help;                    /* one line for --help */
     const struct pbctl_field_spec *view; /* NULL: generic rendering */
     pbctl_render_fn render;              /* NULL: pbctl_render */
+    unsigned opts;                       /* PBCTL_OPT_* it accepts */
+    int timeout_ms;                      /* default -t; 0: PBCTL_DEFAULT_TIMEOUT_MS */
+    pbctl_run_fn run;                    /* NULL: one request through method */
 };
 
 /* The command table, terminated by a {NULL} entry. */
@@ -61,10 +88,15 @@ struct pbctl_env {
 };
 
 struct pbctl_options {
-    const char *socket; /* -s (borrowed from argv) */
-    const char *node;   /* -n */
-    bool json;          /* -j/--json */
-    int timeout_ms;     /* -t; default PBCTL_DEFAULT_TIMEOUT_MS */
+    const char *socket;   /* -s (borrowed from argv) */
+    const char *node;     /* -n */
+    bool json;            /* -j/--json */
+    int timeout_ms;       /* -t; default the command's, else PBCTL_DEFAULT_TIMEOUT_MS */
+    bool timeout_set;     /* -t was given */
+    unsigned opts_set;    /* PBCTL_OPT_* given on the command line */
+    unsigned size;        /* --size (when PBCTL_OPT_SIZE is set) */
+    unsigned concurrency; /* --concurrency */
+    unsigned duration_ms; /* --duration, in milliseconds */
     bool help, version;
     const struct pbctl_command *cmd;
     char **args; /* the command's arguments (into argv) */
@@ -78,7 +110,9 @@ struct pbctl_options {
  */
 int pbctl_parse_args(int argc, char **argv, struct pbctl_options *opts, struct pb_error *err);
 
-/* Builds the request params for opts' command: {"<arg name>": "<value>", ...}. */
+/* Builds the request params for opts' command: {"<arg name>": "<value>", ...},
+ * plus "size" (integer) when --size was given, and "timeout_s" (integer) for
+ * PBCTL_OPT_SEND_TIMEOUT commands when -t was given. */
 json_t *pbctl_params(const struct pbctl_options *opts);
 
 /* Writes --help to out. */
