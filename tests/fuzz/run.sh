@@ -1,5 +1,5 @@
 #!/bin/sh
-# run.sh: build and run the libFuzzer targets of src/net for a bounded time.
+# run.sh: build and run the libFuzzer targets (src/net decoders, the Raft codec) for a bounded time.
 #
 # Usage: tests/fuzz/run.sh [BUILDDIR]
 #   BUILDDIR holds config.h of a configured tree (default: $top_builddir, or
@@ -17,9 +17,10 @@ seconds=${FUZZ_SECONDS:-30}
 if [ -z "${CLANG:-}" ]; then
     if command -v clang >/dev/null 2>&1; then CLANG=clang; else CLANG=clang-14; fi
 fi
-targets="fuzz_frame fuzz_handshake"
+targets="fuzz_frame fuzz_handshake fuzz_raft_codec"
 lib_sources="src/lib/buf.c src/lib/error.c src/lib/log.c src/lib/util.c"
 net_sources="src/net/frame.c src/net/handshake.c"
+raft_sources="src/raft/codec.c src/raft/conf.c src/raft/raft.c"
 
 if [ ! -f "$builddir/config.h" ]; then
     echo "Bail out! no config.h in $builddir (configure the tree, or pass its build dir)"
@@ -36,7 +37,7 @@ for t in $targets; do
     n=$((n + 1))
     bin="$work/$t"
     srcs=""
-    for s in $lib_sources $net_sources "tests/fuzz/$t.c"; do srcs="$srcs $srcdir/$s"; done
+    for s in $lib_sources $net_sources $raft_sources "tests/fuzz/$t.c"; do srcs="$srcs $srcdir/$s"; done
     # shellcheck disable=SC2086
     if ! "$CLANG" -std=c11 -g -O1 -fsanitize=fuzzer,address,undefined \
             -fno-sanitize-recover=all -I"$builddir" -I"$srcdir/src" \
