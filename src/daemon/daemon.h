@@ -6,6 +6,7 @@
 
 #include "daemon/node.h"
 
+struct cluster;
 struct ctl_server;
 struct event;
 struct event_base;
@@ -16,9 +17,11 @@ struct daemon {
     struct event_base *base;
     struct ctl_server *ctl;
     struct node_state node;
+    struct cluster *cluster; /* the Raft driver (cluster.h); NULL until started */
+    bool test_hooks;         /* PICKBOX_TEST_HOOKS=1: debug_partition is served */
     /* The peer TCP listener: bound here (or passed by systemd as "peer") so
-     * that the port is owned from startup. Nothing accepts on it yet; the peer
-     * transport (src/net) takes this fd over when it is wired in. -1 = none. */
+     * that the port is owned from startup; the cluster's transport takes it
+     * over (then -1). */
     int peer_fd;
     bool peer_from_systemd;
     bool control_from_systemd;

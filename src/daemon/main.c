@@ -20,6 +20,7 @@
 #include <event2/event.h>
 
 #include "ctl/ctl.h"
+#include "daemon/cluster.h"
 #include "daemon/config.h"
 #include "daemon/daemon.h"
 #include "daemon/dirs.h"
@@ -48,6 +49,34 @@ static void daemon_on_sighup(evutil_socket_t sig, short what, void *arg)
     (void)what;
     (void)arg;
     log_notice("SIGHUP received: nothing to reload yet");
+}
+
+/* The cluster's role, leader or term changed: refresh d->node, STATUS=. */
+static void daemon_on_cluster_change(void *arg)
+{
+    struct daemon *d = arg;
+    struct cluster_view v;
+    cluster_view(d->cluster, &v);
+    struct node_state *st = &d->node;
+    st->consensus_running = true;
+    st->role = strcmp(v.role, "leader") == 0      ? NODE_ROLE_LEADER
+               : strcmp(v.role, "candidate") == 0 ? NODE_ROLE_CANDIDATE
+               : strcmp(v.role, "learner") == 0   ? NODE_ROLE_LEARNER
+                                                  : NODE_ROLE_FOLLOWER;
+    st->term = v.term;
+    free(st->leader_id);
+    st->leader_id = v.leader ? pb_xstrdup(v.leader) : NULL;
+    st->commit_index = v.commit;
+    st->applied_index = v.applied;
+    daemon_node_changed(d);
+}
+
+static void daemon_on_cluster_exit(void *arg)
+{
+    struct daemon *d = arg;
+    /* Let the reply to `leave` go out first. */
+    struct timeval tv = {0, 200 * 1000};
+    event_base_loopexit(d->base, &tv);
 }
 
 static int daemon_add_signal(struct daemon *d, struct event **ev, int sig, event_callback_fn cb,
@@ -105,6 +134,23 @@ static int daemon_start(struct daemon *d, const struct pb_config *cfg, struct pb
         return rc;
     }
     node_state_init(&d->node, cfg, pb_now_ms());
+    const char *hooks = getenv("PICKBOX_TEST_HOOKS");
+    d->test_hooks = hooks != NULL && strcmp(hooks, "1") == 0;
+
+    struct cluster_options co = {.cfg = cfg,
+                                 .base = d->base,
+                                 .peer_fd = d->peer_fd,
+                                 .on_change = daemon_on_cluster_change,
+                                 .on_exit = daemon_on_cluster_exit,
+                                 .arg = d};
+    d->peer_fd = -1; /* the cluster owns it now, whatever happens */
+    rc = cluster_open(&d->cluster, &co, err);
+    if (rc < 0) {
+        if (fds.control >= 0)
+            close(fds.control);
+        return rc;
+    }
+    daemon_on_cluster_change(d);
 
     size_t n_methods;
     const struct ctl_method *methods = methods_table(&n_methods);
@@ -144,6 +190,8 @@ void daemon_node_changed(struct daemon *d)
 
 static void daemon_stop(struct daemon *d)
 {
+    cluster_close(d->cluster); /* answers its pending requests first */
+    d->cluster = NULL;
     ctl_server_free(d->ctl); /* removes the socket file if we made it */
     d->ctl = NULL;
     if (d->peer_fd >= 0)

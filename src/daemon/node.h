@@ -3,15 +3,14 @@
  * members), held in one place so that `status`, sd_notify STATUS= and,
  * later, the Raft wiring all read and write the same struct.
  *
- * Until Raft is wired in, a node reports what is true of a Raft server that
- * has started but not yet run consensus (Raft paper §5.2: "When servers start
- * up, they begin as followers"): role follower, term 0, no known leader,
- * commit and applied index 0, and consensus_running false. It does NOT claim
- * to be leader: no election has happened, and a node started with --join is
- * not even a member yet. The member list is the configuration the node would
- * start consensus with: itself as a voter when it bootstraps a new cluster
- * (no --join), empty when it joins through another node (the leader will
- * tell it the configuration).
+ * The cluster driver (cluster.h) refreshes role, term, leader and indexes
+ * on every role or leader change (consensus_running is then true), and
+ * `status` takes the rest (members, ids, storage) from the driver. Before
+ * the driver starts, a node reports what is true of a Raft server that has
+ * started but not yet run consensus (Raft paper §5.2): role follower, term
+ * 0, no known leader, indexes 0, consensus_running false, and as members
+ * the configuration it would start with (itself when bootstrapping, none
+ * when joining).
  *
  * Threading: event loop thread only.
  */
