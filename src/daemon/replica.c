@@ -1,0 +1,781 @@
+/*
+ * replica.c: watcher candidates -> fsm ops -> proposals, and the node's own
+ * entries as they apply (see replica.h and doc/fsm.md "Pending local
+ * edits").
+ */
+#include <config.h>
+
+#include "daemon/replica.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+
+#include "daemon/cluster.h"
+#include "daemon/config.h"
+#include "daemon/sm.h"
+#include "fsm/op.h"
+#include "fsm/propose.h"
+#include "fsm/tree.h"
+#include "lib/buf.h"
+#include "lib/log.h"
+#include "lib/util.h"
+#include "raft/raft.h"
+#include "store/statedb.h"
+#include "watch/watch.h"
+
+#define REPLICA_TICK_MS           20
+#define REPLICA_RETRY_LEADER_MS   3000
+#define REPLICA_RETRY_FOLLOWER_MS 1000
+#define REPLICA_MAX_INFLIGHT      256
+
+/* One proposal of ours, until its entry applies. */
+struct rprop {
+    struct rprop *next;
+    uint64_t seq;
+    enum fsm_op_type type;
+    char *path;              /* NULL for CHUNKS */
+    char *from;              /* RENAME: the source */
+    struct fsm_tree_stat st; /* what the tree held at path when proposed */
+    bool has_st;
+    uint8_t *data;
+    size_t len;
+    bool proposed;
+    uint64_t retry_at_ms;
+};
+
+/* A path to look at again (its own proposal was busy, lost or unreadable). */
+struct rdirty {
+    struct rdirty *next;
+    char *path;
+    bool carry_all;
+};
+
+struct replica {
+    const struct pb_config *cfg;
+    struct event_base *base;
+    struct cluster *c;
+    struct watch *w;
+    struct event *tick;
+    uint64_t client_id;
+    uint64_t next_seq;
+    struct rprop *head, *tail;
+    size_t n_props;
+    size_t n_inflight;
+    struct rdirty *dirty;
+    bool tree_was_bad;
+    char leader[80];
+    /* full rescan bookkeeping */
+    bool scanning;
+    char *scan_root;
+    char **seen;
+    size_t n_seen, cap_seen;
+    bool carry_all; /* while building: every chunk travels */
+    uint64_t proposed, applied, lost, skipped;
+    char last_error[256];
+};
+
+static struct sm *replica_sm(struct replica *r)
+{
+    return cluster_sm(r->c);
+}
+
+static void replica_error(struct replica *r, const char *fmt, ...) PB_PRINTF(2, 3);
+
+static void replica_error(struct replica *r, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(r->last_error, sizeof(r->last_error), fmt, ap);
+    va_end(ap);
+    log_warning("%s", r->last_error);
+}
+
+/* ---- bookkeeping ---- */
+
+static bool prop_touches(const struct rprop *p, const char *path)
+{
+    return (p->path != NULL && strcmp(p->path, path) == 0) ||
+           (p->from != NULL && strcmp(p->from, path) == 0);
+}
+
+static bool path_busy(const struct replica *r, const char *path)
+{
+    for (const struct rprop *p = r->head; p != NULL; p = p->next) {
+        if (prop_touches(p, path))
+            return true;
+    }
+    return false;
+}
+
+static void mark_dirty(struct replica *r, const char *path, bool carry_all)
+{
+    for (struct rdirty *d = r->dirty; d != NULL; d = d->next) {
+        if (strcmp(d->path, path) == 0) {
+            d->carry_all |= carry_all;
+            return;
+        }
+    }
+    struct rdirty *d = pb_xcalloc(1, sizeof(*d));
+    d->path = pb_xstrdup(path);
+    d->carry_all = carry_all;
+    d->next = r->dirty;
+    r->dirty = d;
+}
+
+static void prop_free(struct rprop *p)
+{
+    free(p->path);
+    free(p->from);
+    free(p->data);
+    free(p);
+}
+
+static void prop_unlink(struct replica *r, struct rprop *p)
+{
+    struct rprop **pp = &r->head, *prev = NULL;
+    while (*pp != NULL && *pp != p) {
+        prev = *pp;
+        pp = &(*pp)->next;
+    }
+    if (*pp == NULL)
+        return;
+    *pp = p->next;
+    if (r->tail == p)
+        r->tail = prev;
+    r->n_props--;
+    if (p->proposed && r->n_inflight > 0)
+        r->n_inflight--;
+}
+
+/* Encodes op and queues it with the next seq. */
+static int queue_op(struct replica *r, const struct fsm_op *op, const struct fsm_tree_stat *st,
+                    const char *from)
+{
+    struct pb_error err;
+    pb_error_clear(&err);
+    if (fsm_op_validate(op, &err) < 0) {
+        replica_error(r, "not proposing %s %s: %s", fsm_op_type_name(op->type),
+                      op->path ? op->path : "", err.msg);
+        return -EINVAL;
+    }
+    struct buf b = BUF_INIT;
+    int rc = fsm_op_encode(op, &b);
+    if (rc < 0) {
+        buf_free(&b);
+        replica_error(r, "cannot encode %s %s: %s", fsm_op_type_name(op->type),
+                      op->path ? op->path : "", strerror(-rc));
+        return rc;
+    }
+    struct rprop *p = pb_xcalloc(1, sizeof(*p));
+    p->seq = r->next_seq++;
+    p->type = op->type;
+    p->path = op->path ? pb_xstrdup(op->path) : NULL;
+    p->from = from ? pb_xstrdup(from) : NULL;
+    if (st != NULL) {
+        p->st = *st;
+        p->has_st = true;
+    }
+    p->data = buf_steal(&b, &p->len);
+    if (r->tail)
+        r->tail->next = p;
+    else
+        r->head = p;
+    r->tail = p;
+    r->n_props++;
+    log_debug("queued %s %s (seq %" PRIu64 ", %zu bytes)", fsm_op_type_name(op->type),
+              op->path ? op->path : "(chunks)", p->seq, p->len);
+    return 0;
+}
+
+/* ---- building ops ---- */
+
+static uint64_t row_version(struct replica *r, const char *path, struct statedb_row *row)
+{
+    struct statedb_row tmp;
+    if (row == NULL)
+        row = &tmp;
+    if (statedb_row_get(sm_statedb(replica_sm(r)), path, row, NULL) < 0) {
+        memset(row, 0, sizeof(*row));
+        return 0;
+    }
+    return row->version;
+}
+
+static void record_of(struct replica *r, const char *path, struct fsm_tree_stat *st)
+{
+    struct statedb_disk d;
+    memset(st, 0, sizeof(*st));
+    if (statedb_disk_get(sm_statedb(replica_sm(r)), path, &d) < 0 || d.kind == 0)
+        return;
+    st->kind = (enum fsm_kind)d.kind;
+    st->mode = d.mode;
+    st->size = d.size;
+    st->mtime_ns = d.mtime_ns;
+    st->ino = d.ino;
+}
+
+static int lacks_chunk(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN])
+{
+    struct replica *r = arg;
+    if (r->carry_all)
+        return 1;
+    int rc = statedb_chunk_has(sm_statedb(replica_sm(r)), id);
+    return rc < 0 ? rc : !rc;
+}
+
+struct emit_ctx {
+    struct replica *r;
+    struct fsm_tree_stat st;
+};
+
+static int emit_op(void *arg, const struct fsm_op *op)
+{
+    struct emit_ctx *x = arg;
+    /* The PUT comes last; its stat is filled by fsm_propose_put after the
+     * read, so it is recorded when the PUT is emitted (see below). */
+    return queue_op(x->r, op, NULL, NULL);
+}
+
+static void op_start(struct fsm_op *op, struct replica *r, enum fsm_op_type type, const char *path)
+{
+    fsm_op_init(op);
+    op->type = type;
+    op->origin = pb_xstrdup(r->cfg->node_id);
+    op->path = pb_xstrdup(path);
+    op->base = row_version(r, path, NULL);
+}
+
+static bool read_target(struct replica *r, const char *path, char *buf, size_t len)
+{
+    char *full = pb_xasprintf("%s/%s", r->cfg->data_dir, path);
+    ssize_t n = readlink(full, buf, len - 1);
+    free(full);
+    if (n <= 0)
+        return false;
+    buf[n] = '\0';
+    return true;
+}
+
+/*
+ * Looks at path on disk and proposes what differs from the node's record
+ * (nothing when they match: our own writes, or an op already in flight).
+ */
+static void replica_check(struct replica *r, const char *path, bool carry_all)
+{
+    struct sm *sm = replica_sm(r);
+    struct fsm_tree *t = sm ? sm_tree(sm) : NULL;
+    if (t == NULL || !fsm_path_valid(path))
+        return;
+    if (path_busy(r, path)) {
+        mark_dirty(r, path, carry_all);
+        return;
+    }
+    struct fsm_tree_stat now, rec;
+    int rc = fsm_tree_lstat(t, path, &now);
+    if (rc == -ENOENT || rc == -ENOTDIR) {
+        memset(&now, 0, sizeof(now));
+        rc = 0;
+    }
+    if (rc < 0) {
+        log_debug("%s: %s (not proposed)", path, strerror(-rc));
+        return;
+    }
+    record_of(r, path, &rec);
+    if (!carry_all && fsm_tree_stat_matches(&rec, &now))
+        return; /* what we wrote or already proposed and committed */
+    struct fsm_op op;
+    switch (now.kind) {
+    case FSM_KIND_FILE: {
+        struct emit_ctx x = {.r = r};
+        r->carry_all = carry_all;
+        size_t before = r->n_props;
+        rc = fsm_propose_put(t, path, r->cfg->node_id, row_version(r, path, NULL), lacks_chunk,
+                             emit_op, &x, &x.st);
+        r->carry_all = false;
+        if (rc == -EAGAIN) {
+            mark_dirty(r, path, carry_all); /* changing while read: later */
+            return;
+        }
+        if (rc < 0) {
+            replica_error(r, "cannot propose %s: %s", path, strerror(-rc));
+            return;
+        }
+        if (r->n_props > before && r->tail != NULL && r->tail->type == FSM_OP_PUT) {
+            r->tail->st = x.st;
+            r->tail->has_st = true;
+        }
+        return;
+    }
+    case FSM_KIND_DIR: {
+        struct statedb_row row;
+        uint64_t v = row_version(r, path, &row);
+        if (v != 0 && !row.deleted && row.kind == FSM_KIND_DIR && rec.kind == FSM_KIND_DIR &&
+            rec.ino == now.ino) {
+            if ((row.mode & 0777) == (now.mode & 0777))
+                return;
+            op_start(&op, r, FSM_OP_SETATTR, path);
+            op.u.setattr.fields = FSM_ATTR_MODE;
+            op.u.setattr.mode = now.mode & 07777;
+        } else {
+            op_start(&op, r, FSM_OP_MKDIR, path);
+            op.u.mkdir.mode = now.mode & 07777;
+            op.u.mkdir.mtime_ns = now.mtime_ns;
+        }
+        queue_op(r, &op, &now, NULL);
+        fsm_op_free(&op);
+        return;
+    }
+    case FSM_KIND_SYMLINK: {
+        char target[FSM_PATH_MAX + 1];
+        if (!read_target(r, path, target, sizeof(target)))
+            return;
+        op_start(&op, r, FSM_OP_SYMLINK, path);
+        op.u.symlink.target = pb_xstrdup(target);
+        op.u.symlink.mtime_ns = now.mtime_ns;
+        queue_op(r, &op, &now, NULL);
+        fsm_op_free(&op);
+        return;
+    }
+    case FSM_KIND_NONE: {
+        if (rec.kind == FSM_KIND_NONE)
+            return; /* we never had it here: nothing to delete */
+        struct statedb_row row;
+        uint64_t v = row_version(r, path, &row);
+        if (v == 0 || row.deleted)
+            return;
+        op_start(&op, r, FSM_OP_DELETE, path);
+        op.u.del.is_dir = row.kind == FSM_KIND_DIR;
+        queue_op(r, &op, &now, NULL);
+        fsm_op_free(&op);
+        return;
+    }
+    default:
+        r->skipped++;
+        log_info("%s: not a regular file, directory or symlink: not replicated", path);
+        return;
+    }
+}
+
+static void replica_rename(struct replica *r, const char *from, const char *to)
+{
+    struct sm *sm = replica_sm(r);
+    struct fsm_tree *t = sm ? sm_tree(sm) : NULL;
+    if (t == NULL)
+        return;
+    if (!fsm_path_valid(from) || !fsm_path_valid(to)) {
+        replica_check(r, to, false);
+        return;
+    }
+    struct fsm_tree_stat rec, now;
+    record_of(r, from, &rec);
+    struct statedb_row row;
+    uint64_t v = row_version(r, from, &row);
+    if (path_busy(r, from) || path_busy(r, to) || rec.kind == FSM_KIND_NONE || v == 0 ||
+        row.deleted || fsm_tree_lstat(t, to, &now) < 0 || now.kind == FSM_KIND_NONE) {
+        /* Not something we can move in the index as is: look at both ends. */
+        replica_check(r, from, false);
+        replica_check(r, to, false);
+        return;
+    }
+    struct fsm_op op;
+    op_start(&op, r, FSM_OP_RENAME, from);
+    op.u.rename.to = pb_xstrdup(to);
+    op.u.rename.base_to = row_version(r, to, NULL);
+    queue_op(r, &op, &now, from);
+    /* the proposal is about `to` (stat), moving from */
+    if (r->tail != NULL && r->tail->type == FSM_OP_RENAME) {
+        free(r->tail->path);
+        r->tail->path = pb_xstrdup(to);
+    }
+    fsm_op_free(&op);
+}
+
+/* ---- full rescans: what was recorded and is gone ---- */
+
+static void seen_add(struct replica *r, const char *path)
+{
+    if (r->n_seen == r->cap_seen) {
+        r->cap_seen = r->cap_seen ? r->cap_seen * 2 : 256;
+        r->seen = pb_xreallocarray(r->seen, r->cap_seen, sizeof(*r->seen));
+    }
+    r->seen[r->n_seen++] = pb_xstrdup(path);
+}
+
+static void seen_clear(struct replica *r)
+{
+    for (size_t i = 0; i < r->n_seen; i++)
+        free(r->seen[i]);
+    free(r->seen);
+    r->seen = NULL;
+    r->n_seen = r->cap_seen = 0;
+    free(r->scan_root);
+    r->scan_root = NULL;
+    r->scanning = false;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+struct gone_ctx {
+    struct replica *r;
+    char **paths;
+    size_t n, cap;
+};
+
+static int gone_row(void *arg, const char *path, const struct statedb_row *row)
+{
+    struct gone_ctx *g = arg;
+    struct replica *r = g->r;
+    if (row->deleted)
+        return 0;
+    size_t lr = strlen(r->scan_root);
+    if (lr > 0 && (strncmp(path, r->scan_root, lr) != 0 || (path[lr] != '\0' && path[lr] != '/')))
+        return 0;
+    const char *key = path;
+    if (r->n_seen > 0 && bsearch(&key, r->seen, r->n_seen, sizeof(*r->seen), cmp_str) != NULL)
+        return 0;
+    if (g->n == g->cap) {
+        g->cap = g->cap ? g->cap * 2 : 64;
+        g->paths = pb_xreallocarray(g->paths, g->cap, sizeof(*g->paths));
+    }
+    g->paths[g->n++] = pb_xstrdup(path);
+    return 0;
+}
+
+static void rescan_end(struct replica *r)
+{
+    if (r->n_seen > 0)
+        qsort(r->seen, r->n_seen, sizeof(*r->seen), cmp_str);
+    struct gone_ctx g = {.r = r};
+    statedb_row_foreach(sm_statedb(replica_sm(r)), gone_row, &g);
+    /* Children first (reverse byte order), so a gone directory's entries
+     * are deleted before it. */
+    for (size_t i = g.n; i-- > 0;) {
+        replica_check(r, g.paths[i], false);
+        free(g.paths[i]);
+    }
+    free(g.paths);
+    seen_clear(r);
+}
+
+/* ---- the watcher ---- */
+
+static void on_change(const struct watch_change *ch, void *arg)
+{
+    struct replica *r = arg;
+    struct sm *sm = replica_sm(r);
+    if (sm == NULL || sm_tree(sm) == NULL) {
+        r->tree_was_bad = true;
+        return;
+    }
+    switch (ch->kind) {
+    case WATCH_RESCAN_BEGIN:
+        seen_clear(r);
+        r->scanning = true;
+        r->scan_root = pb_xstrdup(ch->path ? ch->path : "");
+        return;
+    case WATCH_RESCAN_END:
+        if (r->scanning)
+            rescan_end(r);
+        return;
+    default:
+        break;
+    }
+    if (ch->rescan && r->scanning)
+        seen_add(r, ch->path);
+    switch (ch->kind) {
+    case WATCH_UPSERT_FILE:
+    case WATCH_ATTR:
+        if (ch->st.type == WATCH_TYPE_FILE && ch->st.nlink > 1) {
+            r->skipped++;
+            log_info("%s: has %" PRIu64 " hard links: not replicated", ch->path, ch->st.nlink);
+            return;
+        }
+        replica_check(r, ch->path, false);
+        return;
+    case WATCH_MKDIR:
+    case WATCH_SYMLINK:
+    case WATCH_REMOVE:
+        replica_check(r, ch->path, false);
+        return;
+    case WATCH_RENAME:
+        replica_rename(r, ch->from, ch->path);
+        return;
+    case WATCH_UNSUPPORTED:
+        r->skipped++;
+        log_info("%s: a device, FIFO or socket: not replicated", ch->path);
+        return;
+    default:
+        return;
+    }
+}
+
+/* ---- own entries applying (sm observer) ---- */
+
+static struct rprop *prop_by_seq(struct replica *r, uint64_t seq)
+{
+    for (struct rprop *p = r->head; p != NULL; p = p->next) {
+        if (p->seq == seq)
+            return p;
+    }
+    return NULL;
+}
+
+static void obs_before(void *arg, const struct raft_entry *e)
+{
+    struct replica *r = arg;
+    struct rprop *p = prop_by_seq(r, e->seq);
+    struct sm *sm = replica_sm(r);
+    if (p == NULL || p->path == NULL || sm_tree(sm) == NULL)
+        return;
+    if (p->type == FSM_OP_RENAME && p->from != NULL) {
+        /* The tree already did the move: move the records with it, so the
+         * applied MOVE finds them where the entries are. */
+        statedb_disk_move(sm_statedb(sm), p->from, p->path);
+        return;
+    }
+    if (!p->has_st || p->type == FSM_OP_DELETE)
+        return;
+    struct fsm_tree_stat now;
+    if (fsm_tree_lstat(sm_tree(sm), p->path, &now) == 0 && fsm_tree_stat_matches(&p->st, &now))
+        fsm_apply_record_local(sm_fsm(sm), p->path, &p->st);
+}
+
+static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_apply_result *res)
+{
+    struct replica *r = arg;
+    struct rprop *p = prop_by_seq(r, e->seq);
+    if (p == NULL)
+        return;
+    /* Ours with a lower seq can never apply now (the session moved past
+     * them): look at their paths again. */
+    struct rprop *next;
+    for (struct rprop *q = r->head; q != NULL && q != p; q = next) {
+        next = q->next;
+        if (q->seq < p->seq) {
+            r->lost++;
+            prop_unlink(r, q);
+            if (q->path)
+                mark_dirty(r, q->path, false);
+            if (q->from)
+                mark_dirty(r, q->from, false);
+            prop_free(q);
+        }
+    }
+    prop_unlink(r, p);
+    r->applied++;
+    bool missing = res->status == FSM_APPLY_DONE && res->outcome == FSM_OUT_MISSING_CHUNKS;
+    if (missing)
+        log_info("%s: chunks were collected before the PUT applied: proposing again with them",
+                 p->path);
+    if (p->path)
+        mark_dirty(r, p->path, missing);
+    if (p->from)
+        mark_dirty(r, p->from, false);
+    prop_free(p);
+}
+
+static void set_observer(struct replica *r)
+{
+    struct sm *sm = replica_sm(r);
+    if (sm == NULL)
+        return;
+    struct sm_observer obs = {
+            .arg = r, .client_id = r->client_id, .before = obs_before, .after = obs_after};
+    sm_set_observer(sm, &obs);
+}
+
+/* ---- proposing ---- */
+
+static void replica_propose_some(struct replica *r, uint64_t now)
+{
+    for (struct rprop *p = r->head; p != NULL; p = p->next) {
+        if (p->proposed && now < p->retry_at_ms)
+            continue;
+        if (!p->proposed && r->n_inflight >= REPLICA_MAX_INFLIGHT)
+            break;
+        uint64_t index = 0;
+        int rc = cluster_propose(r->c, r->client_id, p->seq, p->data, p->len, &index);
+        if (rc < 0) {
+            if (rc != -EBUSY && rc != -EAGAIN && rc != -ENOBUFS)
+                log_debug("propose seq %" PRIu64 ": %s", p->seq, strerror(-rc));
+            break; /* in order: the rest waits */
+        }
+        if (!p->proposed) {
+            r->n_inflight++;
+            r->proposed++;
+        }
+        p->proposed = true;
+        p->retry_at_ms = now + (index ? REPLICA_RETRY_LEADER_MS : REPLICA_RETRY_FOLLOWER_MS);
+    }
+}
+
+static void on_tick(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct replica *r = arg;
+    struct sm *sm = replica_sm(r);
+    set_observer(r);
+    if (sm == NULL)
+        return;
+    if (sm_tree(sm) == NULL) {
+        r->tree_was_bad = true;
+        return;
+    }
+    if (r->tree_was_bad) {
+        r->tree_was_bad = false;
+        watch_rescan(r->w, "");
+    }
+    /* A new leader: what was in flight may be lost, propose it again now. */
+    struct cluster_view v;
+    cluster_view(r->c, &v);
+    const char *leader = v.leader ? v.leader : "";
+    if (strcmp(leader, r->leader) != 0) {
+        snprintf(r->leader, sizeof(r->leader), "%s", leader);
+        for (struct rprop *p = r->head; p != NULL; p = p->next)
+            p->retry_at_ms = 0;
+    }
+    /* Paths to look at again, once nothing of ours is in flight on them. */
+    struct rdirty *d = r->dirty, *keep = NULL;
+    r->dirty = NULL;
+    while (d != NULL) {
+        struct rdirty *next = d->next;
+        if (path_busy(r, d->path)) {
+            d->next = keep;
+            keep = d;
+        } else {
+            replica_check(r, d->path, d->carry_all);
+            free(d->path);
+            free(d);
+        }
+        d = next;
+    }
+    while (keep != NULL) { /* back, merged with what the checks added */
+        struct rdirty *next = keep->next;
+        keep->next = r->dirty;
+        r->dirty = keep;
+        keep = next;
+    }
+    replica_propose_some(r, pb_now_ms());
+}
+
+/* ---- life cycle ---- */
+
+int replica_new(struct replica **out, const struct pb_config *cfg, struct event_base *base,
+                struct cluster *c, struct pb_error *err)
+{
+    *out = NULL;
+    struct replica *r = pb_xcalloc(1, sizeof(*r));
+    r->cfg = cfg;
+    r->base = base;
+    r->c = c;
+    r->client_id = cluster_id_self(c);
+    struct sm *sm = replica_sm(r);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t us = (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+    uint64_t last = sm ? sm_session_seq(sm, r->client_id) : 0;
+    r->next_seq = (us > last ? us : last) + 1;
+    set_observer(r);
+    struct watch_options wo;
+    watch_options_init(&wo);
+    wo.ignore = (const char *const *)cfg->ignore;
+    wo.n_ignore = cfg->n_ignore;
+    r->w = watch_new(base, cfg->data_dir, &wo, on_change, r, err);
+    if (r->w == NULL) {
+        replica_free(r);
+        return err != NULL && err->code < 0 ? err->code : -EIO;
+    }
+    r->tick = event_new(base, -1, EV_PERSIST, on_tick, r);
+    struct timeval tv = {0, REPLICA_TICK_MS * 1000};
+    event_add(r->tick, &tv);
+    *out = r;
+    return 0;
+}
+
+void replica_free(struct replica *r)
+{
+    if (r == NULL)
+        return;
+    struct sm *sm = r->c ? cluster_sm(r->c) : NULL;
+    if (sm != NULL)
+        sm_set_observer(sm, NULL);
+    if (r->tick)
+        event_free(r->tick);
+    watch_free(r->w);
+    while (r->head != NULL) {
+        struct rprop *p = r->head;
+        r->head = p->next;
+        prop_free(p);
+    }
+    while (r->dirty != NULL) {
+        struct rdirty *d = r->dirty;
+        r->dirty = d->next;
+        free(d->path);
+        free(d);
+    }
+    seen_clear(r);
+    free(r);
+}
+
+size_t replica_pending(const struct replica *r)
+{
+    return r->n_props;
+}
+
+void replica_status_fill(struct replica *r, json_t *obj)
+{
+    struct sm *sm = replica_sm(r);
+    json_t *t = json_object();
+    struct statedb_status s;
+    memset(&s, 0, sizeof(s));
+    struct statedb_applied a;
+    memset(&a, 0, sizeof(a));
+    if (sm != NULL) {
+        statedb_status_get(sm_statedb(sm), FSM_KIND_FILE, FSM_KIND_DIR, &s);
+        statedb_applied_get(sm_statedb(sm), &a);
+    }
+    json_object_set_new(t, "files", json_integer((json_int_t)s.files));
+    json_object_set_new(t, "dirs", json_integer((json_int_t)s.dirs));
+    json_object_set_new(t, "bytes", json_integer((json_int_t)s.bytes));
+    json_object_set_new(t, "pending", json_integer((json_int_t)(r->n_props)));
+    json_object_set_new(t, "conflicts", json_integer((json_int_t)a.conflicts));
+    json_object_set_new(t, "proposed", json_integer((json_int_t)r->proposed));
+    json_object_set_new(t, "skipped", json_integer((json_int_t)r->skipped));
+    const char *te = sm ? sm_tree_error(sm) : NULL;
+    json_object_set_new(t, "tree_error", te ? json_string(te) : json_null());
+    json_object_set_new(t, "last_error",
+                        r->last_error[0] ? json_string(r->last_error) : json_null());
+    json_object_set_new(obj, "tree", t);
+}
+
+static int conflict_row(void *arg, const char *path, const struct statedb_row *row)
+{
+    json_t *arr = arg;
+    if (row->deleted || strstr(path, ".pickbox-conflict-") == NULL)
+        return 0;
+    json_array_append_new(arr, json_pack("{s:s,s:s,s:I}", "path", path, "node", row->origin,
+                                         "index", (json_int_t)row->content_version));
+    return 0;
+}
+
+json_t *replica_conflicts_json(struct replica *r)
+{
+    json_t *arr = json_array();
+    struct sm *sm = replica_sm(r);
+    if (sm != NULL)
+        statedb_row_foreach(sm_statedb(sm), conflict_row, arr);
+    return json_pack("{s:o}", "conflicts", arr);
+}
