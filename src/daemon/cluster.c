@@ -197,6 +197,17 @@ void cluster_sync_conf(struct cluster *c)
     free(old);
     if (c->joining && cluster_member_by_id(c, c->id) != NULL) {
         c->joining = false;
+        struct net_peer_stats ps;
+        uint64_t leader = raft_leader(c->raft);
+        if (!c->has_cluster_id && leader != RAFT_NONE && net_peer_stats(c->net, leader, &ps) == 0 &&
+            ps.has_cluster_id) {
+            /* The answer to our JOIN was lost: the leader's handshake
+             * told us the cluster id too. */
+            memcpy(c->cluster_id, ps.cluster_id, sizeof(c->cluster_id));
+            c->has_cluster_id = true;
+            c->pending_cluster_id = true;
+            net_set_cluster_id(c->net, c->cluster_id);
+        }
         log_notice("joined the cluster as %s",
                    cluster_member_by_id(c, c->id)->voter ? "a voter" : "a learner");
     }
@@ -392,7 +403,7 @@ static void cluster_persist(struct cluster *c)
         return;
     }
     c->ready_seq = seq;
-    c->pending_cluster_id = false;
+    c->batch_cluster_id = b.cluster_id != NULL;
     /* While the storage thread writes: apply what is already durable. */
     cluster_apply_durable(c);
     c->stats_batches++;
@@ -437,6 +448,9 @@ static void cluster_persist_done(struct cluster *c)
             c->stored_last = rd->snapshot->index;
         c->stored_hs.term = rd->hs.term;
         c->stored_hs.vote = rd->hs.vote;
+        if (c->batch_cluster_id)
+            c->pending_cluster_id = false;
+        c->batch_cluster_id = false;
         cluster_send_all(c, rd->msgs_after_persist, rd->n_msgs_after_persist);
     }
     struct pb_error err;
@@ -452,6 +466,7 @@ static void cluster_persist_done(struct cluster *c)
         log_notice("installed snapshot at index %" PRIu64 " (term %" PRIu64 ", %zu bytes)",
                    rd->snapshot->index, rd->snapshot->term, c->rx.len);
         buf_free(&c->rx);
+        cluster_req_snapshot_installed(c, rd->snapshot->index, rd->snapshot->term);
     }
     if (rd->n_committed > 0) {
         int rc = sm_apply(c->sm, rd->committed, rd->n_committed, cluster_on_applied, c, &err);
@@ -518,6 +533,8 @@ void cluster_storage_recovered(struct cluster *c)
     c->stored_last = st.last_index;
     c->stored_hs = st.hard_state;
     c->stored_snap = st.has_snapshot ? st.snapshot.last_index : 0;
+    if (st.has_cluster_id)
+        c->pending_cluster_id = false; /* the failed batch did write it */
     store_state_free(&st);
     if (c->frozen) {
         /* The persist was fine; applying to state.db failed: again. */

@@ -83,6 +83,7 @@ struct cluster {
     uint8_t cluster_id[16];
     bool has_cluster_id;
     bool pending_cluster_id; /* to persist with the next batch */
+    bool batch_cluster_id;   /* the batch in flight carries it */
     uint8_t *secret;
     size_t secret_len;
     unsigned election_tick;
@@ -177,6 +178,7 @@ uint64_t cluster_random_u64(void);
 
 /* cluster_req.c */
 void cluster_req_applied(struct cluster *c, const struct raft_entry *e);
+void cluster_req_snapshot_installed(struct cluster *c, uint64_t index, uint64_t term);
 void cluster_req_actions(struct cluster *c);
 void cluster_req_check(struct cluster *c);
 void cluster_req_leader_changed(struct cluster *c);

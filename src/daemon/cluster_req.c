@@ -208,6 +208,19 @@ void cluster_req_applied(struct cluster *c, const struct raft_entry *e)
               json_pack("{s:I,s:I}", "index", (json_int_t)e->index, "term", (json_int_t)e->term));
 }
 
+void cluster_req_snapshot_installed(struct cluster *c, uint64_t index, uint64_t term)
+{
+    /* Probes applied inside the snapshot get no apply callback: their
+     * session says they were applied, at or before index. */
+    struct creq *next;
+    for (struct creq *q = c->reqs; q != NULL; q = next) {
+        next = q->next;
+        if (q->kind == CREQ_PROBE && sm_session_seq(c->sm, probe_client_id(c, q->slot)) >= q->seq)
+            creq_done(c, q,
+                      json_pack("{s:I,s:I}", "index", (json_int_t)index, "term", (json_int_t)term));
+    }
+}
+
 static void probe_action(struct cluster *c, struct creq *q, uint64_t now)
 {
     static const uint8_t zeros[65536];
