@@ -19,6 +19,7 @@
 
 #include <event2/event.h>
 
+#include "ctl/ctl.h"
 #include "daemon/cluster.h"
 #include "daemon/config.h"
 #include "daemon/sm.h"
@@ -59,6 +60,14 @@ struct rdirty {
     bool carry_all;
 };
 
+/* A `sync` request waiting. */
+struct rsync {
+    struct rsync *next;
+    struct ctl_request *req;
+    uint64_t target;
+    uint64_t deadline_ms;
+};
+
 struct replica {
     const struct pb_config *cfg;
     struct event_base *base;
@@ -79,9 +88,12 @@ struct replica {
     char **seen;
     size_t n_seen, cap_seen;
     bool carry_all; /* while building: every chunk travels */
+    struct rsync *syncs;
     uint64_t proposed, applied, lost, skipped;
     char last_error[256];
 };
+
+static void sync_check(struct replica *r, uint64_t now);
 
 static struct sm *replica_sm(struct replica *r)
 {
@@ -628,6 +640,8 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     struct replica *r = arg;
     struct sm *sm = replica_sm(r);
     set_observer(r);
+    if (r->syncs != NULL)
+        sync_check(r, pb_now_ms());
     if (sm == NULL)
         return;
     if (sm_tree(sm) == NULL) {
@@ -669,6 +683,69 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
         keep = next;
     }
     replica_propose_some(r, pb_now_ms());
+    sync_check(r, pb_now_ms());
+}
+
+/* ---- sync ---- */
+
+static bool sync_reached(struct replica *r, uint64_t target)
+{
+    struct cluster_view v;
+    cluster_view(r->c, &v);
+    if (v.applied < target)
+        return false;
+    if (strcmp(v.role, "leader") != 0)
+        return true; /* a follower sees only itself */
+    json_t *mj = cluster_members_json(r->c);
+    json_t *arr = json_object_get(mj, "members");
+    bool ok = true;
+    size_t i;
+    json_t *m;
+    json_array_foreach(arr, i, m)
+    {
+        if (json_is_true(json_object_get(m, "self")))
+            continue;
+        if (json_is_false(json_object_get(m, "reachable")))
+            continue; /* every reachable node */
+        json_t *mi = json_object_get(m, "match_index");
+        if (!json_is_integer(mi) || (uint64_t)json_integer_value(mi) < target)
+            ok = false;
+    }
+    json_decref(mj);
+    return ok;
+}
+
+static void sync_check(struct replica *r, uint64_t now)
+{
+    struct rsync **pp = &r->syncs;
+    while (*pp != NULL) {
+        struct rsync *q = *pp;
+        if (sync_reached(r, q->target)) {
+            ctl_reply_result(q->req, json_pack("{s:I}", "index", (json_int_t)q->target));
+        } else if (now >= q->deadline_ms) {
+            ctl_reply_error(q->req, CTL_ERR_TIMEOUT, NULL,
+                            "not every reachable node applied index %" PRIu64 " in time",
+                            q->target);
+        } else {
+            pp = &q->next;
+            continue;
+        }
+        *pp = q->next;
+        free(q);
+    }
+}
+
+void replica_sync(struct replica *r, struct ctl_request *req, unsigned timeout_ms)
+{
+    struct cluster_view v;
+    cluster_view(r->c, &v);
+    struct rsync *q = pb_xcalloc(1, sizeof(*q));
+    q->req = req;
+    q->target = v.commit;
+    q->deadline_ms = pb_now_ms() + timeout_ms;
+    q->next = r->syncs;
+    r->syncs = q;
+    sync_check(r, pb_now_ms());
 }
 
 /* ---- life cycle ---- */
@@ -727,6 +804,12 @@ void replica_free(struct replica *r)
         free(d);
     }
     seen_clear(r);
+    while (r->syncs != NULL) {
+        struct rsync *q = r->syncs;
+        r->syncs = q->next;
+        ctl_reply_error(q->req, CTL_ERR_UNAVAILABLE, NULL, "the daemon is stopping");
+        free(q);
+    }
     free(r);
 }
 

@@ -45,6 +45,13 @@ size_t replica_pending(const struct replica *r);
  * last_error} in obj. */
 void replica_status_fill(struct replica *r, json_t *obj);
 
+/* Answers req once this node has applied the commit index known at call
+ * time and, on the leader, every member's match index has reached it
+ * (or TIMEOUT after timeout_ms). Result {"index": n}. Pending replies are
+ * answered UNAVAILABLE by replica_free(). */
+struct ctl_request;
+void replica_sync(struct replica *r, struct ctl_request *req, unsigned timeout_ms);
+
 /* {"conflicts": [{"path", "node", "index"}...]}: live conflict copies in
  * the manifest (new reference). */
 json_t *replica_conflicts_json(struct replica *r);
