@@ -235,19 +235,21 @@ static void record_of(struct replica *r, const char *path, struct fsm_tree_stat 
     st->ino = d.ino;
 }
 
+struct emit_ctx {
+    struct replica *r;
+    struct fsm_tree_stat st;
+};
+
+/* fsm_propose_put passes the same arg to lacks and emit. */
 static int lacks_chunk(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN])
 {
-    struct replica *r = arg;
+    struct emit_ctx *x = arg;
+    struct replica *r = x->r;
     if (r->carry_all)
         return 1;
     int rc = statedb_chunk_has(sm_statedb(replica_sm(r)), id);
     return rc < 0 ? rc : !rc;
 }
-
-struct emit_ctx {
-    struct replica *r;
-    struct fsm_tree_stat st;
-};
 
 static int emit_op(void *arg, const struct fsm_op *op)
 {
@@ -288,6 +290,7 @@ static void replica_check(struct replica *r, const char *path, bool carry_all)
     if (t == NULL || !fsm_path_valid(path))
         return;
     if (path_busy(r, path)) {
+        log_debug("%s: own proposal in flight: later", path);
         mark_dirty(r, path, carry_all);
         return;
     }
@@ -302,8 +305,11 @@ static void replica_check(struct replica *r, const char *path, bool carry_all)
         return;
     }
     record_of(r, path, &rec);
-    if (!carry_all && fsm_tree_stat_matches(&rec, &now))
+    if (!carry_all && fsm_tree_stat_matches(&rec, &now)) {
+        log_debug("%s: as recorded (kind %d size %" PRIu64 " ino %" PRIu64 "): no op", path,
+                  (int)now.kind, now.size, now.ino);
         return; /* what we wrote or already proposed and committed */
+    }
     struct fsm_op op;
     switch (now.kind) {
     case FSM_KIND_FILE: {
@@ -491,6 +497,8 @@ static void on_change(const struct watch_change *ch, void *arg)
         r->tree_was_bad = true;
         return;
     }
+    log_debug("candidate %d %s%s%s", (int)ch->kind, ch->from ? ch->from : "",
+              ch->from ? " -> " : "", ch->path ? ch->path : "");
     switch (ch->kind) {
     case WATCH_RESCAN_BEGIN:
         seen_clear(r);
