@@ -279,6 +279,41 @@ static bool read_target(struct replica *r, const char *path, char *buf, size_t l
     return true;
 }
 
+struct below_ctx {
+    const char *dir;
+    size_t len;
+    char **paths;
+    size_t n, cap;
+};
+
+static int below_row(void *arg, const char *path, const struct statedb_row *row)
+{
+    struct below_ctx *b = arg;
+    if (row->deleted || strncmp(path, b->dir, b->len) != 0 || path[b->len] != '/')
+        return 0;
+    if (b->n == b->cap) {
+        b->cap = b->cap ? b->cap * 2 : 32;
+        b->paths = pb_xreallocarray(b->paths, b->cap, sizeof(*b->paths));
+    }
+    b->paths[b->n++] = pb_xstrdup(path);
+    return 0;
+}
+
+static void replica_check(struct replica *r, const char *path, bool carry_all);
+
+/* A directory vanished with its subtree: its entries go first, deepest
+ * first (reverse byte order puts "a/b/c" before "a/b"). */
+static void delete_below(struct replica *r, const char *dir)
+{
+    struct below_ctx b = {.dir = dir, .len = strlen(dir)};
+    statedb_row_foreach(sm_statedb(replica_sm(r)), below_row, &b);
+    for (size_t i = b.n; i-- > 0;) {
+        replica_check(r, b.paths[i], false);
+        free(b.paths[i]);
+    }
+    free(b.paths);
+}
+
 /*
  * Looks at path on disk and proposes what differs from the node's record
  * (nothing when they match: our own writes, or an op already in flight).
@@ -370,6 +405,8 @@ static void replica_check(struct replica *r, const char *path, bool carry_all)
         uint64_t v = row_version(r, path, &row);
         if (v == 0 || row.deleted)
             return;
+        if (row.kind == FSM_KIND_DIR)
+            delete_below(r, path); /* the watcher says: the whole subtree is gone */
         op_start(&op, r, FSM_OP_DELETE, path);
         op.u.del.is_dir = row.kind == FSM_KIND_DIR;
         queue_op(r, &op, &now, NULL);
@@ -599,10 +636,8 @@ static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_ap
     if (missing)
         log_info("%s: chunks were collected before the PUT applied: proposing again with them",
                  p->path);
-    if (p->path)
-        mark_dirty(r, p->path, missing);
-    if (p->from)
-        mark_dirty(r, p->from, false);
+    if (missing && p->path)
+        mark_dirty(r, p->path, true);
     prop_free(p);
 }
 
