@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <event2/event.h>
@@ -88,6 +89,12 @@ struct replica {
     char **seen;
     size_t n_seen, cap_seen;
     bool carry_all; /* while building: every chunk travels */
+    /* paths held from the watcher (watch_suppress_begin) during a batch */
+    char **held;
+    size_t n_held, cap_held;
+    char **moves; /* from, to pairs of others' renames in the batch */
+    uint64_t *move_idx;
+    size_t n_moves, cap_moves;
     struct rsync *syncs;
     uint64_t proposed, applied, lost, skipped;
     char last_error[256];
@@ -641,13 +648,132 @@ static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_ap
     prop_free(p);
 }
 
+/* ---- holding the watcher while a batch writes the tree ---- */
+
+static void hold_path(struct replica *r, const char *path)
+{
+    if (!fsm_path_valid(path))
+        return;
+    /* the parents too: implicit directories are created for a path */
+    char *tmp = pb_xstrdup(path);
+    for (char *s = tmp;; s++) {
+        if (*s != '/' && *s != '\0')
+            continue;
+        char c = *s;
+        *s = '\0';
+        if (watch_suppress_begin(r->w, tmp) == 0) {
+            if (r->n_held == r->cap_held) {
+                r->cap_held = r->cap_held ? r->cap_held * 2 : 64;
+                r->held = pb_xreallocarray(r->held, r->cap_held, sizeof(*r->held));
+            }
+            r->held[r->n_held++] = pb_xstrdup(tmp);
+        }
+        *s = c;
+        if (c == '\0')
+            break;
+    }
+    free(tmp);
+}
+
+static void hold_op(struct replica *r, const struct fsm_op *op, uint64_t index, bool own)
+{
+    if (op->type == FSM_OP_BATCH) {
+        for (uint32_t i = 0; i < op->u.batch.n_ops; i++)
+            hold_op(r, &op->u.batch.ops[i], index, own);
+        return;
+    }
+    if (op->path == NULL)
+        return;
+    hold_path(r, op->path);
+    if (op->type == FSM_OP_RENAME) {
+        hold_path(r, op->u.rename.to);
+        if (!own) {
+            if (r->n_moves == r->cap_moves) {
+                r->cap_moves = r->cap_moves ? r->cap_moves * 2 : 8;
+                r->moves = pb_xreallocarray(r->moves, r->cap_moves * 2, sizeof(*r->moves));
+                r->move_idx = pb_xreallocarray(r->move_idx, r->cap_moves, sizeof(*r->move_idx));
+            }
+            r->moves[2 * r->n_moves] = pb_xstrdup(op->path);
+            r->moves[2 * r->n_moves + 1] = pb_xstrdup(op->u.rename.to);
+            r->move_idx[r->n_moves++] = index;
+        }
+    }
+}
+
+static void obs_batch_before(void *arg, const struct raft_entry *e, size_t n)
+{
+    struct replica *r = arg;
+    for (size_t i = 0; i < n; i++) {
+        if (e[i].type != RAFT_ENTRY_NORMAL || e[i].len == 0 || e[i].data == NULL ||
+            e[i].data[0] == 0)
+            continue;
+        struct fsm_op op;
+        if (fsm_op_decode(e[i].data, e[i].len, &op, NULL) < 0)
+            continue;
+        hold_op(r, &op, e[i].index, e[i].client_id == r->client_id);
+        fsm_op_free(&op);
+    }
+}
+
+static void lstat_watch(struct replica *r, const char *path, struct watch_stat *ws, bool *exists)
+{
+    char *full = pb_xasprintf("%s/%s", r->cfg->data_dir, path);
+    struct stat st;
+    *exists = lstat(full, &st) == 0;
+    if (*exists)
+        watch_stat_from_stat(ws, &st);
+    free(full);
+}
+
+static void obs_batch_after(void *arg, const struct raft_entry *e, size_t n,
+                            const struct fsm_apply_result *res)
+{
+    struct replica *r = arg;
+    /* Others' renames that moved something in our tree: the watcher moves
+     * its model (and watches) along. */
+    for (size_t k = 0; k < r->n_moves; k++) {
+        const char *from = r->moves[2 * k], *to = r->moves[2 * k + 1];
+        bool moved = false;
+        for (size_t i = 0; res != NULL && i < n; i++) {
+            if (e[i].index == r->move_idx[k])
+                moved = res[i].status == FSM_APPLY_DONE && res[i].outcome == FSM_OUT_APPLIED &&
+                        res[i].pending == 0 && res[i].tree_rc == 0;
+        }
+        struct watch_stat ws;
+        bool from_there, to_there;
+        lstat_watch(r, from, &ws, &from_there);
+        lstat_watch(r, to, &ws, &to_there);
+        if (moved && !from_there && to_there)
+            watch_suppress_rename(r->w, from, to);
+        free(r->moves[2 * k]);
+        free(r->moves[2 * k + 1]);
+    }
+    r->n_moves = 0;
+    /* Release in reverse (children before parents); what is there now is
+     * what the watcher "reported". A path whose disk differs from our
+     * record holds a local edit: look at it (the watcher will not). */
+    for (size_t i = r->n_held; i-- > 0;) {
+        struct watch_stat ws;
+        bool there;
+        lstat_watch(r, r->held[i], &ws, &there);
+        watch_suppress_end(r->w, r->held[i], there ? &ws : NULL);
+        mark_dirty(r, r->held[i], false);
+        free(r->held[i]);
+    }
+    r->n_held = 0;
+}
+
 static void set_observer(struct replica *r)
 {
     struct sm *sm = replica_sm(r);
     if (sm == NULL)
         return;
-    struct sm_observer obs = {
-            .arg = r, .client_id = r->client_id, .before = obs_before, .after = obs_after};
+    struct sm_observer obs = {.arg = r,
+                              .client_id = r->client_id,
+                              .before = obs_before,
+                              .after = obs_after,
+                              .batch_before = obs_batch_before,
+                              .batch_after = obs_batch_after};
     sm_set_observer(sm, &obs);
 }
 
@@ -847,6 +973,9 @@ void replica_free(struct replica *r)
         free(d);
     }
     seen_clear(r);
+    free(r->held);
+    free(r->moves);
+    free(r->move_idx);
     while (r->syncs != NULL) {
         struct rsync *q = r->syncs;
         r->syncs = q->next;

@@ -340,10 +340,14 @@ int sm_apply(struct sm *sm, const struct raft_entry *e, size_t n, sm_applied_fn 
         if (sm_own(sm, x) && sm->obs.before != NULL)
             sm->obs.before(sm->obs.arg, x);
     }
+    if (sm->has_obs && sm->obs.batch_before != NULL)
+        sm->obs.batch_before(sm->obs.arg, e + i0, m);
     rc = fsm_apply_entries(sm->ap, in, m, res, err);
     if (rc < 0) {
         if (rc != -EPROTONOSUPPORT)
             sm_reload_applied(sm);
+        if (sm->has_obs && sm->obs.batch_after != NULL)
+            sm->obs.batch_after(sm->obs.arg, e + i0, m, NULL);
         goto out;
     }
     sm->applied = e[n - 1].index;
@@ -366,6 +370,8 @@ int sm_apply(struct sm *sm, const struct raft_entry *e, size_t n, sm_applied_fn 
     }
     if (repair)
         sm_repair(sm);
+    if (sm->has_obs && sm->obs.batch_after != NULL)
+        sm->obs.batch_after(sm->obs.arg, e + i0, m, res);
     for (size_t i = 0; i < m && cb != NULL; i++) {
         const struct raft_entry *x = &e[i0 + i];
         if (x->type != RAFT_ENTRY_NORMAL || x->client_id == 0)

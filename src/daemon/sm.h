@@ -60,6 +60,12 @@ struct sm_observer {
     void (*before)(void *arg, const struct raft_entry *e);
     /* An own op entry applied (r: its result; DUPLICATE: not applied). */
     void (*after)(void *arg, const struct raft_entry *e, const struct fsm_apply_result *r);
+    /* Every batch of entries, before anything of it is applied and after
+     * (res[i]: entry e[i]'s result; NULL when the batch failed). Any may be
+     * NULL. */
+    void (*batch_before)(void *arg, const struct raft_entry *e, size_t n);
+    void (*batch_after)(void *arg, const struct raft_entry *e, size_t n,
+                        const struct fsm_apply_result *res);
 };
 
 /* Opens (creating) state_dir/state.db and the tree at data_dir. *out is

@@ -12,14 +12,14 @@ from pbharness import HarnessError, wait_until
 FAST = ["--election-timeout-ms", "300", "--heartbeat-ms", "30"]
 
 
-def start_cluster(h, n, extra=()):
-    nodes = [h.start_daemon("n1", args=FAST + list(extra))]
+def start_cluster(h, n, extra=(), env=None):
+    nodes = [h.start_daemon("n1", args=FAST + list(extra), env=env)]
     wait_until(lambda: status(nodes[0]).get("role") == "leader", 10, what="n1 to lead")
     secret = os.path.join(nodes[0].state_dir, "secret")
     wait_until(lambda: os.path.exists(secret), 5, what="n1's secret")
     for i in range(2, n + 1):
         d = h.start_daemon("n%d" % i, args=FAST + list(extra) + [
-            "--join", "127.0.0.1:%d" % nodes[0].port, "--secret-file", secret])
+            "--join", "127.0.0.1:%d" % nodes[0].port, "--secret-file", secret], env=env)
         nodes.append(d)
     for d in nodes:
         wait_until(lambda d=d: member_ok(d, n), 20, what="%s to be a member" % d.node_id)
@@ -28,7 +28,8 @@ def start_cluster(h, n, extra=()):
 
 def member_ok(d, n):
     st = status(d)
-    return (not st.get("joining")) and len(st.get("members", [])) == n and \
+    ms = st.get("members", [])
+    return (not st.get("joining")) and len(ms) == n and all(m.get("voter") for m in ms) and \
         st.get("leader_id") is not None
 
 
