@@ -260,7 +260,9 @@ START_TEST(test_parse_args_errors)
     } cases[] = {
             {{NULL}, "missing command (see pickboxctl --help)"},
             {{"-j", NULL}, "missing command (see pickboxctl --help)"},
-            {{"stauts", NULL}, "unknown command 'stauts' (commands: status, hello)"},
+            {{"stauts", NULL},
+             "unknown command 'stauts' (commands: status, hello, sync, "
+             "conflicts)"},
             {{"status", "extra", NULL},
              "wrong number of arguments for 'status' (usage: pickboxctl status)"},
             {{"--jsn", "status", NULL}, "unknown option '--jsn' (see pickboxctl --help)"},
@@ -728,7 +730,7 @@ START_TEST(test_exit_usage)
     r = run(NULL, "frobnicate", NULL);
     ck_assert_int_eq(r.rc, PBCTL_EXIT_USAGE);
     ck_assert_str_eq(r.err, "pickboxctl: unknown command 'frobnicate' (commands: status, "
-                            "hello)\n");
+                            "hello, sync, conflicts)\n");
     run_free(&r);
 }
 END_TEST

@@ -52,6 +52,23 @@ static const struct pbctl_field_spec hello_view[] = {
         {NULL, NULL, NULL, NULL},
 };
 
+static const struct pbctl_field_spec sync_view[] = {
+        {"index", "synced to index", NULL, NULL},
+        {NULL, NULL, NULL, NULL},
+};
+
+static const struct pbctl_field_spec conflict_columns[] = {
+        {"path", "path", NULL, NULL},
+        {"node", "node", NULL, NULL},
+        {"index", "index", NULL, NULL},
+        {NULL, NULL, NULL, NULL},
+};
+
+static const struct pbctl_field_spec conflicts_view[] = {
+        {"conflicts", NULL, NULL, conflict_columns},
+        {NULL, NULL, NULL, NULL},
+};
+
 const struct pbctl_command pbctl_commands[] = {
         {
                 .name = "status",
@@ -64,6 +81,19 @@ const struct pbctl_command pbctl_commands[] = {
                 .method = "hello",
                 .help = "show the daemon's version and protocol",
                 .view = hello_view,
+        },
+        {
+                .name = "sync",
+                .method = "sync",
+                .help = "wait until every reachable node has applied what is committed now "
+                        "(-t bounds the wait)",
+                .view = sync_view,
+        },
+        {
+                .name = "conflicts",
+                .method = "conflicts",
+                .help = "list the conflict copies in the tree (path, node, index)",
+                .view = conflicts_view,
         },
         /* Added as the daemon implements them, e.g.:
          * {.name = "transfer", .args = {"node"}, .min_args = 1, .method = "transfer",
