@@ -96,6 +96,7 @@ struct replica {
     uint64_t *move_idx;
     size_t n_moves, cap_moves;
     struct rsync *syncs;
+    struct sm *last_sm; /* a join discards and reopens the state machine */
     uint64_t proposed, applied, lost, skipped;
     char last_error[256];
 };
@@ -817,9 +818,13 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
         r->tree_was_bad = true;
         return;
     }
-    if (r->tree_was_bad) {
+    if (r->tree_was_bad || sm != r->last_sm) {
+        /* the tree is back, or a new state machine (join): what the tree
+         * holds is compared with its records again */
         r->tree_was_bad = false;
-        watch_rescan(r->w, "");
+        if (r->last_sm != NULL)
+            watch_rescan(r->w, "");
+        r->last_sm = sm;
     }
     /* A new leader: what was in flight may be lost, propose it again now. */
     struct cluster_view v;
@@ -935,6 +940,7 @@ int replica_new(struct replica **out, const struct pb_config *cfg, struct event_
     uint64_t last = sm ? sm_session_seq(sm, r->client_id) : 0;
     r->next_seq = (us > last ? us : last) + 1;
     set_observer(r);
+    r->last_sm = sm;
     struct watch_options wo;
     watch_options_init(&wo);
     wo.ignore = (const char *const *)cfg->ignore;
