@@ -38,6 +38,9 @@
 #define REPLICA_RETRY_LEADER_MS   3000
 #define REPLICA_RETRY_FOLLOWER_MS 1000
 #define REPLICA_MAX_INFLIGHT      256
+/* An entry must travel in one peer message (NET_MSG_MAX, 16 MiB, with the
+ * Raft message around it): a larger one would stall replication. */
+#define REPLICA_ENTRY_MAX (12u * 1024u * 1024u)
 
 /* One proposal of ours, until its entry applies. */
 struct rprop {
@@ -195,6 +198,13 @@ static int queue_op(struct replica *r, const struct fsm_op *op, const struct fsm
                       op->path ? op->path : "", strerror(-rc));
         return rc;
     }
+    if (b.len > REPLICA_ENTRY_MAX) {
+        replica_error(r, "not proposing %s %s: its entry would be %zu bytes (at most %u)",
+                      fsm_op_type_name(op->type), op->path ? op->path : "(chunks)", b.len,
+                      REPLICA_ENTRY_MAX);
+        buf_free(&b);
+        return -EMSGSIZE;
+    }
     struct rprop *p = pb_xcalloc(1, sizeof(*p));
     p->seq = r->next_seq++;
     p->type = op->type;
@@ -259,12 +269,53 @@ static int lacks_chunk(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN])
     return rc < 0 ? rc : !rc;
 }
 
+/* Bytes of chunk data per entry: fsm_propose_put carries up to
+ * FSM_PROPOSE_CARRY_MAX (16 MiB) per op, more than one peer message holds,
+ * so carried bytes are re-cut here into CHUNKS ops of at most this much. */
+#define REPLICA_CARRY_MAX (8u * 1024u * 1024u)
+
 static int emit_op(void *arg, const struct fsm_op *op)
 {
     struct emit_ctx *x = arg;
+    const struct fsm_chunk_data *data = NULL;
+    uint32_t n_data = 0;
+    if (op->type == FSM_OP_CHUNKS) {
+        data = op->u.chunks.data;
+        n_data = op->u.chunks.n_data;
+    } else if (op->type == FSM_OP_PUT) {
+        data = op->u.put.data;
+        n_data = op->u.put.n_data;
+    }
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < n_data; i++)
+        total += data[i].len;
     /* The PUT comes last; its stat is filled by fsm_propose_put after the
-     * read, so it is recorded when the PUT is emitted (see below). */
-    return queue_op(x->r, op, NULL, NULL);
+     * read, so it is recorded by the caller. */
+    if (total <= REPLICA_CARRY_MAX)
+        return queue_op(x->r, op, NULL, NULL);
+    /* Shallow ops over the same bytes (owned by op, never freed here). */
+    for (uint32_t i = 0; i < n_data;) {
+        uint32_t k = 0;
+        uint64_t bytes = 0;
+        while (i + k < n_data && (k == 0 || bytes + data[i + k].len <= REPLICA_CARRY_MAX))
+            bytes += data[i + k++].len;
+        struct fsm_op c;
+        fsm_op_init(&c);
+        c.type = FSM_OP_CHUNKS;
+        c.origin = op->origin;
+        c.u.chunks.data = (struct fsm_chunk_data *)(uintptr_t)(data + i);
+        c.u.chunks.n_data = k;
+        int rc = queue_op(x->r, &c, NULL, NULL);
+        if (rc < 0)
+            return rc;
+        i += k;
+    }
+    if (op->type != FSM_OP_PUT)
+        return 0;
+    struct fsm_op put = *op;
+    put.u.put.data = NULL;
+    put.u.put.n_data = 0;
+    return queue_op(x->r, &put, NULL, NULL);
 }
 
 static void op_start(struct fsm_op *op, struct replica *r, enum fsm_op_type type, const char *path)

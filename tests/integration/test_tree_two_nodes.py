@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The two user scenarios on a 2-node cluster: an edit on either node appears
 on both; 10 files written at the same moment on each of two nodes all arrive
-everywhere with the right content; no echo (the log stops growing)."""
+everywhere with the right content; no echo (the log stops growing); a file
+larger than one peer message arrives intact."""
 
 import os
 import sys
@@ -13,7 +14,7 @@ from pbharness import Harness, HarnessError, wait_until  # noqa: E402
 import treeharness as th  # noqa: E402
 
 with Harness("tree_two_nodes") as h:
-    h.plan(8)
+    h.plan(9)
     n1, n2 = th.start_cluster(h, 2)
     h.ok(True, "2-node cluster up")
 
@@ -82,3 +83,23 @@ with Harness("tree_two_nodes") as h:
          "both nodes applied the same index")
     r = n1.call("conflicts")
     h.eq(r.get("result", {}).get("conflicts"), [], "conflicts lists nothing")
+
+    # A file larger than one peer message (its chunks travel in several entries).
+    big = os.urandom(20 << 20)
+    with open(os.path.join(n2.data_dir, "big.bin"), "wb") as f:
+        f.write(big)
+    dst = os.path.join(n1.data_dir, "big.bin")
+
+    def arrived():
+        try:
+            with open(dst, "rb") as f:
+                return f.read() == big
+        except OSError:
+            return False
+    t0 = time.monotonic()
+    try:
+        wait_until(arrived, 60, interval=0.05, what="big.bin on n1")
+        h.ok(True, "a 20 MiB file written on n2 arrives intact on n1")
+        h.diag("20 MiB in %.0f ms" % ((time.monotonic() - t0) * 1000))
+    except HarnessError as e:
+        h.ok(False, "a 20 MiB file written on n2 arrives intact on n1", str(e))
