@@ -38,6 +38,15 @@
 #define REPLICA_RETRY_LEADER_MS   3000
 #define REPLICA_RETRY_FOLLOWER_MS 1000
 #define REPLICA_MAX_INFLIGHT      256
+/* Bytes of our entries in flight (at least one entry): a follower forwards
+ * its proposals through a bounded peer queue (16 MiB), and a CHUNKS entry
+ * dropped there while its PUT gets through fails the PUT. */
+#define REPLICA_INFLIGHT_BYTES (10u * 1024u * 1024u)
+/* An entry this large travels in the peer transport's bulk class, which a
+ * later small (control class) message overtakes: a big entry of ours is
+ * always alone in flight, or a later seq could commit first and the
+ * session table would then skip the big one. */
+#define REPLICA_BIG_ENTRY (200u * 1024u)
 /* An entry must travel in one peer message (NET_MSG_MAX, 16 MiB, with the
  * Raft message around it): a larger one would stall replication. */
 #define REPLICA_ENTRY_MAX (12u * 1024u * 1024u)
@@ -83,6 +92,8 @@ struct replica {
     struct rprop *head, *tail;
     size_t n_props;
     size_t n_inflight;
+    size_t inflight_bytes;
+    size_t inflight_big;
     struct rdirty *dirty;
     bool tree_was_bad;
     char leader[80];
@@ -175,8 +186,12 @@ static void prop_unlink(struct replica *r, struct rprop *p)
     if (r->tail == p)
         r->tail = prev;
     r->n_props--;
-    if (p->proposed && r->n_inflight > 0)
+    if (p->proposed && r->n_inflight > 0) {
         r->n_inflight--;
+        r->inflight_bytes -= p->len <= r->inflight_bytes ? p->len : r->inflight_bytes;
+        if (p->len > REPLICA_BIG_ENTRY && r->inflight_big > 0)
+            r->inflight_big--;
+    }
 }
 
 /* Encodes op and queues it with the next seq. */
@@ -689,6 +704,9 @@ static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_ap
             prop_free(q);
         }
     }
+    log_debug("own seq %" PRIu64 " (%s %s) applied at %" PRIu64 ": status %d outcome %d", p->seq,
+              fsm_op_type_name(p->type), p->path ? p->path : "", e->index, (int)res->status,
+              (int)res->outcome);
     prop_unlink(r, p);
     r->applied++;
     bool missing = res->status == FSM_APPLY_DONE && res->outcome == FSM_OUT_MISSING_CHUNKS;
@@ -836,7 +854,9 @@ static void replica_propose_some(struct replica *r, uint64_t now)
     for (struct rprop *p = r->head; p != NULL; p = p->next) {
         if (p->proposed && now < p->retry_at_ms)
             continue;
-        if (!p->proposed && r->n_inflight >= REPLICA_MAX_INFLIGHT)
+        if (!p->proposed && r->n_inflight > 0 &&
+            (r->n_inflight >= REPLICA_MAX_INFLIGHT || p->len > REPLICA_BIG_ENTRY ||
+             r->inflight_big > 0 || r->inflight_bytes + p->len > REPLICA_INFLIGHT_BYTES))
             break;
         uint64_t index = 0;
         int rc = cluster_propose(r->c, r->client_id, p->seq, p->data, p->len, &index);
@@ -845,8 +865,13 @@ static void replica_propose_some(struct replica *r, uint64_t now)
                 log_debug("propose seq %" PRIu64 ": %s", p->seq, strerror(-rc));
             break; /* in order: the rest waits */
         }
+        log_debug("proposed seq %" PRIu64 " (%zu bytes, index %" PRIu64 ", inflight %zu/%zu)",
+                  p->seq, p->len, index, r->n_inflight, r->inflight_big);
         if (!p->proposed) {
             r->n_inflight++;
+            r->inflight_bytes += p->len;
+            if (p->len > REPLICA_BIG_ENTRY)
+                r->inflight_big++;
             r->proposed++;
         }
         p->proposed = true;
