@@ -398,6 +398,15 @@ static void replica_check(struct replica *r, const char *path, bool carry_all)
     struct fsm_tree *t = sm ? sm_tree(sm) : NULL;
     if (t == NULL || !fsm_path_valid(path))
         return;
+    if (fsm_tree_check_marker(t) < 0) {
+        /* unmounted or replaced under us: what the watcher sees now is not
+         * the tree state.db describes; propose nothing (sm stops applying) */
+        if (!r->tree_was_bad)
+            log_err("the tree %s has lost its .pickbox marker: not proposing changes",
+                    r->cfg->data_dir);
+        r->tree_was_bad = true;
+        return;
+    }
     if (path_busy(r, path)) {
         log_debug("%s: own proposal in flight: later", path);
         mark_dirty(r, path, carry_all);
@@ -890,7 +899,7 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
         sync_check(r, pb_now_ms());
     if (sm == NULL)
         return;
-    if (sm_tree(sm) == NULL) {
+    if (sm_tree(sm) == NULL || fsm_tree_check_marker(sm_tree(sm)) < 0) {
         r->tree_was_bad = true;
         return;
     }
