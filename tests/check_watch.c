@@ -359,6 +359,54 @@ START_TEST(test_file_lifecycle)
 }
 END_TEST
 
+/* Drives the loop for ms milliseconds (to show that nothing happens). */
+static void drive(uint64_t ms)
+{
+    uint64_t end = pb_now_ms() + ms;
+    while (pb_now_ms() < end)
+        slice();
+}
+
+START_TEST(test_write_hold)
+{
+    struct watch_options o;
+    default_opts(&o);
+    o.write_hold_ms = 2000;
+    o.max_delay_ms = 2500;
+    start_opts(&o);
+    recs_clear();
+    /* A writer that keeps the file open is waited for ... */
+    int fd = open(P("slow"), O_WRONLY | O_CREAT, 0644);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(write(fd, "part1", 5), 5);
+    drive(10 * DEBOUNCE_MS);
+    ck_assert_int_eq(nrecs, 0);
+    ck_assert_int_eq(write(fd, "part2", 5), 5);
+    drive(5 * DEBOUNCE_MS);
+    ck_assert_int_eq(nrecs, 0);
+    /* ... and its close ends the wait early. */
+    uint64_t t0 = pb_now_ms();
+    close(fd);
+    ck_assert(wait_for(WATCH_UPSERT_FILE, "slow"));
+    ck_assert_int_lt(pb_now_ms() - t0, 1000);
+    quiesce();
+    ck_assert_int_eq(nrecs, 1);
+    ck_assert_int_eq(recs[0].st.size, 10);
+    recs_clear();
+    /* A file that is written all the time is still reported (max delay). */
+    fd = open(P("log"), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    ck_assert_int_ge(fd, 0);
+    t0 = pb_now_ms();
+    while (!find(WATCH_UPSERT_FILE, "log") && pb_now_ms() - t0 < DEADLINE_MS + 2000) {
+        ck_assert_int_eq(write(fd, "line\n", 5), 5);
+        slice();
+    }
+    close(fd);
+    ck_assert_ptr_nonnull(find(WATCH_UPSERT_FILE, "log"));
+    ck_assert_int_ge(pb_now_ms() - t0, 2000);
+}
+END_TEST
+
 START_TEST(test_mkdir_race_and_rmdir)
 {
     start();
@@ -1529,6 +1577,7 @@ static const struct {
 } tests[] = {
         {"test_initial_scan", &test_initial_scan},
         {"test_file_lifecycle", &test_file_lifecycle},
+        {"test_write_hold", &test_write_hold},
         {"test_mkdir_race_and_rmdir", &test_mkdir_race_and_rmdir},
         {"test_rename_file", &test_rename_file},
         {"test_rename_dir", &test_rename_dir},

@@ -46,7 +46,10 @@
  *   the debounce window so an editor's backup dance collapses: vim's
  *   "rename f f~; write f; unlink f~" yields one UPSERT_FILE f, no RENAME.
  *   A rename out of the tree is a REMOVE; a rename into the tree is a
- *   creation (MKDIR + its content, or UPSERT_FILE ...).
+ *   creation (MKDIR + its content, or UPSERT_FILE ...). Should the owner not
+ *   know `from` (a race with its own applies), it treats the RENAME as a
+ *   creation of `path` (for a directory: followed by nothing, so it should
+ *   ask watch_rescan(path)).
  * - RESCAN_BEGIN path / RESCAN_END path: a full rescan of the subtree at path
  *   ("" = the whole tree). Between the two, every entry that exists at or
  *   below path is reported (UPSERT_FILE/MKDIR/SYMLINK/UNSUPPORTED with
@@ -86,8 +89,11 @@
  * globs: a pattern without '/' is matched against the basename (so "*.swp"
  * matches ".f.swp" and "a/.f.swp"), a pattern with '/' against the whole
  * tree-relative path with FNM_PATHNAME ("build/ *.o" only at that depth). A
- * leading '/' anchors at the root and is stripped. An ignored directory is
- * neither watched nor scanned.
+ * leading '/' anchors at the root and is stripped; a trailing '/' limits the
+ * pattern to directories ("build/"). An ignored directory is neither watched
+ * nor scanned. Renaming an ignored name onto a real one is a creation of the
+ * real one (this is how the owner's own .pickbox.tmp.* files arrive when not
+ * suppressed).
  *
  * Paths are tree-relative byte strings (no leading '/'; "" is the root),
  * possibly not UTF-8 and possibly containing newlines; they are valid only
@@ -101,8 +107,9 @@
  *
  * Never fatal: overflow, a failed inotify_add_watch (ENOSPC: raise
  * fs.inotify.max_user_watches), unreadable directories and too long paths
- * are logged with a warning, counted, and answered with a rescan or a retry
- * with backoff.
+ * are logged (once per episode), counted, and answered with a rescan or a
+ * retry with backoff. Full rescans after repeated overflows are spaced out
+ * (twice the last one's duration, at most 60 s) so they cannot loop.
  */
 #ifndef PICKBOX_WATCH_WATCH_H
 #define PICKBOX_WATCH_WATCH_H

@@ -134,6 +134,14 @@ int main(int argc, char **argv)
            (double)loop_us / 1e6, (double)(s1.events - s0.events) / ((double)loop_us / 1e6),
            (double)n_upserts / ((double)loop_us / 1e6));
 
+    /* A full rescan runs in one loop callback: how long does it block? */
+    uint64_t ends = n_end;
+    uint64_t tr = pb_now_us();
+    watch_rescan(w, "");
+    run_until(base, &n_end, ends + 1, 60000);
+    printf("full rescan of %" PRIu64 " paths: %.3f s (blocks the loop)\n", s1.nodes,
+           (double)(pb_now_us() - tr) / 1e6);
+
     uint64_t *lat = calloc(rounds ? rounds : 1, sizeof(*lat));
     snprintf(path, sizeof(path), "%s/lat", top);
     for (unsigned r = 0; r < rounds; r++) {
