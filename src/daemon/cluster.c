@@ -474,6 +474,8 @@ static void cluster_persist_done(struct cluster *c)
             cluster_storage_failed(c, rc, err.msg);
             return;
         }
+        for (size_t i = 0; i < rd->n_committed; i++)
+            c->bytes_since_snapshot += rd->committed[i].len;
     }
     if (c->storage_error) {
         log_notice("storage works again: resuming");
@@ -686,7 +688,9 @@ static void cluster_record_snapshot(struct cluster *c, uint64_t index, uint64_t 
 static void cluster_maybe_snapshot(struct cluster *c)
 {
     uint64_t applied = sm_applied(c->sm);
-    if (applied < sm_snapshot_index(c->sm) + c->snapshot_every || c->storage_error)
+    if ((applied < sm_snapshot_index(c->sm) + c->snapshot_every &&
+         c->bytes_since_snapshot < CLUSTER_SNAPSHOT_BYTES) ||
+        c->storage_error)
         return;
     const struct raft_entry *e = raft_entry_at(c->raft, applied);
     if (e == NULL)
@@ -707,6 +711,7 @@ static void cluster_record_snapshot(struct cluster *c, uint64_t index, uint64_t 
 {
     struct raft_snapshot_meta meta;
     uint64_t compact_to = 0;
+    c->bytes_since_snapshot = 0;
     int rc = raft_snapshot_taken(c->raft, index, size, &meta, &compact_to);
     if (rc < 0) {
         log_warning("raft refused snapshot at %" PRIu64 ": %s", index, strerror(-rc));

@@ -60,6 +60,9 @@ struct sm;
 /* Take a snapshot every this many applied entries (env
  * PICKBOX_TEST_SNAPSHOT_EVERY overrides it, for tests). */
 #define CLUSTER_SNAPSHOT_EVERY 10000
+/* ... or once this many bytes of entries were applied since the last one
+ * (the core keeps the log since the last snapshot in memory). */
+#define CLUSTER_SNAPSHOT_BYTES (64u << 20)
 
 struct cluster_options {
     const struct pb_config *cfg;

@@ -88,6 +88,7 @@ struct cluster {
     size_t secret_len;
     unsigned election_tick;
     unsigned snapshot_every;
+    uint64_t bytes_since_snapshot; /* entry bytes applied since the last snapshot */
     bool joining;
     char *join_addr; /* where joining goes through (cfg->join or `pickboxctl join`) */
     int listen_fd;   /* a dup of the peer listener, for a transport started anew */
