@@ -17,10 +17,17 @@ test driver. Each daemon's stderr goes to a log file that is printed (as TAP
 comments) when the test fails. Output is TAP: plan, ok / not ok, # comments. Set PB_DAEMON_WRAPPER (e.g.
 "valgrind -q --error-exitcode=9 --leak-check=full") to run every daemon under
 a tool; its exit status then shows in the tests that check exit codes.
+
+Clusters (cluster spec): Harness.start_cluster(3) bootstraps the first node
+and joins the others through it with --join, all sharing one secret file;
+wait_formed() / wait_leader() / wait_converged() poll every node's status;
+Daemon.probe() commits a no-op entry; Daemon.restart() runs the same command
+line again (after a kill -9 or a stop).
 """
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -32,6 +39,13 @@ import time
 import traceback
 
 DEFAULT_TIMEOUT = 10.0
+
+# Short Raft timings for tests that do not measure failover (cluster spec:
+# heartbeat below half the election timeout).
+FAST_TIMING = ("--election-timeout-ms", "300", "--heartbeat-ms", "30")
+
+# Errors a probe may get while no quorum is reachable.
+NO_COMMIT_CODES = ("TIMEOUT", "NO_QUORUM", "UNAVAILABLE")
 
 
 class HarnessError(Exception):
@@ -169,6 +183,7 @@ class Daemon:
         self.env = env
         self.pass_port = pass_port  # False: the port comes from a systemd "peer" fd
         self.proc = None
+        self.pids = []  # every process this Daemon started (restarts included)
         self.returncode = None
 
     def argv(self):
@@ -184,6 +199,8 @@ class Daemon:
         return self.wrapper + tool + argv + self.extra_args
 
     def start(self):
+        if self.alive():
+            raise HarnessError("%s is already running (pid %d)" % (self.node_id, self.proc.pid))
         os.makedirs(self.dir, exist_ok=True)
         env = dict(os.environ)
         for k in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET",
@@ -194,8 +211,64 @@ class Daemon:
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT, env=env)
-        self.h._started.append(self)
+        self.pids.append(self.proc.pid)
+        if self not in self.h._started:
+            self.h._started.append(self)
         return self
+
+    def restart(self, ready=True, timeout=DEFAULT_TIMEOUT):
+        """Starts the same command line again (the process must have ended)."""
+        if self.alive():
+            raise HarnessError("restart of %s while it runs" % self.node_id)
+        if self.proc is not None:
+            self.proc.wait()
+            if not self.log.closed:
+                self.log.close()
+        self.start()
+        if ready:
+            self.wait_ready(timeout)
+        return self
+
+    @property
+    def address(self):
+        return "127.0.0.1:%d" % self.port
+
+    def status(self, timeout=5.0):
+        """The status result; HarnessError when the daemon answers an error."""
+        reply = self.call("status", timeout=timeout)
+        if "error" in reply:
+            raise HarnessError("%s: status failed: %r" % (self.node_id, reply["error"]))
+        return reply["result"]
+
+    def try_status(self, timeout=2.0):
+        """The status result, or None when the node does not answer."""
+        if not self.alive():
+            return None
+        try:
+            return self.status(timeout)
+        except (OSError, HarnessError, ValueError):
+            return None
+
+    def request(self, method, params=None, timeout=DEFAULT_TIMEOUT):
+        """One request; returns the reply object, or {"error": {"code": "CLIENT", ...}}
+        when the exchange itself failed (connection refused, closed, no reply)."""
+        try:
+            return self.call(method, params, timeout)
+        except (OSError, HarnessError, ValueError) as e:
+            return {"error": {"code": "CLIENT", "message": str(e)}}
+
+    def probe(self, size=0, timeout_s=None, timeout=None):
+        """Commits one no-op entry of size bytes through this node. Returns the
+        reply: {"result": {"index":, "term":}} or {"error": {...}}."""
+        params = {"size": size}
+        if timeout_s is not None:
+            params["timeout_s"] = timeout_s
+        if timeout is None:
+            timeout = (timeout_s if timeout_s is not None else 10) + 5
+        return self.request("probe", params, timeout)
+
+    def log_has(self, pattern):
+        return re.search(pattern, self.log_text()) is not None
 
     @property
     def pid(self):
@@ -223,6 +296,13 @@ class Daemon:
     def call(self, method, params=None, timeout=DEFAULT_TIMEOUT):
         with self.client(timeout) as c:
             return c.call(method, params, timeout)
+
+    def kill9(self):
+        """kill -9 of this node (our own PID), reaped; the log stays open."""
+        if self.alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.returncode = self.proc.wait(DEFAULT_TIMEOUT)
+        return self.returncode
 
     def signal(self, sig):
         if self.alive():
@@ -255,7 +335,8 @@ class Daemon:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 pass
-        self.log.close()
+        if not self.log.closed:
+            self.log.close()
 
     def log_text(self):
         try:
@@ -325,6 +406,164 @@ class Harness:
             e.update(env)
         return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               timeout=timeout, env=e)
+
+    # --- clusters ----------------------------------------------------------
+    def secret_file(self, name="secret"):
+        """A cluster secret (64 hex digits, mode 0600) in the temp dir."""
+        path = os.path.join(self.tmpdir, name)
+        if not os.path.exists(path):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(os.urandom(32).hex() + "\n")
+        return path
+
+    def start_node(self, node_id, join=None, fast=True, env=None, args=(), secret="secret",
+                   log_level=None, ready=True):
+        """A cluster node: the shared secret file, FAST_TIMING unless fast is
+        False, --join ADDRESS when join (a Daemon or an address) is given."""
+        argv = []
+        if secret:
+            argv += ["--secret-file", self.secret_file(secret)]
+        if fast:
+            argv += list(FAST_TIMING)
+        if join is not None:
+            argv += ["--join", join.address if isinstance(join, Daemon) else join]
+        if log_level:
+            argv += ["--log-level", log_level]
+        argv += list(args)
+        return self.start_daemon(node_id, argv, ready=ready, env=env)
+
+    def start_cluster(self, n, prefix="n", fast=True, env=None, log_level=None, timeout=60):
+        """Bootstraps prefix1 and joins prefix2..prefixN through it; waits until
+        all are voters and agree on a leader. Returns the Daemons."""
+        first = self.start_node("%s1" % prefix, fast=fast, env=env, log_level=log_level)
+        wait_until(lambda: (first.try_status() or {}).get("role") == "leader", timeout,
+                   interval=0.05, what="%s to bootstrap and lead" % first.node_id)
+        nodes = [first]
+        for i in range(2, n + 1):
+            nodes.append(self.start_node("%s%d" % (prefix, i), join=first, fast=fast, env=env,
+                                         log_level=log_level))
+        self.wait_formed(nodes, timeout)
+        return nodes
+
+    def _poll(self, nodes, check, timeout, what):
+        """Polls check(statuses) (a list of status dicts, None for a node that
+        did not answer) until it returns a true value, which is returned."""
+        last = [None]
+
+        def pred():
+            sts = [d.try_status() for d in nodes]
+            last[0] = sts
+            return check(sts)
+        try:
+            return wait_until(pred, timeout, interval=0.05, what=what)
+        except HarnessError as e:
+            brief = []
+            for d, st in zip(nodes, last[0] or []):
+                if st is None:
+                    brief.append("%s: no answer" % d.node_id)
+                    continue
+                keys = ("role", "term", "leader_id", "commit_index", "applied_index",
+                        "last_index", "snapshot_index", "joining", "storage_error")
+                brief.append("%s: %s members=%s" % (
+                    d.node_id, {k: st.get(k) for k in keys},
+                    [(m.get("id"), m.get("voter")) for m in st.get("members") or []]))
+            raise HarnessError("%s\n%s" % (e, "\n".join(brief)))
+
+    def wait_formed(self, nodes, timeout=30):
+        """Every node answers, none is joining, all report the same leader (one
+        of them), the same cluster_id, and members = exactly these nodes, all
+        voters. Returns the statuses."""
+        names = sorted(d.node_id for d in nodes)
+
+        def check(sts):
+            if any(st is None for st in sts):
+                return None
+            leaders = {st.get("leader_id") for st in sts}
+            cids = {st.get("cluster_id") for st in sts}
+            if len(leaders) != 1 or None in leaders or leaders.pop() not in names:
+                return None
+            if len(cids) != 1 or None in cids:
+                return None
+            for st in sts:
+                if st.get("joining"):
+                    return None
+                ms = st.get("members") or []
+                if sorted(m.get("id") for m in ms) != names:
+                    return None
+                if not all(m.get("voter") for m in ms):
+                    return None
+            return sts
+        return self._poll(nodes, check, timeout,
+                          "cluster %s to form (same leader, all voters)" % ",".join(names))
+
+    def wait_leader(self, nodes, timeout=30, exclude=()):
+        """Waits until the answering nodes among nodes agree on one leader that
+        is one of them (and reports role leader), not in exclude. Returns its Daemon."""
+        by_name = {d.node_id: d for d in nodes}
+
+        def check(sts):
+            live = [st for st in sts if st is not None]
+            if not live:
+                return None
+            leaders = {st.get("leader_id") for st in live}
+            if len(leaders) != 1:
+                return None
+            name = leaders.pop()
+            if name not in by_name or name in exclude:
+                return None
+            lst = sts[nodes.index(by_name[name])]
+            if lst is None or lst.get("role") != "leader":
+                return None
+            return by_name[name]
+        return self._poll(nodes, check, timeout, "one leader among %s"
+                          % ",".join(d.node_id for d in nodes))
+
+    def wait_converged(self, nodes, timeout=30,
+                       keys=("commit_index", "applied_index", "last_index", "term")):
+        """Waits until every node answers with equal values for keys (and
+        applied == commit). Returns the statuses."""
+        def check(sts):
+            if any(st is None for st in sts):
+                return None
+            for k in keys:
+                if len({st.get(k) for st in sts}) != 1:
+                    return None
+            if any(st.get("applied_index") != st.get("commit_index") for st in sts):
+                return None
+            return sts
+        return self._poll(nodes, check, timeout, "%s to converge on %s"
+                          % (",".join(d.node_id for d in nodes), "/".join(keys)))
+
+    def wait_applied(self, nodes, index, timeout=30):
+        """Waits until every node's applied_index >= index."""
+        def check(sts):
+            return all(st is not None and (st.get("applied_index") or 0) >= index
+                       for st in sts) and sts
+        return self._poll(nodes, check, timeout, "applied_index >= %d everywhere" % index)
+
+    def probe_until_ok(self, node, timeout=20, size=0, timeout_s=2):
+        """Retries probes on node until one commits; returns (result, seconds)."""
+        t0 = time.monotonic()
+        last = [None]
+
+        def attempt():
+            r = node.probe(size, timeout_s=timeout_s)
+            last[0] = r
+            return r.get("result")
+        try:
+            res = wait_until(attempt, timeout, interval=0.05,
+                             what="a probe to commit on %s" % node.node_id)
+        except HarnessError as e:
+            raise HarnessError("%s (last reply %r)" % (e, last[0]))
+        return res, time.monotonic() - t0
+
+    def ctl(self, node, *args, timeout=DEFAULT_TIMEOUT + 40):
+        """Runs pickboxctl -s <node's socket> args...; CompletedProcess."""
+        ctl = pickboxctl_path()
+        if ctl is None:
+            raise HarnessError("pickboxctl not built")
+        return self.run([ctl, "-s", node.control_socket] + list(args), timeout=timeout)
 
     # --- lifecycle ---------------------------------------------------------
     def __enter__(self):

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pbharness import Harness, free_port, pickboxd_path, wait_until  # noqa: E402
 
 with Harness("basic") as h:
-    h.plan(24)
+    h.plan(25)
     version = h.run([pickboxd_path(), "--version"]).stdout.split()[-1]
 
     n1 = h.start_daemon("n1")
@@ -20,13 +20,20 @@ with Harness("basic") as h:
 
     st = n1.call("status")["result"]
     h.eq(st["node_id"], "n1", "status node_id")
-    # A lone node not yet running consensus is a follower at term 0 (Raft §5.2).
-    h.eq((st["role"], st["term"], st["leader_id"]), ("follower", 0, None),
-         "status: follower, term 0, no leader")
-    h.eq((st["commit_index"], st["applied_index"]), (0, 0), "status indexes")
-    h.eq(st["members"], [{"id": "n1", "address": "127.0.0.1:%d" % n1.port, "voter": True}],
-         "status members: itself as a voter (bootstrap)")
-    h.eq(st["consensus_running"], False, "status says consensus is not running")
+    # Empty state and no --join: a one-voter cluster bootstraps and elects itself
+    # (cluster spec, life cycle).
+    st = wait_until(lambda: (lambda r: r if r["role"] == "leader" else None)(
+        n1.call("status")["result"]), what="n1 to lead its one-node cluster")
+    h.ok(st["term"] >= 1 and st["leader_id"] == "n1", "status: leader of itself, term >= 1",
+         "%r" % ((st["role"], st["term"], st["leader_id"]),))
+    h.ok(st["commit_index"] >= 1 and st["applied_index"] == st["commit_index"],
+         "status indexes: bootstrap entries committed and applied",
+         "%r" % ((st["commit_index"], st["applied_index"]),))
+    m = st["members"]
+    h.ok(len(m) == 1 and m[0]["id"] == "n1" and m[0]["address"] == "127.0.0.1:%d" % n1.port
+         and m[0]["voter"] is True and m[0]["self"] is True,
+         "status members: itself as a voter (bootstrap)", "%r" % m)
+    h.eq(st["consensus_running"], True, "status says consensus is running")
     h.eq((st["data_dir"], st["state_dir"]), (n1.data_dir, n1.state_dir), "status dirs")
     h.ok(isinstance(st["uptime_s"], int) and st["uptime_s"] >= 0, "status uptime_s")
     h.eq(st["version"], version, "status version")
@@ -74,9 +81,17 @@ with Harness("basic") as h:
     n1b.signal(signal.SIGINT)
     h.eq(n1b.wait_exit(), 0, "SIGINT: exit 0")
 
-    # A joining node is not a member yet: no members until a leader says so.
-    n2 = h.start_daemon("n2", args=["--join", "127.0.0.1:%d" % n1.port])
+    # A joining node without a secret file cannot authenticate: exit 1, one line.
+    r = h.run([pickboxd_path(), "--node-id", "n2", "--port", str(free_port()),
+               "--data-dir", os.path.join(h.tmpdir, "n2nosecret"),
+               "--join", "127.0.0.1:%d" % n1.port])
+    h.ok(r.returncode == 1 and "--secret-file" in r.stderr,
+         "joining without a secret: exit 1, asks for --secret-file", r.stderr)
+
+    # A joining node is not a member yet: joining, no leader, no cluster id.
+    n2 = h.start_daemon("n2", args=["--join", "127.0.0.1:%d" % n1.port, "--secret-file",
+                                    os.path.join(n1.state_dir, "secret")])
     st = n2.call("status")["result"]
-    h.eq((st["role"], st["leader_id"], st["members"], st["join"]),
-         ("follower", None, [], "127.0.0.1:%d" % n1.port), "joining node status")
+    h.eq((st["role"], st["leader_id"], st["joining"], st["cluster_id"], st["join"]),
+         ("follower", None, True, None, "127.0.0.1:%d" % n1.port), "joining node status")
     h.eq(n2.stop(), 0, "joining node stops cleanly")

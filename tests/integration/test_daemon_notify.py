@@ -2,6 +2,7 @@
 WATCHDOG=1 at half of WATCHDOG_USEC, STOPPING=1 when asked to stop."""
 
 import os
+import re
 import socket
 import sys
 import time
@@ -10,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pbharness import Harness, wait_until  # noqa: E402
 
 with Harness("notify") as h:
-    h.plan(6)
+    h.plan(7)
     path = os.path.join(h.tmpdir, "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
@@ -35,7 +36,12 @@ with Harness("notify") as h:
     h.ok(True, "READY=1 sent")
     # READY comes only once the control socket answers.
     h.eq(n1.call("hello")["result"]["node_id"], "n1", "serving when READY=1 arrived")
-    h.ok("STATUS=follower, term 0" in ready, "READY carries STATUS= with role and term", ready)
+    h.ok(re.search(r"STATUS=(leader|follower of [^,]+|[a-z]+), term \d+, commit \d+", ready),
+         "READY carries STATUS= with role, term and commit", ready)
+    # The lone node elects itself: a STATUS= line on the role change (cluster spec).
+    wait_until(lambda: seen(lambda m: re.search(r"STATUS=leader, term \d+, commit \d+", m)),
+               what="STATUS=leader")
+    h.ok(True, "STATUS=leader, term N, commit M once the lone node leads")
 
     start = time.monotonic()
     wait_until(lambda: (drain() or True) and
