@@ -783,9 +783,9 @@ static void obs_batch_before(void *arg, const struct raft_entry *e, size_t n)
 {
     struct replica *r = arg;
     for (size_t i = 0; i < n; i++) {
-        if (e[i].type != RAFT_ENTRY_NORMAL || e[i].len == 0 || e[i].data == NULL ||
-            e[i].data[0] == 0)
-            continue;
+        if (e[i].type != RAFT_ENTRY_NORMAL || e[i].len < 2 || e[i].data == NULL ||
+            e[i].data[0] == 0 || e[i].data[1] == FSM_OP_CHUNKS)
+            continue; /* probes and chunk bytes touch no path */
         struct fsm_op op;
         if (fsm_op_decode(e[i].data, e[i].len, &op, NULL) < 0)
             continue;
