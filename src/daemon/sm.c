@@ -394,8 +394,10 @@ int sm_snapshot_take(struct sm *sm, uint64_t term, uint64_t *size, struct pb_err
         return rc;
     uint64_t index = 0, sterm = 0;
     statedb_snapshot_info(s, &index, &sterm);
-    if (term != sterm && index == sm->applied)
-        sterm = term != 0 ? term : sterm;
+    /* The blob says the term Raft knows the snapshot by (the caller's: the
+     * term of the entry at the applied index, which state.db also holds). */
+    if (term != 0)
+        sterm = term;
     struct buf b = BUF_INIT;
     buf_put_u32(&b, SM_SNAP_MAGIC);
     buf_put_u64(&b, index);
