@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Every kind of change made on one node of a 3-node cluster reaches the
 others: create, append, truncate, delete, mkdir -p, rmdir, rename of a file
-and of a directory, chmod, symlink; edits on different nodes in turn."""
+and of a directory, chmod, symlink; edits on different nodes in turn. FIFOs
+and hard-linked files are skipped."""
 
 import os
 import shutil
@@ -12,7 +13,7 @@ from pbharness import Harness, HarnessError  # noqa: E402
 import treeharness as th  # noqa: E402
 
 with Harness("tree_ops") as h:
-    h.plan(12)
+    h.plan(13)
     nodes = th.start_cluster(h, 3)
     n1, n2, n3 = nodes
 
@@ -63,3 +64,17 @@ with Harness("tree_ops") as h:
     step("rmdir of an empty directory on n3",
          lambda: os.rmdir(p(n3, "x")),
          lambda t: "x" not in t)
+
+    # A FIFO and a hard-linked file are not replicated (skipped, counted).
+    os.mkfifo(p(n1, "fifo"))
+    th.write(p(n1, "linked"), "two names\n")
+    os.link(p(n1, "linked"), p(n1, "linked2"))
+    th.write(p(n1, "after.txt"), "after\n")
+    try:
+        th.wait_until(lambda: os.path.exists(p(n2, "after.txt")) and
+                      th.status(n1).get("tree", {}).get("skipped", 0) >= 2, 15,
+                      what="after.txt on n2 and two skips on n1")
+        h.ok(not os.path.exists(p(n2, "fifo")) and not os.path.exists(p(n2, "linked")),
+             "a FIFO and a hard-linked file are skipped, later files still replicate")
+    except HarnessError as e:
+        h.ok(False, "a FIFO and a hard-linked file are skipped", str(e))
