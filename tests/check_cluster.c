@@ -1,7 +1,7 @@
 /*
  * check_cluster.c: unit tests for the daemon's cluster pieces: the member
- * context codec, the cluster secret, the state machine (sm.c: sessions,
- * exactly-once, persistence, snapshots) and the Raft driver (cluster.c) with
+ * context codec, the cluster secret (the state machine sm.c has check_sm.c)
+ * and the Raft driver (cluster.c) with
  * the real raft core, raft.db and state.db in one process: a lone node
  * bootstraps, commits probes over the control socket and restarts from disk
  * with the same identity and state; storage faults (fsync error, disk full)
@@ -132,247 +132,6 @@ START_TEST(test_secret)
     ck_assert_int_eq(secret_load(tmp, &s, &len, &err), -EINVAL);
     free(shortp);
     free(path);
-}
-END_TEST
-
-/* ---- state machine ---- */
-
-static int applied_count;
-static uint64_t applied_last_index;
-
-static void on_applied(void *arg, const struct raft_entry *e)
-{
-    (void)arg;
-    applied_count++;
-    applied_last_index = e->index;
-}
-
-static struct raft_entry ent(uint64_t index, uint8_t type, uint64_t cid, uint64_t seq)
-{
-    struct raft_entry e = {.term = 1, .index = index, .client_id = cid, .seq = seq, .type = type};
-    return e;
-}
-
-START_TEST(test_sm_apply_exactly_once)
-{
-    struct pb_error err;
-    struct sm *sm;
-    ck_assert_int_eq(sm_open(&sm, tmp, &err), 0);
-    ck_assert_uint_eq(sm_applied(sm), 0);
-    struct raft_entry e[] = {
-            ent(1, RAFT_ENTRY_CONF, 0, 0),   ent(2, RAFT_ENTRY_NORMAL, 7, 1),
-            ent(3, RAFT_ENTRY_NORMAL, 7, 1), /* a retry of seq 1: skipped */
-            ent(4, RAFT_ENTRY_NORMAL, 9, 5), ent(5, RAFT_ENTRY_NORMAL, 7, 2),
-            ent(6, RAFT_ENTRY_NOOP, 0, 0),
-    };
-    applied_count = 0;
-    ck_assert_int_eq(sm_apply(sm, e, 3, on_applied, NULL, &err), 0);
-    ck_assert_int_eq(applied_count, 1);
-    ck_assert_uint_eq(applied_last_index, 2);
-    ck_assert_int_eq(sm_apply(sm, e + 3, 3, on_applied, NULL, &err), 0);
-    ck_assert_int_eq(applied_count, 3);
-    ck_assert_uint_eq(sm_applied(sm), 6);
-    ck_assert_uint_eq(sm_session_seq(sm, 7), 2);
-    ck_assert_uint_eq(sm_session_seq(sm, 9), 5);
-    ck_assert_uint_eq(sm_sessions(sm), 2);
-    /* Entries already applied are ignored; a gap is refused. */
-    ck_assert_int_eq(sm_apply(sm, e, 6, on_applied, NULL, &err), 0);
-    ck_assert_int_eq(applied_count, 3);
-    struct raft_entry gap = ent(8, RAFT_ENTRY_NORMAL, 7, 3);
-    ck_assert_int_eq(sm_apply(sm, &gap, 1, on_applied, NULL, &err), -EINVAL);
-    ck_assert_uint_eq(sm_session_seq(sm, 7), 2);
-    sm_close(sm);
-
-    /* Durable: the same state after reopening. */
-    ck_assert_int_eq(sm_open(&sm, tmp, &err), 0);
-    ck_assert_uint_eq(sm_applied(sm), 6);
-    ck_assert_uint_eq(sm_session_seq(sm, 7), 2);
-    ck_assert_uint_eq(sm_session_seq(sm, 9), 5);
-    /* Many clients in one batch: the table grows and keeps them all. */
-    struct raft_entry many[300];
-    for (size_t i = 0; i < 300; i++)
-        many[i] = ent(7 + i, RAFT_ENTRY_NORMAL, 1000 + i, 1);
-    applied_count = 0;
-    ck_assert_int_eq(sm_apply(sm, many, 300, on_applied, NULL, &err), 0);
-    ck_assert_int_eq(applied_count, 300);
-    ck_assert_uint_eq(sm_sessions(sm), 302);
-    for (size_t i = 0; i < 300; i++)
-        ck_assert_uint_eq(sm_session_seq(sm, 1000 + i), 1);
-    sm_close(sm);
-}
-END_TEST
-
-START_TEST(test_sm_snapshot)
-{
-    struct pb_error err;
-    char *a_dir = pb_xasprintf("%s/a", tmp), *b_dir = pb_xasprintf("%s/b", tmp);
-    ck_assert_int_eq(mkdir(a_dir, 0700), 0);
-    ck_assert_int_eq(mkdir(b_dir, 0700), 0);
-    struct sm *a, *b;
-    ck_assert_int_eq(sm_open(&a, a_dir, &err), 0);
-    ck_assert_int_eq(sm_open(&b, b_dir, &err), 0);
-    struct raft_entry e[] = {ent(1, RAFT_ENTRY_NORMAL, 5, 1), ent(2, RAFT_ENTRY_NORMAL, 6, 3)};
-    ck_assert_int_eq(sm_apply(a, e, 2, NULL, NULL, &err), 0);
-    uint64_t size = 0;
-    ck_assert_int_eq(sm_snapshot_take(a, 1, &size, &err), 0);
-    ck_assert_uint_eq(sm_snapshot_index(a), 2);
-    size_t len;
-    const uint8_t *data = sm_snapshot_data(a, &len);
-    ck_assert_uint_eq(len, size);
-
-    /* Malformed blobs are refused and change nothing. */
-    uint8_t *bad = pb_xmalloc(len);
-    memcpy(bad, data, len);
-    bad[0] ^= 1;
-    ck_assert_int_eq(sm_snapshot_install(b, 2, 1, bad, len, &err), -EINVAL);
-    ck_assert_int_eq(sm_snapshot_install(b, 3, 1, data, len, &err), -EINVAL); /* wrong index */
-    ck_assert_int_eq(sm_snapshot_install(b, 2, 1, data, len - 1, &err), -EINVAL);
-    ck_assert_uint_eq(sm_applied(b), 0);
-    free(bad);
-
-    ck_assert_int_eq(sm_snapshot_install(b, 2, 1, data, len, &err), 0);
-    ck_assert_uint_eq(sm_applied(b), 2);
-    ck_assert_uint_eq(sm_session_seq(b, 5), 1);
-    ck_assert_uint_eq(sm_session_seq(b, 6), 3);
-    ck_assert_uint_eq(sm_snapshot_index(b), 2);
-    sm_close(b);
-    /* The installed state and snapshot survive a restart. */
-    ck_assert_int_eq(sm_open(&b, b_dir, &err), 0);
-    ck_assert_uint_eq(sm_applied(b), 2);
-    ck_assert_uint_eq(sm_session_seq(b, 6), 3);
-    size_t blen;
-    const uint8_t *bdata = sm_snapshot_data(b, &blen);
-    ck_assert_uint_eq(blen, len);
-    ck_assert_int_eq(memcmp(bdata, data, len), 0);
-    /* A retried op that the snapshot covers stays applied once. */
-    struct raft_entry retry = ent(3, RAFT_ENTRY_NORMAL, 6, 3);
-    applied_count = 0;
-    ck_assert_int_eq(sm_apply(b, &retry, 1, on_applied, NULL, &err), 0);
-    ck_assert_int_eq(applied_count, 0);
-    ck_assert_uint_eq(sm_applied(b), 3);
-    sm_close(a);
-    sm_close(b);
-    free(a_dir);
-    free(b_dir);
-}
-END_TEST
-
-/* A toy application: counts the entries applied, in its own table. */
-static int app_fail_at;
-
-static int app_count(sqlite3 *db, int64_t *v)
-{
-    sqlite3_stmt *st;
-    *v = 0;
-    if (sqlite3_prepare_v2(db, "SELECT v FROM app WHERE k = 1", -1, &st, NULL) != SQLITE_OK)
-        return -EIO;
-    if (sqlite3_step(st) == SQLITE_ROW)
-        *v = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-    return 0;
-}
-
-static int app_set(sqlite3 *db, int64_t v)
-{
-    char *sql = pb_xasprintf("CREATE TABLE IF NOT EXISTS app (k INTEGER PRIMARY KEY, v INTEGER);"
-                             "INSERT OR REPLACE INTO app VALUES (1, %lld)",
-                             (long long)v);
-    int rc = sqlite3_exec(db, sql, NULL, NULL, NULL);
-    free(sql);
-    return rc == SQLITE_OK ? 0 : -EIO;
-}
-
-static int app_apply(void *arg, sqlite3 *db, const struct raft_entry *e)
-{
-    (void)arg;
-    if ((int)e->index == app_fail_at)
-        return -EIO;
-    int64_t v;
-    sqlite3_exec(db, "CREATE TABLE IF NOT EXISTS app (k INTEGER PRIMARY KEY, v INTEGER)", NULL,
-                 NULL, NULL);
-    return app_count(db, &v) < 0 ? -EIO : app_set(db, v + 1);
-}
-
-static int app_snap_write(void *arg, sqlite3 *db, struct buf *b)
-{
-    (void)arg;
-    int64_t v;
-    if (app_count(db, &v) < 0)
-        v = 0;
-    buf_put_u64(b, (uint64_t)v);
-    return 0;
-}
-
-static int app_snap_read(void *arg, sqlite3 *db, const uint8_t *p, size_t len)
-{
-    (void)arg;
-    if (len != 8)
-        return -EINVAL;
-    return app_set(db, (int64_t)pb_load_u64(p));
-}
-
-START_TEST(test_sm_hooks)
-{
-    struct pb_error err;
-    char *a_dir = pb_xasprintf("%s/a", tmp), *b_dir = pb_xasprintf("%s/b", tmp);
-    ck_assert_int_eq(mkdir(a_dir, 0700), 0);
-    ck_assert_int_eq(mkdir(b_dir, 0700), 0);
-    struct sm_hooks hooks = {
-            .apply = app_apply, .snapshot_write = app_snap_write, .snapshot_read = app_snap_read};
-    struct sm *a;
-    ck_assert_int_eq(sm_open(&a, a_dir, &err), 0);
-    sm_set_hooks(a, &hooks);
-    struct raft_entry e[] = {ent(1, RAFT_ENTRY_NORMAL, 5, 1), ent(2, RAFT_ENTRY_NOOP, 0, 0),
-                             ent(3, RAFT_ENTRY_NORMAL, 5, 1), /* duplicate: not applied */
-                             ent(4, RAFT_ENTRY_NORMAL, 6, 1)};
-    app_fail_at = 0;
-    ck_assert_int_eq(sm_apply(a, e, 4, NULL, NULL, &err), 0);
-    sqlite3 *db;
-    int64_t v;
-    char *path = pb_xasprintf("%s/state.db", a_dir);
-    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(app_count(db, &v), 0);
-    ck_assert_int_eq(v, 2);
-
-    /* A failing application aborts the whole batch: nothing of it stays. */
-    struct raft_entry more[] = {ent(5, RAFT_ENTRY_NORMAL, 7, 1), ent(6, RAFT_ENTRY_NORMAL, 8, 1)};
-    app_fail_at = 6;
-    ck_assert_int_eq(sm_apply(a, more, 2, NULL, NULL, &err), -EIO);
-    ck_assert_uint_eq(sm_applied(a), 4);
-    ck_assert_uint_eq(sm_session_seq(a, 7), 0);
-    ck_assert_int_eq(app_count(db, &v), 0);
-    ck_assert_int_eq(v, 2);
-    app_fail_at = 0;
-    ck_assert_int_eq(sm_apply(a, more, 2, NULL, NULL, &err), 0);
-    ck_assert_int_eq(app_count(db, &v), 0);
-    ck_assert_int_eq(v, 4);
-    sqlite3_close(db);
-    free(path);
-
-    /* The application's state travels in the snapshot. */
-    uint64_t size;
-    ck_assert_int_eq(sm_snapshot_take(a, 1, &size, &err), 0);
-    size_t len;
-    const uint8_t *data = sm_snapshot_data(a, &len);
-    struct sm *b;
-    ck_assert_int_eq(sm_open(&b, b_dir, &err), 0);
-    sm_set_hooks(b, &hooks);
-    /* Truncated application state: refused, nothing installed. */
-    ck_assert_int_eq(sm_snapshot_install(b, 6, 1, data, len - 1, &err), -EINVAL);
-    ck_assert_uint_eq(sm_applied(b), 0);
-    ck_assert_int_eq(sm_snapshot_install(b, 6, 1, data, len, &err), 0);
-    ck_assert_uint_eq(sm_applied(b), 6);
-    ck_assert_uint_eq(sm_session_seq(b, 8), 1);
-    path = pb_xasprintf("%s/state.db", b_dir);
-    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(app_count(db, &v), 0);
-    ck_assert_int_eq(v, 4);
-    sqlite3_close(db);
-    free(path);
-    sm_close(a);
-    sm_close(b);
-    free(a_dir);
-    free(b_dir);
 }
 END_TEST
 
@@ -623,7 +382,7 @@ START_TEST(test_cluster_snapshot_restart)
      * raft.db: the restart records it. */
     struct sm *sm;
     struct pb_error err;
-    ck_assert_int_eq(sm_open(&sm, cfg.state_dir, &err), 0);
+    ck_assert_int_eq(sm_open(&sm, cfg.state_dir, cfg.data_dir, &err), 0);
     ck_assert_int_eq(sm_applied(sm), last);
     uint64_t size;
     ck_assert_int_eq(sm_snapshot_take(sm, (uint64_t)last_term, &size, &err), 0);
@@ -902,9 +661,6 @@ static Suite *cluster_suite(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_ctx_roundtrip);
     tcase_add_test(tc, test_secret);
-    tcase_add_test(tc, test_sm_apply_exactly_once);
-    tcase_add_test(tc, test_sm_snapshot);
-    tcase_add_test(tc, test_sm_hooks);
     tcase_add_test(tc, test_cluster_lone_restart);
     tcase_add_test(tc, test_cluster_snapshot_restart);
     tcase_add_test(tc, test_cluster_join_needs_secret);

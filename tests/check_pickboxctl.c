@@ -338,7 +338,7 @@ START_TEST(test_parse_args_errors)
             {{"-j", NULL}, "missing command (see pickboxctl --help)"},
             {{"stauts", NULL},
              "unknown command 'stauts' (commands: status, hello, members, join, leave, remove, "
-             "transfer, probe, bench)"},
+             "transfer, probe, bench, sync, conflicts)"},
             {{"status", "extra", NULL},
              "wrong number of arguments for 'status' (usage: pickboxctl status)"},
             {{"--jsn", "status", NULL}, "unknown option '--jsn' (see pickboxctl --help)"},
@@ -806,7 +806,8 @@ START_TEST(test_exit_usage)
     r = run(NULL, "frobnicate", NULL);
     ck_assert_int_eq(r.rc, PBCTL_EXIT_USAGE);
     ck_assert_str_eq(r.err, "pickboxctl: unknown command 'frobnicate' (commands: status, "
-                            "hello, members, join, leave, remove, transfer, probe, bench)\n");
+                            "hello, members, join, leave, remove, transfer, probe, bench, "
+                            "sync, conflicts)\n");
     run_free(&r);
 }
 END_TEST

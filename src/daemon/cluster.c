@@ -1049,7 +1049,7 @@ int cluster_reset_for_join(struct cluster *c, const char *addr, struct pb_error 
         return rc;
     c->id = st.node_id;
     store_state_free(&st);
-    if ((rc = sm_open(&c->sm, c->cfg->state_dir, err)) < 0)
+    if ((rc = sm_open(&c->sm, c->cfg->state_dir, c->cfg->data_dir, err)) < 0)
         return rc;
     if (c->secret)
         memset(c->secret, 0, c->secret_len);
@@ -1097,7 +1097,7 @@ int cluster_open(struct cluster **out, const struct cluster_options *opts, struc
     if (rc < 0)
         goto fail;
     have_st = true;
-    rc = sm_open(&c->sm, c->cfg->state_dir, err);
+    rc = sm_open(&c->sm, c->cfg->state_dir, c->cfg->data_dir, err);
     if (rc < 0)
         goto fail;
     c->id = st.node_id;
@@ -1220,6 +1220,27 @@ void cluster_close(struct cluster *c)
 
 /* ---- status ---- */
 
+struct sm *cluster_sm(struct cluster *c)
+{
+    return c->sm;
+}
+
+int cluster_propose(struct cluster *c, uint64_t client_id, uint64_t seq, const void *data,
+                    size_t len, uint64_t *index)
+{
+    if (c->raft == NULL || c->frozen || c->storage_error || c->joining)
+        return -EBUSY;
+    int rc = raft_propose(c->raft, client_id, seq, data, len, index);
+    if (rc == 0)
+        cluster_schedule(c);
+    return rc;
+}
+
+uint64_t cluster_id_self(const struct cluster *c)
+{
+    return c->id;
+}
+
 void cluster_view(struct cluster *c, struct cluster_view *v)
 {
     struct raft_status rs;
@@ -1307,7 +1328,6 @@ void cluster_status_fill(struct cluster *c, json_t *obj)
     else
         json_object_set_new(obj, "storage_error", json_null());
     json_object_set_new(obj, "members", cluster_members_array(c));
-    json_object_set_new(obj, "sessions", json_integer((json_int_t)sm_sessions(c->sm)));
     /* How well group commit works: entries per raft.db batch. */
     json_object_set_new(obj, "raft_stats",
                         json_pack("{s:I,s:I,s:I,s:I}", "batches", (json_int_t)c->stats_batches,

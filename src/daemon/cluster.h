@@ -50,6 +50,7 @@ struct cluster;
 struct ctl_request;
 struct event_base;
 struct pb_config;
+struct sm;
 
 /* Net frame types (owner range of src/net). */
 #define CLUSTER_MSG_RAFT       16 /* a Raft message (raft codec) */
@@ -98,6 +99,18 @@ struct cluster_view {
     uint64_t applied;
 };
 void cluster_view(struct cluster *c, struct cluster_view *v);
+
+/* The state machine (valid until the next cluster call that may reset it:
+ * join). */
+struct sm *cluster_sm(struct cluster *c);
+/* This node's Raft id. */
+uint64_t cluster_id_self(const struct cluster *c);
+/* Proposes an application entry (data copied) as raft_propose(): on a
+ * follower it is forwarded and may be lost (retry with the same
+ * client_id/seq). -EBUSY while the core is frozen, joining or in storage
+ * error (try again soon), -EAGAIN no leader, -ENOBUFS the leader refuses. */
+int cluster_propose(struct cluster *c, uint64_t client_id, uint64_t seq, const void *data,
+                    size_t len, uint64_t *index);
 
 /* Sets the cluster fields of the `status` result in obj, and "members". */
 void cluster_status_fill(struct cluster *c, json_t *obj);

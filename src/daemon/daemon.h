@@ -11,6 +11,7 @@ struct ctl_server;
 struct event;
 struct event_base;
 struct pb_config;
+struct replica;
 
 struct daemon {
     const struct pb_config *cfg;
@@ -18,6 +19,7 @@ struct daemon {
     struct ctl_server *ctl;
     struct node_state node;
     struct cluster *cluster; /* the Raft driver (cluster.h); NULL until started */
+    struct replica *replica; /* the tree side (replica.h); NULL until started */
     bool test_hooks;         /* PICKBOX_TEST_HOOKS=1: debug_partition is served */
     /* The peer TCP listener: bound here (or passed by systemd as "peer") so
      * that the port is owned from startup; the cluster's transport takes it

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "daemon/config.h"
 #include "lib/log.h"
@@ -62,11 +63,19 @@ int dirs_prepare(const struct pb_config *cfg, struct pb_error *err)
     if (created)
         log_notice("created data dir %s", cfg->data_dir);
 
-    char *marker = pb_xasprintf("%s/.pickbox", cfg->data_dir);
-    rc = dirs_make_path(marker, 0755, 0700, &created, err);
-    free(marker);
-    if (rc < 0)
-        return rc;
+    /* The marker is made for a new node only: an existing node (raft.db in
+     * its state dir) whose tree lost it must see that (sm.h), not get a
+     * fresh one on an empty, unmounted directory. */
+    char *raftdb = pb_xasprintf("%s/raft.db", cfg->state_dir);
+    bool existing = access(raftdb, F_OK) == 0;
+    free(raftdb);
+    if (!existing) {
+        char *marker = pb_xasprintf("%s/.pickbox", cfg->data_dir);
+        rc = dirs_make_path(marker, 0755, 0700, &created, err);
+        free(marker);
+        if (rc < 0)
+            return rc;
+    }
 
     rc = dirs_make_path(cfg->state_dir, 0755, 0700, &created, err);
     if (rc < 0)

@@ -21,6 +21,7 @@
 
 #include "ctl/ctl.h"
 #include "daemon/cluster.h"
+#include "daemon/replica.h"
 #include "daemon/config.h"
 #include "daemon/daemon.h"
 #include "daemon/dirs.h"
@@ -151,6 +152,12 @@ static int daemon_start(struct daemon *d, const struct pb_config *cfg, struct pb
         return rc;
     }
     daemon_on_cluster_change(d);
+    rc = replica_new(&d->replica, cfg, d->base, d->cluster, err);
+    if (rc < 0) {
+        if (fds.control >= 0)
+            close(fds.control);
+        return rc;
+    }
 
     size_t n_methods;
     const struct ctl_method *methods = methods_table(&n_methods);
@@ -190,6 +197,8 @@ void daemon_node_changed(struct daemon *d)
 
 static void daemon_stop(struct daemon *d)
 {
+    replica_free(d->replica);
+    d->replica = NULL;
     cluster_close(d->cluster); /* answers its pending requests first */
     d->cluster = NULL;
     ctl_server_free(d->ctl); /* removes the socket file if we made it */

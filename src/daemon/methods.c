@@ -11,6 +11,7 @@
 #include "ctl/ctl.h"
 #include "daemon/cluster.h"
 #include "daemon/daemon.h"
+#include "daemon/replica.h"
 #include "lib/util.h"
 
 #define METHODS_PROBE_MAX 65536
@@ -30,6 +31,8 @@ static void method_status(struct ctl_request *req, json_t *params, void *arg)
     json_t *st = node_status_json(&d->node, pb_now_ms());
     if (d->cluster != NULL)
         cluster_status_fill(d->cluster, st);
+    if (d->replica != NULL)
+        replica_status_fill(d->replica, st);
     json_object_set_new(st, "control_clients",
                         json_integer((json_int_t)ctl_server_clients(d->ctl)));
     ctl_reply_result(req, st);
@@ -178,6 +181,30 @@ static void method_debug_partition(struct ctl_request *req, json_t *params, void
         cluster_partition(d->cluster, req, node, json_is_true(on));
 }
 
+static void method_sync(struct ctl_request *req, json_t *params, void *arg)
+{
+    struct daemon *d = arg;
+    unsigned timeout_ms;
+    if (param_timeout(req, params, 30, &timeout_ms) < 0 || !need_cluster(req, d))
+        return;
+    if (d->replica == NULL) {
+        ctl_reply_error(req, CTL_ERR_UNAVAILABLE, NULL, "the tree is not running");
+        return;
+    }
+    replica_sync(d->replica, req, timeout_ms);
+}
+
+static void method_conflicts(struct ctl_request *req, json_t *params, void *arg)
+{
+    struct daemon *d = arg;
+    (void)params;
+    if (d->replica == NULL) {
+        ctl_reply_error(req, CTL_ERR_UNAVAILABLE, NULL, "the tree is not running");
+        return;
+    }
+    ctl_reply_result(req, replica_conflicts_json(d->replica));
+}
+
 static const struct ctl_method methods[] = {
         {"hello", method_hello, 0},
         {"status", method_status, 0},
@@ -188,6 +215,8 @@ static const struct ctl_method methods[] = {
         {"remove", method_remove, CTL_METHOD_MUTATING},
         {"transfer", method_transfer, CTL_METHOD_MUTATING},
         {"debug_partition", method_debug_partition, CTL_METHOD_MUTATING},
+        {"sync", method_sync, 0},
+        {"conflicts", method_conflicts, 0},
 };
 
 const struct ctl_method *methods_table(size_t *n)

@@ -1,230 +1,235 @@
 /*
- * sm.c: applied index, client sessions and snapshots in state.db (see sm.h).
+ * sm.c: the node's state machine: Raft entries -> fsm_apply over state.db
+ * and the tree; snapshots from statedb's stream (see sm.h).
  */
 #include <config.h>
 
 #include "daemon/sm.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#include <sqlite3.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "lib/buf.h"
+#include "lib/log.h"
 #include "lib/util.h"
 #include "raft/raft.h"
+#include "store/statedb.h"
 
-#define SM_FORMAT     1
-#define SM_SNAP_MAGIC 0x50425353u /* "PBSS" */
-#define SM_SNAP_VER   1
-
-/* Open addressing, linear probing; key 0 is "empty" (client_id 0 is never a
- * session). */
-struct sm_sessions {
-    uint64_t *keys;
-    uint64_t *vals;
-    size_t cap; /* power of two */
-    size_t n;
-};
+#define SM_SNAP_MAGIC 0x50425332u /* "PBS2" */
+#define SM_SNAP_HDR   20u
 
 struct sm {
-    sqlite3 *db;
-    sqlite3_stmt *st_session; /* INSERT OR REPLACE INTO sessions */
-    sqlite3_stmt *st_applied; /* UPDATE meta SET applied */
+    char *state_dir;
+    char *data_dir;
+    struct statedb *db;
+    struct fsm_tree *tree; /* NULL while tree_error */
+    struct fsm_apply *ap;  /* NULL while tree_error */
     uint64_t applied;
-    struct sm_sessions sess;
-    struct sm_hooks hooks;
-    bool has_hooks;
-    const uint8_t *install_app; /* during sm_snapshot_install() */
-    size_t install_app_len;
+    uint64_t applied_term;
+    char tree_error[512]; /* "" = fine */
+    uint64_t tree_failures;
+    struct sm_observer obs;
+    bool has_obs;
     uint8_t *snap; /* current snapshot blob */
     size_t snap_len;
     uint64_t snap_index;
 };
 
-/* ---- session table ---- */
-
-static size_t sess_slot(const struct sm_sessions *t, uint64_t key)
+static int sm_reload_applied(struct sm *sm)
 {
-    uint64_t h = key * 0x9E3779B97F4A7C15ull;
-    return (size_t)(h >> 17) & (t->cap - 1);
+    struct statedb_applied a;
+    int rc = statedb_applied_get(sm->db, &a);
+    if (rc < 0)
+        return rc;
+    sm->applied = a.index;
+    sm->applied_term = a.term;
+    return 0;
 }
 
-static uint64_t *sess_find(struct sm_sessions *t, uint64_t key)
+/* Opens the tree (and the applier on it). fresh: state.db knows nothing yet,
+ * so an unmarked directory may be marked. */
+static int sm_open_tree(struct sm *sm, bool fresh, struct pb_error *err)
 {
-    if (t->cap == 0)
-        return NULL;
-    for (size_t i = sess_slot(t, key);; i = (i + 1) & (t->cap - 1)) {
-        if (t->keys[i] == key)
-            return &t->vals[i];
-        if (t->keys[i] == 0)
-            return NULL;
+    struct pb_error e2;
+    pb_error_clear(&e2);
+    if (fresh && mkdir(sm->data_dir, 0755) == 0)
+        log_info("created the tree %s", sm->data_dir);
+    int rc = fsm_tree_open(sm->data_dir, &sm->tree, &e2);
+    if (rc == -FSM_TREE_ENOMARKER && fresh) {
+        if ((rc = fsm_tree_init(sm->data_dir, &e2)) == 0)
+            rc = fsm_tree_open(sm->data_dir, &sm->tree, &e2);
     }
-}
-
-static void sess_put(struct sm_sessions *t, uint64_t key, uint64_t val);
-
-static void sess_grow(struct sm_sessions *t)
-{
-    struct sm_sessions old = *t;
-    t->cap = old.cap ? old.cap * 2 : 64;
-    t->keys = pb_xcalloc(t->cap, sizeof(*t->keys));
-    t->vals = pb_xcalloc(t->cap, sizeof(*t->vals));
-    t->n = 0;
-    for (size_t i = 0; i < old.cap; i++) {
-        if (old.keys[i] != 0)
-            sess_put(t, old.keys[i], old.vals[i]);
+    if (rc == -FSM_TREE_ENOMARKER) {
+        snprintf(sm->tree_error, sizeof(sm->tree_error),
+                 "the tree %s has lost its .pickbox marker (unmounted or replaced?): "
+                 "not replicating until it is back",
+                 sm->data_dir);
+        return 0;
     }
-    free(old.keys);
-    free(old.vals);
+    if (rc < 0)
+        return pb_error_set(err, rc, "%s", e2.msg);
+    sm->ap = fsm_apply_new(sm->db, sm->tree);
+    sm->tree_error[0] = '\0';
+    return 0;
 }
 
-static void sess_put(struct sm_sessions *t, uint64_t key, uint64_t val)
+static void sm_close_tree(struct sm *sm)
 {
-    uint64_t *v = sess_find(t, key);
-    if (v != NULL) {
-        *v = val;
+    fsm_apply_free(sm->ap);
+    sm->ap = NULL;
+    fsm_tree_close(sm->tree);
+    sm->tree = NULL;
+}
+
+int sm_repair(struct sm *sm)
+{
+    if (sm->ap == NULL)
+        return -FSM_TREE_ENOMARKER;
+    unsigned repaired = 0, pending = 0;
+    int rc = fsm_apply_repair(sm->ap, &repaired, &pending);
+    if (repaired || pending)
+        log_info("tree repair: %u path(s) brought up to date, %u local edit(s) pending", repaired,
+                 pending);
+    if (rc < 0) {
+        sm->tree_failures++;
+        log_warning("tree repair failed: %s", strerror(-rc));
+        if (rc == -FSM_TREE_ENOMARKER) {
+            sm_close_tree(sm);
+            snprintf(sm->tree_error, sizeof(sm->tree_error),
+                     "the tree %s has lost its .pickbox marker (unmounted or replaced?): "
+                     "not replicating until it is back",
+                     sm->data_dir);
+            log_err("%s", sm->tree_error);
+        }
+    }
+    return rc;
+}
+
+/* The tree must be there before anything is applied: retried by every
+ * sm_apply() while in error. */
+static int sm_need_tree(struct sm *sm, struct pb_error *err)
+{
+    if (sm->ap != NULL)
+        return 0;
+    int rc = sm_open_tree(sm, false, err);
+    if (rc < 0)
+        return rc;
+    if (sm->ap == NULL)
+        return pb_error_set(err, -ENOMEDIUM, "%s", sm->tree_error);
+    log_notice("the tree %s is back: resuming", sm->data_dir);
+    sm_repair(sm);
+    return 0;
+}
+
+static int sm_snap_file_write(struct sm *sm, struct pb_error *err)
+{
+    char *path = pb_xasprintf("%s/%s", sm->state_dir, SM_SNAP_NAME);
+    char *tmp = pb_xasprintf("%s.tmp", path);
+    int rc = 0;
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        rc = pb_error_set(err, -errno, "%s: %s", tmp, strerror(errno));
+        goto out;
+    }
+    size_t off = 0;
+    while (off < sm->snap_len) {
+        ssize_t w = write(fd, sm->snap + off, sm->snap_len - off);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0) {
+            rc = pb_error_set(err, w < 0 ? -errno : -EIO, "%s: write failed", tmp);
+            break;
+        }
+        off += (size_t)w;
+    }
+    if (rc == 0 && fsync(fd) < 0)
+        rc = pb_error_set(err, -errno, "%s: fsync: %s", tmp, strerror(errno));
+    close(fd);
+    if (rc == 0 && rename(tmp, path) < 0)
+        rc = pb_error_set(err, -errno, "rename %s: %s", tmp, strerror(errno));
+    if (rc == 0) {
+        int dfd = open(sm->state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd >= 0) {
+            if (fsync(dfd) < 0)
+                rc = pb_error_set(err, -errno, "fsync %s: %s", sm->state_dir, strerror(errno));
+            close(dfd);
+        }
+    }
+    if (rc < 0)
+        unlink(tmp);
+out:
+    free(tmp);
+    free(path);
+    return rc;
+}
+
+/* Loads <state_dir>/snapshot.pbs if it is a snapshot state.db has reached. */
+static void sm_snap_file_load(struct sm *sm)
+{
+    char *path = pb_xasprintf("%s/%s", sm->state_dir, SM_SNAP_NAME);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0 || st.st_size < (off_t)SM_SNAP_HDR) {
+        if (fd >= 0)
+            close(fd);
+        free(path);
         return;
     }
-    if ((t->n + 1) * 4 > t->cap * 3)
-        sess_grow(t);
-    size_t i = sess_slot(t, key);
-    while (t->keys[i] != 0)
-        i = (i + 1) & (t->cap - 1);
-    t->keys[i] = key;
-    t->vals[i] = val;
-    t->n++;
-}
-
-static void sess_clear(struct sm_sessions *t)
-{
-    free(t->keys);
-    free(t->vals);
-    memset(t, 0, sizeof(*t));
-}
-
-/* ---- SQLite helpers ---- */
-
-static int sm_sql_error(struct sm *sm, struct pb_error *err, const char *what)
-{
-    int ext = sqlite3_extended_errcode(sm->db);
-    int prim = ext & 0xff;
-    int code = prim == SQLITE_FULL ? -ENOSPC : prim == SQLITE_NOMEM ? -ENOMEM : -EIO;
-    return pb_error_set(err, code, "state.db: %s: %s", what, sqlite3_errmsg(sm->db));
-}
-
-static int sm_exec(struct sm *sm, const char *sql, struct pb_error *err)
-{
-    char *msg = NULL;
-    int rc = sqlite3_exec(sm->db, sql, NULL, NULL, &msg);
-    if (rc != SQLITE_OK) {
-        int code = (rc & 0xff) == SQLITE_FULL ? -ENOSPC : -EIO;
-        pb_error_set(err, code, "state.db: %s", msg ? msg : sqlite3_errstr(rc));
-        sqlite3_free(msg);
-        return code;
+    size_t len = (size_t)st.st_size;
+    uint8_t *p = pb_xmalloc(len);
+    size_t off = 0;
+    while (off < len) {
+        ssize_t r = read(fd, p + off, len - off);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            break;
+        off += (size_t)r;
     }
-    return 0;
-}
-
-static void sm_rollback(struct sm *sm)
-{
-    if (!sqlite3_get_autocommit(sm->db))
-        sqlite3_exec(sm->db, "ROLLBACK", NULL, NULL, NULL);
-}
-
-static int sm_load(struct sm *sm, struct pb_error *err)
-{
-    sqlite3_stmt *st = NULL;
-    if (sqlite3_prepare_v2(sm->db, "SELECT format, applied FROM meta WHERE id = 1", -1, &st,
-                           NULL) != SQLITE_OK)
-        return sm_sql_error(sm, err, "read meta");
-    int rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW) {
-        int64_t format = sqlite3_column_int64(st, 0);
-        sm->applied = (uint64_t)sqlite3_column_int64(st, 1);
-        sqlite3_finalize(st);
-        if (format > SM_FORMAT)
-            return pb_error_set(err, -EPROTONOSUPPORT,
-                                "state.db has format %" PRId64
-                                ", written by a newer pickbox (this one knows %d)",
-                                format, SM_FORMAT);
+    close(fd);
+    uint64_t index = pb_load_u64(p + 4);
+    if (off != len || pb_load_u32(p) != SM_SNAP_MAGIC || index > sm->applied) {
+        log_info("ignoring %s (not a snapshot of this state.db)", path);
+        free(p);
     } else {
-        sqlite3_finalize(st);
-        return sm_sql_error(sm, err, "meta row missing");
+        sm->snap = p;
+        sm->snap_len = len;
+        sm->snap_index = index;
     }
-    if (sqlite3_prepare_v2(sm->db, "SELECT client_id, seq FROM sessions", -1, &st, NULL) !=
-        SQLITE_OK)
-        return sm_sql_error(sm, err, "read sessions");
-    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-        uint64_t k = (uint64_t)sqlite3_column_int64(st, 0);
-        if (k != 0)
-            sess_put(&sm->sess, k, (uint64_t)sqlite3_column_int64(st, 1));
-    }
-    sqlite3_finalize(st);
-    if (rc != SQLITE_DONE)
-        return sm_sql_error(sm, err, "read sessions");
-    if (sqlite3_prepare_v2(sm->db, "SELECT idx, data FROM snapshot WHERE id = 1", -1, &st, NULL) !=
-        SQLITE_OK)
-        return sm_sql_error(sm, err, "read snapshot");
-    rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW) {
-        sm->snap_index = (uint64_t)sqlite3_column_int64(st, 0);
-        sm->snap_len = (size_t)sqlite3_column_bytes(st, 1);
-        sm->snap = pb_xmalloc(sm->snap_len ? sm->snap_len : 1);
-        if (sm->snap_len)
-            memcpy(sm->snap, sqlite3_column_blob(st, 1), sm->snap_len);
-    }
-    sqlite3_finalize(st);
-    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
-        return sm_sql_error(sm, err, "read snapshot");
-    return 0;
+    free(path);
 }
 
-int sm_open(struct sm **out, const char *dir, struct pb_error *err)
+int sm_open(struct sm **out, const char *state_dir, const char *data_dir, struct pb_error *err)
 {
     *out = NULL;
     struct sm *sm = pb_xcalloc(1, sizeof(*sm));
-    char *path = pb_xasprintf("%s/%s", dir, SM_DB_NAME);
-    int rc = sqlite3_open_v2(
-            path, &sm->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
-    if (rc != SQLITE_OK) {
-        rc = pb_error_set(err, -EIO, "cannot open %s: %s", path,
-                          sm->db ? sqlite3_errmsg(sm->db) : sqlite3_errstr(rc));
-        goto fail;
-    }
-    sqlite3_busy_timeout(sm->db, 1000);
-    rc = sm_exec(sm,
-                 "PRAGMA journal_mode = WAL;"
-                 "PRAGMA synchronous = NORMAL;"
-                 "CREATE TABLE IF NOT EXISTS meta (id INTEGER PRIMARY KEY CHECK (id = 1), "
-                 "  format INTEGER NOT NULL, applied INTEGER NOT NULL);"
-                 "CREATE TABLE IF NOT EXISTS sessions (client_id INTEGER PRIMARY KEY, "
-                 "  seq INTEGER NOT NULL);"
-                 "CREATE TABLE IF NOT EXISTS snapshot (id INTEGER PRIMARY KEY CHECK (id = 1), "
-                 "  idx INTEGER NOT NULL, term INTEGER NOT NULL, data BLOB NOT NULL);"
-                 "INSERT OR IGNORE INTO meta (id, format, applied) VALUES (1, 1, 0);",
-                 err);
-    if (rc < 0) {
-        pb_error_prefix(err, "%s: ", path);
-        goto fail;
-    }
-    if ((rc = sm_load(sm, err)) < 0)
-        goto fail;
-    if (sqlite3_prepare_v2(sm->db,
-                           "INSERT OR REPLACE INTO sessions (client_id, seq) VALUES (?1, ?2)", -1,
-                           &sm->st_session, NULL) != SQLITE_OK ||
-        sqlite3_prepare_v2(sm->db, "UPDATE meta SET applied = ?1 WHERE id = 1", -1, &sm->st_applied,
-                           NULL) != SQLITE_OK) {
-        rc = sm_sql_error(sm, err, "prepare");
-        goto fail;
-    }
+    sm->state_dir = pb_xstrdup(state_dir);
+    sm->data_dir = pb_xstrdup(data_dir);
+    char *path = pb_xasprintf("%s/%s", state_dir, SM_DB_NAME);
+    int rc = statedb_open(path, &sm->db, err);
     free(path);
+    if (rc < 0)
+        goto fail;
+    if ((rc = sm_reload_applied(sm)) < 0) {
+        pb_error_set(err, rc, "state.db: %s", statedb_errmsg(sm->db));
+        goto fail;
+    }
+    if ((rc = sm_open_tree(sm, sm->applied == 0, err)) < 0)
+        goto fail;
+    if (sm->ap == NULL)
+        log_err("%s", sm->tree_error);
+    else
+        sm_repair(sm);
+    sm_snap_file_load(sm);
     *out = sm;
     return 0;
 fail:
-    free(path);
     sm_close(sm);
     return rc;
 }
@@ -233,21 +238,21 @@ void sm_close(struct sm *sm)
 {
     if (sm == NULL)
         return;
-    sqlite3_finalize(sm->st_session);
-    sqlite3_finalize(sm->st_applied);
-    sqlite3_close(sm->db);
-    sess_clear(&sm->sess);
+    sm_close_tree(sm);
+    statedb_close(sm->db);
     free(sm->snap);
+    free(sm->state_dir);
+    free(sm->data_dir);
     free(sm);
 }
 
-void sm_set_hooks(struct sm *sm, const struct sm_hooks *hooks)
+void sm_set_observer(struct sm *sm, const struct sm_observer *obs)
 {
-    sm->has_hooks = hooks != NULL;
-    if (hooks != NULL)
-        sm->hooks = *hooks;
+    sm->has_obs = obs != NULL;
+    if (obs != NULL)
+        sm->obs = *obs;
     else
-        memset(&sm->hooks, 0, sizeof(sm->hooks));
+        memset(&sm->obs, 0, sizeof(sm->obs));
 }
 
 uint64_t sm_applied(const struct sm *sm)
@@ -255,24 +260,49 @@ uint64_t sm_applied(const struct sm *sm)
     return sm->applied;
 }
 
-size_t sm_sessions(const struct sm *sm)
-{
-    return sm->sess.n;
-}
-
 uint64_t sm_session_seq(const struct sm *sm, uint64_t client_id)
 {
-    uint64_t *v = sess_find((struct sm_sessions *)(uintptr_t)&sm->sess, client_id);
-    return v ? *v : 0;
+    uint64_t seq = 0;
+    if (statedb_session_get(sm->db, client_id, &seq) < 0)
+        return 0;
+    return seq;
 }
 
-static int sm_step_stmt(struct sm *sm, sqlite3_stmt *st, struct pb_error *err, const char *what)
+struct statedb *sm_statedb(struct sm *sm)
 {
-    int rc = sqlite3_step(st);
-    sqlite3_reset(st);
-    if (rc != SQLITE_DONE)
-        return sm_sql_error(sm, err, what);
-    return 0;
+    return sm->db;
+}
+
+struct fsm_tree *sm_tree(struct sm *sm)
+{
+    return sm->tree;
+}
+
+struct fsm_apply *sm_fsm(struct sm *sm)
+{
+    return sm->ap;
+}
+
+const char *sm_tree_error(const struct sm *sm)
+{
+    return sm->tree_error[0] ? sm->tree_error : NULL;
+}
+
+uint64_t sm_tree_failures(const struct sm *sm)
+{
+    return sm->tree_failures;
+}
+
+/* A NORMAL entry that is an fsm op (not a probe). */
+static bool sm_is_op(const struct raft_entry *e)
+{
+    return e->type == RAFT_ENTRY_NORMAL && e->len > 0 && e->data != NULL && e->data[0] != 0;
+}
+
+static bool sm_own(const struct sm *sm, const struct raft_entry *e)
+{
+    return sm->has_obs && sm->obs.client_id != 0 && e->client_id == sm->obs.client_id &&
+           sm_is_op(e);
 }
 
 int sm_apply(struct sm *sm, const struct raft_entry *e, size_t n, sm_applied_fn cb, void *arg,
@@ -286,149 +316,123 @@ int sm_apply(struct sm *sm, const struct raft_entry *e, size_t n, sm_applied_fn 
     if (e[i0].index != sm->applied + 1)
         return pb_error_set(err, -EINVAL, "state machine: entry %" PRIu64 " after applied %" PRIu64,
                             e[i0].index, sm->applied);
-    /* Sessions first in a scratch list, so that a failed transaction leaves
-     * memory untouched. Within one batch a client appears in order. */
-    bool *fresh = pb_xcalloc(n, sizeof(*fresh));
-    int rc = sm_exec(sm, "BEGIN", err);
+    int rc = sm_need_tree(sm, err);
     if (rc < 0)
+        return rc;
+    if ((rc = fsm_tree_check_marker(sm->tree)) < 0) {
+        sm_repair(sm); /* notices the marker and stops */
+        return pb_error_set(err, -ENOMEDIUM, "%s",
+                            sm->tree_error[0] ? sm->tree_error : "tree marker missing");
+    }
+    size_t m = n - i0;
+    struct fsm_apply_input *in = pb_xcalloc(m, sizeof(*in));
+    struct fsm_apply_result *res = pb_xcalloc(m, sizeof(*res));
+    for (size_t i = 0; i < m; i++) {
+        const struct raft_entry *x = &e[i0 + i];
+        in[i].index = x->index;
+        in[i].term = x->term;
+        if (sm_is_op(x)) {
+            in[i].client_id = x->client_id;
+            in[i].seq = x->seq;
+            in[i].data = x->data;
+            in[i].len = x->len;
+        }
+        if (sm_own(sm, x) && sm->obs.before != NULL)
+            sm->obs.before(sm->obs.arg, x);
+    }
+    if (sm->has_obs && sm->obs.batch_before != NULL)
+        sm->obs.batch_before(sm->obs.arg, e + i0, m);
+    rc = fsm_apply_entries(sm->ap, in, m, res, err);
+    if (rc < 0) {
+        if (rc != -EPROTONOSUPPORT)
+            sm_reload_applied(sm);
+        if (sm->has_obs && sm->obs.batch_after != NULL)
+            sm->obs.batch_after(sm->obs.arg, e + i0, m, NULL);
         goto out;
-    for (size_t i = i0; i < n; i++) {
-        const struct raft_entry *x = &e[i];
+    }
+    sm->applied = e[n - 1].index;
+    sm->applied_term = e[n - 1].term;
+    bool repair = false;
+    for (size_t i = 0; i < m; i++) {
+        const struct raft_entry *x = &e[i0 + i];
+        if (res[i].tree_rc < 0) {
+            sm->tree_failures++;
+            log_warning("entry %" PRIu64 ": the tree could not follow: %s", x->index,
+                        strerror(-res[i].tree_rc));
+            repair = true;
+        }
+        if (sm_own(sm, x)) {
+            if (res[i].conflicts > 0)
+                repair = true;
+            if (sm->obs.after != NULL)
+                sm->obs.after(sm->obs.arg, x, &res[i]);
+        }
+    }
+    if (repair)
+        sm_repair(sm);
+    if (sm->has_obs && sm->obs.batch_after != NULL)
+        sm->obs.batch_after(sm->obs.arg, e + i0, m, res);
+    for (size_t i = 0; i < m && cb != NULL; i++) {
+        const struct raft_entry *x = &e[i0 + i];
         if (x->type != RAFT_ENTRY_NORMAL || x->client_id == 0)
             continue;
-        uint64_t seen = sm_session_seq(sm, x->client_id);
-        for (size_t j = i0; j < i; j++) {
-            if (fresh[j] && e[j].client_id == x->client_id && e[j].seq > seen)
-                seen = e[j].seq;
-        }
-        if (x->seq <= seen)
-            continue; /* a retry of an op already applied */
-        fresh[i] = true;
-        /* Without hooks, client entries are probes: no effect beyond the
-         * session. */
-        if (sm->has_hooks && sm->hooks.apply != NULL &&
-            (rc = sm->hooks.apply(sm->hooks.arg, sm->db, x)) < 0) {
-            pb_error_set(err, rc, "state machine: applying entry %" PRIu64 " failed: %s", x->index,
-                         strerror(-rc));
-            goto out;
-        }
-        sqlite3_bind_int64(sm->st_session, 1, (int64_t)x->client_id);
-        sqlite3_bind_int64(sm->st_session, 2, (int64_t)x->seq);
-        if ((rc = sm_step_stmt(sm, sm->st_session, err, "write session")) < 0)
-            goto out;
-    }
-    sqlite3_bind_int64(sm->st_applied, 1, (int64_t)e[n - 1].index);
-    if ((rc = sm_step_stmt(sm, sm->st_applied, err, "write applied index")) < 0)
-        goto out;
-    rc = sm_exec(sm, "COMMIT", err);
-    if (rc < 0)
-        goto out;
-    sm->applied = e[n - 1].index;
-    for (size_t i = i0; i < n; i++) {
-        if (fresh[i])
-            sess_put(&sm->sess, e[i].client_id, e[i].seq);
-    }
-    for (size_t i = i0; i < n && cb != NULL; i++) {
-        if (fresh[i])
-            cb(arg, &e[i]);
+        if (res[i].status == FSM_APPLY_DUPLICATE)
+            continue;
+        cb(arg, x);
     }
 out:
-    if (rc < 0)
-        sm_rollback(sm);
-    free(fresh);
-    return rc;
-}
-
-/* Writes the snapshot row and (for an install) the sessions and applied
- * index, with a full sync: compaction of raft.db relies on it. */
-static int sm_snapshot_store(struct sm *sm, uint64_t index, uint64_t term, const uint8_t *data,
-                             size_t len, bool install, struct pb_error *err)
-{
-    int rc = sm_exec(sm, "PRAGMA synchronous = FULL; BEGIN", err);
-    if (rc < 0)
-        goto out;
-    if (install) {
-        rc = sm_exec(sm, "DELETE FROM sessions", err);
-        if (rc < 0)
-            goto out;
-        for (size_t i = 0; i < sm->sess.cap; i++) {
-            if (sm->sess.keys[i] == 0)
-                continue;
-            sqlite3_bind_int64(sm->st_session, 1, (int64_t)sm->sess.keys[i]);
-            sqlite3_bind_int64(sm->st_session, 2, (int64_t)sm->sess.vals[i]);
-            if ((rc = sm_step_stmt(sm, sm->st_session, err, "write session")) < 0)
-                goto out;
-        }
-        sqlite3_bind_int64(sm->st_applied, 1, (int64_t)index);
-        if ((rc = sm_step_stmt(sm, sm->st_applied, err, "write applied index")) < 0)
-            goto out;
-        if (sm->has_hooks && sm->hooks.snapshot_read != NULL) {
-            rc = sm->hooks.snapshot_read(sm->hooks.arg, sm->db, sm->install_app,
-                                         sm->install_app_len);
-            if (rc < 0) {
-                pb_error_set(err, rc, "state machine: installing the application's state: %s",
-                             strerror(-rc));
-                goto out;
-            }
-        }
-    }
-    sqlite3_stmt *st = NULL;
-    if (sqlite3_prepare_v2(sm->db,
-                           "INSERT OR REPLACE INTO snapshot (id, idx, term, data) "
-                           "VALUES (1, ?1, ?2, ?3)",
-                           -1, &st, NULL) != SQLITE_OK) {
-        rc = sm_sql_error(sm, err, "prepare snapshot");
-        goto out;
-    }
-    sqlite3_bind_int64(st, 1, (int64_t)index);
-    sqlite3_bind_int64(st, 2, (int64_t)term);
-    sqlite3_bind_blob(st, 3, len ? (const void *)data : "", (int)len, SQLITE_STATIC);
-    rc = sm_step_stmt(sm, st, err, "write snapshot");
-    sqlite3_finalize(st);
-    if (rc < 0)
-        goto out;
-    rc = sm_exec(sm, "COMMIT", err);
-out:
-    if (rc < 0)
-        sm_rollback(sm);
-    sqlite3_exec(sm->db, "PRAGMA synchronous = NORMAL", NULL, NULL, NULL);
+    free(in);
+    free(res);
     return rc;
 }
 
 int sm_snapshot_take(struct sm *sm, uint64_t term, uint64_t *size, struct pb_error *err)
 {
+    struct statedb_snapshot *s = NULL;
+    int rc = statedb_snapshot_begin(sm->db, NULL, NULL, &s, err);
+    if (rc < 0)
+        return rc;
+    uint64_t index = 0, sterm = 0;
+    statedb_snapshot_info(s, &index, &sterm);
+    /* The blob says the term Raft knows the snapshot by (the caller's: the
+     * term of the entry at the applied index, which state.db also holds). */
+    if (term != 0)
+        sterm = term;
     struct buf b = BUF_INIT;
     buf_put_u32(&b, SM_SNAP_MAGIC);
-    buf_put_u8(&b, SM_SNAP_VER);
-    buf_put_u64(&b, sm->applied);
-    buf_put_u64(&b, term);
-    buf_put_u32(&b, (uint32_t)sm->sess.n);
-    for (size_t i = 0; i < sm->sess.cap; i++) {
-        if (sm->sess.keys[i] == 0)
-            continue;
-        buf_put_u64(&b, sm->sess.keys[i]);
-        buf_put_u64(&b, sm->sess.vals[i]);
+    buf_put_u64(&b, index);
+    buf_put_u64(&b, sterm);
+    uint8_t chunk[65536];
+    uint64_t off = 0;
+    for (;;) {
+        size_t got = 0;
+        rc = statedb_snapshot_read(s, off, chunk, sizeof(chunk), &got, err);
+        if (rc < 0)
+            break;
+        buf_put(&b, chunk, got);
+        off += got;
+        if (got < sizeof(chunk))
+            break;
     }
-    /* The application's state follows, length-prefixed. */
-    size_t at = b.len;
-    buf_put_u32(&b, 0);
-    if (sm->has_hooks && sm->hooks.snapshot_write != NULL) {
-        int hrc = sm->hooks.snapshot_write(sm->hooks.arg, sm->db, &b);
-        if (hrc < 0) {
-            buf_free(&b);
-            return pb_error_set(err, hrc, "state machine: snapshot of the application failed: %s",
-                                strerror(-hrc));
-        }
-    }
-    pb_store_u32(b.data + at, (uint32_t)(b.len - at - 4));
-    int rc = sm_snapshot_store(sm, sm->applied, term, b.data, b.len, false, err);
+    statedb_snapshot_end(s);
     if (rc < 0) {
         buf_free(&b);
         return rc;
     }
-    free(sm->snap);
+    uint8_t *old = sm->snap;
+    size_t old_len = sm->snap_len;
+    uint64_t old_index = sm->snap_index;
     sm->snap = buf_steal(&b, &sm->snap_len);
-    sm->snap_index = sm->applied;
+    sm->snap_index = index;
+    rc = sm_snap_file_write(sm, err);
+    if (rc < 0) {
+        free(sm->snap);
+        sm->snap = old;
+        sm->snap_len = old_len;
+        sm->snap_index = old_index;
+        return rc;
+    }
+    free(old);
     *size = sm->snap_len;
     return 0;
 }
@@ -447,49 +451,37 @@ const uint8_t *sm_snapshot_data(const struct sm *sm, size_t *len)
 int sm_snapshot_install(struct sm *sm, uint64_t index, uint64_t term, const uint8_t *data,
                         size_t len, struct pb_error *err)
 {
-    struct cursor c;
-    cursor_init(&c, data, len);
-    uint32_t magic = cursor_u32(&c);
-    uint8_t ver = cursor_u8(&c);
-    uint64_t s_index = cursor_u64(&c);
-    uint64_t s_term = cursor_u64(&c);
-    uint32_t n = cursor_u32(&c);
-    if (!cursor_ok(&c) || magic != SM_SNAP_MAGIC || ver != SM_SNAP_VER || s_index != index ||
-        s_term != term || (uint64_t)n * 16 > cursor_remaining(&c))
+    if (len < SM_SNAP_HDR || pb_load_u32(data) != SM_SNAP_MAGIC || pb_load_u64(data + 4) != index ||
+        pb_load_u64(data + 12) != term)
         return pb_error_set(err, -EINVAL, "snapshot %" PRIu64 "/%" PRIu64 " is malformed", index,
                             term);
-    struct sm_sessions fresh = {0};
-    for (uint32_t i = 0; i < n; i++) {
-        uint64_t k = cursor_u64(&c), v = cursor_u64(&c);
-        if (k != 0)
-            sess_put(&fresh, k, v);
-    }
-    size_t app_len = 0;
-    const uint8_t *app = cursor_bytes(&c, len, &app_len);
-    if (!cursor_ok(&c) || cursor_remaining(&c) != 0) {
-        sess_clear(&fresh);
-        return pb_error_set(err, -EINVAL, "snapshot %" PRIu64 "/%" PRIu64 " is malformed", index,
-                            term);
-    }
-    struct sm_sessions old = sm->sess;
-    uint64_t old_applied = sm->applied;
-    sm->sess = fresh;
-    sm->install_app = app;
-    sm->install_app_len = app_len;
-    int rc = sm_snapshot_store(sm, index, term, data, len, true, err);
-    sm->install_app = NULL;
-    if (rc < 0) {
-        sm->sess = old;
-        sm->applied = old_applied;
-        sess_clear(&fresh);
+    struct statedb_install *in = NULL;
+    int rc = statedb_install_begin(sm->db, &in, err);
+    if (rc < 0)
         return rc;
-    }
-    sess_clear(&old);
+    uint64_t s_index = 0, s_term = 0;
+    rc = statedb_install_write(in, data + SM_SNAP_HDR, len - SM_SNAP_HDR, err);
+    if (rc == 0)
+        rc = statedb_install_finish(in, &s_index, &s_term, err);
+    statedb_install_abort(in);
+    if (rc == -EBADMSG)
+        rc = -EINVAL;
+    if (rc < 0)
+        return rc;
+    sm_reload_applied(sm);
+    if (s_index != index)
+        log_warning("snapshot %" PRIu64 " holds state at %" PRIu64, index, s_index);
     sm->applied = index;
-    free(sm->snap);
-    sm->snap = pb_xmalloc(len ? len : 1);
+    uint8_t *old = sm->snap;
+    sm->snap = pb_xmalloc(len);
     memcpy(sm->snap, data, len);
     sm->snap_len = len;
     sm->snap_index = index;
+    free(old);
+    rc = sm_snap_file_write(sm, err);
+    if (rc < 0)
+        return rc;
+    if (sm->ap != NULL)
+        sm_repair(sm);
     return 0;
 }

@@ -1,21 +1,33 @@
 /*
- * sm.h: the replicated state machine of this stage, in state.db.
+ * sm.h: the node's replicated state machine, a thin adapter from the Raft
+ * driver (cluster.c) to the file tree's state machine (src/fsm/apply.h over
+ * store/statedb.h): ONE state.db holds the applied index, the client session
+ * table (exactly-once), the manifest, chunks and the node-local disk records.
  *
- * It applies committed Raft entries in order and keeps, durably, what every
- * node must agree on: the applied index and the client session table
- * {client_id -> highest seq applied} that makes retried proposals take
- * effect exactly once (raft.h, "Exactly-once"). NORMAL entries are no-op
- * probes for now; the file tree's state machine (src/fsm) will plug in at
- * sm_apply(). One SQLite file, state.db, in WAL mode with synchronous=NORMAL:
- * the applied index is written in the same transaction as the effects, so a
- * crash loses a suffix of applications that Raft replays from raft.db (which
- * is compacted only up to a snapshot, and a snapshot is written with a full
- * sync).
+ * Entries: a NORMAL entry whose payload is an fsm op (it starts with the op
+ * format version byte, never 0) goes to fsm_apply_entries(), which skips a
+ * (client_id, seq) that is not above the session table's. A NORMAL entry
+ * with an empty payload or one starting with byte 0 is a probe (cluster
+ * `probe`, pickboxctl bench): a counted no-op on every node (only the
+ * applied index moves, no session). NOOP and CONF entries likewise.
  *
- * Snapshots: sm_snapshot_take() serializes the state (applied index, term,
- * sessions) into a blob kept in memory and in state.db, from which chunks
- * are served to lagging peers; sm_snapshot_install() replaces the state with
- * a received blob (validated: it comes from the network).
+ * The tree: sm_open() opens the data directory (fsm_tree_open), marking it
+ * (fsm_tree_init) only when state.db is fresh. An existing node whose tree
+ * lost its `.pickbox/` marker (unmounted, replaced) does not apply: every
+ * sm_apply() fails with -ENOMEDIUM (the driver reports a storage error and
+ * retries with backoff), so nothing is replicated into or out of a tree that
+ * is not the one state.db describes; when the marker is back it resumes
+ * (after fsm_apply_repair()). sm_tree_error() says why.
+ *
+ * Snapshots: sm_snapshot_take() reads statedb's snapshot stream (the
+ * replicated tables at the applied index) into a blob
+ * ("PBS2", u64 index, u64 term, stream) kept in memory and in
+ * <state_dir>/snapshot.pbs (full sync); sm_snapshot_install() validates and
+ * installs a received blob through statedb_install_*() and repairs the tree.
+ *
+ * The observer (the replica, replica.h) sees the node's own entries: before
+ * (ahead of the batch's transaction: the moment to fsm_apply_record_local(),
+ * doc/fsm.md step 3) and after (with the result).
  *
  * Threading: one thread (the event loop). Errors: 0 or a negative errno.
  */
@@ -26,61 +38,59 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "fsm/apply.h"
 #include "lib/error.h"
 
 struct raft_entry;
 struct sm;
 
-#define SM_DB_NAME "state.db"
+#define SM_DB_NAME   "state.db"
+#define SM_SNAP_NAME "snapshot.pbs"
 
 /* Called for each client entry applied for the first time (not for a
- * duplicate (client_id, seq), which is skipped). */
+ * duplicate (client_id, seq) of an fsm op, which is skipped; probes are
+ * no-ops and reported every time). */
 typedef void (*sm_applied_fn)(void *arg, const struct raft_entry *e);
 
-/* Where the application's state machine (the file tree, src/fsm) plugs in.
- * Without hooks NORMAL entries are no-op probes. db is state.db's
- * connection: the hooks may create and use their own tables in it; apply
- * and snapshot_read run inside sm's transaction (never BEGIN/COMMIT). Every
- * function returns 0 or a negative errno, which aborts (rolls back) the
- * whole batch or install. */
-struct sqlite3;
-struct buf;
-struct sm_hooks {
+/* Watches the entries of one client id (the node's own proposals). */
+struct sm_observer {
     void *arg;
-    /* A NORMAL entry applied for the first time (at e->index). */
-    int (*apply)(void *arg, struct sqlite3 *db, const struct raft_entry *e);
-    /* Appends the application's state to b (nothing writes state.db
-     * meanwhile: the view is consistent). */
-    int (*snapshot_write)(void *arg, struct sqlite3 *db, struct buf *b);
-    /* Replaces the application's state with p[0..len) from snapshot_write
-     * (untrusted bytes: validate). */
-    int (*snapshot_read)(void *arg, struct sqlite3 *db, const uint8_t *p, size_t len);
+    uint64_t client_id;
+    /* An own op entry about to be applied (after older ones are durable). */
+    void (*before)(void *arg, const struct raft_entry *e);
+    /* An own op entry applied (r: its result; DUPLICATE: not applied). */
+    void (*after)(void *arg, const struct raft_entry *e, const struct fsm_apply_result *r);
+    /* Every batch of entries, before anything of it is applied and after
+     * (res[i]: entry e[i]'s result; NULL when the batch failed). Any may be
+     * NULL. */
+    void (*batch_before)(void *arg, const struct raft_entry *e, size_t n);
+    void (*batch_after)(void *arg, const struct raft_entry *e, size_t n,
+                        const struct fsm_apply_result *res);
 };
 
-/* Installs hooks (copied; NULL removes them). Call before applying. */
-void sm_set_hooks(struct sm *sm, const struct sm_hooks *hooks);
-
-/* Opens (creating) dir/state.db. *out is freed with sm_close(). */
-int sm_open(struct sm **out, const char *dir, struct pb_error *err);
+/* Opens (creating) state_dir/state.db and the tree at data_dir. *out is
+ * freed with sm_close(). A tree without its marker on an existing node is
+ * not an error here (see above). */
+int sm_open(struct sm **out, const char *state_dir, const char *data_dir, struct pb_error *err);
 void sm_close(struct sm *sm);
+
+/* Installs (copied) or removes (NULL) the observer. */
+void sm_set_observer(struct sm *sm, const struct sm_observer *obs);
 
 /* Index of the last applied entry (0 = none). */
 uint64_t sm_applied(const struct sm *sm);
-/* Number of client sessions. */
-size_t sm_sessions(const struct sm *sm);
 /* Highest seq applied for client_id (0 = none). */
 uint64_t sm_session_seq(const struct sm *sm, uint64_t client_id);
 
 /* Applies n committed entries (contiguous, starting at applied + 1; entries
- * at or below the applied index are ignored) in one transaction; cb (may be
- * NULL) is called for each first-time client entry after the commit. On an
- * error nothing is applied (in memory either). */
+ * at or below the applied index are ignored) in one state.db transaction,
+ * then materializes them; cb (may be NULL) is called for each first-time
+ * client entry after the commit. On an error nothing is applied. */
 int sm_apply(struct sm *sm, const struct raft_entry *e, size_t n, sm_applied_fn cb, void *arg,
              struct pb_error *err);
 
-/* Serializes the state at the applied index (whose term the caller passes)
- * and keeps it as the current snapshot, durably (full sync). *size gets its
- * length. */
+/* Takes a snapshot at the applied index (whose term the caller passes; it
+ * must be state.db's) and keeps it as the current one, durably. */
 int sm_snapshot_take(struct sm *sm, uint64_t term, uint64_t *size, struct pb_error *err);
 
 /* The current snapshot's index (0 = none) and bytes (owned by sm, valid
@@ -88,10 +98,22 @@ int sm_snapshot_take(struct sm *sm, uint64_t term, uint64_t *size, struct pb_err
 uint64_t sm_snapshot_index(const struct sm *sm);
 const uint8_t *sm_snapshot_data(const struct sm *sm, size_t *len);
 
-/* Replaces the whole state with the snapshot blob data (received at index,
- * term), durably, and keeps it as the current snapshot. -EINVAL when the
- * blob is malformed or does not say index/term. */
+/* Replaces the replicated state with the blob (received at index, term),
+ * durably, repairs the tree and keeps the blob as the current snapshot.
+ * -EINVAL when the blob is malformed or does not say index/term. */
 int sm_snapshot_install(struct sm *sm, uint64_t index, uint64_t term, const uint8_t *data,
                         size_t len, struct pb_error *err);
+
+/* The tree side, for the replica (borrowed; NULL while the tree is in
+ * error). */
+struct statedb *sm_statedb(struct sm *sm);
+struct fsm_tree *sm_tree(struct sm *sm);
+struct fsm_apply *sm_fsm(struct sm *sm);
+/* Why the tree is not replicated (static until the next call), or NULL. */
+const char *sm_tree_error(const struct sm *sm);
+/* Brings the tree up to state.db (fsm_apply_repair); logs what it did. */
+int sm_repair(struct sm *sm);
+/* Tree materialization errors and conflicts seen since open. */
+uint64_t sm_tree_failures(const struct sm *sm);
 
 #endif

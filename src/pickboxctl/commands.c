@@ -133,6 +133,23 @@ static const struct pbctl_field_spec transfer_view[] = {
         {NULL, NULL, NULL, NULL},
 };
 
+static const struct pbctl_field_spec sync_view[] = {
+        {"index", "synced to index", NULL, NULL},
+        {NULL, NULL, NULL, NULL},
+};
+
+static const struct pbctl_field_spec conflict_columns[] = {
+        {"path", "path", NULL, NULL},
+        {"node", "node", NULL, NULL},
+        {"index", "index", NULL, NULL},
+        {NULL, NULL, NULL, NULL},
+};
+
+static const struct pbctl_field_spec conflicts_view[] = {
+        {"conflicts", NULL, NULL, conflict_columns},
+        {NULL, NULL, NULL, NULL},
+};
+
 const struct pbctl_command pbctl_commands[] = {
         {
                 .name = "status",
@@ -197,6 +214,19 @@ const struct pbctl_command pbctl_commands[] = {
                 .help = "measure commits/s and latency with concurrent probes",
                 .opts = PBCTL_OPT_SIZE | PBCTL_OPT_CONCURRENCY | PBCTL_OPT_DURATION,
                 .run = pbctl_bench_command,
+        },
+        {
+                .name = "sync",
+                .method = "sync",
+                .help = "wait until every reachable node has applied what is committed now "
+                        "(-t bounds the wait)",
+                .view = sync_view,
+        },
+        {
+                .name = "conflicts",
+                .method = "conflicts",
+                .help = "list the conflict copies in the tree (path, node, index)",
+                .view = conflicts_view,
         },
         {.name = NULL},
 };

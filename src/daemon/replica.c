@@ -1,0 +1,1127 @@
+/*
+ * replica.c: watcher candidates -> fsm ops -> proposals, and the node's own
+ * entries as they apply (see replica.h and doc/fsm.md "Pending local
+ * edits").
+ */
+#include <config.h>
+
+#include "daemon/replica.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+
+#include "ctl/ctl.h"
+#include "daemon/cluster.h"
+#include "daemon/config.h"
+#include "daemon/sm.h"
+#include "fsm/op.h"
+#include "fsm/propose.h"
+#include "fsm/tree.h"
+#include "lib/buf.h"
+#include "lib/log.h"
+#include "lib/util.h"
+#include "raft/raft.h"
+#include "store/statedb.h"
+#include "watch/watch.h"
+
+#define REPLICA_TICK_MS           20
+#define REPLICA_RETRY_LEADER_MS   3000
+#define REPLICA_RETRY_FOLLOWER_MS 1000
+#define REPLICA_MAX_INFLIGHT      256
+/* Bytes of our entries in flight (at least one entry): a follower forwards
+ * its proposals through a bounded peer queue (16 MiB), and a CHUNKS entry
+ * dropped there while its PUT gets through fails the PUT. */
+#define REPLICA_INFLIGHT_BYTES (10u * 1024u * 1024u)
+/* An entry this large travels in the peer transport's bulk class, which a
+ * later small (control class) message overtakes: a big entry of ours is
+ * always alone in flight, or a later seq could commit first and the
+ * session table would then skip the big one. */
+#define REPLICA_BIG_ENTRY (200u * 1024u)
+/* An entry must travel in one peer message (NET_MSG_MAX, 16 MiB, with the
+ * Raft message around it): a larger one would stall replication. */
+#define REPLICA_ENTRY_MAX (12u * 1024u * 1024u)
+
+/* One proposal of ours, until its entry applies. */
+struct rprop {
+    struct rprop *next;
+    uint64_t seq;
+    enum fsm_op_type type;
+    char *path;              /* NULL for CHUNKS */
+    char *from;              /* RENAME: the source */
+    struct fsm_tree_stat st; /* what the tree held at path when proposed */
+    bool has_st;
+    uint8_t *data;
+    size_t len;
+    bool proposed;
+    uint64_t retry_at_ms;
+};
+
+/* A path to look at again (its own proposal was busy, lost or unreadable). */
+struct rdirty {
+    struct rdirty *next;
+    char *path;
+    bool carry_all;
+};
+
+/* A `sync` request waiting. */
+struct rsync {
+    struct rsync *next;
+    struct ctl_request *req;
+    uint64_t target;
+    uint64_t deadline_ms;
+};
+
+struct replica {
+    const struct pb_config *cfg;
+    struct event_base *base;
+    struct cluster *c;
+    struct watch *w;
+    struct event *tick;
+    uint64_t client_id;
+    uint64_t next_seq;
+    struct rprop *head, *tail;
+    size_t n_props;
+    size_t n_inflight;
+    size_t inflight_bytes;
+    size_t inflight_big;
+    struct rdirty *dirty;
+    bool tree_was_bad;
+    char leader[80];
+    /* full rescan bookkeeping */
+    bool scanning;
+    char *scan_root;
+    char **seen;
+    size_t n_seen, cap_seen;
+    bool carry_all; /* while building: every chunk travels */
+    /* paths held from the watcher (watch_suppress_begin) during a batch */
+    char **held;
+    size_t n_held, cap_held;
+    char **moves; /* from, to pairs of others' renames in the batch */
+    uint64_t *move_idx;
+    size_t n_moves, cap_moves;
+    struct rsync *syncs;
+    struct sm *last_sm; /* a join discards and reopens the state machine */
+    uint64_t proposed, applied, lost, skipped;
+    char last_error[256];
+};
+
+static void sync_check(struct replica *r, uint64_t now);
+
+static struct sm *replica_sm(struct replica *r)
+{
+    return cluster_sm(r->c);
+}
+
+static void replica_error(struct replica *r, const char *fmt, ...) PB_PRINTF(2, 3);
+
+static void replica_error(struct replica *r, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(r->last_error, sizeof(r->last_error), fmt, ap);
+    va_end(ap);
+    log_warning("%s", r->last_error);
+}
+
+/* ---- bookkeeping ---- */
+
+static bool prop_touches(const struct rprop *p, const char *path)
+{
+    return (p->path != NULL && strcmp(p->path, path) == 0) ||
+           (p->from != NULL && strcmp(p->from, path) == 0);
+}
+
+static bool path_busy(const struct replica *r, const char *path)
+{
+    for (const struct rprop *p = r->head; p != NULL; p = p->next) {
+        if (prop_touches(p, path))
+            return true;
+    }
+    return false;
+}
+
+static void mark_dirty(struct replica *r, const char *path, bool carry_all)
+{
+    for (struct rdirty *d = r->dirty; d != NULL; d = d->next) {
+        if (strcmp(d->path, path) == 0) {
+            d->carry_all |= carry_all;
+            return;
+        }
+    }
+    struct rdirty *d = pb_xcalloc(1, sizeof(*d));
+    d->path = pb_xstrdup(path);
+    d->carry_all = carry_all;
+    d->next = r->dirty;
+    r->dirty = d;
+}
+
+static void prop_free(struct rprop *p)
+{
+    free(p->path);
+    free(p->from);
+    free(p->data);
+    free(p);
+}
+
+static void prop_unlink(struct replica *r, struct rprop *p)
+{
+    struct rprop **pp = &r->head, *prev = NULL;
+    while (*pp != NULL && *pp != p) {
+        prev = *pp;
+        pp = &(*pp)->next;
+    }
+    if (*pp == NULL)
+        return;
+    *pp = p->next;
+    if (r->tail == p)
+        r->tail = prev;
+    r->n_props--;
+    if (p->proposed && r->n_inflight > 0) {
+        r->n_inflight--;
+        r->inflight_bytes -= p->len <= r->inflight_bytes ? p->len : r->inflight_bytes;
+        if (p->len > REPLICA_BIG_ENTRY && r->inflight_big > 0)
+            r->inflight_big--;
+    }
+}
+
+/* Encodes op and queues it with the next seq. */
+static int queue_op(struct replica *r, const struct fsm_op *op, const struct fsm_tree_stat *st,
+                    const char *from)
+{
+    struct pb_error err;
+    pb_error_clear(&err);
+    if (fsm_op_validate(op, &err) < 0) {
+        replica_error(r, "not proposing %s %s: %s", fsm_op_type_name(op->type),
+                      op->path ? op->path : "", err.msg);
+        return -EINVAL;
+    }
+    struct buf b = BUF_INIT;
+    int rc = fsm_op_encode(op, &b);
+    if (rc < 0) {
+        buf_free(&b);
+        replica_error(r, "cannot encode %s %s: %s", fsm_op_type_name(op->type),
+                      op->path ? op->path : "", strerror(-rc));
+        return rc;
+    }
+    if (b.len > REPLICA_ENTRY_MAX) {
+        replica_error(r, "not proposing %s %s: its entry would be %zu bytes (at most %u)",
+                      fsm_op_type_name(op->type), op->path ? op->path : "(chunks)", b.len,
+                      REPLICA_ENTRY_MAX);
+        buf_free(&b);
+        return -EMSGSIZE;
+    }
+    struct rprop *p = pb_xcalloc(1, sizeof(*p));
+    p->seq = r->next_seq++;
+    p->type = op->type;
+    p->path = op->path ? pb_xstrdup(op->path) : NULL;
+    p->from = from ? pb_xstrdup(from) : NULL;
+    if (st != NULL) {
+        p->st = *st;
+        p->has_st = true;
+    }
+    p->data = buf_steal(&b, &p->len);
+    if (r->tail)
+        r->tail->next = p;
+    else
+        r->head = p;
+    r->tail = p;
+    r->n_props++;
+    log_debug("queued %s %s (seq %" PRIu64 ", %zu bytes)", fsm_op_type_name(op->type),
+              op->path ? op->path : "(chunks)", p->seq, p->len);
+    return 0;
+}
+
+/* ---- building ops ---- */
+
+static uint64_t row_version(struct replica *r, const char *path, struct statedb_row *row)
+{
+    struct statedb_row tmp;
+    if (row == NULL)
+        row = &tmp;
+    if (statedb_row_get(sm_statedb(replica_sm(r)), path, row, NULL) < 0) {
+        memset(row, 0, sizeof(*row));
+        return 0;
+    }
+    return row->version;
+}
+
+static void record_of(struct replica *r, const char *path, struct fsm_tree_stat *st)
+{
+    struct statedb_disk d;
+    memset(st, 0, sizeof(*st));
+    if (statedb_disk_get(sm_statedb(replica_sm(r)), path, &d) < 0 || d.kind == 0)
+        return;
+    st->kind = (enum fsm_kind)d.kind;
+    st->mode = d.mode;
+    st->size = d.size;
+    st->mtime_ns = d.mtime_ns;
+    st->ino = d.ino;
+}
+
+struct emit_ctx {
+    struct replica *r;
+    struct fsm_tree_stat st;
+};
+
+/* fsm_propose_put passes the same arg to lacks and emit. */
+static int lacks_chunk(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN])
+{
+    struct emit_ctx *x = arg;
+    struct replica *r = x->r;
+    if (r->carry_all)
+        return 1;
+    int rc = statedb_chunk_has(sm_statedb(replica_sm(r)), id);
+    return rc < 0 ? rc : !rc;
+}
+
+/* Bytes of chunk data per entry: fsm_propose_put carries up to
+ * FSM_PROPOSE_CARRY_MAX (16 MiB) per op, more than one peer message holds,
+ * so carried bytes are re-cut here into CHUNKS ops of at most this much. */
+#define REPLICA_CARRY_MAX (8u * 1024u * 1024u)
+
+static int emit_op(void *arg, const struct fsm_op *op)
+{
+    struct emit_ctx *x = arg;
+    const struct fsm_chunk_data *data = NULL;
+    uint32_t n_data = 0;
+    if (op->type == FSM_OP_CHUNKS) {
+        data = op->u.chunks.data;
+        n_data = op->u.chunks.n_data;
+    } else if (op->type == FSM_OP_PUT) {
+        data = op->u.put.data;
+        n_data = op->u.put.n_data;
+    }
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < n_data; i++)
+        total += data[i].len;
+    /* The PUT comes last; its stat is filled by fsm_propose_put after the
+     * read, so it is recorded by the caller. */
+    if (total <= REPLICA_CARRY_MAX)
+        return queue_op(x->r, op, NULL, NULL);
+    /* Shallow ops over the same bytes (owned by op, never freed here). */
+    for (uint32_t i = 0; i < n_data;) {
+        uint32_t k = 0;
+        uint64_t bytes = 0;
+        while (i + k < n_data && (k == 0 || bytes + data[i + k].len <= REPLICA_CARRY_MAX))
+            bytes += data[i + k++].len;
+        struct fsm_op c;
+        fsm_op_init(&c);
+        c.type = FSM_OP_CHUNKS;
+        c.origin = op->origin;
+        c.u.chunks.data = (struct fsm_chunk_data *)(uintptr_t)(data + i);
+        c.u.chunks.n_data = k;
+        int rc = queue_op(x->r, &c, NULL, NULL);
+        if (rc < 0)
+            return rc;
+        i += k;
+    }
+    if (op->type != FSM_OP_PUT)
+        return 0;
+    struct fsm_op put = *op;
+    put.u.put.data = NULL;
+    put.u.put.n_data = 0;
+    return queue_op(x->r, &put, NULL, NULL);
+}
+
+static void op_start(struct fsm_op *op, struct replica *r, enum fsm_op_type type, const char *path)
+{
+    fsm_op_init(op);
+    op->type = type;
+    op->origin = pb_xstrdup(r->cfg->node_id);
+    op->path = pb_xstrdup(path);
+    op->base = row_version(r, path, NULL);
+}
+
+static bool read_target(struct replica *r, const char *path, char *buf, size_t len)
+{
+    char *full = pb_xasprintf("%s/%s", r->cfg->data_dir, path);
+    ssize_t n = readlink(full, buf, len - 1);
+    free(full);
+    if (n <= 0)
+        return false;
+    buf[n] = '\0';
+    return true;
+}
+
+struct below_ctx {
+    const char *dir;
+    size_t len;
+    char **paths;
+    size_t n, cap;
+};
+
+static int below_row(void *arg, const char *path, const struct statedb_row *row)
+{
+    struct below_ctx *b = arg;
+    if (row->deleted || strncmp(path, b->dir, b->len) != 0 || path[b->len] != '/')
+        return 0;
+    if (b->n == b->cap) {
+        b->cap = b->cap ? b->cap * 2 : 32;
+        b->paths = pb_xreallocarray(b->paths, b->cap, sizeof(*b->paths));
+    }
+    b->paths[b->n++] = pb_xstrdup(path);
+    return 0;
+}
+
+static void replica_check(struct replica *r, const char *path, bool carry_all);
+
+/* A directory vanished with its subtree: its entries go first, deepest
+ * first (reverse byte order puts "a/b/c" before "a/b"). */
+static void delete_below(struct replica *r, const char *dir)
+{
+    struct below_ctx b = {.dir = dir, .len = strlen(dir)};
+    statedb_row_foreach(sm_statedb(replica_sm(r)), below_row, &b);
+    for (size_t i = b.n; i-- > 0;) {
+        replica_check(r, b.paths[i], false);
+        free(b.paths[i]);
+    }
+    free(b.paths);
+}
+
+/*
+ * Looks at path on disk and proposes what differs from the node's record
+ * (nothing when they match: our own writes, or an op already in flight).
+ */
+static void replica_check(struct replica *r, const char *path, bool carry_all)
+{
+    struct sm *sm = replica_sm(r);
+    struct fsm_tree *t = sm ? sm_tree(sm) : NULL;
+    if (t == NULL || !fsm_path_valid(path))
+        return;
+    if (fsm_tree_check_marker(t) < 0) {
+        /* unmounted or replaced under us: what the watcher sees now is not
+         * the tree state.db describes; propose nothing (sm stops applying) */
+        if (!r->tree_was_bad)
+            log_err("the tree %s has lost its .pickbox marker: not proposing changes",
+                    r->cfg->data_dir);
+        r->tree_was_bad = true;
+        return;
+    }
+    if (path_busy(r, path)) {
+        log_debug("%s: own proposal in flight: later", path);
+        mark_dirty(r, path, carry_all);
+        return;
+    }
+    struct fsm_tree_stat now, rec;
+    int rc = fsm_tree_lstat(t, path, &now);
+    if (rc == -ENOENT || rc == -ENOTDIR) {
+        memset(&now, 0, sizeof(now));
+        rc = 0;
+    }
+    if (rc < 0) {
+        log_debug("%s: %s (not proposed)", path, strerror(-rc));
+        return;
+    }
+    record_of(r, path, &rec);
+    if (!carry_all && fsm_tree_stat_matches(&rec, &now)) {
+        log_debug("%s: as recorded (kind %d size %" PRIu64 " ino %" PRIu64 "): no op", path,
+                  (int)now.kind, now.size, now.ino);
+        return; /* what we wrote or already proposed and committed */
+    }
+    struct fsm_op op;
+    switch (now.kind) {
+    case FSM_KIND_FILE: {
+        struct emit_ctx x = {.r = r};
+        r->carry_all = carry_all;
+        size_t before = r->n_props;
+        rc = fsm_propose_put(t, path, r->cfg->node_id, row_version(r, path, NULL), lacks_chunk,
+                             emit_op, &x, &x.st);
+        r->carry_all = false;
+        if (rc == -EAGAIN) {
+            mark_dirty(r, path, carry_all); /* changing while read: later */
+            return;
+        }
+        if (rc < 0) {
+            replica_error(r, "cannot propose %s: %s", path, strerror(-rc));
+            return;
+        }
+        if (r->n_props > before && r->tail != NULL && r->tail->type == FSM_OP_PUT) {
+            r->tail->st = x.st;
+            r->tail->has_st = true;
+        }
+        return;
+    }
+    case FSM_KIND_DIR: {
+        struct statedb_row row;
+        uint64_t v = row_version(r, path, &row);
+        if (v != 0 && !row.deleted && row.kind == FSM_KIND_DIR && rec.kind == FSM_KIND_DIR &&
+            rec.ino == now.ino) {
+            if ((row.mode & 0777) == (now.mode & 0777))
+                return;
+            op_start(&op, r, FSM_OP_SETATTR, path);
+            op.u.setattr.fields = FSM_ATTR_MODE;
+            op.u.setattr.mode = now.mode & 07777;
+        } else {
+            op_start(&op, r, FSM_OP_MKDIR, path);
+            op.u.mkdir.mode = now.mode & 07777;
+            op.u.mkdir.mtime_ns = now.mtime_ns;
+        }
+        queue_op(r, &op, &now, NULL);
+        fsm_op_free(&op);
+        return;
+    }
+    case FSM_KIND_SYMLINK: {
+        char target[FSM_PATH_MAX + 1];
+        if (!read_target(r, path, target, sizeof(target)))
+            return;
+        op_start(&op, r, FSM_OP_SYMLINK, path);
+        op.u.symlink.target = pb_xstrdup(target);
+        op.u.symlink.mtime_ns = now.mtime_ns;
+        queue_op(r, &op, &now, NULL);
+        fsm_op_free(&op);
+        return;
+    }
+    case FSM_KIND_NONE: {
+        if (rec.kind == FSM_KIND_NONE)
+            return; /* we never had it here: nothing to delete */
+        struct statedb_row row;
+        uint64_t v = row_version(r, path, &row);
+        if (v == 0 || row.deleted)
+            return;
+        if (row.kind == FSM_KIND_DIR)
+            delete_below(r, path); /* the watcher says: the whole subtree is gone */
+        op_start(&op, r, FSM_OP_DELETE, path);
+        op.u.del.is_dir = row.kind == FSM_KIND_DIR;
+        queue_op(r, &op, &now, NULL);
+        fsm_op_free(&op);
+        return;
+    }
+    default:
+        r->skipped++;
+        log_info("%s: not a regular file, directory or symlink: not replicated", path);
+        return;
+    }
+}
+
+static void replica_rename(struct replica *r, const char *from, const char *to)
+{
+    struct sm *sm = replica_sm(r);
+    struct fsm_tree *t = sm ? sm_tree(sm) : NULL;
+    if (t == NULL)
+        return;
+    if (!fsm_path_valid(from) || !fsm_path_valid(to)) {
+        replica_check(r, to, false);
+        return;
+    }
+    struct fsm_tree_stat rec, now;
+    record_of(r, from, &rec);
+    struct statedb_row row;
+    uint64_t v = row_version(r, from, &row);
+    if (path_busy(r, from) || path_busy(r, to) || rec.kind == FSM_KIND_NONE || v == 0 ||
+        row.deleted || fsm_tree_lstat(t, to, &now) < 0 || now.kind == FSM_KIND_NONE) {
+        /* Not something we can move in the index as is: look at both ends. */
+        replica_check(r, from, false);
+        replica_check(r, to, false);
+        return;
+    }
+    struct fsm_op op;
+    op_start(&op, r, FSM_OP_RENAME, from);
+    op.u.rename.to = pb_xstrdup(to);
+    op.u.rename.base_to = row_version(r, to, NULL);
+    queue_op(r, &op, &now, from);
+    /* the proposal is about `to` (stat), moving from */
+    if (r->tail != NULL && r->tail->type == FSM_OP_RENAME) {
+        free(r->tail->path);
+        r->tail->path = pb_xstrdup(to);
+    }
+    fsm_op_free(&op);
+}
+
+/* ---- full rescans: what was recorded and is gone ---- */
+
+static void seen_add(struct replica *r, const char *path)
+{
+    if (r->n_seen == r->cap_seen) {
+        r->cap_seen = r->cap_seen ? r->cap_seen * 2 : 256;
+        r->seen = pb_xreallocarray(r->seen, r->cap_seen, sizeof(*r->seen));
+    }
+    r->seen[r->n_seen++] = pb_xstrdup(path);
+}
+
+static void seen_clear(struct replica *r)
+{
+    for (size_t i = 0; i < r->n_seen; i++)
+        free(r->seen[i]);
+    free(r->seen);
+    r->seen = NULL;
+    r->n_seen = r->cap_seen = 0;
+    free(r->scan_root);
+    r->scan_root = NULL;
+    r->scanning = false;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+struct gone_ctx {
+    struct replica *r;
+    char **paths;
+    size_t n, cap;
+};
+
+static int gone_row(void *arg, const char *path, const struct statedb_row *row)
+{
+    struct gone_ctx *g = arg;
+    struct replica *r = g->r;
+    if (row->deleted)
+        return 0;
+    size_t lr = strlen(r->scan_root);
+    if (lr > 0 && (strncmp(path, r->scan_root, lr) != 0 || (path[lr] != '\0' && path[lr] != '/')))
+        return 0;
+    const char *key = path;
+    if (r->n_seen > 0 && bsearch(&key, r->seen, r->n_seen, sizeof(*r->seen), cmp_str) != NULL)
+        return 0;
+    if (g->n == g->cap) {
+        g->cap = g->cap ? g->cap * 2 : 64;
+        g->paths = pb_xreallocarray(g->paths, g->cap, sizeof(*g->paths));
+    }
+    g->paths[g->n++] = pb_xstrdup(path);
+    return 0;
+}
+
+static void rescan_end(struct replica *r)
+{
+    if (r->n_seen > 0)
+        qsort(r->seen, r->n_seen, sizeof(*r->seen), cmp_str);
+    struct gone_ctx g = {.r = r};
+    statedb_row_foreach(sm_statedb(replica_sm(r)), gone_row, &g);
+    /* Children first (reverse byte order), so a gone directory's entries
+     * are deleted before it. */
+    for (size_t i = g.n; i-- > 0;) {
+        replica_check(r, g.paths[i], false);
+        free(g.paths[i]);
+    }
+    free(g.paths);
+    seen_clear(r);
+}
+
+/* ---- the watcher ---- */
+
+static void on_change(const struct watch_change *ch, void *arg)
+{
+    struct replica *r = arg;
+    struct sm *sm = replica_sm(r);
+    if (sm == NULL || sm_tree(sm) == NULL) {
+        r->tree_was_bad = true;
+        return;
+    }
+    log_debug("candidate %d %s%s%s", (int)ch->kind, ch->from ? ch->from : "",
+              ch->from ? " -> " : "", ch->path ? ch->path : "");
+    switch (ch->kind) {
+    case WATCH_RESCAN_BEGIN:
+        seen_clear(r);
+        r->scanning = true;
+        r->scan_root = pb_xstrdup(ch->path ? ch->path : "");
+        return;
+    case WATCH_RESCAN_END:
+        if (r->scanning)
+            rescan_end(r);
+        return;
+    default:
+        break;
+    }
+    if (ch->rescan && r->scanning)
+        seen_add(r, ch->path);
+    switch (ch->kind) {
+    case WATCH_UPSERT_FILE:
+    case WATCH_ATTR:
+        if (ch->st.type == WATCH_TYPE_FILE && ch->st.nlink > 1) {
+            r->skipped++;
+            log_info("%s: has %" PRIu64 " hard links: not replicated", ch->path, ch->st.nlink);
+            return;
+        }
+        replica_check(r, ch->path, false);
+        return;
+    case WATCH_MKDIR:
+    case WATCH_SYMLINK:
+    case WATCH_REMOVE:
+        replica_check(r, ch->path, false);
+        return;
+    case WATCH_RENAME:
+        replica_rename(r, ch->from, ch->path);
+        return;
+    case WATCH_UNSUPPORTED:
+        r->skipped++;
+        log_info("%s: a device, FIFO or socket: not replicated", ch->path);
+        return;
+    default:
+        return;
+    }
+}
+
+/* ---- own entries applying (sm observer) ---- */
+
+static struct rprop *prop_by_seq(struct replica *r, uint64_t seq)
+{
+    for (struct rprop *p = r->head; p != NULL; p = p->next) {
+        if (p->seq == seq)
+            return p;
+    }
+    return NULL;
+}
+
+static void obs_before(void *arg, const struct raft_entry *e)
+{
+    struct replica *r = arg;
+    struct rprop *p = prop_by_seq(r, e->seq);
+    struct sm *sm = replica_sm(r);
+    if (p == NULL || p->path == NULL || sm_tree(sm) == NULL)
+        return;
+    if (p->type == FSM_OP_RENAME && p->from != NULL) {
+        /* The tree already did the move: move the records with it, so the
+         * applied MOVE finds them where the entries are. */
+        statedb_disk_move(sm_statedb(sm), p->from, p->path);
+        return;
+    }
+    if (!p->has_st || p->type == FSM_OP_DELETE)
+        return;
+    struct fsm_tree_stat now;
+    if (fsm_tree_lstat(sm_tree(sm), p->path, &now) == 0 && fsm_tree_stat_matches(&p->st, &now))
+        fsm_apply_record_local(sm_fsm(sm), p->path, &p->st);
+}
+
+static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_apply_result *res)
+{
+    struct replica *r = arg;
+    struct rprop *p = prop_by_seq(r, e->seq);
+    if (p == NULL)
+        return;
+    /* Ours with a lower seq can never apply now (the session moved past
+     * them): look at their paths again. */
+    struct rprop *next;
+    for (struct rprop *q = r->head; q != NULL && q != p; q = next) {
+        next = q->next;
+        if (q->seq < p->seq) {
+            r->lost++;
+            prop_unlink(r, q);
+            if (q->path)
+                mark_dirty(r, q->path, false);
+            if (q->from)
+                mark_dirty(r, q->from, false);
+            prop_free(q);
+        }
+    }
+    log_debug("own seq %" PRIu64 " (%s %s) applied at %" PRIu64 ": status %d outcome %d", p->seq,
+              fsm_op_type_name(p->type), p->path ? p->path : "", e->index, (int)res->status,
+              (int)res->outcome);
+    prop_unlink(r, p);
+    r->applied++;
+    bool missing = res->status == FSM_APPLY_DONE && res->outcome == FSM_OUT_MISSING_CHUNKS;
+    if (missing)
+        log_info("%s: chunks were collected before the PUT applied: proposing again with them",
+                 p->path);
+    if (missing && p->path)
+        mark_dirty(r, p->path, true);
+    prop_free(p);
+}
+
+/* ---- holding the watcher while a batch writes the tree ---- */
+
+static void hold_path(struct replica *r, const char *path)
+{
+    if (!fsm_path_valid(path))
+        return;
+    /* the parents too: implicit directories are created for a path */
+    char *tmp = pb_xstrdup(path);
+    for (char *s = tmp;; s++) {
+        if (*s != '/' && *s != '\0')
+            continue;
+        char c = *s;
+        *s = '\0';
+        if (watch_suppress_begin(r->w, tmp) == 0) {
+            if (r->n_held == r->cap_held) {
+                r->cap_held = r->cap_held ? r->cap_held * 2 : 64;
+                r->held = pb_xreallocarray(r->held, r->cap_held, sizeof(*r->held));
+            }
+            r->held[r->n_held++] = pb_xstrdup(tmp);
+        }
+        *s = c;
+        if (c == '\0')
+            break;
+    }
+    free(tmp);
+}
+
+static void hold_op(struct replica *r, const struct fsm_op *op, uint64_t index, bool own)
+{
+    if (op->type == FSM_OP_BATCH) {
+        for (uint32_t i = 0; i < op->u.batch.n_ops; i++)
+            hold_op(r, &op->u.batch.ops[i], index, own);
+        return;
+    }
+    if (op->path == NULL)
+        return;
+    hold_path(r, op->path);
+    if (op->type == FSM_OP_RENAME) {
+        hold_path(r, op->u.rename.to);
+        if (!own) {
+            if (r->n_moves == r->cap_moves) {
+                r->cap_moves = r->cap_moves ? r->cap_moves * 2 : 8;
+                r->moves = pb_xreallocarray(r->moves, r->cap_moves * 2, sizeof(*r->moves));
+                r->move_idx = pb_xreallocarray(r->move_idx, r->cap_moves, sizeof(*r->move_idx));
+            }
+            r->moves[2 * r->n_moves] = pb_xstrdup(op->path);
+            r->moves[2 * r->n_moves + 1] = pb_xstrdup(op->u.rename.to);
+            r->move_idx[r->n_moves++] = index;
+        }
+    }
+}
+
+static void obs_batch_before(void *arg, const struct raft_entry *e, size_t n)
+{
+    struct replica *r = arg;
+    for (size_t i = 0; i < n; i++) {
+        if (e[i].type != RAFT_ENTRY_NORMAL || e[i].len < 2 || e[i].data == NULL ||
+            e[i].data[0] == 0 || e[i].data[1] == FSM_OP_CHUNKS)
+            continue; /* probes and chunk bytes touch no path */
+        struct fsm_op op;
+        if (fsm_op_decode(e[i].data, e[i].len, &op, NULL) < 0)
+            continue;
+        hold_op(r, &op, e[i].index, e[i].client_id == r->client_id);
+        fsm_op_free(&op);
+    }
+}
+
+static void lstat_watch(struct replica *r, const char *path, struct watch_stat *ws, bool *exists)
+{
+    char *full = pb_xasprintf("%s/%s", r->cfg->data_dir, path);
+    struct stat st;
+    *exists = lstat(full, &st) == 0;
+    if (*exists)
+        watch_stat_from_stat(ws, &st);
+    free(full);
+}
+
+static void obs_batch_after(void *arg, const struct raft_entry *e, size_t n,
+                            const struct fsm_apply_result *res)
+{
+    struct replica *r = arg;
+    /* Others' renames that moved something in our tree: the watcher moves
+     * its model (and watches) along. */
+    for (size_t k = 0; k < r->n_moves; k++) {
+        const char *from = r->moves[2 * k], *to = r->moves[2 * k + 1];
+        bool moved = false;
+        for (size_t i = 0; res != NULL && i < n; i++) {
+            if (e[i].index == r->move_idx[k])
+                moved = res[i].status == FSM_APPLY_DONE && res[i].outcome == FSM_OUT_APPLIED &&
+                        res[i].pending == 0 && res[i].tree_rc == 0;
+        }
+        struct watch_stat ws;
+        bool from_there, to_there;
+        lstat_watch(r, from, &ws, &from_there);
+        lstat_watch(r, to, &ws, &to_there);
+        if (moved && !from_there && to_there)
+            watch_suppress_rename(r->w, from, to);
+        free(r->moves[2 * k]);
+        free(r->moves[2 * k + 1]);
+    }
+    r->n_moves = 0;
+    /* Release in reverse (children before parents); what is there now is
+     * what the watcher "reported". A path whose disk differs from our
+     * record holds a local edit: look at it (the watcher will not). */
+    for (size_t i = r->n_held; i-- > 0;) {
+        struct watch_stat ws;
+        bool there;
+        lstat_watch(r, r->held[i], &ws, &there);
+        watch_suppress_end(r->w, r->held[i], there ? &ws : NULL);
+        mark_dirty(r, r->held[i], false);
+        free(r->held[i]);
+    }
+    r->n_held = 0;
+}
+
+static void set_observer(struct replica *r)
+{
+    struct sm *sm = replica_sm(r);
+    if (sm == NULL)
+        return;
+    struct sm_observer obs = {.arg = r,
+                              .client_id = r->client_id,
+                              .before = obs_before,
+                              .after = obs_after,
+                              .batch_before = obs_batch_before,
+                              .batch_after = obs_batch_after};
+    sm_set_observer(sm, &obs);
+}
+
+/* ---- proposing ---- */
+
+static void replica_propose_some(struct replica *r, uint64_t now)
+{
+    for (struct rprop *p = r->head; p != NULL; p = p->next) {
+        if (p->proposed && now < p->retry_at_ms)
+            continue;
+        if (!p->proposed && r->n_inflight > 0 &&
+            (r->n_inflight >= REPLICA_MAX_INFLIGHT || p->len > REPLICA_BIG_ENTRY ||
+             r->inflight_big > 0 || r->inflight_bytes + p->len > REPLICA_INFLIGHT_BYTES))
+            break;
+        uint64_t index = 0;
+        int rc = cluster_propose(r->c, r->client_id, p->seq, p->data, p->len, &index);
+        if (rc < 0) {
+            if (rc != -EBUSY && rc != -EAGAIN && rc != -ENOBUFS)
+                log_debug("propose seq %" PRIu64 ": %s", p->seq, strerror(-rc));
+            break; /* in order: the rest waits */
+        }
+        log_debug("proposed seq %" PRIu64 " (%zu bytes, index %" PRIu64 ", inflight %zu/%zu)",
+                  p->seq, p->len, index, r->n_inflight, r->inflight_big);
+        if (!p->proposed) {
+            r->n_inflight++;
+            r->inflight_bytes += p->len;
+            if (p->len > REPLICA_BIG_ENTRY)
+                r->inflight_big++;
+            r->proposed++;
+        }
+        p->proposed = true;
+        p->retry_at_ms = now + (index ? REPLICA_RETRY_LEADER_MS : REPLICA_RETRY_FOLLOWER_MS);
+    }
+}
+
+static void on_tick(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct replica *r = arg;
+    struct sm *sm = replica_sm(r);
+    set_observer(r);
+    if (r->syncs != NULL)
+        sync_check(r, pb_now_ms());
+    if (sm == NULL)
+        return;
+    if (sm_tree(sm) == NULL || fsm_tree_check_marker(sm_tree(sm)) < 0) {
+        r->tree_was_bad = true;
+        return;
+    }
+    if (r->tree_was_bad || sm != r->last_sm) {
+        /* the tree is back, or a new state machine (join): what the tree
+         * holds is compared with its records again */
+        r->tree_was_bad = false;
+        if (r->last_sm != NULL)
+            watch_rescan(r->w, "");
+        r->last_sm = sm;
+    }
+    /* A new leader: what was in flight may be lost, propose it again now. */
+    struct cluster_view v;
+    cluster_view(r->c, &v);
+    const char *leader = v.leader ? v.leader : "";
+    if (strcmp(leader, r->leader) != 0) {
+        snprintf(r->leader, sizeof(r->leader), "%s", leader);
+        for (struct rprop *p = r->head; p != NULL; p = p->next)
+            p->retry_at_ms = 0;
+    }
+    /* Paths to look at again, once nothing of ours is in flight on them. */
+    struct rdirty *d = r->dirty, *keep = NULL;
+    r->dirty = NULL;
+    while (d != NULL) {
+        struct rdirty *next = d->next;
+        if (path_busy(r, d->path)) {
+            d->next = keep;
+            keep = d;
+        } else {
+            replica_check(r, d->path, d->carry_all);
+            free(d->path);
+            free(d);
+        }
+        d = next;
+    }
+    while (keep != NULL) { /* back, merged with what the checks added */
+        struct rdirty *next = keep->next;
+        keep->next = r->dirty;
+        r->dirty = keep;
+        keep = next;
+    }
+    replica_propose_some(r, pb_now_ms());
+    sync_check(r, pb_now_ms());
+}
+
+/* ---- sync ---- */
+
+static bool sync_reached(struct replica *r, uint64_t target)
+{
+    struct cluster_view v;
+    cluster_view(r->c, &v);
+    if (v.applied < target)
+        return false;
+    if (strcmp(v.role, "leader") != 0)
+        return true; /* a follower sees only itself */
+    json_t *mj = cluster_members_json(r->c);
+    json_t *arr = json_object_get(mj, "members");
+    bool ok = true;
+    size_t i;
+    json_t *m;
+    json_array_foreach(arr, i, m)
+    {
+        if (json_is_true(json_object_get(m, "self")))
+            continue;
+        if (json_is_false(json_object_get(m, "reachable")))
+            continue; /* every reachable node */
+        json_t *mi = json_object_get(m, "match_index");
+        if (!json_is_integer(mi) || (uint64_t)json_integer_value(mi) < target)
+            ok = false;
+    }
+    json_decref(mj);
+    return ok;
+}
+
+static void sync_check(struct replica *r, uint64_t now)
+{
+    struct rsync **pp = &r->syncs;
+    while (*pp != NULL) {
+        struct rsync *q = *pp;
+        if (sync_reached(r, q->target)) {
+            ctl_reply_result(q->req, json_pack("{s:I}", "index", (json_int_t)q->target));
+        } else if (now >= q->deadline_ms) {
+            ctl_reply_error(q->req, CTL_ERR_TIMEOUT, NULL,
+                            "not every reachable node applied index %" PRIu64 " in time",
+                            q->target);
+        } else {
+            pp = &q->next;
+            continue;
+        }
+        *pp = q->next;
+        free(q);
+    }
+}
+
+void replica_sync(struct replica *r, struct ctl_request *req, unsigned timeout_ms)
+{
+    struct cluster_view v;
+    cluster_view(r->c, &v);
+    struct rsync *q = pb_xcalloc(1, sizeof(*q));
+    q->req = req;
+    q->target = v.commit;
+    q->deadline_ms = pb_now_ms() + timeout_ms;
+    q->next = r->syncs;
+    r->syncs = q;
+    sync_check(r, pb_now_ms());
+}
+
+/* ---- life cycle ---- */
+
+int replica_new(struct replica **out, const struct pb_config *cfg, struct event_base *base,
+                struct cluster *c, struct pb_error *err)
+{
+    *out = NULL;
+    struct replica *r = pb_xcalloc(1, sizeof(*r));
+    r->cfg = cfg;
+    r->base = base;
+    r->c = c;
+    r->client_id = cluster_id_self(c);
+    struct sm *sm = replica_sm(r);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t us = (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+    uint64_t last = sm ? sm_session_seq(sm, r->client_id) : 0;
+    r->next_seq = (us > last ? us : last) + 1;
+    set_observer(r);
+    r->last_sm = sm;
+    struct watch_options wo;
+    watch_options_init(&wo);
+    wo.ignore = (const char *const *)cfg->ignore;
+    wo.n_ignore = cfg->n_ignore;
+    r->w = watch_new(base, cfg->data_dir, &wo, on_change, r, err);
+    if (r->w == NULL) {
+        replica_free(r);
+        return err != NULL && err->code < 0 ? err->code : -EIO;
+    }
+    r->tick = event_new(base, -1, EV_PERSIST, on_tick, r);
+    struct timeval tv = {0, REPLICA_TICK_MS * 1000};
+    event_add(r->tick, &tv);
+    *out = r;
+    return 0;
+}
+
+void replica_free(struct replica *r)
+{
+    if (r == NULL)
+        return;
+    struct sm *sm = r->c ? cluster_sm(r->c) : NULL;
+    if (sm != NULL)
+        sm_set_observer(sm, NULL);
+    if (r->tick)
+        event_free(r->tick);
+    watch_free(r->w);
+    while (r->head != NULL) {
+        struct rprop *p = r->head;
+        r->head = p->next;
+        prop_free(p);
+    }
+    while (r->dirty != NULL) {
+        struct rdirty *d = r->dirty;
+        r->dirty = d->next;
+        free(d->path);
+        free(d);
+    }
+    seen_clear(r);
+    free(r->held);
+    free(r->moves);
+    free(r->move_idx);
+    while (r->syncs != NULL) {
+        struct rsync *q = r->syncs;
+        r->syncs = q->next;
+        ctl_reply_error(q->req, CTL_ERR_UNAVAILABLE, NULL, "the daemon is stopping");
+        free(q);
+    }
+    free(r);
+}
+
+size_t replica_pending(const struct replica *r)
+{
+    return r->n_props;
+}
+
+void replica_status_fill(struct replica *r, json_t *obj)
+{
+    struct sm *sm = replica_sm(r);
+    json_t *t = json_object();
+    struct statedb_status s;
+    memset(&s, 0, sizeof(s));
+    struct statedb_applied a;
+    memset(&a, 0, sizeof(a));
+    if (sm != NULL) {
+        statedb_status_get(sm_statedb(sm), FSM_KIND_FILE, FSM_KIND_DIR, &s);
+        statedb_applied_get(sm_statedb(sm), &a);
+    }
+    json_object_set_new(t, "files", json_integer((json_int_t)s.files));
+    json_object_set_new(t, "dirs", json_integer((json_int_t)s.dirs));
+    json_object_set_new(t, "bytes", json_integer((json_int_t)s.bytes));
+    json_object_set_new(t, "pending", json_integer((json_int_t)(r->n_props)));
+    json_object_set_new(t, "conflicts", json_integer((json_int_t)a.conflicts));
+    json_object_set_new(t, "proposed", json_integer((json_int_t)r->proposed));
+    json_object_set_new(t, "skipped", json_integer((json_int_t)r->skipped));
+    const char *te = sm ? sm_tree_error(sm) : NULL;
+    json_object_set_new(t, "tree_error", te ? json_string(te) : json_null());
+    json_object_set_new(t, "last_error",
+                        r->last_error[0] ? json_string(r->last_error) : json_null());
+    json_object_set_new(obj, "tree", t);
+}
+
+static int conflict_row(void *arg, const char *path, const struct statedb_row *row)
+{
+    json_t *arr = arg;
+    if (row->deleted || strstr(path, ".pickbox-conflict-") == NULL)
+        return 0;
+    json_array_append_new(arr, json_pack("{s:s,s:s,s:I}", "path", path, "node", row->origin,
+                                         "index", (json_int_t)row->content_version));
+    return 0;
+}
+
+json_t *replica_conflicts_json(struct replica *r)
+{
+    json_t *arr = json_array();
+    struct sm *sm = replica_sm(r);
+    if (sm != NULL)
+        statedb_row_foreach(sm_statedb(sm), conflict_row, arr);
+    return json_pack("{s:o}", "conflicts", arr);
+}

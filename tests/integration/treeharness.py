@@ -1,0 +1,111 @@
+"""treeharness: helpers for the tree replication tests (test_tree_*.py).
+
+Starts an N-node cluster with short Raft timeouts (n1 bootstraps, the others
+join through n1 with n1's secret), and polls trees and status with deadlines.
+"""
+
+import os
+import time
+
+from pbharness import HarnessError, wait_until
+
+FAST = ["--election-timeout-ms", "300", "--heartbeat-ms", "30"]
+
+
+def start_cluster(h, n, extra=(), env=None):
+    nodes = [h.start_daemon("n1", args=FAST + list(extra), env=env)]
+    wait_until(lambda: status(nodes[0]).get("role") == "leader", 10, what="n1 to lead")
+    secret = os.path.join(nodes[0].state_dir, "secret")
+    wait_until(lambda: os.path.exists(secret), 5, what="n1's secret")
+    for i in range(2, n + 1):
+        d = h.start_daemon("n%d" % i, args=FAST + list(extra) + [
+            "--join", "127.0.0.1:%d" % nodes[0].port, "--secret-file", secret], env=env)
+        nodes.append(d)
+    for d in nodes:
+        wait_until(lambda d=d: member_ok(d, n), 20, what="%s to be a member" % d.node_id)
+    return nodes
+
+
+def member_ok(d, n):
+    st = status(d)
+    ms = st.get("members", [])
+    return (not st.get("joining")) and len(ms) == n and all(m.get("voter") for m in ms) and \
+        st.get("leader_id") is not None
+
+
+def status(d):
+    try:
+        r = d.call("status", timeout=5)
+    except (OSError, HarnessError):
+        return {}
+    return r.get("result", {})
+
+
+def snapshot_tree(root):
+    """{relative path: ("f", bytes, mode) | ("d", mode) | ("l", target)}, without .pickbox."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        if rel_dir == ".":
+            rel_dir = ""
+        if rel_dir == "" and ".pickbox" in dirnames:
+            dirnames.remove(".pickbox")
+        for name in list(dirnames):
+            p = os.path.join(dirpath, name)
+            rel = os.path.join(rel_dir, name)
+            if os.path.islink(p):
+                out[rel] = ("l", os.readlink(p))
+                dirnames.remove(name)
+            else:
+                out[rel] = ("d", os.lstat(p).st_mode & 0o777)
+        for name in filenames:
+            if name.startswith(".pickbox.tmp."):
+                continue
+            p = os.path.join(dirpath, name)
+            rel = os.path.join(rel_dir, name)
+            if os.path.islink(p):
+                out[rel] = ("l", os.readlink(p))
+                continue
+            try:
+                with open(p, "rb") as f:
+                    out[rel] = ("f", f.read(), os.lstat(p).st_mode & 0o777)
+            except OSError:
+                pass
+    return out
+
+
+def trees_equal(nodes):
+    snaps = [snapshot_tree(d.data_dir) for d in nodes]
+    return all(s == snaps[0] for s in snaps[1:])
+
+
+def wait_converged(nodes, timeout=20, pred=None):
+    """Waits until every tree is identical (and pred(tree) holds); returns the tree."""
+    def check():
+        snaps = [snapshot_tree(d.data_dir) for d in nodes]
+        if not all(s == snaps[0] for s in snaps[1:]):
+            return None
+        if pred is not None and not pred(snaps[0]):
+            return None
+        return snaps[0] or True
+    t = wait_until(check, timeout, interval=0.05, what="the trees to converge")
+    return t if isinstance(t, dict) else {}
+
+
+def write(path, data, mode="w"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, mode) as f:
+        f.write(data)
+
+
+def tree_diff(nodes):
+    snaps = [snapshot_tree(d.data_dir) for d in nodes]
+    lines = []
+    keys = set()
+    for s in snaps:
+        keys |= set(s)
+    for k in sorted(keys):
+        vals = [s.get(k) for s in snaps]
+        if any(v != vals[0] for v in vals):
+            lines.append("%s: %r" % (k, vals))
+    return "\n".join(lines[:40])
