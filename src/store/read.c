@@ -152,25 +152,10 @@ static int store_load_locked(struct store *s, uint64_t lo, size_t max_bytes,
     if (rc != SQLITE_DONE)
         return store_sql_error(db, rc, err, "read snapshot");
 
-    rc = store_prepare(db,
-                       "SELECT MIN(idx), MAX(idx), (SELECT term FROM raft_log ORDER BY idx DESC "
-                       "LIMIT 1) FROM raft_log",
-                       &st, err);
+    rc = store_log_bounds(db, out->snapshot.last_index, out->snapshot.last_term, &out->first_index,
+                          &out->last_index, &out->last_term, err);
     if (rc < 0)
         return rc;
-    rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW && sqlite3_column_type(st, 0) != SQLITE_NULL) {
-        out->first_index = (uint64_t)sqlite3_column_int64(st, 0);
-        out->last_index = (uint64_t)sqlite3_column_int64(st, 1);
-        out->last_term = (uint64_t)sqlite3_column_int64(st, 2);
-    } else {
-        out->last_index = out->snapshot.last_index;
-        out->first_index = out->last_index + 1;
-        out->last_term = out->snapshot.last_term;
-    }
-    sqlite3_finalize(st);
-    if (rc != SQLITE_ROW)
-        return store_sql_error(db, rc, err, "read log bounds");
     return store_read_range(db, PB_MAX(lo, out->first_index), out->last_index, max_bytes,
                             &out->entries, err);
 }
@@ -309,4 +294,32 @@ out:
     sqlite3_finalize(st);
     store_read_end(s);
     return rc;
+}
+
+int store_log_bounds(sqlite3 *db, uint64_t snap_index, uint64_t snap_term, uint64_t *first,
+                     uint64_t *last, uint64_t *last_term, struct pb_error *err)
+{
+    sqlite3_stmt *st;
+    int rc =
+            store_prepare(db,
+                          "SELECT MIN(idx), MAX(idx), (SELECT term FROM raft_log ORDER BY idx DESC "
+                          "LIMIT 1) FROM raft_log",
+                          &st, err);
+    if (rc < 0)
+        return rc;
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW && sqlite3_column_type(st, 0) != SQLITE_NULL) {
+        *first = (uint64_t)sqlite3_column_int64(st, 0);
+        *last = (uint64_t)sqlite3_column_int64(st, 1);
+        *last_term = (uint64_t)sqlite3_column_int64(st, 2);
+    } else {
+        /* An empty log continues right after the snapshot (or from 1). */
+        *last = snap_index;
+        *first = snap_index + 1;
+        *last_term = snap_term;
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW)
+        return store_sql_error(db, rc, err, "read log bounds");
+    return 0;
 }

@@ -310,26 +310,8 @@ int store_load_wstate(sqlite3 *db, struct store_wstate *ws, struct pb_error *err
     if (rc != SQLITE_ROW && rc != SQLITE_DONE)
         return store_sql_error(db, rc, err, "read snapshot");
 
-    rc = store_prepare(db,
-                       "SELECT MIN(idx), MAX(idx), (SELECT term FROM raft_log ORDER BY idx DESC "
-                       "LIMIT 1) FROM raft_log",
-                       &st, err);
-    if (rc < 0)
-        return rc;
-    rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW && sqlite3_column_type(st, 0) != SQLITE_NULL) {
-        ws->first = (uint64_t)sqlite3_column_int64(st, 0);
-        ws->last = (uint64_t)sqlite3_column_int64(st, 1);
-        ws->last_term = (uint64_t)sqlite3_column_int64(st, 2);
-    } else {
-        ws->last = ws->snap_index;
-        ws->first = ws->last + 1;
-        ws->last_term = ws->snap_term;
-    }
-    sqlite3_finalize(st);
-    if (rc != SQLITE_ROW)
-        return store_sql_error(db, rc, err, "read log bounds");
-    return 0;
+    return store_log_bounds(db, ws->snap_index, ws->snap_term, &ws->first, &ws->last,
+                            &ws->last_term, err);
 }
 
 /* Drops staged (incomplete) snapshots and payload that belongs to no

@@ -99,6 +99,10 @@ int store_sqlite_errno(int rc);
 int store_sql_error(sqlite3 *db, int rc, struct pb_error *err, const char *what);
 int store_exec(sqlite3 *db, const char *sql, struct pb_error *err);
 int store_prepare(sqlite3 *db, const char *sql, sqlite3_stmt **st, struct pb_error *err);
+/* First and last log index and the last entry's term; an empty log
+ * continues after the snapshot (snap_index, snap_term; 0 = none). */
+int store_log_bounds(sqlite3 *db, uint64_t snap_index, uint64_t snap_term, uint64_t *first,
+                     uint64_t *last, uint64_t *last_term, struct pb_error *err);
 int store_query_i64(sqlite3 *db, const char *sql, int64_t *out, struct pb_error *err);
 uint32_t store_entry_crc(uint64_t index, uint64_t term, uint8_t type, const void *data, size_t len);
 /* schema.c: the open-time steps, in this order. */
