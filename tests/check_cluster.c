@@ -39,6 +39,7 @@
 #include "daemon/sm.h"
 #include "lib/buf.h"
 #include "lib/util.h"
+#include "ctlcall.h"
 #include "raft/raft.h"
 
 static char tmp[64];
@@ -152,34 +153,6 @@ static void cfg_fill(struct pb_config *cfg)
     cfg->election_timeout_ms = 50;
 }
 
-/* Sends one request line and runs base until the reply arrives. */
-static json_t *call(struct event_base *base, const char *path, const char *line)
-{
-    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
-    struct sockaddr_un sun = {.sun_family = AF_UNIX};
-    memcpy(sun.sun_path, path, strlen(path) + 1);
-    ck_assert_int_eq(connect(fd, (struct sockaddr *)&sun, sizeof(sun)), 0);
-    ck_assert_int_eq(write(fd, line, strlen(line)), (ssize_t)strlen(line));
-    ck_assert_int_eq(fcntl(fd, F_SETFL, O_NONBLOCK), 0);
-    char buf[16384];
-    size_t len = 0;
-    uint64_t deadline = pb_now_ms() + 10000;
-    while (memchr(buf, '\n', len) == NULL) {
-        ck_assert_msg(pb_now_ms() < deadline, "no reply");
-        event_base_loop(base, EVLOOP_NONBLOCK);
-        ssize_t n = read(fd, buf + len, sizeof(buf) - 1 - len);
-        if (n > 0)
-            len += (size_t)n;
-        else
-            poll(NULL, 0, 1);
-    }
-    close(fd);
-    buf[len] = '\0';
-    json_t *j = json_loads(buf, 0, NULL);
-    ck_assert_ptr_nonnull(j);
-    return j;
-}
-
 struct node {
     struct daemon d;
     struct pb_config *cfg;
@@ -226,7 +199,7 @@ static void node_stop(struct node *n)
 
 static json_t *node_status(struct node *n)
 {
-    json_t *j = call(n->d.base, n->cfg->control_socket, "{\"id\":1,\"method\":\"status\"}\n");
+    json_t *j = ctlcall(n->d.base, n->cfg->control_socket, "{\"id\":1,\"method\":\"status\"}\n");
     json_t *r = json_incref(json_object_get(j, "result"));
     json_decref(j);
     ck_assert_ptr_nonnull(r);
@@ -251,8 +224,8 @@ static void node_wait_leader(struct node *n)
 
 static json_int_t node_probe(struct node *n)
 {
-    json_t *j = call(n->d.base, n->cfg->control_socket,
-                     "{\"id\":2,\"method\":\"probe\",\"params\":{\"size\":100}}\n");
+    json_t *j = ctlcall(n->d.base, n->cfg->control_socket,
+                        "{\"id\":2,\"method\":\"probe\",\"params\":{\"size\":100}}\n");
     json_t *r = json_object_get(j, "result");
     ck_assert_msg(r != NULL, "probe failed: %s", json_dumps(j, 0));
     json_int_t index = json_integer_value(json_object_get(r, "index"));
@@ -312,30 +285,32 @@ START_TEST(test_cluster_lone_restart)
     json_decref(st);
 
     /* A lone node with only probes in its log may not `join` elsewhere. */
-    json_t *j = call(n.d.base, cfg.control_socket,
-                     "{\"id\":3,\"method\":\"join\",\"params\":{\"address\":\"127.0.0.1:9\"}}\n");
+    json_t *j =
+            ctlcall(n.d.base, cfg.control_socket,
+                    "{\"id\":3,\"method\":\"join\",\"params\":{\"address\":\"127.0.0.1:9\"}}\n");
     ck_assert_str_eq(json_string_value(json_object_get(json_object_get(j, "error"), "code")),
                      "INVALID_PARAMS");
     json_decref(j);
     /* Unknown members, bad params. */
-    j = call(n.d.base, cfg.control_socket,
-             "{\"id\":4,\"method\":\"remove\",\"params\":{\"node\":\"nope\"}}\n");
+    j = ctlcall(n.d.base, cfg.control_socket,
+                "{\"id\":4,\"method\":\"remove\",\"params\":{\"node\":\"nope\"}}\n");
     ck_assert_str_eq(json_string_value(json_object_get(json_object_get(j, "error"), "code")),
                      "INVALID_PARAMS");
     json_decref(j);
-    j = call(n.d.base, cfg.control_socket,
-             "{\"id\":5,\"method\":\"probe\",\"params\":{\"size\":70000}}\n");
+    j = ctlcall(n.d.base, cfg.control_socket,
+                "{\"id\":5,\"method\":\"probe\",\"params\":{\"size\":70000}}\n");
     ck_assert_str_eq(json_string_value(json_object_get(json_object_get(j, "error"), "code")),
                      "INVALID_PARAMS");
     json_decref(j);
     /* The last voter cannot leave. */
-    j = call(n.d.base, cfg.control_socket, "{\"id\":5,\"method\":\"leave\"}\n");
+    j = ctlcall(n.d.base, cfg.control_socket, "{\"id\":5,\"method\":\"leave\"}\n");
     ck_assert_str_eq(json_string_value(json_object_get(json_object_get(j, "error"), "code")),
                      "INVALID_PARAMS");
     json_decref(j);
     /* Test hooks are off. */
-    j = call(n.d.base, cfg.control_socket,
-             "{\"id\":6,\"method\":\"debug_partition\",\"params\":{\"node\":\"x\",\"on\":true}}\n");
+    j = ctlcall(
+            n.d.base, cfg.control_socket,
+            "{\"id\":6,\"method\":\"debug_partition\",\"params\":{\"node\":\"x\",\"on\":true}}\n");
     ck_assert_str_eq(json_string_value(json_object_get(json_object_get(j, "error"), "code")),
                      "UNKNOWN_METHOD");
     json_decref(j);
@@ -371,7 +346,7 @@ START_TEST(test_cluster_snapshot_restart)
     ck_assert_int_ge(json_integer_value(json_object_get(st, "snapshot_index")), snap);
     json_decref(st);
     node_wait_leader(&n);
-    json_t *j = call(n.d.base, cfg.control_socket, "{\"id\":2,\"method\":\"probe\"}\n");
+    json_t *j = ctlcall(n.d.base, cfg.control_socket, "{\"id\":2,\"method\":\"probe\"}\n");
     json_t *r = json_object_get(j, "result");
     last = json_integer_value(json_object_get(r, "index"));
     json_int_t last_term = json_integer_value(json_object_get(r, "term"));
@@ -622,8 +597,8 @@ START_TEST(test_cluster_three_in_process)
     json_int_t idx2 = 0;
     while (idx2 == 0) {
         ck_assert_msg(pb_now_ms() < deadline, "no commit after the leader stopped");
-        json_t *j = call(base, cfg[survivor].control_socket,
-                         "{\"id\":7,\"method\":\"probe\",\"params\":{\"timeout_s\":0.5}}\n");
+        json_t *j = ctlcall(base, cfg[survivor].control_socket,
+                            "{\"id\":7,\"method\":\"probe\",\"params\":{\"timeout_s\":0.5}}\n");
         idx2 = json_integer_value(json_object_get(json_object_get(j, "result"), "index"));
         json_decref(j);
     }
@@ -636,7 +611,7 @@ START_TEST(test_cluster_three_in_process)
      * leader itself): two voters remain. */
     char *line = pb_xasprintf("{\"id\":8,\"method\":\"remove\",\"params\":{\"node\":\"n%d\"}}\n",
                               leader + 1);
-    json_t *j = call(base, cfg[survivor].control_socket, line);
+    json_t *j = ctlcall(base, cfg[survivor].control_socket, line);
     free(line);
     char want[8];
     snprintf(want, sizeof(want), "n%d", leader + 1);

@@ -31,6 +31,7 @@
 #include "daemon/methods.h"
 #include "daemon/node.h"
 #include "lib/util.h"
+#include "ctlcall.h"
 
 static char tmp[64];
 
@@ -348,35 +349,6 @@ END_TEST
 
 /* ---- methods ----------------------------------------------------------- */
 
-/* Sends one line to the server at path and returns the parsed reply, running
- * base until it arrives. */
-static json_t *call(struct event_base *base, const char *path, const char *line)
-{
-    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
-    struct sockaddr_un sun = {.sun_family = AF_UNIX};
-    memcpy(sun.sun_path, path, strlen(path) + 1);
-    ck_assert_int_eq(connect(fd, (struct sockaddr *)&sun, sizeof(sun)), 0);
-    ck_assert_int_eq(write(fd, line, strlen(line)), (ssize_t)strlen(line));
-    ck_assert_int_eq(fcntl(fd, F_SETFL, O_NONBLOCK), 0);
-    char buf[8192];
-    size_t len = 0;
-    uint64_t deadline = pb_now_ms() + 5000;
-    while (memchr(buf, '\n', len) == NULL) {
-        ck_assert_msg(pb_now_ms() < deadline, "no reply");
-        event_base_loop(base, EVLOOP_NONBLOCK);
-        ssize_t n = read(fd, buf + len, sizeof(buf) - 1 - len);
-        if (n > 0)
-            len += (size_t)n;
-        else
-            poll(NULL, 0, 1);
-    }
-    close(fd);
-    buf[len] = '\0';
-    json_t *j = json_loads(buf, 0, NULL);
-    ck_assert_ptr_nonnull(j);
-    return j;
-}
-
 START_TEST(test_methods_hello_status)
 {
     struct pb_config cfg;
@@ -398,14 +370,14 @@ START_TEST(test_methods_hello_status)
     char *path = pb_xasprintf("%s/ctl.sock", tmp);
     ck_assert_int_eq(ctl_server_listen_path(d.ctl, path, 0600), 0);
 
-    json_t *j = call(d.base, path, "{\"id\":1,\"method\":\"hello\"}\n");
+    json_t *j = ctlcall(d.base, path, "{\"id\":1,\"method\":\"hello\"}\n");
     json_t *want = json_pack("{s:i,s:{s:i,s:s,s:s}}", "id", 1, "result", "protocol", 1, "version",
                              PACKAGE_VERSION, "node_id", "n1");
     ck_assert(json_equal(j, want));
     json_decref(want);
     json_decref(j);
 
-    j = call(d.base, path, "{\"id\":2,\"method\":\"status\",\"params\":{}}\n");
+    j = ctlcall(d.base, path, "{\"id\":2,\"method\":\"status\",\"params\":{}}\n");
     json_t *r = json_object_get(j, "result");
     json_t *expect = node_status_json(&d.node, pb_now_ms());
     ck_assert_int_eq(json_integer_value(json_object_get(r, "control_clients")), 1);
