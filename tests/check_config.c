@@ -730,6 +730,37 @@ START_TEST(test_example_conf)
 }
 END_TEST
 
+/* config_diff names exactly the keys whose values differ (what a SIGHUP
+ * reload reports as waiting for a restart). */
+START_TEST(test_diff_names_changed_keys)
+{
+    struct pb_config a, b;
+    struct pb_error err;
+    ck_assert_int_eq(load(&a, &err, "--node-id", "n1", "--port", "8010", "--data-dir", "/srv/t",
+                          "--ignore", "*.o", NULL),
+                     0);
+    ck_assert_int_eq(load(&b, &err, "--node-id", "n1", "--port", "8010", "--data-dir", "/srv/t",
+                          "--ignore", "*.o", NULL),
+                     0);
+    char out[256];
+    ck_assert_uint_eq(config_diff(&a, &b, out, sizeof(out)), 0);
+    ck_assert_str_eq(out, "");
+    config_free(&b);
+    ck_assert_int_eq(load(&b, &err, "--node-id", "n1", "--port", "8011", "--data-dir", "/srv/t",
+                          "--ignore", "*.tmp", "--log-level", "debug", NULL),
+                     0);
+    ck_assert_uint_eq(config_diff(&a, &b, out, sizeof(out)), 4);
+    /* port changes advertise (bind:port) too */
+    ck_assert_str_eq(out, "port, advertise, log_level, ignore");
+    /* a short buffer is cut, terminated, and the count stays right */
+    char tiny[6];
+    ck_assert_uint_eq(config_diff(&a, &b, tiny, sizeof(tiny)), 4);
+    ck_assert_uint_eq(strlen(tiny), 5);
+    config_free(&a);
+    config_free(&b);
+}
+END_TEST
+
 static Suite *config_suite(void)
 {
     Suite *s = suite_create("config");
@@ -755,6 +786,7 @@ static Suite *config_suite(void)
     tcase_add_test(tc, test_help_and_version);
     tcase_add_test(tc, test_print_round_trips);
     tcase_add_test(tc, test_example_conf);
+    tcase_add_test(tc, test_diff_names_changed_keys);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -940,6 +940,58 @@ void config_print(const struct pb_config *cfg, FILE *out)
     fprintf(out, "heartbeat_ms = %u\n", (unsigned)cfg->heartbeat_ms);
 }
 
+static bool str_same(const char *a, const char *b)
+{
+    return (a == NULL && b == NULL) || (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
+static bool ignore_same(const struct pb_config *a, const struct pb_config *b)
+{
+    if (a->n_ignore != b->n_ignore)
+        return false;
+    for (size_t i = 0; i < a->n_ignore; i++) {
+        if (strcmp(a->ignore[i], b->ignore[i]) != 0)
+            return false;
+    }
+    return true;
+}
+
+size_t config_diff(const struct pb_config *a, const struct pb_config *b, char *out, size_t len)
+{
+    const struct {
+        const char *key;
+        bool same;
+    } keys[] = {
+            {"node_id", str_same(a->node_id, b->node_id)},
+            {"bind", str_same(a->bind, b->bind)},
+            {"port", a->port == b->port},
+            {"advertise", str_same(a->advertise, b->advertise)},
+            {"join", str_same(a->join, b->join)},
+            {"data_dir", str_same(a->data_dir, b->data_dir)},
+            {"state_dir", str_same(a->state_dir, b->state_dir)},
+            {"control_socket", str_same(a->control_socket, b->control_socket)},
+            {"secret_file", str_same(a->secret_file, b->secret_file)},
+            {"log_level", a->log_level == b->log_level},
+            {"ignore", ignore_same(a, b)},
+            {"metrics_listen", str_same(a->metrics_listen, b->metrics_listen)},
+            {"election_timeout_ms", a->election_timeout_ms == b->election_timeout_ms},
+            {"heartbeat_ms", a->heartbeat_ms == b->heartbeat_ms},
+    };
+    size_t n = 0, used = 0;
+    if (len > 0)
+        out[0] = '\0';
+    for (size_t i = 0; i < PB_ARRAY_SIZE(keys); i++) {
+        if (keys[i].same)
+            continue;
+        if (used < len) {
+            int w = snprintf(out + used, len - used, "%s%s", n > 0 ? ", " : "", keys[i].key);
+            used += w > 0 ? (size_t)w : 0;
+        }
+        n++;
+    }
+    return n;
+}
+
 void config_usage(FILE *out)
 {
     fputs("Usage: pickboxd --node-id ID --port PORT --data-dir DIR [OPTION]...\n"

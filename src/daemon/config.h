@@ -87,6 +87,11 @@ void config_free(struct pb_config *cfg);
  * loads back to the same configuration. */
 void config_print(const struct pb_config *cfg, FILE *out);
 
+/* Writes into out (len bytes, always terminated) the names of the keys whose
+ * values differ between a and b, separated by ", " ("" when none), e.g. to
+ * tell what a reload could not apply. Returns how many keys differ. */
+size_t config_diff(const struct pb_config *a, const struct pb_config *b, char *out, size_t len);
+
 /* True when s is a valid node name: 1-64 of [A-Za-z0-9._-], not starting
  * with '.' or '-' (so it is safe as a path component and a unit instance). */
 bool config_node_id_valid(const char *s);

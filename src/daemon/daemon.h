@@ -15,6 +15,9 @@ struct replica;
 
 struct daemon {
     const struct pb_config *cfg;
+    /* The command line, kept for SIGHUP: the file is re-read with it. */
+    int argc;
+    char **argv;
     struct event_base *base;
     struct ctl_server *ctl;
     struct node_state node;

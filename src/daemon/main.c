@@ -44,12 +44,43 @@ static void daemon_on_stop_signal(evutil_socket_t sig, short what, void *arg)
     event_base_loopexit(d->base, NULL);
 }
 
+/* SIGHUP: re-read the configuration with the same command line. log_level
+ * takes effect at once; every other key is fixed for the life of the
+ * process (sockets, paths, identity, timeouts the cluster agreed on), so a
+ * change there is named in a warning and waits for a restart. A file that no
+ * longer loads changes nothing. */
 static void daemon_on_sighup(evutil_socket_t sig, short what, void *arg)
 {
+    struct daemon *d = arg;
     (void)sig;
     (void)what;
-    (void)arg;
-    log_notice("SIGHUP received: nothing to reload yet");
+    notify_reloading();
+    struct pb_config next;
+    struct pb_error err;
+    pb_error_clear(&err);
+    int rc = config_load(&next, d->argc, d->argv, &err);
+    if (rc != 0) {
+        log_err("reload failed: %s; keeping the running configuration",
+                rc < 0 ? err.msg : "no configuration to load");
+    } else {
+        enum log_level was = log_get_level();
+        if (next.log_level != was) {
+            /* said at the more verbose of the two levels, so it is seen */
+            log_set_level(next.log_level > was ? next.log_level : was);
+            log_notice("reload: log_level is now %s", log_level_name(next.log_level));
+            log_set_level(next.log_level);
+        }
+        /* what the process runs with: the startup configuration, with the
+         * log level as it is now */
+        struct pb_config running = *d->cfg;
+        running.log_level = next.log_level;
+        char keys[512];
+        if (config_diff(&running, &next, keys, sizeof(keys)) > 0)
+            log_warning("reload: %s changed: takes effect when pickboxd restarts", keys);
+        log_notice("reloaded %s", next.config_file ? next.config_file : "the command line");
+    }
+    config_free(&next);
+    notify_ready(d->status_line);
 }
 
 /* The cluster's role, leader or term changed: refresh d->node, STATUS=. */
@@ -217,9 +248,9 @@ static void daemon_stop(struct daemon *d)
     node_state_free(&d->node);
 }
 
-static int daemon_run(const struct pb_config *cfg)
+static int daemon_run(const struct pb_config *cfg, int argc, char **argv)
 {
-    struct daemon d = {.cfg = cfg, .peer_fd = -1};
+    struct daemon d = {.cfg = cfg, .argc = argc, .argv = argv, .peer_fd = -1};
     struct pb_error err;
     pb_error_clear(&err);
 
@@ -285,7 +316,7 @@ int main(int argc, char **argv)
     if (isatty(STDERR_FILENO))
         log_set_ident(cfg.node_id); /* several nodes in several terminals */
 
-    rc = daemon_run(&cfg);
+    rc = daemon_run(&cfg, argc, argv);
     config_free(&cfg);
     return rc;
 }

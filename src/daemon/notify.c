@@ -35,6 +35,11 @@ void notify_status(const char *status)
     notify_send(msg);
 }
 
+void notify_reloading(void)
+{
+    notify_send("RELOADING=1");
+}
+
 void notify_stopping(void)
 {
     notify_send("STOPPING=1");

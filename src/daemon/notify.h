@@ -17,6 +17,9 @@ void notify_ready(const char *status);
 /* STATUS=status (shown by `systemctl status`). */
 void notify_status(const char *status);
 
+/* RELOADING=1: a configuration reload has begun; notify_ready() ends it. */
+void notify_reloading(void);
+
 /* STOPPING=1: shutdown has begun. */
 void notify_stopping(void);
 

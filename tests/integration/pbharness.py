@@ -182,13 +182,14 @@ class Daemon:
         self.wrapper = list(wrapper)
         self.env = env
         self.pass_port = pass_port  # False: the port comes from a systemd "peer" fd
+        self.default_log_level = True  # False: no --log-level unless args give one
         self.proc = None
         self.pids = []  # every process this Daemon started (restarts included)
         self.returncode = None
 
     def argv(self):
         argv = [pickboxd_path(), "--node-id", self.node_id, "--data-dir", self.data_dir]
-        if "--log-level" not in self.extra_args:
+        if self.default_log_level and "--log-level" not in self.extra_args:
             argv += ["--log-level", "debug"]
         if self.pass_port:
             argv += ["--port", str(self.port)]
