@@ -1290,6 +1290,12 @@ static json_t *cluster_members_array(struct cluster *c)
                                 json_integer((json_int_t)(now - ps.last_contact_ms)));
         else
             json_object_set_new(o, "last_contact_ms", json_null());
+        /* Frame bytes on the link to this member since the daemon started
+         * (null for self); `pickboxctl bench` and metrics read these. */
+        json_object_set_new(o, "bytes_sent",
+                            have_ps ? json_integer((json_int_t)ps.bytes_sent) : json_null());
+        json_object_set_new(o, "bytes_received",
+                            have_ps ? json_integer((json_int_t)ps.bytes_recv) : json_null());
         json_array_append_new(arr, o);
     }
     return arr;
