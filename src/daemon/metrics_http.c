@@ -30,32 +30,48 @@ struct metrics_http {
     unsigned port;
 };
 
+/* A short text/plain answer. (evhttp_send_error() would drop our headers,
+ * Allow among them.) */
+static void metrics_http_reply(struct evhttp_request *req, int code, const char *reason)
+{
+    struct evbuffer *body = evbuffer_new();
+    if (body != NULL)
+        evbuffer_add_printf(body, "%d %s\n", code, reason);
+    evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type",
+                      "text/plain; charset=utf-8");
+    evhttp_send_reply(req, code, reason, body);
+    if (body != NULL)
+        evbuffer_free(body);
+}
+
 static void metrics_http_on_request(struct evhttp_request *req, void *arg)
 {
     struct metrics_http *h = arg;
     const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
     const char *path = uri != NULL ? evhttp_uri_get_path(uri) : NULL;
     if (path == NULL || strcmp(path, "/metrics") != 0) {
-        evhttp_send_error(req, HTTP_NOTFOUND, "Not Found");
+        metrics_http_reply(req, HTTP_NOTFOUND, "Not Found");
         return;
     }
     if (evhttp_request_get_command(req) != EVHTTP_REQ_GET) {
         evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", "GET");
-        evhttp_send_error(req, 405, "Method Not Allowed");
+        metrics_http_reply(req, 405, "Method Not Allowed");
         return;
     }
     size_t len;
     char *text = metrics_render(h->d, &len);
     struct evbuffer *body = evbuffer_new();
-    if (body == NULL || evbuffer_add_reference(body, text, len, NULL, NULL) < 0) {
+    /* A copy: evhttp_send_reply() moves the buffer's chains into the
+     * output, so a reference to text would outlive text. */
+    if (body == NULL || evbuffer_add(body, text, len) < 0) {
         if (body != NULL)
             evbuffer_free(body);
         free(text);
-        evhttp_send_error(req, HTTP_INTERNAL, "Internal Server Error");
+        metrics_http_reply(req, HTTP_INTERNAL, "Internal Server Error");
         return;
     }
     evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type", METRICS_CONTENT_TYPE);
-    evhttp_send_reply(req, HTTP_OK, "OK", body); /* copies body into the output */
+    evhttp_send_reply(req, HTTP_OK, "OK", body);
     evbuffer_free(body);
     free(text);
 }

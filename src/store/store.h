@@ -228,9 +228,10 @@ struct store_health {
     char msg[256];     /* what failed, one line */
     uint64_t since_ms; /* wall clock (ms since the epoch) of the failure */
     uint64_t last_persisted_seq;
-    uint64_t transactions;      /* committed batch transactions since open */
-    uint64_t batches;           /* batches they carried */
-    struct pb_hist commit_time; /* their COMMIT (WAL write + fsync), on the storage thread */
+    uint64_t transactions; /* committed batch transactions since open */
+    uint64_t batches;      /* batches they carried */
+    /* Durations of their COMMIT (WAL write + fsync), timed on the storage thread. */
+    struct pb_hist commit_time;
 };
 void store_health(struct store *s, struct store_health *h);
 
