@@ -213,8 +213,12 @@ static void method_metrics(struct ctl_request *req, json_t *params, void *arg)
     (void)params;
     size_t len;
     char *text = metrics_render(d, &len);
-    ctl_reply_result(req, json_pack("{s:s%}", "text", text, len));
+    json_t *res = json_pack("{s:s%}", "text", text, len);
     free(text);
+    if (res == NULL) /* not UTF-8: a label value that came from outside */
+        ctl_reply_error(req, CTL_ERR_INTERNAL, NULL, "the metrics text is not valid UTF-8");
+    else
+        ctl_reply_result(req, res);
 }
 
 static const struct ctl_method methods[] = {
