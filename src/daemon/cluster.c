@@ -1057,6 +1057,7 @@ int cluster_reset_for_join(struct cluster *c, const char *addr, struct pb_error 
     c->seen_role = RAFT_FOLLOWER;
     c->seen_leader = RAFT_NONE;
     c->seen_term = 0;
+    c->n_lag_marks = 0;
     free(c->join_addr);
     c->join_addr = pb_xstrdup(addr);
     c->joining = true;

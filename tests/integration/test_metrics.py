@@ -7,7 +7,7 @@ with +Inf == _count); writing files moves commit/applied, per-peer bytes,
 proposals, fsync and proposal histograms, chunks, files and bytes in the
 tree; a leadership transfer moves term and leader changes; bad HTTP requests
 (garbage, huge headers, POST, unknown path, a client that never finishes)
-get errors while the daemon keeps serving; a metrics address in use stops
+get errors while the daemon keeps serving, and the stalled one is dropped; a metrics address in use stops
 startup with an error naming it."""
 
 import http.client
@@ -161,7 +161,7 @@ def raw_http(port, data, timeout=15):
 
 
 with Harness("metrics") as h:
-    h.plan(17)
+    h.plan(18)
     mports = {}
 
     def start(name, join=None, secret=None):
@@ -321,7 +321,8 @@ with Harness("metrics") as h:
 
     # 12-15: bad HTTP clients.
     port = mports["n3"]
-    slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+    slow = socket.create_connection(("127.0.0.1", port), timeout=30)
+    slow_t0 = time.monotonic()
     slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finished
     garbage = raw_http(port, b"\x00\xffGARBAGE \x01\x02 nonsense\r\n\r\n")
     huge = raw_http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 65536 +
@@ -336,13 +337,21 @@ with Harness("metrics") as h:
     st404 = [scrape_http(port, path=p)[0] for p in ("/", "/metricsx", "/nope?x=1")]
     h.ok(st404 == [404, 404, 404], "other paths: 404", repr(st404))
     st, _, body = scrape_http(port, timeout=10)
-    slow.close()
     role = th.status(nodes[2]).get("role")
     h.ok(st == 200 and not parse(body)[2] and nodes[2].alive() and
          role in ("leader", "follower"),
          "with a stalled client connected, scrapes and status still answer",
          "status %r errors %r alive %r role %r" % (st, parse(body)[2][:5], nodes[2].alive(),
                                                   role))
+    # The stalled client is dropped by the server's timeout (10 s).
+    try:
+        eof = slow.recv(4096)
+    except (ConnectionResetError, socket.timeout) as e:
+        eof = repr(e)
+    waited = time.monotonic() - slow_t0
+    slow.close()
+    h.ok(eof == b"" and 5 <= waited < 30,
+         "the stalled client is disconnected by the server after %.1f s" % waited, repr(eof))
 
     # 16: a metrics address in use stops startup, naming it.
     busy = "127.0.0.1:%d" % mports["n1"]
