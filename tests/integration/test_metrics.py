@@ -11,7 +11,6 @@ get errors while the daemon keeps serving, and the stalled one is dropped; a met
 startup with an error naming it."""
 
 import http.client
-import json
 import math
 import os
 import re
