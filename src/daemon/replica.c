@@ -1093,18 +1093,26 @@ size_t replica_pending(const struct replica *r)
     return r->n_props;
 }
 
+/* The manifest's totals and the applied counters (zeros without a state
+ * machine), for status and metrics. */
+static void tree_totals(struct replica *r, struct statedb_status *s, struct statedb_applied *a)
+{
+    struct sm *sm = replica_sm(r);
+    memset(s, 0, sizeof(*s));
+    memset(a, 0, sizeof(*a));
+    if (sm != NULL) {
+        statedb_status_get(sm_statedb(sm), FSM_KIND_FILE, FSM_KIND_DIR, s);
+        statedb_applied_get(sm_statedb(sm), a);
+    }
+}
+
 void replica_status_fill(struct replica *r, json_t *obj)
 {
     struct sm *sm = replica_sm(r);
     json_t *t = json_object();
     struct statedb_status s;
-    memset(&s, 0, sizeof(s));
     struct statedb_applied a;
-    memset(&a, 0, sizeof(a));
-    if (sm != NULL) {
-        statedb_status_get(sm_statedb(sm), FSM_KIND_FILE, FSM_KIND_DIR, &s);
-        statedb_applied_get(sm_statedb(sm), &a);
-    }
+    tree_totals(r, &s, &a);
     json_object_set_new(t, "files", json_integer((json_int_t)s.files));
     json_object_set_new(t, "dirs", json_integer((json_int_t)s.dirs));
     json_object_set_new(t, "bytes", json_integer((json_int_t)s.bytes));
@@ -1122,15 +1130,9 @@ void replica_status_fill(struct replica *r, json_t *obj)
 void replica_metrics_get(struct replica *r, struct replica_metrics *m)
 {
     memset(m, 0, sizeof(*m));
-    struct sm *sm = replica_sm(r);
     struct statedb_status s;
-    memset(&s, 0, sizeof(s));
     struct statedb_applied a;
-    memset(&a, 0, sizeof(a));
-    if (sm != NULL) {
-        statedb_status_get(sm_statedb(sm), FSM_KIND_FILE, FSM_KIND_DIR, &s);
-        statedb_applied_get(sm_statedb(sm), &a);
-    }
+    tree_totals(r, &s, &a);
     m->files = s.files;
     m->dirs = s.dirs;
     m->bytes = s.bytes;
