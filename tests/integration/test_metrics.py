@@ -160,7 +160,7 @@ def raw_http(port, data, timeout=15):
 
 
 with Harness("metrics") as h:
-    h.plan(18)
+    h.plan(19)
     mports = {}
 
     def start(name, join=None, secret=None):
@@ -204,7 +204,20 @@ with Harness("metrics") as h:
              sorted(want_families - set(types_ctl)), sorted(set(types_ctl) - set(types_http)),
              sorted(set(types_http) - set(types_ctl))))
 
-    # 4: status --json carries the per-member byte counters.
+    ws = [parse(t)[0] for t in texts.values()]
+    h.ok(all(val(s, "pickbox_watch_rescans_total") >= 1 and
+             val(s, "pickbox_watch_directories") >= 1 and
+             val(s, "pickbox_watch_overflows_total") == 0 and
+             val(s, "pickbox_watch_failures_total") == 0 and
+             val(s, "pickbox_raft_leader_changes_total") >= 1 and
+             val(s, "pickbox_raft_leader") in (0, 1) for s in ws),
+         "at start: the initial rescan counted, the root watched, no overflow or failure, "
+         "a leader seen by every node",
+         repr([{k: val(s, k) for k in ("pickbox_watch_rescans_total", "pickbox_watch_directories",
+                                       "pickbox_raft_leader_changes_total",
+                                       "pickbox_raft_leader")} for s in ws]))
+
+    # status --json carries the per-member byte counters.
     # (Followers do not talk to each other: only links to the leader carry bytes.)
     st2 = th.status(nodes[1])
     ms = st2.get("members", [])
