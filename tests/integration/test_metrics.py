@@ -185,9 +185,18 @@ with Harness("metrics") as h:
          "pickboxctl metrics: valid exposition on every node", repr(errs)[:2000])
     st, hdr, body = scrape_http(mports["n2"])
     s_http, types_http, e_http = parse(body)
+    # Prometheus keeps its connection open between scrapes.
+    conn = http.client.HTTPConnection("127.0.0.1", mports["n2"], timeout=10)
+    again = []
+    for _ in range(3):
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        again.append((resp.status, not parse(resp.read().decode())[2]))
+    conn.close()
     h.ok(st == 200 and hdr.get("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
-         and not e_http, "GET /metrics: 200, text format 0.0.4, valid",
-         "status %r headers %r errors %r" % (st, hdr, e_http[:5]))
+         and not e_http and again == [(200, True)] * 3,
+         "GET /metrics: 200, text format 0.0.4, valid; 3 more on one kept-alive connection",
+         "status %r headers %r errors %r again %r" % (st, hdr, e_http[:5], again))
     types_ctl = parse(texts["n2"])[1]
     want_families = {"pickbox_raft_term", "pickbox_raft_commit_index",
                      "pickbox_raft_applied_index", "pickbox_raft_leader_changes_total",
