@@ -358,12 +358,12 @@ START_TEST(test_methods_hello_status)
     node_state_init(&d.node, &cfg, pb_now_ms());
     size_t n;
     const struct ctl_method *m = methods_table(&n);
-    ck_assert_uint_eq(n, 11);
+    ck_assert_uint_eq(n, 12);
     for (size_t i = 0; i < n; i++) {
         /* Reading is for everyone; changing the cluster is privileged. */
         bool reading = strcmp(m[i].name, "hello") == 0 || strcmp(m[i].name, "status") == 0 ||
                        strcmp(m[i].name, "members") == 0 || strcmp(m[i].name, "sync") == 0 ||
-                       strcmp(m[i].name, "conflicts") == 0;
+                       strcmp(m[i].name, "conflicts") == 0 || strcmp(m[i].name, "metrics") == 0;
         ck_assert_uint_eq(m[i].flags & CTL_METHOD_MUTATING, reading ? 0 : CTL_METHOD_MUTATING);
     }
     d.ctl = ctl_server_new(d.base, m, n, &d, NULL);

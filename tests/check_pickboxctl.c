@@ -338,7 +338,7 @@ START_TEST(test_parse_args_errors)
             {{"-j", NULL}, "missing command (see pickboxctl --help)"},
             {{"stauts", NULL},
              "unknown command 'stauts' (commands: status, hello, members, join, leave, remove, "
-             "transfer, probe, bench, sync, conflicts)"},
+             "transfer, probe, bench, sync, conflicts, metrics)"},
             {{"status", "extra", NULL},
              "wrong number of arguments for 'status' (usage: pickboxctl status)"},
             {{"--jsn", "status", NULL}, "unknown option '--jsn' (see pickboxctl --help)"},
@@ -601,6 +601,33 @@ START_TEST(test_exit_ok_text_and_json)
 }
 END_TEST
 
+/* metrics prints the exposition as is; --json keeps it in a string. */
+START_TEST(test_metrics_raw_and_json)
+{
+    static const char reply[] =
+            "{\"id\":1,\"result\":{\"text\":\"# TYPE a gauge\\na{p=\\\"x\\\"} 1\\n\"}}\n";
+    struct srv s;
+    srv_start(&s, "n1/control.sock", SRV_REPLY, reply);
+    struct run_out r = run(NULL, "metrics", NULL);
+    srv_stop(&s);
+    ck_assert_int_eq(r.rc, PBCTL_EXIT_OK);
+    ck_assert_str_eq(r.out, "# TYPE a gauge\na{p=\"x\"} 1\n");
+    ck_assert_str_eq(s.got, "{\"id\":1,\"method\":\"metrics\",\"params\":{}}");
+    run_free(&r);
+
+    srv_start(&s, "n1/control.sock", SRV_REPLY, reply);
+    r = run(NULL, "--json", "metrics", NULL);
+    srv_stop(&s);
+    ck_assert_int_eq(r.rc, PBCTL_EXIT_OK);
+    json_t *j = json_loads(r.out, 0, NULL);
+    ck_assert_ptr_nonnull(j);
+    ck_assert_str_eq(json_string_value(json_object_get(j, "text")),
+                     "# TYPE a gauge\na{p=\"x\"} 1\n");
+    json_decref(j);
+    run_free(&r);
+}
+END_TEST
+
 START_TEST(test_exit_hello_via_env_socket)
 {
     struct srv s;
@@ -807,7 +834,7 @@ START_TEST(test_exit_usage)
     ck_assert_int_eq(r.rc, PBCTL_EXIT_USAGE);
     ck_assert_str_eq(r.err, "pickboxctl: unknown command 'frobnicate' (commands: status, "
                             "hello, members, join, leave, remove, transfer, probe, bench, "
-                            "sync, conflicts)\n");
+                            "sync, conflicts, metrics)\n");
     run_free(&r);
 }
 END_TEST
@@ -1382,6 +1409,7 @@ static Suite *pickboxctl_suite(void)
     tc = tcase_create("run");
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, test_exit_ok_text_and_json);
+    tcase_add_test(tc, test_metrics_raw_and_json);
     tcase_add_test(tc, test_exit_hello_via_env_socket);
     tcase_add_test(tc, test_exit_daemon_error);
     tcase_add_test(tc, test_exit_bad_replies);

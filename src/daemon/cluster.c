@@ -737,9 +737,35 @@ static void cluster_record_snapshot(struct cluster *c, uint64_t index, uint64_t 
              meta.index, meta.term, size, compact_to);
 }
 
+/* Notes when the commit index moved and forgets marks that are applied. */
+static void cluster_lag_note(struct cluster *c, uint64_t now)
+{
+    struct raft_status rs;
+    raft_status(c->raft, &rs);
+    uint64_t commit = rs.commit, applied = sm_applied(c->sm);
+    size_t drop = 0;
+    while (drop < c->n_lag_marks && c->lag_marks[drop].index <= applied)
+        drop++;
+    memmove(c->lag_marks, c->lag_marks + drop, (c->n_lag_marks - drop) * sizeof(c->lag_marks[0]));
+    c->n_lag_marks -= drop;
+    if (commit <= applied)
+        return;
+    size_t n = c->n_lag_marks;
+    if (n > 0 && c->lag_marks[n - 1].index >= commit)
+        return;
+    if (n == CLUSTER_LAG_MARKS) {
+        c->lag_marks[n - 1].index = commit; /* keeps the older time: never under-reports */
+        return;
+    }
+    c->lag_marks[n].index = commit;
+    c->lag_marks[n].at_ms = now;
+    c->n_lag_marks++;
+}
+
 void cluster_after_advance(struct cluster *c)
 {
     cluster_sync_conf(c);
+    cluster_lag_note(c, pb_now_ms());
     uint64_t leader = raft_leader(c->raft);
     uint64_t term = raft_term(c->raft);
     enum raft_role role = raft_role(c->raft);
@@ -755,6 +781,8 @@ void cluster_after_advance(struct cluster *c)
             log_notice("%s is no longer leader (term %" PRIu64 ")", c->cfg->node_id, term);
         if (leader != c->seen_leader)
             cluster_req_leader_changed(c);
+        if (leader != c->seen_leader && leader != RAFT_NONE)
+            c->leader_changes++;
         c->seen_role = role;
         c->seen_leader = leader;
         c->seen_term = term;
@@ -1029,6 +1057,7 @@ int cluster_reset_for_join(struct cluster *c, const char *addr, struct pb_error 
     c->seen_role = RAFT_FOLLOWER;
     c->seen_leader = RAFT_NONE;
     c->seen_term = 0;
+    c->n_lag_marks = 0;
     free(c->join_addr);
     c->join_addr = pb_xstrdup(addr);
     c->joining = true;
@@ -1290,9 +1319,51 @@ static json_t *cluster_members_array(struct cluster *c)
                                 json_integer((json_int_t)(now - ps.last_contact_ms)));
         else
             json_object_set_new(o, "last_contact_ms", json_null());
+        /* Frame bytes on the link to this member since the daemon started
+         * (null for self); `pickboxctl bench` and metrics read these. */
+        json_object_set_new(o, "bytes_sent",
+                            have_ps ? json_integer((json_int_t)ps.bytes_sent) : json_null());
+        json_object_set_new(o, "bytes_received",
+                            have_ps ? json_integer((json_int_t)ps.bytes_recv) : json_null());
         json_array_append_new(arr, o);
     }
     return arr;
+}
+
+void cluster_metrics_get(struct cluster *c, struct cluster_metrics *m)
+{
+    memset(m, 0, sizeof(*m));
+    struct raft_status rs;
+    raft_status(c->raft, &rs);
+    uint64_t now = pb_now_ms();
+    cluster_lag_note(c, now);
+    m->term = rs.term;
+    m->commit = rs.commit;
+    m->applied = sm_applied(c->sm);
+    m->last_index = rs.last_index;
+    m->snapshot_index = rs.snapshot_index;
+    m->leader = rs.role == RAFT_LEADER && !c->storage_error;
+    m->storage_error = c->storage_error;
+    m->leader_changes = c->leader_changes;
+    m->apply_lag = rs.commit > m->applied ? rs.commit - m->applied : 0;
+    if (m->apply_lag > 0 && c->n_lag_marks > 0)
+        m->apply_lag_s = (double)(now - c->lag_marks[0].at_ms) / 1000.0;
+    m->batches = c->stats_batches;
+    m->batch_entries = c->stats_batch_entries;
+    struct store_health h;
+    store_health(c->store, &h);
+    m->fsync = h.commit_time;
+    for (size_t i = 0; i < c->n_members && m->n_peers < CLUSTER_METRICS_PEERS; i++) {
+        struct net_peer_stats ps;
+        if (c->members[i].id == c->id || c->net == NULL ||
+            net_peer_stats(c->net, c->members[i].id, &ps) < 0)
+            continue;
+        struct cluster_peer_metrics *p = &m->peers[m->n_peers++];
+        snprintf(p->name, sizeof(p->name), "%s", c->members[i].name);
+        p->connected = ps.connected;
+        p->bytes_sent = ps.bytes_sent;
+        p->bytes_recv = ps.bytes_recv;
+    }
 }
 
 json_t *cluster_members_json(struct cluster *c)

@@ -45,6 +45,7 @@
 #include <jansson.h>
 
 #include "lib/error.h"
+#include "lib/hist.h"
 
 struct cluster;
 struct ctl_request;
@@ -116,6 +117,27 @@ int cluster_propose(struct cluster *c, uint64_t client_id, uint64_t seq, const v
 void cluster_status_fill(struct cluster *c, json_t *obj);
 /* {"members": [...]} (new reference). */
 json_t *cluster_members_json(struct cluster *c);
+
+/* What `metrics` shows of the cluster (metrics.h). Peers are the other
+ * members of the configuration that the transport knows. */
+#define CLUSTER_METRICS_PEERS 32
+struct cluster_peer_metrics {
+    char name[65];
+    bool connected;
+    uint64_t bytes_sent, bytes_recv; /* frame bytes on the link since startup */
+};
+struct cluster_metrics {
+    uint64_t term, commit, applied, last_index, snapshot_index;
+    bool leader, storage_error;
+    uint64_t leader_changes; /* times a new leader was seen (this node included) */
+    uint64_t apply_lag;      /* commit - applied */
+    double apply_lag_s;      /* age of the oldest committed entry not applied yet, 0: none */
+    uint64_t batches, batch_entries; /* raft.db batches submitted, entries in them */
+    struct pb_hist fsync;            /* raft.db COMMIT times (store_health) */
+    size_t n_peers;
+    struct cluster_peer_metrics peers[CLUSTER_METRICS_PEERS];
+};
+void cluster_metrics_get(struct cluster *c, struct cluster_metrics *m);
 
 /* Control requests: each answers req exactly once, now or later. */
 void cluster_probe(struct cluster *c, struct ctl_request *req, size_t size, unsigned timeout_ms);

@@ -156,6 +156,14 @@ struct cluster {
     /* Counters. */
     uint64_t stats_malformed, stats_inq_dropped, stats_batches, stats_batch_entries;
     uint64_t malformed_warned_ms;
+    uint64_t leader_changes;
+    /* When commit indexes were first seen (oldest first), for the apply
+     * lag in seconds; the last mark absorbs newer ones when full. */
+#define CLUSTER_LAG_MARKS 32
+    struct {
+        uint64_t index, at_ms;
+    } lag_marks[CLUSTER_LAG_MARKS];
+    size_t n_lag_marks;
     bool exit_pending;
     char name_buf[65];
 };

@@ -10,6 +10,7 @@ struct cluster;
 struct ctl_server;
 struct event;
 struct event_base;
+struct metrics_http;
 struct pb_config;
 struct replica;
 
@@ -24,6 +25,8 @@ struct daemon {
     struct cluster *cluster; /* the Raft driver (cluster.h); NULL until started */
     struct replica *replica; /* the tree side (replica.h); NULL until started */
     bool test_hooks;         /* PICKBOX_TEST_HOOKS=1: debug_partition is served */
+    /* The HTTP metrics listener (metrics_listen, metrics_http.h); NULL: off. */
+    struct metrics_http *metrics_http;
     /* The peer TCP listener: bound here (or passed by systemd as "peer") so
      * that the port is owned from startup; the cluster's transport takes it
      * over (then -1). */

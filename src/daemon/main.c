@@ -26,6 +26,7 @@
 #include "daemon/daemon.h"
 #include "daemon/dirs.h"
 #include "daemon/listen.h"
+#include "daemon/metrics_http.h"
 #include "daemon/methods.h"
 #include "daemon/node.h"
 #include "daemon/notify.h"
@@ -211,6 +212,12 @@ static int daemon_start(struct daemon *d, const struct pb_config *cfg, struct pb
                                 cfg->control_socket, strerror(-rc));
     }
 
+    if (cfg->metrics_listen != NULL) {
+        rc = metrics_http_start(&d->metrics_http, d->base, cfg->metrics_listen, d, err);
+        if (rc < 0)
+            return rc;
+    }
+
     d->watchdog = notify_watchdog_start(d->base);
     return 0;
 }
@@ -228,6 +235,8 @@ void daemon_node_changed(struct daemon *d)
 
 static void daemon_stop(struct daemon *d)
 {
+    metrics_http_free(d->metrics_http);
+    d->metrics_http = NULL;
     replica_free(d->replica);
     d->replica = NULL;
     cluster_close(d->cluster); /* answers its pending requests first */

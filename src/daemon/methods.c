@@ -11,6 +11,7 @@
 #include "ctl/ctl.h"
 #include "daemon/cluster.h"
 #include "daemon/daemon.h"
+#include "daemon/metrics.h"
 #include "daemon/replica.h"
 #include "lib/util.h"
 
@@ -205,6 +206,21 @@ static void method_conflicts(struct ctl_request *req, json_t *params, void *arg)
     ctl_reply_result(req, replica_conflicts_json(d->replica));
 }
 
+/* {"text": "<Prometheus text exposition>"} (metrics.h). */
+static void method_metrics(struct ctl_request *req, json_t *params, void *arg)
+{
+    struct daemon *d = arg;
+    (void)params;
+    size_t len;
+    char *text = metrics_render(d, &len);
+    json_t *res = json_pack("{s:s%}", "text", text, len);
+    free(text);
+    if (res == NULL) /* not UTF-8: a label value that came from outside */
+        ctl_reply_error(req, CTL_ERR_INTERNAL, NULL, "the metrics text is not valid UTF-8");
+    else
+        ctl_reply_result(req, res);
+}
+
 static const struct ctl_method methods[] = {
         {"hello", method_hello, 0},
         {"status", method_status, 0},
@@ -217,6 +233,7 @@ static const struct ctl_method methods[] = {
         {"debug_partition", method_debug_partition, CTL_METHOD_MUTATING},
         {"sync", method_sync, 0},
         {"conflicts", method_conflicts, 0},
+        {"metrics", method_metrics, 0},
 };
 
 const struct ctl_method *methods_table(size_t *n)

@@ -64,6 +64,7 @@ struct rprop {
     size_t len;
     bool proposed;
     uint64_t retry_at_ms;
+    uint64_t proposed_us; /* first proposed (pb_now_us), for the latency */
 };
 
 /* A path to look at again (its own proposal was busy, lost or unreadable). */
@@ -112,6 +113,8 @@ struct replica {
     struct rsync *syncs;
     struct sm *last_sm; /* a join discards and reopens the state machine */
     uint64_t proposed, applied, lost, skipped;
+    uint64_t chunks_sent, chunks_dedup; /* chunk bytes carried / left out (the cluster has them) */
+    struct pb_hist latency;             /* first propose -> own entry applied here */
     char last_error[256];
 };
 
@@ -278,9 +281,15 @@ static int lacks_chunk(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN])
 {
     struct emit_ctx *x = arg;
     struct replica *r = x->r;
-    if (r->carry_all)
+    if (r->carry_all) {
+        r->chunks_sent++;
         return 1;
+    }
     int rc = statedb_chunk_has(sm_statedb(replica_sm(r)), id);
+    if (rc == 0)
+        r->chunks_sent++;
+    else if (rc > 0)
+        r->chunks_dedup++;
     return rc < 0 ? rc : !rc;
 }
 
@@ -718,6 +727,8 @@ static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_ap
               (int)res->outcome);
     prop_unlink(r, p);
     r->applied++;
+    if (p->proposed)
+        pb_hist_observe_us(&r->latency, pb_now_us() - p->proposed_us);
     bool missing = res->status == FSM_APPLY_DONE && res->outcome == FSM_OUT_MISSING_CHUNKS;
     if (missing)
         log_info("%s: chunks were collected before the PUT applied: proposing again with them",
@@ -882,6 +893,7 @@ static void replica_propose_some(struct replica *r, uint64_t now)
             if (p->len > REPLICA_BIG_ENTRY)
                 r->inflight_big++;
             r->proposed++;
+            p->proposed_us = pb_now_us();
         }
         p->proposed = true;
         p->retry_at_ms = now + (index ? REPLICA_RETRY_LEADER_MS : REPLICA_RETRY_FOLLOWER_MS);
@@ -1081,18 +1093,26 @@ size_t replica_pending(const struct replica *r)
     return r->n_props;
 }
 
+/* The manifest's totals and the applied counters (zeros without a state
+ * machine), for status and metrics. */
+static void tree_totals(struct replica *r, struct statedb_status *s, struct statedb_applied *a)
+{
+    struct sm *sm = replica_sm(r);
+    memset(s, 0, sizeof(*s));
+    memset(a, 0, sizeof(*a));
+    if (sm != NULL) {
+        statedb_status_get(sm_statedb(sm), FSM_KIND_FILE, FSM_KIND_DIR, s);
+        statedb_applied_get(sm_statedb(sm), a);
+    }
+}
+
 void replica_status_fill(struct replica *r, json_t *obj)
 {
     struct sm *sm = replica_sm(r);
     json_t *t = json_object();
     struct statedb_status s;
-    memset(&s, 0, sizeof(s));
     struct statedb_applied a;
-    memset(&a, 0, sizeof(a));
-    if (sm != NULL) {
-        statedb_status_get(sm_statedb(sm), FSM_KIND_FILE, FSM_KIND_DIR, &s);
-        statedb_applied_get(sm_statedb(sm), &a);
-    }
+    tree_totals(r, &s, &a);
     json_object_set_new(t, "files", json_integer((json_int_t)s.files));
     json_object_set_new(t, "dirs", json_integer((json_int_t)s.dirs));
     json_object_set_new(t, "bytes", json_integer((json_int_t)s.bytes));
@@ -1105,6 +1125,26 @@ void replica_status_fill(struct replica *r, json_t *obj)
     json_object_set_new(t, "last_error",
                         r->last_error[0] ? json_string(r->last_error) : json_null());
     json_object_set_new(obj, "tree", t);
+}
+
+void replica_metrics_get(struct replica *r, struct replica_metrics *m)
+{
+    memset(m, 0, sizeof(*m));
+    struct statedb_status s;
+    struct statedb_applied a;
+    tree_totals(r, &s, &a);
+    m->files = s.files;
+    m->dirs = s.dirs;
+    m->bytes = s.bytes;
+    m->conflicts = a.conflicts;
+    m->pending = r->n_props;
+    m->proposed = r->proposed;
+    m->applied = r->applied;
+    m->lost = r->lost;
+    m->chunks_sent = r->chunks_sent;
+    m->chunks_dedup = r->chunks_dedup;
+    m->latency = r->latency;
+    watch_get_stats(r->w, &m->watch);
 }
 
 static int conflict_row(void *arg, const char *path, const struct statedb_row *row)

@@ -26,6 +26,8 @@
 #include <jansson.h>
 
 #include "lib/error.h"
+#include "lib/hist.h"
+#include "watch/watch.h"
 
 struct cluster;
 struct event_base;
@@ -44,6 +46,18 @@ size_t replica_pending(const struct replica *r);
 /* Sets "tree": {files, dirs, bytes, pending, conflicts, tree_error,
  * last_error} in obj. */
 void replica_status_fill(struct replica *r, json_t *obj);
+
+/* What `metrics` shows of the tree side (metrics.h). */
+struct replica_metrics {
+    uint64_t files, dirs, bytes;      /* live in the manifest (state.db) */
+    uint64_t conflicts;               /* applied ops that made a conflict copy */
+    uint64_t pending;                 /* own ops proposed or queued, not applied yet */
+    uint64_t proposed, applied, lost; /* own ops: first proposals, applied, lost */
+    uint64_t chunks_sent, chunks_dedup;
+    struct pb_hist latency; /* own ops: first proposal -> applied on this node */
+    struct watch_stats watch;
+};
+void replica_metrics_get(struct replica *r, struct replica_metrics *m);
 
 /* Answers req once this node has applied the commit index known at call
  * time and, on the leader, every member's match index has reached it

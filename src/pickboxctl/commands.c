@@ -17,6 +17,8 @@
 
 #include "pickboxctl/pickboxctl.h"
 
+#include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -150,6 +152,25 @@ static const struct pbctl_field_spec conflicts_view[] = {
         {NULL, NULL, NULL, NULL},
 };
 
+/* metrics: {"text": "..."}. The exposition is printed as is (the text
+ * backend would turn its newlines into '?'); with --json the result object
+ * goes through the generic walk like any other. */
+static int render_metrics(const struct pbctl_field_spec *view, const json_t *result,
+                          struct pbctl_writer *w)
+{
+    struct pbctl_writer *probe = pbctl_writer_text_new(w->out);
+    bool text_backend = probe->ops == w->ops;
+    pbctl_writer_free(probe);
+    const json_t *text = json_object_get(result, "text");
+    if (!text_backend || !json_is_string(text))
+        return pbctl_render(view, result, w);
+    if (fwrite(json_string_value(text), 1, json_string_length(text), w->out) !=
+                json_string_length(text) ||
+        fflush(w->out) != 0)
+        return -EIO;
+    return 0;
+}
+
 const struct pbctl_command pbctl_commands[] = {
         {
                 .name = "status",
@@ -227,6 +248,12 @@ const struct pbctl_command pbctl_commands[] = {
                 .method = "conflicts",
                 .help = "list the conflict copies in the tree (path, node, index)",
                 .view = conflicts_view,
+        },
+        {
+                .name = "metrics",
+                .method = "metrics",
+                .help = "print this node's metrics (Prometheus text format)",
+                .render = render_metrics,
         },
         {.name = NULL},
 };

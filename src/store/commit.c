@@ -523,7 +523,8 @@ static int apply_batch(struct store *s, struct store_wstate *t, const struct sto
 
 /* One transaction for a list of batches. On failure the transaction is rolled
  * back and nothing of it is visible. */
-static int commit_batches(struct store *s, struct store_pending *list, struct txn_error *te)
+static int commit_batches(struct store *s, struct store_pending *list, struct txn_error *te,
+                          uint64_t *commit_us)
 {
     struct store_wstate t = s->ws;
     store_fault_vfs_begin(s->fvfs);
@@ -531,7 +532,9 @@ static int commit_batches(struct store *s, struct store_pending *list, struct tx
     for (struct store_pending *p = list; rc == 0 && p != NULL; p = p->next)
         rc = apply_batch(s, &t, p, te);
     if (rc == 0) {
+        uint64_t t0 = pb_now_us();
         int src = sqlite3_exec(s->w, "COMMIT", NULL, NULL, NULL);
+        *commit_us = pb_now_us() - t0;
         if (src != SQLITE_OK)
             rc = txn_sql(s, te, src, "commit");
     }
@@ -721,7 +724,8 @@ static void *storage_thread(void *arg)
             fail_all(s, list, &te);
             free_list(list);
         } else if (list != NULL) {
-            rc = commit_batches(s, list, &te);
+            uint64_t commit_us = 0;
+            rc = commit_batches(s, list, &te, &commit_us);
             if (rc == 0) {
                 uint64_t last = list->seq;
                 for (struct store_pending *p = list; p != NULL; p = p->next)
@@ -730,6 +734,7 @@ static void *storage_thread(void *arg)
                 s->last_persisted_seq = last;
                 s->n_transactions++;
                 s->n_batches += last - list->seq + 1;
+                pb_hist_observe_us(&s->commit_hist, commit_us);
                 push_completion(s, list->seq, last, 0);
                 pthread_mutex_unlock(&s->mu);
                 notify_loop(s);

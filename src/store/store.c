@@ -230,6 +230,7 @@ void store_health(struct store *s, struct store_health *h)
     h->last_persisted_seq = s->last_persisted_seq;
     h->transactions = s->n_transactions;
     h->batches = s->n_batches;
+    h->commit_time = s->commit_hist;
     pthread_mutex_unlock(&s->mu);
 }
 

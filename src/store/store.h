@@ -44,6 +44,7 @@
 #include <stdint.h>
 
 #include "lib/error.h"
+#include "lib/hist.h"
 
 struct event_base;
 struct store;
@@ -229,6 +230,8 @@ struct store_health {
     uint64_t last_persisted_seq;
     uint64_t transactions; /* committed batch transactions since open */
     uint64_t batches;      /* batches they carried */
+    /* Durations of their COMMIT (WAL write + fsync), timed on the storage thread. */
+    struct pb_hist commit_time;
 };
 void store_health(struct store *s, struct store_health *h);
 

@@ -70,6 +70,7 @@ struct store {
     uint64_t last_persisted_seq;
     uint64_t n_transactions;
     uint64_t n_batches;
+    struct pb_hist commit_hist;
     bool stopping;
     bool reopen;
     uint64_t compact_target;

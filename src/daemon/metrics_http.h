@@ -1,0 +1,40 @@
+/*
+ * metrics_http.h: the optional HTTP endpoint for Prometheus (metrics_listen
+ * in the configuration; off by default).
+ *
+ * libevent's evhttp on the daemon's loop. GET /metrics answers 200 with
+ * metrics_render() and Content-Type METRICS_CONTENT_TYPE; another path is
+ * 404, another method on /metrics 405 (Allow: GET). Requests are bounded:
+ * headers to METRICS_HTTP_MAX_HEADERS bytes, bodies to METRICS_HTTP_MAX_BODY,
+ * and a connection idle or slow for METRICS_HTTP_TIMEOUT_S seconds is
+ * closed, so a bad client costs a socket for a while, never the loop.
+ *
+ * Threading: event loop thread only.
+ */
+#ifndef PICKBOX_DAEMON_METRICS_HTTP_H
+#define PICKBOX_DAEMON_METRICS_HTTP_H
+
+#include "lib/error.h"
+
+struct daemon;
+struct event_base;
+struct metrics_http;
+
+#define METRICS_HTTP_MAX_HEADERS 8192
+#define METRICS_HTTP_MAX_BODY    4096
+#define METRICS_HTTP_TIMEOUT_S   10
+
+/* Listens on "host:port" (port 0 picks a free one) and serves d's metrics
+ * (d is borrowed and must outlive the listener). Returns 0, or a negative
+ * errno with err naming the address ("cannot listen on metrics address
+ * 127.0.0.1:9101: Address already in use"). */
+int metrics_http_start(struct metrics_http **out, struct event_base *base, const char *hostport,
+                       struct daemon *d, struct pb_error *err);
+
+/* The bound port (useful with port 0). */
+unsigned metrics_http_port(const struct metrics_http *h);
+
+/* Closes the listener and every connection. NULL is a no-op. */
+void metrics_http_free(struct metrics_http *h);
+
+#endif
