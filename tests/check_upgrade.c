@@ -35,6 +35,7 @@
 
 #include "daemon/config.h"
 #include "daemon/secret.h"
+#include "daemon/sm.h"
 #include "fsm/op.h"
 #include "lib/buf.h"
 #include "lib/error.h"
@@ -752,6 +753,110 @@ START_TEST(test_entry_and_op_newer_refused)
 }
 END_TEST
 
+/* ---- replaying the v1 log with today's applier ---------------------------- */
+
+/* Describes the tree at root/rel like tree.sha256 and checks it against
+ * expects[]; returns how many entries matched. */
+static unsigned check_tree_on_disk(const char *root)
+{
+    unsigned matched = 0;
+    for (size_t i = 0; i < n_expects; i++) {
+        const struct expect *e = &expects[i];
+        char *p = pb_xasprintf("%s/%s", root, e->path);
+        struct stat st;
+        ck_assert_msg(lstat(p, &st) == 0, "%s: %s", p, strerror(errno));
+        char got[65];
+        switch (e->kind) {
+        case 'f':
+            ck_assert_msg(S_ISREG(st.st_mode), "%s is not a file", p);
+            ck_assert_uint_eq(st.st_mode & 0777, e->mode);
+            file_sha_hex(p, got);
+            ck_assert_msg(strcmp(got, e->sha) == 0, "%s: bytes differ", p);
+            break;
+        case 'd':
+            ck_assert_msg(S_ISDIR(st.st_mode), "%s is not a dir", p);
+            ck_assert_uint_eq(st.st_mode & 0777, e->mode);
+            break;
+        default: {
+            ck_assert_msg(S_ISLNK(st.st_mode), "%s is not a symlink", p);
+            char target[4096];
+            ssize_t n = readlink(p, target, sizeof(target));
+            ck_assert_int_gt(n, 0);
+            sha_hex(target, (size_t)n, got);
+            ck_assert_str_eq(got, e->sha);
+            break;
+        }
+        }
+        free(p);
+        matched++;
+    }
+    return matched;
+}
+
+START_TEST(test_log_v1_replays_to_the_v1_tree)
+{
+    /* raft.db's log, from index 1, into a fresh state machine and tree. */
+    char *db = copy_state("raft.db");
+    struct event_base *base = event_base_new();
+    struct store *s = NULL;
+    struct pb_error err;
+    ck_assert_int_eq(open_store(tmpdir, base, &s, &err), 0);
+    struct store_state st;
+    ck_assert_int_eq(store_load(s, 1, SIZE_MAX, &st, &err), 0);
+    ck_assert_uint_eq(st.first_index, 1);
+    struct raft_entry *ents = pb_xcalloc(st.entries.n + 1, sizeof(*ents));
+    for (size_t i = 0; i < st.entries.n; i++)
+        ck_assert_int_eq(raft_entry_decode(st.entries.v[i].data, st.entries.v[i].len, &ents[i]), 0);
+
+    char *sdir = pb_xasprintf("%s/replay-state", tmpdir);
+    char *tree = pb_xasprintf("%s/replay-tree", tmpdir);
+    ck_assert_int_eq(mkdir(sdir, 0700), 0);
+    ck_assert_int_eq(mkdir(tree, 0755), 0);
+    struct sm *sm = NULL;
+    pb_error_clear(&err);
+    int rc = sm_open(&sm, sdir, tree, &err);
+    ck_assert_msg(rc == 0, "sm_open: %s", err.msg);
+    rc = sm_apply(sm, ents, st.entries.n, NULL, NULL, &err);
+    ck_assert_msg(rc == 0, "sm_apply: %s", err.msg);
+    ck_assert_uint_eq(sm_applied(sm), st.last_index);
+    ck_assert_uint_eq(check_tree_on_disk(tree), n_expects);
+
+    /* An older pickbox meeting an op of a newer format stops: the entry is
+     * not applied (nor skipped), and the error names both versions. */
+    const struct raft_entry *last_op = NULL;
+    for (size_t i = 0; i < st.entries.n; i++)
+        if (ents[i].type == RAFT_ENTRY_NORMAL && ents[i].len > 0 && ents[i].data[0] != 0)
+            last_op = &ents[i];
+    ck_assert_ptr_nonnull(last_op);
+    struct raft_entry next = *last_op;
+    next.index = st.last_index + 1;
+    next.seq += 1000000; /* not a duplicate of the session's last seq */
+    next.data = pb_xmalloc(next.len);
+    memcpy(next.data, last_op->data, next.len);
+    next.data[0] = FSM_OP_FORMAT_VERSION + 1;
+    pb_error_clear(&err);
+    for (int attempt = 0; attempt < 2; attempt++) { /* and again: it does not skip it */
+        rc = sm_apply(sm, &next, 1, NULL, NULL, &err);
+        ck_assert_int_eq(rc, -EPROTONOSUPPORT);
+        assert_names_versions(err.msg, "version", FSM_OP_FORMAT_VERSION + 1, FSM_OP_FORMAT_VERSION);
+        ck_assert_uint_eq(sm_applied(sm), st.last_index);
+    }
+    ck_assert_uint_eq(check_tree_on_disk(tree), n_expects);
+    free(next.data);
+
+    sm_close(sm);
+    for (size_t i = 0; i < st.entries.n; i++)
+        free(ents[i].data);
+    free(ents);
+    free(sdir);
+    free(tree);
+    store_state_free(&st);
+    store_close(s);
+    event_base_free(base);
+    free(db);
+}
+END_TEST
+
 /* ---- config and secret ------------------------------------------------------ */
 
 START_TEST(test_config_v1_loads)
@@ -811,6 +916,7 @@ static Suite *upgrade_suite(void)
     tcase_add_test(tc, test_snapshot_newer_refused);
     tcase_add_test(tc, test_entries_and_ops_v1_decode);
     tcase_add_test(tc, test_entry_and_op_newer_refused);
+    tcase_add_test(tc, test_log_v1_replays_to_the_v1_tree);
     tcase_add_test(tc, test_config_v1_loads);
     tcase_add_test(tc, test_secret_v1_loads);
     suite_add_tcase(s, tc);
