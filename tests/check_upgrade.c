@@ -47,6 +47,10 @@
 #define FIXTURE_SNAP_MAGIC 0x50425332u /* "PBS2": daemon/sm.c's snapshot.pbs */
 #define FIXTURE_SNAP_HDR   20u         /* magic, u64 index, u64 term */
 #define MAX_EXPECT         64
+/* The versions the v1 fixtures were written with (today's may be newer). */
+#define FIXTURE_SNAP_FORMAT 1u
+#define FIXTURE_RAFT_CODEC  1u
+#define FIXTURE_OP_FORMAT   1u
 
 /* ---- fixture access ------------------------------------------------------ */
 
@@ -634,7 +638,7 @@ START_TEST(test_snapshot_newer_refused)
     const size_t s = FIXTURE_SNAP_HDR;
     ck_assert_uint_eq(p[s + 4], 'H');
     ck_assert_int_eq(memcmp(p + s + 5, "PBSD", 4), 0);
-    ck_assert_uint_eq(pb_load_u32(p + s + 9), STATEDB_SNAP_FORMAT);
+    ck_assert_uint_eq(pb_load_u32(p + s + 9), FIXTURE_SNAP_FORMAT);
     pb_store_u32(p + s + 9, STATEDB_SNAP_FORMAT + 1);
 
     struct statedb *db = NULL;
@@ -734,14 +738,14 @@ START_TEST(test_entry_and_op_newer_refused)
 
     /* A Raft entry of a newer codec: -EPROTO, not "malformed" (-EINVAL). */
     struct raft_entry e;
-    ck_assert_uint_eq(f.entry[0], RAFT_CODEC_VERSION);
+    ck_assert_uint_eq(f.entry[0], FIXTURE_RAFT_CODEC);
     f.entry[0] = RAFT_CODEC_VERSION + 1;
     ck_assert_int_eq(raft_entry_decode(f.entry, f.len, &e), -EPROTO);
-    f.entry[0] = RAFT_CODEC_VERSION;
+    f.entry[0] = FIXTURE_RAFT_CODEC;
 
     /* An op of a newer format inside a current entry. */
     ck_assert_int_eq(raft_entry_decode(f.entry, f.len, &e), 0);
-    ck_assert_uint_eq(e.data[0], FSM_OP_FORMAT_VERSION);
+    ck_assert_uint_eq(e.data[0], FIXTURE_OP_FORMAT);
     e.data[0] = FSM_OP_FORMAT_VERSION + 1;
     struct fsm_op op;
     struct pb_error err;

@@ -8,6 +8,7 @@ leaving every file as it was."""
 
 import hashlib
 import os
+import re
 import shutil
 import sqlite3
 import sys
@@ -17,8 +18,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pbharness import (FAST_TIMING, Harness, HarnessError, free_port,  # noqa: E402
                        pickboxd_path, wait_until)
 
-FIXTURE = os.path.join(os.environ.get("top_srcdir", os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "..")), "tests", "fixtures", "v1")
+TOP_SRCDIR = os.environ.get("top_srcdir", os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+FIXTURE = os.path.join(TOP_SRCDIR, "tests", "fixtures", "v1")
+
+
+def build_format(header, name):
+    """The format this build writes: #define NAME N in src/store/HEADER."""
+    with open(os.path.join(TOP_SRCDIR, "src", "store", header)) as f:
+        m = re.search(r"^#define\s+%s\s+(\d+)" % name, f.read(), re.M)
+    return int(m.group(1))
 
 
 def read_info():
@@ -159,12 +168,11 @@ with Harness("upgrade") as h:
     h.eq(fx1.stop(), 0, "the upgraded node stops cleanly")
 
     # 4. Newer formats are refused, and nothing is touched.
-    def refused(name, table):
+    def refused(name, table, ours):
         node_dir = os.path.join(h.tmpdir, "bumped-" + name)
         btree, bstate = install_fixture(node_dir)
         db = sqlite3.connect(os.path.join(bstate, name))
-        cur = db.execute("SELECT format FROM %s WHERE id = 1" % table).fetchone()[0]
-        db.execute("UPDATE %s SET format = ? WHERE id = 1" % table, (cur + 1,))
+        db.execute("UPDATE %s SET format = ? WHERE id = 1" % table, (ours + 1,))
         db.commit()
         db.close()
         files = sorted(os.path.join(bstate, n) for n in os.listdir(bstate))
@@ -173,14 +181,14 @@ with Harness("upgrade") as h:
         r = h.run([pickboxd_path(), "--node-id", "fx1", "--port", str(free_port()),
                    "--data-dir", btree] + list(FAST_TIMING), timeout=20)
         msg = r.stderr
-        named = ("format %d" % (cur + 1)) in msg and ("format %d" % cur) in msg and name in msg
+        named = ("format %d" % (ours + 1)) in msg and ("format %d" % ours) in msg and name in msg
         h.ok(r.returncode == 1 and named,
              "%s of format %d (this build: %d): pickboxd exits 1 naming both" % (
-                 name, cur + 1, cur), "exit %d, stderr: %s" % (r.returncode, msg))
+                 name, ours + 1, ours), "exit %d, stderr: %s" % (r.returncode, msg))
         after = sorted(os.path.join(bstate, n) for n in os.listdir(bstate))
         h.ok(after == files and digest(after) == sum_before and tree_now(btree) == tree_before,
              "%s of a newer format: state files and tree left untouched" % name,
              "before %r after %r" % (files, after))
 
-    refused("raft.db", "raft_meta")
-    refused("state.db", "statedb_meta")
+    refused("raft.db", "raft_meta", build_format("store.h", "STORE_FORMAT"))
+    refused("state.db", "statedb_meta", build_format("statedb.h", "STATEDB_FORMAT"))
