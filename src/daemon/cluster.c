@@ -880,6 +880,14 @@ static int cluster_restore(struct cluster *c, struct store_state *st, struct pb_
             if (rc < 0)
                 return rc;
         }
+        /* A snapshot this node took itself is recorded without its payload
+         * (size 0): its bytes are the state machine's blob (snapshot.pbs),
+         * and the core needs their length to send them to a lagging peer. */
+        if (snap.size == 0 && sm_snapshot_index(c->sm) == snap.index) {
+            size_t len = 0;
+            sm_snapshot_data(c->sm, &len);
+            snap.size = len;
+        }
         rs.snapshot = &snap;
     }
     /* Only applied entries are known to be committed (raft.db keeps term

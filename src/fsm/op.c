@@ -538,8 +538,14 @@ int fsm_op_decode(const void *p, size_t len, struct fsm_op *op, struct pb_error 
     uint8_t version = cursor_u8(&c);
     if (!cursor_ok(&c))
         return pb_error_set(err, -EINVAL, "empty op");
+    if (version > FSM_OP_FORMAT_VERSION)
+        return pb_error_set(err, -EPROTONOSUPPORT,
+                            "op format version %u is newer than version %u that this pickbox "
+                            "reads (an entry from a newer pickbox: upgrade this node)",
+                            version, FSM_OP_FORMAT_VERSION);
     if (version != FSM_OP_FORMAT_VERSION)
-        return pb_error_set(err, -EPROTONOSUPPORT, "op format version %u not supported (want %u)",
+        return pb_error_set(err, -EPROTONOSUPPORT,
+                            "op format version %u not supported (this pickbox reads version %u)",
                             version, FSM_OP_FORMAT_VERSION);
     rc = decode_body(&c, op, false, err);
     if (rc == 0 && cursor_remaining(&c) != 0)
