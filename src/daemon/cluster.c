@@ -970,23 +970,14 @@ static int cluster_start_net(struct cluster *c, int peer_fd, struct pb_error *er
     return 0;
 }
 
-/* True when this node is alone in a cluster whose log holds nothing but
- * its bootstrap (configuration and no-op entries): `pickboxctl join` may
- * then discard it. */
+/* True when this node is the only member of its cluster: `pickboxctl join`
+ * may then discard it. What such a cluster committed is the node's own tree,
+ * which stays on disk: after the join the watcher proposes it again, as
+ * files the cluster has not seen (doc/conflicts.md, "Trees that were not in
+ * sync"), so nothing in it is lost. */
 bool cluster_is_lone(struct cluster *c)
 {
-    if (c->joining || c->n_members != 1 || c->members[0].id != c->id)
-        return false;
-    struct raft_status rs;
-    raft_status(c->raft, &rs);
-    if (rs.snapshot_index != 0 || rs.first_index != 1)
-        return false;
-    for (uint64_t i = 1; i <= rs.last_index; i++) {
-        const struct raft_entry *e = raft_entry_at(c->raft, i);
-        if (e == NULL || e->type == RAFT_ENTRY_NORMAL)
-            return false;
-    }
-    return true;
+    return !c->joining && c->n_members == 1 && c->members[0].id == c->id;
 }
 
 /* Discards this lone node's cluster (raft.db, state.db) and starts joining

@@ -60,6 +60,7 @@ struct rprop {
     char *from;              /* RENAME: the source */
     struct fsm_tree_stat st; /* what the tree held at path when proposed */
     bool has_st;
+    bool record_after; /* MKDIR over a path we never recorded: see obs_before */
     uint8_t *data;
     size_t len;
     bool proposed;
@@ -255,6 +256,32 @@ static uint64_t row_version(struct replica *r, const char *path, struct statedb_
     return row->version;
 }
 
+/*
+ * The version of path this node's tree has seen, the base of an op about it
+ * (doc/conflicts.md, "Trees that were not in sync"): the row's version when
+ * the node's disk record says the tree holds that row's content (recorded
+ * from the manifest, or its own committed edit), else 0. A path the node
+ * never materialized (it joined with its own file there) or whose newer
+ * content it skipped for a local edit (it was cut off or down meanwhile) was
+ * changed without seeing the cluster's version: a concurrent change, decided
+ * by the conflict rules, never a sequential overwrite.
+ */
+static uint64_t base_version(struct replica *r, const char *path)
+{
+    struct statedb_row row;
+    uint64_t v = row_version(r, path, &row);
+    if (v == 0 || row.deleted)
+        return v;
+    static const uint8_t zero[STATEDB_ID_LEN];
+    struct statedb_disk d;
+    if (statedb_disk_get(sm_statedb(replica_sm(r)), path, &d) < 0 || d.kind == 0)
+        return 0;
+    if (memcmp(d.row_content, zero, sizeof(zero)) == 0 ||
+        memcmp(d.row_content, row.content, sizeof(zero)) == 0)
+        return v;
+    return 0;
+}
+
 static void record_of(struct replica *r, const char *path, struct fsm_tree_stat *st)
 {
     struct statedb_disk d;
@@ -339,7 +366,7 @@ static void op_start(struct fsm_op *op, struct replica *r, enum fsm_op_type type
     op->type = type;
     op->origin = pb_xstrdup(r->cfg->node_id);
     op->path = pb_xstrdup(path);
-    op->base = row_version(r, path, NULL);
+    op->base = base_version(r, path);
 }
 
 static bool read_target(struct replica *r, const char *path, char *buf, size_t len)
@@ -434,8 +461,8 @@ static void replica_check(struct replica *r, const char *path, bool carry_all)
         struct emit_ctx x = {.r = r};
         r->carry_all = carry_all;
         size_t before = r->n_props;
-        rc = fsm_propose_put(t, path, r->cfg->node_id, row_version(r, path, NULL), lacks_chunk,
-                             emit_op, &x, &x.st);
+        rc = fsm_propose_put(t, path, r->cfg->node_id, base_version(r, path), lacks_chunk, emit_op,
+                             &x, &x.st);
         r->carry_all = false;
         if (rc == -EAGAIN) {
             mark_dirty(r, path, carry_all); /* changing while read: later */
@@ -517,8 +544,13 @@ static void replica_rename(struct replica *r, const char *from, const char *to)
     record_of(r, from, &rec);
     struct statedb_row row;
     uint64_t v = row_version(r, from, &row);
+    struct fsm_tree_stat rec_to;
+    record_of(r, to, &rec_to);
     if (path_busy(r, from) || path_busy(r, to) || rec.kind == FSM_KIND_NONE || v == 0 ||
-        row.deleted || fsm_tree_lstat(t, to, &now) < 0 || now.kind == FSM_KIND_NONE) {
+        row.deleted || fsm_tree_lstat(t, to, &now) < 0 || now.kind == FSM_KIND_NONE ||
+        fsm_tree_stat_matches(&rec_to, &now)) {
+        /* (The destination as recorded: our own apply moved it there, e.g.
+         * a leaf moved aside to a conflict copy, R11/R16.) */
         /* Not something we can move in the index as is: look at both ends. */
         replica_check(r, from, false);
         replica_check(r, to, false);
@@ -527,7 +559,7 @@ static void replica_rename(struct replica *r, const char *from, const char *to)
     struct fsm_op op;
     op_start(&op, r, FSM_OP_RENAME, from);
     op.u.rename.to = pb_xstrdup(to);
-    op.u.rename.base_to = row_version(r, to, NULL);
+    op.u.rename.base_to = base_version(r, to);
     queue_op(r, &op, &now, from);
     /* the proposal is about `to` (stat), moving from */
     if (r->tail != NULL && r->tail->type == FSM_OP_RENAME) {
@@ -685,9 +717,29 @@ static void obs_before(void *arg, const struct raft_entry *e)
         statedb_disk_move(sm_statedb(sm), p->from, p->path);
         return;
     }
-    if (!p->has_st || p->type == FSM_OP_DELETE)
+    if (!p->has_st)
         return;
     struct fsm_tree_stat now;
+    if (p->type == FSM_OP_DELETE) {
+        /* Still gone: drop the record, so that if the delete loses (an edit
+         * beats a concurrent delete, R14) the repair brings the path back
+         * instead of finding "a local edit" forever. */
+        int rc = fsm_tree_lstat(sm_tree(sm), p->path, &now);
+        if (rc == -ENOENT || rc == -ENOTDIR || (rc == 0 && now.kind == FSM_KIND_NONE))
+            fsm_apply_record_local(sm_fsm(sm), p->path, &p->st);
+        return;
+    }
+    if (p->type == FSM_OP_MKDIR) {
+        /* Our directory where this tree never held the index's entry (a
+         * joining tree, R11): recorded now, a plan moving the index's leaf
+         * aside would move our directory instead. Recorded once applied. */
+        struct fsm_tree_stat rec;
+        record_of(r, p->path, &rec);
+        if (rec.kind == FSM_KIND_NONE) {
+            p->record_after = true;
+            return;
+        }
+    }
     if (fsm_tree_lstat(sm_tree(sm), p->path, &now) == 0 && fsm_tree_stat_matches(&p->st, &now))
         fsm_apply_record_local(sm_fsm(sm), p->path, &p->st);
 }
@@ -718,6 +770,20 @@ static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_ap
               (int)res->outcome);
     prop_unlink(r, p);
     r->applied++;
+    struct sm *sm = replica_sm(r);
+    struct fsm_tree_stat now;
+    if (p->record_after && res->status == FSM_APPLY_DONE && sm_tree(sm) != NULL &&
+        fsm_tree_lstat(sm_tree(sm), p->path, &now) == 0 && fsm_tree_stat_matches(&p->st, &now))
+        fsm_apply_record_local(sm_fsm(sm), p->path, &p->st);
+    if (p->type == FSM_OP_RENAME && p->from != NULL && res->status == FSM_APPLY_DONE &&
+        res->outcome == FSM_OUT_NOOP) {
+        /* The source was gone (deleted or moved concurrently, R19): the
+         * index knows nothing at the destination, so its records go back
+         * to the source (removed there by the repair) and the entry in our
+         * tree is proposed as a creation. */
+        statedb_disk_move(sm_statedb(replica_sm(r)), p->path, p->from);
+        mark_dirty(r, p->path, false);
+    }
     bool missing = res->status == FSM_APPLY_DONE && res->outcome == FSM_OUT_MISSING_CHUNKS;
     if (missing)
         log_info("%s: chunks were collected before the PUT applied: proposing again with them",
