@@ -1013,28 +1013,50 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
 
 /* ---- sync ---- */
 
-static bool sync_reached(struct replica *r, uint64_t target)
+/*
+ * `sync` waits until this node and every reachable member (voters and
+ * learners) have applied the target, the highest commit index the node knew
+ * when asked (cluster_commit_known(): on a follower, the leader's as last
+ * reported). A member whose link is down (partitioned, stopped, gone) is
+ * not waited for; one that is connected but slow is. Members report their
+ * applied index to every peer within a heartbeat (cluster_applied.c), so no
+ * forwarding to the leader is needed. behind (may be NULL) gets the members
+ * that have not caught up yet, as "name (applied N)".
+ */
+static bool sync_reached(struct replica *r, uint64_t target, char *behind, size_t len)
 {
     struct cluster_view v;
     cluster_view(r->c, &v);
-    if (v.applied < target)
-        return false;
-    if (strcmp(v.role, "leader") != 0)
-        return true; /* a follower sees only itself */
+    bool ok = v.applied >= target;
+    if (behind != NULL && len > 0)
+        behind[0] = '\0';
+    size_t used = 0;
+    if (!ok && behind != NULL)
+        used += (size_t)snprintf(behind, len, "%s (applied %" PRIu64 ")", r->cfg->node_id,
+                                 v.applied);
     json_t *mj = cluster_members_json(r->c);
     json_t *arr = json_object_get(mj, "members");
-    bool ok = true;
     size_t i;
     json_t *m;
     json_array_foreach(arr, i, m)
     {
-        if (json_is_true(json_object_get(m, "self")))
+        if (json_is_true(json_object_get(m, "self")) ||
+            !json_is_true(json_object_get(m, "reachable")))
             continue;
-        if (json_is_false(json_object_get(m, "reachable")))
-            continue; /* every reachable node */
-        json_t *mi = json_object_get(m, "match_index");
-        if (!json_is_integer(mi) || (uint64_t)json_integer_value(mi) < target)
-            ok = false;
+        json_t *ai = json_object_get(m, "applied_index");
+        if (json_is_integer(ai) && (uint64_t)json_integer_value(ai) >= target)
+            continue;
+        ok = false;
+        if (behind != NULL && used < len) {
+            const char *name = json_string_value(json_object_get(m, "id"));
+            char what[48];
+            if (json_is_integer(ai))
+                snprintf(what, sizeof(what), "applied %" PRIu64, (uint64_t)json_integer_value(ai));
+            else
+                snprintf(what, sizeof(what), "no report yet");
+            used += (size_t)snprintf(behind + used, len - used, "%s%s (%s)", used ? ", " : "",
+                                     name ? name : "?", what);
+        }
     }
     json_decref(mj);
     return ok;
@@ -1045,12 +1067,15 @@ static void sync_check(struct replica *r, uint64_t now)
     struct rsync **pp = &r->syncs;
     while (*pp != NULL) {
         struct rsync *q = *pp;
-        if (sync_reached(r, q->target)) {
+        char behind[512];
+        bool late = now >= q->deadline_ms;
+        if (sync_reached(r, q->target, late ? behind : NULL, sizeof(behind))) {
             ctl_reply_result(q->req, json_pack("{s:I}", "index", (json_int_t)q->target));
-        } else if (now >= q->deadline_ms) {
+        } else if (late) {
             ctl_reply_error(q->req, CTL_ERR_TIMEOUT, NULL,
-                            "not every reachable node applied index %" PRIu64 " in time",
-                            q->target);
+                            "not every reachable node applied index %" PRIu64
+                            " in time; behind: %s",
+                            q->target, behind);
         } else {
             pp = &q->next;
             continue;
@@ -1062,11 +1087,9 @@ static void sync_check(struct replica *r, uint64_t now)
 
 void replica_sync(struct replica *r, struct ctl_request *req, unsigned timeout_ms)
 {
-    struct cluster_view v;
-    cluster_view(r->c, &v);
     struct rsync *q = pb_xcalloc(1, sizeof(*q));
     q->req = req;
-    q->target = v.commit;
+    q->target = cluster_commit_known(r->c);
     q->deadline_ms = pb_now_ms() + timeout_ms;
     q->next = r->syncs;
     r->syncs = q;
