@@ -14,7 +14,10 @@ restart every tree converges, with the conflict copies the rules call for:
 - a file only n3 edited: n3's edit applies (R2);
 - a file n3 deleted while the majority edited it: the edit wins (R14);
 - a file n3 deleted that nobody edited: deleted everywhere (R13);
-- a file n3 renamed: renamed everywhere (R21);
+- a file n3 edited while the majority deleted it: the edit wins (R3/R1);
+- a file n3 renamed: renamed everywhere (R21); renamed while the majority
+  edited it: the edit moves with it (partition) or, renamed while the
+  daemon was down (seen as a new file and a delete), both are kept;
 - new files on either side: everywhere.
 Then `pickboxctl sync` on n3 answers, and no bytes of either side are lost.
 """
@@ -53,6 +56,7 @@ def run_round(h, nodes, tag, mode):
     base = {
         "both.txt": "base both\n", "only3.txt": "base only3\n", "del-edit.txt": "base de\n",
         "del.txt": "base del\n", "ren.txt": "base ren\n", "keep/k.txt": "base keep\n",
+        "edit-del.txt": "base ed\n", "ren-edit.txt": "base re\n",
     }
     for p, v in base.items():
         th.write(os.path.join(n1.data_dir, tag, p), v)
@@ -85,16 +89,22 @@ def run_round(h, nodes, tag, mode):
     os.unlink(p3("del.txt"))
     os.rename(p3("ren.txt"), p3("ren2.txt"))
     th.write(p3("new3/n.txt"), "new on n3\n")
+    th.write(p3("edit-del.txt"), "n3 edit of ed\n")
+    os.rename(p3("ren-edit.txt"), p3("ren-edit2.txt"))
     # the majority, meanwhile
     leader = h.wait_leader([n1, n2], timeout=20)
     th.write(os.path.join(leader.data_dir, tag, "both.txt"), "majority edit of both\n")
     th.write(os.path.join(leader.data_dir, tag, "del-edit.txt"), "majority edit of de\n")
     th.write(os.path.join(leader.data_dir, tag, "newm.txt"), "new on the majority\n")
+    os.unlink(os.path.join(leader.data_dir, tag, "edit-del.txt"))
+    th.write(os.path.join(leader.data_dir, tag, "ren-edit.txt"), "majority edit of re\n")
     maj = [n1, n2]
     wait_until(lambda: all(os.path.exists(os.path.join(d.data_dir, tag, "newm.txt")) and
                            rd(d, os.path.join(tag, "both.txt")) == b"majority edit of both\n"
                            and rd(d, os.path.join(tag, "del-edit.txt")) ==
-                           b"majority edit of de\n" for d in maj), 20,
+                           b"majority edit of de\n" and
+                           not os.path.exists(os.path.join(d.data_dir, tag, "edit-del.txt"))
+                           for d in maj), 20,
                what="the majority to commit its edits")
     r = leader.request("sync", {"timeout_s": 20}, timeout=30)
     h.ok("result" in r, "%s: sync on the majority's leader answers while n3 is away (%s)"
@@ -114,7 +124,9 @@ def run_round(h, nodes, tag, mode):
                 len(conflicts_of(t, T("both.txt"))) == 1 and
                 t.get(T("only3.txt"), (0, 0))[1] == b"n3 edit of only3\n" and
                 T("ren2.txt") in t and T("ren.txt") not in t and T("del.txt") not in t and
-                T("new3/n.txt") in t and T("newm.txt") in t and T("del-edit.txt") in t)
+                T("new3/n.txt") in t and T("newm.txt") in t and T("del-edit.txt") in t and
+                T("edit-del.txt") in t and T("ren-edit2.txt") in t and
+                (mode != "partition" or T("ren-edit.txt") not in t))
     try:
         t = th.wait_converged(nodes, 40, done)
     except HarnessError as e:
@@ -140,12 +152,24 @@ def run_round(h, nodes, tag, mode):
          t.get(T("newm.txt"), (0, 0))[1] == b"new on the majority\n" and
          t.get(T("keep/k.txt"), (0, 0))[1] == b"base keep\n",
          "%s: rename and new files on both sides reach everyone, nothing else changed" % tag)
+    h.ok(t.get(T("edit-del.txt"), (0, 0))[1] == b"n3 edit of ed\n",
+         "%s: n3's edit beats the majority's delete (the file is back everywhere)" % tag)
+    if mode == "partition":
+        h.ok(t.get(T("ren-edit2.txt"), (0, 0))[1] == b"majority edit of re\n" and
+             T("ren-edit.txt") not in t,
+             "%s: n3's rename of a file the majority edited carries the edit (R21)" % tag)
+    else:
+        # A rename made while the daemon was down is seen as a new file and
+        # a delete: the delete loses to the majority's edit, both are kept.
+        h.ok(t.get(T("ren-edit2.txt"), (0, 0))[1] == b"base re\n" and
+             t.get(T("ren-edit.txt"), (0, 0))[1] == b"majority edit of re\n",
+             "%s: n3's offline rename of a file the majority edited keeps both" % tag)
     r = n3.request("sync", {"timeout_s": 20}, timeout=30)
     h.ok("result" in r, "%s: sync on n3 answers after it is back" % tag, "reply %r" % r)
 
 
 with Harness("tree_offline") as h:
-    h.plan(16)
+    h.plan(20)
     nodes = th.start_cluster(h, 3, env=ENV)
     h.ok(True, "3-node cluster with test hooks")
     run_round(h, nodes, "part", "partition")
