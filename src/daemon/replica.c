@@ -549,9 +549,9 @@ static void replica_rename(struct replica *r, const char *from, const char *to)
     if (path_busy(r, from) || path_busy(r, to) || rec.kind == FSM_KIND_NONE || v == 0 ||
         row.deleted || fsm_tree_lstat(t, to, &now) < 0 || now.kind == FSM_KIND_NONE ||
         fsm_tree_stat_matches(&rec_to, &now)) {
-        /* (The destination as recorded: our own apply moved it there, e.g.
-         * a leaf moved aside to a conflict copy, R11/R16.) */
-        /* Not something we can move in the index as is: look at both ends. */
+        /* Not something we can move in the index as is, or the destination
+         * is as recorded (our own apply moved it there, e.g. a leaf moved
+         * aside to a conflict copy, R11/R16): look at both ends. */
         replica_check(r, from, false);
         replica_check(r, to, false);
         return;
@@ -782,7 +782,10 @@ static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_ap
          * to the source (removed there by the repair) and the entry in our
          * tree is proposed as a creation. */
         statedb_disk_move(sm_statedb(replica_sm(r)), p->path, p->from);
-        mark_dirty(r, p->path, false);
+        if (p->st.kind == FSM_KIND_DIR)
+            watch_rescan(r->w, p->path); /* the directory and what it holds */
+        else
+            mark_dirty(r, p->path, false);
     }
     bool missing = res->status == FSM_APPLY_DONE && res->outcome == FSM_OUT_MISSING_CHUNKS;
     if (missing)

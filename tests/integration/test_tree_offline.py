@@ -18,11 +18,14 @@ restart every tree converges, with the conflict copies the rules call for:
 - a file n3 renamed: renamed everywhere (R21); renamed while the majority
   edited it: the edit moves with it (partition) or, renamed while the
   daemon was down (seen as a new file and a delete), both are kept;
+- a file or directory n3 renamed while the majority deleted it: kept under
+  the new name (R19, then proposed as a creation);
 - new files on either side: everywhere.
 Then `pickboxctl sync` on n3 answers, and no bytes of either side are lost.
 """
 
 import os
+import shutil
 import sys
 
 sys.dont_write_bytecode = True
@@ -57,6 +60,7 @@ def run_round(h, nodes, tag, mode):
         "both.txt": "base both\n", "only3.txt": "base only3\n", "del-edit.txt": "base de\n",
         "del.txt": "base del\n", "ren.txt": "base ren\n", "keep/k.txt": "base keep\n",
         "edit-del.txt": "base ed\n", "ren-edit.txt": "base re\n",
+        "ren-del.txt": "base rd\n", "rdir/c.txt": "base rdir\n",
     }
     for p, v in base.items():
         th.write(os.path.join(n1.data_dir, tag, p), v)
@@ -91,6 +95,8 @@ def run_round(h, nodes, tag, mode):
     th.write(p3("new3/n.txt"), "new on n3\n")
     th.write(p3("edit-del.txt"), "n3 edit of ed\n")
     os.rename(p3("ren-edit.txt"), p3("ren-edit2.txt"))
+    os.rename(p3("ren-del.txt"), p3("ren-del2.txt"))
+    os.rename(p3("rdir"), p3("rdir2"))
     # the majority, meanwhile
     leader = h.wait_leader([n1, n2], timeout=20)
     th.write(os.path.join(leader.data_dir, tag, "both.txt"), "majority edit of both\n")
@@ -98,12 +104,15 @@ def run_round(h, nodes, tag, mode):
     th.write(os.path.join(leader.data_dir, tag, "newm.txt"), "new on the majority\n")
     os.unlink(os.path.join(leader.data_dir, tag, "edit-del.txt"))
     th.write(os.path.join(leader.data_dir, tag, "ren-edit.txt"), "majority edit of re\n")
+    os.unlink(os.path.join(leader.data_dir, tag, "ren-del.txt"))
+    shutil.rmtree(os.path.join(leader.data_dir, tag, "rdir"))
     maj = [n1, n2]
     wait_until(lambda: all(os.path.exists(os.path.join(d.data_dir, tag, "newm.txt")) and
                            rd(d, os.path.join(tag, "both.txt")) == b"majority edit of both\n"
                            and rd(d, os.path.join(tag, "del-edit.txt")) ==
                            b"majority edit of de\n" and
-                           not os.path.exists(os.path.join(d.data_dir, tag, "edit-del.txt"))
+                           not os.path.exists(os.path.join(d.data_dir, tag, "edit-del.txt")) and
+                           not os.path.exists(os.path.join(d.data_dir, tag, "rdir"))
                            for d in maj), 20,
                what="the majority to commit its edits")
     r = leader.request("sync", {"timeout_s": 20}, timeout=30)
@@ -126,7 +135,8 @@ def run_round(h, nodes, tag, mode):
                 T("ren2.txt") in t and T("ren.txt") not in t and T("del.txt") not in t and
                 T("new3/n.txt") in t and T("newm.txt") in t and T("del-edit.txt") in t and
                 T("edit-del.txt") in t and T("ren-edit2.txt") in t and
-                (mode != "partition" or T("ren-edit.txt") not in t))
+                (mode != "partition" or T("ren-edit.txt") not in t) and
+                T("ren-del2.txt") in t and T("rdir2/c.txt") in t)
     try:
         t = th.wait_converged(nodes, 40, done)
     except HarnessError as e:
@@ -164,12 +174,16 @@ def run_round(h, nodes, tag, mode):
         h.ok(t.get(T("ren-edit2.txt"), (0, 0))[1] == b"base re\n" and
              t.get(T("ren-edit.txt"), (0, 0))[1] == b"majority edit of re\n",
              "%s: n3's offline rename of a file the majority edited keeps both" % tag)
+    h.ok(t.get(T("ren-del2.txt"), (0, 0))[1] == b"base rd\n" and T("ren-del.txt") not in t and
+         t.get(T("rdir2/c.txt"), (0, 0))[1] == b"base rdir\n" and T("rdir") not in t,
+         "%s: a file and a directory n3 renamed while the majority deleted them survive under "
+         "the new names" % tag)
     r = n3.request("sync", {"timeout_s": 20}, timeout=30)
     h.ok("result" in r, "%s: sync on n3 answers after it is back" % tag, "reply %r" % r)
 
 
 with Harness("tree_offline") as h:
-    h.plan(20)
+    h.plan(22)
     nodes = th.start_cluster(h, 3, env=ENV)
     h.ok(True, "3-node cluster with test hooks")
     run_round(h, nodes, "part", "partition")
