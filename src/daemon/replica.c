@@ -260,7 +260,7 @@ static uint64_t row_version(struct replica *r, const char *path, struct statedb_
  * The version of path this node's tree has seen, the base of an op about it
  * (doc/conflicts.md, "Trees that were not in sync"): the row's version when
  * the node's disk record says the tree holds that row's content (recorded
- * from the manifest, or its own committed edit), else 0. A path the node
+ * from the manifest, or its own committed edit still in the row), else 0. A path the node
  * never materialized (it joined with its own file there) or whose newer
  * content it skipped for a local edit (it was cut off or down meanwhile) was
  * changed without seeing the cluster's version: a concurrent change, decided
@@ -276,8 +276,11 @@ static uint64_t base_version(struct replica *r, const char *path)
     struct statedb_disk d;
     if (statedb_disk_get(sm_statedb(replica_sm(r)), path, &d) < 0 || d.kind == 0)
         return 0;
-    if (memcmp(d.row_content, zero, sizeof(zero)) == 0 ||
-        memcmp(d.row_content, row.content, sizeof(zero)) == 0)
+    if (memcmp(d.row_content, row.content, sizeof(zero)) == 0)
+        return v;
+    /* Recorded as our own committed edit: seen if the content is still ours
+     * (another node's later edit, skipped here for a local one, is not). */
+    if (memcmp(d.row_content, zero, sizeof(zero)) == 0 && strcmp(row.origin, r->cfg->node_id) == 0)
         return v;
     return 0;
 }
@@ -775,6 +778,16 @@ static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_ap
     if (p->record_after && res->status == FSM_APPLY_DONE && sm_tree(sm) != NULL &&
         fsm_tree_lstat(sm_tree(sm), p->path, &now) == 0 && fsm_tree_stat_matches(&p->st, &now))
         fsm_apply_record_local(sm_fsm(sm), p->path, &p->st);
+    if ((p->type == FSM_OP_PUT || p->type == FSM_OP_SYMLINK) && p->has_st &&
+        res->status == FSM_APPLY_DONE && res->outcome == FSM_OUT_NOOP && sm_tree(sm) != NULL &&
+        fsm_tree_lstat(sm_tree(sm), p->path, &now) == 0 && fsm_tree_stat_matches(&p->st, &now)) {
+        /* The index already held these bytes (R5, e.g. a joining tree's
+         * identical file): the tree holds the index's row, recorded as such,
+         * so that our next edit of it is sequential. */
+        struct fsm_disk disk;
+        fsm_apply_bind_disk(sm_fsm(sm), &disk);
+        disk.record(disk.arg, p->path, &p->st);
+    }
     if (p->type == FSM_OP_RENAME && p->from != NULL && res->status == FSM_APPLY_DONE &&
         res->outcome == FSM_OUT_NOOP) {
         /* The source was gone (deleted or moved concurrently, R19): the

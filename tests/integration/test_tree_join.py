@@ -56,7 +56,7 @@ def converge(h, nodes, pred, what, timeout=30):
 
 
 with Harness("tree_join") as h:
-    h.plan(14)
+    h.plan(15)
     seed = {
         "top.txt": b"top from n1\n",
         "empty": b"",
@@ -133,6 +133,18 @@ with Harness("tree_join") as h:
          t.get(dd[0], (0, 0))[1] == b"a file on n2 where n1 has a directory\n",
          "n2's file where n1 had a directory: the directory stays, n2's file is %s" % dd)
 
+    # After the join, n2's edits are sequential: no new copies.
+    th.write(os.path.join(n2.data_dir, "same.txt"), "edited on n2 after the join\n")
+    th.write(os.path.join(n2.data_dir, "diff.txt"), "diff edited on n2 after the join\n")
+    n_copies = len([k for k in t if ".pickbox-conflict-" in k])
+
+    def edited(t):
+        return (t.get("same.txt", (0, 0))[1] == b"edited on n2 after the join\n" and
+                t.get("diff.txt", (0, 0))[1] == b"diff edited on n2 after the join\n")
+    te = converge(h, [n1, n2], edited, "n2's edits")
+    h.ok(te is not None and len([k for k in te if ".pickbox-conflict-" in k]) == n_copies,
+         "after the join, n2's edits of same.txt and diff.txt apply everywhere, no new copy")
+
     # n3 joins with an empty tree: nothing is deleted.
     before = th.snapshot_tree(n1.data_dir)
     n3 = h.start_node("n3", join=n1)
@@ -149,7 +161,7 @@ with Harness("tree_join") as h:
 
     # n4: a lone node with committed files, then `pickboxctl join`.
     n4_files = {"n4/own.txt": b"n4 alone\n", "diff.txt": b"n4's version\n",
-                "same.txt": b"identical everywhere\n"}
+                "same.txt": b"edited on n2 after the join\n"}
     populate(os.path.join(h.tmpdir, "n4", "tree"), n4_files)
     n4 = h.start_node("n4")
     wait_until(lambda: th.status(n4).get("tree", {}).get("files") == 3 and
@@ -168,7 +180,7 @@ with Harness("tree_join") as h:
     t4 = t4 or {}
     dc4 = [k for k in conflicts_of(t4, "diff.txt") if "-n4-" in k]
     h.ok(len(dc4) == 1 and t4.get(dc4[0], (0, 0))[1] == b"n4's version\n" and
-         t4.get("diff.txt", (0, 0))[1] == b"n1's version\n" and
+         t4.get("diff.txt", (0, 0))[1] == b"diff edited on n2 after the join\n" and
          conflicts_of(t4, "same.txt") == [],
          "n4's different diff.txt is a copy %s, its identical same.txt none" % dc4)
     h.ok(all(k in t4 for k in before), "nothing was deleted by n4's join")
