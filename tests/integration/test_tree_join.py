@@ -18,6 +18,7 @@ item 1; doc/conflicts.md "Joining with a tree").
 
 import os
 import sys
+import time
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -100,6 +101,7 @@ with Harness("tree_join") as h:
         "n2empty": b"",
     }
     populate(os.path.join(h.tmpdir, "n2", "tree"), n2_files)
+    t0 = time.monotonic()
     n2 = h.start_node("n2", join=n1)
 
     def joined(t):
@@ -107,6 +109,7 @@ with Harness("tree_join") as h:
                 == 1 and "clash/child.txt" in t and len(conflicts_of(t, "clash")) == 1 and
                 len(conflicts_of(t, "cdir")) == 1 and "n2empty" in t)
     t = converge(h, [n1, n2], joined, "n1 and n2")
+    h.diag("n2 started with --join -> both trees reconciled: %.0f ms" % ((time.monotonic() - t0) * 1000))
     h.ok(t is not None, "n2 joins with files: n1 and n2 converge")
     t = t or th.snapshot_tree(n2.data_dir)
     h.ok(all(t.get(k, (None, None))[1] == v for k, v in seed.items()

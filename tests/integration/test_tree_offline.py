@@ -27,6 +27,7 @@ Then `pickboxctl sync` on n3 answers, and no bytes of either side are lost.
 import os
 import shutil
 import sys
+import time
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -119,6 +120,7 @@ def run_round(h, nodes, tag, mode):
     h.ok("result" in r, "%s: sync on the majority's leader answers while n3 is away (%s)"
          % (tag, list(r)), "reply %r" % r)
 
+    t0 = time.monotonic()
     if mode == "partition":
         cut(n3, n1, False)
         cut(n3, n2, False)
@@ -139,6 +141,7 @@ def run_round(h, nodes, tag, mode):
                 T("ren-del2.txt") in t and T("rdir2/c.txt") in t)
     try:
         t = th.wait_converged(nodes, 40, done)
+        h.diag("%s: n3 back -> all trees converged: %.0f ms" % (tag, (time.monotonic() - t0) * 1000))
     except HarnessError as e:
         h.diag(th.tree_diff(nodes))
         h.diag("n3: %r" % sorted((k, v[:2]) for k, v in th.snapshot_tree(n3.data_dir).items()
