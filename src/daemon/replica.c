@@ -1036,8 +1036,10 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
  * reported). A member whose link is down (partitioned, stopped, gone) is
  * not waited for; one that is connected but slow is. Members report their
  * applied index to every peer within a heartbeat (cluster_applied.c), so no
- * forwarding to the leader is needed. behind (may be NULL) gets the members
- * that have not caught up yet, as "name (applied N)".
+ * forwarding to the leader is needed. A node that knows no leader (cut off
+ * from the majority) cannot know what is committed: it waits, and times
+ * out saying so. behind (may be NULL) gets the members that have not caught
+ * up yet, as "name (applied N)".
  */
 static bool sync_reached(struct replica *r, uint64_t target, char *behind, size_t len)
 {
@@ -1050,6 +1052,8 @@ static bool sync_reached(struct replica *r, uint64_t target, char *behind, size_
     if (!ok && behind != NULL)
         used += (size_t)snprintf(behind, len, "%s (applied %" PRIu64 ")", r->cfg->node_id,
                                  v.applied);
+    if (v.leader == NULL)
+        ok = false; /* cut off from the majority: what is committed is not known here */
     json_t *mj = cluster_members_json(r->c);
     json_t *arr = json_object_get(mj, "members");
     size_t i;
@@ -1078,6 +1082,13 @@ static bool sync_reached(struct replica *r, uint64_t target, char *behind, size_
     return ok;
 }
 
+static bool sync_no_leader(struct replica *r)
+{
+    struct cluster_view v;
+    cluster_view(r->c, &v);
+    return v.leader == NULL;
+}
+
 static void sync_check(struct replica *r, uint64_t now)
 {
     struct rsync **pp = &r->syncs;
@@ -1087,6 +1098,11 @@ static void sync_check(struct replica *r, uint64_t now)
         bool late = now >= q->deadline_ms;
         if (sync_reached(r, q->target, late ? behind : NULL, sizeof(behind))) {
             ctl_reply_result(q->req, json_pack("{s:I}", "index", (json_int_t)q->target));
+        } else if (late && sync_no_leader(r)) {
+            ctl_reply_error(q->req, CTL_ERR_TIMEOUT, NULL,
+                            "no leader known (cut off from the majority?): cannot tell whether "
+                            "index %" PRIu64 " is applied everywhere",
+                            q->target);
         } else if (late) {
             ctl_reply_error(q->req, CTL_ERR_TIMEOUT, NULL,
                             "not every reachable node applied index %" PRIu64

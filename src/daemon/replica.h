@@ -48,8 +48,9 @@ void replica_status_fill(struct replica *r, json_t *obj);
 /* Answers req once this node and every reachable member (voters and
  * learners; a member whose link is down is not waited for) have applied
  * the highest commit index known at call time (cluster_commit_known()), as
- * the members report it (cluster_member_applied()); or TIMEOUT after
- * timeout_ms, naming the nodes that had not caught up. Result {"index": n}.
+ * the members report it (cluster_member_applied()), with a leader known;
+ * or TIMEOUT after timeout_ms, naming the nodes that had not caught up (or
+ * saying no leader is known). Result {"index": n}.
  * Pending replies are answered UNAVAILABLE by replica_free(). */
 struct ctl_request;
 void replica_sync(struct replica *r, struct ctl_request *req, unsigned timeout_ms);

@@ -7,7 +7,9 @@ On a 3-node cluster:
   all three trees and every node's applied index is at least the one sync
   answered;
 - `status` and `members` show each member's applied_index;
-- a member cut off by the debug_partition hook is not waited for;
+- a member cut off by the debug_partition hook is not waited for, and sync
+  on that member itself times out (it knows no leader, so not what is
+  committed);
 - a member that is connected but stopped (SIGSTOP, so it applies nothing) is
   waited for: sync times out with an error naming it; after SIGCONT, sync
   returns and the node has the file.
@@ -56,7 +58,7 @@ def has(d, path, data):
 
 
 with Harness("tree_sync") as h:
-    h.plan(9)
+    h.plan(10)
     nodes = th.start_cluster(h, 3, env=ENV)
     n1, n2, n3 = nodes
     leader = h.wait_leader(nodes)
@@ -100,6 +102,13 @@ with Harness("tree_sync") as h:
     r = maj_leader.request("sync", {"timeout_s": 10}, timeout=20)
     h.ok("result" in r and not has(n3, "two.txt", b"two\n"),
          "sync while n3 is cut off returns without it (%r)" % r)
+    wait_until(lambda: th.status(n3).get("leader_id") is None, 20,
+               what="n3 to lose its leader")
+    r = n3.request("sync", {"timeout_s": 1}, timeout=20)
+    err = r.get("error") or {}
+    h.ok(err.get("code") == "TIMEOUT" and "no leader" in err.get("message", ""),
+         "sync on the cut-off n3 times out: it cannot know what is committed (%r)"
+         % err.get("message"), "reply %r" % r)
     cut(n3, n1, False)
     cut(n3, n2, False)
     wait_until(lambda: has(n3, "two.txt", b"two\n"), 20, what="n3 to catch up after healing")
