@@ -9,7 +9,8 @@ item 1; doc/conflicts.md "Joining with a tree").
   one keeps the cluster's bytes and puts n2's in a conflict copy (R4 with
   base 0), a local directory where the cluster has a file takes the name and
   the file becomes a copy (R11), a local file where the cluster has a
-  directory becomes a copy (R7). Every tree ends identical, no bytes lost.
+  directory becomes a copy (R7), a different symlink is a copy (R4). Every
+  tree ends identical, no bytes lost; n2's next edits are sequential.
 - n3 joins with an empty tree: nothing is deleted anywhere.
 - n4 is started alone on a tree with files (so its lone cluster has
   committed them) and joined with `pickboxctl join`: its files reach
@@ -57,7 +58,7 @@ def converge(h, nodes, pred, what, timeout=30):
 
 
 with Harness("tree_join") as h:
-    h.plan(15)
+    h.plan(16)
     seed = {
         "top.txt": b"top from n1\n",
         "empty": b"",
@@ -99,6 +100,7 @@ with Harness("tree_join") as h:
         "clash/child.txt": b"a directory on n2\n",
         "cdir": b"a file on n2 where n1 has a directory\n",
         "n2empty": b"",
+        "link": ("l", "elsewhere"),
     }
     populate(os.path.join(h.tmpdir, "n2", "tree"), n2_files)
     t0 = time.monotonic()
@@ -107,7 +109,8 @@ with Harness("tree_join") as h:
     def joined(t):
         return ("only-n2.txt" in t and "n2dir/sub/x.txt" in t and len(conflicts_of(t, "diff.txt"))
                 == 1 and "clash/child.txt" in t and len(conflicts_of(t, "clash")) == 1 and
-                len(conflicts_of(t, "cdir")) == 1 and "n2empty" in t)
+                len(conflicts_of(t, "cdir")) == 1 and "n2empty" in t and
+                len(conflicts_of(t, "link")) == 1)
     t = converge(h, [n1, n2], joined, "n1 and n2")
     h.diag("n2 started with --join -> both trees reconciled: %.0f ms" % ((time.monotonic() - t0) * 1000))
     h.ok(t is not None, "n2 joins with files: n1 and n2 converge")
@@ -135,6 +138,11 @@ with Harness("tree_join") as h:
          b"n1 dir child\n" and len(dd) == 1 and
          t.get(dd[0], (0, 0))[1] == b"a file on n2 where n1 has a directory\n",
          "n2's file where n1 had a directory: the directory stays, n2's file is %s" % dd)
+
+    lc = conflicts_of(t, "link")
+    h.ok(t.get("link") == ("l", "docs/a.md") and len(lc) == 1 and "-n2-" in lc[0] and
+         t.get(lc[0]) == ("l", "elsewhere"),
+         "a different symlink: the cluster's stays, n2's is the copy %s" % lc)
 
     # After the join, n2's edits are sequential: no new copies.
     th.write(os.path.join(n2.data_dir, "same.txt"), "edited on n2 after the join\n")
