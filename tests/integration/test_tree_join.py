@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Trees that already hold files when their node bootstraps or joins (issue 5,
-item 1; doc/conflicts.md "Joining with a tree").
+item 1; doc/conflicts.md "Trees that were not in sync").
 
 - n1 bootstraps on a tree holding files, directories, a symlink and an empty
   file: all of it reaches n2 and n3, which join later.
