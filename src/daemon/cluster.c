@@ -614,6 +614,9 @@ static void cluster_on_frame(void *arg, uint64_t node_id, uint8_t type, const ui
     case CLUSTER_MSG_ADMIN_RESP:
         cluster_admin_on_response(c, node_id, data, len);
         break;
+    case CLUSTER_MSG_APPLIED:
+        cluster_applied_on_frame(c, node_id, data, len);
+        break;
     default:
         log_debug("unknown frame type %u from %016" PRIx64, type, node_id);
         break;
@@ -631,6 +634,8 @@ static void cluster_on_peer_state(void *arg, uint64_t node_id, bool up)
     log_info("peer %s (%016" PRIx64 ") is %s", name, node_id, up ? "up" : "down");
     if (up && c->joining)
         c->join_next_ms = 0; /* ask now */
+    if (up)
+        cluster_applied_resend(c);
 }
 
 /* Everything that waited while the core was frozen, then ready. */
@@ -828,6 +833,7 @@ static void cluster_on_tick(evutil_socket_t fd, short what, void *arg)
     }
     cluster_req_tick(c, now);
     cluster_gone_tick(c, now);
+    cluster_applied_tick(c, now);
     cluster_schedule(c);
 }
 
@@ -1007,8 +1013,12 @@ static int cluster_start_net(struct cluster *c, int peer_fd, struct pb_error *er
 }
 
 /* True when this node is alone in a cluster whose log holds nothing but
- * its bootstrap (configuration and no-op entries): `pickboxctl join` may
- * then discard it. */
+ * its bootstrap (configuration and no-op entries) and the ops its own
+ * watcher proposed from its tree: `pickboxctl join` may then discard it.
+ * The tree stays on disk and is proposed again after the join, as files
+ * the cluster has not seen (doc/conflicts.md, "Trees that were not in
+ * sync"), so nothing in it is lost. Probes, others' entries or a compacted
+ * log (nothing to check) keep it. */
 bool cluster_is_lone(struct cluster *c)
 {
     if (c->joining || c->n_members != 1 || c->members[0].id != c->id)
@@ -1019,7 +1029,10 @@ bool cluster_is_lone(struct cluster *c)
         return false;
     for (uint64_t i = 1; i <= rs.last_index; i++) {
         const struct raft_entry *e = raft_entry_at(c->raft, i);
-        if (e == NULL || e->type == RAFT_ENTRY_NORMAL)
+        if (e == NULL)
+            return false;
+        if (e->type == RAFT_ENTRY_NORMAL &&
+            (e->client_id != c->id || e->len == 0 || e->data == NULL || e->data[0] == 0))
             return false;
     }
     return true;
@@ -1053,6 +1066,8 @@ int cluster_reset_for_join(struct cluster *c, const char *addr, struct pb_error 
     c->members = NULL;
     c->n_members = 0;
     c->n_gone = 0;
+    c->n_reports = 0;
+    cluster_applied_resend(c);
     c->frozen = false;
     c->ready_seq = 0;
     c->verify_overlap = false;
@@ -1322,6 +1337,11 @@ static json_t *cluster_members_array(struct cluster *c)
         }
         json_object_set_new(o, "match_index", match);
         json_object_set_new(o, "lag", lag);
+        uint64_t applied;
+        json_object_set_new(o, "applied_index",
+                            cluster_member_applied(c, m->id, &applied)
+                                    ? json_integer((json_int_t)applied)
+                                    : json_null());
         if (have_ps && ps.last_contact_ms != 0)
             json_object_set_new(o, "last_contact_ms",
                                 json_integer((json_int_t)(now - ps.last_contact_ms)));

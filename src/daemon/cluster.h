@@ -57,6 +57,7 @@ struct sm;
 #define CLUSTER_MSG_RAFT       16 /* a Raft message (raft codec) */
 #define CLUSTER_MSG_ADMIN      17 /* join / remove / transfer request to the leader */
 #define CLUSTER_MSG_ADMIN_RESP 18
+#define CLUSTER_MSG_APPLIED    21 /* a node's applied and commit index, to every peer */
 
 /* Take a snapshot every this many applied entries (env
  * PICKBOX_TEST_SNAPSHOT_EVERY overrides it, for tests). */
@@ -100,6 +101,15 @@ struct cluster_view {
     uint64_t applied;
 };
 void cluster_view(struct cluster *c, struct cluster_view *v);
+
+/* The applied index member id last reported (this node's own for
+ * c's id): false when it has reported nothing yet. Reports arrive within a
+ * heartbeat of a change (cluster_applied.c). */
+bool cluster_member_applied(struct cluster *c, uint64_t id, uint64_t *applied);
+/* The highest commit index this node knows: its own, or one a member
+ * reported (a follower's own commit index may lag the leader's by a
+ * heartbeat). Everything up to it is committed. */
+uint64_t cluster_commit_known(struct cluster *c);
 
 /* The state machine (valid until the next cluster call that may reset it:
  * join). */

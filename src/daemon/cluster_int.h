@@ -28,6 +28,14 @@ struct cluster_member {
     char addr[CLUSTER_ADDR_MAX];
 };
 
+/* What a peer last reported of its progress (cluster_applied.c). */
+struct cluster_applied_report {
+    uint64_t id;
+    uint64_t applied; /* its applied index */
+    uint64_t commit;  /* the highest commit index it reported */
+    uint64_t at_ms;   /* pb_now_ms() of the report */
+};
+
 enum creq_kind {
     CREQ_PROBE = 1,
     CREQ_REMOVE,   /* also leave (target = self) */
@@ -153,6 +161,11 @@ struct cluster {
     size_t *free_slots;
     size_t n_free;
 
+    /* Applied indexes: ours as last sent, the peers' as reported. */
+    uint64_t applied_sent, commit_sent, applied_sent_ms;
+    struct cluster_applied_report reports[RAFT_MAX_MEMBERS];
+    size_t n_reports;
+
     /* Counters. */
     uint64_t stats_malformed, stats_inq_dropped, stats_batches, stats_batch_entries;
     uint64_t malformed_warned_ms;
@@ -195,5 +208,13 @@ void cluster_req_tick(struct cluster *c, uint64_t now);
 void cluster_req_close_all(struct cluster *c);
 void cluster_admin_on_request(struct cluster *c, uint64_t from, const uint8_t *p, size_t len);
 void cluster_admin_on_response(struct cluster *c, uint64_t from, const uint8_t *p, size_t len);
+
+/* cluster_applied.c */
+/* Sends our applied and commit index to every member when they changed
+ * (or every second); called from the tick. */
+void cluster_applied_tick(struct cluster *c, uint64_t now);
+/* Sends them with the next tick whatever they are (a link came up). */
+void cluster_applied_resend(struct cluster *c);
+void cluster_applied_on_frame(struct cluster *c, uint64_t from, const uint8_t *p, size_t len);
 
 #endif

@@ -60,6 +60,7 @@ struct rprop {
     char *from;              /* RENAME: the source */
     struct fsm_tree_stat st; /* what the tree held at path when proposed */
     bool has_st;
+    bool record_after; /* MKDIR over a path we never recorded: see obs_before */
     uint8_t *data;
     size_t len;
     bool proposed;
@@ -258,6 +259,35 @@ static uint64_t row_version(struct replica *r, const char *path, struct statedb_
     return row->version;
 }
 
+/*
+ * The version of path this node's tree has seen, the base of an op about it
+ * (doc/conflicts.md, "Trees that were not in sync"): the row's version when
+ * the node's disk record says the tree holds that row's content (recorded
+ * from the manifest, or its own committed edit still in the row), else 0. A path the node
+ * never materialized (it joined with its own file there) or whose newer
+ * content it skipped for a local edit (it was cut off or down meanwhile) was
+ * changed without seeing the cluster's version: a concurrent change, decided
+ * by the conflict rules, never a sequential overwrite.
+ */
+static uint64_t base_version(struct replica *r, const char *path)
+{
+    struct statedb_row row;
+    uint64_t v = row_version(r, path, &row);
+    if (v == 0 || row.deleted)
+        return v;
+    static const uint8_t zero[STATEDB_ID_LEN];
+    struct statedb_disk d;
+    if (statedb_disk_get(sm_statedb(replica_sm(r)), path, &d) < 0 || d.kind == 0)
+        return 0;
+    if (memcmp(d.row_content, row.content, sizeof(zero)) == 0)
+        return v;
+    /* Recorded as our own committed edit: seen if the content is still ours
+     * (another node's later edit, skipped here for a local one, is not). */
+    if (memcmp(d.row_content, zero, sizeof(zero)) == 0 && strcmp(row.origin, r->cfg->node_id) == 0)
+        return v;
+    return 0;
+}
+
 static void record_of(struct replica *r, const char *path, struct fsm_tree_stat *st)
 {
     struct statedb_disk d;
@@ -348,7 +378,7 @@ static void op_start(struct fsm_op *op, struct replica *r, enum fsm_op_type type
     op->type = type;
     op->origin = pb_xstrdup(r->cfg->node_id);
     op->path = pb_xstrdup(path);
-    op->base = row_version(r, path, NULL);
+    op->base = base_version(r, path);
 }
 
 static bool read_target(struct replica *r, const char *path, char *buf, size_t len)
@@ -443,8 +473,8 @@ static void replica_check(struct replica *r, const char *path, bool carry_all)
         struct emit_ctx x = {.r = r};
         r->carry_all = carry_all;
         size_t before = r->n_props;
-        rc = fsm_propose_put(t, path, r->cfg->node_id, row_version(r, path, NULL), lacks_chunk,
-                             emit_op, &x, &x.st);
+        rc = fsm_propose_put(t, path, r->cfg->node_id, base_version(r, path), lacks_chunk, emit_op,
+                             &x, &x.st);
         r->carry_all = false;
         if (rc == -EAGAIN) {
             mark_dirty(r, path, carry_all); /* changing while read: later */
@@ -526,9 +556,14 @@ static void replica_rename(struct replica *r, const char *from, const char *to)
     record_of(r, from, &rec);
     struct statedb_row row;
     uint64_t v = row_version(r, from, &row);
+    struct fsm_tree_stat rec_to;
+    record_of(r, to, &rec_to);
     if (path_busy(r, from) || path_busy(r, to) || rec.kind == FSM_KIND_NONE || v == 0 ||
-        row.deleted || fsm_tree_lstat(t, to, &now) < 0 || now.kind == FSM_KIND_NONE) {
-        /* Not something we can move in the index as is: look at both ends. */
+        row.deleted || fsm_tree_lstat(t, to, &now) < 0 || now.kind == FSM_KIND_NONE ||
+        fsm_tree_stat_matches(&rec_to, &now)) {
+        /* Not something we can move in the index as is, or the destination
+         * is as recorded (our own apply moved it there, e.g. a leaf moved
+         * aside to a conflict copy, R11/R16): look at both ends. */
         replica_check(r, from, false);
         replica_check(r, to, false);
         return;
@@ -536,7 +571,7 @@ static void replica_rename(struct replica *r, const char *from, const char *to)
     struct fsm_op op;
     op_start(&op, r, FSM_OP_RENAME, from);
     op.u.rename.to = pb_xstrdup(to);
-    op.u.rename.base_to = row_version(r, to, NULL);
+    op.u.rename.base_to = base_version(r, to);
     queue_op(r, &op, &now, from);
     /* the proposal is about `to` (stat), moving from */
     if (r->tail != NULL && r->tail->type == FSM_OP_RENAME) {
@@ -694,9 +729,29 @@ static void obs_before(void *arg, const struct raft_entry *e)
         statedb_disk_move(sm_statedb(sm), p->from, p->path);
         return;
     }
-    if (!p->has_st || p->type == FSM_OP_DELETE)
+    if (!p->has_st)
         return;
     struct fsm_tree_stat now;
+    if (p->type == FSM_OP_DELETE) {
+        /* Still gone: drop the record, so that if the delete loses (an edit
+         * beats a concurrent delete, R14) the repair brings the path back
+         * instead of finding "a local edit" forever. */
+        int rc = fsm_tree_lstat(sm_tree(sm), p->path, &now);
+        if (rc == -ENOENT || rc == -ENOTDIR || (rc == 0 && now.kind == FSM_KIND_NONE))
+            fsm_apply_record_local(sm_fsm(sm), p->path, &p->st);
+        return;
+    }
+    if (p->type == FSM_OP_MKDIR) {
+        /* Our directory where this tree never held the index's entry (a
+         * joining tree, R11): recorded now, a plan moving the index's leaf
+         * aside would move our directory instead. Recorded once applied. */
+        struct fsm_tree_stat rec;
+        record_of(r, p->path, &rec);
+        if (rec.kind == FSM_KIND_NONE) {
+            p->record_after = true;
+            return;
+        }
+    }
     if (fsm_tree_lstat(sm_tree(sm), p->path, &now) == 0 && fsm_tree_stat_matches(&p->st, &now))
         fsm_apply_record_local(sm_fsm(sm), p->path, &p->st);
 }
@@ -729,6 +784,33 @@ static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_ap
     r->applied++;
     if (p->proposed)
         pb_hist_observe_us(&r->latency, pb_now_us() - p->proposed_us);
+    struct sm *sm = replica_sm(r);
+    struct fsm_tree_stat now;
+    if (p->record_after && res->status == FSM_APPLY_DONE && sm_tree(sm) != NULL &&
+        fsm_tree_lstat(sm_tree(sm), p->path, &now) == 0 && fsm_tree_stat_matches(&p->st, &now))
+        fsm_apply_record_local(sm_fsm(sm), p->path, &p->st);
+    if ((p->type == FSM_OP_PUT || p->type == FSM_OP_SYMLINK) && p->has_st &&
+        res->status == FSM_APPLY_DONE && res->outcome == FSM_OUT_NOOP && sm_tree(sm) != NULL &&
+        fsm_tree_lstat(sm_tree(sm), p->path, &now) == 0 && fsm_tree_stat_matches(&p->st, &now)) {
+        /* The index already held these bytes (R5, e.g. a joining tree's
+         * identical file): the tree holds the index's row, recorded as such,
+         * so that our next edit of it is sequential. */
+        struct fsm_disk disk;
+        fsm_apply_bind_disk(sm_fsm(sm), &disk);
+        disk.record(disk.arg, p->path, &p->st);
+    }
+    if (p->type == FSM_OP_RENAME && p->from != NULL && res->status == FSM_APPLY_DONE &&
+        res->outcome == FSM_OUT_NOOP) {
+        /* The source was gone (deleted or moved concurrently, R19): the
+         * index knows nothing at the destination, so its records go back
+         * to the source (removed there by the repair) and the entry in our
+         * tree is proposed as a creation. */
+        statedb_disk_move(sm_statedb(replica_sm(r)), p->path, p->from);
+        if (p->st.kind == FSM_KIND_DIR)
+            watch_rescan(r->w, p->path); /* the directory and what it holds */
+        else
+            mark_dirty(r, p->path, false);
+    }
     bool missing = res->status == FSM_APPLY_DONE && res->outcome == FSM_OUT_MISSING_CHUNKS;
     if (missing)
         log_info("%s: chunks were collected before the PUT applied: proposing again with them",
@@ -959,31 +1041,64 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
 
 /* ---- sync ---- */
 
-static bool sync_reached(struct replica *r, uint64_t target)
+/*
+ * `sync` waits until this node and every reachable member (voters and
+ * learners) have applied the target, the highest commit index the node knew
+ * when asked (cluster_commit_known(): on a follower, the leader's as last
+ * reported). A member whose link is down (partitioned, stopped, gone) is
+ * not waited for; one that is connected but slow is. Members report their
+ * applied index to every peer within a heartbeat (cluster_applied.c), so no
+ * forwarding to the leader is needed. A node that knows no leader (cut off
+ * from the majority) cannot know what is committed: it waits, and times
+ * out saying so. behind (may be NULL) gets the members that have not caught
+ * up yet, as "name (applied N)".
+ */
+static bool sync_reached(struct replica *r, uint64_t target, char *behind, size_t len)
 {
     struct cluster_view v;
     cluster_view(r->c, &v);
-    if (v.applied < target)
-        return false;
-    if (strcmp(v.role, "leader") != 0)
-        return true; /* a follower sees only itself */
+    bool ok = v.applied >= target;
+    if (behind != NULL && len > 0)
+        behind[0] = '\0';
+    size_t used = 0;
+    if (!ok && behind != NULL)
+        used += (size_t)snprintf(behind, len, "%s (applied %" PRIu64 ")", r->cfg->node_id,
+                                 v.applied);
+    if (v.leader == NULL)
+        ok = false; /* cut off from the majority: what is committed is not known here */
     json_t *mj = cluster_members_json(r->c);
     json_t *arr = json_object_get(mj, "members");
-    bool ok = true;
     size_t i;
     json_t *m;
     json_array_foreach(arr, i, m)
     {
-        if (json_is_true(json_object_get(m, "self")))
+        if (json_is_true(json_object_get(m, "self")) ||
+            !json_is_true(json_object_get(m, "reachable")))
             continue;
-        if (json_is_false(json_object_get(m, "reachable")))
-            continue; /* every reachable node */
-        json_t *mi = json_object_get(m, "match_index");
-        if (!json_is_integer(mi) || (uint64_t)json_integer_value(mi) < target)
-            ok = false;
+        json_t *ai = json_object_get(m, "applied_index");
+        if (json_is_integer(ai) && (uint64_t)json_integer_value(ai) >= target)
+            continue;
+        ok = false;
+        if (behind != NULL && used < len) {
+            const char *name = json_string_value(json_object_get(m, "id"));
+            char what[48];
+            if (json_is_integer(ai))
+                snprintf(what, sizeof(what), "applied %" PRIu64, (uint64_t)json_integer_value(ai));
+            else
+                snprintf(what, sizeof(what), "no report yet");
+            used += (size_t)snprintf(behind + used, len - used, "%s%s (%s)", used ? ", " : "",
+                                     name ? name : "?", what);
+        }
     }
     json_decref(mj);
     return ok;
+}
+
+static bool sync_no_leader(struct replica *r)
+{
+    struct cluster_view v;
+    cluster_view(r->c, &v);
+    return v.leader == NULL;
 }
 
 static void sync_check(struct replica *r, uint64_t now)
@@ -991,12 +1106,20 @@ static void sync_check(struct replica *r, uint64_t now)
     struct rsync **pp = &r->syncs;
     while (*pp != NULL) {
         struct rsync *q = *pp;
-        if (sync_reached(r, q->target)) {
+        char behind[512];
+        bool late = now >= q->deadline_ms;
+        if (sync_reached(r, q->target, late ? behind : NULL, sizeof(behind))) {
             ctl_reply_result(q->req, json_pack("{s:I}", "index", (json_int_t)q->target));
-        } else if (now >= q->deadline_ms) {
+        } else if (late && sync_no_leader(r)) {
             ctl_reply_error(q->req, CTL_ERR_TIMEOUT, NULL,
-                            "not every reachable node applied index %" PRIu64 " in time",
+                            "no leader known (cut off from the majority?): cannot tell whether "
+                            "index %" PRIu64 " is applied everywhere",
                             q->target);
+        } else if (late) {
+            ctl_reply_error(q->req, CTL_ERR_TIMEOUT, NULL,
+                            "not every reachable node applied index %" PRIu64
+                            " in time; behind: %s",
+                            q->target, behind);
         } else {
             pp = &q->next;
             continue;
@@ -1008,11 +1131,9 @@ static void sync_check(struct replica *r, uint64_t now)
 
 void replica_sync(struct replica *r, struct ctl_request *req, unsigned timeout_ms)
 {
-    struct cluster_view v;
-    cluster_view(r->c, &v);
     struct rsync *q = pb_xcalloc(1, sizeof(*q));
     q->req = req;
-    q->target = v.commit;
+    q->target = cluster_commit_known(r->c);
     q->deadline_ms = pb_now_ms() + timeout_ms;
     q->next = r->syncs;
     r->syncs = q;

@@ -59,10 +59,13 @@ struct replica_metrics {
 };
 void replica_metrics_get(struct replica *r, struct replica_metrics *m);
 
-/* Answers req once this node has applied the commit index known at call
- * time and, on the leader, every member's match index has reached it
- * (or TIMEOUT after timeout_ms). Result {"index": n}. Pending replies are
- * answered UNAVAILABLE by replica_free(). */
+/* Answers req once this node and every reachable member (voters and
+ * learners; a member whose link is down is not waited for) have applied
+ * the highest commit index known at call time (cluster_commit_known()), as
+ * the members report it (cluster_member_applied()), with a leader known;
+ * or TIMEOUT after timeout_ms, naming the nodes that had not caught up (or
+ * saying no leader is known). Result {"index": n}.
+ * Pending replies are answered UNAVAILABLE by replica_free(). */
 struct ctl_request;
 void replica_sync(struct replica *r, struct ctl_request *req, unsigned timeout_ms);
 

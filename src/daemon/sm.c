@@ -362,7 +362,11 @@ int sm_apply(struct sm *sm, const struct raft_entry *e, size_t n, sm_applied_fn 
             repair = true;
         }
         if (sm_own(sm, x)) {
-            if (res[i].conflicts > 0)
+            /* Lost (conflict) or dropped (an edit beat our delete, our
+             * rename's source was gone): the tree is brought back to the
+             * index, the local bytes being in a copy or re-proposed. */
+            if (res[i].conflicts > 0 ||
+                (res[i].status == FSM_APPLY_DONE && res[i].outcome == FSM_OUT_NOOP))
                 repair = true;
             if (sm->obs.after != NULL)
                 sm->obs.after(sm->obs.arg, x, &res[i]);

@@ -9,7 +9,7 @@
  *    "applied_index":120,"last_index":120,"snapshot_index":100,"joining":false,
  *    "storage_error":null|{"message":"...","since_s":12},
  *    "members":[{"id":"n1","raft_id":"...","address":"127.0.0.1:8010","voter":true,
- *                "self":true,"reachable":true,"match_index":120,"lag":0,
+ *                "self":true,"reachable":true,"match_index":120,"applied_index":120,"lag":0,
  *                "last_contact_ms":12}], ...}
  * A storage error is shown first, in capitals, when set.
  */
@@ -60,6 +60,7 @@ static const struct pbctl_field_spec member_columns[] = {
         {"voter", "role", pbctl_format_voter, NULL},
         {"reachable", "reachable", NULL, NULL},
         {"match_index", "match", NULL, NULL},
+        {"applied_index", "applied", NULL, NULL},
         {"lag", "lag", NULL, NULL},
         {"last_contact_ms", "last contact", pbctl_format_ms_ago, NULL},
         {"raft_id", "raft id", NULL, NULL},
