@@ -614,6 +614,12 @@ static void cluster_on_frame(void *arg, uint64_t node_id, uint8_t type, const ui
     case CLUSTER_MSG_ADMIN_RESP:
         cluster_admin_on_response(c, node_id, data, len);
         break;
+    case CLUSTER_MSG_CHUNK_REQ:
+        fetch_on_request(c->fetch, c->sm, node_id, data, len);
+        break;
+    case CLUSTER_MSG_CHUNK_RESP:
+        fetch_on_reply(c->fetch, c->sm, node_id, data, len, pb_now_ms());
+        break;
     default:
         log_debug("unknown frame type %u from %016" PRIx64, type, node_id);
         break;
@@ -800,6 +806,8 @@ static void cluster_on_tick(evutil_socket_t fd, short what, void *arg)
     }
     cluster_req_tick(c, now);
     cluster_gone_tick(c, now);
+    if (!c->frozen)
+        fetch_tick(c->fetch, c->sm, now);
     cluster_schedule(c);
 }
 
@@ -936,6 +944,37 @@ static int cluster_start_raft(struct cluster *c, struct pb_error *err)
     return 0;
 }
 
+/* fetch_ops: chunk requests and replies travel in the bulk class. */
+static int cluster_fetch_send(void *arg, uint64_t node_id, bool reply, const void *data,
+                              size_t len)
+{
+    struct cluster *c = arg;
+    if (c->net == NULL)
+        return -ENOTCONN;
+    return net_send(c->net, node_id, NET_CLASS_BULK,
+                    reply ? CLUSTER_MSG_CHUNK_RESP : CLUSTER_MSG_CHUNK_REQ, data, len);
+}
+
+/* fetch_ops: the leader first, then the other members whose link is up. */
+static size_t cluster_fetch_peers(void *arg, uint64_t *ids, size_t max)
+{
+    struct cluster *c = arg;
+    size_t n = 0;
+    uint64_t leader = c->raft != NULL ? raft_leader(c->raft) : 0;
+    struct net_peer_stats ps;
+    if (leader != 0 && leader != c->id && n < max && c->net != NULL &&
+        net_peer_stats(c->net, leader, &ps) == 0 && ps.connected)
+        ids[n++] = leader;
+    for (size_t i = 0; i < c->n_members && n < max; i++) {
+        uint64_t id = c->members[i].id;
+        if (id == c->id || id == leader || c->net == NULL ||
+            net_peer_stats(c->net, id, &ps) < 0 || !ps.connected)
+            continue;
+        ids[n++] = id;
+    }
+    return n;
+}
+
 static int cluster_start_net(struct cluster *c, int peer_fd, struct pb_error *err)
 {
     struct net_config nc;
@@ -948,6 +987,10 @@ static int cluster_start_net(struct cluster *c, int peer_fd, struct pb_error *er
     nc.cb.on_frame = cluster_on_frame;
     nc.cb.on_peer_state = cluster_on_peer_state;
     nc.cb_arg = c;
+    if (c->fetch == NULL) {
+        struct fetch_ops fo = {.arg = c, .send = cluster_fetch_send, .peers = cluster_fetch_peers};
+        c->fetch = fetch_new(&fo);
+    }
     c->net = net_new(c->base, &nc, err);
     if (c->net == NULL) {
         if (peer_fd >= 0)
@@ -1196,6 +1239,7 @@ void cluster_close(struct cluster *c)
     if (c->process_ev)
         event_free(c->process_ev);
     net_free(c->net);
+    fetch_free(c->fetch);
     store_close(c->store);
     sm_close(c->sm);
     raft_free(c->raft);
@@ -1334,4 +1378,14 @@ void cluster_status_fill(struct cluster *c, json_t *obj)
                                   "entries", (json_int_t)c->stats_batch_entries,
                                   "malformed_dropped", (json_int_t)c->stats_malformed,
                                   "queue_dropped", (json_int_t)c->stats_inq_dropped));
+    struct fetch_stats fs;
+    memset(&fs, 0, sizeof(fs));
+    if (c->fetch != NULL)
+        fetch_get_stats(c->fetch, &fs);
+    json_object_set_new(obj, "chunk_fetch",
+                        json_pack("{s:b,s:I,s:I,s:I,s:I,s:I}", "active", fs.active, "requests",
+                                  (json_int_t)fs.requests, "rejected", (json_int_t)fs.rejected,
+                                  "unavailable", (json_int_t)fs.unavailable, "served_chunks",
+                                  (json_int_t)fs.served_chunks, "served_bytes",
+                                  (json_int_t)fs.served_bytes));
 }

@@ -39,6 +39,8 @@ struct sm {
     uint8_t *snap; /* current snapshot blob */
     size_t snap_len;
     uint64_t snap_index;
+    bool chunks_wanted; /* chunk bytes may be missing: the fetcher should look */
+    uint64_t fetched_chunks, fetched_bytes;
 };
 
 static int sm_reload_applied(struct sm *sm)
@@ -227,6 +229,7 @@ int sm_open(struct sm **out, const char *state_dir, const char *data_dir, struct
     else
         sm_repair(sm);
     sm_snap_file_load(sm);
+    sm->chunks_wanted = true; /* a snapshot installed before a restart */
     *out = sm;
     return 0;
 fail:
@@ -355,6 +358,8 @@ int sm_apply(struct sm *sm, const struct raft_entry *e, size_t n, sm_applied_fn 
     bool repair = false;
     for (size_t i = 0; i < m; i++) {
         const struct raft_entry *x = &e[i0 + i];
+        if (res[i].tree_rc == -ENODATA)
+            sm->chunks_wanted = true; /* bytes of an older chunk not here yet */
         if (res[i].tree_rc < 0) {
             sm->tree_failures++;
             log_warning("entry %" PRIu64 ": the tree could not follow: %s", x->index,
@@ -478,10 +483,37 @@ int sm_snapshot_install(struct sm *sm, uint64_t index, uint64_t term, const uint
     sm->snap_len = len;
     sm->snap_index = index;
     free(old);
+    sm->chunks_wanted = true;
     rc = sm_snap_file_write(sm, err);
     if (rc < 0)
         return rc;
     if (sm->ap != NULL)
         sm_repair(sm);
     return 0;
+}
+
+bool sm_chunks_wanted(struct sm *sm)
+{
+    bool w = sm->chunks_wanted;
+    sm->chunks_wanted = false;
+    return w;
+}
+
+int sm_chunk_store(struct sm *sm, const uint8_t id[STATEDB_ID_LEN], const void *data, uint32_t len)
+{
+    int had = statedb_chunk_data_has(sm->db, id);
+    if (had < 0)
+        return had;
+    int rc = statedb_chunk_data_put(sm->db, id, data, len);
+    if (rc == 0 && !had) {
+        sm->fetched_chunks++;
+        sm->fetched_bytes += len;
+    }
+    return rc;
+}
+
+void sm_fetch_counters(const struct sm *sm, uint64_t *chunks, uint64_t *bytes)
+{
+    *chunks = sm->fetched_chunks;
+    *bytes = sm->fetched_bytes;
 }

@@ -20,10 +20,14 @@
  * (after fsm_apply_repair()). sm_tree_error() says why.
  *
  * Snapshots: sm_snapshot_take() reads statedb's snapshot stream (the
- * replicated tables at the applied index) into a blob
- * ("PBS2", u64 index, u64 term, stream) kept in memory and in
+ * replicated tables at the applied index: manifest, chunk lists, chunk
+ * metadata, sessions; no chunk bytes, so its size follows the manifest)
+ * into a blob ("PBS2", u64 index, u64 term, stream) kept in memory and in
  * <state_dir>/snapshot.pbs (full sync); sm_snapshot_install() validates and
- * installs a received blob through statedb_install_*() and repairs the tree.
+ * installs a received blob through statedb_install_*() and repairs the tree
+ * as far as the chunk bytes on this node allow. The bytes it lacks are
+ * fetched from peers by the fetcher (fetch.h), which asks sm_chunks_wanted(),
+ * stores them with sm_chunk_store() and then calls sm_repair().
  *
  * The observer (the replica, replica.h) sees the node's own entries: before
  * (ahead of the batch's transaction: the moment to fsm_apply_record_local(),
@@ -115,5 +119,16 @@ const char *sm_tree_error(const struct sm *sm);
 int sm_repair(struct sm *sm);
 /* Tree materialization errors and conflicts seen since open. */
 uint64_t sm_tree_failures(const struct sm *sm);
+
+/* True (once; the flag is cleared) if chunk bytes may be missing on this
+ * node: after open, after a snapshot install, after a materialization that
+ * lacked bytes. */
+bool sm_chunks_wanted(struct sm *sm);
+/* Stores the bytes of chunk id (node-local; the caller verified the hash)
+ * and counts them as fetched. 0, -ENOENT (no such chunk any more), -EINVAL
+ * (its length differs), or a statedb error. Not inside sm_apply(). */
+int sm_chunk_store(struct sm *sm, const uint8_t id[32], const void *data, uint32_t len);
+/* Chunks and bytes stored by sm_chunk_store() since open. */
+void sm_fetch_counters(const struct sm *sm, uint64_t *chunks, uint64_t *bytes);
 
 #endif
