@@ -737,7 +737,7 @@ START_TEST(test_snapshot_metadata_vs_bytes)
     sa = stream_all(a, 65536, &la);
     install(b, sa, la, 0);
     ck_assert_int_eq(statedb_chunk_data_has(b, id), 1); /* still referenced: kept */
-    fill_id(id, 53);                                     /* dir1/file03's: collected on A */
+    fill_id(id, 53);                                    /* dir1/file03's: collected on A */
     ck_assert_int_eq(statedb_chunk_has(a, id), 0);
     ck_assert_int_eq(statedb_chunk_has(b, id), 0);
     sb = stream_all(b, 4096, &lb);

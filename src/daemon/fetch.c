@@ -202,8 +202,7 @@ void fetch_tick(struct fetch *f, struct sm *sm, uint64_t now_ms)
             f->deadline_ms = 0;
             f->peer_at++;
             fetch_send_next(f, sm, now_ms);
-        } else if (f->stored_since_repair &&
-                   now_ms >= f->last_repair_ms + FETCH_REPAIR_EVERY_MS) {
+        } else if (f->stored_since_repair && now_ms >= f->last_repair_ms + FETCH_REPAIR_EVERY_MS) {
             fetch_repair(f, sm, now_ms);
         }
         return;
@@ -327,8 +326,8 @@ void fetch_on_request(struct fetch *f, struct sm *sm, uint64_t from, const uint8
     uint16_t n = cursor_u16(&c);
     if (!cursor_ok(&c) || version != FETCH_VERSION || n == 0 || n > FETCH_BATCH_MAX ||
         cursor_remaining(&c) != (size_t)n * (STATEDB_ID_LEN + 4)) {
-        log_warning("chunk fetch: malformed request from %016" PRIx64 " (%zu bytes): dropped",
-                    from, len);
+        log_warning("chunk fetch: malformed request from %016" PRIx64 " (%zu bytes): dropped", from,
+                    len);
         return;
     }
     struct buf b = BUF_INIT;

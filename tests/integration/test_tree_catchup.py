@@ -14,6 +14,7 @@ big files (and its tree the files): they come back from the peers.
 
 import hashlib
 import os
+import re
 import sqlite3
 import sys
 
@@ -140,8 +141,11 @@ with Harness("tree-catchup") as h:
     except HarnessError as e:
         h.ok(False, "n3 caught up", str(e))
     st3 = th.status(n3)
-    h.ok((st3.get("snapshot_index") or 0) > last_before and n3.log_has("installed snapshot"),
-         "n3 installed a snapshot (snapshot_index %r)" % st3.get("snapshot_index"))
+    m = re.search(r"installed snapshot at index \d+ \(term \d+, (\d+) bytes\)", n3.log_text())
+    size = int(m.group(1)) if m else -1
+    h.ok((st3.get("snapshot_index") or 0) > last_before and 0 < size < MIB,
+         "n3 installed a snapshot of %d bytes (metadata only, not the 20 MiB; snapshot_index %r)"
+         % (size, st3.get("snapshot_index")))
     wait_until(lambda: tree_status(n3).get("chunks_missing") == 0, 30,
                what="n3 to have every chunk")
     ts = tree_status(n3)
