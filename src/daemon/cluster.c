@@ -945,8 +945,7 @@ static int cluster_start_raft(struct cluster *c, struct pb_error *err)
 }
 
 /* fetch_ops: chunk requests and replies travel in the bulk class. */
-static int cluster_fetch_send(void *arg, uint64_t node_id, bool reply, const void *data,
-                              size_t len)
+static int cluster_fetch_send(void *arg, uint64_t node_id, bool reply, const void *data, size_t len)
 {
     struct cluster *c = arg;
     if (c->net == NULL)
@@ -967,8 +966,8 @@ static size_t cluster_fetch_peers(void *arg, uint64_t *ids, size_t max)
         ids[n++] = leader;
     for (size_t i = 0; i < c->n_members && n < max; i++) {
         uint64_t id = c->members[i].id;
-        if (id == c->id || id == leader || c->net == NULL ||
-            net_peer_stats(c->net, id, &ps) < 0 || !ps.connected)
+        if (id == c->id || id == leader || c->net == NULL || net_peer_stats(c->net, id, &ps) < 0 ||
+            !ps.connected)
             continue;
         ids[n++] = id;
     }

@@ -109,9 +109,9 @@ struct statedb_applied {
 };
 
 struct statedb_status {
-    uint64_t files;  /* live manifest rows of kind `file_kind` */
-    uint64_t dirs;   /* live rows of kind `dir_kind` */
-    uint64_t bytes;  /* sum of the live files' sizes */
+    uint64_t files;       /* live manifest rows of kind `file_kind` */
+    uint64_t dirs;        /* live rows of kind `dir_kind` */
+    uint64_t bytes;       /* sum of the live files' sizes */
     uint64_t chunks;      /* rows of the chunk table (replicated metadata) */
     uint64_t chunk_bytes; /* the sum of their lengths */
     uint64_t tombstones;
