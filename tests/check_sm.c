@@ -234,6 +234,43 @@ START_TEST(test_sm_tree_lost_marker)
 }
 END_TEST
 
+/* A snapshot.pbs of an older stream format (before an upgrade) is not kept
+ * (peers would refuse it): a new one is taken at open. */
+START_TEST(test_sm_snapshot_old_format)
+{
+    struct pb_error err;
+    char *state = mkdirs("state"), *tree = mkdirs("tree");
+    struct sm *sm;
+    ck_assert_int_eq(sm_open(&sm, state, tree, &err), 0);
+    struct buf b1 = BUF_INIT;
+    struct raft_entry e[] = {ent(1, RAFT_ENTRY_NOOP, 0, 0), ent_mkdir(2, 6, 3, "x", &b1)};
+    ck_assert_int_eq(sm_apply(sm, e, 2, NULL, NULL, &err), 0);
+    uint64_t size;
+    ck_assert_int_eq(sm_snapshot_take(sm, 1, &size, &err), 0);
+    sm_close(sm);
+    /* blob: "PBS2", u64 index, u64 term, then the H record's u32 len, 'H',
+     * "PBSD", u32 format */
+    char *path = pb_xasprintf("%s/%s", state, SM_SNAP_NAME);
+    FILE *f = fopen(path, "r+b");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_int_eq(fseek(f, 20 + 9, SEEK_SET), 0);
+    static const uint8_t one[4] = {0, 0, 0, 1};
+    ck_assert_uint_eq(fwrite(one, 1, 4, f), 4);
+    fclose(f);
+    free(path);
+    ck_assert_int_eq(sm_open(&sm, state, tree, &err), 0);
+    ck_assert_uint_eq(sm_snapshot_index(sm), 2);
+    size_t len;
+    const uint8_t *p = sm_snapshot_data(sm, &len);
+    ck_assert_uint_gt(len, 20 + 13);
+    ck_assert_uint_eq(pb_load_u32(p + 20 + 9), STATEDB_SNAP_FORMAT);
+    sm_close(sm);
+    buf_free(&b1);
+    free(state);
+    free(tree);
+}
+END_TEST
+
 /* ---- the chunk fetcher ---- */
 
 /* Messages the fetchers sent, delivered by hand. */
@@ -490,6 +527,7 @@ static Suite *sm_suite(void)
     tcase_add_test(tc, test_sm_snapshot);
     tcase_add_test(tc, test_sm_tree_lost_marker);
     tcase_add_test(tc, test_sm_fetch);
+    tcase_add_test(tc, test_sm_snapshot_old_format);
     suite_add_tcase(s, tc);
     return s;
 }

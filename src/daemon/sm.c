@@ -171,8 +171,20 @@ out:
     return rc;
 }
 
-/* Loads <state_dir>/snapshot.pbs if it is a snapshot state.db has reached. */
-static void sm_snap_file_load(struct sm *sm)
+/* The stream format of a blob: its first record is the header
+ * (u32 len, 'H', "PBSD", u32 format); 0 if it is not one. */
+static uint32_t sm_snap_stream_format(const uint8_t *p, size_t len)
+{
+    if (len < SM_SNAP_HDR + 13 || p[SM_SNAP_HDR + 4] != 'H' ||
+        memcmp(p + SM_SNAP_HDR + 5, "PBSD", 4) != 0)
+        return 0;
+    return pb_load_u32(p + SM_SNAP_HDR + 9);
+}
+
+/* Loads <state_dir>/snapshot.pbs if it is a snapshot state.db has reached.
+ * Returns true if it is one of an older stream format (to be taken again:
+ * peers would refuse it). */
+static bool sm_snap_file_load(struct sm *sm)
 {
     char *path = pb_xasprintf("%s/%s", sm->state_dir, SM_SNAP_NAME);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -181,7 +193,7 @@ static void sm_snap_file_load(struct sm *sm)
         if (fd >= 0)
             close(fd);
         free(path);
-        return;
+        return false;
     }
     size_t len = (size_t)st.st_size;
     uint8_t *p = pb_xmalloc(len);
@@ -196,15 +208,23 @@ static void sm_snap_file_load(struct sm *sm)
     }
     close(fd);
     uint64_t index = pb_load_u64(p + 4);
+    bool old = false;
     if (off != len || pb_load_u32(p) != SM_SNAP_MAGIC || index > sm->applied) {
         log_info("ignoring %s (not a snapshot of this state.db)", path);
         free(p);
+    } else if (sm_snap_stream_format(p, len) != STATEDB_SNAP_FORMAT) {
+        log_notice("%s has snapshot stream format %" PRIu32 " (this pickbox sends format %d): "
+                   "taking a new snapshot",
+                   path, sm_snap_stream_format(p, len), STATEDB_SNAP_FORMAT);
+        free(p);
+        old = true;
     } else {
         sm->snap = p;
         sm->snap_len = len;
         sm->snap_index = index;
     }
     free(path);
+    return old;
 }
 
 int sm_open(struct sm **out, const char *state_dir, const char *data_dir, struct pb_error *err)
@@ -228,7 +248,12 @@ int sm_open(struct sm **out, const char *state_dir, const char *data_dir, struct
         log_err("%s", sm->tree_error);
     else
         sm_repair(sm);
-    sm_snap_file_load(sm);
+    if (sm_snap_file_load(sm) && sm->applied > 0) {
+        struct pb_error e2;
+        uint64_t size = 0;
+        if (sm_snapshot_take(sm, 0, &size, &e2) < 0)
+            log_warning("cannot take a new snapshot: %s", e2.msg);
+    }
     sm->chunks_wanted = true; /* a snapshot installed before a restart */
     *out = sm;
     return 0;
