@@ -615,10 +615,12 @@ static void cluster_on_frame(void *arg, uint64_t node_id, uint8_t type, const ui
         cluster_admin_on_response(c, node_id, data, len);
         break;
     case CLUSTER_MSG_CHUNK_REQ:
-        fetch_on_request(c->fetch, c->sm, node_id, data, len);
+        if (c->fetch != NULL)
+            fetch_on_request(c->fetch, c->sm, node_id, data, len);
         break;
     case CLUSTER_MSG_CHUNK_RESP:
-        fetch_on_reply(c->fetch, c->sm, node_id, data, len, pb_now_ms());
+        if (c->fetch != NULL)
+            fetch_on_reply(c->fetch, c->sm, node_id, data, len, pb_now_ms());
         break;
     default:
         log_debug("unknown frame type %u from %016" PRIx64, type, node_id);
@@ -806,7 +808,7 @@ static void cluster_on_tick(evutil_socket_t fd, short what, void *arg)
     }
     cluster_req_tick(c, now);
     cluster_gone_tick(c, now);
-    if (!c->frozen)
+    if (!c->frozen && c->fetch != NULL)
         fetch_tick(c->fetch, c->sm, now);
     cluster_schedule(c);
 }
