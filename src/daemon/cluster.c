@@ -234,22 +234,34 @@ void cluster_gone_tick(struct cluster *c, uint64_t now)
 static void cluster_send_msg(struct cluster *c, const struct raft_msg *m)
 {
     struct raft_msg tmp;
+    uint8_t *piece = NULL;
     if (m->type == RAFT_MSG_SNAP && m->data == NULL) {
         /* The core asks for bytes of its snapshot: ours is the state
          * machine's current one. */
-        size_t len;
-        const uint8_t *p = sm_snapshot_data(c->sm, &len);
-        if (p == NULL || sm_snapshot_index(c->sm) != m->snap.index || m->offset > len) {
+        uint64_t len = sm_snapshot_size(c->sm);
+        if (len == 0 || sm_snapshot_index(c->sm) != m->snap.index || m->offset > len) {
             log_debug("no snapshot %" PRIu64 " to send to %016" PRIx64, m->snap.index, m->to);
             return;
         }
+        /* read from snapshot.pbs: only this piece is in memory */
+        size_t want = (size_t)PB_MIN((uint64_t)m->len, len - m->offset), got = 0;
+        piece = pb_xmalloc(want ? want : 1);
+        int rc = sm_snapshot_read(c->sm, m->offset, piece, want, &got);
+        if (rc < 0 || got != want) {
+            log_warning("cannot read snapshot %" PRIu64 ": %s", m->snap.index,
+                        rc < 0 ? strerror(-rc) : "short read");
+            free(piece);
+            return;
+        }
         tmp = *m;
-        tmp.data = p + m->offset;
-        tmp.len = PB_MIN(m->len, len - (size_t)m->offset);
+        tmp.data = piece;
+        tmp.len = got;
         m = &tmp;
     }
     buf_reset(&c->txbuf);
-    if (raft_msg_encode(m, &c->txbuf) < 0) {
+    int erc = raft_msg_encode(m, &c->txbuf);
+    free(piece);
+    if (erc < 0) {
         log_warning("cannot encode %s to %016" PRIx64, raft_msg_type_name(m->type), m->to);
         return;
     }
@@ -1170,9 +1182,7 @@ int cluster_open(struct cluster **out, const struct cluster_options *opts, struc
             /* Crashed between taking a snapshot and recording it in raft.db:
              * record it now, so that the one the core offers to lagging
              * peers is the one the state machine can serve. */
-            size_t len;
-            sm_snapshot_data(c->sm, &len);
-            cluster_record_snapshot(c, sm_snapshot_index(c->sm), len);
+            cluster_record_snapshot(c, sm_snapshot_index(c->sm), sm_snapshot_size(c->sm));
         }
         log_notice("restarted from %s: term %" PRIu64 ", log %" PRIu64 "..%" PRIu64
                    ", applied %" PRIu64,

@@ -23,6 +23,7 @@
 
 #define SM_SNAP_MAGIC 0x50425332u /* "PBS2" */
 #define SM_SNAP_HDR   20u
+#define SM_SNAP_IO    (64u * 1024u) /* bytes per write while taking a snapshot */
 
 struct sm {
     char *state_dir;
@@ -36,8 +37,8 @@ struct sm {
     uint64_t tree_failures;
     struct sm_observer obs;
     bool has_obs;
-    uint8_t *snap; /* current snapshot blob */
-    size_t snap_len;
+    int snap_fd; /* the current snapshot's file (snapshot.pbs), -1: none */
+    uint64_t snap_len;
     uint64_t snap_index;
     bool chunks_wanted; /* chunk bytes may be missing: the fetcher should look */
     uint64_t fetched_chunks, fetched_bytes;
@@ -129,30 +130,43 @@ static int sm_need_tree(struct sm *sm, struct pb_error *err)
     return 0;
 }
 
-static int sm_snap_file_write(struct sm *sm, struct pb_error *err)
+static int sm_write_all(int fd, const void *data, size_t len)
 {
-    char *path = pb_xasprintf("%s/%s", sm->state_dir, SM_SNAP_NAME);
-    char *tmp = pb_xasprintf("%s.tmp", path);
-    int rc = 0;
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (fd < 0) {
-        rc = pb_error_set(err, -errno, "%s: %s", tmp, strerror(errno));
-        goto out;
-    }
-    size_t off = 0;
-    while (off < sm->snap_len) {
-        ssize_t w = write(fd, sm->snap + off, sm->snap_len - off);
+    const uint8_t *p = data;
+    while (len > 0) {
+        ssize_t w = write(fd, p, len);
         if (w < 0 && errno == EINTR)
             continue;
-        if (w <= 0) {
-            rc = pb_error_set(err, w < 0 ? -errno : -EIO, "%s: write failed", tmp);
-            break;
-        }
-        off += (size_t)w;
+        if (w <= 0)
+            return w < 0 ? -errno : -EIO;
+        p += w;
+        len -= (size_t)w;
     }
-    if (rc == 0 && fsync(fd) < 0)
+    return 0;
+}
+
+/* Starts <state_dir>/snapshot.pbs.tmp; *tmp is the caller's. */
+static int sm_snap_file_open(struct sm *sm, char **tmp, struct pb_error *err)
+{
+    *tmp = pb_xasprintf("%s/%s.tmp", sm->state_dir, SM_SNAP_NAME);
+    int fd = open(*tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return pb_error_set(err, -errno, "%s: %s", *tmp, strerror(errno));
+    return fd;
+}
+
+/* Makes the written temp file the current snapshot, durably (fsync, rename,
+ * fsync of the directory); fd stays open for reading it. rc: the writing's
+ * result. On failure fd is closed, the temp file removed and the current
+ * snapshot kept. Frees tmp. */
+static int sm_snap_file_commit(struct sm *sm, int fd, char *tmp, uint64_t index, uint64_t len,
+                               int rc, struct pb_error *err)
+{
+    char *path = pb_xasprintf("%s/%s", sm->state_dir, SM_SNAP_NAME);
+    if (rc < 0)
+        rc = pb_error_set(err, rc, "%s: write: %s", tmp, strerror(-rc));
+    else if (fsync(fd) < 0)
         rc = pb_error_set(err, -errno, "%s: fsync: %s", tmp, strerror(errno));
-    close(fd);
     if (rc == 0 && rename(tmp, path) < 0)
         rc = pb_error_set(err, -errno, "rename %s: %s", tmp, strerror(errno));
     if (rc == 0) {
@@ -163,11 +177,18 @@ static int sm_snap_file_write(struct sm *sm, struct pb_error *err)
             close(dfd);
         }
     }
-    if (rc < 0)
+    if (rc < 0) {
+        close(fd);
         unlink(tmp);
-out:
-    free(tmp);
+    } else {
+        if (sm->snap_fd >= 0)
+            close(sm->snap_fd);
+        sm->snap_fd = fd;
+        sm->snap_len = len;
+        sm->snap_index = index;
+    }
     free(path);
+    free(tmp);
     return rc;
 }
 
@@ -189,40 +210,27 @@ static bool sm_snap_file_load(struct sm *sm)
     char *path = pb_xasprintf("%s/%s", sm->state_dir, SM_SNAP_NAME);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     struct stat st;
-    if (fd < 0 || fstat(fd, &st) < 0 || st.st_size < (off_t)SM_SNAP_HDR) {
-        if (fd >= 0)
-            close(fd);
-        free(path);
-        return false;
-    }
-    size_t len = (size_t)st.st_size;
-    uint8_t *p = pb_xmalloc(len);
-    size_t off = 0;
-    while (off < len) {
-        ssize_t r = read(fd, p + off, len - off);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            break;
-        off += (size_t)r;
-    }
-    close(fd);
-    uint64_t index = pb_load_u64(p + 4);
+    uint8_t hdr[SM_SNAP_HDR + 13];
     bool old = false;
-    if (off != len || pb_load_u32(p) != SM_SNAP_MAGIC || index > sm->applied) {
+    if (fd < 0 || fstat(fd, &st) < 0 || st.st_size < (off_t)sizeof(hdr) ||
+        pread(fd, hdr, sizeof(hdr), 0) != (ssize_t)sizeof(hdr)) {
+        if (fd >= 0)
+            log_info("ignoring %s (too short)", path);
+    } else if (pb_load_u32(hdr) != SM_SNAP_MAGIC || pb_load_u64(hdr + 4) > sm->applied) {
         log_info("ignoring %s (not a snapshot of this state.db)", path);
-        free(p);
-    } else if (sm_snap_stream_format(p, len) != STATEDB_SNAP_FORMAT) {
+    } else if (sm_snap_stream_format(hdr, sizeof(hdr)) != STATEDB_SNAP_FORMAT) {
         log_notice("%s has snapshot stream format %" PRIu32 " (this pickbox sends format %d): "
                    "taking a new snapshot",
-                   path, sm_snap_stream_format(p, len), STATEDB_SNAP_FORMAT);
-        free(p);
+                   path, sm_snap_stream_format(hdr, sizeof(hdr)), STATEDB_SNAP_FORMAT);
         old = true;
     } else {
-        sm->snap = p;
-        sm->snap_len = len;
-        sm->snap_index = index;
+        sm->snap_fd = fd;
+        sm->snap_len = (uint64_t)st.st_size;
+        sm->snap_index = pb_load_u64(hdr + 4);
+        fd = -1;
     }
+    if (fd >= 0)
+        close(fd);
     free(path);
     return old;
 }
@@ -231,6 +239,7 @@ int sm_open(struct sm **out, const char *state_dir, const char *data_dir, struct
 {
     *out = NULL;
     struct sm *sm = pb_xcalloc(1, sizeof(*sm));
+    sm->snap_fd = -1;
     sm->state_dir = pb_xstrdup(state_dir);
     sm->data_dir = pb_xstrdup(data_dir);
     char *path = pb_xasprintf("%s/%s", state_dir, SM_DB_NAME);
@@ -268,7 +277,8 @@ void sm_close(struct sm *sm)
         return;
     sm_close_tree(sm);
     statedb_close(sm->db);
-    free(sm->snap);
+    if (sm->snap_fd >= 0)
+        close(sm->snap_fd);
     free(sm->state_dir);
     free(sm->data_dir);
     free(sm);
@@ -428,54 +438,75 @@ int sm_snapshot_take(struct sm *sm, uint64_t term, uint64_t *size, struct pb_err
      * term of the entry at the applied index, which state.db also holds). */
     if (term != 0)
         sterm = term;
-    struct buf b = BUF_INIT;
-    buf_put_u32(&b, SM_SNAP_MAGIC);
-    buf_put_u64(&b, index);
-    buf_put_u64(&b, sterm);
-    uint8_t chunk[65536];
+    /* Streamed to the file: memory stays bounded whatever the state's size. */
+    char *tmp = NULL;
+    int fd = sm_snap_file_open(sm, &tmp, err);
+    if (fd < 0) {
+        statedb_snapshot_end(s);
+        free(tmp);
+        return fd;
+    }
+    uint8_t *chunk = pb_xmalloc(SM_SNAP_IO);
+    pb_store_u32(chunk, SM_SNAP_MAGIC);
+    pb_store_u64(chunk + 4, index);
+    pb_store_u64(chunk + 12, sterm);
+    int wrc = sm_write_all(fd, chunk, SM_SNAP_HDR);
     uint64_t off = 0;
-    for (;;) {
+    while (wrc == 0) {
         size_t got = 0;
-        rc = statedb_snapshot_read(s, off, chunk, sizeof(chunk), &got, err);
+        rc = statedb_snapshot_read(s, off, chunk, SM_SNAP_IO, &got, err);
         if (rc < 0)
             break;
-        buf_put(&b, chunk, got);
+        wrc = sm_write_all(fd, chunk, got);
         off += got;
-        if (got < sizeof(chunk))
+        if (got < SM_SNAP_IO)
             break;
     }
+    free(chunk);
     statedb_snapshot_end(s);
     if (rc < 0) {
-        buf_free(&b);
+        close(fd);
+        unlink(tmp);
+        free(tmp);
         return rc;
     }
-    uint8_t *old = sm->snap;
-    size_t old_len = sm->snap_len;
-    uint64_t old_index = sm->snap_index;
-    sm->snap = buf_steal(&b, &sm->snap_len);
-    sm->snap_index = index;
-    rc = sm_snap_file_write(sm, err);
-    if (rc < 0) {
-        free(sm->snap);
-        sm->snap = old;
-        sm->snap_len = old_len;
-        sm->snap_index = old_index;
+    rc = sm_snap_file_commit(sm, fd, tmp, index, SM_SNAP_HDR + off, wrc, err);
+    if (rc < 0)
         return rc;
-    }
-    free(old);
     *size = sm->snap_len;
     return 0;
 }
 
 uint64_t sm_snapshot_index(const struct sm *sm)
 {
-    return sm->snap != NULL ? sm->snap_index : 0;
+    return sm->snap_fd >= 0 ? sm->snap_index : 0;
 }
 
-const uint8_t *sm_snapshot_data(const struct sm *sm, size_t *len)
+uint64_t sm_snapshot_size(const struct sm *sm)
 {
-    *len = sm->snap_len;
-    return sm->snap;
+    return sm->snap_fd >= 0 ? sm->snap_len : 0;
+}
+
+int sm_snapshot_read(const struct sm *sm, uint64_t offset, void *buf, size_t len, size_t *n)
+{
+    *n = 0;
+    if (sm->snap_fd < 0)
+        return -ENOENT;
+    if (offset >= sm->snap_len)
+        return 0;
+    len = (size_t)PB_MIN((uint64_t)len, sm->snap_len - offset);
+    uint8_t *p = buf;
+    while (*n < len) {
+        ssize_t r = pread(sm->snap_fd, p + *n, len - *n, (off_t)(offset + *n));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return -errno;
+        if (r == 0)
+            return -EIO; /* the file is shorter than it was */
+        *n += (size_t)r;
+    }
+    return 0;
 }
 
 int sm_snapshot_install(struct sm *sm, uint64_t index, uint64_t term, const uint8_t *data,
@@ -502,14 +533,14 @@ int sm_snapshot_install(struct sm *sm, uint64_t index, uint64_t term, const uint
     if (s_index != index)
         log_warning("snapshot %" PRIu64 " holds state at %" PRIu64, index, s_index);
     sm->applied = index;
-    uint8_t *old = sm->snap;
-    sm->snap = pb_xmalloc(len);
-    memcpy(sm->snap, data, len);
-    sm->snap_len = len;
-    sm->snap_index = index;
-    free(old);
     sm->chunks_wanted = true;
-    rc = sm_snap_file_write(sm, err);
+    char *tmp = NULL;
+    int fd = sm_snap_file_open(sm, &tmp, err);
+    if (fd < 0) {
+        free(tmp);
+        return fd;
+    }
+    rc = sm_snap_file_commit(sm, fd, tmp, index, len, sm_write_all(fd, data, len), err);
     if (rc < 0)
         return rc;
     if (sm->ap != NULL)
