@@ -508,8 +508,22 @@ START_TEST(test_sm_fetch)
     /* the same reply from a peer that was not asked is ignored */
     fetch_on_reply(fb, b, 3, m.data, m.len, 4202);
     ck_assert_uint_eq(missing(b), 1);
-    fetch_on_reply(fb, b, 1, m.data, m.len, 4202);
+    /* A's reply gains an item nobody asked for: rejected, the rest stored */
+    struct buf r2 = BUF_INIT;
+    buf_put(&r2, m.data, m.len);
+    ck_assert_int_eq(r2.data[10], 1); /* u16 n at offset 9: one chunk asked for */
+    r2.data[10] = 2;
+    uint8_t stray[32];
+    memset(stray, 0xee, sizeof(stray));
+    buf_put(&r2, stray, sizeof(stray));
+    buf_put_u8(&r2, FETCH_HERE);
+    buf_put_bytes(&r2, "abcd", 4);
     free(m.data);
+    fetch_on_reply(fb, b, 1, r2.data, r2.len, 4202);
+    buf_free(&r2);
+    fetch_get_stats(fb, &fs);
+    ck_assert_uint_eq(fs.rejected, 3);
+    ck_assert_int_eq(statedb_chunk_data_has(sm_statedb(b), stray), 0);
     ck_assert_uint_eq(missing(b), 0);
     ck_assert(file_is(tb, "f", content, sizeof(content)));
     uint64_t chunks, bytes;
