@@ -93,8 +93,9 @@ static void fetch_pass_end(struct fetch *f, struct sm *sm, uint64_t now_ms)
         f->st.missing = s.missing;
     if (f->pass_unavailable > 0 || f->st.missing > 0) {
         log_warning("chunk fetch: %" PRIu64 " chunk(s) fetched (%" PRIu64 " bytes), %" PRIu64
-                    " still missing (no peer has them now: collected since, a later entry "
-                    "replaces those files); retrying in %u s",
+                    " still missing (no connected peer had them: links not up yet, or "
+                    "collected since, and a later entry replaces those files); retrying in "
+                    "%u s",
                     f->pass_fetched, f->pass_bytes, f->st.missing, f->backoff_ms / 1000);
         f->retry_at_ms = now_ms + f->backoff_ms;
         f->backoff_ms = PB_MIN(f->backoff_ms * 2, FETCH_BACKOFF_MAX);
