@@ -651,6 +651,8 @@ static void cluster_on_peer_state(void *arg, uint64_t node_id, bool up)
     log_info("peer %s (%016" PRIx64 ") is %s", name, node_id, up ? "up" : "down");
     if (up && c->joining)
         c->join_next_ms = 0; /* ask now */
+    if (up && c->fetch != NULL)
+        fetch_peer_up(c->fetch); /* chunk bytes it may have */
 }
 
 /* Everything that waited while the core was frozen, then ready. */

@@ -65,6 +65,14 @@ void fetch_free(struct fetch *f)
     free(f);
 }
 
+void fetch_peer_up(struct fetch *f)
+{
+    if (f->retry_at_ms != 0) {
+        f->retry_at_ms = 1;
+        f->backoff_ms = FETCH_BACKOFF_MIN;
+    }
+}
+
 void fetch_get_stats(const struct fetch *f, struct fetch_stats *out)
 {
     *out = f->st;

@@ -87,6 +87,10 @@ void fetch_on_request(struct fetch *f, struct sm *sm, uint64_t from, const uint8
 void fetch_on_reply(struct fetch *f, struct sm *sm, uint64_t from, const uint8_t *p, size_t len,
                     uint64_t now_ms);
 
+/* A peer's link came up: a retry that waits for its backoff runs at the
+ * next tick (and the backoff starts again from its minimum). */
+void fetch_peer_up(struct fetch *f);
+
 void fetch_get_stats(const struct fetch *f, struct fetch_stats *out);
 
 #endif
