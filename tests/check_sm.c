@@ -3,7 +3,10 @@
  * probes are counted no-ops, fsm ops apply exactly once into state.db and
  * the tree, the applied index survives a reopen, snapshots travel through
  * statedb's stream into another node's state.db and tree, and a tree that
- * lost its marker stops applying until it is back.
+ * lost its marker stops applying until it is back. The chunk fetcher
+ * (fetch.c): a snapshot carries no chunk bytes, the receiver fetches them
+ * from peers in order, rejects bad replies, backs off when no peer has
+ * them, and materializes the file once they are here.
  */
 #include <config.h>
 
@@ -15,11 +18,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "daemon/fetch.h"
 #include "daemon/sm.h"
 #include "fsm/op.h"
 #include "lib/buf.h"
 #include "lib/util.h"
 #include "raft/raft.h"
+#include "store/statedb.h"
 
 static char tmp[64];
 
@@ -86,6 +91,25 @@ static bool is_dir(const char *tree, const char *path)
     return ok;
 }
 
+/* A copy of sm's current snapshot (read back from snapshot.pbs). */
+static uint8_t *snap_copy(struct sm *sm, size_t *len)
+{
+    *len = (size_t)sm_snapshot_size(sm);
+    ck_assert_uint_gt(*len, 0);
+    uint8_t *p = pb_xmalloc(*len + 1);
+    size_t n = 0;
+    ck_assert_int_eq(sm_snapshot_read(sm, 0, p, *len + 1, &n), 0);
+    ck_assert_uint_eq(n, *len);
+    /* pieces at an offset, and past the end */
+    uint8_t piece[7];
+    ck_assert_int_eq(sm_snapshot_read(sm, 3, piece, sizeof(piece), &n), 0);
+    ck_assert_uint_eq(n, sizeof(piece));
+    ck_assert_int_eq(memcmp(piece, p + 3, sizeof(piece)), 0);
+    ck_assert_int_eq(sm_snapshot_read(sm, *len, piece, sizeof(piece), &n), 0);
+    ck_assert_uint_eq(n, 0);
+    return p;
+}
+
 START_TEST(test_sm_apply_probes_and_ops)
 {
     struct pb_error err;
@@ -148,7 +172,7 @@ START_TEST(test_sm_snapshot)
     ck_assert_int_eq(sm_snapshot_take(a, 1, &size, &err), 0);
     ck_assert_uint_eq(sm_snapshot_index(a), 2);
     size_t len;
-    const uint8_t *data = sm_snapshot_data(a, &len);
+    uint8_t *data = snap_copy(a, &len);
     ck_assert_uint_eq(len, size);
 
     uint8_t *bad = pb_xmalloc(len);
@@ -170,9 +194,11 @@ START_TEST(test_sm_snapshot)
     ck_assert_uint_eq(sm_applied(b), 2);
     ck_assert_uint_eq(sm_snapshot_index(b), 2);
     size_t blen;
-    const uint8_t *bdata = sm_snapshot_data(b, &blen);
+    uint8_t *bdata = snap_copy(b, &blen);
     ck_assert_uint_eq(blen, len);
     ck_assert_int_eq(memcmp(bdata, data, len), 0);
+    free(bdata);
+    free(data);
     /* A retried op the snapshot covers stays applied once. */
     struct buf b2 = BUF_INIT;
     struct raft_entry retry = ent_mkdir(3, 6, 3, "y", &b2);
@@ -229,6 +255,307 @@ START_TEST(test_sm_tree_lost_marker)
 }
 END_TEST
 
+/* A snapshot.pbs of an older stream format (before an upgrade) is not kept
+ * (peers would refuse it): a new one is taken at open. */
+START_TEST(test_sm_snapshot_old_format)
+{
+    struct pb_error err;
+    char *state = mkdirs("state"), *tree = mkdirs("tree");
+    struct sm *sm;
+    ck_assert_int_eq(sm_open(&sm, state, tree, &err), 0);
+    struct buf b1 = BUF_INIT;
+    struct raft_entry e[] = {ent(1, RAFT_ENTRY_NOOP, 0, 0), ent_mkdir(2, 6, 3, "x", &b1)};
+    ck_assert_int_eq(sm_apply(sm, e, 2, NULL, NULL, &err), 0);
+    uint64_t size;
+    ck_assert_int_eq(sm_snapshot_take(sm, 1, &size, &err), 0);
+    sm_close(sm);
+    /* blob: "PBS2", u64 index, u64 term, then the H record's u32 len, 'H',
+     * "PBSD", u32 format */
+    char *path = pb_xasprintf("%s/%s", state, SM_SNAP_NAME);
+    FILE *f = fopen(path, "r+b");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_int_eq(fseek(f, 20 + 9, SEEK_SET), 0);
+    static const uint8_t one[4] = {0, 0, 0, 1};
+    ck_assert_uint_eq(fwrite(one, 1, 4, f), 4);
+    fclose(f);
+    free(path);
+    ck_assert_int_eq(sm_open(&sm, state, tree, &err), 0);
+    ck_assert_uint_eq(sm_snapshot_index(sm), 2);
+    size_t len;
+    uint8_t *p = snap_copy(sm, &len);
+    ck_assert_uint_gt(len, 20 + 13);
+    ck_assert_uint_eq(pb_load_u32(p + 20 + 9), STATEDB_SNAP_FORMAT);
+    free(p);
+    sm_close(sm);
+    buf_free(&b1);
+    free(state);
+    free(tree);
+}
+END_TEST
+
+/* ---- the chunk fetcher ---- */
+
+/* Messages the fetchers sent, delivered by hand. */
+struct msg {
+    uint64_t from, to;
+    bool reply;
+    uint8_t *data;
+    size_t len;
+};
+static struct msg msgs[16];
+static size_t n_msgs;
+
+struct endpoint {
+    uint64_t id;
+    uint64_t peers[4];
+    size_t n_peers;
+};
+
+static int t_send(void *arg, uint64_t node_id, bool reply, const void *data, size_t len)
+{
+    struct endpoint *ep = arg;
+    ck_assert_uint_lt(n_msgs, 16);
+    msgs[n_msgs].from = ep->id;
+    msgs[n_msgs].to = node_id;
+    msgs[n_msgs].reply = reply;
+    msgs[n_msgs].data = pb_xmalloc(len);
+    memcpy(msgs[n_msgs].data, data, len);
+    msgs[n_msgs].len = len;
+    n_msgs++;
+    return 0;
+}
+
+static size_t t_peers(void *arg, uint64_t *ids, size_t max)
+{
+    struct endpoint *ep = arg;
+    size_t n = PB_MIN(max, ep->n_peers);
+    memcpy(ids, ep->peers, n * sizeof(*ids));
+    return n;
+}
+
+/* Takes the one queued message (the caller frees its data). */
+static struct msg take_msg(uint64_t to, bool reply)
+{
+    ck_assert_uint_eq(n_msgs, 1);
+    ck_assert_uint_eq(msgs[0].to, to);
+    ck_assert(msgs[0].reply == reply);
+    n_msgs = 0;
+    return msgs[0];
+}
+
+static struct raft_entry ent_put(uint64_t index, const char *path, const uint8_t *c1, uint32_t l1,
+                                 const uint8_t *c2, uint32_t l2, struct buf *b)
+{
+    struct fsm_op op;
+    fsm_op_init(&op);
+    op.type = FSM_OP_PUT;
+    op.origin = pb_xstrdup("n1");
+    op.path = pb_xstrdup(path);
+    op.u.put.mode = 0644;
+    op.u.put.mtime_ns = 1000000000;
+    op.u.put.size = l1 + l2;
+    op.u.put.n_refs = op.u.put.n_data = 2;
+    op.u.put.refs = pb_xcalloc(2, sizeof(*op.u.put.refs));
+    op.u.put.data = pb_xcalloc(2, sizeof(*op.u.put.data));
+    const uint8_t *c[2] = {c1, c2};
+    uint32_t l[2] = {l1, l2};
+    for (int i = 0; i < 2; i++) {
+        ck_assert_int_eq(fsm_sha256(c[i], l[i], op.u.put.refs[i].id), 0);
+        op.u.put.refs[i].len = l[i];
+        memcpy(op.u.put.data[i].id, op.u.put.refs[i].id, FSM_CHUNK_ID_LEN);
+        op.u.put.data[i].data = pb_xmalloc(l[i]);
+        memcpy(op.u.put.data[i].data, c[i], l[i]);
+        op.u.put.data[i].len = l[i];
+    }
+    ck_assert_int_eq(fsm_op_encode(&op, b), 0);
+    fsm_op_free(&op);
+    struct raft_entry e = ent(index, RAFT_ENTRY_NORMAL, 5, 1);
+    e.data = b->data;
+    e.len = b->len;
+    return e;
+}
+
+static bool file_is(const char *tree, const char *path, const uint8_t *p, size_t len)
+{
+    char *fp = pb_xasprintf("%s/%s", tree, path);
+    FILE *f = fopen(fp, "rb");
+    free(fp);
+    if (f == NULL)
+        return false;
+    uint8_t *got = pb_xmalloc(len + 1);
+    size_t n = fread(got, 1, len + 1, f);
+    fclose(f);
+    bool same = n == len && memcmp(got, p, len) == 0;
+    free(got);
+    return same;
+}
+
+static uint64_t missing(struct sm *sm)
+{
+    struct statedb_status st;
+    ck_assert_int_eq(statedb_status_get(sm_statedb(sm), 1, 2, &st), 0);
+    return st.missing;
+}
+
+START_TEST(test_sm_fetch)
+{
+    struct pb_error err;
+    char *sa = mkdirs("sa"), *ta = mkdirs("ta"), *sb = mkdirs("sb"), *tb = mkdirs("tb");
+    char *sc = mkdirs("sc"), *tc = mkdirs("tc");
+    struct sm *a, *b, *c; /* A has the file, B installs A's snapshot, C is empty */
+    ck_assert_int_eq(sm_open(&a, sa, ta, &err), 0);
+    ck_assert_int_eq(sm_open(&b, sb, tb, &err), 0);
+    ck_assert_int_eq(sm_open(&c, sc, tc, &err), 0);
+    uint8_t content[3000];
+    for (size_t i = 0; i < sizeof(content); i++)
+        content[i] = (uint8_t)(i * 13 + 1);
+    struct buf b1 = BUF_INIT;
+    struct raft_entry e[] = {ent(1, RAFT_ENTRY_NOOP, 0, 0),
+                             ent_put(2, "f", content, 1000, content + 1000, 2000, &b1)};
+    ck_assert_int_eq(sm_apply(a, e, 2, NULL, NULL, &err), 0);
+    ck_assert(file_is(ta, "f", content, sizeof(content)));
+    uint64_t size;
+    ck_assert_int_eq(sm_snapshot_take(a, 1, &size, &err), 0);
+    ck_assert_uint_lt(size, 1000); /* metadata: smaller than the file */
+    size_t len;
+    uint8_t *snap = snap_copy(a, &len);
+    ck_assert_int_eq(sm_snapshot_install(b, 2, 1, snap, len, &err), 0);
+    free(snap);
+    ck_assert(!file_is(tb, "f", content, sizeof(content))); /* waits for the bytes */
+    ck_assert_uint_eq(missing(b), 2);
+
+    struct endpoint ea = {.id = 1}, eb = {.id = 2, .peers = {3, 1}, .n_peers = 2}, ec = {.id = 3};
+    struct fetch_ops oa = {&ea, t_send, t_peers}, ob = {&eb, t_send, t_peers},
+                     oc = {&ec, t_send, t_peers};
+    struct fetch *fa = fetch_new(&oa), *fb = fetch_new(&ob), *fc = fetch_new(&oc);
+    ck_assert(sm_chunks_wanted(a)); /* after open: once */
+    ck_assert(!sm_chunks_wanted(a));
+    n_msgs = 0;
+
+    /* a malformed request gets no answer */
+    static const uint8_t junk[5] = {1, 2, 3, 4, 5};
+    fetch_on_request(fa, a, 2, junk, sizeof(junk));
+    ck_assert_uint_eq(n_msgs, 0);
+
+    /* pass 1: C (first) has nothing; A's reply has one chunk's bytes
+     * altered: it is rejected, the other one stored */
+    fetch_tick(fb, b, 1000);
+    struct msg m = take_msg(3, false);
+    fetch_on_request(fc, c, 2, m.data, m.len);
+    free(m.data);
+    m = take_msg(2, true);
+    fetch_on_reply(fb, b, 3, m.data, m.len, 1001);
+    free(m.data);
+    m = take_msg(1, false);
+    fetch_on_request(fa, a, 2, m.data, m.len);
+    free(m.data);
+    m = take_msg(2, true);
+    /* reply: u8 version, u64 req, u16 n, then 32 id, u8 status, u32 len, data */
+    ck_assert_uint_gt(m.len, 11 + 37 + 1000);
+    m.data[11 + 37 + 10] ^= 0x80; /* the first item's bytes (whichever chunk) */
+    fetch_on_reply(fb, b, 1, m.data, m.len, 1002);
+    free(m.data);
+    struct fetch_stats fs;
+    fetch_get_stats(fb, &fs);
+    ck_assert_uint_eq(fs.rejected, 1);
+    ck_assert(!fs.active);
+    ck_assert_uint_eq(fs.requests, 2);
+    ck_assert_uint_eq(fs.unavailable, 1);
+    ck_assert_uint_eq(missing(b), 1);
+    ck_assert_uint_eq(n_msgs, 0);
+    fetch_tick(fb, b, 1500); /* backing off */
+    ck_assert_uint_eq(n_msgs, 0);
+
+    /* pass 2: A's reply claims a huge chunk: dropped, nothing stored */
+    fetch_tick(fb, b, 2100);
+    m = take_msg(3, false);
+    fetch_on_request(fc, c, 2, m.data, m.len);
+    free(m.data);
+    m = take_msg(2, true);
+    fetch_on_reply(fb, b, 3, m.data, m.len, 2101);
+    free(m.data);
+    m = take_msg(1, false);
+    uint64_t req = pb_load_u64(m.data + 1);
+    struct buf r = BUF_INIT;
+    buf_put_u8(&r, FETCH_VERSION);
+    buf_put_u64(&r, req);
+    buf_put_u16(&r, 1);
+    buf_put(&r, m.data + 11, 32);
+    buf_put_u8(&r, FETCH_HERE);
+    buf_put_u32(&r, 0xfffffff0u);
+    free(m.data);
+    fetch_on_reply(fb, b, 1, r.data, r.len, 2102);
+    buf_free(&r);
+    fetch_get_stats(fb, &fs);
+    ck_assert_uint_eq(fs.rejected, 2);
+    ck_assert_uint_eq(missing(b), 1);
+    ck_assert(!file_is(tb, "f", content, sizeof(content)));
+
+    /* pass 3 (backing off longer, but a peer's link comes up): A answers
+     * properly; the file appears */
+    fetch_tick(fb, b, 3000);
+    ck_assert_uint_eq(n_msgs, 0);
+    fetch_peer_up(fb); /* a link came up: retry now */
+    fetch_tick(fb, b, 3001);
+    m = take_msg(3, false);
+    fetch_on_request(fc, c, 2, m.data, m.len);
+    free(m.data);
+    m = take_msg(2, true);
+    fetch_on_reply(fb, b, 3, m.data, m.len, 4201);
+    free(m.data);
+    m = take_msg(1, false);
+    fetch_on_request(fa, a, 2, m.data, m.len);
+    free(m.data);
+    m = take_msg(2, true);
+    /* the same reply from a peer that was not asked is ignored */
+    fetch_on_reply(fb, b, 3, m.data, m.len, 4202);
+    ck_assert_uint_eq(missing(b), 1);
+    /* A's reply gains an item nobody asked for: rejected, the rest stored */
+    struct buf r2 = BUF_INIT;
+    buf_put(&r2, m.data, m.len);
+    ck_assert_int_eq(r2.data[10], 1); /* u16 n at offset 9: one chunk asked for */
+    r2.data[10] = 2;
+    uint8_t stray[32];
+    memset(stray, 0xee, sizeof(stray));
+    buf_put(&r2, stray, sizeof(stray));
+    buf_put_u8(&r2, FETCH_HERE);
+    buf_put_bytes(&r2, "abcd", 4);
+    free(m.data);
+    fetch_on_reply(fb, b, 1, r2.data, r2.len, 4202);
+    buf_free(&r2);
+    fetch_get_stats(fb, &fs);
+    ck_assert_uint_eq(fs.rejected, 3);
+    ck_assert_int_eq(statedb_chunk_data_has(sm_statedb(b), stray), 0);
+    ck_assert_uint_eq(missing(b), 0);
+    ck_assert(file_is(tb, "f", content, sizeof(content)));
+    uint64_t chunks, bytes;
+    sm_fetch_counters(b, &chunks, &bytes);
+    ck_assert_uint_eq(chunks, 2);
+    ck_assert_uint_eq(bytes, sizeof(content));
+    fetch_get_stats(fa, &fs);
+    ck_assert_uint_eq(fs.served_chunks, 3); /* 2 in pass 1, 1 in pass 3 */
+    fetch_get_stats(fb, &fs);
+    ck_assert(!fs.active);
+    ck_assert_uint_eq(fs.missing, 0);
+    fetch_tick(fb, b, 100000); /* nothing left: idle */
+    ck_assert_uint_eq(n_msgs, 0);
+
+    fetch_free(fa);
+    fetch_free(fb);
+    fetch_free(fc);
+    sm_close(a);
+    sm_close(b);
+    sm_close(c);
+    buf_free(&b1);
+    free(sa);
+    free(ta);
+    free(sb);
+    free(tb);
+    free(sc);
+    free(tc);
+}
+END_TEST
+
 static Suite *sm_suite(void)
 {
     Suite *s = suite_create("sm");
@@ -238,6 +565,8 @@ static Suite *sm_suite(void)
     tcase_add_test(tc, test_sm_apply_probes_and_ops);
     tcase_add_test(tc, test_sm_snapshot);
     tcase_add_test(tc, test_sm_tree_lost_marker);
+    tcase_add_test(tc, test_sm_fetch);
+    tcase_add_test(tc, test_sm_snapshot_old_format);
     suite_add_tcase(s, tc);
     return s;
 }

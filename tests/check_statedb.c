@@ -1,7 +1,8 @@
 /*
  * check_statedb.c: state.db: rows, moves, chunks and their deterministic
  * collection, sessions, disk records, transactions and injected I/O failures,
- * format refusal, and snapshot streaming + install.
+ * format refusal, migration from format 1, chunk metadata vs node-local
+ * bytes, and snapshot streaming (metadata only) + install.
  */
 #include "config.h"
 
@@ -431,14 +432,14 @@ START_TEST(test_format_refusal)
 {
     struct statedb *db = open_db("v.db");
     statedb_close(db);
-    raw_exec("v.db", "UPDATE statedb_meta SET format = 2");
+    raw_exec("v.db", "UPDATE statedb_meta SET format = 3");
     char *p = dbpath("v.db");
     struct pb_error err;
     pb_error_clear(&err);
     ck_assert_int_eq(statedb_open(p, &db, &err), -EPROTONOSUPPORT);
     ck_assert_ptr_null(db);
+    ck_assert_ptr_nonnull(strstr(err.msg, "format 3"));
     ck_assert_ptr_nonnull(strstr(err.msg, "format 2"));
-    ck_assert_ptr_nonnull(strstr(err.msg, "format 1"));
     free(p);
 
     raw_exec("other.db", "CREATE TABLE t (x)");
@@ -451,28 +452,12 @@ END_TEST
 
 /* ---- snapshots ----------------------------------------------------------- */
 
-static int has_in(void *arg, const uint8_t id[STATEDB_ID_LEN])
-{
-    return statedb_chunk_has(arg, id);
-}
-
-static int has_all(void *arg, const uint8_t id[STATEDB_ID_LEN])
-{
-    (void)arg;
-    (void)id;
-    return 1;
-}
-
-static uint64_t last_skipped;
-
-/* The whole stream of db's replicated state, read in pieces of `piece`;
- * chunks that `receiver` holds travel as ids only (receiver NULL: all). */
-static uint8_t *stream_for(struct statedb *db, int (*has)(void *, const uint8_t *), void *receiver,
-                           size_t piece, size_t *len)
+/* The whole stream of db's replicated state, read in pieces of `piece`. */
+static uint8_t *stream_all(struct statedb *db, size_t piece, size_t *len)
 {
     struct statedb_snapshot *s;
     struct pb_error err;
-    ck_assert_int_eq(statedb_snapshot_begin(db, has, receiver, &s, &err), 0);
+    ck_assert_int_eq(statedb_snapshot_begin(db, NULL, NULL, &s, &err), 0);
     struct buf b = BUF_INIT;
     uint8_t *tmp = pb_xmalloc(piece);
     for (;;) {
@@ -483,14 +468,8 @@ static uint8_t *stream_for(struct statedb *db, int (*has)(void *, const uint8_t 
             break;
     }
     free(tmp);
-    last_skipped = statedb_snapshot_skipped(s);
     statedb_snapshot_end(s);
     return buf_steal(&b, len);
-}
-
-static uint8_t *stream_all(struct statedb *db, size_t piece, size_t *len)
-{
-    return stream_for(db, NULL, NULL, piece, len);
 }
 
 static void install(struct statedb *db, const uint8_t *p, size_t len, int want)
@@ -550,7 +529,8 @@ START_TEST(test_snapshot_roundtrip)
     uint8_t *sa2 = stream_all(a, 7, &la2); /* any piece size: the same bytes */
     ck_assert_uint_eq(la, la2);
     ck_assert_int_eq(memcmp(sa, sa2, la), 0);
-    ck_assert_uint_gt(la, 7 * 200000);
+    /* metadata only: seven 200000-byte chunks and more, yet a few KiB */
+    ck_assert_uint_lt(la, 16384);
     free(sa2);
 
     /* the stream is a consistent read: applying meanwhile does not change it */
@@ -679,54 +659,236 @@ START_TEST(test_snapshot_damaged)
 }
 END_TEST
 
-/* Only the chunks the receiver lacks travel; the result is the same. */
-START_TEST(test_snapshot_delta)
+/* A snapshot carries chunk rows, not bytes: the receiver keeps the bytes of
+ * the chunks it holds, lacks the new ones (statedb_chunk_missing lists the
+ * referenced ones), answers statedb_chunk_has() from the rows alone (the
+ * apply decision, identical on every node), and stores fetched bytes only
+ * for a chunk row of that length. */
+START_TEST(test_snapshot_metadata_vs_bytes)
 {
-    struct statedb *a = open_db("xA.db"), *b = open_db("xB.db"), *c = open_db("xC.db");
+    struct statedb *a = open_db("xA.db"), *b = open_db("xB.db");
     populate(a, 1);
-    size_t la, lb, lx, lc0;
+    size_t la, lb;
     uint8_t *sa = stream_all(a, 65536, &la);
-    install(b, sa, la, 0); /* B catches up fully once */
+    install(b, sa, la, 0);
+    free(sa);
+    /* every referenced chunk lacks its bytes on B, yet exists */
+    struct statedb_status st;
+    ck_assert_int_eq(statedb_status_get(b, 1, 2, &st), 0);
+    ck_assert_uint_eq(st.chunks, 20);
+    ck_assert_uint_gt(st.missing, 0);
+    struct statedb_ref miss[64];
+    size_t n = 0;
+    ck_assert_int_eq(statedb_chunk_missing(b, NULL, miss, 64, &n), 0);
+    ck_assert_uint_eq(n, st.missing);
+    uint8_t id[STATEDB_ID_LEN];
+    fill_id(id, 50); /* dir1/file00's chunk: referenced */
+    ck_assert_int_eq(statedb_chunk_has(b, id), 1);
+    ck_assert_int_eq(statedb_chunk_data_has(b, id), 0);
+    static uint8_t big[200000];
+    ck_assert_int_eq(statedb_chunk_get(b, id, big, sizeof(big)), -ENOENT);
+    /* paging by id */
+    size_t n2 = 0;
+    ck_assert_int_eq(statedb_chunk_missing(b, miss[0].id, miss + 32, 2, &n2), 0);
+    ck_assert_uint_eq(n2, PB_MIN((size_t)2, n - 1));
+    ck_assert_int_eq(memcmp(miss[32].id, miss[1].id, STATEDB_ID_LEN), 0);
+
+    /* fetched bytes: the right length is stored, a wrong one or an unknown
+     * chunk is refused */
+    for (size_t i = 0; i < sizeof(big); i++)
+        big[i] = (uint8_t)(i * 7 + 1);
+    ck_assert_int_eq(statedb_chunk_data_put(b, id, big, 1000), -EINVAL);
+    uint8_t unknown[STATEDB_ID_LEN];
+    memset(unknown, 0xee, sizeof(unknown));
+    ck_assert_int_eq(statedb_chunk_data_put(b, unknown, big, 10), -ENOENT);
+    ck_assert_int_eq(statedb_chunk_data_has(b, unknown), 0);
+    ck_assert_int_eq(statedb_chunk_data_put(b, id, big, sizeof(big)), 0);
+    ck_assert_int_eq(statedb_chunk_data_put(b, id, big, sizeof(big)), 0); /* again: no-op */
+    ck_assert_int_eq(statedb_chunk_data_has(b, id), 1);
+    static uint8_t back[200000];
+    ck_assert_int_eq(statedb_chunk_get(b, id, back, sizeof(back)), 0);
+    ck_assert_int_eq(memcmp(back, big, sizeof(big)), 0);
+    struct statedb_status st2;
+    ck_assert_int_eq(statedb_status_get(b, 1, 2, &st2), 0);
+    ck_assert_uint_eq(st2.missing, st.missing - 1);
+    ck_assert_uint_eq(st2.missing_bytes, st.missing_bytes - sizeof(big));
+
+    /* the replicated state is the same whether or not the bytes are here */
+    uint8_t *sb = stream_all(b, 4096, &lb);
+    sa = stream_all(a, 4096, &la);
+    ck_assert_uint_eq(lb, la);
+    ck_assert_int_eq(memcmp(sa, sb, la), 0);
+    free(sb);
     free(sa);
 
-    /* A moves on: new chunks, a dropped list, collection */
+    /* A moves on (new chunks, a dropped list, collection); B installs
+     * again: the chunk it holds keeps its bytes, collected ones go */
     populate(a, 3);
     ck_assert_int_eq(statedb_begin(a), 0);
     ck_assert_int_eq(statedb_chunklist_put(a,
                                            "dir1/file\xe9"
-                                           "00",
+                                           "03",
                                            NULL, 0),
                      0);
-    uint64_t n;
-    ck_assert_int_eq(statedb_chunk_collect(a, 1000, &n), 0);
-    ck_assert_uint_ge(n, 1);
+    uint64_t gone;
+    ck_assert_int_eq(statedb_chunk_collect(a, 1000, &gone), 0);
+    ck_assert_uint_ge(gone, 1);
     ck_assert_int_eq(statedb_commit(a), 0);
-
     sa = stream_all(a, 65536, &la);
-    uint8_t *sx = stream_for(a, has_in, b, 65536, &lx);
-    ck_assert_uint_ge(last_skipped, 10);
-    ck_assert_uint_le(lx + 5 * 200000, la); /* five big chunks B holds did not travel */
-    install(b, sx, lx, 0);
-    uint8_t *sb = stream_all(b, 4096, &lb);
+    install(b, sa, la, 0);
+    ck_assert_int_eq(statedb_chunk_data_has(b, id), 1); /* still referenced: kept */
+    fill_id(id, 53);                                    /* dir1/file03's: collected on A */
+    ck_assert_int_eq(statedb_chunk_has(a, id), 0);
+    ck_assert_int_eq(statedb_chunk_has(b, id), 0);
+    sb = stream_all(b, 4096, &lb);
     ck_assert_uint_eq(lb, la);
     ck_assert_int_eq(memcmp(sa, sb, la), 0);
     free(sb);
-    free(sx);
+    free(sa);
 
-    /* a sender that wrongly assumes the receiver holds its chunks */
-    uint8_t *sc0 = stream_all(c, 4096, &lc0);
-    sx = stream_for(a, has_all, NULL, 65536, &lx);
-    install(c, sx, lx, -ENOENT);
-    free(sx);
-    sb = stream_all(c, 4096, &lb);
-    ck_assert_uint_eq(lb, lc0);
-    ck_assert_int_eq(memcmp(sb, sc0, lb), 0);
-    free(sb);
-    free(sc0);
+    /* collection removes a chunk's bytes with its row */
+    fill_id(id, 50);
+    ck_assert_int_eq(statedb_begin(b), 0);
+    ck_assert_int_eq(statedb_chunklist_put(b,
+                                           "dir1/file\xe9"
+                                           "00",
+                                           NULL, 0),
+                     0);
+    ck_assert_int_eq(statedb_chunk_collect(b, 100000, &gone), 0);
+    ck_assert_int_eq(statedb_commit(b), 0);
+    ck_assert_int_eq(statedb_chunk_has(b, id), 0);
+    ck_assert_int_eq(statedb_chunk_data_has(b, id), 0);
+    statedb_close(a);
+    statedb_close(b);
+}
+END_TEST
+
+/* Format 1's schema (chunk bytes inside the chunks table), as main wrote it. */
+static const char schema_v1[] =
+        "PRAGMA application_id = 1346523988;"
+        "CREATE TABLE statedb_meta (id INTEGER PRIMARY KEY CHECK (id = 1),"
+        " format INTEGER NOT NULL) STRICT;"
+        "CREATE TABLE applied (id INTEGER PRIMARY KEY CHECK (id = 1),"
+        " idx INTEGER NOT NULL, term INTEGER NOT NULL, malformed INTEGER NOT NULL,"
+        " conflicts INTEGER NOT NULL, duplicates INTEGER NOT NULL) STRICT;"
+        "CREATE TABLE manifest (path BLOB PRIMARY KEY NOT NULL, kind INTEGER NOT NULL,"
+        " deleted INTEGER NOT NULL, version INTEGER NOT NULL,"
+        " content_version INTEGER NOT NULL, content BLOB NOT NULL, mode INTEGER NOT NULL,"
+        " mtime_ns INTEGER NOT NULL, size INTEGER NOT NULL, origin TEXT NOT NULL,"
+        " target BLOB) STRICT, WITHOUT ROWID;"
+        "CREATE TABLE chunklist (path BLOB NOT NULL, seq INTEGER NOT NULL, id BLOB NOT NULL,"
+        " len INTEGER NOT NULL, PRIMARY KEY (path, seq)) STRICT, WITHOUT ROWID;"
+        "CREATE TABLE chunks (id BLOB PRIMARY KEY NOT NULL, refs INTEGER NOT NULL,"
+        " keep_until INTEGER NOT NULL, data BLOB NOT NULL) STRICT;"
+        "CREATE INDEX chunks_unreferenced ON chunks (keep_until) WHERE refs = 0;"
+        "CREATE TRIGGER chunklist_ref AFTER INSERT ON chunklist BEGIN"
+        " SELECT RAISE(ABORT, 'chunk list names a chunk that is not stored')"
+        "  WHERE NOT EXISTS (SELECT 1 FROM chunks WHERE id = NEW.id);"
+        " UPDATE chunks SET refs = refs + 1 WHERE id = NEW.id; END;"
+        "CREATE TRIGGER chunklist_unref AFTER DELETE ON chunklist BEGIN"
+        " UPDATE chunks SET refs = refs - 1 WHERE id = OLD.id; END;"
+        "CREATE TABLE sessions (client_id INTEGER PRIMARY KEY, seq INTEGER NOT NULL) STRICT;"
+        "CREATE TABLE disk (path BLOB PRIMARY KEY NOT NULL, kind INTEGER NOT NULL,"
+        " mode INTEGER NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,"
+        " ino INTEGER NOT NULL, row_content BLOB NOT NULL, row_mode INTEGER NOT NULL,"
+        " row_mtime_ns INTEGER NOT NULL) STRICT, WITHOUT ROWID;"
+        "CREATE TABLE stage_manifest (path BLOB PRIMARY KEY NOT NULL, kind INTEGER NOT NULL,"
+        " deleted INTEGER NOT NULL, version INTEGER NOT NULL,"
+        " content_version INTEGER NOT NULL, content BLOB NOT NULL, mode INTEGER NOT NULL,"
+        " mtime_ns INTEGER NOT NULL, size INTEGER NOT NULL, origin TEXT NOT NULL,"
+        " target BLOB) STRICT, WITHOUT ROWID;"
+        "CREATE TABLE stage_chunklist (path BLOB NOT NULL, seq INTEGER NOT NULL,"
+        " id BLOB NOT NULL, len INTEGER NOT NULL, PRIMARY KEY (path, seq)) STRICT,"
+        " WITHOUT ROWID;"
+        "CREATE TABLE stage_chunks (id BLOB PRIMARY KEY NOT NULL,"
+        " keep_until INTEGER NOT NULL, local INTEGER NOT NULL, data BLOB NOT NULL) STRICT;"
+        "CREATE TABLE stage_sessions (client_id INTEGER PRIMARY KEY,"
+        " seq INTEGER NOT NULL) STRICT;"
+        "INSERT INTO statedb_meta VALUES (1, 1);"
+        "INSERT INTO applied VALUES (1, 42, 3, 0, 1, 0);"
+        "INSERT INTO chunks VALUES (x'01', 0, 0, x'aabbcc');"
+        "INSERT INTO chunks VALUES (x'02', 0, 77, x'dd');"
+        "INSERT INTO manifest VALUES (x'66', 1, 0, 40, 40, x'00', 420, 0, 4, 'n1', NULL);"
+        "INSERT INTO chunklist VALUES (x'66', 0, x'01', 3);"
+        "INSERT INTO chunklist VALUES (x'66', 1, x'02', 1);"
+        "INSERT INTO sessions VALUES (9, 5);"
+        "INSERT INTO disk VALUES (x'66', 1, 420, 4, 1, 2, x'00', 420, 0);";
+
+/* A format 1 state.db opens, migrates in one transaction and keeps every
+ * row and every chunk's bytes. */
+START_TEST(test_migrate_from_format_1)
+{
+    raw_exec("m.db", schema_v1);
+    struct statedb *db = open_db("m.db");
+    struct statedb_applied a;
+    ck_assert_int_eq(statedb_applied_get(db, &a), 0);
+    ck_assert_uint_eq(a.index, 42);
+    ck_assert_uint_eq(a.conflicts, 1);
+    struct statedb_row r;
+    ck_assert_int_eq(statedb_row_get(db, "f", &r, NULL), 0);
+    ck_assert_uint_eq(r.version, 40);
+    struct statedb_ref *refs = NULL;
+    uint32_t n = 0;
+    ck_assert_int_eq(statedb_chunklist_get(db, "f", &refs, &n), 0);
+    ck_assert_uint_eq(n, 2);
+    free(refs);
+    /* the ids are 1-byte blobs in this fixture: read them back raw */
+    uint64_t seq;
+    ck_assert_int_eq(statedb_session_get(db, 9, &seq), 0);
+    ck_assert_uint_eq(seq, 5);
+    struct statedb_disk d;
+    ck_assert_int_eq(statedb_disk_get(db, "f", &d), 0);
+    ck_assert_int_eq(d.kind, 1);
+    struct statedb_status st;
+    ck_assert_int_eq(statedb_status_get(db, 1, 2, &st), 0);
+    ck_assert_uint_eq(st.chunks, 2);
+    ck_assert_uint_eq(st.chunk_bytes, 4);
+    ck_assert_uint_eq(st.missing, 0); /* every chunk's bytes came along */
+    statedb_close(db);
+    /* the file is format 2 now, with the bytes in chunk_data */
+    char *p = dbpath("m.db");
+    sqlite3 *h;
+    ck_assert_int_eq(sqlite3_open(p, &h), SQLITE_OK);
+    sqlite3_stmt *q;
+    ck_assert_int_eq(sqlite3_prepare_v2(h,
+                                        "SELECT (SELECT format FROM statedb_meta),"
+                                        " (SELECT hex(data) FROM chunk_data WHERE id = x'01'),"
+                                        " (SELECT len FROM chunks WHERE id = x'01'),"
+                                        " (SELECT keep_until FROM chunks WHERE id = x'02'),"
+                                        " (SELECT refs FROM chunks WHERE id = x'02')",
+                                        -1, &q, NULL),
+                     SQLITE_OK);
+    ck_assert_int_eq(sqlite3_step(q), SQLITE_ROW);
+    ck_assert_int_eq(sqlite3_column_int(q, 0), 2);
+    ck_assert_str_eq((const char *)sqlite3_column_text(q, 1), "AABBCC");
+    ck_assert_int_eq(sqlite3_column_int(q, 2), 3);
+    ck_assert_int_eq(sqlite3_column_int(q, 3), 77);
+    ck_assert_int_eq(sqlite3_column_int(q, 4), 1);
+    sqlite3_finalize(q);
+    sqlite3_close(h);
+    /* and opens again without migrating */
+    db = open_db("m.db");
+    statedb_close(db);
+    free(p);
+}
+END_TEST
+
+/* Old streams (format 1, with chunk bytes) are refused, not misread. */
+START_TEST(test_snapshot_old_format)
+{
+    struct statedb *a = open_db("oA.db"), *b = open_db("oB.db");
+    populate(a, 1);
+    size_t la;
+    uint8_t *sa = stream_all(a, 4096, &la);
+    sa[4 + 1 + 4 + 3] = 1; /* H record: u32 len, 'H', "PBSD", u32 format */
+    struct statedb_install *in;
+    struct pb_error err;
+    ck_assert_int_eq(statedb_install_begin(b, &in, &err), 0);
+    ck_assert_int_eq(statedb_install_write(in, sa, la, &err), -EPROTONOSUPPORT);
+    statedb_install_abort(in);
     free(sa);
     statedb_close(a);
     statedb_close(b);
-    statedb_close(c);
 }
 END_TEST
 
@@ -744,7 +906,9 @@ static Suite *statedb_suite(void)
     tcase_add_test(tc, test_format_refusal);
     tcase_add_test(tc, test_snapshot_roundtrip);
     tcase_add_test(tc, test_snapshot_damaged);
-    tcase_add_test(tc, test_snapshot_delta);
+    tcase_add_test(tc, test_snapshot_metadata_vs_bytes);
+    tcase_add_test(tc, test_migrate_from_format_1);
+    tcase_add_test(tc, test_snapshot_old_format);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -234,22 +234,34 @@ void cluster_gone_tick(struct cluster *c, uint64_t now)
 static void cluster_send_msg(struct cluster *c, const struct raft_msg *m)
 {
     struct raft_msg tmp;
+    uint8_t *piece = NULL;
     if (m->type == RAFT_MSG_SNAP && m->data == NULL) {
         /* The core asks for bytes of its snapshot: ours is the state
          * machine's current one. */
-        size_t len;
-        const uint8_t *p = sm_snapshot_data(c->sm, &len);
-        if (p == NULL || sm_snapshot_index(c->sm) != m->snap.index || m->offset > len) {
+        uint64_t len = sm_snapshot_size(c->sm);
+        if (len == 0 || sm_snapshot_index(c->sm) != m->snap.index || m->offset > len) {
             log_debug("no snapshot %" PRIu64 " to send to %016" PRIx64, m->snap.index, m->to);
             return;
         }
+        /* read from snapshot.pbs: only this piece is in memory */
+        size_t want = (size_t)PB_MIN((uint64_t)m->len, len - m->offset), got = 0;
+        piece = pb_xmalloc(want ? want : 1);
+        int rc = sm_snapshot_read(c->sm, m->offset, piece, want, &got);
+        if (rc < 0 || got != want) {
+            log_warning("cannot read snapshot %" PRIu64 ": %s", m->snap.index,
+                        rc < 0 ? strerror(-rc) : "short read");
+            free(piece);
+            return;
+        }
         tmp = *m;
-        tmp.data = p + m->offset;
-        tmp.len = PB_MIN(m->len, len - (size_t)m->offset);
+        tmp.data = piece;
+        tmp.len = got;
         m = &tmp;
     }
     buf_reset(&c->txbuf);
-    if (raft_msg_encode(m, &c->txbuf) < 0) {
+    int erc = raft_msg_encode(m, &c->txbuf);
+    free(piece);
+    if (erc < 0) {
         log_warning("cannot encode %s to %016" PRIx64, raft_msg_type_name(m->type), m->to);
         return;
     }
@@ -617,6 +629,14 @@ static void cluster_on_frame(void *arg, uint64_t node_id, uint8_t type, const ui
     case CLUSTER_MSG_APPLIED:
         cluster_applied_on_frame(c, node_id, data, len);
         break;
+    case CLUSTER_MSG_CHUNK_REQ:
+        if (c->fetch != NULL)
+            fetch_on_request(c->fetch, c->sm, node_id, data, len);
+        break;
+    case CLUSTER_MSG_CHUNK_RESP:
+        if (c->fetch != NULL)
+            fetch_on_reply(c->fetch, c->sm, node_id, data, len, pb_now_ms());
+        break;
     default:
         log_debug("unknown frame type %u from %016" PRIx64, type, node_id);
         break;
@@ -636,6 +656,8 @@ static void cluster_on_peer_state(void *arg, uint64_t node_id, bool up)
         c->join_next_ms = 0; /* ask now */
     if (up)
         cluster_applied_resend(c);
+    if (up && c->fetch != NULL)
+        fetch_peer_up(c->fetch); /* chunk bytes it may have */
 }
 
 /* Everything that waited while the core was frozen, then ready. */
@@ -834,6 +856,8 @@ static void cluster_on_tick(evutil_socket_t fd, short what, void *arg)
     cluster_req_tick(c, now);
     cluster_gone_tick(c, now);
     cluster_applied_tick(c, now);
+    if (!c->frozen && c->fetch != NULL)
+        fetch_tick(c->fetch, c->sm, now);
     cluster_schedule(c);
 }
 
@@ -978,6 +1002,36 @@ static int cluster_start_raft(struct cluster *c, struct pb_error *err)
     return 0;
 }
 
+/* fetch_ops: chunk requests and replies travel in the bulk class. */
+static int cluster_fetch_send(void *arg, uint64_t node_id, bool reply, const void *data, size_t len)
+{
+    struct cluster *c = arg;
+    if (c->net == NULL)
+        return -ENOTCONN;
+    return net_send(c->net, node_id, NET_CLASS_BULK,
+                    reply ? CLUSTER_MSG_CHUNK_RESP : CLUSTER_MSG_CHUNK_REQ, data, len);
+}
+
+/* fetch_ops: the leader first, then the other members whose link is up. */
+static size_t cluster_fetch_peers(void *arg, uint64_t *ids, size_t max)
+{
+    struct cluster *c = arg;
+    size_t n = 0;
+    uint64_t leader = c->raft != NULL ? raft_leader(c->raft) : 0;
+    struct net_peer_stats ps;
+    if (leader != 0 && leader != c->id && n < max && c->net != NULL &&
+        net_peer_stats(c->net, leader, &ps) == 0 && ps.connected)
+        ids[n++] = leader;
+    for (size_t i = 0; i < c->n_members && n < max; i++) {
+        uint64_t id = c->members[i].id;
+        if (id == c->id || id == leader || c->net == NULL || net_peer_stats(c->net, id, &ps) < 0 ||
+            !ps.connected)
+            continue;
+        ids[n++] = id;
+    }
+    return n;
+}
+
 static int cluster_start_net(struct cluster *c, int peer_fd, struct pb_error *err)
 {
     struct net_config nc;
@@ -990,6 +1044,10 @@ static int cluster_start_net(struct cluster *c, int peer_fd, struct pb_error *er
     nc.cb.on_frame = cluster_on_frame;
     nc.cb.on_peer_state = cluster_on_peer_state;
     nc.cb_arg = c;
+    if (c->fetch == NULL) {
+        struct fetch_ops fo = {.arg = c, .send = cluster_fetch_send, .peers = cluster_fetch_peers};
+        c->fetch = fetch_new(&fo);
+    }
     c->net = net_new(c->base, &nc, err);
     if (c->net == NULL) {
         if (peer_fd >= 0)
@@ -1178,9 +1236,7 @@ int cluster_open(struct cluster **out, const struct cluster_options *opts, struc
             /* Crashed between taking a snapshot and recording it in raft.db:
              * record it now, so that the one the core offers to lagging
              * peers is the one the state machine can serve. */
-            size_t len;
-            sm_snapshot_data(c->sm, &len);
-            cluster_record_snapshot(c, sm_snapshot_index(c->sm), len);
+            cluster_record_snapshot(c, sm_snapshot_index(c->sm), sm_snapshot_size(c->sm));
         }
         log_notice("restarted from %s: term %" PRIu64 ", log %" PRIu64 "..%" PRIu64
                    ", applied %" PRIu64,
@@ -1248,6 +1304,7 @@ void cluster_close(struct cluster *c)
     if (c->process_ev)
         event_free(c->process_ev);
     net_free(c->net);
+    fetch_free(c->fetch);
     store_close(c->store);
     sm_close(c->sm);
     raft_free(c->raft);
@@ -1433,4 +1490,14 @@ void cluster_status_fill(struct cluster *c, json_t *obj)
                                   "entries", (json_int_t)c->stats_batch_entries,
                                   "malformed_dropped", (json_int_t)c->stats_malformed,
                                   "queue_dropped", (json_int_t)c->stats_inq_dropped));
+    struct fetch_stats fs;
+    memset(&fs, 0, sizeof(fs));
+    if (c->fetch != NULL)
+        fetch_get_stats(c->fetch, &fs);
+    json_object_set_new(obj, "chunk_fetch",
+                        json_pack("{s:b,s:I,s:I,s:I,s:I,s:I}", "active", fs.active, "requests",
+                                  (json_int_t)fs.requests, "rejected", (json_int_t)fs.rejected,
+                                  "unavailable", (json_int_t)fs.unavailable, "served_chunks",
+                                  (json_int_t)fs.served_chunks, "served_bytes",
+                                  (json_int_t)fs.served_bytes));
 }

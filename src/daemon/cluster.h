@@ -58,6 +58,8 @@ struct sm;
 #define CLUSTER_MSG_ADMIN      17 /* join / remove / transfer request to the leader */
 #define CLUSTER_MSG_ADMIN_RESP 18
 #define CLUSTER_MSG_APPLIED    21 /* a node's applied and commit index, to every peer */
+#define CLUSTER_MSG_CHUNK_REQ  19 /* chunk bytes wanted (fetch.h), bulk class */
+#define CLUSTER_MSG_CHUNK_RESP 20
 
 /* Take a snapshot every this many applied entries (env
  * PICKBOX_TEST_SNAPSHOT_EVERY overrides it, for tests). */

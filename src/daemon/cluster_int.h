@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "daemon/cluster.h"
+#include "daemon/fetch.h"
 #include "daemon/sm.h"
 #include "lib/buf.h"
 #include "net/net.h"
@@ -87,6 +88,7 @@ struct cluster {
     struct store *store;
     struct net *net;
     struct sm *sm;
+    struct fetch *fetch; /* chunk bytes this node lacks, from peers */
     uint64_t id;
     uint8_t cluster_id[16];
     bool has_cluster_id;

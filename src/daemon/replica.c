@@ -1237,6 +1237,13 @@ void replica_status_fill(struct replica *r, json_t *obj)
     json_object_set_new(t, "files", json_integer((json_int_t)s.files));
     json_object_set_new(t, "dirs", json_integer((json_int_t)s.dirs));
     json_object_set_new(t, "bytes", json_integer((json_int_t)s.bytes));
+    uint64_t fetched_chunks = 0, fetched_bytes = 0;
+    if (sm != NULL)
+        sm_fetch_counters(sm, &fetched_chunks, &fetched_bytes);
+    json_object_set_new(t, "chunks_missing", json_integer((json_int_t)s.missing));
+    json_object_set_new(t, "chunk_bytes_missing", json_integer((json_int_t)s.missing_bytes));
+    json_object_set_new(t, "fetched_chunks", json_integer((json_int_t)fetched_chunks));
+    json_object_set_new(t, "fetched_bytes", json_integer((json_int_t)fetched_bytes));
     json_object_set_new(t, "pending", json_integer((json_int_t)(r->n_props)));
     json_object_set_new(t, "conflicts", json_integer((json_int_t)a.conflicts));
     json_object_set_new(t, "proposed", json_integer((json_int_t)r->proposed));

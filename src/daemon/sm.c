@@ -23,6 +23,7 @@
 
 #define SM_SNAP_MAGIC 0x50425332u /* "PBS2" */
 #define SM_SNAP_HDR   20u
+#define SM_SNAP_IO    (64u * 1024u) /* bytes per write while taking a snapshot */
 
 struct sm {
     char *state_dir;
@@ -36,9 +37,11 @@ struct sm {
     uint64_t tree_failures;
     struct sm_observer obs;
     bool has_obs;
-    uint8_t *snap; /* current snapshot blob */
-    size_t snap_len;
+    int snap_fd; /* the current snapshot's file (snapshot.pbs), -1: none */
+    uint64_t snap_len;
     uint64_t snap_index;
+    bool chunks_wanted; /* chunk bytes may be missing: the fetcher should look */
+    uint64_t fetched_chunks, fetched_bytes;
 };
 
 static int sm_reload_applied(struct sm *sm)
@@ -127,30 +130,43 @@ static int sm_need_tree(struct sm *sm, struct pb_error *err)
     return 0;
 }
 
-static int sm_snap_file_write(struct sm *sm, struct pb_error *err)
+static int sm_write_all(int fd, const void *data, size_t len)
 {
-    char *path = pb_xasprintf("%s/%s", sm->state_dir, SM_SNAP_NAME);
-    char *tmp = pb_xasprintf("%s.tmp", path);
-    int rc = 0;
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (fd < 0) {
-        rc = pb_error_set(err, -errno, "%s: %s", tmp, strerror(errno));
-        goto out;
-    }
-    size_t off = 0;
-    while (off < sm->snap_len) {
-        ssize_t w = write(fd, sm->snap + off, sm->snap_len - off);
+    const uint8_t *p = data;
+    while (len > 0) {
+        ssize_t w = write(fd, p, len);
         if (w < 0 && errno == EINTR)
             continue;
-        if (w <= 0) {
-            rc = pb_error_set(err, w < 0 ? -errno : -EIO, "%s: write failed", tmp);
-            break;
-        }
-        off += (size_t)w;
+        if (w <= 0)
+            return w < 0 ? -errno : -EIO;
+        p += w;
+        len -= (size_t)w;
     }
-    if (rc == 0 && fsync(fd) < 0)
+    return 0;
+}
+
+/* Starts <state_dir>/snapshot.pbs.tmp; *tmp is the caller's. */
+static int sm_snap_file_open(struct sm *sm, char **tmp, struct pb_error *err)
+{
+    *tmp = pb_xasprintf("%s/%s.tmp", sm->state_dir, SM_SNAP_NAME);
+    int fd = open(*tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return pb_error_set(err, -errno, "%s: %s", *tmp, strerror(errno));
+    return fd;
+}
+
+/* Makes the written temp file the current snapshot, durably (fsync, rename,
+ * fsync of the directory); fd stays open for reading it. rc: the writing's
+ * result. On failure fd is closed, the temp file removed and the current
+ * snapshot kept. Frees tmp. */
+static int sm_snap_file_commit(struct sm *sm, int fd, char *tmp, uint64_t index, uint64_t len,
+                               int rc, struct pb_error *err)
+{
+    char *path = pb_xasprintf("%s/%s", sm->state_dir, SM_SNAP_NAME);
+    if (rc < 0)
+        rc = pb_error_set(err, rc, "%s: write: %s", tmp, strerror(-rc));
+    else if (fsync(fd) < 0)
         rc = pb_error_set(err, -errno, "%s: fsync: %s", tmp, strerror(errno));
-    close(fd);
     if (rc == 0 && rename(tmp, path) < 0)
         rc = pb_error_set(err, -errno, "rename %s: %s", tmp, strerror(errno));
     if (rc == 0) {
@@ -161,54 +177,69 @@ static int sm_snap_file_write(struct sm *sm, struct pb_error *err)
             close(dfd);
         }
     }
-    if (rc < 0)
+    if (rc < 0) {
+        close(fd);
         unlink(tmp);
-out:
-    free(tmp);
-    free(path);
-    return rc;
-}
-
-/* Loads <state_dir>/snapshot.pbs if it is a snapshot state.db has reached. */
-static void sm_snap_file_load(struct sm *sm)
-{
-    char *path = pb_xasprintf("%s/%s", sm->state_dir, SM_SNAP_NAME);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    struct stat st;
-    if (fd < 0 || fstat(fd, &st) < 0 || st.st_size < (off_t)SM_SNAP_HDR) {
-        if (fd >= 0)
-            close(fd);
-        free(path);
-        return;
-    }
-    size_t len = (size_t)st.st_size;
-    uint8_t *p = pb_xmalloc(len);
-    size_t off = 0;
-    while (off < len) {
-        ssize_t r = read(fd, p + off, len - off);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            break;
-        off += (size_t)r;
-    }
-    close(fd);
-    uint64_t index = pb_load_u64(p + 4);
-    if (off != len || pb_load_u32(p) != SM_SNAP_MAGIC || index > sm->applied) {
-        log_info("ignoring %s (not a snapshot of this state.db)", path);
-        free(p);
     } else {
-        sm->snap = p;
+        if (sm->snap_fd >= 0)
+            close(sm->snap_fd);
+        sm->snap_fd = fd;
         sm->snap_len = len;
         sm->snap_index = index;
     }
     free(path);
+    free(tmp);
+    return rc;
+}
+
+/* The stream format of a blob: its first record is the header
+ * (u32 len, 'H', "PBSD", u32 format); 0 if it is not one. */
+static uint32_t sm_snap_stream_format(const uint8_t *p, size_t len)
+{
+    if (len < SM_SNAP_HDR + 13 || p[SM_SNAP_HDR + 4] != 'H' ||
+        memcmp(p + SM_SNAP_HDR + 5, "PBSD", 4) != 0)
+        return 0;
+    return pb_load_u32(p + SM_SNAP_HDR + 9);
+}
+
+/* Loads <state_dir>/snapshot.pbs if it is a snapshot state.db has reached.
+ * Returns true if it is one of an older stream format (to be taken again:
+ * peers would refuse it). */
+static bool sm_snap_file_load(struct sm *sm)
+{
+    char *path = pb_xasprintf("%s/%s", sm->state_dir, SM_SNAP_NAME);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    uint8_t hdr[SM_SNAP_HDR + 13];
+    bool old = false;
+    if (fd < 0 || fstat(fd, &st) < 0 || st.st_size < (off_t)sizeof(hdr) ||
+        pread(fd, hdr, sizeof(hdr), 0) != (ssize_t)sizeof(hdr)) {
+        if (fd >= 0)
+            log_info("ignoring %s (too short)", path);
+    } else if (pb_load_u32(hdr) != SM_SNAP_MAGIC || pb_load_u64(hdr + 4) > sm->applied) {
+        log_info("ignoring %s (not a snapshot of this state.db)", path);
+    } else if (sm_snap_stream_format(hdr, sizeof(hdr)) != STATEDB_SNAP_FORMAT) {
+        log_notice("%s has snapshot stream format %" PRIu32 " (this pickbox sends format %d): "
+                   "taking a new snapshot",
+                   path, sm_snap_stream_format(hdr, sizeof(hdr)), STATEDB_SNAP_FORMAT);
+        old = true;
+    } else {
+        sm->snap_fd = fd;
+        sm->snap_len = (uint64_t)st.st_size;
+        sm->snap_index = pb_load_u64(hdr + 4);
+        fd = -1;
+    }
+    if (fd >= 0)
+        close(fd);
+    free(path);
+    return old;
 }
 
 int sm_open(struct sm **out, const char *state_dir, const char *data_dir, struct pb_error *err)
 {
     *out = NULL;
     struct sm *sm = pb_xcalloc(1, sizeof(*sm));
+    sm->snap_fd = -1;
     sm->state_dir = pb_xstrdup(state_dir);
     sm->data_dir = pb_xstrdup(data_dir);
     char *path = pb_xasprintf("%s/%s", state_dir, SM_DB_NAME);
@@ -226,7 +257,13 @@ int sm_open(struct sm **out, const char *state_dir, const char *data_dir, struct
         log_err("%s", sm->tree_error);
     else
         sm_repair(sm);
-    sm_snap_file_load(sm);
+    if (sm_snap_file_load(sm) && sm->applied > 0) {
+        struct pb_error e2;
+        uint64_t size = 0;
+        if (sm_snapshot_take(sm, 0, &size, &e2) < 0)
+            log_warning("cannot take a new snapshot: %s", e2.msg);
+    }
+    sm->chunks_wanted = true; /* a snapshot installed before a restart */
     *out = sm;
     return 0;
 fail:
@@ -240,7 +277,8 @@ void sm_close(struct sm *sm)
         return;
     sm_close_tree(sm);
     statedb_close(sm->db);
-    free(sm->snap);
+    if (sm->snap_fd >= 0)
+        close(sm->snap_fd);
     free(sm->state_dir);
     free(sm->data_dir);
     free(sm);
@@ -355,6 +393,8 @@ int sm_apply(struct sm *sm, const struct raft_entry *e, size_t n, sm_applied_fn 
     bool repair = false;
     for (size_t i = 0; i < m; i++) {
         const struct raft_entry *x = &e[i0 + i];
+        if (res[i].tree_rc == -ENODATA)
+            sm->chunks_wanted = true; /* bytes of an older chunk not here yet */
         if (res[i].tree_rc < 0) {
             sm->tree_failures++;
             log_warning("entry %" PRIu64 ": the tree could not follow: %s", x->index,
@@ -402,54 +442,75 @@ int sm_snapshot_take(struct sm *sm, uint64_t term, uint64_t *size, struct pb_err
      * term of the entry at the applied index, which state.db also holds). */
     if (term != 0)
         sterm = term;
-    struct buf b = BUF_INIT;
-    buf_put_u32(&b, SM_SNAP_MAGIC);
-    buf_put_u64(&b, index);
-    buf_put_u64(&b, sterm);
-    uint8_t chunk[65536];
+    /* Streamed to the file: memory stays bounded whatever the state's size. */
+    char *tmp = NULL;
+    int fd = sm_snap_file_open(sm, &tmp, err);
+    if (fd < 0) {
+        statedb_snapshot_end(s);
+        free(tmp);
+        return fd;
+    }
+    uint8_t *chunk = pb_xmalloc(SM_SNAP_IO);
+    pb_store_u32(chunk, SM_SNAP_MAGIC);
+    pb_store_u64(chunk + 4, index);
+    pb_store_u64(chunk + 12, sterm);
+    int wrc = sm_write_all(fd, chunk, SM_SNAP_HDR);
     uint64_t off = 0;
-    for (;;) {
+    while (wrc == 0) {
         size_t got = 0;
-        rc = statedb_snapshot_read(s, off, chunk, sizeof(chunk), &got, err);
+        rc = statedb_snapshot_read(s, off, chunk, SM_SNAP_IO, &got, err);
         if (rc < 0)
             break;
-        buf_put(&b, chunk, got);
+        wrc = sm_write_all(fd, chunk, got);
         off += got;
-        if (got < sizeof(chunk))
+        if (got < SM_SNAP_IO)
             break;
     }
+    free(chunk);
     statedb_snapshot_end(s);
     if (rc < 0) {
-        buf_free(&b);
+        close(fd);
+        unlink(tmp);
+        free(tmp);
         return rc;
     }
-    uint8_t *old = sm->snap;
-    size_t old_len = sm->snap_len;
-    uint64_t old_index = sm->snap_index;
-    sm->snap = buf_steal(&b, &sm->snap_len);
-    sm->snap_index = index;
-    rc = sm_snap_file_write(sm, err);
-    if (rc < 0) {
-        free(sm->snap);
-        sm->snap = old;
-        sm->snap_len = old_len;
-        sm->snap_index = old_index;
+    rc = sm_snap_file_commit(sm, fd, tmp, index, SM_SNAP_HDR + off, wrc, err);
+    if (rc < 0)
         return rc;
-    }
-    free(old);
     *size = sm->snap_len;
     return 0;
 }
 
 uint64_t sm_snapshot_index(const struct sm *sm)
 {
-    return sm->snap != NULL ? sm->snap_index : 0;
+    return sm->snap_fd >= 0 ? sm->snap_index : 0;
 }
 
-const uint8_t *sm_snapshot_data(const struct sm *sm, size_t *len)
+uint64_t sm_snapshot_size(const struct sm *sm)
 {
-    *len = sm->snap_len;
-    return sm->snap;
+    return sm->snap_fd >= 0 ? sm->snap_len : 0;
+}
+
+int sm_snapshot_read(const struct sm *sm, uint64_t offset, void *buf, size_t len, size_t *n)
+{
+    *n = 0;
+    if (sm->snap_fd < 0)
+        return -ENOENT;
+    if (offset >= sm->snap_len)
+        return 0;
+    len = (size_t)PB_MIN((uint64_t)len, sm->snap_len - offset);
+    uint8_t *p = buf;
+    while (*n < len) {
+        ssize_t r = pread(sm->snap_fd, p + *n, len - *n, (off_t)(offset + *n));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return -errno;
+        if (r == 0)
+            return -EIO; /* the file is shorter than it was */
+        *n += (size_t)r;
+    }
+    return 0;
 }
 
 int sm_snapshot_install(struct sm *sm, uint64_t index, uint64_t term, const uint8_t *data,
@@ -476,16 +537,43 @@ int sm_snapshot_install(struct sm *sm, uint64_t index, uint64_t term, const uint
     if (s_index != index)
         log_warning("snapshot %" PRIu64 " holds state at %" PRIu64, index, s_index);
     sm->applied = index;
-    uint8_t *old = sm->snap;
-    sm->snap = pb_xmalloc(len);
-    memcpy(sm->snap, data, len);
-    sm->snap_len = len;
-    sm->snap_index = index;
-    free(old);
-    rc = sm_snap_file_write(sm, err);
+    sm->chunks_wanted = true;
+    char *tmp = NULL;
+    int fd = sm_snap_file_open(sm, &tmp, err);
+    if (fd < 0) {
+        free(tmp);
+        return fd;
+    }
+    rc = sm_snap_file_commit(sm, fd, tmp, index, len, sm_write_all(fd, data, len), err);
     if (rc < 0)
         return rc;
     if (sm->ap != NULL)
         sm_repair(sm);
     return 0;
+}
+
+bool sm_chunks_wanted(struct sm *sm)
+{
+    bool w = sm->chunks_wanted;
+    sm->chunks_wanted = false;
+    return w;
+}
+
+int sm_chunk_store(struct sm *sm, const uint8_t id[STATEDB_ID_LEN], const void *data, uint32_t len)
+{
+    int had = statedb_chunk_data_has(sm->db, id);
+    if (had < 0)
+        return had;
+    int rc = statedb_chunk_data_put(sm->db, id, data, len);
+    if (rc == 0 && !had) {
+        sm->fetched_chunks++;
+        sm->fetched_bytes += len;
+    }
+    return rc;
+}
+
+void sm_fetch_counters(const struct sm *sm, uint64_t *chunks, uint64_t *bytes)
+{
+    *chunks = sm->fetched_chunks;
+    *bytes = sm->fetched_bytes;
 }

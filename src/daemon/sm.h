@@ -20,10 +20,15 @@
  * (after fsm_apply_repair()). sm_tree_error() says why.
  *
  * Snapshots: sm_snapshot_take() reads statedb's snapshot stream (the
- * replicated tables at the applied index) into a blob
- * ("PBS2", u64 index, u64 term, stream) kept in memory and in
- * <state_dir>/snapshot.pbs (full sync); sm_snapshot_install() validates and
- * installs a received blob through statedb_install_*() and repairs the tree.
+ * replicated tables at the applied index: manifest, chunk lists, chunk
+ * metadata, sessions; no chunk bytes, so its size follows the manifest)
+ * into <state_dir>/snapshot.pbs ("PBS2", u64 index, u64 term, stream; full
+ * sync), streamed: memory stays bounded, and the file is read back with
+ * sm_snapshot_read() to send it; sm_snapshot_install() validates and
+ * installs a received blob through statedb_install_*() and repairs the tree
+ * as far as the chunk bytes on this node allow. The bytes it lacks are
+ * fetched from peers by the fetcher (fetch.h), which asks sm_chunks_wanted(),
+ * stores them with sm_chunk_store() and then calls sm_repair().
  *
  * The observer (the replica, replica.h) sees the node's own entries: before
  * (ahead of the batch's transaction: the moment to fsm_apply_record_local(),
@@ -93,13 +98,17 @@ int sm_apply(struct sm *sm, const struct raft_entry *e, size_t n, sm_applied_fn 
  * must be state.db's) and keeps it as the current one, durably. */
 int sm_snapshot_take(struct sm *sm, uint64_t term, uint64_t *size, struct pb_error *err);
 
-/* The current snapshot's index (0 = none) and bytes (owned by sm, valid
- * until the next snapshot call). */
+/* The current snapshot's index and size in bytes (0 = none). */
 uint64_t sm_snapshot_index(const struct sm *sm);
-const uint8_t *sm_snapshot_data(const struct sm *sm, size_t *len);
+uint64_t sm_snapshot_size(const struct sm *sm);
+/* Copies up to len bytes of the current snapshot at offset into buf; *n
+ * gets how many (fewer only at its end). -ENOENT without a snapshot, or
+ * -errno of the read. */
+int sm_snapshot_read(const struct sm *sm, uint64_t offset, void *buf, size_t len, size_t *n);
 
 /* Replaces the replicated state with the blob (received at index, term),
- * durably, repairs the tree and keeps the blob as the current snapshot.
+ * durably, repairs the tree and keeps the blob (in snapshot.pbs) as the
+ * current snapshot.
  * -EINVAL when the blob is malformed or does not say index/term. */
 int sm_snapshot_install(struct sm *sm, uint64_t index, uint64_t term, const uint8_t *data,
                         size_t len, struct pb_error *err);
@@ -115,5 +124,16 @@ const char *sm_tree_error(const struct sm *sm);
 int sm_repair(struct sm *sm);
 /* Tree materialization errors and conflicts seen since open. */
 uint64_t sm_tree_failures(const struct sm *sm);
+
+/* True (once; the flag is cleared) if chunk bytes may be missing on this
+ * node: after open, after a snapshot install, after a materialization that
+ * lacked bytes. */
+bool sm_chunks_wanted(struct sm *sm);
+/* Stores the bytes of chunk id (node-local; the caller verified the hash)
+ * and counts them as fetched. 0, -ENOENT (no such chunk any more), -EINVAL
+ * (its length differs), or a statedb error. Not inside sm_apply(). */
+int sm_chunk_store(struct sm *sm, const uint8_t id[32], const void *data, uint32_t len);
+/* Chunks and bytes stored by sm_chunk_store() since open. */
+void sm_fetch_counters(const struct sm *sm, uint64_t *chunks, uint64_t *bytes);
 
 #endif

@@ -503,6 +503,7 @@ int fsm_apply_skip(struct fsm_apply *ap, uint64_t index, uint64_t term, struct p
 struct repair {
     struct fsm_apply *ap;
     unsigned repaired, pending;
+    unsigned waiting; /* files whose chunk bytes are not on this node yet */
 };
 
 static bool pending_rc(int rc)
@@ -547,13 +548,20 @@ static int repair_one(void *arg, const char *path, bool remove)
         r->pending++;
         return 0;
     }
+    if (rc == -ENODATA) {
+        /* bytes still to be fetched from a peer: skipped, not a failure;
+         * the repair after the fetch materializes it */
+        log_debug("repair %s: waiting for chunk bytes", path);
+        r->waiting++;
+        return 0;
+    }
     log_err("repair %s: %s", path, strerror(-rc));
     return rc;
 }
 
 int fsm_apply_repair(struct fsm_apply *ap, unsigned *repaired, unsigned *pending)
 {
-    struct repair r = {ap, 0, 0};
+    struct repair r = {ap, 0, 0, 0};
     int rc = fsm_tree_check_marker(ap->tree);
     if (rc == 0)
         rc = statedb_disk_mismatches(ap->db, repair_one, &r);
@@ -564,6 +572,8 @@ int fsm_apply_repair(struct fsm_apply *ap, unsigned *repaired, unsigned *pending
     if (r.repaired > 0 || r.pending > 0)
         log_notice("tree repair: %u paths repaired, %u left for pending local edits", r.repaired,
                    r.pending);
+    if (r.waiting > 0)
+        log_notice("tree repair: %u file(s) wait for chunk bytes from peers", r.waiting);
     return rc;
 }
 

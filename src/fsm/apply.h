@@ -139,8 +139,10 @@ int fsm_apply_skip(struct fsm_apply *ap, uint64_t index, uint64_t term, struct p
 
 /* Re-materializes every path where the tree may be behind state.db (see
  * above). *repaired and *pending (may be NULL) get the number of paths
- * brought up to date and skipped for a pending local edit. Returns 0 or the
- * first error that is not a pending edit. */
+ * brought up to date and skipped for a pending local edit. A file whose
+ * chunk bytes this node does not hold yet (after a snapshot install) is
+ * skipped too, not an error: run the repair again once they are fetched.
+ * Returns 0 or the first error that is not a pending edit. */
 int fsm_apply_repair(struct fsm_apply *ap, unsigned *repaired, unsigned *pending);
 
 /* Records that the tree holds st at path because of a local edit whose op

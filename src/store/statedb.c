@@ -1,27 +1,34 @@
 /*
  * statedb.c: state.db, the replicated tree's state (see statedb.h).
  *
- * Schema (format 1; every table STRICT):
+ * Schema (format 2; every table STRICT):
  *
  *   statedb_meta(id=1, format)                 node file's format
  *   applied(id=1, idx, term, malformed, conflicts, duplicates)   replicated
  *   manifest(path BLOB PK, kind, deleted, version, content_version, content,
  *            mode, mtime_ns, size, origin, target BLOB NULL)     replicated
  *   chunklist(path, seq, id, len; PK (path, seq))                replicated
- *   chunks(id BLOB PK, refs, keep_until, data)                   replicated
+ *   chunks(id BLOB PK, refs, keep_until, len)                    replicated
+ *   chunk_data(id BLOB PK, data)                                 node-local
  *   sessions(client_id PK, seq)                                  replicated
  *   disk(path PK, kind, mode, size, mtime_ns, ino, row_content,
  *        row_mode, row_mtime_ns)                                 node-local
  *   stage_manifest, stage_chunklist, stage_chunks, stage_sessions: a snapshot
- *        being received (node-local, emptied at every install); a staged
- *        chunk with local = 1 is one the receiver already holds (K record)
+ *        being received (node-local, emptied at every install)
  *
  * chunks.refs is kept by triggers on chunklist (insert +1, delete -1), and an
  * insert naming a chunk that is not stored aborts the statement: a chunk list
  * can never point at a missing chunk and refs cannot drift. uint64 values are
  * stored as SQLite's int64 (the same 64 bits).
  *
- * Snapshot stream (format 1). A sequence of records, each
+ * A chunk row is the replicated fact "this chunk exists in the state machine"
+ * (what apply decisions and collection look at); its bytes are node-local in
+ * chunk_data, present or not (a node that installed a snapshot fetches them
+ * from peers, doc/fsm.md "Snapshots"). Deleting a chunk row deletes its bytes
+ * (trigger). Format 1 kept the bytes in chunks.data; opening a format 1 file
+ * migrates it in one transaction (sd_migrate_1_2).
+ *
+ * Snapshot stream (format 2). A sequence of records, each
  *   u32 length (of what follows), u8 tag, body
  * in this order: one 'H', the manifest rows ('M', by path), the chunk lists
  * ('L', by path and seq), the chunks ('C', by id), the sessions ('S', by
@@ -31,12 +38,12 @@
  *      32 content, u32 mode, u64 mtime_ns, u64 size, bytes origin,
  *      u8 has_target, [bytes target]
  *   L: bytes path, u32 seq, 32 id, u32 len
- *   C: 32 id, u64 keep_until, bytes data     (refs are recomputed on install)
- *   K: 32 id, u64 keep_until, u32 len        (a chunk the receiver said it
- *      holds: its bytes do not travel; instead of C, only when asked for)
+ *   C: 32 id, u64 keep_until, u32 len        (metadata only: chunk bytes
+ *      never travel in a snapshot; refs are recomputed on install)
  *   S: u64 client_id, u64 seq
  *   E: u64 number of records before it, u32 CRC-32C of every byte before it
- * Equal replicated state gives equal bytes (for the same receiver_has answers).
+ * Equal replicated state gives equal bytes. (Format 1 carried the bytes in C
+ * records and had K records; a format 1 stream is refused.)
  */
 #include "config.h"
 
@@ -61,7 +68,7 @@
 #define STATEDB_BUSY_MS        5000
 #define STATEDB_PATH_BYTES_MAX 4096
 
-static const char statedb_schema_v1[] =
+static const char statedb_schema[] =
         "CREATE TABLE statedb_meta (id INTEGER PRIMARY KEY CHECK (id = 1),"
         " format INTEGER NOT NULL) STRICT;"
         "CREATE TABLE applied (id INTEGER PRIMARY KEY CHECK (id = 1),"
@@ -75,8 +82,11 @@ static const char statedb_schema_v1[] =
         "CREATE TABLE chunklist (path BLOB NOT NULL, seq INTEGER NOT NULL, id BLOB NOT NULL,"
         " len INTEGER NOT NULL, PRIMARY KEY (path, seq)) STRICT, WITHOUT ROWID;"
         "CREATE TABLE chunks (id BLOB PRIMARY KEY NOT NULL, refs INTEGER NOT NULL,"
-        " keep_until INTEGER NOT NULL, data BLOB NOT NULL) STRICT;"
+        " keep_until INTEGER NOT NULL, len INTEGER NOT NULL) STRICT;"
         "CREATE INDEX chunks_unreferenced ON chunks (keep_until) WHERE refs = 0;"
+        "CREATE TABLE chunk_data (id BLOB PRIMARY KEY NOT NULL, data BLOB NOT NULL) STRICT;"
+        "CREATE TRIGGER chunks_gone AFTER DELETE ON chunks BEGIN"
+        " DELETE FROM chunk_data WHERE id = OLD.id; END;"
         "CREATE TRIGGER chunklist_ref AFTER INSERT ON chunklist BEGIN"
         " SELECT RAISE(ABORT, 'chunk list names a chunk that is not stored')"
         "  WHERE NOT EXISTS (SELECT 1 FROM chunks WHERE id = NEW.id);"
@@ -97,7 +107,7 @@ static const char statedb_schema_v1[] =
         " id BLOB NOT NULL, len INTEGER NOT NULL, PRIMARY KEY (path, seq)) STRICT,"
         " WITHOUT ROWID;"
         "CREATE TABLE stage_chunks (id BLOB PRIMARY KEY NOT NULL,"
-        " keep_until INTEGER NOT NULL, local INTEGER NOT NULL, data BLOB NOT NULL) STRICT;"
+        " keep_until INTEGER NOT NULL, len INTEGER NOT NULL) STRICT;"
         "CREATE TABLE stage_sessions (client_id INTEGER PRIMARY KEY,"
         " seq INTEGER NOT NULL) STRICT;";
 
@@ -113,6 +123,8 @@ enum {
     Q_CL_INS,
     Q_CHUNK_HAS,
     Q_CHUNK_GET,
+    Q_DATA_INS,
+    Q_DATA_HAS,
     Q_CHUNK_INS,
     Q_CHUNK_KEEP,
     Q_CHUNK_GC,
@@ -146,8 +158,11 @@ static const char *const statedb_sql[Q_MAX] = {
         [Q_CL_GET] = "SELECT id, len FROM chunklist WHERE path = ?1 ORDER BY seq",
         [Q_CL_INS] = "INSERT INTO chunklist (path, seq, id, len) VALUES (?1, ?2, ?3, ?4)",
         [Q_CHUNK_HAS] = "SELECT 1 FROM chunks WHERE id = ?1",
-        [Q_CHUNK_GET] = "SELECT data FROM chunks WHERE id = ?1",
-        [Q_CHUNK_INS] = "INSERT INTO chunks (id, refs, keep_until, data) VALUES (?1, 0, ?2, ?3) "
+        [Q_CHUNK_GET] = "SELECT data FROM chunk_data WHERE id = ?1",
+        [Q_DATA_INS] = "INSERT OR IGNORE INTO chunk_data (id, data) SELECT ?1, ?2"
+                       " WHERE EXISTS (SELECT 1 FROM chunks WHERE id = ?1 AND len = ?3)",
+        [Q_DATA_HAS] = "SELECT 1 FROM chunk_data WHERE id = ?1",
+        [Q_CHUNK_INS] = "INSERT INTO chunks (id, refs, keep_until, len) VALUES (?1, 0, ?2, ?3) "
                         "ON CONFLICT (id) DO NOTHING",
         [Q_CHUNK_KEEP] = "UPDATE chunks SET keep_until = ?2 WHERE id = ?1 AND keep_until < ?2",
         [Q_CHUNK_GC] = "DELETE FROM chunks WHERE refs = 0 AND keep_until < ?1",
@@ -310,7 +325,7 @@ static int sd_create(sqlite3 *h, struct pb_error *err)
                              "INSERT INTO statedb_meta (id, format) VALUES (1, %d);"
                              "INSERT INTO applied VALUES (1, 0, 0, 0, 0, 0);"
                              "COMMIT;",
-                             statedb_schema_v1, STATEDB_APPLICATION_ID, STATEDB_FORMAT);
+                             statedb_schema, STATEDB_APPLICATION_ID, STATEDB_FORMAT);
     rc = sd_exec(h, sql, err);
     free(sql);
     if (rc < 0) {
@@ -318,6 +333,42 @@ static int sd_create(sqlite3 *h, struct pb_error *err)
         return rc;
     }
     log_info("created state.db format=%d", STATEDB_FORMAT);
+    return 0;
+}
+
+/*
+ * Format 1 -> 2, in one transaction: chunk bytes move from chunks.data to the
+ * node-local chunk_data table, chunks gets len (the bytes' length) and loses
+ * data, and the staging table for chunks takes the metadata-only shape
+ * (staging is empty outside an install). Every row and every chunk's bytes
+ * are kept. A failure rolls everything back and leaves a format 1 file.
+ */
+static int sd_migrate_1_2(sqlite3 *h, struct pb_error *err)
+{
+    int rc = sd_exec(h, "BEGIN IMMEDIATE", err);
+    if (rc < 0)
+        return rc;
+    rc = sd_exec(h,
+                 "CREATE TABLE chunk_data (id BLOB PRIMARY KEY NOT NULL, data BLOB NOT NULL)"
+                 " STRICT;"
+                 "INSERT INTO chunk_data (id, data) SELECT id, data FROM chunks;"
+                 "ALTER TABLE chunks ADD COLUMN len INTEGER NOT NULL DEFAULT 0;"
+                 "UPDATE chunks SET len = length(data);"
+                 "ALTER TABLE chunks DROP COLUMN data;"
+                 "CREATE TRIGGER chunks_gone AFTER DELETE ON chunks BEGIN"
+                 " DELETE FROM chunk_data WHERE id = OLD.id; END;"
+                 "DROP TABLE stage_chunks;"
+                 "CREATE TABLE stage_chunks (id BLOB PRIMARY KEY NOT NULL,"
+                 " keep_until INTEGER NOT NULL, len INTEGER NOT NULL) STRICT;"
+                 "UPDATE statedb_meta SET format = 2 WHERE id = 1;",
+                 err);
+    if (rc == 0)
+        rc = sd_exec(h, "COMMIT", err);
+    if (rc < 0) {
+        sqlite3_exec(h, "ROLLBACK", NULL, NULL, NULL);
+        return rc;
+    }
+    log_notice("state.db: migrated from format 1 to format 2 (chunk bytes are node-local)");
     return 0;
 }
 
@@ -345,8 +396,11 @@ static int sd_init_schema(sqlite3 *h, struct pb_error *err)
                             "pickbox understands; refusing to open it (downgrades are not "
                             "supported: run the newer pickbox)",
                             format, STATEDB_FORMAT);
+    if (format == 1 && (rc = sd_migrate_1_2(h, err)) < 0)
+        return rc;
+    if (format == 1)
+        format = 2;
     if (format < STATEDB_FORMAT)
-        /* Format 1 is the first: there is no older format to migrate yet. */
         return pb_error_set(err, -EBADMSG,
                             "state.db has format %" PRId64 " but format %d has no migration "
                             "from it; the file is damaged",
@@ -894,16 +948,94 @@ int statedb_chunk_put(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], cons
         return e;
     sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
     sqlite3_bind_int64(st, 2, (int64_t)keep_until);
-    sqlite3_bind_blob(st, 3, data, (int)len, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, len);
     if ((e = sd_done(db, st, "store chunk")) < 0)
+        return e;
+    if (sqlite3_changes(db->db) == 0) {
+        if ((st = sd_q(db, Q_CHUNK_KEEP, &e)) == NULL)
+            return e;
+        sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 2, (int64_t)keep_until);
+        if ((e = sd_done(db, st, "keep chunk")) < 0)
+            return e;
+    }
+    /* the bytes, if this node lacks them (a chunk the op carries again) */
+    return statedb_chunk_data_put(db, id, data, len);
+}
+
+int statedb_chunk_data_put(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], const void *data,
+                           uint32_t len)
+{
+    int e = 0;
+    sqlite3_stmt *st = sd_q(db, Q_DATA_INS, &e);
+    if (st == NULL)
+        return e;
+    sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
+    if (len == 0)
+        sqlite3_bind_zeroblob(st, 2, 0);
+    else
+        sqlite3_bind_blob(st, 2, data, (int)len, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, len);
+    if ((e = sd_done(db, st, "store chunk bytes")) < 0)
         return e;
     if (sqlite3_changes(db->db) > 0)
         return 0;
-    if ((st = sd_q(db, Q_CHUNK_KEEP, &e)) == NULL)
+    /* nothing inserted: already here, or no such chunk (of that length) */
+    int has = statedb_chunk_data_has(db, id);
+    if (has != 0)
+        return has < 0 ? has : 0;
+    uint64_t refs;
+    e = statedb_chunk_refs(db, id, &refs);
+    if (e == 0) {
+        snprintf(db->errmsg, sizeof(db->errmsg), "state.db: chunk bytes of the wrong length");
+        return -EINVAL;
+    }
+    return e;
+}
+
+int statedb_chunk_data_has(struct statedb *db, const uint8_t id[STATEDB_ID_LEN])
+{
+    int e = 0;
+    sqlite3_stmt *st = sd_q(db, Q_DATA_HAS, &e);
+    if (st == NULL)
         return e;
     sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 2, (int64_t)keep_until);
-    return sd_done(db, st, "keep chunk");
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    if (rc == SQLITE_ROW)
+        return 1;
+    if (rc == SQLITE_DONE)
+        return 0;
+    return sd_fail(db, rc, "chunk bytes lookup");
+}
+
+int statedb_chunk_missing(struct statedb *db, const uint8_t *after, struct statedb_ref *out,
+                          size_t max, size_t *n)
+{
+    *n = 0;
+    sqlite3_stmt *st;
+    int rc = sqlite3_prepare_v2(db->db,
+                                "SELECT c.id, c.len FROM chunks c WHERE c.refs > 0 AND c.id > ?1"
+                                " AND NOT EXISTS (SELECT 1 FROM chunk_data d WHERE d.id = c.id)"
+                                " ORDER BY c.id LIMIT ?2",
+                                -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return sd_fail(db, rc, "prepare missing chunks");
+    if (after != NULL)
+        sqlite3_bind_blob(st, 1, after, STATEDB_ID_LEN, SQLITE_STATIC);
+    else
+        sqlite3_bind_zeroblob(st, 1, 0);
+    sqlite3_bind_int64(st, 2, (int64_t)max);
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW && *n < max) {
+        col_fixed(st, 0, out[*n].id, STATEDB_ID_LEN);
+        out[*n].len = (uint32_t)sqlite3_column_int64(st, 1);
+        (*n)++;
+    }
+    int e = 0;
+    if (rc != SQLITE_DONE && rc != SQLITE_ROW)
+        e = sd_fail(db, rc, "missing chunks");
+    sqlite3_finalize(st);
+    return e;
 }
 
 int statedb_chunk_collect(struct statedb *db, uint64_t index, uint64_t *n)
@@ -1120,8 +1252,12 @@ int statedb_status_get(struct statedb *db, uint8_t file_kind, uint8_t dir_kind,
             "SELECT (SELECT count(*) FROM manifest WHERE deleted = 0 AND kind = ?1),"
             " (SELECT count(*) FROM manifest WHERE deleted = 0 AND kind = ?2),"
             " (SELECT coalesce(sum(size), 0) FROM manifest WHERE deleted = 0 AND kind = ?1),"
-            " (SELECT count(*) FROM chunks), (SELECT coalesce(sum(length(data)), 0) FROM chunks),"
-            " (SELECT count(*) FROM manifest WHERE deleted = 1)",
+            " (SELECT count(*) FROM chunks), (SELECT coalesce(sum(len), 0) FROM chunks),"
+            " (SELECT count(*) FROM manifest WHERE deleted = 1),"
+            " (SELECT count(*) FROM chunks c WHERE c.refs > 0 AND NOT EXISTS"
+            "  (SELECT 1 FROM chunk_data d WHERE d.id = c.id)),"
+            " (SELECT coalesce(sum(c.len), 0) FROM chunks c WHERE c.refs > 0 AND NOT EXISTS"
+            "  (SELECT 1 FROM chunk_data d WHERE d.id = c.id))",
             -1, &st, NULL);
     if (rc != SQLITE_OK)
         return sd_fail(db, rc, "prepare status");
@@ -1136,6 +1272,8 @@ int statedb_status_get(struct statedb *db, uint8_t file_kind, uint8_t dir_kind,
         s->chunks = (uint64_t)sqlite3_column_int64(st, 3);
         s->chunk_bytes = (uint64_t)sqlite3_column_int64(st, 4);
         s->tombstones = (uint64_t)sqlite3_column_int64(st, 5);
+        s->missing = (uint64_t)sqlite3_column_int64(st, 6);
+        s->missing_bytes = (uint64_t)sqlite3_column_int64(st, 7);
     } else {
         e = sd_fail(db, rc, "status");
     }
@@ -1151,17 +1289,13 @@ static const char *const snap_sql[] = {
         [SEC_MANIFEST] = "SELECT path, kind, deleted, version, content_version, content, mode, "
                          "mtime_ns, size, origin, target FROM manifest ORDER BY path",
         [SEC_CHUNKLIST] = "SELECT path, seq, id, len FROM chunklist ORDER BY path, seq",
-        [SEC_CHUNKS] = "SELECT id, keep_until, length(data) FROM chunks ORDER BY id",
+        [SEC_CHUNKS] = "SELECT id, keep_until, len FROM chunks ORDER BY id",
         [SEC_SESSIONS] = "SELECT client_id, seq FROM sessions ORDER BY client_id",
 };
 
 struct statedb_snapshot {
     sqlite3 *db;
     sqlite3_stmt *st[SEC_DONE];
-    sqlite3_stmt *data; /* one chunk's bytes */
-    int (*receiver_has)(void *arg, const uint8_t id[STATEDB_ID_LEN]);
-    void *has_arg;
-    uint64_t skipped; /* chunks sent as K records */
     struct statedb_applied a;
     int section;
     uint64_t records;
@@ -1248,35 +1382,12 @@ static int snap_gen(struct statedb_snapshot *s, struct pb_error *err)
             put_fixed_col(b, st, 2);
             buf_put_u32(b, (uint32_t)sqlite3_column_int64(st, 3));
             break;
-        case SEC_CHUNKS: {
-            uint8_t id[STATEDB_ID_LEN];
-            col_fixed(st, 0, id, STATEDB_ID_LEN);
-            int has = s->receiver_has != NULL ? s->receiver_has(s->has_arg, id) : 0;
-            if (has < 0) {
-                b->len = start;
-                return pb_error_set(err, has, "state.db snapshot: receiver_has failed");
-            }
-            buf_put_u8(b, has ? 'K' : 'C');
-            buf_put(b, id, STATEDB_ID_LEN);
+        case SEC_CHUNKS: /* metadata only: the bytes are node-local */
+            buf_put_u8(b, 'C');
+            put_fixed_col(b, st, 0);
             buf_put_u64(b, (uint64_t)sqlite3_column_int64(st, 1));
-            if (has) {
-                buf_put_u32(b, (uint32_t)sqlite3_column_int64(st, 2));
-                s->skipped++;
-                break;
-            }
-            sqlite3_reset(s->data);
-            sqlite3_bind_blob(s->data, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
-            rc = sqlite3_step(s->data);
-            if (rc != SQLITE_ROW) {
-                b->len = start;
-                sqlite3_reset(s->data);
-                return pb_error_set(err, -EIO, "state.db snapshot: read chunk: %s",
-                                    sqlite3_errmsg(s->db));
-            }
-            put_blob_col(b, s->data, 0);
-            sqlite3_reset(s->data);
+            buf_put_u32(b, (uint32_t)sqlite3_column_int64(st, 2));
             break;
-        }
         default:
             buf_put_u8(b, 'S');
             buf_put_u64(b, (uint64_t)sqlite3_column_int64(st, 0));
@@ -1296,7 +1407,6 @@ static void snap_restart(struct statedb_snapshot *s)
         sqlite3_reset(s->st[i]);
     s->section = SEC_HEADER;
     s->records = 0;
-    s->skipped = 0;
     s->crc = 0;
     buf_reset(&s->pend);
     s->pend_off = 0;
@@ -1307,8 +1417,8 @@ int statedb_snapshot_begin(struct statedb *db,
                            void *arg, struct statedb_snapshot **out, struct pb_error *err)
 {
     struct statedb_snapshot *s = pb_xcalloc(1, sizeof(*s));
-    s->receiver_has = receiver_has;
-    s->has_arg = arg;
+    (void)receiver_has; /* format 2 never carries chunk bytes */
+    (void)arg;
     *out = NULL;
     int rc = sqlite3_open_v2(db->path, &s->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
     int e = 0;
@@ -1335,11 +1445,6 @@ int statedb_snapshot_begin(struct statedb *db,
         e = pb_error_set(err, -EIO, "state.db snapshot: read applied: %s", sqlite3_errstr(rc));
         goto fail;
     }
-    rc = sqlite3_prepare_v2(s->db, "SELECT data FROM chunks WHERE id = ?1", -1, &s->data, NULL);
-    if (rc != SQLITE_OK) {
-        e = pb_error_set(err, -EIO, "state.db snapshot: %s", sqlite3_errmsg(s->db));
-        goto fail;
-    }
     for (int i = SEC_MANIFEST; i <= SEC_SESSIONS; i++) {
         rc = sqlite3_prepare_v2(s->db, snap_sql[i], -1, &s->st[i], NULL);
         if (rc != SQLITE_OK) {
@@ -1357,7 +1462,8 @@ fail:
 
 uint64_t statedb_snapshot_skipped(const struct statedb_snapshot *s)
 {
-    return s->skipped;
+    (void)s;
+    return 0;
 }
 
 void statedb_snapshot_info(const struct statedb_snapshot *s, uint64_t *index, uint64_t *term)
@@ -1401,7 +1507,6 @@ void statedb_snapshot_end(struct statedb_snapshot *s)
         return;
     for (int i = 0; i < SEC_DONE; i++)
         sqlite3_finalize(s->st[i]);
-    sqlite3_finalize(s->data);
     if (s->db != NULL) {
         sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
         sqlite3_close(s->db);
@@ -1426,7 +1531,7 @@ struct statedb_install {
 static const char *const stage_sql[4] = {
         "INSERT INTO stage_manifest VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         "INSERT INTO stage_chunklist VALUES (?1, ?2, ?3, ?4)",
-        "INSERT INTO stage_chunks VALUES (?1, ?2, ?4, ?3)",
+        "INSERT INTO stage_chunks VALUES (?1, ?2, ?3)",
         "INSERT INTO stage_sessions VALUES (?1, ?2)",
 };
 
@@ -1565,46 +1670,12 @@ static int stage_record(struct statedb_install *in, const uint8_t *rec, size_t l
         st = in->ins[2];
         q = cursor_take(&c, STATEDB_ID_LEN);
         uint64_t keep = cursor_u64(&c);
-        p = cursor_bytes(&c, STATEDB_SNAP_RECORD_MAX, &n);
-        if (!cursor_ok(&c) || cursor_remaining(&c) != 0)
+        uint32_t clen = cursor_u32(&c);
+        if (!cursor_ok(&c) || cursor_remaining(&c) != 0 || clen > STATEDB_CHUNK_MAX)
             return pb_error_set(err, -EBADMSG, "snapshot: bad chunk record");
         sqlite3_bind_blob(st, 1, q, STATEDB_ID_LEN, SQLITE_STATIC);
         sqlite3_bind_int64(st, 2, (int64_t)keep);
-        if (n == 0)
-            sqlite3_bind_zeroblob(st, 3, 0);
-        else
-            sqlite3_bind_blob(st, 3, p, (int)n, SQLITE_STATIC);
-        sqlite3_bind_int(st, 4, 0);
-        break;
-    }
-    case 'K': {
-        st = in->ins[2];
-        q = cursor_take(&c, STATEDB_ID_LEN);
-        uint64_t keep = cursor_u64(&c);
-        uint32_t klen = cursor_u32(&c);
-        if (!cursor_ok(&c) || cursor_remaining(&c) != 0)
-            return pb_error_set(err, -EBADMSG, "snapshot: bad kept-chunk record");
-        /* the sender relies on our copy: it must be here, of that length */
-        int64_t have = -1;
-        sqlite3_stmt *h;
-        int rc = sqlite3_prepare_v2(in->db->db, "SELECT length(data) FROM chunks WHERE id = ?1", -1,
-                                    &h, NULL);
-        if (rc == SQLITE_OK) {
-            sqlite3_bind_blob(h, 1, q, STATEDB_ID_LEN, SQLITE_STATIC);
-            if ((rc = sqlite3_step(h)) == SQLITE_ROW)
-                have = sqlite3_column_int64(h, 0);
-        }
-        sqlite3_finalize(h);
-        if (rc != SQLITE_ROW && rc != SQLITE_DONE)
-            return pb_error_set(err, -EIO, "snapshot: %s", sqlite3_errmsg(in->db->db));
-        if (have != (int64_t)klen)
-            return pb_error_set(err, -ENOENT,
-                                "snapshot: the sender assumed this node holds a chunk it "
-                                "does not have; ask for the full snapshot");
-        sqlite3_bind_blob(st, 1, q, STATEDB_ID_LEN, SQLITE_STATIC);
-        sqlite3_bind_int64(st, 2, (int64_t)keep);
-        sqlite3_bind_zeroblob(st, 3, 0);
-        sqlite3_bind_int(st, 4, 1);
+        sqlite3_bind_int64(st, 3, clen);
         break;
     }
     case 'S': {
@@ -1692,36 +1763,21 @@ int statedb_install_finish(struct statedb_install *in, uint64_t *index, uint64_t
     int e = statedb_begin(db);
     if (e < 0)
         return pb_error_set(err, e, "%s", db->errmsg);
-    /* Chunks sent as K records stay (their bytes are ours); every other
-     * chunk is replaced by the staged ones; refs are recounted by the
+    /* The replicated tables become the staged ones. Chunk rows: those not
+     * in the snapshot go (with their bytes, trigger chunks_gone), those in
+     * both keep their bytes (if this node has them), new ones come without
+     * bytes (the fetcher gets them from peers); refs are recounted by the
      * chunk-list triggers. */
-    int64_t lacking = 0;
     int rc = sqlite3_exec(db->db,
                           "DELETE FROM chunklist; DELETE FROM manifest; DELETE FROM sessions;"
-                          "DELETE FROM chunks WHERE id NOT IN"
-                          " (SELECT id FROM stage_chunks WHERE local = 1);",
-                          NULL, NULL, NULL);
-    if (rc == SQLITE_OK &&
-        (e = sd_query_i64(db->db,
-                          "SELECT count(*) FROM stage_chunks s WHERE local = 1 AND NOT EXISTS"
-                          " (SELECT 1 FROM chunks c WHERE c.id = s.id)",
-                          &lacking, err)) < 0) {
-        statedb_rollback(db);
-        return e;
-    }
-    if (rc == SQLITE_OK && lacking > 0) {
-        statedb_rollback(db);
-        return pb_error_set(err, -ENOENT,
-                            "snapshot: %" PRId64 " chunks the sender assumed here are missing; "
-                            "ask for the full snapshot",
-                            lacking);
-    }
-    if (rc == SQLITE_OK)
-        rc = sqlite3_exec(db->db,
-                          "UPDATE chunks SET refs = 0, keep_until ="
-                          " (SELECT keep_until FROM stage_chunks s WHERE s.id = chunks.id);"
-                          "INSERT INTO chunks (id, refs, keep_until, data)"
-                          " SELECT id, 0, keep_until, data FROM stage_chunks WHERE local = 0;"
+                          "DELETE FROM chunks WHERE id NOT IN (SELECT id FROM stage_chunks);"
+                          "UPDATE chunks SET refs = 0, (keep_until, len) ="
+                          " (SELECT keep_until, len FROM stage_chunks s WHERE s.id = chunks.id);"
+                          "DELETE FROM chunk_data WHERE id IN (SELECT c.id FROM chunks c"
+                          " JOIN chunk_data d ON d.id = c.id WHERE length(d.data) != c.len);"
+                          "INSERT INTO chunks (id, refs, keep_until, len)"
+                          " SELECT id, 0, keep_until, len FROM stage_chunks"
+                          " WHERE id NOT IN (SELECT id FROM chunks);"
                           "INSERT INTO manifest SELECT * FROM stage_manifest;"
                           "INSERT INTO chunklist SELECT * FROM stage_chunklist;"
                           "INSERT INTO sessions SELECT * FROM stage_sessions;",

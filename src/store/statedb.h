@@ -13,6 +13,12 @@
  * (bytes without NUL, stored as BLOBs), chunk ids are 32 bytes, kinds are
  * small integers it does not interpret. src/fsm/apply.c is the adapter.
  *
+ * Chunks: a chunk row (id, length, reference count, keep_until) is
+ * replicated state; its bytes are node-local (a node that installed a
+ * snapshot may lack them until it fetched them from a peer). Every decision
+ * made while applying (statedb_chunk_has: "does the cluster hold this
+ * chunk?") looks at chunk rows only, never at whether the bytes are here.
+ *
  * Chunk collection is deterministic: a chunk's reference count is the number
  * of chunk-list rows naming it (kept by triggers, so it cannot drift), and a
  * chunk also carries keep_until (a log index): statedb_chunk_collect(index)
@@ -44,14 +50,16 @@
 #include "lib/error.h"
 #include "store/store.h"
 
-#define STATEDB_FORMAT   1 /* schema format written by this build */
+#define STATEDB_FORMAT   2 /* schema format written by this build (1 is migrated) */
 #define STATEDB_NAME     "state.db"
 #define STATEDB_ID_LEN   32 /* chunk id / content hash (SHA-256) */
 #define STATEDB_NODE_MAX 64
 /* Snapshot stream format (statedb_snapshot_read / statedb_install_write). */
-#define STATEDB_SNAP_FORMAT 1
-/* Largest single record of a snapshot stream (a chunk: 256 KiB + header). */
+#define STATEDB_SNAP_FORMAT 2
+/* Largest single record of a snapshot stream (a manifest row). */
 #define STATEDB_SNAP_RECORD_MAX (512u * 1024u)
+/* Largest chunk length a snapshot's chunk record may state. */
+#define STATEDB_CHUNK_MAX (16u * 1024u * 1024u)
 
 struct statedb;
 struct statedb_snapshot;
@@ -101,12 +109,14 @@ struct statedb_applied {
 };
 
 struct statedb_status {
-    uint64_t files;  /* live manifest rows of kind `file_kind` */
-    uint64_t dirs;   /* live rows of kind `dir_kind` */
-    uint64_t bytes;  /* sum of the live files' sizes */
-    uint64_t chunks; /* rows of the chunk table */
-    uint64_t chunk_bytes;
+    uint64_t files;       /* live manifest rows of kind `file_kind` */
+    uint64_t dirs;        /* live rows of kind `dir_kind` */
+    uint64_t bytes;       /* sum of the live files' sizes */
+    uint64_t chunks;      /* rows of the chunk table (replicated metadata) */
+    uint64_t chunk_bytes; /* the sum of their lengths */
     uint64_t tombstones;
+    uint64_t missing;       /* referenced chunks whose bytes this node lacks */
+    uint64_t missing_bytes; /* and their length */
 };
 
 /* Opens (creating if missing, mode 0600) the state.db file at path. Refuses
@@ -169,18 +179,33 @@ int statedb_row_foreach(struct statedb *db,
 int statedb_list_children(struct statedb *db, const char *dir,
                           int (*fn)(void *arg, const char *name), void *arg);
 
-/* Chunks. has: 1, 0 or -errno. get: copies exactly len bytes (-ENOENT if
- * absent, -EBADMSG if the stored length differs). put: stores the chunk if
- * absent (the bytes are not hashed here: verify them first) and raises its
- * keep_until to at least keep_until. collect: removes
- * chunks with no reference and keep_until < index; *n (may be NULL) gets how
- * many. */
+/* Chunks. has: 1 if the chunk row exists (replicated: the same answer on
+ * every node), 0, or -errno. get: copies exactly len bytes of this node's
+ * copy (-ENOENT if the bytes are not here, -EBADMSG if the stored length
+ * differs). put: adds the chunk row if absent (len = its length), raises its
+ * keep_until to at least keep_until, and stores the bytes if this node lacks
+ * them (they are not hashed here: verify them first). collect: removes
+ * chunks with no reference and keep_until < index, bytes included; *n (may
+ * be NULL) gets how many. */
 int statedb_chunk_has(struct statedb *db, const uint8_t id[STATEDB_ID_LEN]);
 int statedb_chunk_get(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], void *buf,
                       uint32_t len);
 int statedb_chunk_put(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], const void *data,
                       uint32_t len, uint64_t keep_until);
 int statedb_chunk_collect(struct statedb *db, uint64_t index, uint64_t *n);
+/* Node-local bytes. data_put: stores the bytes of an existing chunk row of
+ * length len (verify the hash first; no-op if already here); -ENOENT if there
+ * is no such chunk (collected meanwhile), -EINVAL if its length differs.
+ * Outside a transaction it is one autocommit write (synchronous NORMAL: a
+ * power loss may drop it, and it is fetched again). data_has: 1, 0, -errno.
+ * missing: up to max referenced chunks (refs > 0) whose bytes are not here,
+ * in id order, with id greater than after (NULL: from the start); *n gets
+ * how many. */
+int statedb_chunk_data_put(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], const void *data,
+                           uint32_t len);
+int statedb_chunk_data_has(struct statedb *db, const uint8_t id[STATEDB_ID_LEN]);
+int statedb_chunk_missing(struct statedb *db, const uint8_t *after, struct statedb_ref *out,
+                          size_t max, size_t *n);
 /* References to chunk id (chunk-list rows naming it); -ENOENT if absent. */
 int statedb_chunk_refs(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], uint64_t *refs);
 
@@ -219,21 +244,20 @@ int statedb_status_get(struct statedb *db, uint8_t file_kind, uint8_t dir_kind,
  * Snapshots. statedb_snapshot_begin() opens a read transaction on a second
  * connection: what it streams is the replicated state as of that moment,
  * whatever is applied meanwhile. The stream is deterministic (equal
- * replicated state gives equal bytes; see statedb.c for the format).
+ * replicated state gives equal bytes; see statedb.c for the format). It
+ * carries the manifest, chunk lists, chunk metadata (id, keep_until, length)
+ * and sessions, never chunk bytes: its size follows the manifest, not the
+ * tree's bytes.
  * read: copies up to len bytes at offset into buf, *n gets how many; *n < len
  * means the end of the stream. Reading sequentially is cheap; an earlier
  * offset re-generates the stream from the start. end: closes it.
- * receiver_has (may be NULL; called on the reading thread): 1 if the
- * receiver already holds chunk id (as reported by it, e.g. with its
- * chunk-id list), then only the id travels ("only chunks the receiver lacks
- * need to travel", DESIGN.md §5); the install fails with -ENOENT if the
- * receiver turns out not to hold it, and the sender then sends the full
- * stream.
+ * receiver_has and arg are ignored (stream format 1 used them to skip the
+ * bytes of chunks the receiver held; format 2 carries no bytes at all).
  */
 int statedb_snapshot_begin(struct statedb *db,
                            int (*receiver_has)(void *arg, const uint8_t id[STATEDB_ID_LEN]),
                            void *arg, struct statedb_snapshot **out, struct pb_error *err);
-/* Chunks sent without their bytes so far (K records). */
+/* Always 0 since format 2 (kept for callers of format 1's API). */
 uint64_t statedb_snapshot_skipped(const struct statedb_snapshot *s);
 void statedb_snapshot_info(const struct statedb_snapshot *s, uint64_t *index, uint64_t *term);
 int statedb_snapshot_read(struct statedb_snapshot *s, uint64_t offset, void *buf, size_t len,
@@ -246,7 +270,9 @@ void statedb_snapshot_end(struct statedb_snapshot *s);
  * (one transaction per call); finish checks the trailer (record count,
  * CRC-32C) and, in ONE transaction, replaces the replicated tables with the
  * staged ones and sets the applied index and term, keeping node-local
- * tables. *index and *term (may be NULL) get the snapshot's. Any error
+ * tables and the bytes of chunks that stay (new chunks arrive without bytes:
+ * statedb_chunk_missing() lists them). *index and *term (may be NULL) get
+ * the snapshot's. Any error
  * leaves the replicated tables as they were, and after a failed write the
  * stream cannot go on (start again with begin); free with
  * statedb_install_abort() (also after finish). Not inside an apply
