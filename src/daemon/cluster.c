@@ -914,9 +914,7 @@ static int cluster_restore(struct cluster *c, struct store_state *st, struct pb_
          * (size 0): its bytes are the state machine's blob (snapshot.pbs),
          * and the core needs their length to send them to a lagging peer. */
         if (snap.size == 0 && sm_snapshot_index(c->sm) == snap.index) {
-            size_t len = 0;
-            sm_snapshot_data(c->sm, &len);
-            snap.size = len;
+            snap.size = sm_snapshot_size(c->sm);
         }
         rs.snapshot = &snap;
     }

@@ -42,8 +42,10 @@
  *      never travel in a snapshot; refs are recomputed on install)
  *   S: u64 client_id, u64 seq
  *   E: u64 number of records before it, u32 CRC-32C of every byte before it
- * Equal replicated state gives equal bytes. (Format 1 carried the bytes in C
- * records and had K records; a format 1 stream is refused.)
+ * Equal replicated state gives equal bytes. Format 1 carried the bytes in C
+ * records (C: 32 id, u64 keep_until, bytes data) and had K records (as C
+ * above): a format 1 stream (from a node not yet upgraded) installs as
+ * metadata plus the bytes (kept when they hash to their id).
  */
 #include "config.h"
 
@@ -56,6 +58,8 @@
 #include <sys/file.h>
 #include <unistd.h>
 #include <fcntl.h>
+
+#include <openssl/evp.h>
 
 #include "lib/buf.h"
 #include "lib/log.h"
@@ -1521,7 +1525,8 @@ struct statedb_install {
     struct statedb *db;
     struct buf part; /* bytes of an incomplete record */
     bool have_header, have_end;
-    int failed; /* the first error: the stream cannot continue after it */
+    uint32_t format; /* of the stream: STATEDB_SNAP_FORMAT, or 1 */
+    int failed;      /* the first error: the stream cannot continue after it */
     struct statedb_applied a;
     uint64_t records;
     uint32_t crc;
@@ -1537,6 +1542,27 @@ static const char *const stage_sql[4] = {
 
 static const char stage_clear_sql[] = "DELETE FROM stage_manifest; DELETE FROM stage_chunklist;"
                                       "DELETE FROM stage_chunks; DELETE FROM stage_sessions;";
+
+/* The bytes of a format 1 stream's chunk record, into the node-local table. */
+static int store_v1_bytes(struct statedb *db, const uint8_t *id, const uint8_t *data, uint32_t len,
+                          struct pb_error *err)
+{
+    sqlite3_stmt *st;
+    int rc = sqlite3_prepare_v2(
+            db->db, "INSERT OR IGNORE INTO chunk_data (id, data) VALUES (?1, ?2)", -1, &st, NULL);
+    if (rc == SQLITE_OK) {
+        sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
+        if (len == 0)
+            sqlite3_bind_zeroblob(st, 2, 0);
+        else
+            sqlite3_bind_blob(st, 2, data, (int)len, SQLITE_STATIC);
+        rc = sqlite3_step(st);
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE)
+        return pb_error_set(err, -EIO, "snapshot: store chunk bytes: %s", sqlite3_errmsg(db->db));
+    return 0;
+}
 
 int statedb_install_begin(struct statedb *db, struct statedb_install **out, struct pb_error *err)
 {
@@ -1612,11 +1638,12 @@ static int stage_record(struct statedb_install *in, const uint8_t *rec, size_t l
         in->a.duplicates = cursor_u64(&c);
         if (!cursor_ok(&c) || cursor_remaining(&c) != 0 || memcmp(p, "PBSD", 4) != 0)
             return pb_error_set(err, -EBADMSG, "snapshot: bad header");
-        if (fmt != STATEDB_SNAP_FORMAT)
+        if (fmt != STATEDB_SNAP_FORMAT && fmt != 1)
             return pb_error_set(err, -EPROTONOSUPPORT,
                                 "snapshot stream has format %" PRIu32
                                 ", this pickbox reads format %d",
                                 fmt, STATEDB_SNAP_FORMAT);
+        in->format = fmt;
         in->have_header = true;
         return 0;
     }
@@ -1666,13 +1693,36 @@ static int stage_record(struct statedb_install *in, const uint8_t *rec, size_t l
         sqlite3_bind_int64(st, 4, clen);
         break;
     }
-    case 'C': {
+    case 'C':
+    case 'K': {
         st = in->ins[2];
         q = cursor_take(&c, STATEDB_ID_LEN);
         uint64_t keep = cursor_u64(&c);
-        uint32_t clen = cursor_u32(&c);
-        if (!cursor_ok(&c) || cursor_remaining(&c) != 0 || clen > STATEDB_CHUNK_MAX)
+        uint32_t clen;
+        const uint8_t *bytes = NULL;
+        if (in->format == 1 && tag == 'C') {
+            /* format 1 carried the bytes */
+            bytes = cursor_bytes(&c, STATEDB_SNAP_RECORD_MAX, &n);
+            clen = (uint32_t)PB_MIN(n, (size_t)UINT32_MAX);
+        } else {
+            clen = cursor_u32(&c);
+        }
+        if ((tag == 'K' && in->format != 1) || !cursor_ok(&c) || cursor_remaining(&c) != 0 ||
+            clen > STATEDB_CHUNK_MAX)
             return pb_error_set(err, -EBADMSG, "snapshot: bad chunk record");
+        if (bytes != NULL) {
+            /* Kept only if they hash to their id: node-local bytes are
+             * trusted from then on. Stored ahead of their row (chunk_data
+             * has no foreign key); install_finish drops the ones no row
+             * wants, so an aborted install leaves at worst correct bytes. */
+            uint8_t md[STATEDB_ID_LEN];
+            if (EVP_Digest(bytes, clen, md, NULL, EVP_sha256(), NULL) != 1 ||
+                memcmp(md, q, STATEDB_ID_LEN) != 0)
+                return pb_error_set(err, -EBADMSG, "snapshot: chunk bytes do not match their id");
+            int e = store_v1_bytes(in->db, q, bytes, clen, err);
+            if (e < 0)
+                return e;
+        }
         sqlite3_bind_blob(st, 1, q, STATEDB_ID_LEN, SQLITE_STATIC);
         sqlite3_bind_int64(st, 2, (int64_t)keep);
         sqlite3_bind_int64(st, 3, clen);
@@ -1780,7 +1830,9 @@ int statedb_install_finish(struct statedb_install *in, uint64_t *index, uint64_t
                           " WHERE id NOT IN (SELECT id FROM chunks);"
                           "INSERT INTO manifest SELECT * FROM stage_manifest;"
                           "INSERT INTO chunklist SELECT * FROM stage_chunklist;"
-                          "INSERT INTO sessions SELECT * FROM stage_sessions;",
+                          "INSERT INTO sessions SELECT * FROM stage_sessions;"
+                          /* bytes a format 1 stream brought for no row */
+                          "DELETE FROM chunk_data WHERE id NOT IN (SELECT id FROM chunks);",
                           NULL, NULL, NULL);
     if (rc != SQLITE_OK) {
         if ((rc & 0xff) == SQLITE_CONSTRAINT)
