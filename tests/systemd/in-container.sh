@@ -30,7 +30,8 @@ check() { # DESCRIPTION COMMAND...: ok when the command succeeds
     shift
     if "$@"; then ok "$d"; else not_ok "$d"; fi
 }
-# Polls COMMAND every 0.1 s until it succeeds or SECONDS have passed.
+# Polls COMMAND every 0.1 s until it succeeds or SECONDS have passed. A
+# condition that must be recomputed each time is given as: eval 'CODE'.
 wait_for() { # SECONDS COMMAND...
     local end=$((SECONDS + $1))
     shift
@@ -134,7 +135,7 @@ else
     not_ok "systemctl start pickboxd@node1 (rc $st, $state, Type=$type, STATUS=$status)"
     journalctl -u pickboxd@node1 -n 30 --no-pager | diag
 fi
-wait_for 20 [ "$(status_field node1 role)" = leader ] || echo "# node1 is not leader"
+wait_for 20 eval '[ "$(status_field node1 role)" = leader ]' || echo "# node1 is not leader"
 
 # ---- socket activation ----
 systemctl stop pickboxd@node1.service pickboxd@node1.socket
@@ -149,15 +150,15 @@ else
     not_ok "socket activation (socket/service before: $before, pickboxctl rc $st, after: $after)"
     echo "$out" | diag
 fi
-wait_for 20 [ "$(status_field node1 role)" = leader ]
+wait_for 20 eval '[ "$(status_field node1 role)" = leader ]'
 
 # ---- cluster of three ----
 # node1 generated the cluster secret; the others get a copy (pickboxd(8)).
 install -o root -g pickbox -m 0640 /var/lib/pickbox/node1/secret /etc/pickbox/cluster.secret
-systemctl start pickboxd@node2 && wait_for 30 [ "$(member_ids node1)" = "node1 node2" ]
+systemctl start pickboxd@node2 && wait_for 30 eval '[ "$(member_ids node1)" = "node1 node2" ]'
 systemctl start pickboxd@node3
-if wait_for 30 [ "$(member_ids node1)" = "node1 node2 node3" ] &&
-    wait_for 30 [ "$(status_field node3 leader_id)" = node1 ]; then
+if wait_for 30 eval '[ "$(member_ids node1)" = "node1 node2 node3" ]' &&
+    wait_for 30 eval '[ "$(status_field node3 leader_id)" = node1 ]'; then
     ok "three instances form a cluster (members: $(member_ids node1))"
 else
     not_ok "three instances form a cluster (members: $(member_ids node1))"
@@ -168,7 +169,7 @@ timing "start and cluster ($((SECONDS - t0)) s)"
 # ---- replication ----
 head -c 3000 /dev/urandom | base64 | as_pickbox tee /srv/pickbox/node2/hello.txt >/dev/null
 sum=$(sha256sum </srv/pickbox/node2/hello.txt)
-same() { for x in node1 node3; do [ "$(sha256sum <"/srv/pickbox/$x/hello.txt" 2>/dev/null)" = "$sum" ] || return 1; done; }
+same() { for x in node1 node3; do [ "$(sha256sum 2>/dev/null <"/srv/pickbox/$x/hello.txt")" = "$sum" ] || return 1; done; }
 check "a file written into node2's tree appears in node1's and node3's with the same content" \
     wait_for 30 same
 rm /srv/pickbox/node2/hello.txt
@@ -299,13 +300,13 @@ timing "upgrade (${t_upgrade} s in apt-get)"
 leader=node1 # a follower's view of the membership is enough
 out=$(ctl -n node3 leave 2>&1)
 st=$?
-if [ "$st" -eq 0 ] && wait_for 30 [ "$(member_ids "$leader")" = "node1 node2" ]; then
+if [ "$st" -eq 0 ] && wait_for 30 eval '[ "$(member_ids "$leader")" = "node1 node2" ]'; then
     ok "pickboxctl -n node3 leave: members shows two ($(member_ids "$leader"))"
 else
     not_ok "pickboxctl -n node3 leave (rc $st; members: $(member_ids "$leader"))"
     echo "$out" | diag
 fi
-wait_for 10 [ "$(prop pickboxd@node3.service ActiveState)" != active ]
+wait_for 10 eval '[ "$(prop pickboxd@node3.service ActiveState)" != active ]'
 
 # ---- stop ----
 cursor=$(journal_cursor)

@@ -221,7 +221,13 @@ for _ in $(seq 300); do
     sleep 0.05
 done
 [ -n "$leader" ] || bail "container started"
-state=$(timeout 60 nsenter -t "$leader" -a systemctl is-system-running --wait 2>&1)
+# Until PID 1 has set itself up, systemctl answers "offline": ask again.
+state=""
+for _ in $(seq 300); do
+    state=$(timeout 60 nsenter -t "$leader" -a systemctl is-system-running --wait 2>/dev/null)
+    [ "$state" = offline ] || [ -z "$state" ] || break
+    sleep 0.1
+done
 if [ "$state" = running ]; then
     ok "container boots; systemd is PID 1 and the system is running"
 else
