@@ -258,11 +258,11 @@ for x in $nodes; do
 done
 check "the postinst restarted every running instance (new PID:${restarted:- none})" \
     [ "$restarted" = " node1 node2 node3" ]
-# From PID 1's journal: "Stopping ... nodeX" is followed by "Started ...
-# nodeX" before the next instance is stopped.
+# From PID 1's journal: "Stopping pickboxd@X.service - ..." is followed by
+# "Started pickboxd@X.service - ..." before the next instance is stopped.
 seq=$(journalctl --after-cursor "$cursor" _PID=1 -o cat |
-    sed -n -e 's/^Stopping pickbox replication node \(.*\)\.\.\.$/stop \1/p' \
-        -e 's/^Started pickbox replication node \(.*\)\.$/start \1/p' | tr '\n' ' ')
+    sed -n -e 's/^Stopping pickboxd@\(.*\)\.service - .*/stop \1/p' \
+        -e 's/^Started pickboxd@\(.*\)\.service - .*/start \1/p' | tr '\n' ' ')
 one_at_a_time() {
     local -a w
     read -r -a w <<<"$seq"
