@@ -11,7 +11,7 @@
 # secret, as pickboxd(8) tells an operator to), checks notify readiness,
 # socket activation, replication, the sandbox of the running process, an
 # upgrade to DEB_UPGRADE under a writer (rolling restart by the postinst),
-# leave, a clean stop, and the journal.
+# leave, a clean stop, the journal, and removal of the package.
 set -u
 p1=$1 p2=$2 p3=$3
 deb1=/mnt/ci/$4
@@ -339,4 +339,22 @@ else
     not_ok "no journal line at priority err or worse from pickboxd ($(wc -l <"$log/err.lines"))"
     head -20 "$log/err.lines" | diag
 fi
+echo "# warnings from pickboxd (count, message):"
+# shellcheck disable=SC2046
+journalctl -p 4..4 -o cat $(node_units $nodes) | sed 's/[0-9][0-9]*/N/g' | sort | uniq -c |
+    sort -rn | head -15 | diag
 timing "leave, stop, journal"
+
+# ---- removal stops what runs ----
+systemctl start pickboxd@node1.socket pickboxd@node2.socket
+ctl -n node1 -t 20 status >/dev/null 2>&1
+apt-get remove -y -q pickbox >"$log/remove.log" 2>&1
+st=$?
+left=$(systemctl list-units --plain --no-legend --state=active 'pickboxd@*' | awk '{print $1}')
+procs=$(pgrep -x pickboxd)
+if [ "$st" -eq 0 ] && [ -z "$left" ] && [ -z "$procs" ]; then
+    ok "apt-get remove stops the running instance and every pickboxd@ socket"
+else
+    not_ok "apt-get remove stops every instance (rc $st; active: $left; pids: $procs)"
+    tail -5 "$log/remove.log" | diag
+fi
