@@ -351,7 +351,7 @@ ctl -n node1 -t 20 status >/dev/null 2>&1
 apt-get remove -y -q pickbox >"$log/remove.log" 2>&1
 st=$?
 left=$(systemctl list-units --plain --no-legend --state=active 'pickboxd@*' | awk '{print $1}')
-procs=$(pgrep -x pickboxd)
+procs=$(grep -lx pickboxd /proc/[0-9]*/comm 2>/dev/null)
 if [ "$st" -eq 0 ] && [ -z "$left" ] && [ -z "$procs" ]; then
     ok "apt-get remove stops the running instance and every pickboxd@ socket"
 else
