@@ -35,6 +35,7 @@ failed=0
 work=""
 nspawn_pid=""
 leader=""
+machine="pbci$$"
 cgroups=()
 
 ok() { n=$((n + 1)); echo "ok $n - $1"; }
@@ -66,23 +67,47 @@ in_ct() {
         SYSTEMD_PAGER= SYSTEMD_COLORS=0 "$@"
 }
 
+# Polls until process $1 is gone, for at most $2 tenths of a second.
+wait_gone() {
+    local i
+    for ((i = 0; i < $2; i++)); do
+        kill -0 "$1" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    return 1
+}
+
 cleanup() {
     if [ -n "$nspawn_pid" ] && kill -0 "$nspawn_pid" 2>/dev/null; then
         [ -n "$leader" ] || leader=$(find_leader)
-        kill -TERM "$nspawn_pid" 2>/dev/null # nspawn asks the container to halt
-        for _ in $(seq 100); do
-            kill -0 "$nspawn_pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        # Killing only nspawn would orphan the container: kill its PID 1,
-        # which takes the whole PID namespace with it.
-        [ -n "$leader" ] && kill -KILL "$leader" 2>/dev/null
+        # Ask the container's systemd to power off (SIGRTMIN+4); nspawn exits
+        # once it has reaped the container. If that does not happen, kill the
+        # container's PID 1 (which takes the whole PID namespace with it)
+        # while nspawn is still there to reap it, and only then nspawn.
+        # Killing nspawn first would orphan the container.
+        if [ -n "$leader" ]; then
+            # First the commands entered with nsenter (in the container's PID
+            # namespace but not in its cgroups): shutdown would wait for them.
+            local ns p
+            ns=$(readlink "/proc/$leader/ns/pid")
+            for p in /proc/[0-9]*; do
+                [ "$(readlink "$p/ns/pid" 2>/dev/null)" = "$ns" ] || continue
+                grep -q "/ci-$machine/" "$p/cgroup" 2>/dev/null || kill -KILL "${p#/proc/}" 2>/dev/null
+            done
+            kill -s RTMIN+4 "$leader" 2>/dev/null
+            wait_gone "$nspawn_pid" 150 || { kill -KILL "$leader" 2>/dev/null; wait_gone "$nspawn_pid" 50; }
+        fi
         kill -KILL "$nspawn_pid" 2>/dev/null
         wait "$nspawn_pid" 2>/dev/null
     fi
     local cg
     for cg in "${cgroups[@]}"; do
-        [ -d "$cg" ] && find "$cg" -depth -type d -exec rmdir {} + 2>/dev/null
+        for _ in $(seq 50); do
+            [ -d "$cg" ] || break
+            find "$cg" -depth -type d -exec rmdir {} + 2>/dev/null
+            [ -d "$cg" ] && sleep 0.1
+        done
+        [ -d "$cg" ] && echo "# could not remove cgroup $cg"
     done
     if [ -n "$work" ]; then
         if [ "$failed" -eq 0 ]; then
@@ -101,7 +126,7 @@ finish() {
     cleanup
     trap - EXIT
     echo "1..$n"
-    timing "whole step"
+    awk -v t="$(($(date +%s%N) - t_start))" 'BEGIN { printf "# timing: whole step %.1f s\n", t / 1e9 }'
     exit "$failed"
 }
 trap 'failed=1; finish' EXIT
@@ -199,7 +224,6 @@ timing "rootfs"
 # ---- boot ----
 # With --keep-unit and no systemd on the host, nspawn puts the container
 # under its own cgroup; give it a fresh one, removed afterwards.
-machine="pbci$$"
 if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
     cgroups=("/sys/fs/cgroup/ci-$machine")
 else
