@@ -258,23 +258,23 @@ for x in $nodes; do
 done
 check "the postinst restarted every running instance (new PID:${restarted:- none})" \
     [ "$restarted" = " node1 node2 node3" ]
-# From PID 1's journal: "Stopping pickboxd@X.service - ..." is followed by
-# "Started pickboxd@X.service - ..." before the next instance is stopped.
-seq=$(journalctl --after-cursor "$cursor" _PID=1 -o cat |
-    sed -n -e 's/^Stopping pickboxd@\(.*\)\.service - .*/stop \1/p' \
-        -e 's/^Started pickboxd@\(.*\)\.service - .*/start \1/p' | tr '\n' ' ')
-one_at_a_time() {
-    local -a w
-    read -r -a w <<<"$seq"
-    [ "${#w[@]}" -eq 12 ] || return 1
-    local i
-    for ((i = 0; i < 12; i += 4)); do
-        [ "${w[i]}" = stop ] && [ "${w[i + 2]}" = start ] && [ "${w[i + 1]}" = "${w[i + 3]}" ] ||
-            return 1
-    done
-    [ "$(printf '%s\n' "${w[1]}" "${w[5]}" "${w[9]}" | sort -u | wc -l)" -eq 3 ]
-}
-check "instances restarted one at a time (journal: $seq)" one_at_a_time
+# From the journal: "Stopping pickboxd@X.service - ..." (PID 1), then
+# "Started pickboxd@X.service - ...", then X's own "status: follower of N" or
+# "status: leader" line, all before the next instance is stopped.
+# shellcheck disable=SC2046
+seq=$(journalctl --after-cursor "$cursor" -o with-unit _PID=1 + $(node_units $nodes) |
+    sed -n -e 's/.*: Stopping pickboxd@\(.*\)\.service - .*/stop \1/p' \
+        -e 's/.*: Started pickboxd@\(.*\)\.service - .*/start \1/p' \
+        -e 's/.* pickboxd@\(.*\)\.service\[[0-9]*\]: status: \(follower of [^(]\|leader,\).*/ready \1/p' |
+    awk '
+        $1 == "stop" { if (state != "") bad = 1; cur = $2; state = "stopped"; n++; seen[$2] = 1; print; next }
+        $1 == "start" { if ($2 != cur || state != "stopped") bad = 1; state = "started"; print; next }
+        $1 == "ready" && $2 == cur && state == "started" { state = ""; print }
+        END { k = 0; for (x in seen) k++; if (bad || state != "" || n != 3 || k != 3) print "BAD" }' |
+    tr '\n' ' ')
+one_at_a_time() { [ -n "$seq" ] && [ "${seq%BAD }" = "$seq" ]; }
+check "instances restarted one at a time, each following a leader before the next (journal: $seq)" \
+    one_at_a_time
 all_there() {
     local x
     for x in $nodes; do
