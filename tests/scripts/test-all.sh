@@ -3,8 +3,9 @@
 #   formatting, the unit and multi-process suites (make check), make distcheck,
 #   the suites again under ASan+UBSan, unit suites under valgrind, and the
 #   fuzzers for a bounded time, the Debian package and lintian, and the
-#   package under a real systemd in a container (tests/systemd/nspawn-test.sh). Ends with one summary line
-#   "pickbox: N passed, M failed" and exits non-zero if anything failed.
+#   package under a real systemd in a container (tests/systemd/nspawn-test.sh).
+#   Ends with one summary line "pickbox: N passed, M failed" and exits
+#   non-zero if anything failed.
 # Environment: FUZZ_SECONDS (default 20 per target), SKIP_DISTCHECK=1,
 #   SKIP_SANITIZERS=1, SKIP_VALGRIND=1, SKIP_PACKAGE=1, SKIP_NSPAWN=1 to shorten a
 #   local run.
