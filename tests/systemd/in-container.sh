@@ -307,6 +307,8 @@ else
     echo "$out" | diag
 fi
 wait_for 10 eval '[ "$(prop pickboxd@node3.service ActiveState)" != active ]'
+echo "# node3 after leave: $(prop pickboxd@node3.service ActiveState)," \
+    "result $(prop pickboxd@node3.service Result), exit status $(prop pickboxd@node3.service ExecMainStatus)"
 
 # ---- stop ----
 cursor=$(journal_cursor)
