@@ -347,6 +347,19 @@ journalctl -p 4..4 -o cat $(node_units $nodes) | sed 's/[0-9][0-9]*/N/g' | sort 
     sort -rn | head -15 | diag
 timing "leave, stop, journal"
 
+# ---- a reinstall starts nothing the admin stopped ----
+systemctl enable --quiet pickboxd@node2.service
+apt-get install -y -q --reinstall "$deb2" >"$log/reinstall.log" 2>&1
+st=$?
+state=$(prop pickboxd@node2.service ActiveState)
+if [ "$st" -eq 0 ] && [ "$state" = inactive ] &&
+    [ -L /etc/systemd/system/pickbox.target.wants/pickboxd@node2.service ]; then
+    ok "reinstalling the package leaves an enabled but stopped instance stopped"
+else
+    not_ok "reinstalling the package leaves an enabled but stopped instance stopped (rc $st, $state)"
+    tail -5 "$log/reinstall.log" | diag
+fi
+
 # ---- removal stops what runs ----
 systemctl start pickboxd@node1.socket pickboxd@node2.socket
 ctl -n node1 -t 20 status >/dev/null 2>&1
