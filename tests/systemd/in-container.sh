@@ -11,7 +11,7 @@
 # secret, as pickboxd(8) tells an operator to), checks notify readiness,
 # socket activation, replication, the sandbox of the running process, an
 # upgrade to DEB_UPGRADE under a writer (rolling restart by the postinst),
-# leave, a clean stop, the journal, and removal of the package.
+# leave, a clean stop, the journal, a reinstall, and removal of the package.
 set -u
 p1=$1 p2=$2 p3=$3
 deb1=/mnt/ci/$4
