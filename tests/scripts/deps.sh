@@ -6,7 +6,7 @@ set -eu
 PACKAGES="build-essential autoconf automake autoconf-archive pkgconf \
 libevent-dev libsqlite3-dev libjansson-dev libsystemd-dev libssl-dev check \
 python3 systemd clang libclang-rt-14-dev valgrind git \
-debhelper dpkg-dev lintian"
+debhelper dpkg-dev lintian systemd-container mmdebstrap"
 
 missing=""
 for p in $PACKAGES; do

@@ -2,10 +2,13 @@
 # Installs what is missing, builds pickbox and runs every test:
 #   formatting, the unit and multi-process suites (make check), make distcheck,
 #   the suites again under ASan+UBSan, unit suites under valgrind, and the
-#   fuzzers for a bounded time. Ends with one summary line
-#   "pickbox: N passed, M failed" and exits non-zero if anything failed.
+#   fuzzers for a bounded time, the Debian package and lintian, and the
+#   package under a real systemd in a container (tests/systemd/nspawn-test.sh).
+#   Ends with one summary line "pickbox: N passed, M failed" and exits
+#   non-zero if anything failed.
 # Environment: FUZZ_SECONDS (default 20 per target), SKIP_DISTCHECK=1,
-#   SKIP_SANITIZERS=1, SKIP_VALGRIND=1, SKIP_PACKAGE=1 to shorten a local run.
+#   SKIP_SANITIZERS=1, SKIP_VALGRIND=1, SKIP_PACKAGE=1, SKIP_NSPAWN=1 to shorten a
+#   local run.
 set -u
 top=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$top"
@@ -122,6 +125,23 @@ if [ "${SKIP_PACKAGE:-0}" != 1 ]; then
     st=$?
     tail -20 _build/package.out
     record "package" $st
+fi
+
+if [ "${SKIP_NSPAWN:-0}" != 1 ]; then
+    stage "package under systemd in a container (nspawn)"
+    tests/systemd/nspawn-test.sh "$top/_build-deb" > _build/nspawn.out 2>&1
+    st=$?
+    p=$(grep -c '^ok ' _build/nspawn.out)
+    f=$(grep -c '^not ok ' _build/nspawn.out)
+    passed=$((passed + p))
+    failed=$((failed + f))
+    grep -E '^(not ok|# timing:)' _build/nspawn.out
+    echo "nspawn: $p passed, $f failed"
+    if [ $st -ne 0 ]; then
+        failures+=("nspawn")
+        tail -60 _build/nspawn.out
+        [ "$f" -eq 0 ] && failed=$((failed + 1))
+    fi
 fi
 
 if [ -x tests/fuzz/run.sh ]; then
