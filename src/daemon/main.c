@@ -35,6 +35,9 @@
 #include "lib/util.h"
 
 #define DAEMON_CONTROL_MODE 0660
+/* Exit status when the state on disk is of a newer format than this build
+ * reads (pickboxd.8; RestartPreventExitStatus= in the unit). */
+#define DAEMON_EXIT_NEWER_FORMAT 3
 
 static void daemon_on_stop_signal(evutil_socket_t sig, short what, void *arg)
 {
@@ -263,10 +266,12 @@ static int daemon_run(const struct pb_config *cfg, int argc, char **argv)
     struct pb_error err;
     pb_error_clear(&err);
 
-    if (daemon_start(&d, cfg, &err) < 0) {
+    int rc = daemon_start(&d, cfg, &err);
+    if (rc < 0) {
         log_err("%s", err.msg);
         daemon_stop(&d);
-        return EXIT_FAILURE;
+        /* data of a newer format: only an upgrade helps, not a restart */
+        return rc == -EPROTONOSUPPORT ? DAEMON_EXIT_NEWER_FORMAT : EXIT_FAILURE;
     }
 
     node_status_line(&d.node, d.status_line, sizeof(d.status_line));
@@ -282,7 +287,7 @@ static int daemon_run(const struct pb_config *cfg, int argc, char **argv)
                d.control_from_systemd ? "systemd" : cfg->control_socket, peer,
                node_role_name(d.node.role), (unsigned long long)d.node.term);
 
-    int rc = event_base_dispatch(d.base);
+    rc = event_base_dispatch(d.base);
     if (rc < 0)
         log_err("event loop failed");
     daemon_stop(&d);

@@ -394,8 +394,14 @@ int fsm_tree_open(const char *root, struct fsm_tree **out, struct pb_error *err)
     bool walk = false;
     int probe = sys_openat2(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC, TREE_RESOLVE);
     if (probe == -ENOSYS) {
-        log_warning("tree %s: no openat2 system call; resolving paths component by component",
-                    root);
+        /* Expected under systemd's RestrictSUIDSGID= (its seccomp filter
+         * cannot see openat2's mode), so said once per process, as info. */
+        static bool said;
+        if (!said)
+            log_info("tree %s: openat2 is not available (old kernel or a seccomp filter); "
+                     "resolving paths component by component",
+                     root);
+        said = true;
         walk = true;
     } else if (probe < 0) {
         close(fd);

@@ -182,8 +182,8 @@ with Harness("upgrade") as h:
                    "--data-dir", btree] + list(FAST_TIMING), timeout=20)
         msg = r.stderr
         named = ("format %d" % (ours + 1)) in msg and ("format %d" % ours) in msg and name in msg
-        h.ok(r.returncode == 1 and named,
-             "%s of format %d (this build: %d): pickboxd exits 1 naming both" % (
+        h.ok(r.returncode == 3 and named,
+             "%s of format %d (this build: %d): pickboxd exits 3 naming both" % (
                  name, ours + 1, ours), "exit %d, stderr: %s" % (r.returncode, msg))
         after = sorted(os.path.join(bstate, n) for n in os.listdir(bstate))
         h.ok(after == files and digest(after) == sum_before and tree_now(btree) == tree_before,
