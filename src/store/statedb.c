@@ -177,6 +177,9 @@ struct statedb {
     struct store_fault_vfs *fvfs;
     sqlite3_stmt *q[Q_MAX];
     bool in_txn;
+    bool lazy;       /* statedb_set_lazy(): write transactions commit with NORMAL */
+    bool txn_lazy;   /* the open transaction commits with NORMAL */
+    bool lazy_dirty; /* a lazy commit may not be durable yet (statedb_sync) */
     char errmsg[512];
 };
 
@@ -495,8 +498,11 @@ int statedb_begin(struct statedb *db)
         snprintf(db->errmsg, sizeof(db->errmsg), "state.db: a transaction is already open");
         return -EBUSY;
     }
-    /* FULL for the replicated state's transactions (see sd_local_sync) */
-    int rc = sqlite3_exec(db->db, "PRAGMA synchronous = FULL", NULL, NULL, NULL);
+    /* FULL for the replicated state's transactions (see sd_local_sync),
+     * unless the caller asked for a lazy commit (statedb_set_lazy) */
+    int rc = sqlite3_exec(db->db,
+                          db->lazy ? "PRAGMA synchronous = NORMAL" : "PRAGMA synchronous = FULL",
+                          NULL, NULL, NULL);
     if (rc != SQLITE_OK)
         return sd_fail(db, rc, "PRAGMA synchronous");
     store_fault_vfs_begin(db->fvfs);
@@ -506,6 +512,7 @@ int statedb_begin(struct statedb *db)
         return sd_fail(db, rc, "BEGIN");
     }
     db->in_txn = true;
+    db->txn_lazy = db->lazy;
     return 0;
 }
 
@@ -520,9 +527,51 @@ int statedb_commit(struct statedb *db)
         return e;
     }
     db->in_txn = false;
+    /* A FULL commit syncs the WAL up to its own frames: every earlier lazy
+     * commit is durable with it. */
+    db->lazy_dirty = db->txn_lazy;
     store_fault_vfs_end(db->fvfs);
     sd_local_sync(db);
     return 0;
+}
+
+void statedb_set_lazy(struct statedb *db, bool lazy)
+{
+    db->lazy = lazy;
+}
+
+/*
+ * The durability barrier after lazy commits: one FULL commit. It must write
+ * a page (a commit that changed nothing writes no WAL frame and syncs
+ * nothing), so it moves the applied row's term and back in one transaction:
+ * the row ends as it was, the page is dirty, and the commit appends its frame
+ * and syncs the WAL, which makes every frame before it durable too (the WAL
+ * is only restarted after a checkpoint that synced the database file).
+ */
+int statedb_sync(struct statedb *db)
+{
+    if (!db->lazy_dirty)
+        return 0;
+    if (db->in_txn) {
+        snprintf(db->errmsg, sizeof(db->errmsg), "state.db: sync inside a transaction");
+        return -EBUSY;
+    }
+    bool lazy = db->lazy;
+    db->lazy = false;
+    int rc = statedb_begin(db);
+    db->lazy = lazy;
+    if (rc < 0)
+        return rc;
+    rc = sqlite3_exec(db->db,
+                      "UPDATE applied SET term = term + 1 WHERE id = 1;"
+                      "UPDATE applied SET term = term - 1 WHERE id = 1;",
+                      NULL, NULL, NULL);
+    if (rc != SQLITE_OK) {
+        int e = sd_fail(db, rc, "sync");
+        statedb_rollback(db);
+        return e;
+    }
+    return statedb_commit(db); /* FULL: clears lazy_dirty */
 }
 
 void statedb_rollback(struct statedb *db)
