@@ -540,6 +540,11 @@ void statedb_set_lazy(struct statedb *db, bool lazy)
     db->lazy = lazy;
 }
 
+bool statedb_lazy_pending(const struct statedb *db)
+{
+    return db->lazy_dirty;
+}
+
 /*
  * The durability barrier after lazy commits: one FULL commit. It must write
  * a page (a commit that changed nothing writes no WAL frame and syncs

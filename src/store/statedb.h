@@ -146,6 +146,8 @@ void statedb_set_lazy(struct statedb *db, bool lazy);
  * (-EBUSY). Call it before anything durable outside state.db relies on the
  * applied state: a snapshot, compacting raft.db's log. 0 or -errno. */
 int statedb_sync(struct statedb *db);
+/* True when a lazy commit may not be durable yet (statedb_sync() has work). */
+bool statedb_lazy_pending(const struct statedb *db);
 
 /* Test hook: the next n write transactions fail (see enum store_fault) through
  * a fault-injection VFS, so SQLite's own error and rollback paths run. */
