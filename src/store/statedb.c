@@ -179,6 +179,7 @@ struct statedb {
     bool in_txn;
     bool lazy;       /* statedb_set_lazy(): write transactions commit with NORMAL */
     bool txn_lazy;   /* the open transaction commits with NORMAL */
+    int sync_mode;   /* PRAGMA synchronous as set: 2 FULL, 1 NORMAL, 0 unknown */
     bool lazy_dirty; /* a lazy commit may not be durable yet (statedb_sync) */
     char errmsg[512];
 };
@@ -277,9 +278,24 @@ static bool path_ok(const char *p)
  * index) always commit with synchronous = FULL. This saves one fsync per
  * materialized path.
  */
+/* Sets PRAGMA synchronous (FULL or NORMAL) unless it is set already: every
+ * apply switches, and parsing the PRAGMA each time costs more than the rest
+ * of a no-op apply's SQL. */
+static int sd_set_sync(struct statedb *db, bool full)
+{
+    int want = full ? 2 : 1;
+    if (db->sync_mode == want)
+        return SQLITE_OK;
+    int rc =
+            sqlite3_exec(db->db, full ? "PRAGMA synchronous = FULL" : "PRAGMA synchronous = NORMAL",
+                         NULL, NULL, NULL);
+    db->sync_mode = rc == SQLITE_OK ? want : 0;
+    return rc;
+}
+
 static void sd_local_sync(struct statedb *db)
 {
-    sqlite3_exec(db->db, "PRAGMA synchronous = NORMAL", NULL, NULL, NULL);
+    sd_set_sync(db, false);
 }
 
 /* ---- open / close -------------------------------------------------------- */
@@ -500,9 +516,7 @@ int statedb_begin(struct statedb *db)
     }
     /* FULL for the replicated state's transactions (see sd_local_sync),
      * unless the caller asked for a lazy commit (statedb_set_lazy) */
-    int rc = sqlite3_exec(db->db,
-                          db->lazy ? "PRAGMA synchronous = NORMAL" : "PRAGMA synchronous = FULL",
-                          NULL, NULL, NULL);
+    int rc = sd_set_sync(db, !db->lazy);
     if (rc != SQLITE_OK)
         return sd_fail(db, rc, "PRAGMA synchronous");
     store_fault_vfs_begin(db->fvfs);
