@@ -266,21 +266,8 @@ static bool path_ok(const char *p)
     return p != NULL && strlen(p) <= STATEDB_PATH_BYTES_MAX;
 }
 
-/*
- * Outside statedb_begin()/commit() only node-local rows are written (disk
- * records, one autocommit statement each, and snapshot staging), with
- * synchronous = NORMAL: in WAL mode such a commit survives a process crash
- * and is made durable by the next FULL commit (which syncs the WAL up to
- * its own frames); only a power loss right after it can drop it, which
- * leaves a record older than the tree: the same state as a crash between a
- * tree write and its record, which the watcher's comparison with the index
- * already handles. Apply transactions (the replicated state, the applied
- * index) always commit with synchronous = FULL. This saves one fsync per
- * materialized path.
- */
-/* Sets PRAGMA synchronous (FULL or NORMAL) unless it is set already: every
- * apply switches, and parsing the PRAGMA each time costs more than the rest
- * of a no-op apply's SQL. */
+/* Sets PRAGMA synchronous (FULL or NORMAL) unless it is set already (each
+ * apply transaction would otherwise parse and run the PRAGMA twice). */
 static int sd_set_sync(struct statedb *db, bool full)
 {
     int want = full ? 2 : 1;
@@ -293,6 +280,19 @@ static int sd_set_sync(struct statedb *db, bool full)
     return rc;
 }
 
+/*
+ * Outside statedb_begin()/commit() only node-local rows are written (disk
+ * records, one autocommit statement each, and snapshot staging), with
+ * synchronous = NORMAL: in WAL mode such a commit survives a process crash
+ * and is made durable by the next FULL commit (which syncs the WAL up to
+ * its own frames); only a power loss right after it can drop it, which
+ * leaves a record older than the tree: the same state as a crash between a
+ * tree write and its record, which the watcher's comparison with the index
+ * already handles. Apply transactions (the replicated state, the applied
+ * index) commit with synchronous = FULL unless the caller made them lazy
+ * (statedb_set_lazy, doc/decisions.md D8). This saves one fsync per
+ * materialized path.
+ */
 static void sd_local_sync(struct statedb *db)
 {
     sd_set_sync(db, false);
@@ -564,8 +564,10 @@ bool statedb_lazy_pending(const struct statedb *db)
  * a page (a commit that changed nothing writes no WAL frame and syncs
  * nothing), so it moves the applied row's term and back in one transaction:
  * the row ends as it was, the page is dirty, and the commit appends its frame
- * and syncs the WAL, which makes every frame before it durable too (the WAL
- * is only restarted after a checkpoint that synced the database file).
+ * and syncs the WAL. That makes every frame before it durable too: WAL frame
+ * checksums are cumulative, so recovery can only reach this commit through
+ * all the earlier ones, and frames already checkpointed are in the database
+ * file, which a checkpoint syncs before the WAL is reused.
  */
 int statedb_sync(struct statedb *db)
 {
