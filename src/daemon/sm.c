@@ -276,6 +276,8 @@ void sm_close(struct sm *sm)
     if (sm == NULL)
         return;
     sm_close_tree(sm);
+    if (sm->db != NULL && statedb_sync(sm->db) < 0)
+        log_warning("state.db: %s", statedb_errmsg(sm->db));
     statedb_close(sm->db);
     if (sm->snap_fd >= 0)
         close(sm->snap_fd);
@@ -365,11 +367,13 @@ int sm_apply(struct sm *sm, const struct raft_entry *e, size_t n, sm_applied_fn 
     size_t m = n - i0;
     struct fsm_apply_input *in = pb_xcalloc(m, sizeof(*in));
     struct fsm_apply_result *res = pb_xcalloc(m, sizeof(*res));
+    bool has_op = false;
     for (size_t i = 0; i < m; i++) {
         const struct raft_entry *x = &e[i0 + i];
         in[i].index = x->index;
         in[i].term = x->term;
         if (sm_is_op(x)) {
+            has_op = true;
             in[i].client_id = x->client_id;
             in[i].seq = x->seq;
             in[i].data = x->data;
@@ -380,7 +384,16 @@ int sm_apply(struct sm *sm, const struct raft_entry *e, size_t n, sm_applied_fn 
     }
     if (sm->has_obs && sm->obs.batch_before != NULL)
         sm->obs.batch_before(sm->obs.arg, e + i0, m);
+    /* A batch without fsm ops (probes, NOOP and CONF entries) changes only
+     * the applied index and counters and nothing in the tree: its commit
+     * may be lazy (no fsync). After a power loss state.db may be back at an
+     * earlier index, and the same entries, still in raft.db (sm_snapshot_take
+     * syncs before raft.db is compacted), are applied again to the same
+     * effect. A batch with ops stays durable: its effects reach the tree,
+     * which must never be ahead of durable state.db (doc/decisions.md D8). */
+    statedb_set_lazy(sm->db, !has_op);
     rc = fsm_apply_entries(sm->ap, in, m, res, err);
+    statedb_set_lazy(sm->db, false);
     if (rc < 0) {
         if (rc != -EPROTONOSUPPORT)
             sm_reload_applied(sm);
@@ -432,8 +445,14 @@ out:
 
 int sm_snapshot_take(struct sm *sm, uint64_t term, uint64_t *size, struct pb_error *err)
 {
+    /* The caller compacts raft.db's log up to the snapshot: everything
+     * applied so far must be durable first, or a power loss could leave
+     * state.db behind a log that no longer holds the entries to redo. */
+    int rc = statedb_sync(sm->db);
+    if (rc < 0)
+        return pb_error_set(err, rc, "state.db: %s", statedb_errmsg(sm->db));
     struct statedb_snapshot *s = NULL;
-    int rc = statedb_snapshot_begin(sm->db, NULL, NULL, &s, err);
+    rc = statedb_snapshot_begin(sm->db, NULL, NULL, &s, err);
     if (rc < 0)
         return rc;
     uint64_t index = 0, sterm = 0;

@@ -677,15 +677,22 @@ static int compact_slice(struct store *s, uint64_t goal, struct txn_error *te)
 /* Housekeeping after a commit: checkpoint a grown WAL, give back free pages
  * after large compactions. Failures here lose nothing (the WAL keeps the
  * data), so they are only logged. */
-static void housekeeping(struct store *s)
+static void housekeeping(struct store *s, bool compacted)
 {
+    bool checkpointed = false;
     if (s->wal_frames >= STORE_CHECKPOINT_FRAMES) {
         int nlog = 0, nckpt = 0;
         int rc = sqlite3_wal_checkpoint_v2(s->w, NULL, SQLITE_CHECKPOINT_PASSIVE, &nlog, &nckpt);
         if (rc != SQLITE_OK && rc != SQLITE_BUSY)
             log_warning("raft.db checkpoint failed: %s", sqlite3_errmsg(s->w));
         s->wal_frames = 0;
+        checkpointed = true;
     }
+    /* Pages are freed by compaction (and by the rarer truncations and
+     * snapshot replacements, which the next checkpoint's look catches):
+     * not worth a statement after every commit at one entry per commit. */
+    if (!compacted && !checkpointed)
+        return;
     sqlite3_stmt *st;
     if (sqlite3_prepare_v2(s->w, "PRAGMA freelist_count", -1, &st, NULL) != SQLITE_OK)
         return;
@@ -744,13 +751,15 @@ static void *storage_thread(void *arg)
             free_list(list);
         }
         /* One compaction slice between batch transactions. */
+        bool compacted = false;
         if (rc == 0 && goal > s->ws.first) {
             rc = compact_slice(s, goal, &te);
             if (rc < 0)
                 fail_all(s, NULL, &te);
+            compacted = true;
         }
         if (rc == 0)
-            housekeeping(s);
+            housekeeping(s, compacted);
         pthread_mutex_lock(&s->mu);
     }
     pthread_mutex_unlock(&s->mu);

@@ -196,6 +196,10 @@ struct statedb {
     struct store_fault_vfs *fvfs;
     sqlite3_stmt *q[Q_MAX];
     bool in_txn;
+    bool lazy;       /* statedb_set_lazy(): write transactions commit with NORMAL */
+    bool txn_lazy;   /* the open transaction commits with NORMAL */
+    int sync_mode;   /* PRAGMA synchronous as set: 2 FULL, 1 NORMAL, 0 unknown */
+    bool lazy_dirty; /* a lazy commit may not be durable yet (statedb_sync) */
     char errmsg[512];
 };
 
@@ -281,6 +285,20 @@ static bool path_ok(const char *p)
     return p != NULL && strlen(p) <= STATEDB_PATH_BYTES_MAX;
 }
 
+/* Sets PRAGMA synchronous (FULL or NORMAL) unless it is set already (each
+ * apply transaction would otherwise parse and run the PRAGMA twice). */
+static int sd_set_sync(struct statedb *db, bool full)
+{
+    int want = full ? 2 : 1;
+    if (db->sync_mode == want)
+        return SQLITE_OK;
+    int rc =
+            sqlite3_exec(db->db, full ? "PRAGMA synchronous = FULL" : "PRAGMA synchronous = NORMAL",
+                         NULL, NULL, NULL);
+    db->sync_mode = rc == SQLITE_OK ? want : 0;
+    return rc;
+}
+
 /*
  * Outside statedb_begin()/commit() only node-local rows are written (disk
  * records, one autocommit statement each, and snapshot staging), with
@@ -290,12 +308,13 @@ static bool path_ok(const char *p)
  * leaves a record older than the tree: the same state as a crash between a
  * tree write and its record, which the watcher's comparison with the index
  * already handles. Apply transactions (the replicated state, the applied
- * index) always commit with synchronous = FULL. This saves one fsync per
+ * index) commit with synchronous = FULL unless the caller made them lazy
+ * (statedb_set_lazy, doc/decisions.md D8). This saves one fsync per
  * materialized path.
  */
 static void sd_local_sync(struct statedb *db)
 {
-    sqlite3_exec(db->db, "PRAGMA synchronous = NORMAL", NULL, NULL, NULL);
+    sd_set_sync(db, false);
 }
 
 /* ---- open / close -------------------------------------------------------- */
@@ -553,8 +572,9 @@ int statedb_begin(struct statedb *db)
         snprintf(db->errmsg, sizeof(db->errmsg), "state.db: a transaction is already open");
         return -EBUSY;
     }
-    /* FULL for the replicated state's transactions (see sd_local_sync) */
-    int rc = sqlite3_exec(db->db, "PRAGMA synchronous = FULL", NULL, NULL, NULL);
+    /* FULL for the replicated state's transactions (see sd_local_sync),
+     * unless the caller asked for a lazy commit (statedb_set_lazy) */
+    int rc = sd_set_sync(db, !db->lazy);
     if (rc != SQLITE_OK)
         return sd_fail(db, rc, "PRAGMA synchronous");
     store_fault_vfs_begin(db->fvfs);
@@ -564,6 +584,7 @@ int statedb_begin(struct statedb *db)
         return sd_fail(db, rc, "BEGIN");
     }
     db->in_txn = true;
+    db->txn_lazy = db->lazy;
     return 0;
 }
 
@@ -578,9 +599,58 @@ int statedb_commit(struct statedb *db)
         return e;
     }
     db->in_txn = false;
+    /* A FULL commit syncs the WAL up to its own frames: every earlier lazy
+     * commit is durable with it. */
+    db->lazy_dirty = db->txn_lazy;
     store_fault_vfs_end(db->fvfs);
     sd_local_sync(db);
     return 0;
+}
+
+void statedb_set_lazy(struct statedb *db, bool lazy)
+{
+    db->lazy = lazy;
+}
+
+bool statedb_lazy_pending(const struct statedb *db)
+{
+    return db->lazy_dirty;
+}
+
+/*
+ * The durability barrier after lazy commits: one FULL commit. It must write
+ * a page (a commit that changed nothing writes no WAL frame and syncs
+ * nothing), so it moves the applied row's term and back in one transaction:
+ * the row ends as it was, the page is dirty, and the commit appends its frame
+ * and syncs the WAL. That makes every frame before it durable too: WAL frame
+ * checksums are cumulative, so recovery can only reach this commit through
+ * all the earlier ones, and frames already checkpointed are in the database
+ * file, which a checkpoint syncs before the WAL is reused.
+ */
+int statedb_sync(struct statedb *db)
+{
+    if (!db->lazy_dirty)
+        return 0;
+    if (db->in_txn) {
+        snprintf(db->errmsg, sizeof(db->errmsg), "state.db: sync inside a transaction");
+        return -EBUSY;
+    }
+    bool lazy = db->lazy;
+    db->lazy = false;
+    int rc = statedb_begin(db);
+    db->lazy = lazy;
+    if (rc < 0)
+        return rc;
+    rc = sqlite3_exec(db->db,
+                      "UPDATE applied SET term = term + 1 WHERE id = 1;"
+                      "UPDATE applied SET term = term - 1 WHERE id = 1;",
+                      NULL, NULL, NULL);
+    if (rc != SQLITE_OK) {
+        int e = sd_fail(db, rc, "sync");
+        statedb_rollback(db);
+        return e;
+    }
+    return statedb_commit(db); /* FULL: clears lazy_dirty */
 }
 
 void statedb_rollback(struct statedb *db)

@@ -2,7 +2,8 @@
  * statedb.h: state.db, the replicated tree's state machine (DESIGN.md §5).
  *
  * One SQLite database (WAL, STRICT tables; transactions commit with
- * synchronous=FULL, node-local autocommit writes with NORMAL) holding:
+ * synchronous=FULL unless lazy (statedb_set_lazy), node-local autocommit
+ * writes with NORMAL) holding:
  *   - replicated tables, identical on every node and changed only by applying
  *     the log: the manifest (one row per path, live or tombstone), each
  *     file's chunk list, the content-addressed chunks, the applied index and
@@ -143,6 +144,20 @@ int statedb_commit(struct statedb *db);
 /* Rolls it back (no-op without one). */
 void statedb_rollback(struct statedb *db);
 bool statedb_in_txn(const struct statedb *db);
+/* Lazy commits: while lazy is set, write transactions begun afterwards commit
+ * with synchronous = NORMAL (no fsync: they survive a process crash, but a
+ * power loss may roll state.db back to an earlier commit) instead of FULL.
+ * Only for changes that can be redone from elsewhere (entries still in
+ * raft.db's log) and that nothing durable outside state.db depends on yet;
+ * see doc/decisions.md D8. */
+void statedb_set_lazy(struct statedb *db, bool lazy);
+/* Makes every commit so far durable (one FULL commit; nothing to do when no
+ * lazy commit happened since the last FULL one). Not inside a transaction
+ * (-EBUSY). Call it before anything durable outside state.db relies on the
+ * applied state: a snapshot, compacting raft.db's log. 0 or -errno. */
+int statedb_sync(struct statedb *db);
+/* True when a lazy commit may not be durable yet (statedb_sync() has work). */
+bool statedb_lazy_pending(const struct statedb *db);
 
 /* Test hook: the next n write transactions fail (see enum store_fault) through
  * a fault-injection VFS, so SQLite's own error and rollback paths run. */

@@ -8,7 +8,9 @@
 #
 # Environment: BENCH_DURATION (seconds per run, default 10), BENCH_CONCURRENCY
 # (default "1 16 64 256"), BENCH_SIZE (bytes per probe, default 256),
-# BENCH_TARGETS (default "follower leader"), BENCH_DIR (where the nodes live,
+# BENCH_TARGETS (default "follower leader"), BENCH_RUNS (runs per line, default
+# 1; with more, the line shows the median run and the min-max of commits/s:
+# the machine may be shared and noisy), BENCH_DIR (where the nodes live,
 # default /tmp: put it on the disk you mean to measure), BENCH_KEEP=1 keeps it.
 # It builds nothing, and stops only the daemons it started (by PID).
 set -euo pipefail
@@ -20,6 +22,7 @@ DURATION=${BENCH_DURATION:-10}
 CONCURRENCY=${BENCH_CONCURRENCY:-1 16 64 256}
 SIZE=${BENCH_SIZE:-256}
 TARGETS=${BENCH_TARGETS:-follower leader}
+RUNS=${BENCH_RUNS:-1}
 
 for f in "$PICKBOXD" "$CTL"; do
     if [ ! -x "$f" ]; then
@@ -136,8 +139,8 @@ FOLLOWER=n1
 [ "$LEADER" != n1 ] || FOLLOWER=n2
 
 echo "# pickbox cluster-bench: 3 nodes on loopback, fsync on, default timings"
-echo "# leader $LEADER, follower $FOLLOWER; ${SIZE}-byte probes, ${DURATION} s per run (+1 s warm-up)"
-printf '%-9s %5s %12s %9s %9s %9s  %s\n' target c commits/s p50_ms p90_ms p99_ms errors
+echo "# leader $LEADER, follower $FOLLOWER; ${SIZE}-byte probes, ${DURATION} s per run (+1 s warm-up), $RUNS run(s) per line"
+printf '%-9s %5s %12s %15s %9s %9s %9s  %s\n' target c commits/s "(min-max)" p50_ms p90_ms p99_ms errors
 for target in $TARGETS; do
     case $target in
     leader) node=$LEADER ;;
@@ -145,22 +148,38 @@ for target in $TARGETS; do
     *) echo "cluster-bench: unknown target $target" >&2; exit 2 ;;
     esac
     for c in $CONCURRENCY; do
-        out=$TMP/bench-$target-$c.json
-        if ! "$CTL" -s "${SOCK[$node]}" --json bench --size "$SIZE" --concurrency "$c" \
-            --duration "$DURATION" >"$out" 2>"$TMP/bench.err"; then
-            echo "cluster-bench: bench on $node (c=$c) failed: $(cat "$TMP/bench.err")" >&2
-        fi
-        python3 - "$out" "$target" "$c" <<'PY'
+        outs=()
+        for run in $(seq "$RUNS"); do
+            out=$TMP/bench-$target-$c-$run.json
+            outs+=("$out")
+            if ! "$CTL" -s "${SOCK[$node]}" --json bench --size "$SIZE" --concurrency "$c" \
+                --duration "$DURATION" >"$out" 2>"$TMP/bench.err"; then
+                echo "cluster-bench: bench on $node (c=$c) failed: $(cat "$TMP/bench.err")" >&2
+            fi
+        done
+        # The median run (by commits/s) and the spread over the runs.
+        python3 - "$target" "$c" "${outs[@]}" <<'PY'
 import json, sys
-try:
-    r = json.load(open(sys.argv[1]))
-except Exception:
-    print("%-9s %5s %12s" % (sys.argv[2], sys.argv[3], "failed"))
+rs = []
+for f in sys.argv[3:]:
+    try:
+        rs.append(json.load(open(f)))
+    except Exception:
+        pass
+if not rs:
+    print("%-9s %5s %12s" % (sys.argv[1], sys.argv[2], "failed"))
     sys.exit(0)
+rs.sort(key=lambda r: r["commits_per_s"])
+r = rs[(len(rs) - 1) // 2]
 l = r["latency_ms"]
-errs = ",".join("%s=%d" % kv for kv in sorted(r.get("errors", {}).items())) or "-"
-print("%-9s %5d %12.0f %9.2f %9.2f %9.2f  %s" % (sys.argv[2], r["concurrency"],
-      r["commits_per_s"], l["p50"], l["p90"], l["p99"], errs))
+errs = {}
+for x in rs:
+    for k, v in x.get("errors", {}).items():
+        errs[k] = errs.get(k, 0) + v
+errs = ",".join("%s=%d" % kv for kv in sorted(errs.items())) or "-"
+spread = "%.0f-%.0f" % (rs[0]["commits_per_s"], rs[-1]["commits_per_s"])
+print("%-9s %5d %12.0f %15s %9.2f %9.2f %9.2f  %s" % (sys.argv[1], r["concurrency"],
+      r["commits_per_s"], spread, l["p50"], l["p90"], l["p99"], errs))
 PY
     done
 done

@@ -76,7 +76,7 @@ with Harness("basic") as h:
     n1b = h.start_daemon("n1", port=n1.port)
     h.eq(n1b.call("status")["result"]["node_id"], "n1", "restart on the same dirs")
     n1b.signal(signal.SIGHUP)
-    wait_until(lambda: "SIGHUP received" in n1b.log_text(), what="SIGHUP logged")
+    wait_until(lambda: "reloaded the command line" in n1b.log_text(), what="SIGHUP reload logged")
     h.ok(n1b.call("hello")["result"]["node_id"] == "n1", "SIGHUP does not stop the daemon")
     n1b.signal(signal.SIGINT)
     h.eq(n1b.wait_exit(), 0, "SIGINT: exit 0")
