@@ -1218,6 +1218,19 @@ START_TEST(test_propose_sliced)
     ck_assert_int_eq(p.n_puts, puts);
     fsm_propose_free(fp);
 
+    /* Removed between two slices: given up at the next step, no PUT. */
+    write_bytes(base_a, "gone.bin", data, n);
+    ck_assert_int_eq(fsm_propose_begin(ta, "gone.bin", "n1", 0, carry, pl_lacks, pl_emit, &p, &fp),
+                     0);
+    ck_assert_int_eq(fsm_propose_step(fp, slice, NULL), 1);
+    char *gone = pb_xasprintf("%s/gone.bin", base_a);
+    ck_assert_int_eq(unlink(gone), 0);
+    free(gone);
+    ck_assert_int_eq(fsm_propose_step(fp, slice, NULL), -EAGAIN);
+    ck_assert_uint_eq(fsm_propose_offset(fp), 2 * slice);
+    ck_assert_int_eq(p.n_puts, puts);
+    fsm_propose_free(fp);
+
     /* Grown while read: the bytes past the size seen at the start stop it. */
     write_bytes(base_a, "grow.bin", data, 2 * slice);
     ck_assert_int_eq(fsm_propose_begin(ta, "grow.bin", "n1", 0, carry, pl_lacks, pl_emit, &p, &fp),

@@ -292,10 +292,13 @@ int fsm_propose_step(struct fsm_propose *p, uint64_t max_bytes, struct fsm_tree_
         rc = fsm_chunker_feed(&p->chunker, p->rbuf, (size_t)n);
     } while (rc == 0 && got < max_bytes);
     if (rc == 0) {
-        /* A slice between two turns of the caller's loop: a file rewritten
-         * meanwhile is given up now rather than read to its end. */
+        /* A slice between two turns of the caller's loop: a file rewritten,
+         * replaced or removed meanwhile is given up now rather than read to
+         * its end. */
         struct fsm_tree_stat now;
         if ((rc = fstat_tree(p->fd, &now)) == 0 && !same_file(&p->before, &now))
+            rc = -EAGAIN;
+        if (rc == 0 && (fsm_tree_lstat(p->t, p->path, &now) < 0 || !same_file(&p->before, &now)))
             rc = -EAGAIN;
     }
     if (rc != 0) {

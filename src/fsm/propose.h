@@ -63,6 +63,8 @@ int fsm_propose_begin(struct fsm_tree *t, const char *path, const char *origin, 
  * inode at the name, size, mtime, and that many bytes read), emits the PUT
  * with the full chunk list (and the last carried bytes when they fit) and
  * fills *st (may be NULL) with the stat of the content proposed.
+ * After each slice the file is checked again (its fd and its name), so a
+ * file rewritten, replaced or removed meanwhile stops early.
  * Returns 1 (more to read: call again), 0 (PUT emitted), -EAGAIN (the file
  * changed: nothing more is emitted, propose it again later), -EFBIG (its
  * chunk list does not fit in one op), lacks()'s or emit()'s error, or

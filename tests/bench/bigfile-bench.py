@@ -29,7 +29,7 @@ def main():
     size_mib = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
     with Harness("bigfile_bench") as h:
         h.plan(1)
-        fig = tb.scenario(h, size_mib * tb.MIB, max(300, size_mib))
+        fig = tb.scenario(h, size_mib * tb.MIB, max(300, 3 * size_mib))
         h.ok(fig["converged"] and fig["edit_converged"], "the file and its edit converged")
         report(size_mib, fig)
 
