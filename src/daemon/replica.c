@@ -142,6 +142,7 @@ struct replica {
     uint64_t proposed, applied, lost, skipped;
     uint64_t proposed_bytes; /* of entries proposed (first time each) */
     uint64_t progress_ms;    /* when one of ours last applied */
+    char *missing_path;      /* its PUT missed chunks: propose it again */
     char last_error[256];
 };
 
@@ -516,7 +517,8 @@ static void replica_check(struct replica *r, const char *path, bool carry_all)
         return;
     }
     record_of(r, path, &rec);
-    if (!carry_all && fsm_tree_stat_matches(&rec, &now)) {
+    bool retry = r->missing_path != NULL && strcmp(r->missing_path, path) == 0;
+    if (!carry_all && !retry && fsm_tree_stat_matches(&rec, &now)) {
         log_debug("%s: as recorded (kind %d size %" PRIu64 " ino %" PRIu64 "): no op", path,
                   (int)now.kind, now.size, now.ino);
         return; /* what we wrote or already proposed and committed */
@@ -827,11 +829,24 @@ static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_ap
     r->applied++;
     r->progress_ms = pb_now_ms();
     bool missing = res->status == FSM_APPLY_DONE && res->outcome == FSM_OUT_MISSING_CHUNKS;
-    if (missing)
-        log_info("%s: chunks were collected before the PUT applied: proposing again with them",
-                 p->path);
-    if (missing && p->path)
-        mark_dirty(r, p->path, true);
+    bool again = missing && p->path && r->missing_path && strcmp(r->missing_path, p->path) == 0;
+    if (p->type == FSM_OP_PUT && p->path && r->missing_path &&
+        strcmp(r->missing_path, p->path) == 0) {
+        free(r->missing_path);
+        r->missing_path = NULL;
+    }
+    if (missing && p->path) {
+        /* A CHUNKS entry of ours was lost (a leader change, or skipped
+         * behind a later seq) or its chunks were collected meanwhile.
+         * First again with what state.db lacks now (what the PUT missed):
+         * only those travel. A second miss in a row carries every chunk,
+         * which cannot miss. */
+        log_info("%s: chunks missing when the PUT applied: proposing again with %s", p->path,
+                 again ? "every chunk" : "the missing ones");
+        if (!again)
+            r->missing_path = pb_xstrdup(p->path);
+        mark_dirty(r, p->path, again);
+    }
     prop_free(p);
 }
 
@@ -1176,6 +1191,7 @@ void replica_free(struct replica *r)
         event_free(r->tick);
     if (r->job != NULL)
         job_end(r, -ECANCELED);
+    free(r->missing_path);
     watch_free(r->w);
     while (r->head != NULL) {
         struct rprop *p = r->head;

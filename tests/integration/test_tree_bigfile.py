@@ -222,7 +222,7 @@ def main():
     bound = float(os.environ.get("PICKBOX_BIGFILE_RSS_MIB", "320"))
     with Harness("tree_bigfile") as h:
         h.plan(7)
-        fig = scenario(h, size, 300)
+        fig = scenario(h, size, 600)
         h.diag("figures: %r" % (fig,))
         snap_chunks = fig["snapshot_max_bytes"] > size // 4
         h.ok(fig["converged"], "a %d MiB file written on %s reaches every tree with the same "
