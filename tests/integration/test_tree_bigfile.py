@@ -19,9 +19,11 @@ CLUSTER_SNAPSHOT_BYTES = 64 MiB, plus 128 trailing entries of ~512 KiB of
 chunks each, ~80 MiB), SQLite caches and the rest (~40 MiB): ~250 MiB.
 Today's snapshots hold every chunk of state.db in memory (the file's 256 MiB
 at the end, built on the loop): while they do (a snapshot larger than a
-quarter of the file is seen in the logs), the absolute bound and the
-no-election check are reported as TODO, not failures; the writer's excess
-over the other nodes, which is this proposal's doing, is always checked.
+quarter of the file is seen in the logs), the absolute bound is reported as
+TODO, not a failure. Elections are too (TODO when they happen): snapshots and
+materializing the file block a leader for seconds (doc/fsm.md, "Big files").
+The writer's excess over the other nodes, which is this proposal's doing, is
+always checked.
 Without the streaming proposal the writer queued the whole file as entries
 (+256 MiB) on top of everything else.
 
