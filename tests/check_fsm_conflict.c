@@ -964,7 +964,8 @@ struct pipeline {
     struct fsm_disk disk;
     struct fsm_tree *tree_b;
     uint64_t next_index;
-    int n_ops, n_chunks_ops;
+    int n_ops, n_chunks_ops, n_puts;
+    uint64_t max_chunks_bytes; /* of one CHUNKS op */
     uint32_t last_put_carried;
     uint64_t last_put_index;
     const char *poison_path; /* lacks() rewrites this file of tree A (race test) */
@@ -1010,7 +1011,13 @@ static int pl_emit(void *arg, const struct fsm_op *op)
         ck_assert_uint_eq(pending, 0);
         p->last_put_carried = in.u.put.n_data;
         p->last_put_index = index;
+        p->n_puts++;
     } else {
+        uint64_t bytes = 0;
+        for (uint32_t i = 0; i < in.u.chunks.n_data; i++)
+            bytes += in.u.chunks.data[i].len;
+        if (bytes > p->max_chunks_bytes)
+            p->max_chunks_bytes = bytes;
         p->n_chunks_ops++;
     }
     p->n_ops++;
@@ -1109,6 +1116,139 @@ START_TEST(test_pipeline_propose_apply)
     ck_assert_int_eq(fsm_propose_put(ta, "nope", "n1", 0, pl_lacks, pl_emit, &p, NULL), -EINVAL);
 
     free(data);
+    fsm_tree_close(ta);
+    fsm_tree_close(p.tree_b);
+    nftw(base_a, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    nftw(base_b, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    md_free(&p.md);
+    fsm_memindex_free(p.m);
+}
+END_TEST
+
+static uint8_t *pseudo_random(size_t n, uint64_t x)
+{
+    uint8_t *data = pb_xmalloc(n);
+    for (size_t i = 0; i < n; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data[i] = (uint8_t)(x >> 29);
+    }
+    return data;
+}
+
+/* A file proposed a slice at a time: each step reads about max_bytes, the
+ * CHUNKS ops carry at most carry_max (+ one chunk) each and go out as the
+ * file is read, the PUT comes last; a file changed between two slices is
+ * given up (-EAGAIN) without a PUT. */
+START_TEST(test_propose_sliced)
+{
+    char base_a[] = "/tmp/check_fsm_sliceA.XXXXXX", base_b[] = "/tmp/check_fsm_sliceB.XXXXXX";
+    struct fsm_tree *ta = NULL;
+    struct fsm_propose *fp = NULL;
+    struct pipeline p;
+    memset(&p, 0, sizeof(p));
+    p.m = fsm_memindex_new();
+    fsm_memindex_bind(p.m, &p.ix);
+    md_bind(&p.md, &p.disk);
+    p.next_index = 1;
+    p.root_a = base_a;
+    ck_assert_ptr_nonnull(mkdtemp(base_a));
+    ck_assert_ptr_nonnull(mkdtemp(base_b));
+    ck_assert_int_eq(fsm_tree_init(base_a, NULL), 0);
+    ck_assert_int_eq(fsm_tree_init(base_b, NULL), 0);
+    ck_assert_int_eq(fsm_tree_open(base_a, &ta, NULL), 0);
+    ck_assert_int_eq(fsm_tree_open(base_b, &p.tree_b, NULL), 0);
+
+    const size_t n = 6u << 20, slice = 1u << 20, carry = 512u << 10;
+    uint8_t *data = pseudo_random(n, 0x9E3779B97F4A7C15ULL);
+    write_bytes(base_a, "big.bin", data, n);
+    ck_assert_int_eq(fsm_propose_begin(ta, "big.bin", "n1", 0, carry, pl_lacks, pl_emit, &p, &fp),
+                     0);
+    struct fsm_tree_stat st;
+    memset(&st, 0, sizeof(st));
+    int rc, steps = 0;
+    while ((rc = fsm_propose_step(fp, slice, &st)) == 1) {
+        steps++;
+        ck_assert_uint_eq(fsm_propose_offset(fp), (uint64_t)steps * slice);
+        ck_assert_int_eq(p.n_puts, 0);
+        /* what was read is on its way, less what a CHUNKS op still gathers */
+        ck_assert_uint_le(fsm_propose_carried(fp), fsm_propose_offset(fp));
+        ck_assert_uint_ge(fsm_propose_carried(fp) + carry + FSM_CHUNK_MAX, fsm_propose_offset(fp));
+    }
+    ck_assert_int_eq(rc, 0);
+    ck_assert_int_eq(steps, 6);
+    ck_assert_int_eq(p.n_puts, 1);
+    ck_assert_int_ge(p.n_chunks_ops, 8);
+    ck_assert_uint_le(p.max_chunks_bytes, carry + FSM_CHUNK_MAX);
+    ck_assert_uint_eq(fsm_propose_carried(fp), n);
+    ck_assert_uint_eq(st.size, n);
+    fsm_propose_free(fp);
+    assert_same_file(base_a, base_b, "big.bin");
+
+    /* The whole file is in B's store now: proposing it again carries no
+     * bytes (lacks says the cluster has them). */
+    int chunks_before = p.n_chunks_ops;
+    ck_assert_int_eq(fsm_propose_begin(ta, "big.bin", "n1", p.last_put_index, carry, pl_lacks,
+                                       pl_emit, &p, &fp),
+                     0);
+    while ((rc = fsm_propose_step(fp, slice, NULL)) == 1)
+        ;
+    ck_assert_int_eq(rc, 0);
+    ck_assert_uint_eq(fsm_propose_carried(fp), 0);
+    ck_assert_int_eq(p.n_chunks_ops, chunks_before);
+    ck_assert_uint_eq(p.last_put_carried, 0);
+    fsm_propose_free(fp);
+
+    /* Rewritten between two slices (same size, other bytes): given up at
+     * the next step, no PUT. */
+    uint8_t *other = pseudo_random(n, 42);
+    write_bytes(base_a, "torn.bin", data, n);
+    ck_assert_int_eq(fsm_propose_begin(ta, "torn.bin", "n1", 0, carry, pl_lacks, pl_emit, &p, &fp),
+                     0);
+    ck_assert_int_eq(fsm_propose_step(fp, slice, NULL), 1);
+    struct timespec later[2] = {{0, UTIME_OMIT}, {12345, 0}};
+    char *torn = pb_xasprintf("%s/torn.bin", base_a);
+    write_bytes(base_a, "torn.bin", other, n);
+    ck_assert_int_eq(utimensat(AT_FDCWD, torn, later, 0), 0); /* mtime surely moves */
+    free(torn);
+    int puts = p.n_puts;
+    ck_assert_int_eq(fsm_propose_step(fp, slice, NULL), -EAGAIN);
+    ck_assert_int_eq(fsm_propose_step(fp, slice, NULL), -EINVAL); /* ended */
+    ck_assert_int_eq(p.n_puts, puts);
+    fsm_propose_free(fp);
+
+    /* Removed between two slices: given up at the next step, no PUT. */
+    write_bytes(base_a, "gone.bin", data, n);
+    ck_assert_int_eq(fsm_propose_begin(ta, "gone.bin", "n1", 0, carry, pl_lacks, pl_emit, &p, &fp),
+                     0);
+    ck_assert_int_eq(fsm_propose_step(fp, slice, NULL), 1);
+    char *gone = pb_xasprintf("%s/gone.bin", base_a);
+    ck_assert_int_eq(unlink(gone), 0);
+    free(gone);
+    ck_assert_int_eq(fsm_propose_step(fp, slice, NULL), -EAGAIN);
+    ck_assert_uint_eq(fsm_propose_offset(fp), 2 * slice);
+    ck_assert_int_eq(p.n_puts, puts);
+    fsm_propose_free(fp);
+
+    /* Grown while read: the bytes past the size seen at the start stop it. */
+    write_bytes(base_a, "grow.bin", data, 2 * slice);
+    ck_assert_int_eq(fsm_propose_begin(ta, "grow.bin", "n1", 0, carry, pl_lacks, pl_emit, &p, &fp),
+                     0);
+    write_bytes(base_a, "grow.bin", other, n);
+    rc = fsm_propose_step(fp, UINT64_MAX, NULL);
+    ck_assert_int_eq(rc, -EAGAIN);
+    ck_assert_int_eq(p.n_puts, puts);
+    fsm_propose_free(fp);
+
+    /* Not a regular file, or gone */
+    ck_assert_int_eq(fsm_propose_begin(ta, "nope", "n1", 0, carry, pl_lacks, pl_emit, &p, &fp),
+                     -EINVAL);
+    ck_assert_ptr_null(fp);
+    fsm_propose_free(NULL);
+
+    free(data);
+    free(other);
     fsm_tree_close(ta);
     fsm_tree_close(p.tree_b);
     nftw(base_a, rm_one, 16, FTW_DEPTH | FTW_PHYS);
@@ -1349,6 +1489,7 @@ static Suite *fsm_conflict_suite(void)
     tc = tcase_create("pipeline");
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_pipeline_propose_apply);
+    tcase_add_test(tc, test_propose_sliced);
     tcase_add_test(tc, test_loser_node_lifecycle);
     suite_add_tcase(s, tc);
     tc = tcase_create("names");

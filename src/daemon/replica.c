@@ -50,6 +50,16 @@
 /* An entry must travel in one peer message (NET_MSG_MAX, 16 MiB, with the
  * Raft message around it): a larger one would stall replication. */
 #define REPLICA_ENTRY_MAX (12u * 1024u * 1024u)
+/* An entry at least this large surely travels in the bulk class (frames
+ * carry up to 256 KiB), where order is kept: several such entries may be in
+ * flight together, which pipelines the CHUNKS entries of a big file. */
+#define REPLICA_BULK_ENTRY (512u * 1024u)
+/* A file larger than this is read, chunked and hashed a slice per loop turn
+ * (struct rjob), and only while our entries not yet applied stay under
+ * REPLICA_INFLIGHT_BYTES; smaller ones are read at once. A slice of 4 MiB is
+ * ~5 ms of chunking + SHA-256 (doc/fsm.md). */
+#define REPLICA_SLICE_BYTES     (4u * 1024u * 1024u)
+#define REPLICA_SLICES_PER_TURN 4
 
 /* One proposal of ours, until its entry applies. */
 struct rprop {
@@ -66,6 +76,7 @@ struct rprop {
     bool proposed;
     uint64_t retry_at_ms;
     uint64_t proposed_us; /* first proposed (pb_now_us), for the latency */
+    uint64_t proposed_ms; /* when last proposed */
 };
 
 /* A path to look at again (its own proposal was busy, lost or unreadable). */
@@ -73,6 +84,21 @@ struct rdirty {
     struct rdirty *next;
     char *path;
     bool carry_all;
+};
+
+/* Building the ops of a chunk list (the ctx of lacks_chunk and emit_op). */
+struct emit_ctx {
+    struct replica *r;
+    struct fsm_tree_stat st;
+    bool carry_all; /* every chunk travels */
+};
+
+/* The big file being proposed, a slice at a time (one at a time). */
+struct rjob {
+    struct fsm_propose *p;
+    struct emit_ctx x;
+    struct sm *sm; /* whose tree p reads: a new one ends the job */
+    char *path;
 };
 
 /* A `sync` request waiting. */
@@ -96,6 +122,9 @@ struct replica {
     size_t n_inflight;
     size_t inflight_bytes;
     size_t inflight_big;
+    size_t inflight_bulk;
+    size_t queued_bytes; /* of every entry of ours not applied yet */
+    struct rjob *job;
     struct rdirty *dirty;
     bool tree_was_bad;
     char leader[80];
@@ -104,7 +133,6 @@ struct replica {
     char *scan_root;
     char **seen;
     size_t n_seen, cap_seen;
-    bool carry_all; /* while building: every chunk travels */
     /* paths held from the watcher (watch_suppress_begin) during a batch */
     char **held;
     size_t n_held, cap_held;
@@ -116,6 +144,9 @@ struct replica {
     uint64_t proposed, applied, lost, skipped;
     uint64_t chunks_sent, chunks_dedup; /* chunk bytes carried / left out (the cluster has them) */
     struct pb_hist latency;             /* first propose -> own entry applied here */
+    uint64_t proposed_bytes; /* of entries proposed (first time each) */
+    uint64_t progress_ms;    /* when one of ours last applied */
+    char *missing_path;      /* its PUT missed chunks: propose it again */
     char last_error[256];
 };
 
@@ -147,6 +178,8 @@ static bool prop_touches(const struct rprop *p, const char *path)
 
 static bool path_busy(const struct replica *r, const char *path)
 {
+    if (r->job != NULL && strcmp(r->job->path, path) == 0)
+        return true;
     for (const struct rprop *p = r->head; p != NULL; p = p->next) {
         if (prop_touches(p, path))
             return true;
@@ -190,11 +223,14 @@ static void prop_unlink(struct replica *r, struct rprop *p)
     if (r->tail == p)
         r->tail = prev;
     r->n_props--;
+    r->queued_bytes -= p->len <= r->queued_bytes ? p->len : r->queued_bytes;
     if (p->proposed && r->n_inflight > 0) {
         r->n_inflight--;
         r->inflight_bytes -= p->len <= r->inflight_bytes ? p->len : r->inflight_bytes;
         if (p->len > REPLICA_BIG_ENTRY && r->inflight_big > 0)
             r->inflight_big--;
+        if (p->len >= REPLICA_BULK_ENTRY && r->inflight_bulk > 0)
+            r->inflight_bulk--;
     }
 }
 
@@ -240,6 +276,7 @@ static int queue_op(struct replica *r, const struct fsm_op *op, const struct fsm
         r->head = p;
     r->tail = p;
     r->n_props++;
+    r->queued_bytes += p->len;
     log_debug("queued %s %s (seq %" PRIu64 ", %zu bytes)", fsm_op_type_name(op->type),
               op->path ? op->path : "(chunks)", p->seq, p->len);
     return 0;
@@ -301,17 +338,12 @@ static void record_of(struct replica *r, const char *path, struct fsm_tree_stat 
     st->ino = d.ino;
 }
 
-struct emit_ctx {
-    struct replica *r;
-    struct fsm_tree_stat st;
-};
-
-/* fsm_propose_put passes the same arg to lacks and emit. */
+/* fsm_propose_begin passes the same arg to lacks and emit. */
 static int lacks_chunk(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN])
 {
     struct emit_ctx *x = arg;
     struct replica *r = x->r;
-    if (r->carry_all) {
+    if (x->carry_all) {
         r->chunks_sent++;
         return 1;
     }
@@ -323,10 +355,16 @@ static int lacks_chunk(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN])
     return rc < 0 ? rc : !rc;
 }
 
-/* Bytes of chunk data per entry: fsm_propose_put carries up to
- * FSM_PROPOSE_CARRY_MAX (16 MiB) per op, more than one peer message holds,
- * so carried bytes are re-cut here into CHUNKS ops of at most this much. */
+/* Bytes of chunk data per entry of a small file (fsm_propose_begin's
+ * carry_max: a file up to REPLICA_SLICE_BYTES is one PUT), and the most an
+ * op's carried bytes may be before emit_op re-cuts them into CHUNKS ops. */
 #define REPLICA_CARRY_MAX (8u * 1024u * 1024u)
+/* Bytes of chunks per CHUNKS entry of a big file. Small enough that the
+ * entries Raft keeps in memory after a snapshot (a count of trailing
+ * entries, 128) stay moderate (~80 MiB), and that ~16 of them pipeline
+ * within REPLICA_INFLIGHT_BYTES; at least REPLICA_BULK_ENTRY, so they
+ * travel (and keep their order) in the bulk class. */
+#define REPLICA_JOB_CARRY (512u * 1024u)
 
 static int emit_op(void *arg, const struct fsm_op *op)
 {
@@ -370,6 +408,62 @@ static int emit_op(void *arg, const struct fsm_op *op)
     put.u.put.data = NULL;
     put.u.put.n_data = 0;
     return queue_op(x->r, &put, NULL, NULL);
+}
+
+/* The last op queued is the PUT of a file: it records what the tree held. */
+static void note_put_stat(struct replica *r, size_t n_before, const struct fsm_tree_stat *st)
+{
+    if (r->n_props > n_before && r->tail != NULL && r->tail->type == FSM_OP_PUT) {
+        r->tail->st = *st;
+        r->tail->has_st = true;
+    }
+}
+
+/* Ends the big file's proposal: rc 0 (its PUT is queued), -EAGAIN (it
+ * changed while read, or the tree went away: later), -ECANCELED (the
+ * daemon stops), or an error. */
+static void job_end(struct replica *r, int rc)
+{
+    struct rjob *j = r->job;
+    r->job = NULL;
+    if (rc == -EAGAIN)
+        mark_dirty(r, j->path, j->x.carry_all);
+    else if (rc < 0 && rc != -ECANCELED)
+        replica_error(r, "cannot propose %s: %s", j->path, strerror(-rc));
+    else if (rc == 0)
+        log_debug("%s: %" PRIu64 " bytes read, %" PRIu64 " bytes of chunks proposed", j->path,
+                  fsm_propose_offset(j->p), fsm_propose_carried(j->p));
+    fsm_propose_free(j->p);
+    free(j->path);
+    free(j);
+}
+
+/*
+ * Reads the next slices of the big file, as long as our entries not yet
+ * applied stay under REPLICA_INFLIGHT_BYTES: memory for a file in flight is
+ * bounded by that budget plus one slice, and one loop turn by
+ * REPLICA_SLICES_PER_TURN slices, whatever the file's size. Reading on the
+ * loop (not a worker thread) keeps the tree, state.db and the queue
+ * single-threaded; a slice costs a few ms.
+ */
+static void job_run(struct replica *r)
+{
+    for (unsigned n = 0; r->job != NULL && n < REPLICA_SLICES_PER_TURN; n++) {
+        struct rjob *j = r->job;
+        if (replica_sm(r) != j->sm) {
+            job_end(r, -EAGAIN);
+            return;
+        }
+        if (r->queued_bytes >= REPLICA_INFLIGHT_BYTES)
+            return; /* go on once some of ours applied */
+        size_t before = r->n_props;
+        int rc = fsm_propose_step(j->p, REPLICA_SLICE_BYTES, &j->x.st);
+        if (rc == 1)
+            continue;
+        if (rc == 0)
+            note_put_stat(r, before, &j->x.st);
+        job_end(r, rc);
+    }
 }
 
 static void op_start(struct fsm_op *op, struct replica *r, enum fsm_op_type type, const char *path)
@@ -462,7 +556,8 @@ static void replica_check(struct replica *r, const char *path, bool carry_all)
         return;
     }
     record_of(r, path, &rec);
-    if (!carry_all && fsm_tree_stat_matches(&rec, &now)) {
+    bool retry = r->missing_path != NULL && strcmp(r->missing_path, path) == 0;
+    if (!carry_all && !retry && fsm_tree_stat_matches(&rec, &now)) {
         log_debug("%s: as recorded (kind %d size %" PRIu64 " ino %" PRIu64 "): no op", path,
                   (int)now.kind, now.size, now.ino);
         return; /* what we wrote or already proposed and committed */
@@ -470,24 +565,38 @@ static void replica_check(struct replica *r, const char *path, bool carry_all)
     struct fsm_op op;
     switch (now.kind) {
     case FSM_KIND_FILE: {
-        struct emit_ctx x = {.r = r};
-        r->carry_all = carry_all;
-        size_t before = r->n_props;
-        rc = fsm_propose_put(t, path, r->cfg->node_id, base_version(r, path), lacks_chunk, emit_op,
-                             &x, &x.st);
-        r->carry_all = false;
-        if (rc == -EAGAIN) {
+        bool big = now.size > REPLICA_SLICE_BYTES;
+        if (big && r->job != NULL) {
+            mark_dirty(r, path, carry_all); /* one big file at a time */
+            return;
+        }
+        struct rjob *j = pb_xcalloc(1, sizeof(*j));
+        j->x.r = r;
+        j->x.carry_all = carry_all;
+        j->sm = sm;
+        j->path = pb_xstrdup(path);
+        rc = fsm_propose_begin(t, path, r->cfg->node_id, base_version(r, path),
+                               big ? REPLICA_JOB_CARRY : REPLICA_CARRY_MAX, lacks_chunk, emit_op,
+                               &j->x, &j->p);
+        if (rc == 0 && big) {
+            r->job = j;
+            job_run(r);
+            return;
+        }
+        if (rc == 0) {
+            size_t before = r->n_props;
+            while ((rc = fsm_propose_step(j->p, UINT64_MAX, &j->x.st)) == 1)
+                ;
+            if (rc == 0)
+                note_put_stat(r, before, &j->x.st);
+        }
+        if (rc == -EAGAIN)
             mark_dirty(r, path, carry_all); /* changing while read: later */
-            return;
-        }
-        if (rc < 0) {
+        else if (rc < 0)
             replica_error(r, "cannot propose %s: %s", path, strerror(-rc));
-            return;
-        }
-        if (r->n_props > before && r->tail != NULL && r->tail->type == FSM_OP_PUT) {
-            r->tail->st = x.st;
-            r->tail->has_st = true;
-        }
+        fsm_propose_free(j->p);
+        free(j->path);
+        free(j);
         return;
     }
     case FSM_KIND_DIR: {
@@ -811,12 +920,26 @@ static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_ap
         else
             mark_dirty(r, p->path, false);
     }
+    r->progress_ms = pb_now_ms();
     bool missing = res->status == FSM_APPLY_DONE && res->outcome == FSM_OUT_MISSING_CHUNKS;
-    if (missing)
-        log_info("%s: chunks were collected before the PUT applied: proposing again with them",
-                 p->path);
-    if (missing && p->path)
-        mark_dirty(r, p->path, true);
+    bool again = missing && p->path && r->missing_path && strcmp(r->missing_path, p->path) == 0;
+    if (p->type == FSM_OP_PUT && p->path && r->missing_path &&
+        strcmp(r->missing_path, p->path) == 0) {
+        free(r->missing_path);
+        r->missing_path = NULL;
+    }
+    if (missing && p->path) {
+        /* A CHUNKS entry of ours was lost (a leader change, or skipped
+         * behind a later seq) or its chunks were collected meanwhile.
+         * First again with what state.db lacks now (what the PUT missed):
+         * only those travel. A second miss in a row carries every chunk,
+         * which cannot miss. */
+        log_info("%s: chunks missing when the PUT applied: proposing again with %s", p->path,
+                 again ? "every chunk" : "the missing ones");
+        if (!again)
+            r->missing_path = pb_xstrdup(p->path);
+        mark_dirty(r, p->path, again);
+    }
     prop_free(p);
 }
 
@@ -954,11 +1077,18 @@ static void set_observer(struct replica *r)
 static void replica_propose_some(struct replica *r, uint64_t now)
 {
     for (struct rprop *p = r->head; p != NULL; p = p->next) {
-        if (p->proposed && now < p->retry_at_ms)
+        /* Retried when it is overdue and none of ours applied for as long:
+         * a slow apply (a big file) is not a lost proposal, and a retry is
+         * one more copy of the entry in the log. */
+        if (p->proposed &&
+            (now < p->retry_at_ms || now < r->progress_ms + (p->retry_at_ms - p->proposed_ms)))
             continue;
+        /* bulk entries keep their order among themselves */
+        bool bulk_train = p->len >= REPLICA_BULK_ENTRY && r->inflight_bulk == r->n_inflight;
         if (!p->proposed && r->n_inflight > 0 &&
-            (r->n_inflight >= REPLICA_MAX_INFLIGHT || p->len > REPLICA_BIG_ENTRY ||
-             r->inflight_big > 0 || r->inflight_bytes + p->len > REPLICA_INFLIGHT_BYTES))
+            (r->n_inflight >= REPLICA_MAX_INFLIGHT ||
+             (!bulk_train && (p->len > REPLICA_BIG_ENTRY || r->inflight_big > 0)) ||
+             r->inflight_bytes + p->len > REPLICA_INFLIGHT_BYTES))
             break;
         uint64_t index = 0;
         int rc = cluster_propose(r->c, r->client_id, p->seq, p->data, p->len, &index);
@@ -974,10 +1104,14 @@ static void replica_propose_some(struct replica *r, uint64_t now)
             r->inflight_bytes += p->len;
             if (p->len > REPLICA_BIG_ENTRY)
                 r->inflight_big++;
+            if (p->len >= REPLICA_BULK_ENTRY)
+                r->inflight_bulk++;
             r->proposed++;
             p->proposed_us = pb_now_us();
+            r->proposed_bytes += p->len;
         }
         p->proposed = true;
+        p->proposed_ms = now;
         p->retry_at_ms = now + (index ? REPLICA_RETRY_LEADER_MS : REPLICA_RETRY_FOLLOWER_MS);
     }
 }
@@ -988,6 +1122,8 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     (void)what;
     struct replica *r = arg;
     struct sm *sm = replica_sm(r);
+    if (r->job != NULL && (r->job->sm != sm || sm_tree(sm) == NULL))
+        job_end(r, -EAGAIN); /* its tree is gone (join, stop): later */
     set_observer(r);
     if (r->syncs != NULL)
         sync_check(r, pb_now_ms());
@@ -1012,7 +1148,8 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     if (strcmp(leader, r->leader) != 0) {
         snprintf(r->leader, sizeof(r->leader), "%s", leader);
         for (struct rprop *p = r->head; p != NULL; p = p->next)
-            p->retry_at_ms = 0;
+            p->retry_at_ms = p->proposed_ms = 0;
+        r->progress_ms = 0;
     }
     /* Paths to look at again, once nothing of ours is in flight on them. */
     struct rdirty *d = r->dirty, *keep = NULL;
@@ -1035,6 +1172,7 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
         r->dirty = keep;
         keep = next;
     }
+    job_run(r);
     replica_propose_some(r, pb_now_ms());
     sync_check(r, pb_now_ms());
 }
@@ -1184,6 +1322,9 @@ void replica_free(struct replica *r)
         sm_set_observer(sm, NULL);
     if (r->tick)
         event_free(r->tick);
+    if (r->job != NULL)
+        job_end(r, -ECANCELED);
+    free(r->missing_path);
     watch_free(r->w);
     while (r->head != NULL) {
         struct rprop *p = r->head;
@@ -1211,7 +1352,7 @@ void replica_free(struct replica *r)
 
 size_t replica_pending(const struct replica *r)
 {
-    return r->n_props;
+    return r->n_props + (r->job != NULL ? 1 : 0);
 }
 
 /* The manifest's totals and the applied counters (zeros without a state
@@ -1244,9 +1385,10 @@ void replica_status_fill(struct replica *r, json_t *obj)
     json_object_set_new(t, "chunk_bytes_missing", json_integer((json_int_t)s.missing_bytes));
     json_object_set_new(t, "fetched_chunks", json_integer((json_int_t)fetched_chunks));
     json_object_set_new(t, "fetched_bytes", json_integer((json_int_t)fetched_bytes));
-    json_object_set_new(t, "pending", json_integer((json_int_t)(r->n_props)));
+    json_object_set_new(t, "pending", json_integer((json_int_t)replica_pending(r)));
     json_object_set_new(t, "conflicts", json_integer((json_int_t)a.conflicts));
     json_object_set_new(t, "proposed", json_integer((json_int_t)r->proposed));
+    json_object_set_new(t, "proposed_bytes", json_integer((json_int_t)r->proposed_bytes));
     json_object_set_new(t, "skipped", json_integer((json_int_t)r->skipped));
     const char *te = sm ? sm_tree_error(sm) : NULL;
     json_object_set_new(t, "tree_error", te ? json_string(te) : json_null());

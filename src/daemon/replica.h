@@ -40,7 +40,8 @@ int replica_new(struct replica **out, const struct pb_config *cfg, struct event_
                 struct cluster *c, struct pb_error *err);
 void replica_free(struct replica *r);
 
-/* Local changes proposed and not yet applied. */
+/* Local changes proposed and not yet applied (a big file still being read
+ * counts as one). */
 size_t replica_pending(const struct replica *r);
 
 /* Sets "tree": {files, dirs, bytes, pending, conflicts, tree_error,

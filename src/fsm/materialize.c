@@ -4,12 +4,19 @@
 #include "config.h"
 
 #include <errno.h>
+#include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "fsm/materialize.h"
+#include "lib/log.h"
 #include "lib/util.h"
+
+/* Files at least this large say how long writing them took: it happens on
+ * the applying thread, which today is the event loop (doc/fsm.md, "Big
+ * files"). */
+#define MATERIALIZE_LOG_BYTES (64u * 1024u * 1024u)
 
 /* What fill_chunks() writes: the chunk list, bytes from the op when it
  * carries them (op may be NULL), else from the store. */
@@ -88,8 +95,12 @@ static int do_write(struct fsm_tree *t, const struct fsm_op *op, const struct fs
         return rc;
     if (op->type == FSM_OP_PUT) {
         struct content c = {op->u.put.refs, op->u.put.n_refs, op, disk};
+        uint64_t t0 = pb_now_ms();
         rc = fsm_tree_put(t, a->path, &exp, op->u.put.mode, op->u.put.mtime_ns, fill_chunks, &c,
                           &out);
+        if (rc == 0 && op->u.put.size >= MATERIALIZE_LOG_BYTES)
+            log_info("materialized %s: %" PRIu64 " bytes in %" PRIu64 " ms", a->path,
+                     op->u.put.size, pb_now_ms() - t0);
     } else {
         rc = fsm_tree_symlink(t, a->path, &exp, op->u.symlink.target, op->u.symlink.mtime_ns, &out);
     }

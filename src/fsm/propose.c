@@ -71,11 +71,12 @@ struct build {
     fsm_lacks_fn lacks;
     fsm_emit_fn emit;
     void *arg;
+    uint64_t carry_max;
     struct fsm_chunk_ref *refs;
     uint32_t n_refs, cap_refs;
     struct fsm_chunk_data *data;
     uint32_t n_data, cap_data;
-    uint64_t carried, size;
+    uint64_t carried, size, emitted;
     struct idset seen;
 };
 
@@ -90,6 +91,7 @@ static int flush_chunks(struct build *b)
     op.origin = pb_xstrdup(b->origin);
     op.u.chunks.data = b->data;
     op.u.chunks.n_data = b->n_data;
+    b->emitted += b->carried;
     b->data = NULL;
     b->n_data = b->cap_data = 0;
     b->carried = 0;
@@ -129,7 +131,7 @@ static int on_chunk(void *arg, const struct fsm_chunk *c)
     d->data = pb_xmalloc(c->len);
     memcpy(d->data, c->data, c->len);
     b->carried += c->len;
-    if (b->carried >= FSM_PROPOSE_CARRY_MAX)
+    if (b->carried >= b->carry_max)
         return flush_chunks(b);
     return 0;
 }
@@ -154,85 +156,195 @@ static int fstat_tree(int fd, struct fsm_tree_stat *st)
     return 0;
 }
 
-int fsm_propose_put(struct fsm_tree *t, const char *path, const char *origin, uint64_t base,
-                    fsm_lacks_fn lacks, fsm_emit_fn emit, void *arg, struct fsm_tree_stat *st)
+/* Read size per read(2): one maximal chunk. */
+#define READ_BLOCK FSM_CHUNK_MAX
+
+struct fsm_propose {
+    struct fsm_tree *t;
+    char *path;
+    char *origin;
+    uint64_t base;
+    int fd;
+    struct fsm_tree_stat before;
+    struct fsm_chunker chunker;
+    uint8_t *rbuf;
+    uint64_t offset; /* bytes read so far */
+    bool done;
+    struct build b;
+};
+
+int fsm_propose_begin(struct fsm_tree *t, const char *path, const char *origin, uint64_t base,
+                      uint64_t carry_max, fsm_lacks_fn lacks, fsm_emit_fn emit, void *arg,
+                      struct fsm_propose **out)
 {
     struct fsm_tree_stat before, now;
-    struct build b;
     int fd = -1, rc;
 
-    memset(&b, 0, sizeof(b));
-    b.origin = origin;
-    b.lacks = lacks;
-    b.emit = emit;
-    b.arg = arg;
+    *out = NULL;
     if ((rc = fsm_tree_lstat(t, path, &before)) < 0)
         return rc;
     if (before.kind != FSM_KIND_FILE)
         return -EINVAL;
     if ((rc = fsm_tree_open_file(t, path, &fd)) < 0)
         return rc == -ELOOP ? -EAGAIN : rc; /* replaced by a symlink meanwhile */
-    if ((rc = fstat_tree(fd, &now)) < 0)
-        goto out;
-    if (!same_file(&before, &now)) {
-        rc = -EAGAIN;
-        goto out;
+    if ((rc = fstat_tree(fd, &now)) < 0 || !same_file(&before, &now)) {
+        close(fd);
+        return rc < 0 ? rc : -EAGAIN;
     }
-    if ((rc = fsm_chunk_fd(fd, on_chunk, &b)) != 0)
-        goto out;
+    struct fsm_propose *p = pb_xcalloc(1, sizeof(*p));
+    p->t = t;
+    p->path = pb_xstrdup(path);
+    p->origin = pb_xstrdup(origin);
+    p->base = base;
+    p->fd = fd;
+    p->before = before;
+    p->rbuf = pb_xmalloc(READ_BLOCK);
+    p->b.origin = p->origin;
+    p->b.lacks = lacks;
+    p->b.emit = emit;
+    p->b.arg = arg;
+    p->b.carry_max = carry_max > 0 ? carry_max : FSM_PROPOSE_CARRY_MAX;
+    fsm_chunker_init(&p->chunker, on_chunk, &p->b);
+    *out = p;
+    return 0;
+}
+
+/* Builds and emits the PUT once the whole file was read unchanged. */
+static int propose_finish(struct fsm_propose *p, struct fsm_tree_stat *st)
+{
+    struct build *b = &p->b;
+    struct fsm_tree_stat now;
+    int rc;
     /* Unchanged while we read it: same inode at the name, same size and
      * mtime, and we read exactly that many bytes. */
-    if ((rc = fstat_tree(fd, &now)) < 0)
-        goto out;
-    if (!same_file(&before, &now) || b.size != before.size) {
-        rc = -EAGAIN;
-        goto out;
-    }
-    if ((rc = fsm_tree_lstat(t, path, &now)) < 0)
-        goto out;
-    if (!same_file(&before, &now)) {
-        rc = -EAGAIN;
-        goto out;
-    }
-    uint64_t put_bytes = (uint64_t)b.n_refs * REF_WIRE + PUT_OVERHEAD;
-    if (put_bytes > FSM_OP_MAX_BYTES) {
-        rc = -EFBIG;
-        goto out;
-    }
-    if (put_bytes + b.carried + (uint64_t)b.n_data * DATA_WIRE > FSM_OP_MAX_BYTES &&
-        (rc = flush_chunks(&b)) < 0)
-        goto out;
+    if ((rc = fstat_tree(p->fd, &now)) < 0)
+        return rc;
+    if (!same_file(&p->before, &now) || b->size != p->before.size)
+        return -EAGAIN;
+    if ((rc = fsm_tree_lstat(p->t, p->path, &now)) < 0)
+        return rc == -ENOENT || rc == -ENOTDIR ? -EAGAIN : rc;
+    if (!same_file(&p->before, &now))
+        return -EAGAIN;
+    uint64_t put_bytes = (uint64_t)b->n_refs * REF_WIRE + PUT_OVERHEAD;
+    if (put_bytes > FSM_OP_MAX_BYTES)
+        return -EFBIG;
+    /* Carried bytes ride in the PUT only when they fit in it and under the
+     * caller's per-entry bound. */
+    if ((put_bytes + b->carried + (uint64_t)b->n_data * DATA_WIRE > FSM_OP_MAX_BYTES ||
+         b->carried + put_bytes > b->carry_max) &&
+        (rc = flush_chunks(b)) < 0)
+        return rc;
 
     struct fsm_op op;
     fsm_op_init(&op);
     op.type = FSM_OP_PUT;
-    op.origin = pb_xstrdup(origin);
-    op.path = pb_xstrdup(path);
-    op.base = base;
-    op.u.put.mode = before.mode;
-    op.u.put.mtime_ns = before.mtime_ns;
-    op.u.put.size = b.size;
-    op.u.put.refs = b.refs;
-    op.u.put.n_refs = b.n_refs;
-    op.u.put.data = b.data;
-    op.u.put.n_data = b.n_data;
-    b.refs = NULL;
-    b.data = NULL;
-    b.n_data = 0;
+    op.origin = pb_xstrdup(p->origin);
+    op.path = pb_xstrdup(p->path);
+    op.base = p->base;
+    op.u.put.mode = p->before.mode;
+    op.u.put.mtime_ns = p->before.mtime_ns;
+    op.u.put.size = b->size;
+    op.u.put.refs = b->refs;
+    op.u.put.n_refs = b->n_refs;
+    op.u.put.data = b->data;
+    op.u.put.n_data = b->n_data;
+    b->refs = NULL;
+    b->n_refs = b->cap_refs = 0;
+    b->data = NULL;
+    b->n_data = b->cap_data = 0;
+    b->emitted += b->carried;
+    b->carried = 0;
     rc = fsm_op_validate(&op, NULL);
     if (rc == 0)
-        rc = emit(arg, &op);
+        rc = b->emit(b->arg, &op);
     fsm_op_free(&op);
     if (rc == 0 && st != NULL)
-        *st = before;
-out:
-    if (fd >= 0)
-        close(fd);
-    free(b.refs);
-    for (uint32_t i = 0; i < b.n_data; i++)
-        free(b.data[i].data);
-    free(b.data);
-    free(b.seen.v);
-    free(b.seen.used);
+        *st = p->before;
+    return rc;
+}
+
+int fsm_propose_step(struct fsm_propose *p, uint64_t max_bytes, struct fsm_tree_stat *st)
+{
+    if (p->done)
+        return -EINVAL;
+    uint64_t got = 0;
+    int rc = 0;
+    do {
+        ssize_t n = read(p->fd, p->rbuf, READ_BLOCK);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            rc = -errno;
+            break;
+        }
+        if (n == 0) {
+            if ((rc = fsm_chunker_finish(&p->chunker)) == 0)
+                rc = propose_finish(p, st);
+            p->done = true;
+            return rc;
+        }
+        if (p->offset + (uint64_t)n > p->before.size) {
+            rc = -EAGAIN; /* grew while read: stop early */
+            break;
+        }
+        p->offset += (uint64_t)n;
+        got += (uint64_t)n;
+        rc = fsm_chunker_feed(&p->chunker, p->rbuf, (size_t)n);
+    } while (rc == 0 && got < max_bytes);
+    if (rc == 0) {
+        /* A slice between two turns of the caller's loop: a file rewritten,
+         * replaced or removed meanwhile is given up now rather than read to
+         * its end. */
+        struct fsm_tree_stat now;
+        if ((rc = fstat_tree(p->fd, &now)) == 0 && !same_file(&p->before, &now))
+            rc = -EAGAIN;
+        if (rc == 0 && (fsm_tree_lstat(p->t, p->path, &now) < 0 || !same_file(&p->before, &now)))
+            rc = -EAGAIN;
+    }
+    if (rc != 0) {
+        p->done = true;
+        return rc;
+    }
+    return 1;
+}
+
+uint64_t fsm_propose_offset(const struct fsm_propose *p)
+{
+    return p->offset;
+}
+
+uint64_t fsm_propose_carried(const struct fsm_propose *p)
+{
+    return p->b.emitted;
+}
+
+void fsm_propose_free(struct fsm_propose *p)
+{
+    if (p == NULL)
+        return;
+    close(p->fd);
+    fsm_chunker_free(&p->chunker);
+    free(p->rbuf);
+    free(p->b.refs);
+    for (uint32_t i = 0; i < p->b.n_data; i++)
+        free(p->b.data[i].data);
+    free(p->b.data);
+    free(p->b.seen.v);
+    free(p->b.seen.used);
+    free(p->path);
+    free(p->origin);
+    free(p);
+}
+
+int fsm_propose_put(struct fsm_tree *t, const char *path, const char *origin, uint64_t base,
+                    fsm_lacks_fn lacks, fsm_emit_fn emit, void *arg, struct fsm_tree_stat *st)
+{
+    struct fsm_propose *p;
+    int rc = fsm_propose_begin(t, path, origin, base, FSM_PROPOSE_CARRY_MAX, lacks, emit, arg, &p);
+    if (rc < 0)
+        return rc;
+    while ((rc = fsm_propose_step(p, UINT64_MAX, st)) == 1)
+        ;
+    fsm_propose_free(p);
     return rc;
 }
