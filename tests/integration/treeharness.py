@@ -41,48 +41,70 @@ def status(d):
     return r.get("result", {})
 
 
-def snapshot_tree(root):
-    """{relative path: ("f", bytes, mode) | ("d", mode) | ("l", target)}, without .pickbox."""
+class TreeChanging(Exception):
+    """An entry vanished while the tree was read: a daemon is changing it."""
+
+
+def snapshot_tree(root, attempts=50):
+    """{relative path: ("f", bytes, mode) | ("d", mode) | ("l", target)}, without .pickbox.
+    Read again (10 ms apart) while entries vanish under the walk; raises
+    TreeChanging when the tree never holds still for a whole read."""
+    for i in range(attempts):
+        try:
+            return _snapshot_once(root)
+        except TreeChanging:
+            if i == attempts - 1:
+                raise
+            time.sleep(0.01)
+
+
+def _snapshot_once(root):
     out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        if rel_dir == ".":
-            rel_dir = ""
-        if rel_dir == "" and ".pickbox" in dirnames:
-            dirnames.remove(".pickbox")
-        for name in list(dirnames):
-            p = os.path.join(dirpath, name)
-            rel = os.path.join(rel_dir, name)
-            if os.path.islink(p):
-                out[rel] = ("l", os.readlink(p))
-                dirnames.remove(name)
-            else:
-                out[rel] = ("d", os.lstat(p).st_mode & 0o777)
-        for name in filenames:
-            if name.startswith(".pickbox.tmp."):
-                continue
-            p = os.path.join(dirpath, name)
-            rel = os.path.join(rel_dir, name)
-            if os.path.islink(p):
-                out[rel] = ("l", os.readlink(p))
-                continue
-            try:
+    try:
+        for dirpath, dirnames, filenames in os.walk(root):
+            rel_dir = os.path.relpath(dirpath, root)
+            if rel_dir == ".":
+                rel_dir = ""
+            if rel_dir == "" and ".pickbox" in dirnames:
+                dirnames.remove(".pickbox")
+            for name in list(dirnames):
+                p = os.path.join(dirpath, name)
+                rel = os.path.join(rel_dir, name)
+                if os.path.islink(p):
+                    out[rel] = ("l", os.readlink(p))
+                    dirnames.remove(name)
+                else:
+                    out[rel] = ("d", os.lstat(p).st_mode & 0o777)
+            for name in filenames:
+                if name.startswith(".pickbox.tmp."):
+                    continue
+                p = os.path.join(dirpath, name)
+                rel = os.path.join(rel_dir, name)
+                if os.path.islink(p):
+                    out[rel] = ("l", os.readlink(p))
+                    continue
                 with open(p, "rb") as f:
                     out[rel] = ("f", f.read(), os.lstat(p).st_mode & 0o777)
-            except OSError:
-                pass
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise TreeChanging(str(e))
     return out
 
 
 def trees_equal(nodes):
-    snaps = [snapshot_tree(d.data_dir) for d in nodes]
+    try:
+        snaps = [snapshot_tree(d.data_dir) for d in nodes]
+    except TreeChanging:
+        return False
     return all(s == snaps[0] for s in snaps[1:])
 
 
 def wait_converged(nodes, timeout=20, pred=None):
     """Waits until every tree is identical (and pred(tree) holds); returns the tree."""
     def check():
-        snaps = [snapshot_tree(d.data_dir) for d in nodes]
+        try:
+            snaps = [snapshot_tree(d.data_dir, attempts=1) for d in nodes]
+        except TreeChanging:
+            return None
         if not all(s == snaps[0] for s in snaps[1:]):
             return None
         if pred is not None and not pred(snaps[0]):
