@@ -1567,6 +1567,33 @@ static void random_run(uint64_t seed, int ops)
     owner_clear();
 }
 
+/* A file written and closed is reported settle_ms after the close, not
+ * debounce_ms (huge here); a chmod still waits the debounce. */
+START_TEST(test_settle_after_close)
+{
+    write_file(P("g"), "g", 0);
+    struct watch_options o;
+    default_opts(&o);
+    o.debounce_ms = 60000;
+    o.max_delay_ms = 120000;
+    o.write_hold_ms = 120000;
+    o.rename_window_ms = 5;
+    struct pb_error err;
+    w = watch_new(base, root, &o, on_change, NULL, &err);
+    ck_assert_ptr_nonnull(w);
+    ck_assert(wait_for(WATCH_RESCAN_END, ""));
+    recs_clear();
+    ck_assert_int_eq(chmod(P("g"), 0600), 0);
+    write_file(P("f"), "new", 0);
+    ck_assert(wait_for(WATCH_UPSERT_FILE, "f"));
+    ck_assert_int_eq(count(WATCH_ATTR, "g"), 0);
+    ck_assert_int_eq(nrecs, 1);
+    struct watch_stats s;
+    watch_get_stats(w, &s);
+    ck_assert_int_eq(s.pending, 1); /* g */
+}
+END_TEST
+
 /* ---- sliced rescans ---------------------------------------------------- */
 
 static bool zero_timer_fired;
@@ -1754,6 +1781,7 @@ static const struct {
         {"test_unmount_inside", &test_unmount_inside},
         {"test_bad_root", &test_bad_root},
         {"test_random_ops", &test_random_ops},
+        {"test_settle_after_close", &test_settle_after_close},
         {"test_scan_sliced", &test_scan_sliced},
         {"test_scan_sliced_owner", &test_scan_sliced_owner},
 };

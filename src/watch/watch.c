@@ -141,6 +141,7 @@ struct wnode {
     int wd;
     unsigned reasons;
     bool reported, attached, write_open, unwatched;
+    bool closed;      /* its last event was IN_CLOSE_WRITE: settle_ms applies */
     bool scan_queued; /* on the sliced scan's stack, or being read by it */
 };
 
@@ -266,6 +267,7 @@ void watch_options_init(struct watch_options *o)
     o->retry_min_ms = 1000;
     o->retry_max_ms = 300000;
     o->scan_slice = 1024;
+    o->settle_ms = 5;
 }
 
 /* ---- lists ------------------------------------------------------------ */
@@ -708,7 +710,13 @@ static void retry_arm(struct watch *w)
 
 static uint64_t node_due(const struct watch *w, const struct wnode *n)
 {
-    uint64_t d = n->last_ms + (n->write_open ? w->o.write_hold_ms : w->o.debounce_ms);
+    /* A file its writer just closed needs only long enough for a rename
+     * that follows the close at once (editors: write temp, close, rename)
+     * to be read, unless renames are pending (vim's backup dance). */
+    uint64_t wait = n->write_open                            ? w->o.write_hold_ms
+                    : n->closed && !w->rec_head && !w->stash ? w->o.settle_ms
+                                                             : w->o.debounce_ms;
+    uint64_t d = n->last_ms + wait;
     uint64_t cap = n->first_ms + w->o.max_delay_ms;
     return d < cap ? d : cap;
 }
@@ -718,6 +726,7 @@ static void mark_dirty(struct watch *w, struct wnode *n, unsigned reasons)
     uint64_t now = pb_now_ms();
     n->reasons |= reasons;
     n->last_ms = now;
+    n->closed = false;
     if (!n->dlist) {
         n->first_ms = now;
         list_append(&w->dirty, n);
@@ -1819,6 +1828,8 @@ static void handle_event(struct watch *w, int wd, uint32_t mask, uint32_t cookie
     if (mask & IN_CLOSE_WRITE) {
         c->write_open = false;
         mark_dirty(w, c, R_CONTENT);
+        c->closed = true;
+        timer_arm(w, node_due(w, c));
     }
     if (mask & IN_ATTRIB)
         mark_dirty(w, c, R_ATTRIB);
@@ -1898,6 +1909,7 @@ static void flush_pass(struct watch *w)
         unsigned reasons = n->reasons;
         n->reasons = 0;
         n->write_open = false;
+        n->closed = false;
         node_check(w, n, reasons);
     }
     rearm(w);
@@ -2171,10 +2183,14 @@ struct watch *watch_new(struct event_base *base, const char *root, const struct 
             w->o.retry_max_ms = 300000;
         if (!w->o.scan_slice)
             w->o.scan_slice = 1024;
+        if (!w->o.settle_ms)
+            w->o.settle_ms = 5;
     }
     /* A MOVED_FROM must be resolved before its neighbours are flushed. */
     if (w->o.rename_window_ms >= w->o.debounce_ms)
         w->o.rename_window_ms = w->o.debounce_ms > 1 ? w->o.debounce_ms / 2 : 1;
+    if (w->o.settle_ms > w->o.debounce_ms)
+        w->o.settle_ms = w->o.debounce_ms;
     if (w->o.write_hold_ms < w->o.debounce_ms)
         w->o.write_hold_ms = w->o.debounce_ms;
     if (w->o.max_delay_ms < w->o.debounce_ms)
@@ -2392,7 +2408,9 @@ int watch_suppress_end(struct watch *w, const char *path, const struct watch_sta
         }
         subtree_redo(w, n);
     }
-    rearm(w);
+    /* Released paths are flushed (and the timer set) on the next loop
+     * turn: one pass for a whole batch of applies, not one per path. */
+    timer_arm(w, pb_now_ms());
     return rc;
 }
 

@@ -64,8 +64,10 @@
  *   file that was created or written (IN_CREATE, IN_MODIFY) but not yet
  *   closed (IN_CLOSE_WRITE) waits up to write_hold_ms for its writer; the
  *   close ends that wait early (then debounce_ms, so that a rename right
- *   after the close, as editors do, is paired first). A path that never goes
- *   quiet is reported at least every max_delay_ms.
+ *   after the close, as editors do, is paired first; settle_ms instead of
+ *   debounce_ms when the close was the path's last event and no rename is
+ *   pending, since such a rename follows the close at once). A path that
+ *   never goes quiet is reported at least every max_delay_ms.
  * - Order: a directory's creation is emitted before anything inside it;
  *   pending renames are emitted before any other candidate, in the order they
  *   happened.
@@ -171,6 +173,7 @@ typedef int (*watch_add_watch_fn)(int fd, const char *path, uint32_t mask, void 
 
 struct watch_options {
     uint32_t debounce_ms;        /* quiet time per path before it is reported; default 30 */
+    uint32_t settle_ms;          /* same after a close of a written file, no rename pending; 5 */
     uint32_t write_hold_ms;      /* a file written but not yet closed waits this long; 1000 */
     uint32_t max_delay_ms;       /* a busy path is reported at least this often; 5000 */
     uint32_t rename_window_ms;   /* a MOVED_FROM waits this long for its MOVED_TO; 10 */
