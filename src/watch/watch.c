@@ -2459,6 +2459,8 @@ void watch_get_stats(const struct watch *w, struct watch_stats *out)
         out->pending++;
     for (const struct wstash *s = w->stash; s; s = s->next)
         out->pending++;
+    if (w->scan.active)
+        out->pending++; /* the rescan itself */
 }
 
 void watch_test_inject_overflow(struct watch *w)

@@ -239,7 +239,8 @@ void watch_stat_from_stat(struct watch_stat *ws, const struct stat *st);
 struct watch_stats {
     uint64_t watches;        /* directories currently watched */
     uint64_t nodes;          /* paths in the model */
-    uint64_t pending;        /* paths, renames and moves waiting for their debounce */
+    uint64_t pending;        /* paths, renames and moves waiting for their debounce,
+                              * plus 1 while a rescan runs */
     uint64_t events;         /* inotify events read */
     uint64_t candidates;     /* candidates emitted */
     uint64_t overflows;      /* IN_Q_OVERFLOW seen */

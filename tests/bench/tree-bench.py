@@ -30,9 +30,11 @@ least twice what the last poll cost (the bench shares the CPUs it measures).
 Times start just before the first byte is written (like the `cp` figures,
 they include writing the source tree). Bytes sent: the sum over nodes of the
 per-peer byte counters (`pickboxctl metrics` / `status` members'
-`bytes_sent`) when the daemon has them, else the loopback interface's TX
-counter from /proc/net/dev around the step (approximate: every process on lo
-counts). Peak RSS: VmHWM of each pickboxd pid at the end.
+`bytes_sent`) when the daemon has them; else the bytes acknowledged on the
+cluster's peer TCP connections (tcp_info from `ss -ti`, both ends, diffed
+around the step: exact unless a link reconnects meanwhile); else the loopback
+interface's TX counter from /proc/net/dev (approximate: every process on lo
+counts, and on a shared machine that is a lot). Peak RSS: VmHWM of each pickboxd pid at the end.
 """
 
 import argparse
@@ -275,9 +277,34 @@ def lo_tx_bytes():
     return 0
 
 
+def ss_bytes(ports):
+    """Bytes acknowledged on every established TCP connection from or to
+    one of ports (tcp_info via ss(8)): both ends of a peer link are counted,
+    so this is what all nodes sent to each other. None without ss."""
+    import subprocess
+    try:
+        out = subprocess.run(["ss", "-tinH", "state", "established"], capture_output=True,
+                             text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    total, match = 0, False
+    for line in out.splitlines():
+        if not line.startswith(("\t", " ")):
+            f = line.split()
+            ends = [a.rsplit(":", 1)[-1] for a in f[-2:]] if len(f) >= 2 else []
+            match = any(e.isdigit() and int(e) in ports for e in ends)
+            continue
+        if match:
+            for tok in line.split():
+                if tok.startswith("bytes_acked:"):
+                    total += int(tok.split(":", 1)[1])
+    return total
+
+
 def peer_bytes(nodes):
     """(total bytes sent by all nodes to peers, source) from the daemons'
-    counters, or from the loopback interface when they have none."""
+    counters; else from tcp_info of the peer connections (ss); else from the
+    loopback interface (approximate: everything on lo counts)."""
     total = 0
     for d in nodes:
         got = None
@@ -295,7 +322,8 @@ def peer_bytes(nodes):
                 got = sum(vals)
                 break
         if got is None:
-            return lo_tx_bytes(), "lo"
+            b = ss_bytes({d.port for d in nodes})
+            return (b, "tcp_info") if b is not None else (lo_tx_bytes(), "lo")
         total += got
     return total, "daemon"
 
@@ -586,8 +614,9 @@ def main():
             continue
         extra = ""
         if "bytes_sent" in r:
-            extra = "  sent %d B%s" % (r["bytes_sent"], " (lo, approx.)"
-                                      if r["bytes_source"] == "lo" else "")
+            extra = "  sent %d B (%s)" % (r["bytes_sent"], {
+                "lo": "lo, approx.", "tcp_info": "peer links, tcp_info"}.get(
+                r["bytes_source"], "daemon counters"))
         if key == "big_edit":
             extra += "  (Syncthing sent 800 KB)"
         print("%-42s %8.3f s  %-12s %s%s" % (label, r["s"], fmt_ref(ref[0]), fmt_ref(ref[1]),
