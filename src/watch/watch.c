@@ -1903,15 +1903,27 @@ static void flush_pass(struct watch *w)
             list_append(&w->ready, arr[i]);
         free(arr);
     }
+    /* Bounded per loop turn like a scan (the owner's work per candidate can
+     * be large): what is left stays ready for the next turn. */
+    uint64_t t0 = pb_now_ms();
+    size_t done = 0;
     while (w->ready.head) {
         struct wnode *n = w->ready.head;
         list_unlink(n);
+        if (w->nholds && node_held(w, n)) {
+            list_append(&w->dirty, n); /* held since it got ready: after the end */
+            continue;
+        }
         unsigned reasons = n->reasons;
         n->reasons = 0;
         n->write_open = false;
         n->closed = false;
         node_check(w, n, reasons);
+        if (++done >= w->o.scan_slice || pb_now_ms() - t0 >= WATCH_SCAN_SLICE_MS)
+            break;
     }
+    if (w->ready.head)
+        timer_arm(w, 0); /* the rest on the next turn, after I/O */
     rearm(w);
 }
 

@@ -180,7 +180,8 @@ struct watch_options {
     uint32_t rescan_interval_ms; /* periodic safety rescan; 0 = off; default 600000 */
     uint32_t retry_min_ms;       /* first retry of failed watches; default 1000 */
     uint32_t retry_max_ms;       /* backoff cap; default 300000 */
-    uint32_t scan_slice;         /* rescans: entries per loop turn (at most ~5 ms); 1024 */
+    uint32_t scan_slice;         /* rescans and flushes: entries per loop turn (and at most
+                                  * ~5 ms; the rest on the next turn); 1024 */
     const char *const *ignore;   /* n_ignore glob patterns (copied by watch_new) */
     size_t n_ignore;
     watch_add_watch_fn add_watch; /* tests only; NULL = inotify_add_watch */

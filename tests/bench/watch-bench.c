@@ -164,6 +164,36 @@ int main(int argc, char **argv)
            s1.nodes, n_upserts - up0, (double)(pb_now_us() - tr) / 1e6,
            (double)max_turn_us / 1000.0, (double)max_turn_cpu_us / 1000.0);
 
+    /* A directory of `files` files in 100 subdirectories moved into the
+     * tree: it is walked (watched, listed) inside one event callback. */
+    char outside[64], moved[64];
+    snprintf(outside, sizeof(outside), "%s.out", top);
+    mkdir(outside, 0755);
+    for (unsigned i = 0; i < files; i++) {
+        snprintf(path, sizeof(path), "%s/s%02u", outside, i % 100);
+        mkdir(path, 0755);
+        snprintf(path, sizeof(path), "%s/s%02u/f%06u", outside, i % 100, i);
+        int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd < 0) {
+            perror(path);
+            return 1;
+        }
+        close(fd);
+    }
+    snprintf(moved, sizeof(moved), "%s/moved", top);
+    uint64_t before_mv = n_upserts;
+    max_turn_us = max_turn_cpu_us = 0;
+    uint64_t tm = pb_now_us();
+    if (rename(outside, moved) < 0) {
+        perror(moved);
+        return 1;
+    }
+    run_until(base, &n_upserts, before_mv + files, 60000);
+    printf("move in a directory of %u files: %.3f s until the last candidate, longest loop turn "
+           "%.1f ms (%.1f ms CPU)\n",
+           files, (double)(last_us - tm) / 1e6, (double)max_turn_us / 1000.0,
+           (double)max_turn_cpu_us / 1000.0);
+
     uint64_t *lat = calloc(rounds ? rounds : 1, sizeof(*lat));
     snprintf(path, sizeof(path), "%s/lat", top);
     for (unsigned r = 0; r < rounds; r++) {
