@@ -60,6 +60,12 @@
  *   The periodic safety rescan and the retry of a failed watch are diffs
  *   instead: they emit only what differs from what the watcher last reported
  *   (with explicit REMOVEs) and no RESCAN_BEGIN/END.
+ *   Full and periodic rescans run in slices (scan_slice entries, at most
+ *   ~5 ms, per loop turn) so a large tree does not hold the loop; meanwhile
+ *   inotify is not read and nothing else is emitted (between BEGIN and END
+ *   only the rescan's candidates arrive), and the owner may apply (suppress
+ *   calls) between slices. Flushes of many due candidates are bounded per
+ *   loop turn the same way.
  * - Timing: a path is reported debounce_ms after its last event. A regular
  *   file that was created or written (IN_CREATE, IN_MODIFY) but not yet
  *   closed (IN_CLOSE_WRITE) waits up to write_hold_ms for its writer; the
