@@ -3,7 +3,12 @@
 (issue 5, item 2), next to Syncthing 1.19 and a plain `cp` to two other dirs.
 
     tests/bench/tree-bench.py [--build DIR] [--json] [--dir TMPDIR] [--only a,b]
-                              [--keep] [--big-mib N] [--files N]
+                              [--keep] [--big-mib N] [--files N] [--fast]
+                              [--timeout S] [--perf 'CMD with %p and %s']
+
+--perf runs a profiler per node around each scenario, e.g.
+  --perf 'perf record -g -p %p -o /tmp/%s.data'   or
+  --perf 'strace -c -f -w -p %p -o /tmp/%s.txt'   (%s = scenario.node)
 
 It builds nothing: it runs DIR/src/pickboxd (DIR from --build, else
 $top_builddir, else _build, else the source tree). It starts its own cluster
