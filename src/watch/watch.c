@@ -74,11 +74,32 @@ enum {
 
 /* Reads per inotify callback before yielding to the loop (level-triggered,
  * so the rest is read on the next iteration). */
-#define WATCH_MAX_READS  256
-#define WATCH_TMP_PREFIX ".pickbox.tmp."
-#define WATCH_MARKER_DIR ".pickbox"
+#define WATCH_MAX_READS 256
+/* A sliced scan yields after this long even when its slice is not used up. */
+#define WATCH_SCAN_SLICE_MS 5
+#define WATCH_TMP_PREFIX    ".pickbox.tmp."
+#define WATCH_MARKER_DIR    ".pickbox"
 
 struct wnode;
+
+enum walk_mode {
+    WALK_NEW,  /* a new directory: everything inside is marked dirty */
+    WALK_FULL, /* full rescan: everything emitted (nodes were reset) */
+    WALK_DIFF, /* safety rescan: differences emitted, missing ones removed */
+};
+
+/* A sliced walk in progress (see "sliced scans" below). */
+struct wscan {
+    bool active;
+    bool root; /* of the whole tree */
+    enum walk_mode mode;
+    char *end_path; /* RESCAN_END path of a full rescan, else NULL */
+    struct wnode **stack;
+    size_t n, cap;
+    struct wnode *cur; /* the directory being read, as dir */
+    DIR *dir;
+    uint64_t gen, t0, candidates0;
+};
 
 struct wlist {
     struct wnode *head, *tail;
@@ -120,6 +141,8 @@ struct wnode {
     int wd;
     unsigned reasons;
     bool reported, attached, write_open, unwatched;
+    bool closed;      /* its last event was IN_CLOSE_WRITE: settle_ms applies */
+    bool scan_queued; /* on the sliced scan's stack, or being read by it */
 };
 
 struct whold {
@@ -143,7 +166,7 @@ struct watch {
     char *root; /* absolute, no trailing '/' (except "/") */
     int rootfd;
     int ifd;
-    struct event *ev_read, *ev_timer, *ev_periodic, *ev_retry, *ev_deferred;
+    struct event *ev_read, *ev_timer, *ev_periodic, *ev_retry, *ev_deferred, *ev_scan;
     watch_cb cb;
     void *arg;
     struct watch_options o;
@@ -171,6 +194,7 @@ struct watch {
     size_t comps_cap;
     struct wnode **stack;
     size_t stack_n, stack_cap;
+    struct wscan scan;
 
     uint64_t gen;
     uint64_t timer_due;
@@ -242,6 +266,8 @@ void watch_options_init(struct watch_options *o)
     o->rescan_interval_ms = 600000;
     o->retry_min_ms = 1000;
     o->retry_max_ms = 300000;
+    o->scan_slice = 1024;
+    o->settle_ms = 5;
 }
 
 /* ---- lists ------------------------------------------------------------ */
@@ -561,6 +587,8 @@ static void rec_new(struct watch *w, struct wnode *n, struct wnode *from_parent,
 static void node_sync(struct watch *w, struct wnode *n, const struct stat *st, char *target,
                       unsigned reasons, bool rescan);
 static void stack_push(struct watch *w, struct wnode *n);
+static void scan_push(struct watch *w, struct wnode *n);
+static void scan_forget(struct watch *w, struct wnode *n);
 static void subtree_unreport(struct wnode *n);
 static int tree_lstat(struct watch *w, const char *rel, struct stat *st, char **target);
 
@@ -682,7 +710,13 @@ static void retry_arm(struct watch *w)
 
 static uint64_t node_due(const struct watch *w, const struct wnode *n)
 {
-    uint64_t d = n->last_ms + (n->write_open ? w->o.write_hold_ms : w->o.debounce_ms);
+    /* A file its writer just closed needs only long enough for a rename
+     * that follows the close at once (editors: write temp, close, rename)
+     * to be read, unless renames are pending (vim's backup dance). */
+    uint64_t wait = n->write_open                            ? w->o.write_hold_ms
+                    : n->closed && !w->rec_head && !w->stash ? w->o.settle_ms
+                                                             : w->o.debounce_ms;
+    uint64_t d = n->last_ms + wait;
     uint64_t cap = n->first_ms + w->o.max_delay_ms;
     return d < cap ? d : cap;
 }
@@ -692,6 +726,7 @@ static void mark_dirty(struct watch *w, struct wnode *n, unsigned reasons)
     uint64_t now = pb_now_ms();
     n->reasons |= reasons;
     n->last_ms = now;
+    n->closed = false;
     if (!n->dlist) {
         n->first_ms = now;
         list_append(&w->dirty, n);
@@ -755,6 +790,8 @@ static void stash_release_subtree(struct watch *w, const struct wnode *top)
 
 static void node_free_one(struct watch *w, struct wnode *x)
 {
+    if (x->scan_queued)
+        scan_forget(w, x);
     if (x->wd >= 0) {
         if (!w->freeing)
             inotify_rm_watch(w->ifd, x->wd);
@@ -1124,12 +1161,6 @@ static void node_check(struct watch *w, struct wnode *n, unsigned reasons)
 
 /* ---- walking (scans) -------------------------------------------------- */
 
-enum walk_mode {
-    WALK_NEW,  /* a new directory: everything inside is marked dirty */
-    WALK_FULL, /* full rescan: everything emitted (nodes were reset) */
-    WALK_DIFF, /* safety rescan: differences emitted, missing ones removed */
-};
-
 static void stack_push(struct watch *w, struct wnode *n)
 {
     if (w->stack_n == w->stack_cap) {
@@ -1137,6 +1168,114 @@ static void stack_push(struct watch *w, struct wnode *n)
         w->stack = pb_xreallocarray(w->stack, w->stack_cap, sizeof(*w->stack));
     }
     w->stack[w->stack_n++] = n;
+}
+
+/* Starts reading directory d for a walk: watch first, then read (whatever is
+ * created after the watch is an event, whatever before it is in the
+ * listing). NULL when it cannot be read (vanished, unreadable). */
+static DIR *walk_open(struct watch *w, struct wnode *d)
+{
+    const char *p = node_path(w, 0, d);
+    int dfd = dir_open(w, p);
+    if (dfd < 0) {
+        if (errno_norm(errno) != -ENOENT) {
+            w->st.errors++;
+            log_warning("watch: cannot read directory %s: %s", rel_or_dot(p), strerror(errno));
+        }
+        return NULL;
+    }
+    if (d->wd < 0 && node_add_watch(w, d, dfd) < 0 && !d->unwatched) {
+        close(dfd);
+        return NULL; /* vanished */
+    }
+    DIR *dir = fdopendir(dfd);
+    if (!dir) {
+        close(dfd);
+        w->st.errors++;
+    }
+    return dir;
+}
+
+/* One entry de of directory d (open as dir). Subdirectories to walk go to
+ * the sliced scan's stack when sliced, else to w->stack. */
+static void walk_entry(struct watch *w, struct wnode *d, DIR *dir, const struct dirent *de,
+                       enum walk_mode mode, uint64_t gen, bool sliced)
+{
+    const char *nm = de->d_name;
+    if (nm[0] == '.' && (nm[1] == '\0' || (nm[1] == '.' && nm[2] == '\0')))
+        return;
+    int dfd = dirfd(dir);
+    size_t len = strlen(nm);
+    struct stat st;
+    bool have_st = false;
+    bool isdir = de->d_type == DT_DIR;
+    if (de->d_type == DT_UNKNOWN || mode != WALK_NEW) {
+        if (fstatat(dfd, nm, &st, AT_SYMLINK_NOFOLLOW) < 0)
+            return;
+        have_st = true;
+        isdir = S_ISDIR(st.st_mode);
+    }
+    if (name_ignored(w, d, nm, len, isdir))
+        return;
+    struct wnode *c = node_lookup(w, d, nm, len);
+    if (!c && w->stash)
+        stash_release_slot(w, d, nm, len);
+    if (!c)
+        c = node_new(w, d, nm, len);
+    c->seen_gen = gen;
+    if (mode == WALK_NEW) {
+        mark_dirty(w, c, R_CREATE);
+        if (isdir && c->wd < 0)
+            stack_push(w, c);
+        return;
+    }
+    assert(have_st);
+    if (mode == WALK_DIFF && w->nholds && node_held(w, c)) {
+        /* The owner is applying there: look again after its end. */
+        mark_dirty(w, c, R_RESCAN);
+        if (isdir)
+            sliced ? scan_push(w, c) : stack_push(w, c);
+        return;
+    }
+    char *target = NULL;
+    if (S_ISLNK(st.st_mode))
+        target = read_target(w, dfd, nm, (size_t)st.st_size);
+    node_sync(w, c, &st, target, R_RESCAN, mode == WALK_FULL);
+    if (isdir)
+        sliced ? scan_push(w, c) : stack_push(w, c);
+}
+
+/* After the listing of d: children not seen in it are gone, unless the
+ * debounce or the owner is busy with them. They are looked at again first:
+ * a sliced scan's listing may predate a child the owner created since. */
+static void walk_close(struct watch *w, struct wnode *d, enum walk_mode mode, uint64_t gen,
+                       bool sliced)
+{
+    if (mode == WALK_NEW)
+        return;
+    struct wnode *c = d->child;
+    while (c) {
+        struct wnode *next = c->sib_next;
+        if (c->seen_gen != gen && !c->dlist && !c->rec && !(w->nholds && node_held(w, c))) {
+            struct stat st;
+            char *target = NULL;
+            int r = tree_lstat(w, node_path(w, 0, c), &st, &target);
+            if (r == 0 && !name_ignored(w, d, c->name, c->namelen, S_ISDIR(st.st_mode))) {
+                c->seen_gen = gen;
+                node_sync(w, c, &st, target, R_RESCAN, mode == WALK_FULL);
+                if (S_ISDIR(st.st_mode))
+                    sliced ? scan_push(w, c) : stack_push(w, c);
+            } else if (r == 0 || r == -ENOENT) {
+                free(target);
+                node_sync(w, c, NULL, NULL, R_RESCAN, mode == WALK_FULL);
+            } else {
+                mark_dirty(w, c, R_RESCAN);
+            }
+        } else if (c->seen_gen != gen) {
+            mark_dirty(w, c, R_RESCAN); /* busy: let the debounce decide */
+        }
+        c = next;
+    }
 }
 
 static void walk(struct watch *w, struct wnode *top, enum walk_mode mode)
@@ -1147,85 +1286,149 @@ static void walk(struct watch *w, struct wnode *top, enum walk_mode mode)
     stack_push(w, top);
     while (w->stack_n > base) {
         struct wnode *d = w->stack[--w->stack_n];
-        const char *p = node_path(w, 0, d);
-        int dfd = dir_open(w, p);
-        if (dfd < 0) {
-            if (errno_norm(errno) != -ENOENT) {
-                w->st.errors++;
-                log_warning("watch: cannot read directory %s: %s", rel_or_dot(p), strerror(errno));
-            }
+        DIR *dir = walk_open(w, d);
+        if (!dir)
             continue;
-        }
-        /* Watch first, then read: whatever is created after the watch is
-         * an event, whatever before it is in the listing. */
-        if (d->wd < 0 && node_add_watch(w, d, dfd) < 0 && !d->unwatched) {
-            close(dfd);
-            continue; /* vanished */
-        }
-        DIR *dir = fdopendir(dfd);
-        if (!dir) {
-            close(dfd);
-            w->st.errors++;
-            continue;
-        }
         struct dirent *de;
-        while ((de = readdir(dir))) {
-            const char *nm = de->d_name;
-            if (nm[0] == '.' && (nm[1] == '\0' || (nm[1] == '.' && nm[2] == '\0')))
-                continue;
-            size_t len = strlen(nm);
-            struct stat st;
-            bool have_st = false;
-            bool isdir = de->d_type == DT_DIR;
-            if (de->d_type == DT_UNKNOWN || mode != WALK_NEW) {
-                if (fstatat(dfd, nm, &st, AT_SYMLINK_NOFOLLOW) < 0)
-                    continue;
-                have_st = true;
-                isdir = S_ISDIR(st.st_mode);
-            }
-            if (name_ignored(w, d, nm, len, isdir))
-                continue;
-            struct wnode *c = node_lookup(w, d, nm, len);
-            if (!c && w->stash)
-                stash_release_slot(w, d, nm, len);
-            if (!c)
-                c = node_new(w, d, nm, len);
-            c->seen_gen = gen;
-            if (mode == WALK_NEW) {
-                mark_dirty(w, c, R_CREATE);
-                if (isdir && c->wd < 0)
-                    stack_push(w, c);
-                continue;
-            }
-            assert(have_st);
-            if (mode == WALK_DIFF && w->nholds && node_held(w, c)) {
-                /* The owner is applying there: look again after its end. */
-                mark_dirty(w, c, R_RESCAN);
-                if (isdir)
-                    stack_push(w, c);
-                continue;
-            }
-            char *target = NULL;
-            if (S_ISLNK(st.st_mode))
-                target = read_target(w, dfd, nm, (size_t)st.st_size);
-            node_sync(w, c, &st, target, R_RESCAN, mode == WALK_FULL);
-            if (isdir)
-                stack_push(w, c);
-        }
+        while ((de = readdir(dir)))
+            walk_entry(w, d, dir, de, mode, gen, false);
         closedir(dir);
-        if (mode == WALK_NEW)
-            continue;
-        struct wnode *c = d->child;
-        while (c) {
-            struct wnode *next = c->sib_next;
-            if (c->seen_gen != gen && !c->dlist && !c->rec && !(w->nholds && node_held(w, c)))
-                node_sync(w, c, NULL, NULL, R_RESCAN, mode == WALK_FULL);
-            else if (c->seen_gen != gen)
-                mark_dirty(w, c, R_RESCAN); /* busy: let the debounce decide */
-            c = next;
-        }
+        walk_close(w, d, mode, gen, false);
     }
     w->walking--;
+}
+
+/* ---- sliced scans ------------------------------------------------------
+ * A full rescan or a safety rescan of a big tree must not hold the loop: it
+ * runs in steps of at most scan_slice entries (and WATCH_SCAN_SLICE_MS) per
+ * loop turn, yielding through a zero timeout so that I/O is served between
+ * steps. Its state: a stack of directories still to read and the directory
+ * being read (kept open across turns). While it runs, inotify is not read
+ * (events wait in the kernel queue; an overflow means one more rescan) and
+ * nothing is flushed, so the owner sees exactly what a scan in one go would
+ * show; only the owner's own suppress calls change the model meanwhile. A
+ * node freed meanwhile is taken off the stack (wnode.scan_queued). */
+
+static void scan_push(struct watch *w, struct wnode *n)
+{
+    struct wscan *s = &w->scan;
+    if (s->n == s->cap) {
+        s->cap = s->cap ? s->cap * 2 : 64;
+        s->stack = pb_xreallocarray(s->stack, s->cap, sizeof(*s->stack));
+    }
+    s->stack[s->n++] = n;
+    n->scan_queued = true;
+}
+
+/* n is about to be freed: forget it in the scan. */
+static void scan_forget(struct watch *w, struct wnode *n)
+{
+    struct wscan *s = &w->scan;
+    if (s->cur == n) {
+        closedir(s->dir);
+        s->dir = NULL;
+        s->cur = NULL;
+    }
+    for (size_t i = s->n; i-- > 0;)
+        if (s->stack[i] == n)
+            s->stack[i] = NULL;
+    n->scan_queued = false;
+}
+
+static void rearm(struct watch *w);
+
+static void scan_yield(struct watch *w)
+{
+    struct timeval zero = {0, 0};
+    evtimer_add(w->ev_scan, &zero);
+}
+
+/* Starts a sliced walk of top (mode WALK_FULL or WALK_DIFF); end_path (owned,
+ * or NULL) is emitted as RESCAN_END when it is done. */
+static void scan_start(struct watch *w, struct wnode *top, enum walk_mode mode, char *end_path)
+{
+    struct wscan *s = &w->scan;
+    assert(!s->active);
+    s->active = true;
+    s->mode = mode;
+    s->end_path = end_path;
+    s->root = top == w->rootn;
+    s->gen = ++w->gen;
+    s->t0 = pb_now_ms();
+    s->candidates0 = w->st.candidates;
+    scan_push(w, top);
+    event_del(w->ev_read);
+    scan_yield(w);
+}
+
+static void scan_finish(struct watch *w)
+{
+    struct wscan *s = &w->scan;
+    s->active = false;
+    uint64_t now = pb_now_ms();
+    if (s->end_path) {
+        emit_marker(w, WATCH_RESCAN_END, s->end_path);
+        free(s->end_path);
+        s->end_path = NULL;
+    }
+    if (s->mode == WALK_FULL && s->root) {
+        w->full_end_ms = now;
+        w->full_dur_ms = now - s->t0;
+    }
+    if (s->mode == WALK_DIFF && w->st.candidates != s->candidates0)
+        log_info("watch: safety rescan found %" PRIu64 " changes the events missed",
+                 w->st.candidates - s->candidates0);
+    if (!w->freeing && event_add(w->ev_read, NULL) < 0)
+        log_err("watch: cannot listen to inotify again");
+    if (w->need_full || w->nrescan_req)
+        event_active(w->ev_deferred, EV_TIMEOUT, 0);
+    rearm(w);
+}
+
+static void on_scan(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct watch *w = arg;
+    struct wscan *s = &w->scan;
+    uint64_t t0 = pb_now_ms();
+    size_t done = 0;
+    w->walking++;
+    while (done < w->o.scan_slice) {
+        if (!s->dir) {
+            if (!s->n)
+                break;
+            struct wnode *d = s->stack[--s->n];
+            if (!d)
+                continue;
+            d->scan_queued = false;
+            done++;
+            s->dir = walk_open(w, d);
+            if (!s->dir)
+                continue;
+            s->cur = d;
+            d->scan_queued = true; /* being read: scan_forget() closes it */
+        }
+        struct wnode *d = s->cur;
+        struct dirent *de = readdir(s->dir);
+        if (!de) {
+            closedir(s->dir);
+            s->dir = NULL;
+            s->cur = NULL;
+            d->scan_queued = false;
+            walk_close(w, d, s->mode, s->gen, true);
+            continue;
+        }
+        walk_entry(w, d, s->dir, de, s->mode, s->gen, true);
+        done++;
+        if (done % 64 == 0 && pb_now_ms() - t0 >= WATCH_SCAN_SLICE_MS)
+            break;
+    }
+    w->walking--;
+    if (s->dir || s->n)
+        scan_yield(w);
+    else
+        scan_finish(w);
 }
 
 /* A directory appeared (created or moved in): watch it, then mark all it
@@ -1281,8 +1484,10 @@ static void full_rescan(struct watch *w, struct wnode *top)
             exists = S_ISDIR(st.st_mode);
         }
     }
-    if (exists)
-        walk(w, top, WALK_FULL);
+    if (exists) {
+        scan_start(w, top, WALK_FULL, tp); /* RESCAN_END when it is done */
+        return;
+    }
     emit_marker(w, WATCH_RESCAN_END, tp);
     free(tp);
 }
@@ -1623,6 +1828,8 @@ static void handle_event(struct watch *w, int wd, uint32_t mask, uint32_t cookie
     if (mask & IN_CLOSE_WRITE) {
         c->write_open = false;
         mark_dirty(w, c, R_CONTENT);
+        c->closed = true;
+        timer_arm(w, node_due(w, c));
     }
     if (mask & IN_ATTRIB)
         mark_dirty(w, c, R_ATTRIB);
@@ -1662,6 +1869,8 @@ static int ready_cmp(const void *a, const void *b)
 
 static void flush_pass(struct watch *w)
 {
+    if (w->scan.active)
+        return; /* scan_finish() rearms */
     uint64_t now = pb_now_ms();
     stash_expire(w, now);
     while (w->rec_head && w->rec_head->due_ms <= now)
@@ -1694,14 +1903,27 @@ static void flush_pass(struct watch *w)
             list_append(&w->ready, arr[i]);
         free(arr);
     }
+    /* Bounded per loop turn like a scan (the owner's work per candidate can
+     * be large): what is left stays ready for the next turn. */
+    uint64_t t0 = pb_now_ms();
+    size_t done = 0;
     while (w->ready.head) {
         struct wnode *n = w->ready.head;
         list_unlink(n);
+        if (w->nholds && node_held(w, n)) {
+            list_append(&w->dirty, n); /* held since it got ready: after the end */
+            continue;
+        }
         unsigned reasons = n->reasons;
         n->reasons = 0;
         n->write_open = false;
+        n->closed = false;
         node_check(w, n, reasons);
+        if (++done >= w->o.scan_slice || pb_now_ms() - t0 >= WATCH_SCAN_SLICE_MS)
+            break;
     }
+    if (w->ready.head)
+        timer_arm(w, 0); /* the rest on the next turn, after I/O */
     rearm(w);
 }
 
@@ -1747,17 +1969,17 @@ static void on_deferred(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     struct watch *w = arg;
+    if (w->scan.active)
+        return; /* scan_finish() comes back here */
     if (w->need_full) {
         w->need_full = false;
         for (size_t i = 0; i < w->nrescan_req; i++)
             free(w->rescan_req[i]);
         w->nrescan_req = 0;
-        uint64_t t0 = pb_now_ms();
         full_rescan(w, w->rootn);
-        w->full_end_ms = pb_now_ms();
-        w->full_dur_ms = w->full_end_ms - t0;
     }
-    while (w->nrescan_req) {
+    /* One sliced scan at a time: the rest when it is done. */
+    while (w->nrescan_req && !w->scan.active) {
         char *p = w->rescan_req[0];
         memmove(w->rescan_req, w->rescan_req + 1, --w->nrescan_req * sizeof(char *));
         struct wnode *n = resolve_path(w, p, true);
@@ -1778,14 +2000,11 @@ static void on_periodic(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     struct watch *w = arg;
+    if (w->scan.active)
+        return; /* a rescan is running anyway */
     w->st.rescans++;
     rec_flush_all(w);
-    uint64_t before = w->st.candidates;
-    walk(w, w->rootn, WALK_DIFF);
-    if (w->st.candidates != before)
-        log_info("watch: safety rescan found %" PRIu64 " changes the events missed",
-                 w->st.candidates - before);
-    rearm(w);
+    scan_start(w, w->rootn, WALK_DIFF, NULL);
 }
 
 static void collect_unwatched(struct watch *w, struct wnode *n, char ***list, size_t *cnt)
@@ -1804,6 +2023,10 @@ static void on_retry(evutil_socket_t fd, short what, void *arg)
     (void)what;
     struct watch *w = arg;
     w->retry_armed = false;
+    if (w->scan.active) {
+        retry_arm(w); /* after the scan */
+        return;
+    }
     char **list = NULL;
     size_t cnt = 0;
     collect_unwatched(w, w->rootn, &list, &cnt);
@@ -1970,10 +2193,16 @@ struct watch *watch_new(struct event_base *base, const char *root, const struct 
             w->o.retry_min_ms = 1000;
         if (!w->o.retry_max_ms)
             w->o.retry_max_ms = 300000;
+        if (!w->o.scan_slice)
+            w->o.scan_slice = 1024;
+        if (!w->o.settle_ms)
+            w->o.settle_ms = 5;
     }
     /* A MOVED_FROM must be resolved before its neighbours are flushed. */
     if (w->o.rename_window_ms >= w->o.debounce_ms)
         w->o.rename_window_ms = w->o.debounce_ms > 1 ? w->o.debounce_ms / 2 : 1;
+    if (w->o.settle_ms > w->o.debounce_ms)
+        w->o.settle_ms = w->o.debounce_ms;
     if (w->o.write_hold_ms < w->o.debounce_ms)
         w->o.write_hold_ms = w->o.debounce_ms;
     if (w->o.max_delay_ms < w->o.debounce_ms)
@@ -2026,9 +2255,10 @@ struct watch *watch_new(struct event_base *base, const char *root, const struct 
     w->ev_timer = evtimer_new(base, on_timer, w);
     w->ev_retry = evtimer_new(base, on_retry, w);
     w->ev_deferred = event_new(base, -1, 0, on_deferred, w);
+    w->ev_scan = evtimer_new(base, on_scan, w);
     if (w->o.rescan_interval_ms)
         w->ev_periodic = event_new(base, -1, EV_PERSIST, on_periodic, w);
-    if (!w->ev_read || !w->ev_timer || !w->ev_retry || !w->ev_deferred ||
+    if (!w->ev_read || !w->ev_timer || !w->ev_retry || !w->ev_deferred || !w->ev_scan ||
         (w->o.rescan_interval_ms && !w->ev_periodic) || event_add(w->ev_read, NULL) < 0) {
         pb_error_set(err, -ENOMEM, "watch: cannot create libevent events");
         goto fail;
@@ -2051,6 +2281,14 @@ void watch_free(struct watch *w)
     if (!w)
         return;
     w->freeing = true;
+    if (w->scan.dir)
+        closedir(w->scan.dir);
+    free(w->scan.stack);
+    free(w->scan.end_path);
+    w->scan.stack = NULL;
+    w->scan.n = 0;
+    w->scan.dir = NULL;
+    w->scan.cur = NULL;
     while (w->stash) {
         struct wstash *s = w->stash;
         w->stash = s->next;
@@ -2076,6 +2314,8 @@ void watch_free(struct watch *w)
         event_free(w->ev_retry);
     if (w->ev_deferred)
         event_free(w->ev_deferred);
+    if (w->ev_scan)
+        event_free(w->ev_scan);
     if (w->ev_periodic)
         event_free(w->ev_periodic);
     if (w->ifd >= 0)
@@ -2180,7 +2420,9 @@ int watch_suppress_end(struct watch *w, const char *path, const struct watch_sta
         }
         subtree_redo(w, n);
     }
-    rearm(w);
+    /* Released paths are flushed (and the timer set) on the next loop
+     * turn: one pass for a whole batch of applies, not one per path. */
+    timer_arm(w, pb_now_ms());
     return rc;
 }
 
@@ -2229,6 +2471,8 @@ void watch_get_stats(const struct watch *w, struct watch_stats *out)
         out->pending++;
     for (const struct wstash *s = w->stash; s; s = s->next)
         out->pending++;
+    if (w->scan.active)
+        out->pending++; /* the rescan itself */
 }
 
 void watch_test_inject_overflow(struct watch *w)

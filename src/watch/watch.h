@@ -60,12 +60,20 @@
  *   The periodic safety rescan and the retry of a failed watch are diffs
  *   instead: they emit only what differs from what the watcher last reported
  *   (with explicit REMOVEs) and no RESCAN_BEGIN/END.
+ *   Full and periodic rescans run in slices (scan_slice entries, at most
+ *   ~5 ms, per loop turn) so a large tree does not hold the loop; meanwhile
+ *   inotify is not read and nothing else is emitted (between BEGIN and END
+ *   only the rescan's candidates arrive), and the owner may apply (suppress
+ *   calls) between slices. Flushes of many due candidates are bounded per
+ *   loop turn the same way.
  * - Timing: a path is reported debounce_ms after its last event. A regular
  *   file that was created or written (IN_CREATE, IN_MODIFY) but not yet
  *   closed (IN_CLOSE_WRITE) waits up to write_hold_ms for its writer; the
  *   close ends that wait early (then debounce_ms, so that a rename right
- *   after the close, as editors do, is paired first). A path that never goes
- *   quiet is reported at least every max_delay_ms.
+ *   after the close, as editors do, is paired first; settle_ms instead of
+ *   debounce_ms when the close was the path's last event and no rename is
+ *   pending, since such a rename follows the close at once). A path that
+ *   never goes quiet is reported at least every max_delay_ms.
  * - Order: a directory's creation is emitted before anything inside it;
  *   pending renames are emitted before any other candidate, in the order they
  *   happened.
@@ -171,12 +179,15 @@ typedef int (*watch_add_watch_fn)(int fd, const char *path, uint32_t mask, void 
 
 struct watch_options {
     uint32_t debounce_ms;        /* quiet time per path before it is reported; default 30 */
+    uint32_t settle_ms;          /* same after a close of a written file, no rename pending; 5 */
     uint32_t write_hold_ms;      /* a file written but not yet closed waits this long; 1000 */
     uint32_t max_delay_ms;       /* a busy path is reported at least this often; 5000 */
     uint32_t rename_window_ms;   /* a MOVED_FROM waits this long for its MOVED_TO; 10 */
     uint32_t rescan_interval_ms; /* periodic safety rescan; 0 = off; default 600000 */
     uint32_t retry_min_ms;       /* first retry of failed watches; default 1000 */
     uint32_t retry_max_ms;       /* backoff cap; default 300000 */
+    uint32_t scan_slice;         /* rescans and flushes: entries per loop turn (and at most
+                                  * ~5 ms; the rest on the next turn); 1024 */
     const char *const *ignore;   /* n_ignore glob patterns (copied by watch_new) */
     size_t n_ignore;
     watch_add_watch_fn add_watch; /* tests only; NULL = inotify_add_watch */
@@ -235,7 +246,8 @@ void watch_stat_from_stat(struct watch_stat *ws, const struct stat *st);
 struct watch_stats {
     uint64_t watches;        /* directories currently watched */
     uint64_t nodes;          /* paths in the model */
-    uint64_t pending;        /* paths, renames and moves waiting for their debounce */
+    uint64_t pending;        /* paths, renames and moves waiting for their debounce,
+                              * plus 1 while a rescan runs */
     uint64_t events;         /* inotify events read */
     uint64_t candidates;     /* candidates emitted */
     uint64_t overflows;      /* IN_Q_OVERFLOW seen */
