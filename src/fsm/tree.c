@@ -727,9 +727,11 @@ int fsm_tree_stage_finish(struct fsm_tree_stage *s)
         } else if (!sl->done) {
             unlinkat(sl->dirfd, sl->tmp, 0);
         }
-        if (sl->fd >= 0)
-            close(sl->fd);
-        close(sl->dirfd);
+    }
+    for (size_t i = 0; i < s->n; i++) { /* after: the loop above compares them */
+        if (s->slot[i].fd >= 0)
+            close(s->slot[i].fd);
+        close(s->slot[i].dirfd);
     }
     s->n = 0;
     return ret;
