@@ -679,6 +679,34 @@ START_TEST(test_tree_stage_parent_moved)
 }
 END_TEST
 
+/* Deletes whose directory fsync waits for the finish: same results as
+ * fsm_tree_delete() (a pending edit kept, absent is fine). */
+START_TEST(test_tree_stage_delete)
+{
+    struct fsm_tree *t = open_tree();
+    struct fsm_tree_stat a, b, c, d;
+    ck_assert_int_eq(fsm_tree_mkdir(t, "d", &NONE, 0755, 0, NULL), 0);
+    put_text(t, "d/a", &NONE, "a", 0, &a);
+    put_text(t, "d/b", &NONE, "b", 0, &b);
+    put_text(t, "c", &NONE, "c", 0, &c);
+    write_file(root, "d/b", "edited");
+    struct fsm_tree_stage *s = fsm_tree_stage_new(t);
+    ck_assert_int_eq(fsm_tree_stage_delete(s, "d/a", &a), 0);
+    ck_assert_int_eq(fsm_tree_stage_delete(s, "d/b", &b), -FSM_TREE_EPENDING);
+    ck_assert_int_eq(fsm_tree_stage_delete(s, "c", &c), 0);
+    ck_assert_int_eq(fsm_tree_stage_delete(s, "c", &c), 0); /* absent already */
+    ck_assert_int_eq(fsm_tree_stage_delete(s, "gone/x", &c), 0);
+    ck_assert(!exists(root, "d/a"));
+    ck_assert(!exists(root, "c"));
+    ck_assert(exists(root, "d/b"));
+    ck_assert_int_eq(fsm_tree_lstat(t, "d", &d), 0);
+    ck_assert_int_eq(fsm_tree_stage_delete(s, "d", &d), -FSM_TREE_EPENDING); /* not empty */
+    ck_assert_int_eq(fsm_tree_stage_finish(s), 0);
+    fsm_tree_stage_free(s);
+    fsm_tree_close(t);
+}
+END_TEST
+
 /* A crash between the barrier and the renames: a child stages and syncs
  * new content over existing files and dies without renaming. The targets
  * hold their old content (never empty or torn); the next open removes the
@@ -842,6 +870,7 @@ static Suite *fsm_tree_suite(void)
     tcase_add_test(tc, test_tree_stage_few);
     tcase_add_test(tc, test_tree_stage_unused_and_full);
     tcase_add_test(tc, test_tree_stage_parent_moved);
+    tcase_add_test(tc, test_tree_stage_delete);
     tcase_add_test(tc, test_tree_stage_crash_before_renames);
     suite_add_tcase(s, tc);
     return s;

@@ -175,8 +175,12 @@ static int do_action(struct fsm_tree *t, const struct fsm_op *op, const struct f
     case FSM_ACT_DELETE:
         if ((rc = disk->expected(disk->arg, a->path, &exp)) < 0)
             return rc;
-        if (exp.kind != FSM_KIND_NONE && (rc = fsm_tree_delete(t, a->path, &exp)) < 0)
-            return rc;
+        if (exp.kind != FSM_KIND_NONE) {
+            rc = b != NULL ? fsm_tree_stage_delete(b->stage, a->path, &exp)
+                           : fsm_tree_delete(t, a->path, &exp);
+            if (rc < 0)
+                return rc;
+        }
         return disk->record(disk->arg, a->path, &none);
     case FSM_ACT_MOVE:
         if ((rc = disk->expected(disk->arg, a->path, &exp)) < 0 ||

@@ -584,6 +584,8 @@ struct fsm_tree_stage {
     struct fsm_tree *t;
     size_t n;
     struct stage_slot slot[FSM_TREE_STAGE_MAX];
+    size_t n_dirs;
+    int dirs[FSM_TREE_STAGE_MAX]; /* deletes' parents, distinct, to fsync */
 };
 
 struct fsm_tree_stage *fsm_tree_stage_new(struct fsm_tree *t)
@@ -728,12 +730,19 @@ int fsm_tree_stage_finish(struct fsm_tree_stage *s)
             unlinkat(sl->dirfd, sl->tmp, 0);
         }
     }
+    for (size_t i = 0; i < s->n_dirs; i++) {
+        int rc = fsync_dir(s->dirs[i]);
+        if (rc < 0 && ret == 0)
+            ret = rc;
+        close(s->dirs[i]);
+    }
     for (size_t i = 0; i < s->n; i++) { /* after: the loop above compares them */
         if (s->slot[i].fd >= 0)
             close(s->slot[i].fd);
         close(s->slot[i].dirfd);
     }
     s->n = 0;
+    s->n_dirs = 0;
     return ret;
 }
 
@@ -947,7 +956,28 @@ out:
     return rc;
 }
 
-int fsm_tree_delete(struct fsm_tree *t, const char *path, const struct fsm_tree_stat *expect)
+/* Keeps dfd's directory for the one fsync in fsm_tree_stage_finish(); false
+ * if the set has no room for another directory (then fsync it now). */
+static bool stage_defer_dir(struct fsm_tree_stage *s, int dfd)
+{
+    struct stat a, b;
+    if (fstat(dfd, &a) < 0)
+        return false;
+    for (size_t i = 0; i < s->n_dirs; i++)
+        if (fstat(s->dirs[i], &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino)
+            return true;
+    if (s->n_dirs == FSM_TREE_STAGE_MAX)
+        return false;
+    int fd = dup(dfd);
+    if (fd < 0)
+        return false;
+    s->dirs[s->n_dirs++] = fd;
+    return true;
+}
+
+/* fsm_tree_delete(); with s, the parent's fsync waits for the set's finish. */
+static int delete_entry(struct fsm_tree *t, struct fsm_tree_stage *s, const char *path,
+                        const struct fsm_tree_stat *expect)
 {
     int dfd, rc;
     const char *name;
@@ -976,10 +1006,22 @@ int fsm_tree_delete(struct fsm_tree *t, const char *path, const struct fsm_tree_
                                                    : -errno;
         goto out;
     }
-    rc = fsync_dir(dfd);
+    if (s == NULL || !stage_defer_dir(s, dfd))
+        rc = fsync_dir(dfd);
 out:
     close(dfd);
     return rc;
+}
+
+int fsm_tree_delete(struct fsm_tree *t, const char *path, const struct fsm_tree_stat *expect)
+{
+    return delete_entry(t, NULL, path, expect);
+}
+
+int fsm_tree_stage_delete(struct fsm_tree_stage *s, const char *path,
+                          const struct fsm_tree_stat *expect)
+{
+    return delete_entry(s->t, s, path, expect);
 }
 
 int fsm_tree_rename(struct fsm_tree *t, const char *from, const struct fsm_tree_stat *from_expect,

@@ -124,7 +124,10 @@ int fsm_tree_put(struct fsm_tree *t, const char *path, const struct fsm_tree_sta
  * the writeback of all); fsm_tree_stage_commit() then checks the target
  * against expect and renames the durable temp over it, exactly as
  * fsm_tree_put() would, except that the directory fsync is deferred to
- * fsm_tree_stage_finish(), which fsyncs each directory renamed into once.
+ * fsm_tree_stage_finish(), which fsyncs each directory renamed into once
+ * (fsm_tree_stage_delete() defers a delete's the same way). The caller
+ * must not make anything durable that describes these entries (disk
+ * records) before fsm_tree_stage_finish().
  * A crash at any point leaves each target old or new, never torn or empty:
  * no rename happens before the barrier. Staging is only an optimisation:
  * a file that could not be staged or synced is not committable (-EAGAIN)
@@ -156,7 +159,12 @@ int fsm_tree_stage_sync(struct fsm_tree_stage *s);
 int fsm_tree_stage_commit(struct fsm_tree_stage *s, int slot, const char *path,
                           const struct fsm_tree_stat *expect, struct fsm_tree_stat *out);
 
-/* Fsyncs each directory a commit renamed into (once each) and removes the
+/* fsm_tree_delete(), except that the parent directory's fsync is left to
+ * fsm_tree_stage_finish() (once per directory). Same results. */
+int fsm_tree_stage_delete(struct fsm_tree_stage *s, const char *path,
+                          const struct fsm_tree_stat *expect);
+
+/* Fsyncs each directory a commit renamed into or a delete removed from (once each) and removes the
  * temps not committed. Returns 0 or the first fsync error. The set is empty
  * afterwards and may be reused. */
 int fsm_tree_stage_finish(struct fsm_tree_stage *s);
