@@ -115,7 +115,8 @@ struct replica {
     struct cluster *c;
     struct watch *w;
     struct event *tick;
-    struct event *kick; /* proposes now: an op was queued or one of ours applied */
+    /* proposes now: an op was queued or one of ours applied */
+    struct event *kick;
     uint64_t client_id;
     uint64_t next_seq;
     struct rprop *head, *tail;
