@@ -146,9 +146,9 @@ struct replica {
     uint64_t proposed, applied, lost, skipped;
     uint64_t chunks_sent, chunks_dedup; /* chunk bytes carried / left out (the cluster has them) */
     struct pb_hist latency;             /* first propose -> own entry applied here */
-    uint64_t proposed_bytes;            /* of entries proposed (first time each) */
-    uint64_t progress_ms;               /* when one of ours last applied */
-    char *missing_path;                 /* its PUT missed chunks: propose it again */
+    uint64_t proposed_bytes; /* of entries proposed (first time each) */
+    uint64_t progress_ms;    /* when one of ours last applied */
+    char *missing_path;      /* its PUT missed chunks: propose it again */
     char last_error[256];
 };
 
