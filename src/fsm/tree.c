@@ -576,6 +576,7 @@ struct stage_slot {
     char tmp[TREE_TMP_NAME_LEN + 1];
     struct stat st; /* the temp's stat after mode and mtime */
     bool durable;   /* synced by fsm_tree_stage_sync() */
+    bool covered;   /* on the filesystem the last syncfs synced */
     bool done;      /* committed or given up: no temp left to remove */
     bool renamed;   /* its directory needs an fsync */
 };
@@ -640,35 +641,35 @@ int fsm_tree_stage_sync(struct fsm_tree_stage *s)
     size_t live = 0;
     for (size_t i = 0; i < s->n; i++)
         live += !s->slot[i].done && !s->slot[i].durable;
-    if (live == 0)
-        goto count;
-    bool all = false;
-    /* syncfs reports a writeback error of any file of the filesystem (Linux
-     * >= 5.8); then each file's own fsync says which of ours failed. */
-    if (live >= TREE_SYNCFS_MIN && syncfs(s->t->root_fd) == 0)
-        all = true;
-    if (!all) /* start every writeback, then wait for each */
-        for (size_t i = 0; i < s->n; i++)
-            if (!s->slot[i].done && !s->slot[i].durable)
-                sync_file_range(s->slot[i].fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+    /* syncfs covers the root's filesystem only (a directory of the tree may
+     * be another mount); it reports a writeback error of any file of that
+     * filesystem (Linux >= 5.8), and then each file's own fsync says which
+     * of ours failed. */
+    struct stat root;
+    bool all = live >= TREE_SYNCFS_MIN && fstat(s->t->root_fd, &root) == 0 &&
+               syncfs(s->t->root_fd) == 0;
     for (size_t i = 0; i < s->n; i++) {
         struct stage_slot *sl = &s->slot[i];
-        if (sl->done || sl->durable)
-            continue;
-        if (all || fsync(sl->fd) == 0) {
-            sl->durable = true;
-        } else {
-            log_warning("tree %s: fsync of a staged file: %s", s->t->root, strerror(errno));
-            unlinkat(sl->dirfd, sl->tmp, 0);
-            sl->done = true;
-        }
-        close(sl->fd);
-        sl->fd = -1;
+        sl->covered = all && sl->st.st_dev == root.st_dev;
+        if (!sl->done && !sl->durable && !sl->covered) /* start every writeback first */
+            sync_file_range(sl->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
     }
-count:;
     int n = 0;
-    for (size_t i = 0; i < s->n; i++)
-        n += s->slot[i].durable && !s->slot[i].done;
+    for (size_t i = 0; i < s->n; i++) {
+        struct stage_slot *sl = &s->slot[i];
+        if (!sl->done && !sl->durable) {
+            if (sl->covered || fsync(sl->fd) == 0) {
+                sl->durable = true;
+            } else {
+                log_warning("tree %s: fsync of a staged file: %s", s->t->root, strerror(errno));
+                unlinkat(sl->dirfd, sl->tmp, 0);
+                sl->done = true;
+            }
+            close(sl->fd);
+            sl->fd = -1;
+        }
+        n += sl->durable && !sl->done;
+    }
     return n;
 }
 
