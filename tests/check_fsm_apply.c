@@ -1234,6 +1234,69 @@ START_TEST(test_batch_many_files_one_pending)
 }
 END_TEST
 
+/* One batch deletes directory d (with its file) and then creates d/y: the
+ * temp staged for d/y sits in the old d when d is to be removed, which must
+ * not make d look like it holds a local edit. */
+START_TEST(test_batch_rmdir_then_recreate)
+{
+    struct node nd;
+    node_init(&nd, "R");
+    struct buf bufs[BATCH_FILES + 1];
+    struct fsm_apply_result res[BATCH_FILES + 1];
+    struct fsm_op op;
+    simple_op(&op, FSM_OP_MKDIR, "n1", "d", 0);
+    op.u.mkdir.mode = 0755;
+    buf_init(&bufs[0]);
+    ck_assert_int_eq(fsm_op_encode(&op, &bufs[0]), 0);
+    fsm_op_free(&op);
+    put_text_op(&op, "d/x", "x", 0);
+    buf_init(&bufs[1]);
+    ck_assert_int_eq(fsm_op_encode(&op, &bufs[1]), 0);
+    fsm_op_free(&op);
+    apply_batch(&nd, bufs, 2, 1, res);
+    buf_free(&bufs[0]);
+    buf_free(&bufs[1]);
+
+    simple_op(&op, FSM_OP_DELETE, "n1", "d/x", version_of(&nd, "d/x"));
+    buf_init(&bufs[0]);
+    ck_assert_int_eq(fsm_op_encode(&op, &bufs[0]), 0);
+    fsm_op_free(&op);
+    simple_op(&op, FSM_OP_DELETE, "n1", "d", version_of(&nd, "d"));
+    op.u.del.is_dir = true;
+    buf_init(&bufs[1]);
+    ck_assert_int_eq(fsm_op_encode(&op, &bufs[1]), 0);
+    fsm_op_free(&op);
+    simple_op(&op, FSM_OP_MKDIR, "n1", "d", 0);
+    op.u.mkdir.mode = 0700;
+    buf_init(&bufs[2]);
+    ck_assert_int_eq(fsm_op_encode(&op, &bufs[2]), 0);
+    fsm_op_free(&op);
+    put_text_op(&op, "d/y", "y", 0);
+    buf_init(&bufs[3]);
+    ck_assert_int_eq(fsm_op_encode(&op, &bufs[3]), 0);
+    fsm_op_free(&op);
+    apply_batch(&nd, bufs, 4, 3, res);
+    for (int i = 0; i < 4; i++) {
+        ck_assert_msg(res[i].pending == 0, "entry %d: %u pending", i, res[i].pending);
+        buf_free(&bufs[i]);
+    }
+    ck_assert(!file_exists(&nd, "d/x"));
+    char *c = read_text(&nd, "d/y");
+    ck_assert_str_eq(c, "y");
+    free(c);
+    struct stat st;
+    char *d = pb_xasprintf("%s/d", nd.tree_dir);
+    ck_assert_int_eq(lstat(d, &st), 0);
+    free(d);
+    ck_assert_uint_eq(st.st_mode & 0777, 0700); /* the new directory */
+    assert_tree_matches_manifest(&nd);
+    char *cmd = pb_xasprintf("find '%s' -name '.pickbox.tmp.*' | grep -q .", nd.tree_dir);
+    ck_assert_msg(system(cmd) != 0, "temp files left");
+    free(cmd);
+    node_free(&nd);
+}
+END_TEST
+
 static Suite *fsm_apply_suite(void)
 {
     Suite *s = suite_create("fsm_apply");
@@ -1246,6 +1309,7 @@ static Suite *fsm_apply_suite(void)
     tcase_add_test(tc, test_chunk_window_and_bad_bytes);
     tcase_add_test(tc, test_loser_node_with_statedb);
     tcase_add_test(tc, test_batch_many_files_one_pending);
+    tcase_add_test(tc, test_batch_rmdir_then_recreate);
     suite_add_tcase(s, tc);
     tc = tcase_create("random");
     tcase_set_timeout(tc, 300);

@@ -209,6 +209,13 @@ static int materialize(struct fsm_tree *t, const struct fsm_op *op, const struct
         return rc;
     for (size_t i = 0; i < d->n_acts; i++) {
         rc = do_action(t, op, &d->acts[i], disk, b);
+        /* A directory to remove or replace may only look non-empty because
+         * it holds a temp staged for a later file: without the staged
+         * temps (those files are then written at their turn), again. */
+        if (b != NULL && is_pending(rc) &&
+            (d->acts[i].type == FSM_ACT_DELETE || d->acts[i].type == FSM_ACT_MOVE) &&
+            fsm_tree_stage_drop(b->stage) > 0)
+            rc = do_action(t, op, &d->acts[i], disk, b);
         if (rc < 0 && is_pending(rc)) {
             skipped++;
             continue;

@@ -695,6 +695,8 @@ int fsm_tree_stage_commit(struct fsm_tree_stage *s, int slot, const char *path,
         goto out;
     }
     if (now.st_dev != then.st_dev || now.st_ino != then.st_ino) {
+        unlinkat(sl->dirfd, sl->tmp, 0);
+        sl->done = true;
         rc = -EAGAIN;
         goto out;
     }
@@ -710,6 +712,23 @@ int fsm_tree_stage_commit(struct fsm_tree_stage *s, int slot, const char *path,
 out:
     close(dfd);
     return rc;
+}
+
+int fsm_tree_stage_drop(struct fsm_tree_stage *s)
+{
+    int n = 0;
+    for (size_t i = 0; i < s->n; i++) {
+        struct stage_slot *sl = &s->slot[i];
+        if (sl->done)
+            continue;
+        unlinkat(sl->dirfd, sl->tmp, 0);
+        if (sl->fd >= 0)
+            close(sl->fd);
+        sl->fd = -1;
+        sl->done = true;
+        n++;
+    }
+    return n;
 }
 
 int fsm_tree_stage_finish(struct fsm_tree_stage *s)

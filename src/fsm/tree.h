@@ -159,6 +159,11 @@ int fsm_tree_stage_sync(struct fsm_tree_stage *s);
 int fsm_tree_stage_commit(struct fsm_tree_stage *s, int slot, const char *path,
                           const struct fsm_tree_stat *expect, struct fsm_tree_stat *out);
 
+/* Removes every temp not committed yet (their commits become -EAGAIN);
+ * returns how many. For a directory that must be empty to be removed or
+ * replaced and holds a temp staged for a later file. */
+int fsm_tree_stage_drop(struct fsm_tree_stage *s);
+
 /* fsm_tree_delete(), except that the parent directory's fsync is left to
  * fsm_tree_stage_finish() (once per directory). Same results. */
 int fsm_tree_stage_delete(struct fsm_tree_stage *s, const char *path,
