@@ -431,9 +431,10 @@ struct step {
  * renames in log order with their expected-stat checks, one fsync per
  * directory). The disk records of the whole run go into one transaction
  * committed after the last directory fsync, so a record is never durable
- * before the rename it describes (an autocommitted record could be, by a
- * WAL checkpoint), and one WAL sync replaces a WAL write per record. The first tree error stops
- * the run; it is reported for its entry and every later one.
+ * before the rename it describes (an autocommitted record could be, through
+ * a WAL checkpoint); it costs one WAL sync per batch and saves one commit
+ * per record. The first tree error stops the run; it is reported for its
+ * entry and every later one.
  */
 static void materialize_all(struct fsm_apply *ap, const struct fsm_apply_input *in,
                             const struct plan *plans, size_t n, struct fsm_apply_result *out)
