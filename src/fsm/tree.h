@@ -17,8 +17,9 @@
  * closed on POSIX (Unison says the same) but is a few system calls wide.
  *
  * Files are materialized atomically: content goes to `.pickbox.tmp.<random>`
- * in the target's directory, is fsync'ed, gets its mode and mtime, and is
- * renamed over the target; then the directory is fsync'ed. A reader sees the
+ * in the target's directory, gets its mode and mtime, is fsync'ed, and is
+ * renamed over the target; then the directory is fsync'ed (for many files,
+ * see "Staged files" below: one barrier for all). A reader sees the
  * old file or the new one, never a mix. Mode bits other than 0777 (setuid,
  * setgid, sticky) are never materialized, and a directory always keeps its
  * owner's rwx on disk (else the daemon would lock itself out of it).
@@ -104,8 +105,8 @@ bool fsm_tree_stat_matches(const struct fsm_tree_stat *expect, const struct fsm_
 int fsm_tree_open_file(struct fsm_tree *t, const char *path, int *fd);
 
 /* Materializes a regular file at path atomically: fill() writes the content
- * into a temp file in the same directory, which is fsync'ed, given mode and
- * mtime, and renamed over path if path still matches expect (a file or
+ * into a temp file in the same directory, which is given mode and mtime,
+ * fsync'ed once, and renamed over path if path still matches expect (a file or
  * symlink, or NONE: then the rename refuses to replace anything). The parent
  * directory must exist. *out (may be NULL) gets the new file's stat, which the
  * caller records in the index. Errors: -FSM_TREE_EPENDING, -EISDIR if expect
