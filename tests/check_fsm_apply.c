@@ -1115,6 +1115,188 @@ START_TEST(test_batched_equals_single)
 }
 END_TEST
 
+/* A PUT of text at path on base, carrying its one chunk. */
+static void put_text_op(struct fsm_op *op, const char *path, const char *text, uint64_t base)
+{
+    size_t n = strlen(text);
+    simple_op(op, FSM_OP_PUT, "n1", path, base);
+    op->u.put.mode = 0644;
+    op->u.put.mtime_ns = 1600000000LL * 1000000000LL;
+    op->u.put.size = n;
+    op->u.put.n_refs = 1;
+    op->u.put.refs = pb_xcalloc(1, sizeof(struct fsm_chunk_ref));
+    op->u.put.refs[0].len = (uint32_t)n;
+    ck_assert_int_eq(fsm_sha256(text, n, op->u.put.refs[0].id), 0);
+    op->u.put.n_data = 1;
+    op->u.put.data = pb_xcalloc(1, sizeof(struct fsm_chunk_data));
+    memcpy(op->u.put.data[0].id, op->u.put.refs[0].id, FSM_CHUNK_ID_LEN);
+    op->u.put.data[0].len = (uint32_t)n;
+    op->u.put.data[0].data = pb_xmalloc(n);
+    memcpy(op->u.put.data[0].data, text, n);
+}
+
+#define BATCH_FILES 70 /* more than one staging group (FSM_TREE_STAGE_MAX) */
+
+/* Applies bufs[0..n) at first.. as one batch; every result is checked. */
+static void apply_batch(struct node *nd, struct buf *bufs, size_t n, uint64_t first,
+                        struct fsm_apply_result *res)
+{
+    struct fsm_apply_input in[BATCH_FILES + 1];
+    struct pb_error err;
+    for (size_t i = 0; i < n; i++)
+        in[i] = (struct fsm_apply_input){first + i, 2, 0, 0, bufs[i].data, bufs[i].len};
+    ck_assert_msg(fsm_apply_entries(nd->ap, in, n, res, &err) == 0, "%s", err.msg);
+    for (size_t i = 0; i < n; i++) {
+        ck_assert_int_eq(res[i].status, FSM_APPLY_DONE);
+        ck_assert_int_eq(res[i].tree_rc, 0);
+    }
+}
+
+static char *read_text(const struct node *nd, const char *rel)
+{
+    char *p = pb_xasprintf("%s/%s", nd->tree_dir, rel);
+    FILE *f = fopen(p, "r");
+    free(p);
+    ck_assert_ptr_nonnull(f);
+    char *b = pb_xcalloc(1, 256);
+    ck_assert_uint_gt(fread(b, 1, 255, f), 0);
+    fclose(f);
+    return b;
+}
+
+/* Many small files in batches (the staged path: temps, one barrier,
+ * renames): a mkdir and the files into it in one batch (the files cannot be
+ * staged before their directory exists and are written at their turn),
+ * then a batch replacing them all while one of them holds a local edit:
+ * that one is skipped as pending and keeps the edit, the others apply,
+ * every record matches its file, no temp is left. */
+START_TEST(test_batch_many_files_one_pending)
+{
+    struct node nd;
+    node_init(&nd, "S");
+    struct buf bufs[BATCH_FILES + 1];
+    struct fsm_apply_result res[BATCH_FILES + 1];
+    struct fsm_op op;
+    char path[32], text[32];
+    simple_op(&op, FSM_OP_MKDIR, "n1", "d", 0);
+    op.u.mkdir.mode = 0755;
+    buf_init(&bufs[0]);
+    ck_assert_int_eq(fsm_op_encode(&op, &bufs[0]), 0);
+    fsm_op_free(&op);
+    for (int i = 0; i < BATCH_FILES; i++) {
+        snprintf(path, sizeof(path), "d/f%02d", i);
+        snprintf(text, sizeof(text), "v1 of %02d", i);
+        put_text_op(&op, path, text, 0);
+        buf_init(&bufs[i + 1]);
+        ck_assert_int_eq(fsm_op_encode(&op, &bufs[i + 1]), 0);
+        fsm_op_free(&op);
+    }
+    apply_batch(&nd, bufs, BATCH_FILES + 1, 1, res);
+    for (int i = 0; i <= BATCH_FILES; i++) {
+        ck_assert_uint_eq(res[i].pending, 0);
+        buf_free(&bufs[i]);
+    }
+    char *c = read_text(&nd, "d/f42");
+    ck_assert_str_eq(c, "v1 of 42");
+    free(c);
+
+    /* the second batch, with a local edit at d/f03 */
+    write_file(nd.tree_dir, "d/f03", "local", 5);
+    for (int i = 0; i < BATCH_FILES; i++) {
+        snprintf(path, sizeof(path), "d/f%02d", i);
+        snprintf(text, sizeof(text), "v2 of %02d", i);
+        put_text_op(&op, path, text, version_of(&nd, path));
+        buf_init(&bufs[i]);
+        ck_assert_int_eq(fsm_op_encode(&op, &bufs[i]), 0);
+        fsm_op_free(&op);
+    }
+    apply_batch(&nd, bufs, BATCH_FILES, BATCH_FILES + 2, res);
+    struct fsm_disk disk;
+    fsm_apply_bind_disk(nd.ap, &disk);
+    for (int i = 0; i < BATCH_FILES; i++) {
+        buf_free(&bufs[i]);
+        snprintf(path, sizeof(path), "d/f%02d", i);
+        snprintf(text, sizeof(text), "v2 of %02d", i);
+        ck_assert_uint_eq(res[i].pending, i == 3 ? 1 : 0);
+        c = read_text(&nd, path);
+        ck_assert_str_eq(c, i == 3 ? "local" : text);
+        free(c);
+        struct fsm_tree_stat rec, now;
+        ck_assert_int_eq(disk.expected(disk.arg, path, &rec), 0);
+        ck_assert_int_eq(fsm_tree_lstat(nd.t, path, &now), 0);
+        /* the record is what was written; the edit is not recorded */
+        ck_assert(fsm_tree_stat_matches(&rec, &now) == (i != 3));
+    }
+    char *cmd = pb_xasprintf("find '%s' -name '.pickbox.tmp.*' | grep -q .", nd.tree_dir);
+    ck_assert_msg(system(cmd) != 0, "temp files left");
+    free(cmd);
+    node_free(&nd);
+}
+END_TEST
+
+/* One batch deletes directory d (with its file) and then creates d/y: the
+ * temp staged for d/y sits in the old d when d is to be removed, which must
+ * not make d look like it holds a local edit. */
+START_TEST(test_batch_rmdir_then_recreate)
+{
+    struct node nd;
+    node_init(&nd, "R");
+    struct buf bufs[BATCH_FILES + 1];
+    struct fsm_apply_result res[BATCH_FILES + 1];
+    struct fsm_op op;
+    simple_op(&op, FSM_OP_MKDIR, "n1", "d", 0);
+    op.u.mkdir.mode = 0755;
+    buf_init(&bufs[0]);
+    ck_assert_int_eq(fsm_op_encode(&op, &bufs[0]), 0);
+    fsm_op_free(&op);
+    put_text_op(&op, "d/x", "x", 0);
+    buf_init(&bufs[1]);
+    ck_assert_int_eq(fsm_op_encode(&op, &bufs[1]), 0);
+    fsm_op_free(&op);
+    apply_batch(&nd, bufs, 2, 1, res);
+    buf_free(&bufs[0]);
+    buf_free(&bufs[1]);
+
+    simple_op(&op, FSM_OP_DELETE, "n1", "d/x", version_of(&nd, "d/x"));
+    buf_init(&bufs[0]);
+    ck_assert_int_eq(fsm_op_encode(&op, &bufs[0]), 0);
+    fsm_op_free(&op);
+    simple_op(&op, FSM_OP_DELETE, "n1", "d", version_of(&nd, "d"));
+    op.u.del.is_dir = true;
+    buf_init(&bufs[1]);
+    ck_assert_int_eq(fsm_op_encode(&op, &bufs[1]), 0);
+    fsm_op_free(&op);
+    simple_op(&op, FSM_OP_MKDIR, "n1", "d", 0);
+    op.u.mkdir.mode = 0700;
+    buf_init(&bufs[2]);
+    ck_assert_int_eq(fsm_op_encode(&op, &bufs[2]), 0);
+    fsm_op_free(&op);
+    put_text_op(&op, "d/y", "y", 0);
+    buf_init(&bufs[3]);
+    ck_assert_int_eq(fsm_op_encode(&op, &bufs[3]), 0);
+    fsm_op_free(&op);
+    apply_batch(&nd, bufs, 4, 3, res);
+    for (int i = 0; i < 4; i++) {
+        ck_assert_msg(res[i].pending == 0, "entry %d: %u pending", i, res[i].pending);
+        buf_free(&bufs[i]);
+    }
+    ck_assert(!file_exists(&nd, "d/x"));
+    char *c = read_text(&nd, "d/y");
+    ck_assert_str_eq(c, "y");
+    free(c);
+    struct stat st;
+    char *d = pb_xasprintf("%s/d", nd.tree_dir);
+    ck_assert_int_eq(lstat(d, &st), 0);
+    free(d);
+    ck_assert_uint_eq(st.st_mode & 0777, 0700); /* the new directory */
+    assert_tree_matches_manifest(&nd);
+    char *cmd = pb_xasprintf("find '%s' -name '.pickbox.tmp.*' | grep -q .", nd.tree_dir);
+    ck_assert_msg(system(cmd) != 0, "temp files left");
+    free(cmd);
+    node_free(&nd);
+}
+END_TEST
+
 static Suite *fsm_apply_suite(void)
 {
     Suite *s = suite_create("fsm_apply");
@@ -1126,6 +1308,8 @@ static Suite *fsm_apply_suite(void)
     tcase_add_test(tc, test_apply_storage_failure);
     tcase_add_test(tc, test_chunk_window_and_bad_bytes);
     tcase_add_test(tc, test_loser_node_with_statedb);
+    tcase_add_test(tc, test_batch_many_files_one_pending);
+    tcase_add_test(tc, test_batch_rmdir_then_recreate);
     suite_add_tcase(s, tc);
     tc = tcase_create("random");
     tcase_set_timeout(tc, 300);

@@ -550,6 +550,212 @@ START_TEST(test_tree_rename)
 }
 END_TEST
 
+/* ---- staged files (one barrier for many) -------------------------------- */
+
+static int stage_text(struct fsm_tree_stage *s, const char *path, const char *text)
+{
+    struct text tx = {text, strlen(text)};
+    return fsm_tree_stage_add(s, path, 0640, 1000000000LL * 1600000000 + 7, fill_text, &tx);
+}
+
+/* Many files (more than TREE_SYNCFS_MIN: one syncfs) and a few (fsync each):
+ * every commit leaves the new content with the staged stat; one target with
+ * a local edit stays as it is while the others apply; no temp is left. */
+static void stage_many(unsigned n)
+{
+    struct fsm_tree *t = open_tree();
+    struct fsm_tree_stat old[16], edit, now, out;
+    int slot[16];
+    ck_assert_uint_le(n, 16);
+    ck_assert_int_eq(fsm_tree_mkdir(t, "d", &NONE, 0755, 0, NULL), 0);
+    for (unsigned i = 0; i < n; i++) {
+        char *p = pb_xasprintf("d/f%u", i);
+        put_text(t, p, &NONE, "old", 0, &old[i]);
+        free(p);
+    }
+    write_file(root, "d/f1", "local edit"); /* not proposed yet */
+    struct fsm_tree_stage *s = fsm_tree_stage_new(t);
+    for (unsigned i = 0; i < n; i++) {
+        char *p = pb_xasprintf("d/f%u", i);
+        slot[i] = stage_text(s, p, "new");
+        ck_assert_int_ge(slot[i], 0);
+        free(p);
+    }
+    /* staged, not renamed: readers still see the old files */
+    char *c = read_file(root, "d/f0");
+    ck_assert_str_eq(c, "old");
+    free(c);
+    ck_assert_int_eq(fsm_tree_stage_sync(s), (int)n);
+    for (unsigned i = 0; i < n; i++) {
+        char *p = pb_xasprintf("d/f%u", i);
+        int rc = fsm_tree_stage_commit(s, slot[i], p, &old[i], &out);
+        ck_assert_int_eq(rc, i == 1 ? -FSM_TREE_EPENDING : 0);
+        if (rc == 0) {
+            ck_assert_int_eq(fsm_tree_lstat(t, p, &now), 0);
+            ck_assert(fsm_tree_stat_matches(&out, &now));
+            ck_assert_uint_eq(now.mode & 0777, 0640);
+            c = read_file(root, p);
+            ck_assert_str_eq(c, "new");
+            free(c);
+        }
+        /* a slot is used once */
+        ck_assert_int_eq(fsm_tree_stage_commit(s, slot[i], p, &old[i], NULL), -EAGAIN);
+        free(p);
+    }
+    ck_assert_int_eq(fsm_tree_stage_finish(s), 0);
+    c = read_file(root, "d/f1");
+    ck_assert_str_eq(c, "local edit");
+    free(c);
+    ck_assert_int_eq(fsm_tree_lstat(t, "d/f1", &edit), 0);
+    ck_assert(!fsm_tree_stat_matches(&old[1], &edit));
+    assert_no_temps(root);
+    /* the set is reusable after finish; an unknown slot is not committable */
+    ck_assert_int_eq(fsm_tree_stage_commit(s, 0, "d/f0", &NONE, NULL), -EAGAIN);
+    ck_assert_int_eq(stage_text(s, "missing/x", "x"), -ENOENT);
+    ck_assert_int_eq(stage_text(s, "../x", "x"), -EINVAL);
+    fsm_tree_stage_free(s);
+    assert_no_temps(root);
+    fsm_tree_close(t);
+}
+
+START_TEST(test_tree_stage_many)
+{
+    stage_many(12);
+}
+END_TEST
+
+START_TEST(test_tree_stage_few)
+{
+    stage_many(3);
+}
+END_TEST
+
+/* A temp that was staged but never committed (the run stopped) is removed
+ * by finish; one whose fill failed leaves nothing; a full set says so. */
+START_TEST(test_tree_stage_unused_and_full)
+{
+    struct fsm_tree *t = open_tree();
+    struct fsm_tree_stage *s = fsm_tree_stage_new(t);
+    ck_assert_int_ge(stage_text(s, "a", "a"), 0);
+    ck_assert_int_eq(fsm_tree_stage_add(s, "b", 0644, 0, fill_fail, NULL), -ENOSPC);
+    ck_assert_int_eq(fsm_tree_stage_sync(s), 1);
+    ck_assert_int_eq(fsm_tree_stage_finish(s), 0);
+    ck_assert(!exists(root, "a"));
+    ck_assert(!exists(root, "b"));
+    assert_no_temps(root);
+    for (int i = 0; i < FSM_TREE_STAGE_MAX; i++)
+        ck_assert_int_eq(stage_text(s, "a", "a"), i);
+    ck_assert_int_eq(stage_text(s, "a", "a"), -ENOSPC);
+    /* not synced: not committable */
+    ck_assert_int_eq(fsm_tree_stage_commit(s, 0, "a", &NONE, NULL), -EAGAIN);
+    fsm_tree_stage_free(s);
+    ck_assert(!exists(root, "a"));
+    assert_no_temps(root);
+    fsm_tree_close(t);
+}
+END_TEST
+
+/* The parent directory is moved between staging and commit (an earlier op
+ * of the batch): the temp is not renamed into the moved directory nor
+ * anywhere else (-EAGAIN: the caller writes the file anew). */
+START_TEST(test_tree_stage_parent_moved)
+{
+    struct fsm_tree *t = open_tree();
+    struct fsm_tree_stat d, out;
+    ck_assert_int_eq(fsm_tree_mkdir(t, "d", &NONE, 0755, 0, &d), 0);
+    struct fsm_tree_stage *s = fsm_tree_stage_new(t);
+    int slot = stage_text(s, "d/f", "new");
+    ck_assert_int_ge(slot, 0);
+    ck_assert_int_eq(fsm_tree_stage_sync(s), 1);
+    ck_assert_int_eq(fsm_tree_rename(t, "d", &d, "e", &NONE, NULL), 0);
+    ck_assert_int_eq(fsm_tree_mkdir(t, "d", &NONE, 0755, 0, NULL), 0);
+    ck_assert_int_eq(fsm_tree_stage_commit(s, slot, "d/f", &NONE, &out), -EAGAIN);
+    ck_assert_int_eq(fsm_tree_stage_finish(s), 0);
+    ck_assert(!exists(root, "d/f"));
+    ck_assert(!exists(root, "e/f"));
+    assert_no_temps(root);
+    fsm_tree_stage_free(s);
+    fsm_tree_close(t);
+}
+END_TEST
+
+/* Deletes whose directory fsync waits for the finish: same results as
+ * fsm_tree_delete() (a pending edit kept, absent is fine). */
+START_TEST(test_tree_stage_delete)
+{
+    struct fsm_tree *t = open_tree();
+    struct fsm_tree_stat a, b, c, d;
+    ck_assert_int_eq(fsm_tree_mkdir(t, "d", &NONE, 0755, 0, NULL), 0);
+    put_text(t, "d/a", &NONE, "a", 0, &a);
+    put_text(t, "d/b", &NONE, "b", 0, &b);
+    put_text(t, "c", &NONE, "c", 0, &c);
+    write_file(root, "d/b", "edited");
+    struct fsm_tree_stage *s = fsm_tree_stage_new(t);
+    ck_assert_int_eq(fsm_tree_stage_delete(s, "d/a", &a), 0);
+    ck_assert_int_eq(fsm_tree_stage_delete(s, "d/b", &b), -FSM_TREE_EPENDING);
+    ck_assert_int_eq(fsm_tree_stage_delete(s, "c", &c), 0);
+    ck_assert_int_eq(fsm_tree_stage_delete(s, "c", &c), 0); /* absent already */
+    ck_assert_int_eq(fsm_tree_stage_delete(s, "gone/x", &c), 0);
+    ck_assert(!exists(root, "d/a"));
+    ck_assert(!exists(root, "c"));
+    ck_assert(exists(root, "d/b"));
+    ck_assert_int_eq(fsm_tree_lstat(t, "d", &d), 0);
+    ck_assert_int_eq(fsm_tree_stage_delete(s, "d", &d), -FSM_TREE_EPENDING); /* not empty */
+    ck_assert_int_eq(fsm_tree_stage_finish(s), 0);
+    fsm_tree_stage_free(s);
+    fsm_tree_close(t);
+}
+END_TEST
+
+/* A crash between the barrier and the renames: a child stages and syncs
+ * new content over existing files and dies without renaming. The targets
+ * hold their old content (never empty or torn); the next open removes the
+ * durable temps. */
+START_TEST(test_tree_stage_crash_before_renames)
+{
+    struct fsm_tree *t = open_tree();
+    struct fsm_tree_stat st;
+    for (int i = 0; i < 10; i++) {
+        char *p = pb_xasprintf("f%d", i);
+        put_text(t, p, &NONE, "old content", 0, &st);
+        free(p);
+    }
+    fsm_tree_close(t);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        struct fsm_tree *ct = NULL;
+        if (fsm_tree_open(root, &ct, NULL) < 0)
+            _exit(2);
+        struct fsm_tree_stage *s = fsm_tree_stage_new(ct);
+        for (int i = 0; i < 10; i++) {
+            char *p = pb_xasprintf("f%d", i);
+            if (stage_text(s, p, "new content, longer") < 0)
+                _exit(3);
+            free(p);
+        }
+        _exit(fsm_tree_stage_sync(s) == 10 ? 0 : 4); /* dies here */
+    }
+    int status = 0;
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert(WIFEXITED(status));
+    ck_assert_int_eq(WEXITSTATUS(status), 0);
+    char *cmd = pb_xasprintf("find '%s' -name '.pickbox.tmp.*' | grep -c . | grep -qx 10", root);
+    ck_assert_msg(system(cmd) == 0, "the 10 staged temps are there");
+    free(cmd);
+    for (int i = 0; i < 10; i++) {
+        char *p = pb_xasprintf("f%d", i);
+        char *c = read_file(root, p);
+        ck_assert_str_eq(c, "old content");
+        free(c);
+        free(p);
+    }
+    t = open_tree(); /* cleans the temps */
+    assert_no_temps(root);
+    fsm_tree_close(t);
+}
+END_TEST
+
 /* ---- modes that would lock an unprivileged daemon out -------------------- */
 
 #define TRY(cond)                                                                                  \
@@ -660,6 +866,12 @@ static Suite *fsm_tree_suite(void)
     tcase_add_test(tc, test_tree_rename);
     tcase_add_test(tc, test_tree_temp_cleanup);
     tcase_add_test(tc, test_tree_unprivileged_modes);
+    tcase_add_test(tc, test_tree_stage_many);
+    tcase_add_test(tc, test_tree_stage_few);
+    tcase_add_test(tc, test_tree_stage_unused_and_full);
+    tcase_add_test(tc, test_tree_stage_parent_moved);
+    tcase_add_test(tc, test_tree_stage_delete);
+    tcase_add_test(tc, test_tree_stage_crash_before_renames);
     suite_add_tcase(s, tc);
     return s;
 }

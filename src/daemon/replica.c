@@ -115,6 +115,8 @@ struct replica {
     struct cluster *c;
     struct watch *w;
     struct event *tick;
+    /* proposes now: an op was queued or one of ours applied */
+    struct event *kick;
     uint64_t client_id;
     uint64_t next_seq;
     struct rprop *head, *tail;
@@ -234,6 +236,15 @@ static void prop_unlink(struct replica *r, struct rprop *p)
     }
 }
 
+/* Runs replica_propose_some() on the next loop turn instead of the next
+ * tick (up to REPLICA_TICK_MS later): for the latency of one write and for
+ * the in-flight window refilling as soon as our entries apply. */
+static void replica_kick(struct replica *r)
+{
+    if (r->kick != NULL && !event_pending(r->kick, EV_TIMEOUT, NULL))
+        event_active(r->kick, EV_TIMEOUT, 0);
+}
+
 /* Encodes op and queues it with the next seq. */
 static int queue_op(struct replica *r, const struct fsm_op *op, const struct fsm_tree_stat *st,
                     const char *from)
@@ -277,6 +288,7 @@ static int queue_op(struct replica *r, const struct fsm_op *op, const struct fsm
     r->tail = p;
     r->n_props++;
     r->queued_bytes += p->len;
+    replica_kick(r);
     log_debug("queued %s %s (seq %" PRIu64 ", %zu bytes)", fsm_op_type_name(op->type),
               op->path ? op->path : "(chunks)", p->seq, p->len);
     return 0;
@@ -891,6 +903,7 @@ static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_ap
               (int)res->outcome);
     prop_unlink(r, p);
     r->applied++;
+    replica_kick(r);
     if (p->proposed)
         pb_hist_observe_us(&r->latency, pb_now_us() - p->proposed_us);
     struct sm *sm = replica_sm(r);
@@ -1177,6 +1190,18 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     sync_check(r, pb_now_ms());
 }
 
+static void on_kick(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct replica *r = arg;
+    struct sm *sm = replica_sm(r);
+    /* the tick's conditions for proposing; it does the rest */
+    if (sm == NULL || sm_tree(sm) == NULL || r->tree_was_bad || sm != r->last_sm)
+        return;
+    replica_propose_some(r, pb_now_ms());
+}
+
 /* ---- sync ---- */
 
 /*
@@ -1309,6 +1334,7 @@ int replica_new(struct replica **out, const struct pb_config *cfg, struct event_
     r->tick = event_new(base, -1, EV_PERSIST, on_tick, r);
     struct timeval tv = {0, REPLICA_TICK_MS * 1000};
     event_add(r->tick, &tv);
+    r->kick = event_new(base, -1, 0, on_kick, r);
     *out = r;
     return 0;
 }
@@ -1322,6 +1348,8 @@ void replica_free(struct replica *r)
         sm_set_observer(sm, NULL);
     if (r->tick)
         event_free(r->tick);
+    if (r->kick)
+        event_free(r->kick);
     if (r->job != NULL)
         job_end(r, -ECANCELED);
     free(r->missing_path);

@@ -419,6 +419,79 @@ static int apply_in_txn(struct fsm_apply *ap, const struct fsm_apply_input *in,
     return 0;
 }
 
+/* One action group of materialize_all(): plan k, decision i. */
+struct step {
+    size_t k;
+    uint32_t i;
+};
+
+/*
+ * The tree after the commit, in groups with one durability barrier each
+ * (fsm_materialize_batch: temps of the group's small files, one sync, the
+ * renames in log order with their expected-stat checks, one fsync per
+ * directory). The disk records of the whole run go into one transaction
+ * committed after the last directory fsync, so a record is never durable
+ * before the rename it describes (an autocommitted record could be, through
+ * a WAL checkpoint); it costs one WAL sync per batch and saves one commit
+ * per record. The first tree error stops the run; it is reported for its
+ * entry and every later one.
+ */
+static void materialize_all(struct fsm_apply *ap, const struct fsm_apply_input *in,
+                            const struct plan *plans, size_t n, struct fsm_apply_result *out)
+{
+    size_t total = 0;
+    for (size_t k = 0; k < n; k++)
+        total += plans[k].n;
+    if (total == 0)
+        return;
+    struct step *steps = pb_xreallocarray(NULL, total, sizeof(*steps));
+    size_t m = 0;
+    for (size_t k = 0; k < n; k++)
+        for (uint32_t i = 0; i < plans[k].n; i++)
+            steps[m++] = (struct step){k, i};
+    bool txn = statedb_begin(ap->db) == 0;
+    struct fsm_materialize_batch *b = fsm_materialize_batch_new(ap->tree, &ap->disk);
+    int tree_rc = 0;
+    size_t err_k = n;
+    for (size_t start = 0; start < total && tree_rc == 0;) {
+        size_t end = start;
+        while (end < total) {
+            const struct plan *p = &plans[steps[end].k];
+            if (fsm_materialize_stage(b, &p->ops[steps[end].i], &p->d[steps[end].i]) < 0)
+                break;
+            end++;
+        }
+        if (end == start) /* cannot happen: an empty group takes any step */
+            end++;
+        fsm_materialize_sync(b);
+        for (size_t x = start; x < end && tree_rc == 0; x++) {
+            const struct plan *p = &plans[steps[x].k];
+            unsigned pending = 0;
+            tree_rc = fsm_materialize_staged(b, &p->ops[steps[x].i], &p->d[steps[x].i], &pending);
+            out[steps[x].k].pending += pending;
+            if (tree_rc < 0)
+                err_k = steps[x].k;
+        }
+        int frc = fsm_materialize_finish(b);
+        if (tree_rc == 0 && frc < 0) {
+            tree_rc = frc;
+            err_k = steps[end - 1].k;
+        }
+        start = end;
+    }
+    fsm_materialize_batch_free(b);
+    free(steps);
+    if (txn && statedb_commit(ap->db) < 0)
+        log_warning("state.db: disk records: %s", statedb_errmsg(ap->db));
+    if (err_k < n) {
+        for (size_t k = err_k; k < n; k++)
+            out[k].tree_rc = tree_rc;
+        log_err("apply %" PRIu64 ": the tree could not be updated (%s); it will be "
+                "repaired from state.db",
+                in[err_k].index, strerror(-tree_rc));
+    }
+}
+
 int fsm_apply_entries(struct fsm_apply *ap, const struct fsm_apply_input *in, size_t n,
                       struct fsm_apply_result *out, struct pb_error *err)
 {
@@ -452,20 +525,7 @@ int fsm_apply_entries(struct fsm_apply *ap, const struct fsm_apply_input *in, si
         goto done;
     /* Committed. Now the tree, in log order; its errors do not undo the
      * entries: the repair catches the tree up later. */
-    int tree_rc = 0;
-    for (size_t k = 0; k < n; k++) {
-        for (uint32_t i = 0; i < plans[k].n && tree_rc == 0; i++) {
-            unsigned pending = 0;
-            tree_rc = fsm_materialize(ap->tree, &plans[k].ops[i], &plans[k].d[i], &ap->disk,
-                                      &pending);
-            out[k].pending += pending;
-        }
-        out[k].tree_rc = tree_rc;
-        if (tree_rc < 0 && (k == 0 || out[k - 1].tree_rc == 0))
-            log_err("apply %" PRIu64 ": the tree could not be updated (%s); it will be "
-                    "repaired from state.db",
-                    in[k].index, strerror(-tree_rc));
-    }
+    materialize_all(ap, in, plans, n, out);
 done:
     if (rc < 0) {
         statedb_rollback(ap->db);

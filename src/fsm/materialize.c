@@ -17,6 +17,23 @@
  * the applying thread, which today is the event loop (doc/fsm.md, "Big
  * files"). */
 #define MATERIALIZE_LOG_BYTES (64u * 1024u * 1024u)
+/* Files up to this size are staged by fsm_materialize_stage(): the temps of
+ * a whole group are written before its one barrier, so they should be small. */
+#define MATERIALIZE_STAGE_BYTES (1024u * 1024u)
+
+/* One staged WRITE action: which action, which slot of the tree's set. */
+struct staged {
+    const struct fsm_action *a;
+    int slot; /* < 0: staging failed, fall back to fsm_tree_put() */
+};
+
+struct fsm_materialize_batch {
+    struct fsm_tree *t;
+    const struct fsm_disk *disk;
+    struct fsm_tree_stage *stage;
+    struct staged st[FSM_TREE_STAGE_MAX];
+    size_t n;
+};
 
 /* What fill_chunks() writes: the chunk list, bytes from the op when it
  * carries them (op may be NULL), else from the store. */
@@ -86,13 +103,37 @@ static bool is_pending(int rc)
     return rc == -FSM_TREE_EPENDING || rc == -ENOENT || rc == -ENOTDIR || rc == -ELOOP;
 }
 
+/* The slot staged for action a, or -1. */
+static int staged_slot(const struct fsm_materialize_batch *b, const struct fsm_action *a)
+{
+    for (size_t i = 0; b != NULL && i < b->n; i++)
+        if (b->st[i].a == a)
+            return b->st[i].slot;
+    return -1;
+}
+
+static bool stageable(const struct fsm_op *op, const struct fsm_action *a)
+{
+    return a->type == FSM_ACT_WRITE && op->type == FSM_OP_PUT &&
+           op->u.put.size <= MATERIALIZE_STAGE_BYTES;
+}
+
 static int do_write(struct fsm_tree *t, const struct fsm_op *op, const struct fsm_action *a,
-                    const struct fsm_disk *disk)
+                    const struct fsm_disk *disk, struct fsm_materialize_batch *b)
 {
     struct fsm_tree_stat exp, out;
     int rc = disk->expected(disk->arg, a->path, &exp);
     if (rc < 0)
         return rc;
+    int slot = staged_slot(b, a);
+    if (slot >= 0) {
+        rc = fsm_tree_stage_commit(b->stage, slot, a->path, &exp, &out);
+        if (rc == 0)
+            return disk->record(disk->arg, a->path, &out);
+        if (rc != -EAGAIN)
+            return rc;
+        /* not durable, or its directory moved since: written anew */
+    }
     if (op->type == FSM_OP_PUT) {
         struct content c = {op->u.put.refs, op->u.put.n_refs, op, disk};
         uint64_t t0 = pb_now_ms();
@@ -110,14 +151,14 @@ static int do_write(struct fsm_tree *t, const struct fsm_op *op, const struct fs
 }
 
 static int do_action(struct fsm_tree *t, const struct fsm_op *op, const struct fsm_action *a,
-                     const struct fsm_disk *disk)
+                     const struct fsm_disk *disk, struct fsm_materialize_batch *b)
 {
     static const struct fsm_tree_stat none = {.kind = FSM_KIND_NONE};
     struct fsm_tree_stat exp, exp2, out;
     int rc;
     switch (a->type) {
     case FSM_ACT_WRITE:
-        return do_write(t, op, a, disk);
+        return do_write(t, op, a, disk, b);
     case FSM_ACT_MKDIR:
         if ((rc = fsm_tree_mkdir(t, a->path, &none, a->mode, a->mtime_ns, &out)) < 0)
             return rc;
@@ -134,8 +175,12 @@ static int do_action(struct fsm_tree *t, const struct fsm_op *op, const struct f
     case FSM_ACT_DELETE:
         if ((rc = disk->expected(disk->arg, a->path, &exp)) < 0)
             return rc;
-        if (exp.kind != FSM_KIND_NONE && (rc = fsm_tree_delete(t, a->path, &exp)) < 0)
-            return rc;
+        if (exp.kind != FSM_KIND_NONE) {
+            rc = b != NULL ? fsm_tree_stage_delete(b->stage, a->path, &exp)
+                           : fsm_tree_delete(t, a->path, &exp);
+            if (rc < 0)
+                return rc;
+        }
         return disk->record(disk->arg, a->path, &none);
     case FSM_ACT_MOVE:
         if ((rc = disk->expected(disk->arg, a->path, &exp)) < 0 ||
@@ -152,8 +197,9 @@ static int do_action(struct fsm_tree *t, const struct fsm_op *op, const struct f
     return -EINVAL;
 }
 
-int fsm_materialize(struct fsm_tree *t, const struct fsm_op *op, const struct fsm_decision *d,
-                    const struct fsm_disk *disk, unsigned *pending)
+static int materialize(struct fsm_tree *t, const struct fsm_op *op, const struct fsm_decision *d,
+                       const struct fsm_disk *disk, struct fsm_materialize_batch *b,
+                       unsigned *pending)
 {
     unsigned skipped = 0;
     int rc = fsm_tree_check_marker(t);
@@ -162,7 +208,14 @@ int fsm_materialize(struct fsm_tree *t, const struct fsm_op *op, const struct fs
     if (rc < 0)
         return rc;
     for (size_t i = 0; i < d->n_acts; i++) {
-        rc = do_action(t, op, &d->acts[i], disk);
+        rc = do_action(t, op, &d->acts[i], disk, b);
+        /* A directory to remove or replace may only look non-empty because
+         * it holds a temp staged for a later file: without the staged
+         * temps (those files are then written at their turn), again. */
+        if (b != NULL && is_pending(rc) &&
+            (d->acts[i].type == FSM_ACT_DELETE || d->acts[i].type == FSM_ACT_MOVE) &&
+            fsm_tree_stage_drop(b->stage) > 0)
+            rc = do_action(t, op, &d->acts[i], disk, b);
         if (rc < 0 && is_pending(rc)) {
             skipped++;
             continue;
@@ -173,6 +226,72 @@ int fsm_materialize(struct fsm_tree *t, const struct fsm_op *op, const struct fs
     if (pending != NULL)
         *pending = skipped;
     return rc < 0 && !is_pending(rc) ? rc : 0;
+}
+
+int fsm_materialize(struct fsm_tree *t, const struct fsm_op *op, const struct fsm_decision *d,
+                    const struct fsm_disk *disk, unsigned *pending)
+{
+    return materialize(t, op, d, disk, NULL, pending);
+}
+
+struct fsm_materialize_batch *fsm_materialize_batch_new(struct fsm_tree *t,
+                                                        const struct fsm_disk *disk)
+{
+    struct fsm_materialize_batch *b = pb_xcalloc(1, sizeof(*b));
+    b->t = t;
+    b->disk = disk;
+    b->stage = fsm_tree_stage_new(t);
+    return b;
+}
+
+void fsm_materialize_batch_free(struct fsm_materialize_batch *b)
+{
+    if (b == NULL)
+        return;
+    fsm_tree_stage_free(b->stage);
+    free(b);
+}
+
+int fsm_materialize_stage(struct fsm_materialize_batch *b, const struct fsm_op *op,
+                          const struct fsm_decision *d)
+{
+    size_t want = 0;
+    for (size_t i = 0; i < d->n_acts; i++)
+        want += stageable(op, &d->acts[i]);
+    if (want == 0)
+        return 0;
+    if (b->n > 0 && b->n + want > FSM_TREE_STAGE_MAX)
+        return -ENOSPC;
+    for (size_t i = 0; i < d->n_acts && b->n < FSM_TREE_STAGE_MAX; i++) {
+        const struct fsm_action *a = &d->acts[i];
+        if (!stageable(op, a))
+            continue;
+        struct content c = {op->u.put.refs, op->u.put.n_refs, op, b->disk};
+        struct staged *st = &b->st[b->n++];
+        st->a = a;
+        st->slot = fsm_tree_stage_add(b->stage, a->path, op->u.put.mode, op->u.put.mtime_ns,
+                                      fill_chunks, &c);
+        /* a parent made earlier in the batch, a chunk not here: written at
+         * its turn by fsm_tree_put(), which reports what is wrong */
+    }
+    return 0;
+}
+
+int fsm_materialize_sync(struct fsm_materialize_batch *b)
+{
+    return fsm_tree_stage_sync(b->stage);
+}
+
+int fsm_materialize_staged(struct fsm_materialize_batch *b, const struct fsm_op *op,
+                           const struct fsm_decision *d, unsigned *pending)
+{
+    return materialize(b->t, op, d, b->disk, b, pending);
+}
+
+int fsm_materialize_finish(struct fsm_materialize_batch *b)
+{
+    b->n = 0;
+    return fsm_tree_stage_finish(b->stage);
 }
 
 int fsm_materialize_entry(struct fsm_tree *t, const char *path, const struct fsm_index_entry *e,

@@ -48,6 +48,41 @@ int fsm_materialize(struct fsm_tree *t, const struct fsm_op *op, const struct fs
                     const struct fsm_disk *disk, unsigned *pending);
 
 /*
+ * Materializing a group of decisions with one durability barrier for their
+ * small files (doc/fsm.md, "Durability sequence"). For a group, in log
+ * order: fsm_materialize_stage() on each (op, decision) until it returns
+ * -ENOSPC (that one starts the next group); fsm_materialize_sync() once;
+ * fsm_materialize_staged() on each of the group, in the same order, with the
+ * same pointers (it is fsm_materialize(), but a staged file is only renamed
+ * into place, with the same expected-stat check right before the rename);
+ * fsm_materialize_finish() (one fsync per directory renamed into). Nothing
+ * is renamed before the barrier, so a crash anywhere leaves each file old
+ * or new. A file whose staging failed is written by fsm_tree_put() at its
+ * turn. The caller must make the disk records durable only after
+ * fsm_materialize_finish() (one transaction around the group). The batch
+ * borrows t and disk, which must outlive it.
+ */
+struct fsm_materialize_batch;
+
+/* A new batch (never NULL); freed with fsm_materialize_batch_free(). */
+struct fsm_materialize_batch *fsm_materialize_batch_new(struct fsm_tree *t,
+                                                        const struct fsm_disk *disk);
+/* Removes temps not renamed and frees; NULL is fine. */
+void fsm_materialize_batch_free(struct fsm_materialize_batch *b);
+/* Writes the temps of d's small-file WRITE actions. 0, or -ENOSPC (nothing
+ * staged) when the group is full. Staging errors are not reported here. */
+int fsm_materialize_stage(struct fsm_materialize_batch *b, const struct fsm_op *op,
+                          const struct fsm_decision *d);
+/* The barrier for everything staged; returns the number of durable temps. */
+int fsm_materialize_sync(struct fsm_materialize_batch *b);
+/* fsm_materialize() using the staged temps; same results. */
+int fsm_materialize_staged(struct fsm_materialize_batch *b, const struct fsm_op *op,
+                           const struct fsm_decision *d, unsigned *pending);
+/* Ends the group: fsyncs the directories renamed into, removes unused
+ * temps; the batch can take the next group. 0 or the first fsync error. */
+int fsm_materialize_finish(struct fsm_materialize_batch *b);
+
+/*
  * Repairs one path: makes the tree at path hold the index's entry e (NULL or
  * a tombstone: nothing; a file with chunk list refs; a symlink to target; a
  * directory), replacing what the disk record says is there. Used when a

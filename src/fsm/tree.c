@@ -535,8 +535,9 @@ int fsm_tree_put(struct fsm_tree *t, const char *path, const struct fsm_tree_sta
     tmp_made = true;
     if ((rc = fill(arg, fd)) < 0)
         goto out;
-    /* Data first, then attributes, so the inode we rename is complete. */
-    if (fsync(fd) < 0 || fchmod(fd, mode & FSM_TREE_MODE_MASK) < 0) {
+    /* Content, mode and mtime, then one fsync: the inode we rename is
+     * complete and durable (nothing sees the temp before the rename). */
+    if (fchmod(fd, mode & FSM_TREE_MODE_MASK) < 0) {
         rc = -errno;
         goto out;
     }
@@ -559,6 +560,218 @@ out:
         unlinkat(dfd, tmp, 0);
     close(dfd);
     return rc;
+}
+
+/* ---- staged files -------------------------------------------------------- */
+
+/* From this many staged files on, the barrier is one syncfs() of the tree's
+ * filesystem (one journal commit for all of them) instead of one fsync each.
+ * syncfs also flushes whatever else is dirty on that filesystem, so a few
+ * files keep their own fsyncs. */
+#define TREE_SYNCFS_MIN 8
+
+struct stage_slot {
+    int dirfd; /* the target's parent as opened at staging */
+    int fd;    /* the temp file, -1 once closed */
+    char tmp[TREE_TMP_NAME_LEN + 1];
+    struct stat st; /* the temp's stat after mode and mtime */
+    bool durable;   /* synced by fsm_tree_stage_sync() */
+    bool covered;   /* on the filesystem the last syncfs synced */
+    bool done;      /* committed or given up: no temp left to remove */
+    bool renamed;   /* its directory needs an fsync */
+};
+
+struct fsm_tree_stage {
+    struct fsm_tree *t;
+    size_t n;
+    struct stage_slot slot[FSM_TREE_STAGE_MAX];
+    size_t n_dirs;
+    int dirs[FSM_TREE_STAGE_MAX]; /* deletes' parents, distinct, to fsync */
+};
+
+struct fsm_tree_stage *fsm_tree_stage_new(struct fsm_tree *t)
+{
+    struct fsm_tree_stage *s = pb_xcalloc(1, sizeof(*s));
+    s->t = t;
+    return s;
+}
+
+int fsm_tree_stage_add(struct fsm_tree_stage *s, const char *path, uint32_t mode, int64_t mtime_ns,
+                       fsm_tree_fill_fn fill, void *arg)
+{
+    if (s->n == FSM_TREE_STAGE_MAX)
+        return -ENOSPC;
+    struct stage_slot *sl = &s->slot[s->n];
+    const char *name;
+    memset(sl, 0, sizeof(*sl));
+    sl->fd = -1;
+    int rc = open_parent(s->t, path, &sl->dirfd, &name);
+    if (rc < 0)
+        return rc;
+    if ((rc = tmp_name(sl->tmp)) < 0)
+        goto fail;
+    sl->fd = openat(sl->dirfd, sl->tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (sl->fd < 0) {
+        rc = -errno;
+        goto fail;
+    }
+    if ((rc = fill(arg, sl->fd)) < 0)
+        goto fail_tmp;
+    if (fchmod(sl->fd, mode & FSM_TREE_MODE_MASK) < 0) {
+        rc = -errno;
+        goto fail_tmp;
+    }
+    if ((rc = set_times_fd(sl->fd, mtime_ns)) < 0)
+        goto fail_tmp;
+    if (fstat(sl->fd, &sl->st) < 0) {
+        rc = -errno;
+        goto fail_tmp;
+    }
+    return (int)s->n++;
+fail_tmp:
+    unlinkat(sl->dirfd, sl->tmp, 0);
+fail:
+    close_keep_errno(sl->fd);
+    close(sl->dirfd);
+    return rc;
+}
+
+int fsm_tree_stage_sync(struct fsm_tree_stage *s)
+{
+    size_t live = 0;
+    for (size_t i = 0; i < s->n; i++)
+        live += !s->slot[i].done && !s->slot[i].durable;
+    /* syncfs covers the root's filesystem only (a directory of the tree may
+     * be another mount); it reports a writeback error of any file of that
+     * filesystem (Linux >= 5.8), and then each file's own fsync says which
+     * of ours failed. */
+    struct stat root;
+    bool all = live >= TREE_SYNCFS_MIN && fstat(s->t->root_fd, &root) == 0 &&
+               syncfs(s->t->root_fd) == 0;
+    for (size_t i = 0; i < s->n; i++) {
+        struct stage_slot *sl = &s->slot[i];
+        sl->covered = all && sl->st.st_dev == root.st_dev;
+        if (!sl->done && !sl->durable && !sl->covered) /* start every writeback first */
+            sync_file_range(sl->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+    }
+    int n = 0;
+    for (size_t i = 0; i < s->n; i++) {
+        struct stage_slot *sl = &s->slot[i];
+        if (!sl->done && !sl->durable) {
+            if (sl->covered || fsync(sl->fd) == 0) {
+                sl->durable = true;
+            } else {
+                log_warning("tree %s: fsync of a staged file: %s", s->t->root, strerror(errno));
+                unlinkat(sl->dirfd, sl->tmp, 0);
+                sl->done = true;
+            }
+            close(sl->fd);
+            sl->fd = -1;
+        }
+        n += sl->durable && !sl->done;
+    }
+    return n;
+}
+
+int fsm_tree_stage_commit(struct fsm_tree_stage *s, int slot, const char *path,
+                          const struct fsm_tree_stat *expect, struct fsm_tree_stat *out)
+{
+    if (slot < 0 || (size_t)slot >= s->n || !s->slot[slot].durable || s->slot[slot].done)
+        return -EAGAIN;
+    struct stage_slot *sl = &s->slot[slot];
+    int rc = put_expect_ok(expect);
+    if (rc < 0)
+        return rc;
+    int dfd;
+    const char *name;
+    struct stat now, then;
+    if ((rc = open_parent(s->t, path, &dfd, &name)) < 0)
+        return rc;
+    /* The parent may have been moved or replaced since the staging (an
+     * earlier op of the batch): the temp must be renamed within the
+     * directory the path names now, or not at all. */
+    if (fstat(dfd, &now) < 0 || fstat(sl->dirfd, &then) < 0) {
+        rc = -errno;
+        goto out;
+    }
+    if (now.st_dev != then.st_dev || now.st_ino != then.st_ino) {
+        unlinkat(sl->dirfd, sl->tmp, 0);
+        sl->done = true;
+        rc = -EAGAIN;
+        goto out;
+    }
+    rc = rename_into_place(sl->dirfd, sl->tmp, name, expect);
+    if (rc == 0) {
+        sl->renamed = true;
+        if (out != NULL)
+            stat_from(&sl->st, out);
+    } else {
+        unlinkat(sl->dirfd, sl->tmp, 0);
+    }
+    sl->done = true;
+out:
+    close(dfd);
+    return rc;
+}
+
+int fsm_tree_stage_drop(struct fsm_tree_stage *s)
+{
+    int n = 0;
+    for (size_t i = 0; i < s->n; i++) {
+        struct stage_slot *sl = &s->slot[i];
+        if (sl->done)
+            continue;
+        unlinkat(sl->dirfd, sl->tmp, 0);
+        if (sl->fd >= 0)
+            close(sl->fd);
+        sl->fd = -1;
+        sl->done = true;
+        n++;
+    }
+    return n;
+}
+
+int fsm_tree_stage_finish(struct fsm_tree_stage *s)
+{
+    int ret = 0;
+    for (size_t i = 0; i < s->n; i++) {
+        struct stage_slot *sl = &s->slot[i];
+        if (sl->renamed) {
+            struct stat a, b;
+            bool seen = false;
+            if (fstat(sl->dirfd, &a) == 0)
+                for (size_t j = 0; j < i && !seen; j++)
+                    seen = s->slot[j].renamed && fstat(s->slot[j].dirfd, &b) == 0 &&
+                           a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+            int rc = seen ? 0 : fsync_dir(sl->dirfd);
+            if (rc < 0 && ret == 0)
+                ret = rc;
+        } else if (!sl->done) {
+            unlinkat(sl->dirfd, sl->tmp, 0);
+        }
+    }
+    for (size_t i = 0; i < s->n_dirs; i++) {
+        int rc = fsync_dir(s->dirs[i]);
+        if (rc < 0 && ret == 0)
+            ret = rc;
+        close(s->dirs[i]);
+    }
+    for (size_t i = 0; i < s->n; i++) { /* after: the loop above compares them */
+        if (s->slot[i].fd >= 0)
+            close(s->slot[i].fd);
+        close(s->slot[i].dirfd);
+    }
+    s->n = 0;
+    s->n_dirs = 0;
+    return ret;
+}
+
+void fsm_tree_stage_free(struct fsm_tree_stage *s)
+{
+    if (s == NULL)
+        return;
+    fsm_tree_stage_finish(s);
+    free(s);
 }
 
 int fsm_tree_symlink(struct fsm_tree *t, const char *path, const struct fsm_tree_stat *expect,
@@ -763,7 +976,28 @@ out:
     return rc;
 }
 
-int fsm_tree_delete(struct fsm_tree *t, const char *path, const struct fsm_tree_stat *expect)
+/* Keeps dfd's directory for the one fsync in fsm_tree_stage_finish(); false
+ * if the set has no room for another directory (then fsync it now). */
+static bool stage_defer_dir(struct fsm_tree_stage *s, int dfd)
+{
+    struct stat a, b;
+    if (fstat(dfd, &a) < 0)
+        return false;
+    for (size_t i = 0; i < s->n_dirs; i++)
+        if (fstat(s->dirs[i], &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino)
+            return true;
+    if (s->n_dirs == FSM_TREE_STAGE_MAX)
+        return false;
+    int fd = dup(dfd);
+    if (fd < 0)
+        return false;
+    s->dirs[s->n_dirs++] = fd;
+    return true;
+}
+
+/* fsm_tree_delete(); with s, the parent's fsync waits for the set's finish. */
+static int delete_entry(struct fsm_tree *t, struct fsm_tree_stage *s, const char *path,
+                        const struct fsm_tree_stat *expect)
 {
     int dfd, rc;
     const char *name;
@@ -792,10 +1026,22 @@ int fsm_tree_delete(struct fsm_tree *t, const char *path, const struct fsm_tree_
                                                    : -errno;
         goto out;
     }
-    rc = fsync_dir(dfd);
+    if (s == NULL || !stage_defer_dir(s, dfd))
+        rc = fsync_dir(dfd);
 out:
     close(dfd);
     return rc;
+}
+
+int fsm_tree_delete(struct fsm_tree *t, const char *path, const struct fsm_tree_stat *expect)
+{
+    return delete_entry(t, NULL, path, expect);
+}
+
+int fsm_tree_stage_delete(struct fsm_tree_stage *s, const char *path,
+                          const struct fsm_tree_stat *expect)
+{
+    return delete_entry(s->t, s, path, expect);
 }
 
 int fsm_tree_rename(struct fsm_tree *t, const char *from, const struct fsm_tree_stat *from_expect,

@@ -17,8 +17,9 @@
  * closed on POSIX (Unison says the same) but is a few system calls wide.
  *
  * Files are materialized atomically: content goes to `.pickbox.tmp.<random>`
- * in the target's directory, is fsync'ed, gets its mode and mtime, and is
- * renamed over the target; then the directory is fsync'ed. A reader sees the
+ * in the target's directory, gets its mode and mtime, is fsync'ed, and is
+ * renamed over the target; then the directory is fsync'ed (for many files,
+ * see "Staged files" below: one barrier for all). A reader sees the
  * old file or the new one, never a mix. Mode bits other than 0777 (setuid,
  * setgid, sticky) are never materialized, and a directory always keeps its
  * owner's rwx on disk (else the daemon would lock itself out of it).
@@ -104,8 +105,8 @@ bool fsm_tree_stat_matches(const struct fsm_tree_stat *expect, const struct fsm_
 int fsm_tree_open_file(struct fsm_tree *t, const char *path, int *fd);
 
 /* Materializes a regular file at path atomically: fill() writes the content
- * into a temp file in the same directory, which is fsync'ed, given mode and
- * mtime, and renamed over path if path still matches expect (a file or
+ * into a temp file in the same directory, which is given mode and mtime,
+ * fsync'ed once, and renamed over path if path still matches expect (a file or
  * symlink, or NONE: then the rename refuses to replace anything). The parent
  * directory must exist. *out (may be NULL) gets the new file's stat, which the
  * caller records in the index. Errors: -FSM_TREE_EPENDING, -EISDIR if expect
@@ -114,6 +115,68 @@ int fsm_tree_open_file(struct fsm_tree *t, const char *path, int *fd);
 int fsm_tree_put(struct fsm_tree *t, const char *path, const struct fsm_tree_stat *expect,
                  uint32_t mode, int64_t mtime_ns, fsm_tree_fill_fn fill, void *arg,
                  struct fsm_tree_stat *out);
+
+/*
+ * Staged files: many small files with one durability barrier instead of one
+ * fsync per file. fsm_tree_stage_add() writes a file's content into a temp
+ * file in its target's directory and gives it mode and mtime (no fsync);
+ * fsm_tree_stage_sync() makes every staged temp durable at once (syncfs of
+ * the tree's filesystem for many files, else fsync of each, after starting
+ * the writeback of all); fsm_tree_stage_commit() then checks the target
+ * against expect and renames the durable temp over it, exactly as
+ * fsm_tree_put() would, except that the directory fsync is deferred to
+ * fsm_tree_stage_finish(), which fsyncs each directory renamed into once
+ * (fsm_tree_stage_delete() defers a delete's the same way). The caller
+ * must not make anything durable that describes these entries (disk
+ * records) before fsm_tree_stage_finish().
+ * A crash at any point leaves each target old or new, never torn or empty:
+ * no rename happens before the barrier. Staging is only an optimisation:
+ * a file that could not be staged or synced is not committable (-EAGAIN)
+ * and the caller falls back to fsm_tree_put(). The set holds descriptors:
+ * at most FSM_TREE_STAGE_MAX files. One thread, like the tree.
+ */
+#define FSM_TREE_STAGE_MAX 64
+
+struct fsm_tree_stage;
+
+/* A new, empty set on tree t (which must outlive it). Never NULL. */
+struct fsm_tree_stage *fsm_tree_stage_new(struct fsm_tree *t);
+
+/* Stages a file for path (its parent must exist). Returns the slot (>= 0)
+ * to commit, or -ENOSPC when the set is full, -ENOENT etc. when the parent
+ * cannot be opened, fill()'s error or -errno; nothing is left on error. */
+int fsm_tree_stage_add(struct fsm_tree_stage *s, const char *path, uint32_t mode, int64_t mtime_ns,
+                       fsm_tree_fill_fn fill, void *arg);
+
+/* The barrier: makes every staged temp durable. Slots whose sync failed
+ * are dropped (their temps removed). Returns how many slots are durable. */
+int fsm_tree_stage_sync(struct fsm_tree_stage *s);
+
+/* Renames slot's temp over path if path matches expect (see
+ * fsm_tree_put()). -EAGAIN: the slot is not durable or already used (fall
+ * back to fsm_tree_put()); -FSM_TREE_EPENDING or -errno as fsm_tree_put(),
+ * after which the slot's temp is removed. *out (may be NULL) gets the new
+ * file's stat. */
+int fsm_tree_stage_commit(struct fsm_tree_stage *s, int slot, const char *path,
+                          const struct fsm_tree_stat *expect, struct fsm_tree_stat *out);
+
+/* Removes every temp not committed yet (their commits become -EAGAIN);
+ * returns how many. For a directory that must be empty to be removed or
+ * replaced and holds a temp staged for a later file. */
+int fsm_tree_stage_drop(struct fsm_tree_stage *s);
+
+/* fsm_tree_delete(), except that the parent directory's fsync is left to
+ * fsm_tree_stage_finish() (once per directory). Same results. */
+int fsm_tree_stage_delete(struct fsm_tree_stage *s, const char *path,
+                          const struct fsm_tree_stat *expect);
+
+/* Fsyncs each directory a commit renamed into or a delete removed from (once each) and removes the
+ * temps not committed. Returns 0 or the first fsync error. The set is empty
+ * afterwards and may be reused. */
+int fsm_tree_stage_finish(struct fsm_tree_stage *s);
+
+/* fsm_tree_stage_finish() without its result, then frees; NULL is fine. */
+void fsm_tree_stage_free(struct fsm_tree_stage *s);
 
 /* Creates directory path (not its parents: ops are explicit) with mode and
  * mtime. expect must be NONE. A directory already there is adopted (two
