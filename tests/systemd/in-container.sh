@@ -96,13 +96,16 @@ else
     not_ok "units installed, pickbox.target enabled, no pickboxd@ instance enabled or started"
     { echo "enabled: $enabled_instances"; echo "loaded: $loaded"; } | diag
 fi
-# /etc/pickbox is the package's; NODE.conf files are the admin's (not
-# conffiles: a shipped NODE.conf would be a startable instance).
+# /etc/pickbox is the package's; NODE.conf files are the admin's. The one
+# conffile is the example, whose name is no startable instance.
+conffiles=$(dpkg-query -W -f='${Conffiles}' pickbox | awk 'NF {print $1}')
 if [ "$(dpkg -S /etc/pickbox 2>/dev/null)" = "pickbox: /etc/pickbox" ] &&
-    [ -z "$(dpkg-query -W -f='${Conffiles}' pickbox)" ]; then
-    ok "/etc/pickbox belongs to the package, which ships no conffile there"
+    [ "$conffiles" = "/etc/pickbox/node.conf.example" ] &&
+    [ -z "$(ls /etc/pickbox/*.conf 2>/dev/null)" ]; then
+    ok "/etc/pickbox belongs to the package; its one conffile is node.conf.example, no NODE.conf"
 else
-    not_ok "/etc/pickbox belongs to the package, which ships no conffile there"
+    not_ok "/etc/pickbox belongs to the package; its one conffile is node.conf.example, no NODE.conf"
+    echo "conffiles: $conffiles" | diag
 fi
 
 # ---- node configuration, as an operator writes it ----
