@@ -218,6 +218,19 @@ else
     not_ok "ProtectHome: /home $(in_svc stat -c %a /home), /root $(in_svc stat -c %a /root)"
 fi
 
+# systemctl reload: SIGHUP re-reads the configuration without a restart.
+pid_before=$(systemctl show -p MainPID --value pickboxd@node2)
+rl_cursor=$(journal_cursor)
+if systemctl reload pickboxd@node2 &&
+    wait_for 10 sh -c "journalctl --after-cursor '$rl_cursor' -o cat -u pickboxd@node2 | grep -q 'reloaded /etc/pickbox/node2.conf'" &&
+    [ "$(systemctl show -p MainPID --value pickboxd@node2)" = "$pid_before" ] &&
+    [ "$(systemctl is-active pickboxd@node2)" = active ]; then
+    ok "systemctl reload pickboxd@node2 re-reads node2.conf in the same process (pid $pid_before)"
+else
+    not_ok "systemctl reload pickboxd@node2 (pid $pid_before -> $(systemctl show -p MainPID --value pickboxd@node2))"
+    journalctl -u pickboxd@node2 -n 10 --no-pager | diag
+fi
+
 # ---- upgrade under a writer ----
 # The writer creates one file every 50 ms, in turn in each node's tree, as
 # user pickbox, until told to stop; it counts what it wrote.
