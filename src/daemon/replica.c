@@ -41,7 +41,7 @@
 /* Bytes of our entries in flight (at least one entry): a follower forwards
  * its proposals through a bounded peer queue (16 MiB), and a CHUNKS entry
  * dropped there while its PUT gets through fails the PUT. */
-#define REPLICA_INFLIGHT_BYTES (10u * 1024u * 1024u)
+#define REPLICA_INFLIGHT_BYTES (16u * 1024u * 1024u)
 /* An entry this large travels in the peer transport's bulk class, which a
  * later small (control class) message overtakes: a big entry of ours is
  * always alone in flight, or a later seq could commit first and the
@@ -115,6 +115,7 @@ struct replica {
     struct cluster *c;
     struct watch *w;
     struct event *tick;
+    struct event *kick; /* one-shot: go on with the job/queue after an apply */
     uint64_t client_id;
     uint64_t next_seq;
     struct rprop *head, *tail;
@@ -128,6 +129,7 @@ struct replica {
     struct rdirty *dirty;
     bool tree_was_bad;
     char leader[80];
+    uint64_t props_dropped; /* cluster_props_dropped() as last seen */
     /* full rescan bookkeeping */
     bool scanning;
     char *scan_root;
@@ -1056,6 +1058,12 @@ static void obs_batch_after(void *arg, const struct raft_entry *e, size_t n,
         free(r->held[i]);
     }
     r->n_held = 0;
+    /* Ours applied: the byte budget has room again. The big file's job and
+     * the queue go on as soon as the loop is back (not inside the apply,
+     * and not one tick later: the tick paced a big file at 20 ms per
+     * budget's worth). */
+    if (r->kick != NULL && (r->job != NULL || r->head != NULL))
+        event_active(r->kick, EV_TIMEOUT, 0);
 }
 
 static void set_observer(struct replica *r)
@@ -1141,12 +1149,15 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
             watch_rescan(r->w, "");
         r->last_sm = sm;
     }
-    /* A new leader: what was in flight may be lost, propose it again now. */
+    /* A new leader, or proposals the core refused after queueing them: what
+     * was in flight may be lost, propose it again now. */
     struct cluster_view v;
     cluster_view(r->c, &v);
     const char *leader = v.leader ? v.leader : "";
-    if (strcmp(leader, r->leader) != 0) {
+    uint64_t dropped = cluster_props_dropped(r->c);
+    if (strcmp(leader, r->leader) != 0 || dropped != r->props_dropped) {
         snprintf(r->leader, sizeof(r->leader), "%s", leader);
+        r->props_dropped = dropped; /* queued while frozen, then refused */
         for (struct rprop *p = r->head; p != NULL; p = p->next)
             p->retry_at_ms = p->proposed_ms = 0;
         r->progress_ms = 0;
@@ -1175,6 +1186,21 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     job_run(r);
     replica_propose_some(r, pb_now_ms());
     sync_check(r, pb_now_ms());
+}
+
+/* After an apply of ours: what the tick would do for the big file's job
+ * and the queue, at once. */
+static void on_kick(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct replica *r = arg;
+    struct sm *sm = replica_sm(r);
+    if (sm == NULL || sm_tree(sm) == NULL)
+        return; /* the tick sorts it out */
+    if (r->job != NULL && r->job->sm == sm)
+        job_run(r);
+    replica_propose_some(r, pb_now_ms());
 }
 
 /* ---- sync ---- */
@@ -1309,6 +1335,7 @@ int replica_new(struct replica **out, const struct pb_config *cfg, struct event_
     r->tick = event_new(base, -1, EV_PERSIST, on_tick, r);
     struct timeval tv = {0, REPLICA_TICK_MS * 1000};
     event_add(r->tick, &tv);
+    r->kick = event_new(base, -1, 0, on_kick, r);
     *out = r;
     return 0;
 }
@@ -1322,6 +1349,8 @@ void replica_free(struct replica *r)
         sm_set_observer(sm, NULL);
     if (r->tick)
         event_free(r->tick);
+    if (r->kick)
+        event_free(r->kick);
     if (r->job != NULL)
         job_end(r, -ECANCELED);
     free(r->missing_path);
