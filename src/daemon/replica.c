@@ -40,8 +40,9 @@
 #define REPLICA_MAX_INFLIGHT      256
 /* Bytes of our entries in flight (at least one entry): a follower forwards
  * its proposals through a bounded peer queue (16 MiB), and a CHUNKS entry
- * dropped there while its PUT gets through fails the PUT. */
-#define REPLICA_INFLIGHT_BYTES (16u * 1024u * 1024u)
+ * dropped there while its PUT gets through fails the PUT: under it, with a
+ * margin for the entries' framing (was 10 MiB, paced by the 20 ms tick). */
+#define REPLICA_INFLIGHT_BYTES (12u * 1024u * 1024u)
 /* An entry this large travels in the peer transport's bulk class, which a
  * later small (control class) message overtakes: a big entry of ours is
  * always alone in flight, or a later seq could commit first and the
