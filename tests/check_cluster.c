@@ -321,6 +321,58 @@ START_TEST(test_cluster_lone_restart)
 }
 END_TEST
 
+/* Proposals made while the core is frozen (a persist in flight) are queued
+ * in order, then fed to the core: none is refused with -EBUSY, none lost,
+ * none reordered; and the queue is bounded. */
+START_TEST(test_cluster_propose_frozen)
+{
+    struct pb_config cfg;
+    cfg_fill(&cfg);
+    struct node n;
+    node_start(&n, &cfg);
+    node_wait_leader(&n);
+    struct cluster *c = n.d.cluster;
+    uint64_t deadline = pb_now_ms() + 10000;
+    while (c->frozen || c->scheduled) {
+        ck_assert_msg(pb_now_ms() < deadline, "the core stays frozen");
+        event_base_loop(n.d.base, EVLOOP_NONBLOCK);
+        poll(NULL, 0, 1);
+    }
+    /* payloads starting with 0 are not fsm ops: applied as no-ops */
+    static const uint8_t data[3][8] = {{0, 1}, {0, 2}, {0, 3}};
+    uint64_t i1 = 0, i2 = 1, i3 = 1;
+    ck_assert_int_eq(cluster_propose(c, 77, 1, data[0], sizeof(data[0]), &i1), 0);
+    ck_assert_uint_gt(i1, 0);                   /* not frozen: taken by the core at once */
+    event_base_loop(n.d.base, EVLOOP_NONBLOCK); /* its ready: the persist is in flight */
+    ck_assert(c->frozen);
+    ck_assert_int_eq(cluster_propose(c, 77, 2, data[1], sizeof(data[1]), &i2), 0);
+    ck_assert_int_eq(cluster_propose(c, 77, 3, data[2], sizeof(data[2]), &i3), 0);
+    ck_assert_uint_eq(i2, 0); /* queued: index not known yet */
+    ck_assert_uint_eq(i3, 0);
+    size_t big_len = (16u << 20) + 1;
+    uint8_t *big = pb_xcalloc(1, big_len);
+    ck_assert_int_eq(cluster_propose(c, 77, 4, big, big_len, NULL), -EBUSY); /* bounded */
+    free(big);
+    deadline = pb_now_ms() + 10000;
+    while (sm_applied(cluster_sm(c)) < i1 + 2) {
+        ck_assert_msg(pb_now_ms() < deadline, "queued proposals not applied");
+        event_base_loop(n.d.base, EVLOOP_NONBLOCK);
+        poll(NULL, 0, 1);
+    }
+    for (uint64_t k = 0; k < 3; k++) {
+        const struct raft_entry *e = raft_entry_at(c->raft, i1 + k);
+        ck_assert_ptr_nonnull(e);
+        ck_assert_uint_eq(e->client_id, 77);
+        ck_assert_uint_eq(e->seq, k + 1);
+        ck_assert_uint_eq(e->len, sizeof(data[k]));
+        ck_assert_int_eq(memcmp(e->data, data[k], sizeof(data[k])), 0);
+    }
+    ck_assert_uint_eq(cluster_props_dropped(c), 0);
+    node_stop(&n);
+    config_free(&cfg);
+}
+END_TEST
+
 START_TEST(test_cluster_snapshot_restart)
 {
     /* Snapshots every 5 entries: raft.db is compacted and a restart still
@@ -638,6 +690,7 @@ static Suite *cluster_suite(void)
     tcase_add_test(tc, test_secret);
     tcase_add_test(tc, test_cluster_lone_restart);
     tcase_add_test(tc, test_cluster_snapshot_restart);
+    tcase_add_test(tc, test_cluster_propose_frozen);
     tcase_add_test(tc, test_cluster_join_needs_secret);
     tcase_add_test(tc, test_cluster_storage_fsync_error);
     tcase_add_test(tc, test_cluster_storage_full);

@@ -31,6 +31,11 @@
 #define CLUSTER_SNAP_CHUNK     (1u << 20)
 #define CLUSTER_GONE_LINGER_MS 5000
 
+/* Bytes of local proposals queued while frozen: a big file's writer keeps
+ * its byte budget (replica.c) in flight, and the next batch takes what came
+ * while the previous one was fsynced. */
+#define CLUSTER_PROPQ_MAX_BYTES (16u << 20)
+
 /* ---- member context ---- */
 
 int cluster_ctx_encode(const char *name, const char *addr, uint8_t **out, size_t *len)
@@ -563,12 +568,40 @@ void cluster_storage_recovered(struct cluster *c)
 
 /* ---- feeding the core ---- */
 
+static void cluster_propq_clear(struct cluster *c)
+{
+    for (size_t i = 0; i < c->propq_n; i++)
+        free(c->propq[i].data);
+    c->propq_n = 0;
+    c->propq_bytes = 0;
+}
+
 static void cluster_inq_clear(struct cluster *c)
 {
     for (size_t i = 0; i < c->inq_n; i++)
         raft_msg_clear(&c->inq[i]);
     c->inq_n = 0;
     c->inq_bytes = 0;
+    if (c->propq_n > 0)
+        c->props_dropped++; /* the proposer's retry covers them */
+    cluster_propq_clear(c);
+}
+
+/* The proposals queued while frozen, in order. The first the core refuses
+ * ends the queue: what follows must not commit ahead of it. */
+static void cluster_propq_feed(struct cluster *c)
+{
+    for (size_t i = 0; i < c->propq_n; i++) {
+        const struct cluster_prop *q = &c->propq[i];
+        int rc = raft_propose(c->raft, q->client_id, q->seq, q->data, q->len, NULL);
+        if (rc < 0) {
+            log_debug("queued proposal seq %" PRIu64 " refused: %s (%zu dropped)", q->seq,
+                      strerror(-rc), c->propq_n - i);
+            c->props_dropped++;
+            break;
+        }
+    }
+    cluster_propq_clear(c);
 }
 
 static void cluster_on_raft_frame(struct cluster *c, uint64_t from, const uint8_t *p, size_t len)
@@ -678,6 +711,7 @@ static void cluster_on_process(evutil_socket_t fd, short what, void *arg)
     }
     for (size_t i = 0; i < c->inq_n; i++)
         raft_step(c->raft, &c->inq[i]);
+    cluster_propq_feed(c); /* after what peers sent meanwhile (a new leader) */
     cluster_inq_clear(c);
     for (; c->ticks_pending > 0; c->ticks_pending--)
         raft_tick(c->raft);
@@ -1308,6 +1342,7 @@ void cluster_close(struct cluster *c)
     raft_free(c->raft);
     cluster_inq_clear(c);
     free(c->inq);
+    free(c->propq);
     for (size_t i = 0; i < c->n_members; i++)
         free(c->members[i].ctx);
     free(c->members);
@@ -1335,12 +1370,37 @@ struct sm *cluster_sm(struct cluster *c)
 int cluster_propose(struct cluster *c, uint64_t client_id, uint64_t seq, const void *data,
                     size_t len, uint64_t *index)
 {
-    if (c->raft == NULL || c->frozen || c->storage_error || c->joining)
+    if (c->raft == NULL || c->storage_error || c->joining)
         return -EBUSY;
+    if (c->frozen || c->propq_n > 0) {
+        if (c->propq_n > 0 && c->propq_bytes + len > CLUSTER_PROPQ_MAX_BYTES)
+            return -EBUSY;
+        if (c->propq_n == c->propq_cap) {
+            c->propq_cap = c->propq_cap ? 2 * c->propq_cap : 16;
+            c->propq = pb_xreallocarray(c->propq, c->propq_cap, sizeof(*c->propq));
+        }
+        struct cluster_prop *q = &c->propq[c->propq_n++];
+        q->client_id = client_id;
+        q->seq = seq;
+        q->len = len;
+        q->data = pb_xmalloc(len ? len : 1);
+        if (len > 0)
+            memcpy(q->data, data, len);
+        c->propq_bytes += len;
+        if (index != NULL)
+            *index = 0;
+        cluster_schedule(c);
+        return 0;
+    }
     int rc = raft_propose(c->raft, client_id, seq, data, len, index);
     if (rc == 0)
         cluster_schedule(c);
     return rc;
+}
+
+uint64_t cluster_props_dropped(const struct cluster *c)
+{
+    return c->props_dropped;
 }
 
 uint64_t cluster_id_self(const struct cluster *c)

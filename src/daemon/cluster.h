@@ -120,10 +120,17 @@ struct sm *cluster_sm(struct cluster *c);
 uint64_t cluster_id_self(const struct cluster *c);
 /* Proposes an application entry (data copied) as raft_propose(): on a
  * follower it is forwarded and may be lost (retry with the same
- * client_id/seq). -EBUSY while the core is frozen, joining or in storage
- * error (try again soon), -EAGAIN no leader, -ENOBUFS the leader refuses. */
+ * client_id/seq). While the core is frozen (a persist in progress) the
+ * entry is queued, in order, up to CLUSTER_PROPQ_MAX_BYTES, and fed to the
+ * core before its next ready: 0 with *index 0 (not known yet); if the core
+ * then refuses it, it and the rest of the queue are dropped and
+ * cluster_props_dropped() grows (propose them again). -EBUSY when the queue
+ * is full, joining or in storage error (try again soon), -EAGAIN no leader,
+ * -ENOBUFS the leader refuses. */
 int cluster_propose(struct cluster *c, uint64_t client_id, uint64_t seq, const void *data,
                     size_t len, uint64_t *index);
+/* How many queued proposals the core refused so far (see cluster_propose). */
+uint64_t cluster_props_dropped(const struct cluster *c);
 
 /* Sets the cluster fields of the `status` result in obj, and "members". */
 void cluster_status_fill(struct cluster *c, json_t *obj);

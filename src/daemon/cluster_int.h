@@ -80,6 +80,14 @@ struct cluster_slot {
 };
 #define CLUSTER_MAX_SLOTS 4096
 
+/* A proposal made while the core was frozen, fed to it before the next
+ * ready (cluster_on_process). */
+struct cluster_prop {
+    uint64_t client_id, seq;
+    uint8_t *data; /* owned */
+    size_t len;
+};
+
 struct cluster {
     struct cluster_options opts;
     const struct pb_config *cfg;
@@ -128,6 +136,10 @@ struct cluster {
     struct raft_msg *inq;
     size_t inq_n, inq_cap, inq_bytes;
     unsigned ticks_pending;
+    /* Local proposals queued while frozen (cluster_propose), in order. */
+    struct cluster_prop *propq;
+    size_t propq_n, propq_cap, propq_bytes;
+    uint64_t props_dropped; /* queued proposals the core then refused */
 
     /* Storage errors. */
     bool storage_error;

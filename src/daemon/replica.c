@@ -40,8 +40,9 @@
 #define REPLICA_MAX_INFLIGHT      256
 /* Bytes of our entries in flight (at least one entry): a follower forwards
  * its proposals through a bounded peer queue (16 MiB), and a CHUNKS entry
- * dropped there while its PUT gets through fails the PUT. */
-#define REPLICA_INFLIGHT_BYTES (10u * 1024u * 1024u)
+ * dropped there while its PUT gets through fails the PUT: under it, with a
+ * margin for the entries' framing (was 10 MiB, paced by the 20 ms tick). */
+#define REPLICA_INFLIGHT_BYTES (12u * 1024u * 1024u)
 /* An entry this large travels in the peer transport's bulk class, which a
  * later small (control class) message overtakes: a big entry of ours is
  * always alone in flight, or a later seq could commit first and the
@@ -115,8 +116,7 @@ struct replica {
     struct cluster *c;
     struct watch *w;
     struct event *tick;
-    /* proposes now: an op was queued or one of ours applied */
-    struct event *kick;
+    struct event *kick; /* one-shot: propose now (an op was queued, or one of ours applied) */
     uint64_t client_id;
     uint64_t next_seq;
     struct rprop *head, *tail;
@@ -130,6 +130,7 @@ struct replica {
     struct rdirty *dirty;
     bool tree_was_bad;
     char leader[80];
+    uint64_t props_dropped; /* cluster_props_dropped() as last seen */
     /* full rescan bookkeeping */
     bool scanning;
     char *scan_root;
@@ -1069,6 +1070,12 @@ static void obs_batch_after(void *arg, const struct raft_entry *e, size_t n,
         free(r->held[i]);
     }
     r->n_held = 0;
+    /* Ours applied: the byte budget has room again. The big file's job and
+     * the queue go on as soon as the loop is back (not inside the apply,
+     * and not one tick later: the tick paced a big file at 20 ms per
+     * budget's worth). */
+    if (r->job != NULL || r->head != NULL)
+        replica_kick(r);
 }
 
 static void set_observer(struct replica *r)
@@ -1154,12 +1161,15 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
             watch_rescan(r->w, "");
         r->last_sm = sm;
     }
-    /* A new leader: what was in flight may be lost, propose it again now. */
+    /* A new leader, or proposals the core refused after queueing them: what
+     * was in flight may be lost, propose it again now. */
     struct cluster_view v;
     cluster_view(r->c, &v);
     const char *leader = v.leader ? v.leader : "";
-    if (strcmp(leader, r->leader) != 0) {
+    uint64_t dropped = cluster_props_dropped(r->c);
+    if (strcmp(leader, r->leader) != 0 || dropped != r->props_dropped) {
         snprintf(r->leader, sizeof(r->leader), "%s", leader);
+        r->props_dropped = dropped; /* queued while frozen, then refused */
         for (struct rprop *p = r->head; p != NULL; p = p->next)
             p->retry_at_ms = p->proposed_ms = 0;
         r->progress_ms = 0;
@@ -1190,6 +1200,8 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     sync_check(r, pb_now_ms());
 }
 
+/* An op was queued or one of ours applied: what the tick would do for the
+ * big file's job and the queue, at once. */
 static void on_kick(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
@@ -1199,6 +1211,8 @@ static void on_kick(evutil_socket_t fd, short what, void *arg)
     /* the tick's conditions for proposing; it does the rest */
     if (sm == NULL || sm_tree(sm) == NULL || r->tree_was_bad || sm != r->last_sm)
         return;
+    if (r->job != NULL && r->job->sm == sm)
+        job_run(r);
     replica_propose_some(r, pb_now_ms());
 }
 

@@ -40,11 +40,17 @@
 #include "store/crc32c.h"
 #include "store/store_int.h"
 
-#define STORE_COMPACT_SLICE     2048
-#define STORE_CHECKPOINT_FRAMES 1000
-/* Reclaim free pages when more than this many are free (16 MiB). */
-#define STORE_VACUUM_FREE_PAGES 4096
-#define STORE_VACUUM_STEP_PAGES 1024
+#define STORE_COMPACT_SLICE 2048
+
+/* 16 MiB of WAL between checkpoints: a big file's entries (hundreds of
+ * MiB) are checkpointed in few rounds, each one WAL and one database fsync
+ * on this thread in front of the next batch. In bytes: the page size of
+ * raft.db depends on when it was created. */
+#define STORE_CHECKPOINT_BYTES (16u << 20)
+/* Reclaim free pages when more than this many bytes are free, this many
+ * at a time. */
+#define STORE_VACUUM_FREE_BYTES (16u << 20)
+#define STORE_VACUUM_STEP_BYTES (4u << 20)
 
 /* What a failed transaction reports: the code and one line. */
 struct txn_error {
@@ -680,7 +686,8 @@ static int compact_slice(struct store *s, uint64_t goal, struct txn_error *te)
 static void housekeeping(struct store *s, bool compacted)
 {
     bool checkpointed = false;
-    if (s->wal_frames >= STORE_CHECKPOINT_FRAMES) {
+    unsigned page = s->page_size ? s->page_size : 4096;
+    if (s->wal_frames >= STORE_CHECKPOINT_BYTES / page) {
         int nlog = 0, nckpt = 0;
         int rc = sqlite3_wal_checkpoint_v2(s->w, NULL, SQLITE_CHECKPOINT_PASSIVE, &nlog, &nckpt);
         if (rc != SQLITE_OK && rc != SQLITE_BUSY)
@@ -698,9 +705,9 @@ static void housekeeping(struct store *s, bool compacted)
         return;
     int64_t free_pages = sqlite3_step(st) == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
     sqlite3_finalize(st);
-    if (free_pages > STORE_VACUUM_FREE_PAGES) {
+    if (free_pages > (int64_t)(STORE_VACUUM_FREE_BYTES / page)) {
         char sql[64];
-        snprintf(sql, sizeof(sql), "PRAGMA incremental_vacuum(%d)", STORE_VACUUM_STEP_PAGES);
+        snprintf(sql, sizeof(sql), "PRAGMA incremental_vacuum(%u)", STORE_VACUUM_STEP_BYTES / page);
         if (sqlite3_exec(s->w, sql, NULL, NULL, NULL) != SQLITE_OK)
             log_warning("raft.db incremental_vacuum failed: %s", sqlite3_errmsg(s->w));
     }
@@ -710,6 +717,12 @@ static void *storage_thread(void *arg)
 {
     struct store *s = arg;
     sqlite3_wal_hook(s->w, wal_hook, s);
+    sqlite3_stmt *ps;
+    if (sqlite3_prepare_v2(s->w, "PRAGMA page_size", -1, &ps, NULL) == SQLITE_OK) {
+        if (sqlite3_step(ps) == SQLITE_ROW && sqlite3_column_int64(ps, 0) >= 512)
+            s->page_size = (unsigned)sqlite3_column_int64(ps, 0);
+        sqlite3_finalize(ps);
+    }
     pthread_mutex_lock(&s->mu);
     for (;;) {
         while (s->q_head == NULL && !s->stopping && !s->reopen &&

@@ -56,6 +56,7 @@ struct store {
     struct store_fault_vfs *fvfs;
     struct store_wstate ws;
     unsigned wal_frames;
+    unsigned page_size; /* the writer's, read when its thread starts */
 #define STORE_WSTMT_MAX 16
     sqlite3_stmt *wstmt[STORE_WSTMT_MAX]; /* the writer's cached statements */
 
