@@ -22,8 +22,11 @@ with Harness("basic") as h:
     h.eq(st["node_id"], "n1", "status node_id")
     # Empty state and no --join: a one-voter cluster bootstraps and elects itself
     # (cluster spec, life cycle).
-    st = wait_until(lambda: (lambda r: r if r["role"] == "leader" else None)(
-        n1.call("status")["result"]), what="n1 to lead its one-node cluster")
+    # Leading, with its election's no-op applied (commit moves first, then
+    # applied, in the same loop turn's ready: a status in between sees both).
+    st = wait_until(lambda: (lambda r: r if r["role"] == "leader" and
+                             r["applied_index"] == r["commit_index"] else None)(
+        n1.call("status")["result"]), what="n1 to lead its one-node cluster, caught up")
     h.ok(st["term"] >= 1 and st["leader_id"] == "n1", "status: leader of itself, term >= 1",
          "%r" % ((st["role"], st["term"], st["leader_id"]),))
     h.ok(st["commit_index"] >= 1 and st["applied_index"] == st["commit_index"],
