@@ -164,6 +164,33 @@ class Client:
         return False
 
 
+class NotifyListener:
+    """A NOTIFY_SOCKET for sd_notify(3) messages: give .path to a daemon's
+    environment; .drain() collects what arrived into .messages; .seen(pred)
+    drains and says whether any message satisfies pred."""
+
+    def __init__(self, path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.setblocking(False)
+        self.messages = []
+
+    def drain(self):
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                return
+
+    def seen(self, pred):
+        self.drain()
+        return any(pred(m) for m in self.messages)
+
+    def close(self):
+        self.sock.close()
+
+
 class Daemon:
     """One pickboxd process started by the harness."""
 

@@ -3,31 +3,19 @@ WATCHDOG=1 at half of WATCHDOG_USEC, STOPPING=1 when asked to stop."""
 
 import os
 import re
-import socket
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pbharness import Harness, wait_until  # noqa: E402
+from pbharness import Harness, NotifyListener, wait_until  # noqa: E402
 
 with Harness("notify") as h:
     h.plan(7)
     path = os.path.join(h.tmpdir, "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.setblocking(False)
-    messages = []
-
-    def drain():
-        while True:
-            try:
-                messages.append(sock.recv(4096).decode())
-            except BlockingIOError:
-                return
-
-    def seen(pred):
-        drain()
-        return any(pred(m) for m in messages)
+    listener = NotifyListener(path)
+    messages = listener.messages
+    drain = listener.drain
+    seen = listener.seen
 
     n1 = h.start_daemon("n1", env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"},
                         ready=False)

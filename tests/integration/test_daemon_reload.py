@@ -5,26 +5,17 @@ and then READY=1."""
 
 import os
 import signal
-import socket
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pbharness import Daemon, Harness, free_port, wait_until  # noqa: E402
+from pbharness import Daemon, Harness, NotifyListener, free_port, wait_until  # noqa: E402
 
 with Harness("reload") as h:
     h.plan(9)
     notify_path = os.path.join(h.tmpdir, "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(notify_path)
-    sock.setblocking(False)
-    messages = []
-
-    def drain():
-        while True:
-            try:
-                messages.append(sock.recv(4096).decode())
-            except BlockingIOError:
-                return
+    listener = NotifyListener(notify_path)
+    messages = listener.messages
+    drain = listener.drain
 
     conf = os.path.join(h.tmpdir, "n1.conf")
     port = free_port()
