@@ -37,4 +37,4 @@ with Harness("notify") as h:
     h.ok(time.monotonic() - start < 2.0, "WATCHDOG=1 about every 100 ms")
     h.eq(n1.stop(), 0, "SIGTERM: exit 0")
     h.ok(seen(lambda m: m.strip() == "STOPPING=1"), "STOPPING=1 sent", repr(messages))
-    sock.close()
+    listener.close()
