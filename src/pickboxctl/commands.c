@@ -76,7 +76,7 @@ static const struct pbctl_field_spec member_columns[] = {
             {"snapshot_index", "snapshot index", NULL, NULL},                                      \
             {"consensus_running", "consensus running", NULL, NULL},                                \
             {"advertise", NULL, NULL, NULL}, {"join", NULL, NULL, NULL},                           \
-            {"data_dir", "tree", NULL, NULL}, {"state_dir", "state dir", NULL, NULL},              \
+            {"data_dir", "tree dir", NULL, NULL}, {"state_dir", "state dir", NULL, NULL},          \
             {"uptime_s", "uptime", pbctl_format_duration_s, NULL},                                 \
     {                                                                                              \
         "control_clients", "control clients", NULL, NULL                                           \

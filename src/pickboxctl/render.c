@@ -269,6 +269,8 @@ static void render_one(struct pbctl_writer *w, const struct pbctl_field_spec *sp
     bool table = array_of_objects(v) && (json_array_size(v) > 0 || (spec && spec->columns));
     if (table) {
         render_table(w, spec, key, label, v);
+    } else if (json_is_object(v) && json_object_size(v) > 0 && (spec == NULL || !spec->format)) {
+        w->ops->field(w, key, label, v, NULL); /* the backend lays out its members */
     } else {
         char *text = pb_xmalloc(RENDER_TEXT_MAX);
         format_with(spec, v, text, RENDER_TEXT_MAX);
@@ -330,7 +332,25 @@ static void text_field(struct pbctl_writer *w, const char *key, const char *labe
                        const json_t *value, const char *text)
 {
     struct text_writer *t = (struct text_writer *)w;
-    text_add(t, label)->text = pb_xstrdup(text);
+    if (text != NULL) {
+        text_add(t, label)->text = pb_xstrdup(text);
+        return;
+    }
+    /* An object ("tree": {...}): one line per member, "tree files: 3",
+     * rather than its JSON on one line (nested objects stay JSON). */
+    const char *sub;
+    const json_t *v;
+    json_object_foreach((json_t *)value, sub, v)
+    {
+        char *sublabel = label_from_key(sub, false);
+        char *full = pb_xasprintf("%s %s", label, sublabel);
+        char *buf = pb_xmalloc(RENDER_TEXT_MAX);
+        format_with(NULL, v, buf, RENDER_TEXT_MAX);
+        text_add(t, full)->text = buf;
+        free(full);
+        free(sublabel);
+    }
+    (void)key;
 }
 
 static void text_table_begin(struct pbctl_writer *w, const char *key, const char *label,

@@ -48,7 +48,9 @@ struct pbctl_column {
 };
 
 struct pbctl_writer_ops {
-    /* A scalar, scalar-array or object field; text is its human form. */
+    /* A scalar, scalar-array or object field; text is its human form, or
+     * NULL for a non-empty object with no formatter (the backend lays out
+     * its members: the text backend one line each, "tree files: 3"). */
     void (*field)(struct pbctl_writer *w, const char *key, const char *label, const json_t *value,
                   const char *text);
     /* A table of ncols columns follows, then table_row() per row, then table_end(). */
