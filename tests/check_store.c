@@ -622,6 +622,11 @@ static void child_on_complete(void *arg, const struct store_completion *c)
  * compactions), reporting acks. */
 static void crash_child(const char *dir, uint64_t seed, int fd)
 {
+    /* Only the ack pipe: the child must not share Check's message channel
+     * (an open file description with the test process) or anything else. */
+    if (fd > 3)
+        close_range(3, (unsigned)fd - 1, 0);
+    close_range((unsigned)fd + 1, ~0u, 0);
     log_set_level(LOG_LEVEL_ERR);
     struct event_base *base = event_base_new();
     struct child_ctx cc = {fd, 0};
