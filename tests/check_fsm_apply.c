@@ -120,7 +120,7 @@ static void snapshot_bytes(struct statedb *db, struct buf *out)
 {
     struct statedb_snapshot *s;
     struct pb_error err;
-    ck_assert_int_eq(statedb_snapshot_begin(db, NULL, NULL, &s, &err), 0);
+    ck_assert_int_eq(statedb_snapshot_begin(db, &s, &err), 0);
     uint8_t tmp[65536];
     for (;;) {
         size_t n;

@@ -457,7 +457,7 @@ static uint8_t *stream_all(struct statedb *db, size_t piece, size_t *len)
 {
     struct statedb_snapshot *s;
     struct pb_error err;
-    ck_assert_int_eq(statedb_snapshot_begin(db, NULL, NULL, &s, &err), 0);
+    ck_assert_int_eq(statedb_snapshot_begin(db, &s, &err), 0);
     struct buf b = BUF_INIT;
     uint8_t *tmp = pb_xmalloc(piece);
     for (;;) {
@@ -536,7 +536,7 @@ START_TEST(test_snapshot_roundtrip)
     /* the stream is a consistent read: applying meanwhile does not change it */
     struct statedb_snapshot *s;
     struct pb_error err;
-    ck_assert_int_eq(statedb_snapshot_begin(a, NULL, NULL, &s, &err), 0);
+    ck_assert_int_eq(statedb_snapshot_begin(a, &s, &err), 0);
     uint8_t first[100];
     size_t n;
     ck_assert_int_eq(statedb_snapshot_read(s, 0, first, sizeof(first), &n, &err), 0);

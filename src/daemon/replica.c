@@ -1449,7 +1449,7 @@ void replica_metrics_get(struct replica *r, struct replica_metrics *m)
     m->dirs = s.dirs;
     m->bytes = s.bytes;
     m->conflicts = a.conflicts;
-    m->pending = r->n_props;
+    m->pending = replica_pending(r); /* as status says: a big file being read counts */
     m->proposed = r->proposed;
     m->applied = r->applied;
     m->lost = r->lost;

@@ -452,7 +452,7 @@ int sm_snapshot_take(struct sm *sm, uint64_t term, uint64_t *size, struct pb_err
     if (rc < 0)
         return pb_error_set(err, rc, "state.db: %s", statedb_errmsg(sm->db));
     struct statedb_snapshot *s = NULL;
-    rc = statedb_snapshot_begin(sm->db, NULL, NULL, &s, err);
+    rc = statedb_snapshot_begin(sm->db, &s, err);
     if (rc < 0)
         return rc;
     uint64_t index = 0, sterm = 0;

@@ -1489,13 +1489,9 @@ static void snap_restart(struct statedb_snapshot *s)
     s->pend_off = 0;
 }
 
-int statedb_snapshot_begin(struct statedb *db,
-                           int (*receiver_has)(void *arg, const uint8_t id[STATEDB_ID_LEN]),
-                           void *arg, struct statedb_snapshot **out, struct pb_error *err)
+int statedb_snapshot_begin(struct statedb *db, struct statedb_snapshot **out, struct pb_error *err)
 {
     struct statedb_snapshot *s = pb_xcalloc(1, sizeof(*s));
-    (void)receiver_has; /* format 2 never carries chunk bytes */
-    (void)arg;
     *out = NULL;
     int rc = sqlite3_open_v2(db->path, &s->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
     int e = 0;
@@ -1535,12 +1531,6 @@ int statedb_snapshot_begin(struct statedb *db,
 fail:
     statedb_snapshot_end(s);
     return e;
-}
-
-uint64_t statedb_snapshot_skipped(const struct statedb_snapshot *s)
-{
-    (void)s;
-    return 0;
 }
 
 void statedb_snapshot_info(const struct statedb_snapshot *s, uint64_t *index, uint64_t *term)
@@ -1603,39 +1593,21 @@ struct statedb_install {
     struct statedb_applied a;
     uint64_t records;
     uint32_t crc;
-    sqlite3_stmt *ins[4]; /* stage_manifest, stage_chunklist, stage_chunks, stage_sessions */
+    /* stage_manifest, stage_chunklist, stage_chunks, stage_sessions, and
+     * chunk_data (the bytes a format 1 stream carries) */
+    sqlite3_stmt *ins[5];
 };
 
-static const char *const stage_sql[4] = {
+static const char *const stage_sql[5] = {
         "INSERT INTO stage_manifest VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         "INSERT INTO stage_chunklist VALUES (?1, ?2, ?3, ?4)",
         "INSERT INTO stage_chunks VALUES (?1, ?2, ?3)",
         "INSERT INTO stage_sessions VALUES (?1, ?2)",
+        "INSERT OR IGNORE INTO chunk_data (id, data) VALUES (?1, ?2)",
 };
 
 static const char stage_clear_sql[] = "DELETE FROM stage_manifest; DELETE FROM stage_chunklist;"
                                       "DELETE FROM stage_chunks; DELETE FROM stage_sessions;";
-
-/* The bytes of a format 1 stream's chunk record, into the node-local table. */
-static int store_v1_bytes(struct statedb *db, const uint8_t *id, const uint8_t *data, uint32_t len,
-                          struct pb_error *err)
-{
-    sqlite3_stmt *st;
-    int rc = sqlite3_prepare_v2(
-            db->db, "INSERT OR IGNORE INTO chunk_data (id, data) VALUES (?1, ?2)", -1, &st, NULL);
-    if (rc == SQLITE_OK) {
-        sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
-        if (len == 0)
-            sqlite3_bind_zeroblob(st, 2, 0);
-        else
-            sqlite3_bind_blob(st, 2, data, (int)len, SQLITE_STATIC);
-        rc = sqlite3_step(st);
-    }
-    sqlite3_finalize(st);
-    if (rc != SQLITE_DONE)
-        return pb_error_set(err, -EIO, "snapshot: store chunk bytes: %s", sqlite3_errmsg(db->db));
-    return 0;
-}
 
 int statedb_install_begin(struct statedb *db, struct statedb_install **out, struct pb_error *err)
 {
@@ -1647,7 +1619,7 @@ int statedb_install_begin(struct statedb *db, struct statedb_install **out, stru
         return e;
     struct statedb_install *in = pb_xcalloc(1, sizeof(*in));
     in->db = db;
-    for (int i = 0; i < 4; i++) {
+    for (size_t i = 0; i < PB_ARRAY_SIZE(stage_sql); i++) {
         int rc = sqlite3_prepare_v2(db->db, stage_sql[i], -1, &in->ins[i], NULL);
         if (rc != SQLITE_OK) {
             e = pb_error_set(err, -EIO, "state.db: %s", sqlite3_errmsg(db->db));
@@ -1792,7 +1764,13 @@ static int stage_record(struct statedb_install *in, const uint8_t *rec, size_t l
             if (EVP_Digest(bytes, clen, md, NULL, EVP_sha256(), NULL) != 1 ||
                 memcmp(md, q, STATEDB_ID_LEN) != 0)
                 return pb_error_set(err, -EBADMSG, "snapshot: chunk bytes do not match their id");
-            int e = store_v1_bytes(in->db, q, bytes, clen, err);
+            sqlite3_stmt *d = in->ins[4];
+            sqlite3_bind_blob(d, 1, q, STATEDB_ID_LEN, SQLITE_STATIC);
+            if (clen == 0)
+                sqlite3_bind_zeroblob(d, 2, 0);
+            else
+                sqlite3_bind_blob(d, 2, bytes, (int)clen, SQLITE_STATIC);
+            int e = stage_step(in, d, err);
             if (e < 0)
                 return e;
         }
@@ -1940,7 +1918,7 @@ void statedb_install_abort(struct statedb_install *in)
 {
     if (in == NULL)
         return;
-    for (int i = 0; i < 4; i++)
+    for (size_t i = 0; i < PB_ARRAY_SIZE(in->ins); i++)
         sqlite3_finalize(in->ins[i]);
     sqlite3_exec(in->db->db, stage_clear_sql, NULL, NULL, NULL);
     buf_free(&in->part);

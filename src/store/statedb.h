@@ -266,14 +266,8 @@ int statedb_status_get(struct statedb *db, uint8_t file_kind, uint8_t dir_kind,
  * read: copies up to len bytes at offset into buf, *n gets how many; *n < len
  * means the end of the stream. Reading sequentially is cheap; an earlier
  * offset re-generates the stream from the start. end: closes it.
- * receiver_has and arg are ignored (stream format 1 used them to skip the
- * bytes of chunks the receiver held; format 2 carries no bytes at all).
  */
-int statedb_snapshot_begin(struct statedb *db,
-                           int (*receiver_has)(void *arg, const uint8_t id[STATEDB_ID_LEN]),
-                           void *arg, struct statedb_snapshot **out, struct pb_error *err);
-/* Always 0 since format 2 (kept for callers of format 1's API). */
-uint64_t statedb_snapshot_skipped(const struct statedb_snapshot *s);
+int statedb_snapshot_begin(struct statedb *db, struct statedb_snapshot **out, struct pb_error *err);
 void statedb_snapshot_info(const struct statedb_snapshot *s, uint64_t *index, uint64_t *term);
 int statedb_snapshot_read(struct statedb_snapshot *s, uint64_t offset, void *buf, size_t len,
                           size_t *n, struct pb_error *err);

@@ -161,7 +161,7 @@ int main(int argc, char **argv)
     /* 3: snapshot stream and install */
     struct statedb_snapshot *s;
     struct statedb_install *in;
-    if ((rc = statedb_snapshot_begin(db, NULL, NULL, &s, &err)) < 0 ||
+    if ((rc = statedb_snapshot_begin(db, &s, &err)) < 0 ||
         (rc = statedb_install_begin(db2, &in, &err)) < 0)
         die(err.msg, rc);
     uint8_t *piece = pb_xmalloc(1 << 20);
