@@ -579,6 +579,8 @@ struct stage_slot {
     bool covered;   /* on the filesystem the last syncfs synced */
     bool done;      /* committed or given up: no temp left to remove */
     bool renamed;   /* its directory needs an fsync */
+    dev_t dir_dev;  /* renamed: the directory's identity, to fsync each once */
+    ino_t dir_ino;
 };
 
 struct fsm_tree_stage {
@@ -703,6 +705,8 @@ int fsm_tree_stage_commit(struct fsm_tree_stage *s, int slot, const char *path,
     rc = rename_into_place(sl->dirfd, sl->tmp, name, expect);
     if (rc == 0) {
         sl->renamed = true;
+        sl->dir_dev = then.st_dev;
+        sl->dir_ino = then.st_ino;
         if (out != NULL)
             stat_from(&sl->st, out);
     } else {
@@ -737,12 +741,10 @@ int fsm_tree_stage_finish(struct fsm_tree_stage *s)
     for (size_t i = 0; i < s->n; i++) {
         struct stage_slot *sl = &s->slot[i];
         if (sl->renamed) {
-            struct stat a, b;
             bool seen = false;
-            if (fstat(sl->dirfd, &a) == 0)
-                for (size_t j = 0; j < i && !seen; j++)
-                    seen = s->slot[j].renamed && fstat(s->slot[j].dirfd, &b) == 0 &&
-                           a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+            for (size_t j = 0; j < i && !seen; j++)
+                seen = s->slot[j].renamed && s->slot[j].dir_dev == sl->dir_dev &&
+                       s->slot[j].dir_ino == sl->dir_ino;
             int rc = seen ? 0 : fsync_dir(sl->dirfd);
             if (rc < 0 && ret == 0)
                 ret = rc;
@@ -756,7 +758,7 @@ int fsm_tree_stage_finish(struct fsm_tree_stage *s)
             ret = rc;
         close(s->dirs[i]);
     }
-    for (size_t i = 0; i < s->n; i++) { /* after: the loop above compares them */
+    for (size_t i = 0; i < s->n; i++) { /* after the fsyncs above, which use them */
         if (s->slot[i].fd >= 0)
             close(s->slot[i].fd);
         close(s->slot[i].dirfd);
