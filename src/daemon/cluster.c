@@ -801,9 +801,7 @@ static void cluster_record_snapshot(struct cluster *c, uint64_t index, uint64_t 
 /* Notes when the commit index moved and forgets marks that are applied. */
 static void cluster_lag_note(struct cluster *c, uint64_t now)
 {
-    struct raft_status rs;
-    raft_status(c->raft, &rs);
-    uint64_t commit = rs.commit, applied = sm_applied(c->sm);
+    uint64_t commit = raft_commit(c->raft), applied = sm_applied(c->sm);
     size_t drop = 0;
     while (drop < c->n_lag_marks && c->lag_marks[drop].index <= applied)
         drop++;

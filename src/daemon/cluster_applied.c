@@ -56,16 +56,14 @@ void cluster_applied_tick(struct cluster *c, uint64_t now)
 {
     if (c->sm == NULL || c->net == NULL || c->raft == NULL || c->joining)
         return;
-    uint64_t applied = sm_applied(c->sm);
-    struct raft_status rs;
-    raft_status(c->raft, &rs);
-    bool changed = applied != c->applied_sent || rs.commit != c->commit_sent;
+    uint64_t applied = sm_applied(c->sm), commit = raft_commit(c->raft);
+    bool changed = applied != c->applied_sent || commit != c->commit_sent;
     if (!changed && now < c->applied_sent_ms + CLUSTER_APPLIED_REFRESH_MS)
         return;
     struct buf b = BUF_INIT;
     buf_put_u8(&b, CLUSTER_APPLIED_VERSION);
     buf_put_u64(&b, applied);
-    buf_put_u64(&b, rs.commit);
+    buf_put_u64(&b, commit);
     for (size_t i = 0; i < c->n_members; i++) {
         uint64_t id = c->members[i].id;
         if (id == c->id)
@@ -76,7 +74,7 @@ void cluster_applied_tick(struct cluster *c, uint64_t now)
     }
     buf_free(&b);
     c->applied_sent = applied;
-    c->commit_sent = rs.commit;
+    c->commit_sent = commit;
     c->applied_sent_ms = now;
 }
 
@@ -123,9 +121,7 @@ bool cluster_member_applied(struct cluster *c, uint64_t id, uint64_t *applied)
 
 uint64_t cluster_commit_known(struct cluster *c)
 {
-    struct raft_status rs;
-    raft_status(c->raft, &rs);
-    uint64_t commit = rs.commit;
+    uint64_t commit = raft_commit(c->raft);
     for (size_t i = 0; i < c->n_reports; i++) {
         if (cluster_member_by_id(c, c->reports[i].id) != NULL && c->reports[i].commit > commit)
             commit = c->reports[i].commit;

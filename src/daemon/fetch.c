@@ -315,15 +315,10 @@ void fetch_on_reply(struct fetch *f, struct sm *sm, uint64_t from, const uint8_t
     if (stored > 0)
         f->stored_since_repair = true;
     f->deadline_ms = 0;
-    /* what this peer did not give, the next one may have */
+    /* what this peer did not give, the next one may have; a complete
+     * batch goes on with the next (from the first peer again) */
     f->peer_at++;
-    for (size_t i = 0; i < f->n_batch; i++)
-        if (!f->batch[i].got) {
-            fetch_send_next(f, sm, now_ms);
-            return;
-        }
-    f->peer_at = 0;
-    fetch_send_next(f, sm, now_ms); /* the batch is complete: the next one */
+    fetch_send_next(f, sm, now_ms);
 }
 
 void fetch_on_request(struct fetch *f, struct sm *sm, uint64_t from, const uint8_t *p, size_t len)

@@ -27,7 +27,6 @@
 struct metrics_http {
     struct evhttp *http;
     struct daemon *d;
-    unsigned port;
 };
 
 /* A short text/plain answer. (evhttp_send_error() would drop our headers,
@@ -112,22 +111,9 @@ int metrics_http_start(struct metrics_http **out, struct event_base *base, const
     evhttp_set_timeout(h->http, METRICS_HTTP_TIMEOUT_S);
     evhttp_set_gencb(h->http, metrics_http_on_request, h);
 
-    struct sockaddr_storage ss;
-    socklen_t sl = sizeof(ss);
-    if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0) {
-        if (ss.ss_family == AF_INET)
-            h->port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
-        else if (ss.ss_family == AF_INET6)
-            h->port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
-    }
     log_info("serving metrics on http://%s/metrics", hostport);
     *out = h;
     return 0;
-}
-
-unsigned metrics_http_port(const struct metrics_http *h)
-{
-    return h->port;
 }
 
 void metrics_http_free(struct metrics_http *h)

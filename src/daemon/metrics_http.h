@@ -24,15 +24,12 @@ struct metrics_http;
 #define METRICS_HTTP_MAX_BODY    4096
 #define METRICS_HTTP_TIMEOUT_S   10
 
-/* Listens on "host:port" (port 0 picks a free one) and serves d's metrics
+/* Listens on "host:port" and serves d's metrics
  * (d is borrowed and must outlive the listener). Returns 0, or a negative
  * errno with err naming the address ("cannot listen on metrics address
  * 127.0.0.1:9101: Address already in use"). */
 int metrics_http_start(struct metrics_http **out, struct event_base *base, const char *hostport,
                        struct daemon *d, struct pb_error *err);
-
-/* The bound port (useful with port 0). */
-unsigned metrics_http_port(const struct metrics_http *h);
 
 /* Closes the listener and every connection. NULL is a no-op. */
 void metrics_http_free(struct metrics_http *h);

@@ -435,10 +435,10 @@ static void note_put_stat(struct replica *r, size_t n_before, const struct fsm_t
 /* Ends the big file's proposal: rc 0 (its PUT is queued), -EAGAIN (it
  * changed while read, or the tree went away: later), -ECANCELED (the
  * daemon stops), or an error. */
-static void job_end(struct replica *r, int rc)
+/* Ends a file's proposal with rc (1 never): a file changing while read is
+ * looked at again later, an error is reported; frees j. */
+static void job_free(struct replica *r, struct rjob *j, int rc)
 {
-    struct rjob *j = r->job;
-    r->job = NULL;
     if (rc == -EAGAIN)
         mark_dirty(r, j->path, j->x.carry_all);
     else if (rc < 0 && rc != -ECANCELED)
@@ -449,6 +449,13 @@ static void job_end(struct replica *r, int rc)
     fsm_propose_free(j->p);
     free(j->path);
     free(j);
+}
+
+static void job_end(struct replica *r, int rc)
+{
+    struct rjob *j = r->job;
+    r->job = NULL;
+    job_free(r, j, rc);
 }
 
 /*
@@ -603,13 +610,7 @@ static void replica_check(struct replica *r, const char *path, bool carry_all)
             if (rc == 0)
                 note_put_stat(r, before, &j->x.st);
         }
-        if (rc == -EAGAIN)
-            mark_dirty(r, path, carry_all); /* changing while read: later */
-        else if (rc < 0)
-            replica_error(r, "cannot propose %s: %s", path, strerror(-rc));
-        fsm_propose_free(j->p);
-        free(j->path);
-        free(j);
+        job_free(r, j, rc); /* -EAGAIN: changing while read, later */
         return;
     }
     case FSM_KIND_DIR: {
@@ -903,8 +904,7 @@ static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_ap
               fsm_op_type_name(p->type), p->path ? p->path : "", e->index, (int)res->status,
               (int)res->outcome);
     prop_unlink(r, p);
-    r->applied++;
-    replica_kick(r);
+    r->applied++; /* obs_batch_after kicks the queue on */
     if (p->proposed)
         pb_hist_observe_us(&r->latency, pb_now_us() - p->proposed_us);
     struct sm *sm = replica_sm(r);
@@ -936,9 +936,9 @@ static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_ap
     }
     r->progress_ms = pb_now_ms();
     bool missing = res->status == FSM_APPLY_DONE && res->outcome == FSM_OUT_MISSING_CHUNKS;
-    bool again = missing && p->path && r->missing_path && strcmp(r->missing_path, p->path) == 0;
-    if (p->type == FSM_OP_PUT && p->path && r->missing_path &&
-        strcmp(r->missing_path, p->path) == 0) {
+    bool same = p->path && r->missing_path && strcmp(r->missing_path, p->path) == 0;
+    bool again = missing && same;
+    if (p->type == FSM_OP_PUT && same) {
         free(r->missing_path);
         r->missing_path = NULL;
     }
@@ -1230,24 +1230,21 @@ static void on_kick(evutil_socket_t fd, short what, void *arg)
  * out saying so. behind (may be NULL) gets the members that have not caught
  * up yet, as "name (applied N)".
  */
-static bool sync_reached(struct replica *r, uint64_t target, char *behind, size_t len)
+static bool sync_reached(struct replica *r, const struct cluster_view *v, const json_t *arr,
+                         uint64_t target, char *behind, size_t len)
 {
-    struct cluster_view v;
-    cluster_view(r->c, &v);
-    bool ok = v.applied >= target;
+    bool ok = v->applied >= target;
     if (behind != NULL && len > 0)
         behind[0] = '\0';
     size_t used = 0;
     if (!ok && behind != NULL)
         used += (size_t)snprintf(behind, len, "%s (applied %" PRIu64 ")", r->cfg->node_id,
-                                 v.applied);
-    if (v.leader == NULL)
+                                 v->applied);
+    if (v->leader == NULL)
         ok = false; /* cut off from the majority: what is committed is not known here */
-    json_t *mj = cluster_members_json(r->c);
-    json_t *arr = json_object_get(mj, "members");
     size_t i;
     json_t *m;
-    json_array_foreach(arr, i, m)
+    json_array_foreach((json_t *)arr, i, m)
     {
         if (json_is_true(json_object_get(m, "self")) ||
             !json_is_true(json_object_get(m, "reachable")))
@@ -1267,27 +1264,26 @@ static bool sync_reached(struct replica *r, uint64_t target, char *behind, size_
                                      name ? name : "?", what);
         }
     }
-    json_decref(mj);
     return ok;
-}
-
-static bool sync_no_leader(struct replica *r)
-{
-    struct cluster_view v;
-    cluster_view(r->c, &v);
-    return v.leader == NULL;
 }
 
 static void sync_check(struct replica *r, uint64_t now)
 {
+    if (r->syncs == NULL)
+        return;
+    /* one look at the cluster for every waiting request */
+    struct cluster_view v;
+    cluster_view(r->c, &v);
+    json_t *mj = cluster_members_json(r->c);
+    const json_t *arr = json_object_get(mj, "members");
     struct rsync **pp = &r->syncs;
     while (*pp != NULL) {
         struct rsync *q = *pp;
         char behind[512];
         bool late = now >= q->deadline_ms;
-        if (sync_reached(r, q->target, late ? behind : NULL, sizeof(behind))) {
+        if (sync_reached(r, &v, arr, q->target, late ? behind : NULL, sizeof(behind))) {
             ctl_reply_result(q->req, json_pack("{s:I}", "index", (json_int_t)q->target));
-        } else if (late && sync_no_leader(r)) {
+        } else if (late && v.leader == NULL) {
             ctl_reply_error(q->req, CTL_ERR_TIMEOUT, NULL,
                             "no leader known (cut off from the majority?): cannot tell whether "
                             "index %" PRIu64 " is applied everywhere",
@@ -1304,6 +1300,7 @@ static void sync_check(struct replica *r, uint64_t now)
         *pp = q->next;
         free(q);
     }
+    json_decref(mj);
 }
 
 void replica_sync(struct replica *r, struct ctl_request *req, unsigned timeout_ms)

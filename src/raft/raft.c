@@ -1891,6 +1891,11 @@ uint64_t raft_term(const struct raft *r)
     return r->term;
 }
 
+uint64_t raft_commit(const struct raft *r)
+{
+    return r->commit;
+}
+
 enum raft_role raft_role(const struct raft *r)
 {
     return r->role;

@@ -389,6 +389,8 @@ const struct raft_conf *raft_conf(const struct raft *r);
 /* Entry at index if still in the in-memory log, else NULL. */
 const struct raft_entry *raft_entry_at(const struct raft *r, uint64_t index);
 uint64_t raft_term(const struct raft *r);
+/* The commit index (what raft_status() says, without filling a status). */
+uint64_t raft_commit(const struct raft *r);
 enum raft_role raft_role(const struct raft *r);
 uint64_t raft_leader(const struct raft *r);
 const char *raft_role_name(enum raft_role role);
