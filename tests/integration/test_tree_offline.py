@@ -55,6 +55,22 @@ def rd(d, p):
         return f.read()
 
 
+def explain(h, nodes, what):
+    """What a failure needs to be understood from CI's output alone: the
+    phase, each node's view of the cluster and the trees' differences."""
+    h.diag("FAILED PHASE: " + what)
+    for d in nodes:
+        st = th.status(d)
+        tree = st.get("tree", {})
+        h.diag("%s: role %s term %s leader %s commit %s applied %s tree %r" % (
+            d.node_id, st.get("role"), st.get("term"), st.get("leader_id"),
+            st.get("commit_index"), st.get("applied_index"), tree))
+    try:
+        h.diag(th.tree_diff(nodes))
+    except th.TreeChanging as e:
+        h.diag("trees still changing: %s" % e)
+
+
 def run_round(h, nodes, tag, mode):
     n1, n2, n3 = nodes
     base = {
@@ -67,14 +83,15 @@ def run_round(h, nodes, tag, mode):
         th.write(os.path.join(n1.data_dir, tag, p), v)
     want = {os.path.join(tag, p): v.encode() for p, v in base.items()}
     try:
-        th.wait_converged(nodes, 20, lambda t: all(t.get(k, (0, 0))[1] == v
+        th.wait_converged(nodes, 60, lambda t: all(t.get(k, (0, 0))[1] == v
                                                     for k, v in want.items()))
     except HarnessError as e:
-        h.diag(th.tree_diff(nodes))
+        explain(h, nodes, "%s: the base files never reached every tree" % tag)
         raise e
     # every node has applied (and recorded) the base before n3 goes away
-    r = n1.request("sync", {"timeout_s": 20}, timeout=30)
+    r = n1.request("sync", {"timeout_s": 30}, timeout=40)
     if "result" not in r:
+        explain(h, nodes, "%s: sync before the cut failed" % tag)
         raise HarnessError("sync before the cut: %r" % r)
 
     leader = None
@@ -99,7 +116,7 @@ def run_round(h, nodes, tag, mode):
     os.rename(p3("ren-del.txt"), p3("ren-del2.txt"))
     os.rename(p3("rdir"), p3("rdir2"))
     # the majority, meanwhile
-    leader = h.wait_leader([n1, n2], timeout=20)
+    leader = h.wait_leader([n1, n2], timeout=30)
     th.write(os.path.join(leader.data_dir, tag, "both.txt"), "majority edit of both\n")
     th.write(os.path.join(leader.data_dir, tag, "del-edit.txt"), "majority edit of de\n")
     th.write(os.path.join(leader.data_dir, tag, "newm.txt"), "new on the majority\n")
@@ -108,14 +125,18 @@ def run_round(h, nodes, tag, mode):
     os.unlink(os.path.join(leader.data_dir, tag, "ren-del.txt"))
     shutil.rmtree(os.path.join(leader.data_dir, tag, "rdir"))
     maj = [n1, n2]
-    wait_until(lambda: all(os.path.exists(os.path.join(d.data_dir, tag, "newm.txt")) and
-                           rd(d, os.path.join(tag, "both.txt")) == b"majority edit of both\n"
-                           and rd(d, os.path.join(tag, "del-edit.txt")) ==
-                           b"majority edit of de\n" and
-                           not os.path.exists(os.path.join(d.data_dir, tag, "edit-del.txt")) and
-                           not os.path.exists(os.path.join(d.data_dir, tag, "rdir"))
-                           for d in maj), 20,
-               what="the majority to commit its edits")
+    try:
+        wait_until(lambda: all(os.path.exists(os.path.join(d.data_dir, tag, "newm.txt")) and
+                               rd(d, os.path.join(tag, "both.txt")) == b"majority edit of both\n"
+                               and rd(d, os.path.join(tag, "del-edit.txt")) ==
+                               b"majority edit of de\n" and
+                               not os.path.exists(os.path.join(d.data_dir, tag, "edit-del.txt"))
+                               and not os.path.exists(os.path.join(d.data_dir, tag, "rdir"))
+                               for d in maj), 60,
+                   what="the majority to commit its edits")
+    except HarnessError as e:
+        explain(h, nodes, "%s: the majority's edits did not apply on n1 and n2" % tag)
+        raise e
     r = leader.request("sync", {"timeout_s": 20}, timeout=30)
     h.ok("result" in r, "%s: sync on the majority's leader answers while n3 is away (%s)"
          % (tag, list(r)), "reply %r" % r)
@@ -189,7 +210,11 @@ with Harness("tree_offline") as h:
     h.plan(22)
     nodes = th.start_cluster(h, 3, env=ENV)
     h.ok(True, "3-node cluster with test hooks")
-    run_round(h, nodes, "part", "partition")
-    run_round(h, nodes, "down", "down")
+    for tag, mode in (("part", "partition"), ("down", "down")):
+        try:
+            run_round(h, nodes, tag, mode)
+        except HarnessError:
+            explain(h, nodes, "%s: round stopped by an error (traceback below)" % tag)
+            raise
     codes = [d.stop(timeout=15) for d in nodes]
     h.eq(codes, [0, 0, 0], "all three stop cleanly")
