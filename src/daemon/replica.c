@@ -875,8 +875,22 @@ static void obs_before(void *arg, const struct raft_entry *e)
             return;
         }
     }
-    if (fsm_tree_lstat(sm_tree(sm), p->path, &now) == 0 && fsm_tree_stat_matches(&p->st, &now))
+    if (fsm_tree_lstat(sm_tree(sm), p->path, &now) < 0 || now.kind == FSM_KIND_NONE)
+        return;
+    /* Recorded also when the path already holds a newer local edit (a writer
+     * that truncated, was proposed, then wrote; a second save): that edit is
+     * still different from the record, so nothing replaces it, and its op is
+     * based on this one, whose content the tree has seen, instead of on an
+     * older version: a node's own edits in a row are sequential, never a
+     * conflict with each other. Only local edits can have changed the path
+     * meanwhile: an apply skips a path whose tree differs from the record. */
+    bool same = fsm_tree_stat_matches(&p->st, &now);
+    if (same || p->type == FSM_OP_PUT || p->type == FSM_OP_SYMLINK)
         fsm_apply_record_local(sm_fsm(sm), p->path, &p->st);
+    /* The file holds what the op carries: recorded, not written again (a
+     * writer may still have it open). */
+    if (same && p->type == FSM_OP_PUT)
+        fsm_apply_note_in_tree(sm_fsm(sm), e->index, p->path, &p->st);
 }
 
 static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_apply_result *res)
@@ -914,10 +928,11 @@ static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_ap
         fsm_apply_record_local(sm_fsm(sm), p->path, &p->st);
     if ((p->type == FSM_OP_PUT || p->type == FSM_OP_SYMLINK) && p->has_st &&
         res->status == FSM_APPLY_DONE && res->outcome == FSM_OUT_NOOP && sm_tree(sm) != NULL &&
-        fsm_tree_lstat(sm_tree(sm), p->path, &now) == 0 && fsm_tree_stat_matches(&p->st, &now)) {
+        fsm_tree_lstat(sm_tree(sm), p->path, &now) == 0 && now.kind != FSM_KIND_NONE) {
         /* The index already held these bytes (R5, e.g. a joining tree's
          * identical file): the tree holds the index's row, recorded as such,
-         * so that our next edit of it is sequential. */
+         * so that our next edit of it is sequential (also when that edit is
+         * already there, as in obs_before()). */
         struct fsm_disk disk;
         fsm_apply_bind_disk(sm_fsm(sm), &disk);
         disk.record(disk.arg, p->path, &p->st);

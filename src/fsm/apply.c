@@ -14,11 +14,21 @@
 #include "lib/log.h"
 #include "lib/util.h"
 
+/* fsm_apply_note_in_tree(): an own PUT whose content the tree holds. */
+struct in_tree_note {
+    uint64_t index;
+    char *path;
+    struct fsm_tree_stat st;
+};
+
 struct fsm_apply {
     struct statedb *db;
     struct fsm_tree *tree;
     struct fsm_index ix;
     struct fsm_disk disk;
+    struct in_tree_note *notes; /* for the next fsm_apply_entries() */
+    size_t n_notes;
+    uint64_t cur_index; /* the entry being materialized, 0 outside */
 };
 
 /* ---- conversions --------------------------------------------------------- */
@@ -130,6 +140,18 @@ static int dk_record_move(void *arg, const char *from, const char *to)
     return statedb_disk_move(ap->db, from, to);
 }
 
+static int dk_in_tree(void *arg, const char *path, struct fsm_tree_stat *st)
+{
+    struct fsm_apply *ap = arg;
+    for (size_t i = 0; ap->cur_index != 0 && i < ap->n_notes; i++) {
+        if (ap->notes[i].index == ap->cur_index && strcmp(ap->notes[i].path, path) == 0) {
+            *st = ap->notes[i].st;
+            return 1;
+        }
+    }
+    return 0;
+}
+
 static int dk_read_chunk(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN], uint8_t *buf, uint32_t len)
 {
     struct fsm_apply *ap = arg;
@@ -150,12 +172,35 @@ struct fsm_apply *fsm_apply_new(struct statedb *db, struct fsm_tree *tree)
     ap->disk.record = dk_record;
     ap->disk.record_move = dk_record_move;
     ap->disk.read_chunk = dk_read_chunk;
+    ap->disk.in_tree = dk_in_tree;
     return ap;
+}
+
+static void notes_clear(struct fsm_apply *ap)
+{
+    for (size_t i = 0; i < ap->n_notes; i++)
+        free(ap->notes[i].path);
+    free(ap->notes);
+    ap->notes = NULL;
+    ap->n_notes = 0;
 }
 
 void fsm_apply_free(struct fsm_apply *ap)
 {
+    if (ap == NULL)
+        return;
+    notes_clear(ap);
     free(ap);
+}
+
+int fsm_apply_note_in_tree(struct fsm_apply *ap, uint64_t index, const char *path,
+                           const struct fsm_tree_stat *st)
+{
+    if (index == 0 || path == NULL || st->kind != FSM_KIND_FILE)
+        return -EINVAL;
+    ap->notes = pb_xreallocarray(ap->notes, ap->n_notes + 1, sizeof(*ap->notes));
+    ap->notes[ap->n_notes++] = (struct in_tree_note){index, pb_xstrdup(path), *st};
+    return 0;
 }
 
 void fsm_apply_bind_index(struct fsm_apply *ap, struct fsm_index *ix)
@@ -457,7 +502,10 @@ static void materialize_all(struct fsm_apply *ap, const struct fsm_apply_input *
         size_t end = start;
         while (end < total) {
             const struct plan *p = &plans[steps[end].k];
-            if (fsm_materialize_stage(b, &p->ops[steps[end].i], &p->d[steps[end].i]) < 0)
+            ap->cur_index = in[steps[end].k].index;
+            int src = fsm_materialize_stage(b, &p->ops[steps[end].i], &p->d[steps[end].i]);
+            ap->cur_index = 0;
+            if (src < 0)
                 break;
             end++;
         }
@@ -467,7 +515,9 @@ static void materialize_all(struct fsm_apply *ap, const struct fsm_apply_input *
         for (size_t x = start; x < end && tree_rc == 0; x++) {
             const struct plan *p = &plans[steps[x].k];
             unsigned pending = 0;
+            ap->cur_index = in[steps[x].k].index;
             tree_rc = fsm_materialize_staged(b, &p->ops[steps[x].i], &p->d[steps[x].i], &pending);
+            ap->cur_index = 0;
             out[steps[x].k].pending += pending;
             if (tree_rc < 0)
                 err_k = steps[x].k;
@@ -538,6 +588,8 @@ done:
     }
     free(plans);
     free(ops);
+    if (rc == 0) /* kept for a batch that is applied again after an error */
+        notes_clear(ap);
     return rc;
 }
 

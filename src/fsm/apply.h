@@ -151,6 +151,14 @@ int fsm_apply_repair(struct fsm_apply *ap, unsigned *repaired, unsigned *pending
  * path back to the index if the op lost. */
 int fsm_apply_record_local(struct fsm_apply *ap, const char *path, const struct fsm_tree_stat *st);
 
+/* The node's own PUT at index, about to be applied, left its content at path
+ * in the tree with stat st (a file), after fsm_apply_record_local() of st:
+ * if the entry's plan writes that path and the tree still holds st, the file
+ * is recorded as written instead of being written again (struct fsm_disk
+ * in_tree). Notes hold for the next fsm_apply_entries() only. 0 or -EINVAL. */
+int fsm_apply_note_in_tree(struct fsm_apply *ap, uint64_t index, const char *path,
+                           const struct fsm_tree_stat *st);
+
 /* The state.db-backed index (for the watcher's base versions and tests) and
  * disk records (for fsm_materialize_entry()); valid while ap lives. */
 void fsm_apply_bind_index(struct fsm_apply *ap, struct fsm_index *ix);

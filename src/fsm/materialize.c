@@ -112,19 +112,35 @@ static int staged_slot(const struct fsm_materialize_batch *b, const struct fsm_a
     return -1;
 }
 
-static bool stageable(const struct fsm_op *op, const struct fsm_action *a)
+/* The tree already holds what action a of op would write (in_tree): the
+ * node's own edit, unchanged since it was proposed. *held gets its stat. */
+static bool already_there(struct fsm_tree *t, const struct fsm_op *op, const struct fsm_action *a,
+                          const struct fsm_disk *disk, struct fsm_tree_stat *held)
 {
+    struct fsm_tree_stat now;
+    return a->type == FSM_ACT_WRITE && op->type == FSM_OP_PUT && op->path != NULL &&
+           disk->in_tree != NULL && strcmp(a->path, op->path) == 0 &&
+           disk->in_tree(disk->arg, a->path, held) == 1 && fsm_tree_lstat(t, a->path, &now) == 0 &&
+           fsm_tree_stat_matches(held, &now);
+}
+
+static bool stageable(const struct fsm_materialize_batch *b, const struct fsm_op *op,
+                      const struct fsm_action *a)
+{
+    struct fsm_tree_stat held;
     return a->type == FSM_ACT_WRITE && op->type == FSM_OP_PUT &&
-           op->u.put.size <= MATERIALIZE_STAGE_BYTES;
+           op->u.put.size <= MATERIALIZE_STAGE_BYTES && !already_there(b->t, op, a, b->disk, &held);
 }
 
 static int do_write(struct fsm_tree *t, const struct fsm_op *op, const struct fsm_action *a,
                     const struct fsm_disk *disk, struct fsm_materialize_batch *b)
 {
-    struct fsm_tree_stat exp, out;
+    struct fsm_tree_stat exp, out, held;
     int rc = disk->expected(disk->arg, a->path, &exp);
     if (rc < 0)
         return rc;
+    if (already_there(t, op, a, disk, &held) && fsm_tree_stat_matches(&exp, &held))
+        return disk->record(disk->arg, a->path, &held);
     int slot = staged_slot(b, a);
     if (slot >= 0) {
         rc = fsm_tree_stage_commit(b->stage, slot, a->path, &exp, &out);
@@ -257,14 +273,14 @@ int fsm_materialize_stage(struct fsm_materialize_batch *b, const struct fsm_op *
 {
     size_t want = 0;
     for (size_t i = 0; i < d->n_acts; i++)
-        want += stageable(op, &d->acts[i]);
+        want += stageable(b, op, &d->acts[i]);
     if (want == 0)
         return 0;
     if (b->n > 0 && b->n + want > FSM_TREE_STAGE_MAX)
         return -ENOSPC;
     for (size_t i = 0; i < d->n_acts && b->n < FSM_TREE_STAGE_MAX; i++) {
         const struct fsm_action *a = &d->acts[i];
-        if (!stageable(op, a))
+        if (!stageable(b, op, a))
             continue;
         struct content c = {op->u.put.refs, op->u.put.n_refs, op, b->disk};
         struct staged *st = &b->st[b->n++];

@@ -33,6 +33,13 @@ struct fsm_disk {
     int (*record_move)(void *arg, const char *from, const char *to);
     /* Copies the len bytes of chunk id into buf. 0, -ENOENT, or -errno. */
     int (*read_chunk)(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN], uint8_t *buf, uint32_t len);
+    /* Optional (NULL: never). 1 and *st when the PUT being materialized is
+     * this node's own edit and its tree held the op's content at path with
+     * stat *st when the op committed; else 0. Such a file is recorded, not
+     * written again: rewriting it (a new inode) would take the file from
+     * under a program that still has it open, and its later writes would
+     * go to the replaced inode. */
+    int (*in_tree)(void *arg, const char *path, struct fsm_tree_stat *st);
 };
 
 /*

@@ -37,13 +37,6 @@ import treeharness as th  # noqa: E402
 ENV = {"PICKBOX_TEST_HOOKS": "1"}
 
 
-def cut(a, b, on):
-    for x, y in ((a, b), (b, a)):
-        r = x.request("debug_partition", {"node": y.node_id, "on": on})
-        if "result" not in r:
-            raise HarnessError("debug_partition %s -> %s: %r" % (x.node_id, y.node_id, r))
-
-
 def conflicts_of(tree, path):
     stem, ext = os.path.splitext(path)
     return sorted(k for k in tree if k.startswith(stem + ".pickbox-conflict-") and
@@ -96,8 +89,8 @@ def run_round(h, nodes, tag, mode):
 
     leader = None
     if mode == "partition":
-        cut(n3, n1, True)
-        cut(n3, n2, True)
+        th.cut(n3, n1, True)
+        th.cut(n3, n2, True)
     else:
         n3.kill9()
 
@@ -143,8 +136,8 @@ def run_round(h, nodes, tag, mode):
 
     t0 = time.monotonic()
     if mode == "partition":
-        cut(n3, n1, False)
-        cut(n3, n2, False)
+        th.cut(n3, n1, False)
+        th.cut(n3, n2, False)
     else:
         n3.restart()
 

@@ -29,13 +29,6 @@ import treeharness as th  # noqa: E402
 ENV = {"PICKBOX_TEST_HOOKS": "1"}
 
 
-def cut(a, b, on):
-    for x, y in ((a, b), (b, a)):
-        r = x.request("debug_partition", {"node": y.node_id, "on": on})
-        if "result" not in r:
-            raise HarnessError("debug_partition %s -> %s: %r" % (x.node_id, y.node_id, r))
-
-
 def committed_on(d, path, data, files):
     """The file is in d's tree and d's index holds `files` files (its op
     committed and applied there)."""
@@ -93,8 +86,8 @@ with Harness("tree_sync") as h:
          "pickboxctl members has an applied column", "out %r" % r.stdout)
 
     # 3. A partitioned member is not waited for.
-    cut(n3, n1, True)
-    cut(n3, n2, True)
+    th.cut(n3, n1, True)
+    th.cut(n3, n2, True)
     maj_leader = h.wait_leader([n1, n2], timeout=20)
     th.write(os.path.join(maj_leader.data_dir, "two.txt"), "two\n")
     wait_until(lambda: committed_on(maj_leader, "two.txt", b"two\n", 2), 15,
@@ -109,8 +102,8 @@ with Harness("tree_sync") as h:
     h.ok(err.get("code") == "TIMEOUT" and "no leader" in err.get("message", ""),
          "sync on the cut-off n3 times out: it cannot know what is committed (%r)"
          % err.get("message"), "reply %r" % r)
-    cut(n3, n1, False)
-    cut(n3, n2, False)
+    th.cut(n3, n1, False)
+    th.cut(n3, n2, False)
     wait_until(lambda: has(n3, "two.txt", b"two\n"), 20, what="n3 to catch up after healing")
 
     # 4. A connected but stopped member is waited for.

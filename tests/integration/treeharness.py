@@ -131,3 +131,12 @@ def tree_diff(nodes):
         if any(v != vals[0] for v in vals):
             lines.append("%s: %r" % (k, vals))
     return "\n".join(lines[:40])
+
+
+def cut(a, b, on):
+    """Cuts (on=True) or heals the link between daemons a and b at both ends
+    (the debug_partition hook: the daemons run with PICKBOX_TEST_HOOKS=1)."""
+    for x, y in ((a, b), (b, a)):
+        r = x.request("debug_partition", {"node": y.node_id, "on": on})
+        if "result" not in r:
+            raise HarnessError("debug_partition %s -> %s: %r" % (x.node_id, y.node_id, r))
