@@ -37,6 +37,7 @@
 #define REPLICA_TICK_MS           20
 #define REPLICA_RETRY_LEADER_MS   3000
 #define REPLICA_RETRY_FOLLOWER_MS 1000
+#define REPLICA_RETRY_DOUBLINGS   4 /* the 5th and later retries wait 16 x as long */
 #define REPLICA_MAX_INFLIGHT      256
 /* Bytes of our entries in flight (at least one entry): a follower forwards
  * its proposals through a bounded peer queue (16 MiB), and a CHUNKS entry
@@ -78,6 +79,7 @@ struct rprop {
     uint64_t retry_at_ms;
     uint64_t proposed_us; /* first proposed (pb_now_us), for the latency */
     uint64_t proposed_ms; /* when last proposed */
+    unsigned retries;     /* timer retries since the last leader change */
 };
 
 /* A path to look at again (its own proposal was busy, lost or unreadable). */
@@ -394,7 +396,7 @@ static int emit_op(void *arg, const struct fsm_op *op)
     uint64_t total = 0;
     for (uint32_t i = 0; i < n_data; i++)
         total += data[i].len;
-    /* The PUT comes last; its stat is filled by fsm_propose_put after the
+    /* The PUT comes last; its stat is filled by fsm_propose_step() after the
      * read, so it is recorded by the caller. */
     if (total <= REPLICA_CARRY_MAX)
         return queue_op(x->r, op, NULL, NULL);
@@ -1145,9 +1147,17 @@ static void replica_propose_some(struct replica *r, uint64_t now)
             p->proposed_us = pb_now_us();
             r->proposed_bytes += p->len;
         }
+        /* Each timer retry waits twice as long (up to 16 times the first
+         * wait): a copy dropped on a full link is sent again, but a slow
+         * cluster is not flooded with copies of entries still on their way
+         * (a leader change re-proposes everything at once instead). */
+        if (p->proposed && p->retries < REPLICA_RETRY_DOUBLINGS)
+            p->retries++;
         p->proposed = true;
         p->proposed_ms = now;
-        p->retry_at_ms = now + (index ? REPLICA_RETRY_LEADER_MS : REPLICA_RETRY_FOLLOWER_MS);
+        p->retry_at_ms =
+                now + ((uint64_t)(index ? REPLICA_RETRY_LEADER_MS : REPLICA_RETRY_FOLLOWER_MS)
+                       << p->retries);
     }
 }
 
@@ -1185,8 +1195,10 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     if (strcmp(leader, r->leader) != 0 || dropped != r->props_dropped) {
         snprintf(r->leader, sizeof(r->leader), "%s", leader);
         r->props_dropped = dropped; /* queued while frozen, then refused */
-        for (struct rprop *p = r->head; p != NULL; p = p->next)
+        for (struct rprop *p = r->head; p != NULL; p = p->next) {
             p->retry_at_ms = p->proposed_ms = 0;
+            p->retries = 0;
+        }
         r->progress_ms = 0;
     }
     /* Paths to look at again, once nothing of ours is in flight on them. */
