@@ -24,6 +24,7 @@
 #include "fsm/materialize.h"
 #include "fsm/memindex.h"
 #include "fsm/propose.h"
+#include "propose_file.h"
 #include "lib/util.h"
 
 /* ---- a node's disk records and chunk store, in memory -------------------- */
@@ -187,19 +188,19 @@ static int count_one(const char *p, const struct stat *s, int flag, struct FTW *
     return 0;
 }
 
-struct refs {
-    struct fsm_chunk_ref v[16];
-    uint32_t n;
-};
-
-static int collect_ref(void *arg, const struct fsm_chunk *c)
+/* A file's content hash, read through the proposing path: the PUT it
+ * would propose (carrying nothing) names the chunks. */
+static int lacks_none(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN])
 {
-    struct refs *r = arg;
-    ck_assert_uint_lt(r->n, 16);
-    memcpy(r->v[r->n].id, c->id, FSM_CHUNK_ID_LEN);
-    r->v[r->n].len = c->len;
-    r->n++;
+    (void)arg;
+    (void)id;
     return 0;
+}
+
+static int content_of_put(void *arg, const struct fsm_op *op)
+{
+    ck_assert_int_eq(op->type, FSM_OP_PUT);
+    return fsm_content_hash(op->u.put.refs, op->u.put.n_refs, arg);
 }
 
 /* The tree holds exactly the index's live entries, with their contents. */
@@ -215,12 +216,8 @@ static void assert_tree_matches(const char *id, struct fsm_tree *t, const char *
                       e.kind);
         uint8_t h[FSM_CHUNK_ID_LEN];
         if (e.kind == FSM_KIND_FILE) {
-            int fd = -1;
-            struct refs r = {.n = 0};
-            ck_assert_int_eq(fsm_tree_open_file(t, paths[i], &fd), 0);
-            ck_assert_int_eq(fsm_chunk_fd(fd, collect_ref, &r), 0);
-            close(fd);
-            ck_assert_int_eq(fsm_content_hash(r.v, r.n, h), 0);
+            ck_assert_int_eq(
+                    propose_file(t, paths[i], "check", 0, lacks_none, content_of_put, h, NULL), 0);
             ck_assert_msg(memcmp(h, e.content, FSM_CHUNK_ID_LEN) == 0, "%s: tree %s content", id,
                           paths[i]);
             ck_assert_msg((st.mode & 0777) == (e.mode & 0777), "%s: tree %s mode %o index %o", id,
@@ -1073,7 +1070,7 @@ START_TEST(test_pipeline_propose_apply)
     }
     write_bytes(base_a, "big.bin", data, n);
     struct fsm_tree_stat st;
-    ck_assert_int_eq(fsm_propose_put(ta, "big.bin", "n1", 0, pl_lacks, pl_emit, &p, &st), 0);
+    ck_assert_int_eq(propose_file(ta, "big.bin", "n1", 0, pl_lacks, pl_emit, &p, &st), 0);
     ck_assert_int_eq(p.n_chunks_ops, 1);
     ck_assert_int_eq(p.n_ops, 2);
     ck_assert_uint_eq(st.size, n);
@@ -1082,8 +1079,8 @@ START_TEST(test_pipeline_propose_apply)
     /* an empty file and a small one */
     write_bytes(base_a, "empty", data, 0);
     write_bytes(base_a, "small.txt", (const uint8_t *)"hello", 5);
-    ck_assert_int_eq(fsm_propose_put(ta, "empty", "n1", 0, pl_lacks, pl_emit, &p, NULL), 0);
-    ck_assert_int_eq(fsm_propose_put(ta, "small.txt", "n1", 0, pl_lacks, pl_emit, &p, NULL), 0);
+    ck_assert_int_eq(propose_file(ta, "empty", "n1", 0, pl_lacks, pl_emit, &p, NULL), 0);
+    ck_assert_int_eq(propose_file(ta, "small.txt", "n1", 0, pl_lacks, pl_emit, &p, NULL), 0);
     assert_same_file(base_a, base_b, "empty");
     assert_same_file(base_a, base_b, "small.txt");
 
@@ -1096,7 +1093,7 @@ START_TEST(test_pipeline_propose_apply)
     memcpy(data + n / 2, "INSERTED!!", 10);
     write_bytes(base_a, "big.bin", data, n + 10);
     int ops_before = p.n_ops;
-    ck_assert_int_eq(fsm_propose_put(ta, "big.bin", "n1", v, pl_lacks, pl_emit, &p, NULL), 0);
+    ck_assert_int_eq(propose_file(ta, "big.bin", "n1", v, pl_lacks, pl_emit, &p, NULL), 0);
     ck_assert_int_eq(p.n_ops, ops_before + 1);
     ck_assert_uint_ge(p.last_put_carried, 1);
     ck_assert_uint_le(p.last_put_carried, 2);
@@ -1105,15 +1102,14 @@ START_TEST(test_pipeline_propose_apply)
     /* a file that changes while it is read is not proposed */
     ops_before = p.n_ops;
     p.poison_path = "small.txt";
-    ck_assert_int_eq(fsm_propose_put(ta, "small.txt", "n1", 0, pl_lacks, pl_emit, &p, NULL),
-                     -EAGAIN);
+    ck_assert_int_eq(propose_file(ta, "small.txt", "n1", 0, pl_lacks, pl_emit, &p, NULL), -EAGAIN);
     ck_assert_int_eq(p.n_ops, ops_before);
     /* not a regular file */
     char *dir = pb_xasprintf("%s/d", base_a);
     ck_assert_int_eq(mkdir(dir, 0755), 0);
     free(dir);
-    ck_assert_int_eq(fsm_propose_put(ta, "d", "n1", 0, pl_lacks, pl_emit, &p, NULL), -EINVAL);
-    ck_assert_int_eq(fsm_propose_put(ta, "nope", "n1", 0, pl_lacks, pl_emit, &p, NULL), -EINVAL);
+    ck_assert_int_eq(propose_file(ta, "d", "n1", 0, pl_lacks, pl_emit, &p, NULL), -EINVAL);
+    ck_assert_int_eq(propose_file(ta, "nope", "n1", 0, pl_lacks, pl_emit, &p, NULL), -EINVAL);
 
     free(data);
     fsm_tree_close(ta);
@@ -1327,7 +1323,7 @@ START_TEST(test_loser_node_lifecycle)
     fclose(f);
     free(p);
     struct fsm_tree_stat proposed;
-    ck_assert_int_eq(fsm_propose_put(t, "doc.txt", "nB", 1, lacks_all, capture_op, NULL, &proposed),
+    ck_assert_int_eq(propose_file(t, "doc.txt", "nB", 1, lacks_all, capture_op, NULL, &proposed),
                      0);
 
     /* 2: n2's concurrent edit commits first: skipped here, the edit stays */
