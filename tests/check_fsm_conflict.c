@@ -1040,34 +1040,56 @@ static void assert_same_file(const char *a, const char *b, const char *rel)
     free(cmd);
 }
 
-START_TEST(test_pipeline_propose_apply)
+/* Makes node A's tree (base_a, a mkdtemp template; *ta) and node B's (p). */
+static void pipeline_open(struct pipeline *p, char *base_a, char *base_b, struct fsm_tree **ta)
 {
-    char base_a[] = "/tmp/check_fsm_pipeA.XXXXXX", base_b[] = "/tmp/check_fsm_pipeB.XXXXXX";
-    struct fsm_tree *ta = NULL;
-    struct pipeline p;
-    memset(&p, 0, sizeof(p));
-    p.m = fsm_memindex_new();
-    fsm_memindex_bind(p.m, &p.ix);
-    md_bind(&p.md, &p.disk);
-    p.next_index = 1;
-    p.root_a = base_a;
+    memset(p, 0, sizeof(*p));
+    p->m = fsm_memindex_new();
+    fsm_memindex_bind(p->m, &p->ix);
+    md_bind(&p->md, &p->disk);
+    p->next_index = 1;
+    p->root_a = base_a;
     ck_assert_ptr_nonnull(mkdtemp(base_a));
     ck_assert_ptr_nonnull(mkdtemp(base_b));
     ck_assert_int_eq(fsm_tree_init(base_a, NULL), 0);
     ck_assert_int_eq(fsm_tree_init(base_b, NULL), 0);
-    ck_assert_int_eq(fsm_tree_open(base_a, &ta, NULL), 0);
-    ck_assert_int_eq(fsm_tree_open(base_b, &p.tree_b, NULL), 0);
+    ck_assert_int_eq(fsm_tree_open(base_a, ta, NULL), 0);
+    ck_assert_int_eq(fsm_tree_open(base_b, &p->tree_b, NULL), 0);
+}
 
-    /* 20 MiB of pseudo-random bytes: more new bytes than one PUT carries */
-    size_t n = 20u << 20;
-    uint8_t *data = pb_xmalloc(n + 10);
-    uint64_t x = 88172645463325252ULL;
+static void pipeline_close(struct pipeline *p, const char *base_a, const char *base_b,
+                           struct fsm_tree *ta)
+{
+    fsm_tree_close(ta);
+    fsm_tree_close(p->tree_b);
+    nftw(base_a, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    nftw(base_b, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    md_free(&p->md);
+    fsm_memindex_free(p->m);
+}
+
+static uint8_t *pseudo_random(size_t n, uint64_t x)
+{
+    uint8_t *data = pb_xmalloc(n);
     for (size_t i = 0; i < n; i++) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         data[i] = (uint8_t)(x >> 29);
     }
+    return data;
+}
+
+START_TEST(test_pipeline_propose_apply)
+{
+    char base_a[] = "/tmp/check_fsm_pipeA.XXXXXX", base_b[] = "/tmp/check_fsm_pipeB.XXXXXX";
+    struct fsm_tree *ta = NULL;
+    struct pipeline p;
+    pipeline_open(&p, base_a, base_b, &ta);
+
+    /* 20 MiB of pseudo-random bytes: more new bytes than one PUT carries */
+    size_t n = 20u << 20;
+    uint8_t *data = pseudo_random(n + 10, 88172645463325252ULL); /* room for an insert */
     write_bytes(base_a, "big.bin", data, n);
     struct fsm_tree_stat st;
     ck_assert_int_eq(propose_file(ta, "big.bin", "n1", 0, pl_lacks, pl_emit, &p, &st), 0);
@@ -1112,26 +1134,9 @@ START_TEST(test_pipeline_propose_apply)
     ck_assert_int_eq(propose_file(ta, "nope", "n1", 0, pl_lacks, pl_emit, &p, NULL), -EINVAL);
 
     free(data);
-    fsm_tree_close(ta);
-    fsm_tree_close(p.tree_b);
-    nftw(base_a, rm_one, 16, FTW_DEPTH | FTW_PHYS);
-    nftw(base_b, rm_one, 16, FTW_DEPTH | FTW_PHYS);
-    md_free(&p.md);
-    fsm_memindex_free(p.m);
+    pipeline_close(&p, base_a, base_b, ta);
 }
 END_TEST
-
-static uint8_t *pseudo_random(size_t n, uint64_t x)
-{
-    uint8_t *data = pb_xmalloc(n);
-    for (size_t i = 0; i < n; i++) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        data[i] = (uint8_t)(x >> 29);
-    }
-    return data;
-}
 
 /* A file proposed a slice at a time: each step reads about max_bytes, the
  * CHUNKS ops carry at most carry_max (+ one chunk) each and go out as the
@@ -1143,18 +1148,7 @@ START_TEST(test_propose_sliced)
     struct fsm_tree *ta = NULL;
     struct fsm_propose *fp = NULL;
     struct pipeline p;
-    memset(&p, 0, sizeof(p));
-    p.m = fsm_memindex_new();
-    fsm_memindex_bind(p.m, &p.ix);
-    md_bind(&p.md, &p.disk);
-    p.next_index = 1;
-    p.root_a = base_a;
-    ck_assert_ptr_nonnull(mkdtemp(base_a));
-    ck_assert_ptr_nonnull(mkdtemp(base_b));
-    ck_assert_int_eq(fsm_tree_init(base_a, NULL), 0);
-    ck_assert_int_eq(fsm_tree_init(base_b, NULL), 0);
-    ck_assert_int_eq(fsm_tree_open(base_a, &ta, NULL), 0);
-    ck_assert_int_eq(fsm_tree_open(base_b, &p.tree_b, NULL), 0);
+    pipeline_open(&p, base_a, base_b, &ta);
 
     const size_t n = 6u << 20, slice = 1u << 20, carry = 512u << 10;
     uint8_t *data = pseudo_random(n, 0x9E3779B97F4A7C15ULL);
@@ -1245,12 +1239,7 @@ START_TEST(test_propose_sliced)
 
     free(data);
     free(other);
-    fsm_tree_close(ta);
-    fsm_tree_close(p.tree_b);
-    nftw(base_a, rm_one, 16, FTW_DEPTH | FTW_PHYS);
-    nftw(base_b, rm_one, 16, FTW_DEPTH | FTW_PHYS);
-    md_free(&p.md);
-    fsm_memindex_free(p.m);
+    pipeline_close(&p, base_a, base_b, ta);
 }
 END_TEST
 
