@@ -307,17 +307,16 @@ struct statedb {
     struct store_fault_vfs *fvfs;
     sqlite3_stmt *q[Q_MAX];
     bool in_txn;
-    bool lazy;               /* statedb_set_lazy(): write transactions commit with NORMAL */
-    bool txn_lazy;           /* the open transaction commits with NORMAL */
-    int sync_mode;           /* PRAGMA synchronous as set: 2 FULL, 1 NORMAL, 0 unknown */
-    bool lazy_dirty;         /* a lazy commit may not be durable yet (statedb_sync) */
-    int64_t counted_version; /* PRAGMA data_version when the kept counts were counted */
+    bool lazy;       /* statedb_set_lazy(): write transactions commit with NORMAL */
+    bool txn_lazy;   /* the open transaction commits with NORMAL */
+    int sync_mode;   /* PRAGMA synchronous as set: 2 FULL, 1 NORMAL, 0 unknown */
+    bool lazy_dirty; /* a lazy commit may not be durable yet (statedb_sync) */
+    /* PRAGMA data_version when the kept status counts were counted */
+    int64_t counted_version;
     char errmsg[512];
 };
 
 /* ---- helpers ------------------------------------------------------------- */
-
-static sqlite3_stmt *sd_q(struct statedb *db, int id, int *err);
 
 static int sd_fail(struct statedb *db, int rc, const char *what)
 {
