@@ -125,7 +125,7 @@ END_TEST
 START_TEST(test_write_all)
 {
     size_t n = 1u << 20;
-    uint8_t *p = pb_xmalloc(n), *back = pb_xmalloc(n);
+    uint8_t *p = pb_xmalloc(n), *back = pb_xmalloc(n + 1); /* + 1: nothing past n */
     for (size_t i = 0; i < n; i++)
         p[i] = (uint8_t)(i * 131 + (i >> 9));
 
