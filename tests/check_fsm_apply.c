@@ -2,7 +2,7 @@
  * check_fsm_apply.c: applying committed entries to state.db and the tree.
  *
  * Two nodes A and B, each with its own state.db and tree, apply the same log
- * (ops proposed from real files with fsm_propose_put() and friends, encoded
+ * (ops proposed from real files with fsm_propose_begin/step(), encoded
  * as Raft entry payloads). After every entry: both trees are identical, both
  * replicated states are identical (the snapshot streams are equal byte for
  * byte), and state.db's manifest equals memindex.c's reference for the same
@@ -25,6 +25,7 @@
 #include "fsm/apply.h"
 #include "fsm/memindex.h"
 #include "fsm/propose.h"
+#include "propose_file.h"
 #include "lib/buf.h"
 #include "lib/util.h"
 #include "store/statedb.h"
@@ -248,7 +249,7 @@ static struct fsm_apply_result commit_op(struct cluster *c, const struct fsm_op 
     return r;
 }
 
-/* Proposals: fsm_propose_put's ops, encoded, collected in order. */
+/* Proposals: propose_file's ops, encoded, collected in order. */
 struct proposal {
     struct buf ops[16];
     int n;
@@ -295,7 +296,7 @@ static struct fsm_apply_result propose_commit(struct cluster *c, struct node *n,
 {
     struct proposal p = {.n = 0, .db = n->db};
     struct fsm_tree_stat st;
-    ck_assert_int_eq(fsm_propose_put(n->t, path, origin, base, pr_lacks, pr_emit, &p, &st), 0);
+    ck_assert_int_eq(propose_file(n->t, path, origin, base, pr_lacks, pr_emit, &p, &st), 0);
     ck_assert_int_eq(p.n, want_ops);
     struct fsm_apply_result r;
     memset(&r, 0, sizeof(r));
@@ -398,8 +399,8 @@ START_TEST(test_two_nodes_same_log)
     free(sdocs);
     write_file(scratch.tree_dir, "docs/a.txt", small, 5000);
     struct proposal p = {.n = 0, .db = c.b.db};
-    ck_assert_int_eq(
-            fsm_propose_put(scratch.t, "docs/a.txt", "nB", v_a1, pr_lacks, pr_emit, &p, NULL), 0);
+    ck_assert_int_eq(propose_file(scratch.t, "docs/a.txt", "nB", v_a1, pr_lacks, pr_emit, &p, NULL),
+                     0);
     ck_assert_int_eq(p.n, 1);
     uint64_t conflict_index = c.next_index;
     r = commit(&c, 0xB0B, 1, p.ops[0].data, p.ops[0].len, FSM_APPLY_DONE);
@@ -685,7 +686,7 @@ START_TEST(test_snapshot_install_then_repair)
     /* and it continues with the log like the others */
     write_file(c.a.tree_dir, "s/two", data, 5000);
     struct proposal pr = {.n = 0, .db = c.a.db};
-    ck_assert_int_eq(fsm_propose_put(c.a.t, "s/two", "nA", 0, pr_lacks, pr_emit, &pr, NULL), 0);
+    ck_assert_int_eq(propose_file(c.a.t, "s/two", "nA", 0, pr_lacks, pr_emit, &pr, NULL), 0);
     struct fsm_apply_result r;
     ck_assert_int_eq(
             fsm_apply_entry(n.ap, c.next_index, 2, 0, 0, pr.ops[0].data, pr.ops[0].len, &r, &err),
@@ -856,13 +857,13 @@ START_TEST(test_loser_node_with_statedb)
     write_file(c.b.tree_dir, "doc.txt", "local edit", 10);
     struct proposal pb = {.n = 0, .db = c.b.db};
     struct fsm_tree_stat proposed;
-    ck_assert_int_eq(fsm_propose_put(c.b.t, "doc.txt", "nB", v1, pr_lacks, pr_emit, &pb, &proposed),
+    ck_assert_int_eq(propose_file(c.b.t, "doc.txt", "nB", v1, pr_lacks, pr_emit, &pb, &proposed),
                      0);
     /* A's edit commits first: B skips it, its local edit stays */
     write_file(c.a.tree_dir, "doc.txt", "winner", 6);
     struct proposal pa = {.n = 0, .db = c.a.db};
     struct fsm_tree_stat sta;
-    ck_assert_int_eq(fsm_propose_put(c.a.t, "doc.txt", "nA", v1, pr_lacks, pr_emit, &pa, &sta), 0);
+    ck_assert_int_eq(propose_file(c.a.t, "doc.txt", "nA", v1, pr_lacks, pr_emit, &pa, &sta), 0);
     ck_assert_int_eq(fsm_apply_record_local(c.a.ap, "doc.txt", &sta), 0);
     struct fsm_apply_result ra, rb;
     struct pb_error err;

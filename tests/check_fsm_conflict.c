@@ -24,6 +24,7 @@
 #include "fsm/materialize.h"
 #include "fsm/memindex.h"
 #include "fsm/propose.h"
+#include "propose_file.h"
 #include "lib/util.h"
 
 /* ---- a node's disk records and chunk store, in memory -------------------- */
@@ -187,19 +188,19 @@ static int count_one(const char *p, const struct stat *s, int flag, struct FTW *
     return 0;
 }
 
-struct refs {
-    struct fsm_chunk_ref v[16];
-    uint32_t n;
-};
-
-static int collect_ref(void *arg, const struct fsm_chunk *c)
+/* A file's content hash, read through the proposing path: the PUT it
+ * would propose (carrying nothing) names the chunks. */
+static int lacks_none(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN])
 {
-    struct refs *r = arg;
-    ck_assert_uint_lt(r->n, 16);
-    memcpy(r->v[r->n].id, c->id, FSM_CHUNK_ID_LEN);
-    r->v[r->n].len = c->len;
-    r->n++;
+    (void)arg;
+    (void)id;
     return 0;
+}
+
+static int content_of_put(void *arg, const struct fsm_op *op)
+{
+    ck_assert_int_eq(op->type, FSM_OP_PUT);
+    return fsm_content_hash(op->u.put.refs, op->u.put.n_refs, arg);
 }
 
 /* The tree holds exactly the index's live entries, with their contents. */
@@ -215,12 +216,8 @@ static void assert_tree_matches(const char *id, struct fsm_tree *t, const char *
                       e.kind);
         uint8_t h[FSM_CHUNK_ID_LEN];
         if (e.kind == FSM_KIND_FILE) {
-            int fd = -1;
-            struct refs r = {.n = 0};
-            ck_assert_int_eq(fsm_tree_open_file(t, paths[i], &fd), 0);
-            ck_assert_int_eq(fsm_chunk_fd(fd, collect_ref, &r), 0);
-            close(fd);
-            ck_assert_int_eq(fsm_content_hash(r.v, r.n, h), 0);
+            ck_assert_int_eq(
+                    propose_file(t, paths[i], "check", 0, lacks_none, content_of_put, h, NULL), 0);
             ck_assert_msg(memcmp(h, e.content, FSM_CHUNK_ID_LEN) == 0, "%s: tree %s content", id,
                           paths[i]);
             ck_assert_msg((st.mode & 0777) == (e.mode & 0777), "%s: tree %s mode %o index %o", id,
@@ -1043,87 +1040,33 @@ static void assert_same_file(const char *a, const char *b, const char *rel)
     free(cmd);
 }
 
-START_TEST(test_pipeline_propose_apply)
+/* Makes node A's tree (base_a, a mkdtemp template; *ta) and node B's (p). */
+static void pipeline_open(struct pipeline *p, char *base_a, char *base_b, struct fsm_tree **ta)
 {
-    char base_a[] = "/tmp/check_fsm_pipeA.XXXXXX", base_b[] = "/tmp/check_fsm_pipeB.XXXXXX";
-    struct fsm_tree *ta = NULL;
-    struct pipeline p;
-    memset(&p, 0, sizeof(p));
-    p.m = fsm_memindex_new();
-    fsm_memindex_bind(p.m, &p.ix);
-    md_bind(&p.md, &p.disk);
-    p.next_index = 1;
-    p.root_a = base_a;
+    memset(p, 0, sizeof(*p));
+    p->m = fsm_memindex_new();
+    fsm_memindex_bind(p->m, &p->ix);
+    md_bind(&p->md, &p->disk);
+    p->next_index = 1;
+    p->root_a = base_a;
     ck_assert_ptr_nonnull(mkdtemp(base_a));
     ck_assert_ptr_nonnull(mkdtemp(base_b));
     ck_assert_int_eq(fsm_tree_init(base_a, NULL), 0);
     ck_assert_int_eq(fsm_tree_init(base_b, NULL), 0);
-    ck_assert_int_eq(fsm_tree_open(base_a, &ta, NULL), 0);
-    ck_assert_int_eq(fsm_tree_open(base_b, &p.tree_b, NULL), 0);
+    ck_assert_int_eq(fsm_tree_open(base_a, ta, NULL), 0);
+    ck_assert_int_eq(fsm_tree_open(base_b, &p->tree_b, NULL), 0);
+}
 
-    /* 20 MiB of pseudo-random bytes: more new bytes than one PUT carries */
-    size_t n = 20u << 20;
-    uint8_t *data = pb_xmalloc(n + 10);
-    uint64_t x = 88172645463325252ULL;
-    for (size_t i = 0; i < n; i++) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        data[i] = (uint8_t)(x >> 29);
-    }
-    write_bytes(base_a, "big.bin", data, n);
-    struct fsm_tree_stat st;
-    ck_assert_int_eq(fsm_propose_put(ta, "big.bin", "n1", 0, pl_lacks, pl_emit, &p, &st), 0);
-    ck_assert_int_eq(p.n_chunks_ops, 1);
-    ck_assert_int_eq(p.n_ops, 2);
-    ck_assert_uint_eq(st.size, n);
-    assert_same_file(base_a, base_b, "big.bin");
-
-    /* an empty file and a small one */
-    write_bytes(base_a, "empty", data, 0);
-    write_bytes(base_a, "small.txt", (const uint8_t *)"hello", 5);
-    ck_assert_int_eq(fsm_propose_put(ta, "empty", "n1", 0, pl_lacks, pl_emit, &p, NULL), 0);
-    ck_assert_int_eq(fsm_propose_put(ta, "small.txt", "n1", 0, pl_lacks, pl_emit, &p, NULL), 0);
-    assert_same_file(base_a, base_b, "empty");
-    assert_same_file(base_a, base_b, "small.txt");
-
-    /* 10 bytes inserted in the middle: a sequential edit carrying 1-2 chunks */
-    uint64_t v = 0;
-    struct fsm_index_entry e;
-    ck_assert_int_eq(p.ix.get(p.ix.arg, "big.bin", &e), 0);
-    v = e.version;
-    memmove(data + n / 2 + 10, data + n / 2, n - n / 2);
-    memcpy(data + n / 2, "INSERTED!!", 10);
-    write_bytes(base_a, "big.bin", data, n + 10);
-    int ops_before = p.n_ops;
-    ck_assert_int_eq(fsm_propose_put(ta, "big.bin", "n1", v, pl_lacks, pl_emit, &p, NULL), 0);
-    ck_assert_int_eq(p.n_ops, ops_before + 1);
-    ck_assert_uint_ge(p.last_put_carried, 1);
-    ck_assert_uint_le(p.last_put_carried, 2);
-    assert_same_file(base_a, base_b, "big.bin");
-
-    /* a file that changes while it is read is not proposed */
-    ops_before = p.n_ops;
-    p.poison_path = "small.txt";
-    ck_assert_int_eq(fsm_propose_put(ta, "small.txt", "n1", 0, pl_lacks, pl_emit, &p, NULL),
-                     -EAGAIN);
-    ck_assert_int_eq(p.n_ops, ops_before);
-    /* not a regular file */
-    char *dir = pb_xasprintf("%s/d", base_a);
-    ck_assert_int_eq(mkdir(dir, 0755), 0);
-    free(dir);
-    ck_assert_int_eq(fsm_propose_put(ta, "d", "n1", 0, pl_lacks, pl_emit, &p, NULL), -EINVAL);
-    ck_assert_int_eq(fsm_propose_put(ta, "nope", "n1", 0, pl_lacks, pl_emit, &p, NULL), -EINVAL);
-
-    free(data);
+static void pipeline_close(struct pipeline *p, const char *base_a, const char *base_b,
+                           struct fsm_tree *ta)
+{
     fsm_tree_close(ta);
-    fsm_tree_close(p.tree_b);
+    fsm_tree_close(p->tree_b);
     nftw(base_a, rm_one, 16, FTW_DEPTH | FTW_PHYS);
     nftw(base_b, rm_one, 16, FTW_DEPTH | FTW_PHYS);
-    md_free(&p.md);
-    fsm_memindex_free(p.m);
+    md_free(&p->md);
+    fsm_memindex_free(p->m);
 }
-END_TEST
 
 static uint8_t *pseudo_random(size_t n, uint64_t x)
 {
@@ -1137,6 +1080,64 @@ static uint8_t *pseudo_random(size_t n, uint64_t x)
     return data;
 }
 
+START_TEST(test_pipeline_propose_apply)
+{
+    char base_a[] = "/tmp/check_fsm_pipeA.XXXXXX", base_b[] = "/tmp/check_fsm_pipeB.XXXXXX";
+    struct fsm_tree *ta = NULL;
+    struct pipeline p;
+    pipeline_open(&p, base_a, base_b, &ta);
+
+    /* 20 MiB of pseudo-random bytes: more new bytes than one PUT carries */
+    size_t n = 20u << 20;
+    uint8_t *data = pseudo_random(n + 10, 88172645463325252ULL); /* room for an insert */
+    write_bytes(base_a, "big.bin", data, n);
+    struct fsm_tree_stat st;
+    ck_assert_int_eq(propose_file(ta, "big.bin", "n1", 0, pl_lacks, pl_emit, &p, &st), 0);
+    ck_assert_int_eq(p.n_chunks_ops, 1);
+    ck_assert_int_eq(p.n_ops, 2);
+    ck_assert_uint_eq(st.size, n);
+    assert_same_file(base_a, base_b, "big.bin");
+
+    /* an empty file and a small one */
+    write_bytes(base_a, "empty", data, 0);
+    write_bytes(base_a, "small.txt", (const uint8_t *)"hello", 5);
+    ck_assert_int_eq(propose_file(ta, "empty", "n1", 0, pl_lacks, pl_emit, &p, NULL), 0);
+    ck_assert_int_eq(propose_file(ta, "small.txt", "n1", 0, pl_lacks, pl_emit, &p, NULL), 0);
+    assert_same_file(base_a, base_b, "empty");
+    assert_same_file(base_a, base_b, "small.txt");
+
+    /* 10 bytes inserted in the middle: a sequential edit carrying 1-2 chunks */
+    uint64_t v = 0;
+    struct fsm_index_entry e;
+    ck_assert_int_eq(p.ix.get(p.ix.arg, "big.bin", &e), 0);
+    v = e.version;
+    memmove(data + n / 2 + 10, data + n / 2, n - n / 2);
+    memcpy(data + n / 2, "INSERTED!!", 10);
+    write_bytes(base_a, "big.bin", data, n + 10);
+    int ops_before = p.n_ops;
+    ck_assert_int_eq(propose_file(ta, "big.bin", "n1", v, pl_lacks, pl_emit, &p, NULL), 0);
+    ck_assert_int_eq(p.n_ops, ops_before + 1);
+    ck_assert_uint_ge(p.last_put_carried, 1);
+    ck_assert_uint_le(p.last_put_carried, 2);
+    assert_same_file(base_a, base_b, "big.bin");
+
+    /* a file that changes while it is read is not proposed */
+    ops_before = p.n_ops;
+    p.poison_path = "small.txt";
+    ck_assert_int_eq(propose_file(ta, "small.txt", "n1", 0, pl_lacks, pl_emit, &p, NULL), -EAGAIN);
+    ck_assert_int_eq(p.n_ops, ops_before);
+    /* not a regular file */
+    char *dir = pb_xasprintf("%s/d", base_a);
+    ck_assert_int_eq(mkdir(dir, 0755), 0);
+    free(dir);
+    ck_assert_int_eq(propose_file(ta, "d", "n1", 0, pl_lacks, pl_emit, &p, NULL), -EINVAL);
+    ck_assert_int_eq(propose_file(ta, "nope", "n1", 0, pl_lacks, pl_emit, &p, NULL), -EINVAL);
+
+    free(data);
+    pipeline_close(&p, base_a, base_b, ta);
+}
+END_TEST
+
 /* A file proposed a slice at a time: each step reads about max_bytes, the
  * CHUNKS ops carry at most carry_max (+ one chunk) each and go out as the
  * file is read, the PUT comes last; a file changed between two slices is
@@ -1147,18 +1148,7 @@ START_TEST(test_propose_sliced)
     struct fsm_tree *ta = NULL;
     struct fsm_propose *fp = NULL;
     struct pipeline p;
-    memset(&p, 0, sizeof(p));
-    p.m = fsm_memindex_new();
-    fsm_memindex_bind(p.m, &p.ix);
-    md_bind(&p.md, &p.disk);
-    p.next_index = 1;
-    p.root_a = base_a;
-    ck_assert_ptr_nonnull(mkdtemp(base_a));
-    ck_assert_ptr_nonnull(mkdtemp(base_b));
-    ck_assert_int_eq(fsm_tree_init(base_a, NULL), 0);
-    ck_assert_int_eq(fsm_tree_init(base_b, NULL), 0);
-    ck_assert_int_eq(fsm_tree_open(base_a, &ta, NULL), 0);
-    ck_assert_int_eq(fsm_tree_open(base_b, &p.tree_b, NULL), 0);
+    pipeline_open(&p, base_a, base_b, &ta);
 
     const size_t n = 6u << 20, slice = 1u << 20, carry = 512u << 10;
     uint8_t *data = pseudo_random(n, 0x9E3779B97F4A7C15ULL);
@@ -1249,12 +1239,7 @@ START_TEST(test_propose_sliced)
 
     free(data);
     free(other);
-    fsm_tree_close(ta);
-    fsm_tree_close(p.tree_b);
-    nftw(base_a, rm_one, 16, FTW_DEPTH | FTW_PHYS);
-    nftw(base_b, rm_one, 16, FTW_DEPTH | FTW_PHYS);
-    md_free(&p.md);
-    fsm_memindex_free(p.m);
+    pipeline_close(&p, base_a, base_b, ta);
 }
 END_TEST
 
@@ -1327,7 +1312,7 @@ START_TEST(test_loser_node_lifecycle)
     fclose(f);
     free(p);
     struct fsm_tree_stat proposed;
-    ck_assert_int_eq(fsm_propose_put(t, "doc.txt", "nB", 1, lacks_all, capture_op, NULL, &proposed),
+    ck_assert_int_eq(propose_file(t, "doc.txt", "nB", 1, lacks_all, capture_op, NULL, &proposed),
                      0);
 
     /* 2: n2's concurrent edit commits first: skipped here, the edit stays */

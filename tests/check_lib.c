@@ -1,12 +1,15 @@
 /*
- * check_lib.c: unit tests for src/lib (buffers, cursors, parsing, errors, log levels).
+ * check_lib.c: unit tests for src/lib (buffers, cursors, parsing, writing, errors, log
+ * levels).
  */
 #include "config.h"
 
 #include <check.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "lib/buf.h"
 #include "lib/error.h"
@@ -116,6 +119,48 @@ START_TEST(test_parse_u64)
 }
 END_TEST
 
+/* pb_write_all: everything reaches a file; a short write is continued (a
+ * non-blocking pipe takes what fits, then the next write says EAGAIN); the
+ * failing write's errno comes back. */
+START_TEST(test_write_all)
+{
+    size_t n = 1u << 20;
+    uint8_t *p = pb_xmalloc(n), *back = pb_xmalloc(n + 1); /* + 1: nothing past n */
+    for (size_t i = 0; i < n; i++)
+        p[i] = (uint8_t)(i * 131 + (i >> 9));
+
+    char tmpl[] = "/tmp/check_lib.XXXXXX";
+    int fd = mkstemp(tmpl);
+    ck_assert_int_ge(fd, 0);
+    unlink(tmpl);
+    ck_assert_int_eq(pb_write_all(fd, p, n), 0);
+    ck_assert_int_eq(pb_write_all(fd, p, 0), 0);
+    ck_assert_int_eq(pread(fd, back, n + 1, 0), (ssize_t)n);
+    ck_assert_mem_eq(back, p, n);
+    close(fd);
+
+    int pfd[2];
+    ck_assert_int_eq(pipe2(pfd, O_NONBLOCK), 0);
+    ck_assert_int_eq(pb_write_all(pfd[1], p, n), -EAGAIN);
+    ssize_t got = read(pfd[0], back, n);
+    ck_assert_int_gt(got, 0);
+    ck_assert_int_lt(got, (ssize_t)n);
+    ck_assert_mem_eq(back, p, (size_t)got); /* the part that fitted, in order */
+    close(pfd[0]);
+    close(pfd[1]);
+
+    fd = open("/dev/full", O_WRONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        ck_assert_int_eq(pb_write_all(fd, p, 10), -ENOSPC);
+        close(fd);
+    }
+    ck_assert_int_eq(pb_write_all(-1, p, 10), -EBADF);
+    ck_assert_int_eq(pb_write_all(-1, p, 0), 0); /* nothing to write: no call */
+    free(p);
+    free(back);
+}
+END_TEST
+
 START_TEST(test_split_host_port)
 {
     char host[64];
@@ -175,6 +220,7 @@ static Suite *lib_suite(void)
     tcase_add_test(tc, test_buf_growth_and_steal);
     tcase_add_test(tc, test_parse_u64);
     tcase_add_test(tc, test_split_host_port);
+    tcase_add_test(tc, test_write_all);
     tcase_add_test(tc, test_error_idiom);
     tcase_add_test(tc, test_log_level_parse);
     suite_add_tcase(s, tc);

@@ -628,6 +628,17 @@ START_TEST(test_metrics_raw_and_json)
 }
 END_TEST
 
+/* What render_metrics asks to choose between the two. */
+START_TEST(test_writer_is_text)
+{
+    struct pbctl_writer *t = pbctl_writer_text_new(stdout), *j = pbctl_writer_json_new(stdout);
+    ck_assert(pbctl_writer_is_text(t));
+    ck_assert(!pbctl_writer_is_text(j));
+    pbctl_writer_free(t);
+    pbctl_writer_free(j);
+}
+END_TEST
+
 START_TEST(test_exit_hello_via_env_socket)
 {
     struct srv s;
@@ -1410,6 +1421,7 @@ static Suite *pickboxctl_suite(void)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, test_exit_ok_text_and_json);
     tcase_add_test(tc, test_metrics_raw_and_json);
+    tcase_add_test(tc, test_writer_is_text);
     tcase_add_test(tc, test_exit_hello_via_env_socket);
     tcase_add_test(tc, test_exit_daemon_error);
     tcase_add_test(tc, test_exit_bad_replies);

@@ -9,6 +9,7 @@
 #include <check.h>
 #include <errno.h>
 #include <ftw.h>
+#include <inttypes.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -903,6 +904,156 @@ START_TEST(test_snapshot_old_format)
 }
 END_TEST
 
+/* ---- status counts ------------------------------------------------------- */
+
+/* The writer's kept counts equal what a read-only handle counts. */
+static void assert_counts(struct statedb *db, struct statedb *rd, int step)
+{
+    struct statedb_status k, c;
+    ck_assert_int_eq(statedb_status_get(db, 1, 2, &k), 0);
+    ck_assert_int_eq(statedb_status_get(rd, 1, 2, &c), 0);
+    ck_assert_msg(
+            k.files == c.files && k.dirs == c.dirs && k.bytes == c.bytes && k.chunks == c.chunks &&
+                    k.chunk_bytes == c.chunk_bytes && k.tombstones == c.tombstones &&
+                    k.missing == c.missing && k.missing_bytes == c.missing_bytes,
+            "step %d: kept files %" PRIu64 " dirs %" PRIu64 " bytes %" PRIu64 " chunks %" PRIu64
+            "/%" PRIu64 " tombstones %" PRIu64 " missing %" PRIu64 "/%" PRIu64 "; counted %" PRIu64
+            " %" PRIu64 " %" PRIu64 " %" PRIu64 "/%" PRIu64 " %" PRIu64 " %" PRIu64 "/%" PRIu64,
+            step, k.files, k.dirs, k.bytes, k.chunks, k.chunk_bytes, k.tombstones, k.missing,
+            k.missing_bytes, c.files, c.dirs, c.bytes, c.chunks, c.chunk_bytes, c.tombstones,
+            c.missing, c.missing_bytes);
+}
+
+static uint32_t chunk_len(unsigned seed)
+{
+    return 100 + seed * 7;
+}
+
+/* Random rows, moves, deletes, chunks, chunk lists, collections, bytes
+ * arriving for chunks an install brought without them, rollbacks, failed
+ * commits and a write by another connection: after each step the counts
+ * status reads (kept by triggers) are the counted ones. */
+START_TEST(test_status_counts_kept)
+{
+    struct statedb *db = open_db("k.db"), *src = open_db("src.db");
+    populate(src, 1);
+    size_t slen;
+    uint8_t *snap = stream_all(src, 4096, &slen);
+    statedb_close(src);
+    char *p = dbpath("k.db");
+    struct statedb *rd = NULL;
+    struct pb_error err;
+    ck_assert_int_eq(statedb_open_reader(p, &rd, &err), 0);
+    free(p);
+    uint8_t data[1100];
+    memset(data, 0x5a, sizeof(data));
+    uint64_t x = 0x9e3779b97f4a7c15ULL, max_missing = 0, max_files = 0, max_tomb = 0;
+    uint64_t index = 1, stored = 0;
+    assert_counts(db, rd, -1);
+    for (int step = 0; step < 600; step++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        unsigned what = (unsigned)(x % 100), a = (unsigned)(x >> 8) % 24,
+                 b = (unsigned)(x >> 16) % 24;
+        char pa[16], pb[16];
+        snprintf(pa, sizeof(pa), "p%u", a);
+        snprintf(pb, sizeof(pb), "p%u", b);
+        if (what < 3) {
+            install(db, snap, slen, 0);
+        } else if (what < 10) {
+            /* bytes arriving (autocommit, as the fetcher stores them) */
+            for (unsigned i = 0; i < 20; i++) {
+                uint8_t id[STATEDB_ID_LEN];
+                fill_id(id, (uint8_t)(i + 50));
+                if ((i + a) % 3 == 0)
+                    continue;
+                if (i % 3 == 0)
+                    continue; /* populate's 200000-byte ones stay missing */
+                int rc = statedb_chunk_data_put(db, id, data, 1000 + i);
+                ck_assert(rc == 0 || rc == -ENOENT);
+                stored += rc == 0;
+            }
+        } else {
+            if (what >= 18 && what < 21) /* this commit's fsync fails */
+                statedb_fault_inject(db, STORE_FAULT_IOERR_FSYNC, 1);
+            ck_assert_int_eq(statedb_begin(db), 0);
+            for (int k = 0; k < 4; k++) {
+                unsigned op = (unsigned)(x >> (24 + 8 * k)) % 8;
+                if (op == 0 || op == 1) {
+                    struct statedb_row r = mkrow((uint8_t)(1 + (a + k) % 3), index, "n1");
+                    r.deleted = (b + k) % 4 == 0;
+                    r.size = (x >> (20 + k)) % 100000;
+                    ck_assert_int_eq(statedb_row_put(db, pa, &r, NULL), 0);
+                } else if (op == 2) {
+                    int rc = statedb_row_delete(db, pb);
+                    ck_assert(rc == 0 || rc == -ENOENT);
+                } else if (op == 3 && a != b) {
+                    int rc = statedb_row_move(db, pa, pb, index);
+                    ck_assert_msg(rc == 0 || rc == -ENOENT, "move %d", rc);
+                } else if (op == 4) {
+                    uint8_t id[STATEDB_ID_LEN];
+                    fill_id(id, (uint8_t)(a + k));
+                    ck_assert_int_eq(statedb_chunk_put(db, id, data, chunk_len(a + k), index), 0);
+                } else if (op == 5 || op == 6) {
+                    struct statedb_ref refs[3];
+                    unsigned n = (b + k) % 4 == 3 ? 0 : (b + k) % 4;
+                    for (unsigned i = 0; i < n; i++) {
+                        fill_id(refs[i].id, (uint8_t)((a + i) % 30));
+                        refs[i].len = chunk_len((a + i) % 30);
+                    }
+                    if (op == 6 && n > 0) /* one of the installed chunks */
+                        fill_id(refs[0].id, (uint8_t)(50 + a % 20));
+                    int rc = statedb_chunklist_put(db, pa, refs, n);
+                    ck_assert(rc == 0 || rc == -EINVAL);
+                } else {
+                    ck_assert_int_eq(statedb_chunk_collect(db, index, NULL), 0);
+                }
+                index++;
+            }
+            if (what < 18) {
+                statedb_rollback(db);
+            } else if (what < 21) {
+                ck_assert_int_eq(statedb_session_set(db, 1, index), 0); /* a change */
+                ck_assert_int_eq(statedb_commit(db), -EIO);
+            } else {
+                ck_assert_int_eq(statedb_commit(db), 0);
+            }
+        }
+        if (step == 300) {
+            /* another connection changes the file under the writer */
+            p = dbpath("k.db");
+            sqlite3 *h;
+            ck_assert_int_eq(sqlite3_open(p, &h), SQLITE_OK);
+            ck_assert_int_eq(
+                    sqlite3_exec(h, "DELETE FROM manifest WHERE deleted = 1", NULL, NULL, NULL),
+                    SQLITE_OK);
+            ck_assert_int_gt(sqlite3_changes(h), 0);
+            sqlite3_close(h);
+            free(p);
+        }
+        assert_counts(db, rd, step);
+        struct statedb_status s;
+        ck_assert_int_eq(statedb_status_get(db, 1, 2, &s), 0);
+        max_missing = PB_MAX(max_missing, s.missing);
+        max_files = PB_MAX(max_files, s.files);
+        max_tomb = PB_MAX(max_tomb, s.tombstones);
+    }
+    /* the walk went where it matters */
+    ck_assert_uint_gt(max_missing, 0);
+    ck_assert_uint_gt(max_files, 0);
+    ck_assert_uint_gt(max_tomb, 0);
+    ck_assert_uint_gt(stored, 0);
+    /* and a reopen counts the same */
+    statedb_close(db);
+    db = open_db("k.db");
+    assert_counts(db, rd, 600);
+    statedb_close(rd);
+    statedb_close(db);
+    free(snap);
+}
+END_TEST
+
 static Suite *statedb_suite(void)
 {
     Suite *s = suite_create("statedb");
@@ -920,6 +1071,7 @@ static Suite *statedb_suite(void)
     tcase_add_test(tc, test_snapshot_metadata_vs_bytes);
     tcase_add_test(tc, test_migrate_from_format_1);
     tcase_add_test(tc, test_snapshot_old_format);
+    tcase_add_test(tc, test_status_counts_kept);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -1471,13 +1471,12 @@ static json_t *cluster_members_array(struct cluster *c)
     return arr;
 }
 
-void cluster_metrics_get(struct cluster *c, struct cluster_metrics *m)
+void cluster_metrics_get(const struct cluster *c, struct cluster_metrics *m)
 {
     memset(m, 0, sizeof(*m));
     struct raft_status rs;
     raft_status(c->raft, &rs);
     uint64_t now = pb_now_ms();
-    cluster_lag_note(c, now);
     m->term = rs.term;
     m->commit = rs.commit;
     m->applied = sm_applied(c->sm);
@@ -1487,8 +1486,15 @@ void cluster_metrics_get(struct cluster *c, struct cluster_metrics *m)
     m->storage_error = c->storage_error;
     m->leader_changes = c->leader_changes;
     m->apply_lag = rs.commit > m->applied ? rs.commit - m->applied : 0;
-    if (m->apply_lag > 0 && c->n_lag_marks > 0)
-        m->apply_lag_s = (double)(now - c->lag_marks[0].at_ms) / 1000.0;
+    /* The marks are kept by cluster_lag_note() where the indexes move; here
+     * they are only read: the oldest one not applied yet (none: the lag has
+     * just begun, 0 s). */
+    for (size_t i = 0; m->apply_lag > 0 && i < c->n_lag_marks; i++) {
+        if (c->lag_marks[i].index > m->applied) {
+            m->apply_lag_s = (double)(now - c->lag_marks[i].at_ms) / 1000.0;
+            break;
+        }
+    }
     m->batches = c->stats_batches;
     m->batch_entries = c->stats_batch_entries;
     struct store_health h;

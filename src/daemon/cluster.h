@@ -156,7 +156,9 @@ struct cluster_metrics {
     size_t n_peers;
     struct cluster_peer_metrics peers[CLUSTER_METRICS_PEERS];
 };
-void cluster_metrics_get(struct cluster *c, struct cluster_metrics *m);
+/* Reads only: calling it changes nothing (a scrape cannot alter what the
+ * next one sees). */
+void cluster_metrics_get(const struct cluster *c, struct cluster_metrics *m);
 
 /* Control requests: each answers req exactly once, now or later. */
 void cluster_probe(struct cluster *c, struct ctl_request *req, size_t size, unsigned timeout_ms);

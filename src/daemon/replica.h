@@ -2,7 +2,7 @@
  * replica.h: the tree side of a node. Watches the data directory
  * (src/watch), turns every candidate that differs from what the node last
  * recorded there (state.db's disk records: what we materialized ourselves
- * produces no op) into fsm ops (PUT via fsm_propose_put, MKDIR, SYMLINK,
+ * produces no op) into fsm ops (PUT via fsm_propose_begin/step, MKDIR, SYMLINK,
  * SETATTR, DELETE, RENAME), and proposes them through the cluster with
  * client_id = this node's Raft id and an increasing seq (started from the
  * wall clock in microseconds, above the session table's, so a restart never

@@ -130,21 +130,6 @@ static int sm_need_tree(struct sm *sm, struct pb_error *err)
     return 0;
 }
 
-static int sm_write_all(int fd, const void *data, size_t len)
-{
-    const uint8_t *p = data;
-    while (len > 0) {
-        ssize_t w = write(fd, p, len);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return w < 0 ? -errno : -EIO;
-        p += w;
-        len -= (size_t)w;
-    }
-    return 0;
-}
-
 /* Starts <state_dir>/snapshot.pbs.tmp; *tmp is the caller's. */
 static int sm_snap_file_open(struct sm *sm, char **tmp, struct pb_error *err)
 {
@@ -473,14 +458,14 @@ int sm_snapshot_take(struct sm *sm, uint64_t term, uint64_t *size, struct pb_err
     pb_store_u32(chunk, SM_SNAP_MAGIC);
     pb_store_u64(chunk + 4, index);
     pb_store_u64(chunk + 12, sterm);
-    int wrc = sm_write_all(fd, chunk, SM_SNAP_HDR);
+    int wrc = pb_write_all(fd, chunk, SM_SNAP_HDR);
     uint64_t off = 0;
     while (wrc == 0) {
         size_t got = 0;
         rc = statedb_snapshot_read(s, off, chunk, SM_SNAP_IO, &got, err);
         if (rc < 0)
             break;
-        wrc = sm_write_all(fd, chunk, got);
+        wrc = pb_write_all(fd, chunk, got);
         off += got;
         if (got < SM_SNAP_IO)
             break;
@@ -563,7 +548,7 @@ int sm_snapshot_install(struct sm *sm, uint64_t index, uint64_t term, const uint
         free(tmp);
         return fd;
     }
-    rc = sm_snap_file_commit(sm, fd, tmp, index, len, sm_write_all(fd, data, len), err);
+    rc = sm_snap_file_commit(sm, fd, tmp, index, len, pb_write_all(fd, data, len), err);
     if (rc < 0)
         return rc;
     if (sm->ap != NULL)

@@ -142,29 +142,3 @@ int fsm_chunker_finish(struct fsm_chunker *c)
     c->offset = 0;
     return rc;
 }
-
-int fsm_chunk_fd(int fd, fsm_chunk_fn fn, void *arg)
-{
-    struct fsm_chunker c;
-    uint8_t *rbuf = pb_xmalloc(FSM_CHUNK_MAX);
-    int rc = 0;
-    fsm_chunker_init(&c, fn, arg);
-    for (;;) {
-        ssize_t n = read(fd, rbuf, FSM_CHUNK_MAX);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0) {
-            rc = -errno;
-            break;
-        }
-        if (n == 0) {
-            rc = fsm_chunker_finish(&c);
-            break;
-        }
-        if ((rc = fsm_chunker_feed(&c, rbuf, (size_t)n)) != 0)
-            break;
-    }
-    fsm_chunker_free(&c);
-    free(rbuf);
-    return rc;
-}

@@ -73,9 +73,4 @@ int fsm_chunker_feed(struct fsm_chunker *c, const void *p, size_t n);
  * c for a new stream. An empty stream has no chunks. */
 int fsm_chunker_finish(struct fsm_chunker *c);
 
-/* Chunks everything read from fd until end of file (the file is read in
- * FSM_CHUNK_MAX blocks; memory stays bounded). Returns 0, -errno of a failed
- * read, or fn's nonzero value. */
-int fsm_chunk_fd(int fd, fsm_chunk_fn fn, void *arg);
-
 #endif

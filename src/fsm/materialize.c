@@ -44,20 +44,6 @@ struct content {
     const struct fsm_disk *disk;
 };
 
-static int write_all(int fd, const uint8_t *p, size_t n)
-{
-    while (n > 0) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w < 0)
-            return -errno;
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
 static const struct fsm_chunk_data *carried(const struct fsm_op *op, const uint8_t *id)
 {
     if (op == NULL)
@@ -79,7 +65,7 @@ static int fill_chunks(void *arg, int fd)
         const struct fsm_chunk_ref *r = &c->refs[i];
         const struct fsm_chunk_data *d = carried(c->op, r->id);
         if (d != NULL) {
-            rc = write_all(fd, d->data, d->len);
+            rc = pb_write_all(fd, d->data, d->len);
             continue;
         }
         if (buf == NULL)
@@ -88,7 +74,7 @@ static int fill_chunks(void *arg, int fd)
         if (rc == -ENOENT) /* not "a parent is missing": a store that lost data */
             rc = -ENODATA;
         if (rc == 0)
-            rc = write_all(fd, buf, r->len);
+            rc = pb_write_all(fd, buf, r->len);
     }
     free(buf);
     return rc;

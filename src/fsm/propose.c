@@ -209,21 +209,31 @@ int fsm_propose_begin(struct fsm_tree *t, const char *path, const char *origin, 
     return 0;
 }
 
+/* The file is still the one begin saw: same inode, size and mtime through
+ * the open fd and at its name. 0, -EAGAIN (rewritten, replaced or removed:
+ * propose it again later) or -errno. */
+static int propose_unchanged(const struct fsm_propose *p)
+{
+    struct fsm_tree_stat now;
+    int rc = fstat_tree(p->fd, &now);
+    if (rc < 0)
+        return rc;
+    if (!same_file(&p->before, &now))
+        return -EAGAIN;
+    if ((rc = fsm_tree_lstat(p->t, p->path, &now)) < 0)
+        return rc == -ENOENT || rc == -ENOTDIR || rc == -ELOOP ? -EAGAIN : rc;
+    return same_file(&p->before, &now) ? 0 : -EAGAIN;
+}
+
 /* Builds and emits the PUT once the whole file was read unchanged. */
 static int propose_finish(struct fsm_propose *p, struct fsm_tree_stat *st)
 {
     struct build *b = &p->b;
-    struct fsm_tree_stat now;
     int rc;
-    /* Unchanged while we read it: same inode at the name, same size and
-     * mtime, and we read exactly that many bytes. */
-    if ((rc = fstat_tree(p->fd, &now)) < 0)
+    /* Unchanged while we read it, and we read exactly its size. */
+    if ((rc = propose_unchanged(p)) < 0)
         return rc;
-    if (!same_file(&p->before, &now) || b->size != p->before.size)
-        return -EAGAIN;
-    if ((rc = fsm_tree_lstat(p->t, p->path, &now)) < 0)
-        return rc == -ENOENT || rc == -ENOTDIR ? -EAGAIN : rc;
-    if (!same_file(&p->before, &now))
+    if (b->size != p->before.size)
         return -EAGAIN;
     uint64_t put_bytes = (uint64_t)b->n_refs * REF_WIRE + PUT_OVERHEAD;
     if (put_bytes > FSM_OP_MAX_BYTES)
@@ -291,16 +301,11 @@ int fsm_propose_step(struct fsm_propose *p, uint64_t max_bytes, struct fsm_tree_
         got += (uint64_t)n;
         rc = fsm_chunker_feed(&p->chunker, p->rbuf, (size_t)n);
     } while (rc == 0 && got < max_bytes);
-    if (rc == 0) {
-        /* A slice between two turns of the caller's loop: a file rewritten,
-         * replaced or removed meanwhile is given up now rather than read to
-         * its end. */
-        struct fsm_tree_stat now;
-        if ((rc = fstat_tree(p->fd, &now)) == 0 && !same_file(&p->before, &now))
-            rc = -EAGAIN;
-        if (rc == 0 && (fsm_tree_lstat(p->t, p->path, &now) < 0 || !same_file(&p->before, &now)))
-            rc = -EAGAIN;
-    }
+    /* A slice between two turns of the caller's loop: a file rewritten,
+     * replaced or removed meanwhile is given up now rather than read to its
+     * end. */
+    if (rc == 0)
+        rc = propose_unchanged(p);
     if (rc != 0) {
         p->done = true;
         return rc;
@@ -334,17 +339,4 @@ void fsm_propose_free(struct fsm_propose *p)
     free(p->path);
     free(p->origin);
     free(p);
-}
-
-int fsm_propose_put(struct fsm_tree *t, const char *path, const char *origin, uint64_t base,
-                    fsm_lacks_fn lacks, fsm_emit_fn emit, void *arg, struct fsm_tree_stat *st)
-{
-    struct fsm_propose *p;
-    int rc = fsm_propose_begin(t, path, origin, base, FSM_PROPOSE_CARRY_MAX, lacks, emit, arg, &p);
-    if (rc < 0)
-        return rc;
-    while ((rc = fsm_propose_step(p, UINT64_MAX, st)) == 1)
-        ;
-    fsm_propose_free(p);
-    return rc;
 }

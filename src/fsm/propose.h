@@ -81,11 +81,4 @@ uint64_t fsm_propose_carried(const struct fsm_propose *p);
 /* Closes the file and frees p (NULL is fine). */
 void fsm_propose_free(struct fsm_propose *p);
 
-/*
- * The whole file at once: fsm_propose_begin() with FSM_PROPOSE_CARRY_MAX,
- * fsm_propose_step() until done, fsm_propose_free(). Same results.
- */
-int fsm_propose_put(struct fsm_tree *t, const char *path, const char *origin, uint64_t base,
-                    fsm_lacks_fn lacks, fsm_emit_fn emit, void *arg, struct fsm_tree_stat *st);
-
 #endif

@@ -1,5 +1,5 @@
 /*
- * util.c: allocation, time and parsing helpers (see util.h).
+ * util.c: allocation, time, parsing and I/O helpers (see util.h).
  */
 #include "config.h"
 
@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 static void pb_oom(size_t n)
 {
@@ -123,5 +124,20 @@ int pb_split_host_port(const char *s, char *host, size_t hostlen, uint16_t *port
     memcpy(host, h, hl);
     host[hl] = '\0';
     *port = (uint16_t)p;
+    return 0;
+}
+
+int pb_write_all(int fd, const void *p, size_t n)
+{
+    const uint8_t *q = p;
+    while (n > 0) {
+        ssize_t w = write(fd, q, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return w < 0 ? -errno : -EIO;
+        q += w;
+        n -= (size_t)w;
+    }
     return 0;
 }

@@ -36,4 +36,9 @@ int pb_parse_u64(const char *s, uint64_t min, uint64_t max, uint64_t *out);
  * Returns 0 or -EINVAL. */
 int pb_split_host_port(const char *s, char *host, size_t hostlen, uint16_t *port);
 
+/* Writes all n bytes of p to fd, again after EINTR and short writes.
+ * Returns 0, -errno of the failed write(2) (what came before it stays
+ * written), or -EIO if write(2) returned 0. */
+int pb_write_all(int fd, const void *p, size_t n);
+
 #endif

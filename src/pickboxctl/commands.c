@@ -159,11 +159,8 @@ static const struct pbctl_field_spec conflicts_view[] = {
 static int render_metrics(const struct pbctl_field_spec *view, const json_t *result,
                           struct pbctl_writer *w)
 {
-    struct pbctl_writer *probe = pbctl_writer_text_new(w->out);
-    bool text_backend = probe->ops == w->ops;
-    pbctl_writer_free(probe);
     const json_t *text = json_object_get(result, "text");
-    if (!text_backend || !json_is_string(text))
+    if (!pbctl_writer_is_text(w) || !json_is_string(text))
         return pbctl_render(view, result, w);
     if (fwrite(json_string_value(text), 1, json_string_length(text), w->out) !=
                 json_string_length(text) ||

@@ -466,6 +466,11 @@ struct pbctl_writer *pbctl_writer_text_new(FILE *out)
     return &t->base;
 }
 
+bool pbctl_writer_is_text(const struct pbctl_writer *w)
+{
+    return w->ops == &text_ops;
+}
+
 /* ---- JSON backend ------------------------------------------------------------------- */
 
 struct json_writer {

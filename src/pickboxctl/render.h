@@ -22,6 +22,7 @@
 #ifndef PICKBOX_PICKBOXCTL_RENDER_H
 #define PICKBOX_PICKBOXCTL_RENDER_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
 
@@ -75,6 +76,9 @@ struct pbctl_writer *pbctl_writer_text_new(FILE *out);
 struct pbctl_writer *pbctl_writer_json_new(FILE *out);
 /* Frees w (NULL allowed). */
 void pbctl_writer_free(struct pbctl_writer *w);
+/* True if w is the text backend (a command may then print preformatted
+ * text as is). */
+bool pbctl_writer_is_text(const struct pbctl_writer *w);
 
 /* Walks result (an object) along view (a {NULL}-terminated array, or NULL for
  * no named fields) into w, then calls finish. Returns finish's result. */

@@ -28,6 +28,14 @@
  * (trigger). Format 1 kept the bytes in chunks.data; opening a format 1 file
  * migrates it in one transaction (sd_migrate_1_2).
  *
+ * Status counts (statedb_status_get: live files and directories, their bytes,
+ * tombstones, chunks, chunks missing here) are kept, not counted: the writer
+ * connection holds them in TEMP tables (never in the file) that TEMP
+ * triggers on manifest, chunks and chunk_data update inside the very
+ * statement that changes a row, so they commit and roll back with it. They
+ * are counted once at open, and again if another connection changed the file
+ * meanwhile (PRAGMA data_version). A read-only handle counts every time.
+ *
  * Snapshot stream (format 2). A sequence of records, each
  *   u32 length (of what follows), u8 tag, body
  * in this order: one 'H', the manifest rows ('M', by path), the chunk lists
@@ -115,6 +123,93 @@ static const char statedb_schema[] =
         "CREATE TABLE stage_sessions (client_id INTEGER PRIMARY KEY,"
         " seq INTEGER NOT NULL) STRICT;";
 
+/* A chunk row named c (an alias, NEW or OLD) whose bytes this node lacks
+ * though a chunk list names it: the one definition behind
+ * statedb_chunk_missing() and the status counts. */
+#define SD_MISSING(c)                                                                              \
+    "(" c ".refs > 0 AND NOT EXISTS (SELECT 1 FROM chunk_data d WHERE d.id = " c ".id))"
+
+/* The status counts, counted: manifest rows by (kind, deleted), and the
+ * chunks (rows, bytes, missing, missing bytes), each in one scan. */
+#define SD_MANIFEST_COUNT                                                                          \
+    "SELECT kind, deleted, count(*), sum(size) FROM manifest GROUP BY kind, deleted"
+#define SD_CHUNKS_COUNT                                                                            \
+    "SELECT count(*), coalesce(sum(len), 0), coalesce(sum(m), 0), coalesce(sum(m * len), 0)"       \
+    " FROM (SELECT c.len AS len, " SD_MISSING("c") " AS m FROM chunks c)"
+
+/* statedb_status_get's row, from mt(kind, deleted, n, bytes) and
+ * ct(n, bytes, missing, missing_bytes); ?1 file kind, ?2 directory kind. */
+#define SD_STATUS_SELECT                                                                           \
+    "SELECT coalesce((SELECT n FROM mt WHERE deleted = 0 AND kind = ?1), 0),"                      \
+    " coalesce((SELECT n FROM mt WHERE deleted = 0 AND kind = ?2), 0),"                            \
+    " coalesce((SELECT bytes FROM mt WHERE deleted = 0 AND kind = ?1), 0),"                        \
+    " n, bytes, coalesce((SELECT sum(n) FROM mt WHERE deleted = 1), 0), missing,"                  \
+    " missing_bytes FROM ct"
+
+/* The kept counts (writer connection only; see the file comment). A row's
+ * contribution leaves with OLD and comes with NEW; WHEN clauses keep the
+ * usual apply (a chunk stored with its bytes, then referenced) to the
+ * cheapest statements (about 10 us of CPU per new file). A chunk row is
+ * deleted only unreferenced (collection; an install drops the chunk lists
+ * first), so whether chunks_gone took its bytes before sd_chunks_del looks
+ * does not matter. chunk_data ids are never updated. */
+/* clang-format off */
+static const char statedb_totals_schema[] =
+        "CREATE TEMP TABLE sd_manifest_totals (kind INTEGER NOT NULL, deleted INTEGER NOT NULL,"
+        " n INTEGER NOT NULL, bytes INTEGER NOT NULL, PRIMARY KEY (kind, deleted));"
+        "CREATE TEMP TABLE sd_chunk_totals (id INTEGER PRIMARY KEY CHECK (id = 1),"
+        " n INTEGER NOT NULL, bytes INTEGER NOT NULL, missing INTEGER NOT NULL,"
+        " missing_bytes INTEGER NOT NULL);"
+        "CREATE TEMP TRIGGER sd_manifest_ins AFTER INSERT ON main.manifest BEGIN"
+        " INSERT INTO sd_manifest_totals VALUES (NEW.kind, NEW.deleted, 1, NEW.size)"
+        "  ON CONFLICT (kind, deleted) DO UPDATE SET n = n + 1, bytes = bytes + excluded.bytes;"
+        " END;"
+        "CREATE TEMP TRIGGER sd_manifest_del AFTER DELETE ON main.manifest BEGIN"
+        " UPDATE sd_manifest_totals SET n = n - 1, bytes = bytes - OLD.size"
+        "  WHERE kind = OLD.kind AND deleted = OLD.deleted; END;"
+        "CREATE TEMP TRIGGER sd_manifest_upd AFTER UPDATE OF kind, deleted, size ON main.manifest"
+        " WHEN OLD.kind IS NOT NEW.kind OR OLD.deleted IS NOT NEW.deleted"
+        "  OR OLD.size IS NOT NEW.size BEGIN"
+        " UPDATE sd_manifest_totals SET n = n - 1, bytes = bytes - OLD.size"
+        "  WHERE kind = OLD.kind AND deleted = OLD.deleted;"
+        " INSERT INTO sd_manifest_totals VALUES (NEW.kind, NEW.deleted, 1, NEW.size)"
+        "  ON CONFLICT (kind, deleted) DO UPDATE SET n = n + 1, bytes = bytes + excluded.bytes;"
+        " END;"
+        "CREATE TEMP TRIGGER sd_chunks_ins AFTER INSERT ON main.chunks BEGIN"
+        " UPDATE sd_chunk_totals SET n = n + 1, bytes = bytes + NEW.len; END;"
+        "CREATE TEMP TRIGGER sd_chunks_ins_missing AFTER INSERT ON main.chunks"
+        " WHEN " SD_MISSING("NEW") " BEGIN"
+        " UPDATE sd_chunk_totals SET missing = missing + 1,"
+        "  missing_bytes = missing_bytes + NEW.len; END;"
+        "CREATE TEMP TRIGGER sd_chunks_del AFTER DELETE ON main.chunks BEGIN"
+        " UPDATE sd_chunk_totals SET n = n - 1, bytes = bytes - OLD.len,"
+        "  missing = missing - " SD_MISSING("OLD") ","
+        "  missing_bytes = missing_bytes - " SD_MISSING("OLD") " * OLD.len; END;"
+        "CREATE TEMP TRIGGER sd_chunks_upd AFTER UPDATE OF id, refs, len ON main.chunks"
+        " WHEN OLD.id IS NOT NEW.id OR OLD.len IS NOT NEW.len"
+        "  OR ((OLD.refs > 0) IS NOT (NEW.refs > 0)"
+        "   AND NOT EXISTS (SELECT 1 FROM chunk_data d WHERE d.id = NEW.id)) BEGIN"
+        " UPDATE sd_chunk_totals SET bytes = bytes - OLD.len + NEW.len,"
+        "  missing = missing - " SD_MISSING("OLD") " + " SD_MISSING("NEW") ","
+        "  missing_bytes = missing_bytes - " SD_MISSING("OLD") " * OLD.len"
+        "   + " SD_MISSING("NEW") " * NEW.len; END;"
+        "CREATE TEMP TRIGGER sd_data_ins AFTER INSERT ON main.chunk_data"
+        " WHEN EXISTS (SELECT 1 FROM chunks WHERE id = NEW.id AND refs > 0) BEGIN"
+        " UPDATE sd_chunk_totals SET missing = missing - 1,"
+        "  missing_bytes = missing_bytes - (SELECT len FROM chunks WHERE id = NEW.id); END;"
+        "CREATE TEMP TRIGGER sd_data_del AFTER DELETE ON main.chunk_data"
+        " WHEN EXISTS (SELECT 1 FROM chunks WHERE id = OLD.id AND refs > 0) BEGIN"
+        " UPDATE sd_chunk_totals SET missing = missing + 1,"
+        "  missing_bytes = missing_bytes + (SELECT len FROM chunks WHERE id = OLD.id); END;";
+/* clang-format on */
+
+/* Counts the kept counts again (at open, and when another connection
+ * changed the file). */
+static const char statedb_totals_recount[] =
+        "DELETE FROM sd_manifest_totals; DELETE FROM sd_chunk_totals;"
+        "INSERT INTO sd_manifest_totals " SD_MANIFEST_COUNT ";"
+        "INSERT INTO sd_chunk_totals SELECT 1, * FROM (" SD_CHUNKS_COUNT ");";
+
 /* Cached statements of the writer connection. */
 enum {
     Q_APPLIED_GET,
@@ -141,6 +236,10 @@ enum {
     Q_ROW_RENAME,
     Q_CL_RENAME,
     Q_DISK_RENAME,
+    Q_CHUNK_MISSING,
+    Q_STATUS,         /* from the kept counts (writer) */
+    Q_STATUS_COUNTED, /* counted (a read-only handle) */
+    Q_DATA_VERSION,
     Q_MAX
 };
 
@@ -186,6 +285,18 @@ static const char *const statedb_sql[Q_MAX] = {
                          "WHERE path = ?1",
         [Q_CL_RENAME] = "UPDATE chunklist SET path = ?2 WHERE path = ?1",
         [Q_DISK_RENAME] = "UPDATE disk SET path = ?2 WHERE path = ?1",
+        /* clang-format off */
+        [Q_CHUNK_MISSING] = "SELECT c.id, c.len FROM chunks c"
+                            " WHERE c.id > ?1 AND " SD_MISSING("c")
+                            " ORDER BY c.id LIMIT ?2",
+        [Q_STATUS] = "WITH mt AS (SELECT kind, deleted, n, bytes FROM temp.sd_manifest_totals),"
+                     " ct AS (SELECT n, bytes, missing, missing_bytes FROM temp.sd_chunk_totals) "
+                     SD_STATUS_SELECT,
+        [Q_STATUS_COUNTED] = "WITH mt(kind, deleted, n, bytes) AS (" SD_MANIFEST_COUNT "),"
+                             " ct(n, bytes, missing, missing_bytes) AS (" SD_CHUNKS_COUNT ") "
+                             SD_STATUS_SELECT,
+        /* clang-format on */
+        [Q_DATA_VERSION] = "PRAGMA data_version",
 };
 
 struct statedb {
@@ -200,6 +311,8 @@ struct statedb {
     bool txn_lazy;   /* the open transaction commits with NORMAL */
     int sync_mode;   /* PRAGMA synchronous as set: 2 FULL, 1 NORMAL, 0 unknown */
     bool lazy_dirty; /* a lazy commit may not be durable yet (statedb_sync) */
+    /* PRAGMA data_version when the kept status counts were counted */
+    int64_t counted_version;
     char errmsg[512];
 };
 
@@ -431,6 +544,37 @@ static int sd_init_schema(sqlite3 *h, struct pb_error *err)
     return sd_exec(h, "PRAGMA journal_mode = WAL;", err);
 }
 
+/* PRAGMA data_version: changes when another connection commits. */
+static int sd_data_version(struct statedb *db, int64_t *v)
+{
+    int e = 0;
+    sqlite3_stmt *st = sd_q(db, Q_DATA_VERSION, &e);
+    if (st == NULL)
+        return e;
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW)
+        *v = sqlite3_column_int64(st, 0);
+    else
+        e = sd_fail(db, rc, "data version");
+    sqlite3_reset(st);
+    return e;
+}
+
+/* Counts the kept status counts (one read of the file: a savepoint). */
+static int sd_totals_count(struct statedb *db)
+{
+    int rc = sqlite3_exec(db->db, "SAVEPOINT sd_count", NULL, NULL, NULL);
+    if (rc != SQLITE_OK)
+        return sd_fail(db, rc, "count status");
+    rc = sqlite3_exec(db->db, statedb_totals_recount, NULL, NULL, NULL);
+    int e = rc == SQLITE_OK ? sd_data_version(db, &db->counted_version)
+                            : sd_fail(db, rc, "count status");
+    if (e < 0)
+        sqlite3_exec(db->db, "ROLLBACK TO sd_count", NULL, NULL, NULL);
+    sqlite3_exec(db->db, "RELEASE sd_count", NULL, NULL, NULL);
+    return e;
+}
+
 /* A reader: an existing state.db of this format, read-only, no flock. */
 static int sd_open_reader(struct statedb *db, struct pb_error *err)
 {
@@ -524,6 +668,10 @@ int statedb_open(const char *path, struct statedb **out, struct pb_error *err)
                  err);
     if (rc == 0)
         rc = sd_init_schema(db->db, err);
+    if (rc == 0)
+        rc = sd_exec(db->db, statedb_totals_schema, err);
+    if (rc == 0 && (rc = sd_totals_count(db)) < 0)
+        pb_error_set(err, rc, "%s", db->errmsg);
     if (rc < 0) {
         pb_error_prefix(err, "%s: ", path);
         statedb_close(db);
@@ -1090,14 +1238,10 @@ int statedb_chunk_missing(struct statedb *db, const uint8_t *after, struct state
                           size_t max, size_t *n)
 {
     *n = 0;
-    sqlite3_stmt *st;
-    int rc = sqlite3_prepare_v2(db->db,
-                                "SELECT c.id, c.len FROM chunks c WHERE c.refs > 0 AND c.id > ?1"
-                                " AND NOT EXISTS (SELECT 1 FROM chunk_data d WHERE d.id = c.id)"
-                                " ORDER BY c.id LIMIT ?2",
-                                -1, &st, NULL);
-    if (rc != SQLITE_OK)
-        return sd_fail(db, rc, "prepare missing chunks");
+    int e = 0, rc;
+    sqlite3_stmt *st = sd_q(db, Q_CHUNK_MISSING, &e);
+    if (st == NULL)
+        return e;
     if (after != NULL)
         sqlite3_bind_blob(st, 1, after, STATEDB_ID_LEN, SQLITE_STATIC);
     else
@@ -1108,10 +1252,9 @@ int statedb_chunk_missing(struct statedb *db, const uint8_t *after, struct state
         out[*n].len = (uint32_t)sqlite3_column_int64(st, 1);
         (*n)++;
     }
-    int e = 0;
     if (rc != SQLITE_DONE && rc != SQLITE_ROW)
         e = sd_fail(db, rc, "missing chunks");
-    sqlite3_finalize(st);
+    sqlite3_reset(st);
     return e;
 }
 
@@ -1323,25 +1466,20 @@ int statedb_status_get(struct statedb *db, uint8_t file_kind, uint8_t dir_kind,
                        struct statedb_status *s)
 {
     memset(s, 0, sizeof(*s));
-    sqlite3_stmt *st;
-    int rc = sqlite3_prepare_v2(
-            db->db,
-            "SELECT (SELECT count(*) FROM manifest WHERE deleted = 0 AND kind = ?1),"
-            " (SELECT count(*) FROM manifest WHERE deleted = 0 AND kind = ?2),"
-            " (SELECT coalesce(sum(size), 0) FROM manifest WHERE deleted = 0 AND kind = ?1),"
-            " (SELECT count(*) FROM chunks), (SELECT coalesce(sum(len), 0) FROM chunks),"
-            " (SELECT count(*) FROM manifest WHERE deleted = 1),"
-            " (SELECT count(*) FROM chunks c WHERE c.refs > 0 AND NOT EXISTS"
-            "  (SELECT 1 FROM chunk_data d WHERE d.id = c.id)),"
-            " (SELECT coalesce(sum(c.len), 0) FROM chunks c WHERE c.refs > 0 AND NOT EXISTS"
-            "  (SELECT 1 FROM chunk_data d WHERE d.id = c.id))",
-            -1, &st, NULL);
-    if (rc != SQLITE_OK)
-        return sd_fail(db, rc, "prepare status");
+    int e = 0;
+    if (!db->reader) {
+        int64_t v = 0;
+        if ((e = sd_data_version(db, &v)) < 0)
+            return e;
+        if (v != db->counted_version && (e = sd_totals_count(db)) < 0)
+            return e;
+    }
+    sqlite3_stmt *st = sd_q(db, db->reader ? Q_STATUS_COUNTED : Q_STATUS, &e);
+    if (st == NULL)
+        return e;
     sqlite3_bind_int(st, 1, file_kind);
     sqlite3_bind_int(st, 2, dir_kind);
-    rc = sqlite3_step(st);
-    int e = 0;
+    int rc = sqlite3_step(st);
     if (rc == SQLITE_ROW) {
         s->files = (uint64_t)sqlite3_column_int64(st, 0);
         s->dirs = (uint64_t)sqlite3_column_int64(st, 1);
@@ -1354,7 +1492,7 @@ int statedb_status_get(struct statedb *db, uint8_t file_kind, uint8_t dir_kind,
     } else {
         e = sd_fail(db, rc, "status");
     }
-    sqlite3_finalize(st);
+    sqlite3_reset(st);
     return e;
 }
 

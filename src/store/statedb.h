@@ -251,7 +251,9 @@ int statedb_disk_move(struct statedb *db, const char *from, const char *to);
 int statedb_disk_mismatches(struct statedb *db, int (*fn)(void *arg, const char *path, bool remove),
                             void *arg);
 
-/* Counts for status; file_kind / dir_kind say which kinds count as such. */
+/* Counts for status; file_kind / dir_kind say which kinds count as such.
+ * Exact and O(1) on the writer handle (kept by triggers as rows change; see
+ * statedb.c); a statedb_open_reader() handle counts them (O(rows)). */
 int statedb_status_get(struct statedb *db, uint8_t file_kind, uint8_t dir_kind,
                        struct statedb_status *s);
 

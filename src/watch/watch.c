@@ -88,14 +88,19 @@ enum walk_mode {
     WALK_DIFF, /* safety rescan: differences emitted, missing ones removed */
 };
 
+/* A stack of nodes (directories still to read). */
+struct wstack {
+    struct wnode **v;
+    size_t n, cap;
+};
+
 /* A sliced walk in progress (see "sliced scans" below). */
 struct wscan {
     bool active;
     bool root; /* of the whole tree */
     enum walk_mode mode;
     char *end_path; /* RESCAN_END path of a full rescan, else NULL */
-    struct wnode **stack;
-    size_t n, cap;
+    struct wstack stack;
     struct wnode *cur; /* the directory being read, as dir */
     DIR *dir;
     uint64_t gen, t0, candidates0;
@@ -192,8 +197,7 @@ struct watch {
     const char **comps;
     size_t * compl ;
     size_t comps_cap;
-    struct wnode **stack;
-    size_t stack_n, stack_cap;
+    struct wstack stack;
     struct wscan scan;
 
     uint64_t gen;
@@ -586,7 +590,7 @@ static void rec_new(struct watch *w, struct wnode *n, struct wnode *from_parent,
  * the owner's view is "current state minus the still pending records". */
 static void node_sync(struct watch *w, struct wnode *n, const struct stat *st, char *target,
                       unsigned reasons, bool rescan);
-static void stack_push(struct watch *w, struct wnode *n);
+static void wstack_push(struct wstack *s, struct wnode *n);
 static void scan_push(struct watch *w, struct wnode *n);
 static void scan_forget(struct watch *w, struct wnode *n);
 static void subtree_unreport(struct wnode *n);
@@ -597,12 +601,12 @@ static int tree_lstat(struct watch *w, const char *rel, struct stat *st, char **
  * destination ancestor is no directory on disk any more. */
 static bool rec_settle_dest(struct watch *w, struct wnode *n)
 {
-    size_t base = w->stack_n;
+    size_t base = w->stack.n;
     for (struct wnode *x = n->parent; x && x != w->rootn; x = x->parent)
-        stack_push(w, x);
+        wstack_push(&w->stack, x);
     bool ok = true;
-    while (w->stack_n > base) {
-        struct wnode *x = w->stack[--w->stack_n]; /* top-most first */
+    while (w->stack.n > base) {
+        struct wnode *x = w->stack.v[--w->stack.n]; /* top-most first */
         if (!ok || (x->reported && x->rep.type == WATCH_TYPE_DIR))
             continue;
         struct stat st;
@@ -610,9 +614,9 @@ static bool rec_settle_dest(struct watch *w, struct wnode *n)
             ok = false;
             continue;
         }
-        size_t keep = w->stack_n;
+        size_t keep = w->stack.n;
         node_sync(w, x, &st, NULL, R_RESCAN, false);
-        assert(w->stack_n == keep);
+        assert(w->stack.n == keep);
         (void)keep;
     }
     return ok;
@@ -1161,13 +1165,13 @@ static void node_check(struct watch *w, struct wnode *n, unsigned reasons)
 
 /* ---- walking (scans) -------------------------------------------------- */
 
-static void stack_push(struct watch *w, struct wnode *n)
+static void wstack_push(struct wstack *s, struct wnode *n)
 {
-    if (w->stack_n == w->stack_cap) {
-        w->stack_cap = w->stack_cap ? w->stack_cap * 2 : 64;
-        w->stack = pb_xreallocarray(w->stack, w->stack_cap, sizeof(*w->stack));
+    if (s->n == s->cap) {
+        s->cap = s->cap ? s->cap * 2 : 64;
+        s->v = pb_xreallocarray(s->v, s->cap, sizeof(*s->v));
     }
-    w->stack[w->stack_n++] = n;
+    s->v[s->n++] = n;
 }
 
 /* Starts reading directory d for a walk: watch first, then read (whatever is
@@ -1226,7 +1230,7 @@ static void walk_entry(struct watch *w, struct wnode *d, DIR *dir, const struct 
     if (mode == WALK_NEW) {
         mark_dirty(w, c, R_CREATE);
         if (isdir && c->wd < 0)
-            stack_push(w, c);
+            wstack_push(&w->stack, c);
         return;
     }
     assert(have_st);
@@ -1234,7 +1238,7 @@ static void walk_entry(struct watch *w, struct wnode *d, DIR *dir, const struct 
         /* The owner is applying there: look again after its end. */
         mark_dirty(w, c, R_RESCAN);
         if (isdir)
-            sliced ? scan_push(w, c) : stack_push(w, c);
+            sliced ? scan_push(w, c) : wstack_push(&w->stack, c);
         return;
     }
     char *target = NULL;
@@ -1242,7 +1246,7 @@ static void walk_entry(struct watch *w, struct wnode *d, DIR *dir, const struct 
         target = read_target(w, dfd, nm, (size_t)st.st_size);
     node_sync(w, c, &st, target, R_RESCAN, mode == WALK_FULL);
     if (isdir)
-        sliced ? scan_push(w, c) : stack_push(w, c);
+        sliced ? scan_push(w, c) : wstack_push(&w->stack, c);
 }
 
 /* After the listing of d: children not seen in it are gone, unless the
@@ -1264,7 +1268,7 @@ static void walk_close(struct watch *w, struct wnode *d, enum walk_mode mode, ui
                 c->seen_gen = gen;
                 node_sync(w, c, &st, target, R_RESCAN, mode == WALK_FULL);
                 if (S_ISDIR(st.st_mode))
-                    sliced ? scan_push(w, c) : stack_push(w, c);
+                    sliced ? scan_push(w, c) : wstack_push(&w->stack, c);
             } else if (r == 0 || r == -ENOENT) {
                 free(target);
                 node_sync(w, c, NULL, NULL, R_RESCAN, mode == WALK_FULL);
@@ -1280,12 +1284,12 @@ static void walk_close(struct watch *w, struct wnode *d, enum walk_mode mode, ui
 
 static void walk(struct watch *w, struct wnode *top, enum walk_mode mode)
 {
-    size_t base = w->stack_n;
+    size_t base = w->stack.n;
     uint64_t gen = ++w->gen;
     w->walking++;
-    stack_push(w, top);
-    while (w->stack_n > base) {
-        struct wnode *d = w->stack[--w->stack_n];
+    wstack_push(&w->stack, top);
+    while (w->stack.n > base) {
+        struct wnode *d = w->stack.v[--w->stack.n];
         DIR *dir = walk_open(w, d);
         if (!dir)
             continue;
@@ -1311,12 +1315,7 @@ static void walk(struct watch *w, struct wnode *top, enum walk_mode mode)
 
 static void scan_push(struct watch *w, struct wnode *n)
 {
-    struct wscan *s = &w->scan;
-    if (s->n == s->cap) {
-        s->cap = s->cap ? s->cap * 2 : 64;
-        s->stack = pb_xreallocarray(s->stack, s->cap, sizeof(*s->stack));
-    }
-    s->stack[s->n++] = n;
+    wstack_push(&w->scan.stack, n);
     n->scan_queued = true;
 }
 
@@ -1329,9 +1328,9 @@ static void scan_forget(struct watch *w, struct wnode *n)
         s->dir = NULL;
         s->cur = NULL;
     }
-    for (size_t i = s->n; i-- > 0;)
-        if (s->stack[i] == n)
-            s->stack[i] = NULL;
+    for (size_t i = s->stack.n; i-- > 0;)
+        if (s->stack.v[i] == n)
+            s->stack.v[i] = NULL;
     n->scan_queued = false;
 }
 
@@ -1396,9 +1395,9 @@ static void on_scan(evutil_socket_t fd, short what, void *arg)
     w->walking++;
     while (done < w->o.scan_slice) {
         if (!s->dir) {
-            if (!s->n)
+            if (!s->stack.n)
                 break;
-            struct wnode *d = s->stack[--s->n];
+            struct wnode *d = s->stack.v[--s->stack.n];
             if (!d)
                 continue;
             d->scan_queued = false;
@@ -1425,7 +1424,7 @@ static void on_scan(evutil_socket_t fd, short what, void *arg)
             break;
     }
     w->walking--;
-    if (s->dir || s->n)
+    if (s->dir || s->stack.n)
         scan_yield(w);
     else
         scan_finish(w);
@@ -2283,10 +2282,9 @@ void watch_free(struct watch *w)
     w->freeing = true;
     if (w->scan.dir)
         closedir(w->scan.dir);
-    free(w->scan.stack);
+    free(w->scan.stack.v);
     free(w->scan.end_path);
-    w->scan.stack = NULL;
-    w->scan.n = 0;
+    w->scan.stack = (struct wstack){0};
     w->scan.dir = NULL;
     w->scan.cur = NULL;
     while (w->stash) {
@@ -2335,7 +2333,7 @@ void watch_free(struct watch *w)
         free(w->pb[i].p);
     free(w->comps);
     free(w->compl );
-    free(w->stack);
+    free(w->stack.v);
     free(w->nb);
     free(w->wb);
     free(w->root);
