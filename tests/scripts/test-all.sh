@@ -31,7 +31,8 @@ count_suite() {
 }
 
 # Prints what matters of one failed test's log: the test's own lines (TAP
-# results but the passing ones, diagnostics, tracebacks, sanitizer reports),
+# results but the passing ones, diagnostics, tracebacks, sanitizer reports,
+# the driver's FAIL/ERROR lines),
 # then for each daemon log the harness printed ("# ---- log of n1 (pid N) ----",
 # lines "# <level>text") its error and warning lines, the lines without a
 # level (sanitizer, valgrind, crash output) and its last lines. The whole log
@@ -62,14 +63,14 @@ summarize_log() {
             print
             next
         }
-        name != "" {
+        name != "" && /^#/ {
             nlines++
             ring[nlines % tail_n] = $0
             if ($0 !~ /^# <[5-7]>/ && $0 !~ /^# ?$/)
                 bad[++nbad] = $0
             next
         }
-        /^ok [0-9]/ { next }
+        /^(ok [0-9]|PASS: )/ { next }
         {
             if (++own <= own_max)
                 print
