@@ -4,6 +4,7 @@ Starts an N-node cluster with short Raft timeouts (n1 bootstraps, the others
 join through n1 with n1's secret), and polls trees and status with deadlines.
 """
 
+import errno
 import os
 import time
 
@@ -85,7 +86,13 @@ def _snapshot_once(root):
                     continue
                 with open(p, "rb") as f:
                     out[rel] = ("f", f.read(), os.lstat(p).st_mode & 0o777)
-    except (FileNotFoundError, NotADirectoryError) as e:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        # An entry was replaced (a file by a directory, or the reverse)
+        # or removed between listing and reading it.
+        raise TreeChanging(str(e))
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # readlink() of what is no longer a link
+            raise
         raise TreeChanging(str(e))
     return out
 
