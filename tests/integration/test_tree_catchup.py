@@ -79,7 +79,10 @@ def wait_live(live, pred, what, timeout=60):
 
 with Harness("tree-catchup") as h:
     h.plan(9)
-    nodes = th.start_cluster(h, 3, env=ENV)
+    # The default timing: 20 entries of 1 MiB each keep leaders busy for long
+    # enough on a loaded machine that FAST's 300 ms led to minutes of
+    # elections (see treeharness.DEFAULT_TIMING).
+    nodes = th.start_cluster(h, 3, env=ENV, timing=th.DEFAULT_TIMING)
     n1, n2, n3 = nodes
     big = {}
     for i in range(BIG_FILES):
@@ -87,7 +90,10 @@ with Harness("tree-catchup") as h:
         rel = "big/blob%02d.bin" % i
         big[rel] = hashlib.sha256(data).hexdigest()
         th.write(os.path.join(n1.data_dir, rel), data, "wb")
-    t = wait_same(nodes, lambda t: all(t.get(k) == v for k, v in big.items()), 120,
+    # Generous deadlines for the 20 MiB: under ASan on a loaded 2-core machine
+    # a leader busy with the 1 MiB entries misses heartbeats and elections
+    # slow the transfer down (it took more than 120 s there).
+    t = wait_same(nodes, lambda t: all(t.get(k) == v for k, v in big.items()), 300,
                   "the 20 MiB to reach every node")
     h.ok(True, "%d MiB in %d files replicated to all three nodes" % (BIG_FILES * BIG_SIZE // MIB,
                                                                      BIG_FILES))
@@ -130,7 +136,8 @@ with Harness("tree-catchup") as h:
     h.ok(True, "the live nodes compacted past n3's last index %d" % last_before)
 
     secret = os.path.join(n1.state_dir, "secret")
-    n3 = h.start_daemon("n3", args=th.FAST + ["--secret-file", secret], port=n3.port, env=ENV)
+    n3 = h.start_daemon("n3", args=th.DEFAULT_TIMING + ["--secret-file", secret], port=n3.port,
+                        env=ENV)
     nodes = [n1, n2, n3]
     try:
         final = wait_same(nodes, lambda t: "small/d9/f149.txt" not in t and
@@ -164,10 +171,11 @@ with Harness("tree-catchup") as h:
     db.close()
     for rel in big:
         os.unlink(os.path.join(n3.data_dir, rel))
-    n3 = h.start_daemon("n3", args=th.FAST + ["--secret-file", secret], port=n3.port, env=ENV)
+    n3 = h.start_daemon("n3", args=th.DEFAULT_TIMING + ["--secret-file", secret], port=n3.port,
+                        env=ENV)
     nodes = [n1, n2, n3]
     try:
-        final = wait_same(nodes, lambda t: all(t.get(k) == v for k, v in big.items()), 120,
+        final = wait_same(nodes, lambda t: all(t.get(k) == v for k, v in big.items()), 300,
                           "n3's big files to come back")
         wait_until(lambda: tree_status(n3).get("chunks_missing") == 0, 30,
                    what="n3 to have every chunk")

@@ -11,15 +11,22 @@ import time
 from pbharness import HarnessError, wait_until
 
 FAST = ["--election-timeout-ms", "300", "--heartbeat-ms", "30"]
+# The daemon's own defaults, for tests that move MiB-sized entries: a leader
+# busy for a few hundred ms persisting or materializing them on a loaded
+# 2-core machine misses FAST's heartbeats, and the elections that follow can
+# go on for minutes (doc/fsm.md, "Materializing a big PUT blocks the node").
+DEFAULT_TIMING = ["--election-timeout-ms", "1000", "--heartbeat-ms", "100"]
 
 
-def start_cluster(h, n, extra=(), env=None):
-    nodes = [h.start_daemon("n1", args=FAST + list(extra), env=env)]
+def start_cluster(h, n, extra=(), env=None, timing=None):
+    """timing: the Raft timing arguments, FAST unless given."""
+    timing = list(FAST if timing is None else timing)
+    nodes = [h.start_daemon("n1", args=timing + list(extra), env=env)]
     wait_until(lambda: status(nodes[0]).get("role") == "leader", 10, what="n1 to lead")
     secret = os.path.join(nodes[0].state_dir, "secret")
     wait_until(lambda: os.path.exists(secret), 5, what="n1's secret")
     for i in range(2, n + 1):
-        d = h.start_daemon("n%d" % i, args=FAST + list(extra) + [
+        d = h.start_daemon("n%d" % i, args=timing + list(extra) + [
             "--join", "127.0.0.1:%d" % nodes[0].port, "--secret-file", secret], env=env)
         nodes.append(d)
     for d in nodes:
