@@ -42,8 +42,9 @@ def member_ok(d, n):
 
 
 def status(d):
+    """The status result, {} when d does not answer within 10 s."""
     try:
-        r = d.call("status", timeout=5)
+        r = d.call("status", timeout=10)
     except (OSError, HarnessError):
         return {}
     return r.get("result", {})
