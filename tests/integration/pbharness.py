@@ -39,6 +39,11 @@ import time
 import traceback
 
 DEFAULT_TIMEOUT = 10.0
+# Deadline of waits for something to happen (a daemon to start, to stop, a
+# condition to hold): generous, since a sanitizer build on a loaded 2-core
+# machine is many times slower than a quiet one, and a wait that succeeds
+# returns as soon as its condition holds.
+WAIT_TIMEOUT = 30.0
 
 # Short Raft timings for tests that do not measure failover (cluster spec:
 # heartbeat below half the election timeout).
@@ -52,7 +57,7 @@ class HarnessError(Exception):
     pass
 
 
-def wait_until(predicate, timeout=DEFAULT_TIMEOUT, interval=0.01, what="condition"):
+def wait_until(predicate, timeout=WAIT_TIMEOUT, interval=0.01, what="condition"):
     """Polls predicate() until it returns a true value (returned) or timeout."""
     deadline = time.monotonic() + timeout
     while True:
@@ -244,7 +249,7 @@ class Daemon:
             self.h._started.append(self)
         return self
 
-    def restart(self, ready=True, timeout=DEFAULT_TIMEOUT):
+    def restart(self, ready=True, timeout=WAIT_TIMEOUT):
         """Starts the same command line again (the process must have ended)."""
         if self.alive():
             raise HarnessError("restart of %s while it runs" % self.node_id)
@@ -308,7 +313,7 @@ class Daemon:
     def client(self, timeout=DEFAULT_TIMEOUT):
         return Client(self.control_socket, timeout)
 
-    def wait_ready(self, timeout=DEFAULT_TIMEOUT):
+    def wait_ready(self, timeout=WAIT_TIMEOUT):
         """Waits until hello answers on the control socket (or the daemon dies)."""
         def ready():
             if not self.alive():
@@ -329,14 +334,14 @@ class Daemon:
         """kill -9 of this node (our own PID), reaped; the log stays open."""
         if self.alive():
             os.kill(self.proc.pid, signal.SIGKILL)
-        self.returncode = self.proc.wait(DEFAULT_TIMEOUT)
+        self.returncode = self.proc.wait(WAIT_TIMEOUT)
         return self.returncode
 
     def signal(self, sig):
         if self.alive():
             os.kill(self.proc.pid, sig)
 
-    def wait_exit(self, timeout=DEFAULT_TIMEOUT):
+    def wait_exit(self, timeout=WAIT_TIMEOUT):
         """Waits for the process to end; returns its exit status (negative = signal)."""
         try:
             self.returncode = self.proc.wait(timeout)
@@ -345,7 +350,7 @@ class Daemon:
                                % (self.node_id, self.proc.pid, timeout))
         return self.returncode
 
-    def stop(self, timeout=DEFAULT_TIMEOUT):
+    def stop(self, timeout=WAIT_TIMEOUT):
         """SIGTERM and wait; returns the exit status."""
         self.signal(signal.SIGTERM)
         return self.wait_exit(timeout)

@@ -73,22 +73,34 @@ def tree_status(d):
     return th.status(d).get("tree", {})
 
 
-def wait_live(live, pred, what, timeout=60):
+def wait_live(live, pred, what, timeout=180):
+    """Generous: the 500 small files took more than 60 s on a loaded 2-core
+    machine, with the two live nodes going through elections."""
     wait_same(live, pred, timeout, what)
 
 
 with Harness("tree-catchup") as h:
     h.plan(9)
-    nodes = th.start_cluster(h, 3, env=ENV)
+    # The default timing: 20 entries of 1 MiB each keep leaders busy for long
+    # enough on a loaded machine that FAST's 300 ms led to minutes of
+    # elections (see treeharness.DEFAULT_TIMING).
+    nodes = th.start_cluster(h, 3, env=ENV, timing=th.DEFAULT_TIMING)
     n1, n2, n3 = nodes
     big = {}
-    for i in range(BIG_FILES):
-        data = os.urandom(BIG_SIZE)
-        rel = "big/blob%02d.bin" % i
-        big[rel] = hashlib.sha256(data).hexdigest()
-        th.write(os.path.join(n1.data_dir, rel), data, "wb")
-    t = wait_same(nodes, lambda t: all(t.get(k) == v for k, v in big.items()), 120,
-                  "the 20 MiB to reach every node")
+    # The 20 MiB go in batches of 4 files, each replicated before the next is
+    # written, with generous deadlines. Written at once, on a loaded 2-core
+    # machine under ASan, they did not reach every node in 300 s: once the
+    # writer was no longer the leader, its forwards of 1 MiB entries were
+    # retried every second while earlier copies still filled the link's
+    # queue (ENOBUFS) and the leader's log (duplicates).
+    for first in range(0, BIG_FILES, 4):
+        for i in range(first, min(first + 4, BIG_FILES)):
+            data = os.urandom(BIG_SIZE)
+            rel = "big/blob%02d.bin" % i
+            big[rel] = hashlib.sha256(data).hexdigest()
+            th.write(os.path.join(n1.data_dir, rel), data, "wb")
+        t = wait_same(nodes, lambda t: all(t.get(k) == v for k, v in big.items()), 120,
+                      "%d MiB to reach every node" % len(big))
     h.ok(True, "%d MiB in %d files replicated to all three nodes" % (BIG_FILES * BIG_SIZE // MIB,
                                                                      BIG_FILES))
 
@@ -130,7 +142,8 @@ with Harness("tree-catchup") as h:
     h.ok(True, "the live nodes compacted past n3's last index %d" % last_before)
 
     secret = os.path.join(n1.state_dir, "secret")
-    n3 = h.start_daemon("n3", args=th.FAST + ["--secret-file", secret], port=n3.port, env=ENV)
+    n3 = h.start_daemon("n3", args=th.DEFAULT_TIMING + ["--secret-file", secret], port=n3.port,
+                        env=ENV)
     nodes = [n1, n2, n3]
     try:
         final = wait_same(nodes, lambda t: "small/d9/f149.txt" not in t and
@@ -164,10 +177,11 @@ with Harness("tree-catchup") as h:
     db.close()
     for rel in big:
         os.unlink(os.path.join(n3.data_dir, rel))
-    n3 = h.start_daemon("n3", args=th.FAST + ["--secret-file", secret], port=n3.port, env=ENV)
+    n3 = h.start_daemon("n3", args=th.DEFAULT_TIMING + ["--secret-file", secret], port=n3.port,
+                        env=ENV)
     nodes = [n1, n2, n3]
     try:
-        final = wait_same(nodes, lambda t: all(t.get(k) == v for k, v in big.items()), 120,
+        final = wait_same(nodes, lambda t: all(t.get(k) == v for k, v in big.items()), 300,
                           "n3's big files to come back")
         wait_until(lambda: tree_status(n3).get("chunks_missing") == 0, 30,
                    what="n3 to have every chunk")

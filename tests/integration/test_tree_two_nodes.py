@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The two user scenarios on a 2-node cluster: an edit on either node appears
 on both; 10 files written at the same moment on each of two nodes all arrive
-everywhere with the right content; no echo (the log stops growing); a file
+everywhere with the right content; no echo (no node proposes more); a file
 larger than one peer message arrives intact."""
 
 import os
@@ -15,7 +15,8 @@ import treeharness as th  # noqa: E402
 
 with Harness("tree_two_nodes") as h:
     h.plan(9)
-    n1, n2 = th.start_cluster(h, 2)
+    # The default timing: the 20 MiB below travel as entries of about half a MiB (see DEFAULT_TIMING).
+    n1, n2 = th.start_cluster(h, 2, timing=th.DEFAULT_TIMING)
     h.ok(True, "2-node cluster up")
 
     t0 = time.monotonic()
@@ -65,22 +66,45 @@ with Harness("tree_two_nodes") as h:
              th.tree_diff([n1, n2]) + str(e))
         h.ok(False, "no conflict copies from distinct paths")
 
-    # No echo: once converged and nothing pending, the commit index is stable for 1 s.
+    # No echo: once converged and nothing pending, neither node proposes an
+    # operation for 1 s. tree.proposed counts every operation a node builds
+    # from its tree (retries not counted), so an echo (a node re-proposing a
+    # change it applied) shows there. The commit index is not the measure: a
+    # forward retried while leaders changed is one more copy of an entry in
+    # the log, committed later, and a new leader commits an empty entry.
+    def proposed():
+        """[(proposed, pending)] of n1, n2."""
+        return [(lambda t: (t.get("proposed"), t.get("pending")))(th.status(d).get("tree", {}))
+                for d in (n1, n2)]
+
     def quiet():
         a, b = th.status(n1), th.status(n2)
         return a.get("tree", {}).get("pending") == 0 and b.get("tree", {}).get("pending") == 0
-    wait_until(quiet, 10, what="nothing pending")
-    c0 = th.status(n1)["commit_index"]
+    wait_until(quiet, 30, what="nothing pending")
+    p0, c0 = proposed(), th.status(n1).get("commit_index")
     time.sleep(1.0)  # the property itself is "nothing happens for 1 s"
-    c1 = th.status(n1)["commit_index"]
-    h.eq(c1, c0, "no echo: the commit index is stable for 1 s after convergence")
+    p1, c1 = proposed(), th.status(n1).get("commit_index")
+    h.ok(all(isinstance(n, int) and q == 0 for n, q in p0) and p1 == p0,
+         "no echo: no node proposes an operation for 1 s after convergence",
+         "(tree.proposed, tree.pending) of n1, n2: %r then %r (commit index %r then %r)"
+         % (p0, p1, c0, c1))
 
     st = th.status(n2)
     tree = st.get("tree", {})
     h.ok(tree.get("files") == 22 and tree.get("tree_error") is None,
          "status.tree counts the files and reports no tree error", repr(tree))
-    h.eq(st.get("applied_index"), th.status(n1).get("applied_index"),
-         "both nodes applied the same index")
+    # Two reads, one per node: a late copy of a retried entry may commit
+    # between them, so wait until the two agree.
+    applied = [None, None]
+
+    def same_applied():
+        applied[:] = [th.status(d).get("applied_index") for d in (n2, n1)]
+        return applied[0] is not None and applied[0] == applied[1]
+    try:
+        wait_until(same_applied, 30, what="n1 and n2 to report the same applied index")
+        h.ok(True, "both nodes applied the same index (%d)" % applied[0])
+    except HarnessError as e:
+        h.ok(False, "both nodes applied the same index", "%s (n2, n1: %r)" % (e, applied))
     r = n1.call("conflicts")
     h.eq(r.get("result", {}).get("conflicts"), [], "conflicts lists nothing")
 
@@ -98,7 +122,9 @@ with Harness("tree_two_nodes") as h:
             return False
     t0 = time.monotonic()
     try:
-        wait_until(arrived, 60, interval=0.05, what="big.bin on n1")
+        # Generous: under ASan on a loaded 2-core machine, leaders busy with
+        # those entries miss heartbeats and elections slow the transfer.
+        wait_until(arrived, 240, interval=0.05, what="big.bin on n1")
         h.ok(True, "a 20 MiB file written on n2 arrives intact on n1")
         h.diag("20 MiB in %.0f ms" % ((time.monotonic() - t0) * 1000))
     except HarnessError as e:

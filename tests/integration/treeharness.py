@@ -4,21 +4,29 @@ Starts an N-node cluster with short Raft timeouts (n1 bootstraps, the others
 join through n1 with n1's secret), and polls trees and status with deadlines.
 """
 
+import errno
 import os
 import time
 
 from pbharness import HarnessError, wait_until
 
 FAST = ["--election-timeout-ms", "300", "--heartbeat-ms", "30"]
+# The daemon's own defaults, for tests that move MiB-sized entries: a leader
+# busy for a few hundred ms persisting or materializing them on a loaded
+# 2-core machine misses FAST's heartbeats, and the elections that follow can
+# go on for minutes (doc/fsm.md, "Materializing a big PUT blocks the node").
+DEFAULT_TIMING = ["--election-timeout-ms", "1000", "--heartbeat-ms", "100"]
 
 
-def start_cluster(h, n, extra=(), env=None):
-    nodes = [h.start_daemon("n1", args=FAST + list(extra), env=env)]
+def start_cluster(h, n, extra=(), env=None, timing=None):
+    """timing: the Raft timing arguments, FAST unless given."""
+    timing = list(FAST if timing is None else timing)
+    nodes = [h.start_daemon("n1", args=timing + list(extra), env=env)]
     wait_until(lambda: status(nodes[0]).get("role") == "leader", 10, what="n1 to lead")
     secret = os.path.join(nodes[0].state_dir, "secret")
     wait_until(lambda: os.path.exists(secret), 5, what="n1's secret")
     for i in range(2, n + 1):
-        d = h.start_daemon("n%d" % i, args=FAST + list(extra) + [
+        d = h.start_daemon("n%d" % i, args=timing + list(extra) + [
             "--join", "127.0.0.1:%d" % nodes[0].port, "--secret-file", secret], env=env)
         nodes.append(d)
     for d in nodes:
@@ -34,8 +42,9 @@ def member_ok(d, n):
 
 
 def status(d):
+    """The status result, {} when d does not answer within 10 s."""
     try:
-        r = d.call("status", timeout=5)
+        r = d.call("status", timeout=10)
     except (OSError, HarnessError):
         return {}
     return r.get("result", {})
@@ -85,7 +94,13 @@ def _snapshot_once(root):
                     continue
                 with open(p, "rb") as f:
                     out[rel] = ("f", f.read(), os.lstat(p).st_mode & 0o777)
-    except (FileNotFoundError, NotADirectoryError) as e:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        # An entry was replaced (a file by a directory, or the reverse)
+        # or removed between listing and reading it.
+        raise TreeChanging(str(e))
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # readlink() of what is no longer a link
+            raise
         raise TreeChanging(str(e))
     return out
 

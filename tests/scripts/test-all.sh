@@ -30,12 +30,65 @@ count_suite() {
     echo "$name: $p passed, $f failed"
 }
 
-# Prints the logs of failed tests below a build directory.
+# Prints what matters of one failed test's log: the test's own lines (TAP
+# results but the passing ones, diagnostics, tracebacks, sanitizer reports,
+# the driver's FAIL/ERROR lines),
+# then for each daemon log the harness printed ("# ---- log of n1 (pid N) ----",
+# lines "# <level>text") its error and warning lines, the lines without a
+# level (sanitizer, valgrind, crash output) and its last lines. The whole log
+# stays in the build directory.
+summarize_log() {
+    awk -v own_max=250 -v bad_max=40 -v tail_n=25 '
+        function flush_daemon(   i, from) {
+            if (name == "")
+                return
+            for (i = 1; i <= nbad; i++) {
+                if (nbad > bad_max && i == bad_max / 2 + 1) {
+                    print "#   ... " nbad - bad_max " error/warning lines of " name " left out"
+                    i = nbad - bad_max / 2 + 1
+                }
+                print bad[i]
+            }
+            print "#   ... last " (nlines < tail_n ? nlines : tail_n) " of " nlines " lines of " name ":"
+            from = nlines > tail_n ? nlines - tail_n + 1 : 1
+            for (i = from; i <= nlines; i++)
+                print ring[i % tail_n]
+            name = ""
+        }
+        /^# ---- log of / {
+            flush_daemon()
+            name = $5
+            nbad = 0
+            nlines = 0
+            print
+            next
+        }
+        name != "" && /^#/ {
+            nlines++
+            ring[nlines % tail_n] = $0
+            if ($0 !~ /^# <[5-7]>/ && $0 !~ /^# ?$/)
+                bad[++nbad] = $0
+            next
+        }
+        /^(ok [0-9]|PASS: )/ { next }
+        {
+            if (++own <= own_max)
+                print
+            else if (own == own_max + 1)
+                print "... (more lines of the test left out)"
+        }
+        END { flush_daemon() }
+    ' "$1"
+}
+
+# Prints the logs of failed tests below a build directory (summarized: see
+# summarize_log; the full logs are the files named).
 show_failed_logs() {
-    local dir=$1 trs
+    local dir=$1 trs log
     while IFS= read -r trs; do
-        echo "----- ${trs%.trs}.log"
-        tail -n 300 "${trs%.trs}.log"
+        log=${trs%.trs}.log
+        echo "----- $log ($(wc -l < "$log") lines; errors, warnings and the test's own lines)"
+        summarize_log "$log"
     done < <(grep -lE ':test-result: (FAIL|ERROR|XPASS)' -r "$dir" --include='*.trs' 2>/dev/null)
 }
 
