@@ -31,7 +31,7 @@
 #include "ctl/ctl.h"
 #include "daemon/cluster.h"
 #include "daemon/cluster_int.h"
-#include "daemon/config.h"
+#include "daemon/nodeconf.h"
 #include "daemon/daemon.h"
 #include "daemon/listen.h"
 #include "daemon/methods.h"

@@ -19,7 +19,7 @@
 #include <event2/event.h>
 
 #include "ctl/ctl.h"
-#include "daemon/config.h"
+#include "daemon/nodeconf.h"
 #include "daemon/secret.h"
 #include "lib/buf.h"
 #include "lib/util.h"

@@ -21,7 +21,7 @@
 #include <string.h>
 
 #include "ctl/ctl.h"
-#include "daemon/config.h"
+#include "daemon/nodeconf.h"
 #include "lib/util.h"
 
 #define ADMIN_VERSION     1
