@@ -41,6 +41,7 @@ struct metrics_http_conn {
     struct bufferevent *bev;
     struct event *deadline; /* the whole exchange, METRICS_HTTP_TIMEOUT_S */
     bool replied;           /* then only waiting for the client to close */
+    bool client_done;       /* EOF seen before the reply was written out */
 };
 
 struct metrics_http {
@@ -99,7 +100,13 @@ static void metrics_http_on_deadline(evutil_socket_t fd, short what, void *arg)
  * never turn our close into a reset that could destroy the reply. */
 static void metrics_http_on_written(struct bufferevent *bev, void *arg)
 {
-    (void)arg;
+    struct metrics_http_conn *c = arg;
+    if (c->client_done) {
+        struct metrics_http *h = c->h;
+        metrics_http_conn_free(c);
+        metrics_http_update_listener(h);
+        return;
+    }
     shutdown(bufferevent_getfd(bev), SHUT_WR);
 }
 
@@ -189,10 +196,17 @@ static void metrics_http_on_read(struct bufferevent *bev, void *arg)
 
 static void metrics_http_on_event(struct bufferevent *bev, short what, void *arg)
 {
-    (void)bev;
-    (void)what; /* EOF or an error: either way the exchange is over */
     struct metrics_http_conn *c = arg;
     struct metrics_http *h = c->h;
+    /* A client that half-closes after its request (printf ... | nc) still
+     * gets the reply: finish writing it first. Otherwise EOF or an error
+     * ends the exchange. */
+    if ((what & BEV_EVENT_EOF) && !(what & BEV_EVENT_ERROR) && c->replied &&
+        evbuffer_get_length(bufferevent_get_output(bev)) > 0) {
+        c->client_done = true;
+        bufferevent_disable(bev, EV_READ);
+        return;
+    }
     metrics_http_conn_free(c);
     metrics_http_update_listener(h);
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""The metrics HTTP listener holds at most METRICS_HTTP_MAX_CONNECTIONS (32)
-connections: a client opening 300 raises the daemon's open descriptors by
+"""The metrics HTTP listener answers a client that half-closes after its
+request, and holds at most METRICS_HTTP_MAX_CONNECTIONS (32) connections: a client opening 300 raises the daemon's open descriptors by
 32, not 300; meanwhile the control socket answers status and a new scrape
 waits; once the clients close, the descriptors come back and GET /metrics
 answers again."""
@@ -32,12 +32,24 @@ def scrape(port, timeout):
 
 
 with Harness("metrics_conncap") as h:
-    h.plan(7)
+    h.plan(8)
     port = free_port()
     n1 = h.start_daemon("n1", args=["--metrics-listen", "127.0.0.1:%d" % port])
     st, body = scrape(port, 10)
     h.ok(st == 200 and "pickbox_raft_term" in body, "GET /metrics answers before the flood",
          "status %r" % st)
+    # A client that half-closes right after its request still gets the reply.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+    h.ok(out.startswith(b"HTTP/1.1 200 OK\r\n") and b"pickbox_raft_term" in out,
+         "a request followed by a half-close is answered in full", repr(out[:80]))
     pid = n1.pid
     # The scrape's connection is closed by the client; wait for the server
     # side to let go of it too before counting.
