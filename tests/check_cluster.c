@@ -5,7 +5,8 @@
  * the real raft core, raft.db and state.db in one process: a lone node
  * bootstraps, commits probes over the control socket and restarts from disk
  * with the same identity and state; storage faults (fsync error, disk full)
- * are reported and recovered from; three nodes in one process on loopback
+ * are reported and recovered from; a waiting probe is proposed again when
+ * a snapshot is installed; three nodes in one process on loopback
  * join, promote, forward, fail over and remove a member.
  */
 #include <config.h>
@@ -30,7 +31,7 @@
 #include "ctl/ctl.h"
 #include "daemon/cluster.h"
 #include "daemon/cluster_int.h"
-#include "daemon/config.h"
+#include "daemon/nodeconf.h"
 #include "daemon/daemon.h"
 #include "daemon/listen.h"
 #include "daemon/methods.h"
@@ -373,6 +374,55 @@ START_TEST(test_cluster_propose_frozen)
 }
 END_TEST
 
+START_TEST(test_cluster_probe_in_snapshot)
+{
+    /* A probe whose entry lies inside a snapshot the node installs gets no
+     * apply callback (probes leave no session): the install proposes it
+     * again at once. Here its first proposal is "lost" (its retry set an
+     * hour away) and the driver reports an install. */
+    struct pb_config cfg;
+    cfg_fill(&cfg);
+    struct node n;
+    node_start(&n, &cfg);
+    node_wait_leader(&n);
+    struct cluster *c = n.d.cluster;
+    /* Settled: no ready in flight, and the driver has seen itself become
+     * leader (a leader change would propose the probe again too). */
+    uint64_t deadline = pb_now_ms() + 10000;
+    while (c->frozen || c->scheduled || c->seen_leader != raft_leader(c->raft)) {
+        ck_assert_msg(pb_now_ms() < deadline, "the node does not settle");
+        event_base_loop(n.d.base, EVLOOP_NONBLOCK);
+        poll(NULL, 0, 1);
+    }
+    cluster_probe(c, NULL, 0, 60000);
+    ck_assert_uint_eq(c->n_reqs, 1);
+    struct creq *q = c->reqs;
+    ck_assert_int_eq(q->kind, CREQ_PROBE);
+    uint64_t client_id = ((uint64_t)c->client_prefix << 32) | (uint64_t)(q->slot + 1);
+    uint64_t seq = q->seq;
+    q->need_action = false;
+    q->retry_at_ms = pb_now_ms() + 3600 * 1000;
+    uint64_t before = sm_applied(cluster_sm(c));
+    cluster_req_snapshot_installed(c);
+    deadline = pb_now_ms() + 10000;
+    while (c->n_reqs > 0) {
+        ck_assert_msg(pb_now_ms() < deadline, "the probe was not proposed again");
+        event_base_loop(n.d.base, EVLOOP_NONBLOCK);
+        poll(NULL, 0, 1);
+    }
+    /* Answered by its own entry, applied after the install. */
+    uint64_t found = 0;
+    for (uint64_t i = before + 1; i <= sm_applied(cluster_sm(c)); i++) {
+        const struct raft_entry *e = raft_entry_at(c->raft, i);
+        if (e != NULL && e->client_id == client_id && e->seq == seq)
+            found = i;
+    }
+    ck_assert_uint_gt(found, before);
+    node_stop(&n);
+    config_free(&cfg);
+}
+END_TEST
+
 START_TEST(test_cluster_snapshot_restart)
 {
     /* Snapshots every 5 entries: raft.db is compacted and a restart still
@@ -691,6 +741,7 @@ static Suite *cluster_suite(void)
     tcase_add_test(tc, test_cluster_lone_restart);
     tcase_add_test(tc, test_cluster_snapshot_restart);
     tcase_add_test(tc, test_cluster_propose_frozen);
+    tcase_add_test(tc, test_cluster_probe_in_snapshot);
     tcase_add_test(tc, test_cluster_join_needs_secret);
     tcase_add_test(tc, test_cluster_storage_fsync_error);
     tcase_add_test(tc, test_cluster_storage_full);

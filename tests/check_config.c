@@ -1,5 +1,5 @@
 /*
- * check_config.c: unit tests for src/daemon/config.c (pickboxd's command line
+ * check_config.c: unit tests for src/daemon/nodeconf.c (pickboxd's command line
  * and config file): defaults, precedence, every error message, --help.
  */
 #include "config.h"
@@ -16,7 +16,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "daemon/config.h"
+#include "daemon/nodeconf.h"
 #include "lib/util.h"
 
 static char tmpdir[PATH_MAX];

@@ -1,5 +1,5 @@
 /*
- * check_daemon.c: unit tests for src/daemon (all but config.c, which has
+ * check_daemon.c: unit tests for src/daemon (all but nodeconf.c, which has
  * check_config): the node state and how it is reported, the directories,
  * the listening sockets (bound here or passed by systemd) and the control
  * methods served over a real ctl server.
@@ -24,7 +24,7 @@
 #include <jansson.h>
 
 #include "ctl/ctl.h"
-#include "daemon/config.h"
+#include "daemon/nodeconf.h"
 #include "daemon/daemon.h"
 #include "daemon/dirs.h"
 #include "daemon/listen.h"

@@ -1,6 +1,8 @@
 /*
  * check_net.c: unit tests for src/net: the frame codec, the handshake state
- * machine, and the transport over real loopback sockets in one event loop.
+ * machine, the transport over real loopback sockets in one event loop, and
+ * name resolution off the loop (resolve.h; a stand-in getaddrinfo() that
+ * waits for the test shows the loop running meanwhile).
  *
  * Socket tests never sleep: they run the loop until a condition holds or a
  * deadline passes (and fail on the deadline). Ports come from the kernel
@@ -13,6 +15,8 @@
 #include <fcntl.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <poll.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,6 +34,7 @@
 #include "net/frame.h"
 #include "net/handshake.h"
 #include "net/net.h"
+#include "net/resolve.h"
 
 /* ---- frame codec ---------------------------------------------------- */
 
@@ -1557,6 +1562,258 @@ START_TEST(test_net_api_errors)
 }
 END_TEST
 
+/* ---- name resolution (resolve.h) ------------------------------------ */
+
+struct tres {
+    int calls;
+    int rc;
+    struct sockaddr_storage ss;
+};
+
+static void tres_cb(void *arg, int rc, const struct sockaddr *sa, socklen_t len)
+{
+    struct tres *t = arg;
+    t->calls++;
+    t->rc = rc;
+    if (rc == 0) {
+        ck_assert_uint_le(len, sizeof(t->ss));
+        memcpy(&t->ss, sa, len);
+    }
+}
+
+/* "a.b.c.d:port" or "[v6]:port" of ss. */
+static const char *tres_str(const struct sockaddr_storage *ss)
+{
+    static char out[64];
+    char host[INET6_ADDRSTRLEN] = "?";
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)(const void *)ss;
+        inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
+        snprintf(out, sizeof(out), "%s:%u", host, ntohs(a->sin_port));
+    } else if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)(const void *)ss;
+        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
+        snprintf(out, sizeof(out), "[%s]:%u", host, ntohs(a->sin6_port));
+    } else {
+        snprintf(out, sizeof(out), "family %d", ss->ss_family);
+    }
+    return out;
+}
+
+/* Runs base until cond holds (polling: the lookup threads are not events). */
+#define POLL_FOR(base, cond)                                                                       \
+    do {                                                                                           \
+        uint64_t dl_ = pb_now_ms() + T_DEADLINE;                                                   \
+        while (!(cond)) {                                                                          \
+            ck_assert_msg(pb_now_ms() < dl_, "timed out waiting for %s", #cond);                   \
+            event_base_loop((base), EVLOOP_NONBLOCK);                                              \
+            poll(NULL, 0, 1);                                                                      \
+        }                                                                                          \
+    } while (0)
+
+START_TEST(test_resolve_literals)
+{
+    struct event_base *base = event_base_new();
+    struct net_resolve *req = NULL;
+    struct sockaddr_storage ss;
+    socklen_t len = 0;
+    struct tres t = {0};
+    ck_assert_int_eq(net_resolve_start(&req, base, "127.0.0.1:8010", 3, &ss, &len, tres_cb, &t), 0);
+    ck_assert_ptr_null(req);
+    ck_assert_uint_eq(len, sizeof(struct sockaddr_in));
+    ck_assert_str_eq(tres_str(&ss), "127.0.0.1:8010");
+    ck_assert_int_eq(net_resolve_start(&req, base, "[::1]:9", 0, &ss, &len, tres_cb, &t), 0);
+    ck_assert_ptr_null(req);
+    ck_assert_str_eq(tres_str(&ss), "[::1]:9");
+    ck_assert_int_eq(net_resolve_start(&req, base, "127.0.0.1", 0, &ss, &len, tres_cb, &t),
+                     -EINVAL);
+    ck_assert_int_eq(net_resolve_start(&req, base, "[::1:9", 0, &ss, &len, tres_cb, &t), -EINVAL);
+    ck_assert_int_eq(net_resolve_start(&req, base, "localhost:0", 0, &ss, &len, tres_cb, &t),
+                     -EINVAL);
+    ck_assert_ptr_null(req);
+    ck_assert_uint_eq(net_resolve_running(), 0);
+    event_base_loop(base, EVLOOP_NONBLOCK);
+    ck_assert_int_eq(t.calls, 0); /* literals never call back */
+    event_base_free(base);
+}
+END_TEST
+
+START_TEST(test_resolve_localhost)
+{
+    /* A real name, offline: /etc/hosts always has localhost. */
+    struct event_base *base = event_base_new();
+    struct net_resolve *req = NULL;
+    struct sockaddr_storage ss;
+    socklen_t len = 0;
+    struct tres t = {0};
+    ck_assert_int_eq(net_resolve_start(&req, base, "localhost:8011", 0, &ss, &len, tres_cb, &t),
+                     -EINPROGRESS);
+    ck_assert_ptr_nonnull(req);
+    ck_assert_int_eq(t.calls, 0);
+    POLL_FOR(base, t.calls == 1);
+    ck_assert_int_eq(t.rc, 0);
+    const char *got = tres_str(&t.ss);
+    ck_assert_msg(strcmp(got, "127.0.0.1:8011") == 0 || strcmp(got, "[::1]:8011") == 0,
+                  "localhost is %s", got);
+    POLL_FOR(base, net_resolve_running() == 0);
+    event_base_free(base);
+}
+END_TEST
+
+/* A getaddrinfo() that waits for the test: each byte written to
+ * slow_pipe[1] answers one lookup: 'a' with 127.0.0.1, 'b' with 127.0.0.1
+ * then 127.0.0.2, 'n' with "no such name". */
+static int slow_pipe[2];
+static atomic_int slow_calls;
+
+static int slow_gai(const char *host, const char *port, const struct addrinfo *hints,
+                    struct addrinfo **res)
+{
+    (void)host;
+    atomic_fetch_add(&slow_calls, 1);
+    char c = 0;
+    if (read(slow_pipe[0], &c, 1) != 1 || c == 'n')
+        return EAI_NONAME;
+    struct addrinfo h = *hints;
+    h.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV;
+    int rc = getaddrinfo("127.0.0.1", port, &h, res);
+    if (rc == 0 && c == 'b') {
+        struct addrinfo *second = NULL;
+        rc = getaddrinfo("127.0.0.2", port, &h, &second);
+        (*res)->ai_next = second;
+    }
+    return rc;
+}
+
+static void tick_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    (*(int *)arg)++;
+}
+
+START_TEST(test_resolve_off_the_loop)
+{
+    struct event_base *base = event_base_new();
+    ck_assert_int_eq(pipe(slow_pipe), 0);
+    atomic_store(&slow_calls, 0);
+    net_resolve_set_gai(slow_gai);
+    struct net_resolve *req = NULL;
+    struct sockaddr_storage ss;
+    socklen_t len = 0;
+    struct tres t = {0};
+
+    /* The lookup hangs in its thread; the loop keeps running timers. */
+    ck_assert_int_eq(net_resolve_start(&req, base, "pb-slow.invalid:7", 0, &ss, &len, tres_cb, &t),
+                     -EINPROGRESS);
+    int ticks = 0;
+    struct event *tick = event_new(base, -1, EV_PERSIST, tick_cb, &ticks);
+    struct timeval tv = {0, 2000};
+    event_add(tick, &tv);
+    POLL_FOR(base, atomic_load(&slow_calls) == 1 && ticks >= 5);
+    ck_assert_int_eq(t.calls, 0);
+    ck_assert_uint_eq(net_resolve_running(), 1);
+    ck_assert_int_eq(write(slow_pipe[1], "a", 1), 1);
+    POLL_FOR(base, t.calls == 1);
+    ck_assert_int_eq(t.rc, 0);
+    ck_assert_str_eq(tres_str(&t.ss), "127.0.0.1:7");
+
+    /* pick chooses among the addresses, modulo their number. */
+    ck_assert_int_eq(net_resolve_start(&req, base, "pb-two.invalid:8", 3, &ss, &len, tres_cb, &t),
+                     -EINPROGRESS);
+    ck_assert_int_eq(write(slow_pipe[1], "b", 1), 1);
+    POLL_FOR(base, t.calls == 2);
+    ck_assert_str_eq(tres_str(&t.ss), "127.0.0.2:8");
+
+    /* No such name. */
+    ck_assert_int_eq(net_resolve_start(&req, base, "pb-none.invalid:9", 0, &ss, &len, tres_cb, &t),
+                     -EINPROGRESS);
+    ck_assert_int_eq(write(slow_pipe[1], "n", 1), 1);
+    POLL_FOR(base, t.calls == 3);
+    ck_assert_int_eq(t.rc, -ENOENT);
+
+    /* Cancelled while its thread waits: never called back; the thread
+     * finishes and frees the rest. */
+    ck_assert_int_eq(net_resolve_start(&req, base, "pb-gone.invalid:9", 0, &ss, &len, tres_cb, &t),
+                     -EINPROGRESS);
+    POLL_FOR(base, atomic_load(&slow_calls) == 4);
+    net_resolve_cancel(req);
+    ck_assert_int_eq(write(slow_pipe[1], "a", 1), 1);
+    POLL_FOR(base, net_resolve_running() == 0);
+    for (int i = 0; i < 10; i++)
+        event_base_loop(base, EVLOOP_NONBLOCK);
+    ck_assert_int_eq(t.calls, 3);
+
+    net_resolve_set_gai(NULL);
+    close(slow_pipe[0]);
+    close(slow_pipe[1]);
+    event_free(tick);
+    event_base_free(base);
+}
+END_TEST
+
+/* Answers every lookup with 127.0.0.1 and moved_port (0: the port asked
+ * for), counting the calls. */
+static atomic_int moved_calls;
+static atomic_int moved_port;
+
+static int moved_gai(const char *host, const char *port, const struct addrinfo *hints,
+                     struct addrinfo **res)
+{
+    (void)host;
+    atomic_fetch_add(&moved_calls, 1);
+    struct addrinfo h = *hints;
+    h.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV;
+    char p[8];
+    int mp = atomic_load(&moved_port);
+    snprintf(p, sizeof(p), "%d", mp);
+    return getaddrinfo("127.0.0.1", mp != 0 ? p : port, &h, res);
+}
+
+START_TEST(test_net_peer_by_name)
+{
+    struct tworld w;
+    w_init(&w, 5);
+    struct tnode *a = node_start(&w, 0, 1);
+    struct tnode *b = node_start(&w, 1, 2);
+    struct tnode *c = node_start(&w, 2, 3);
+    struct pb_error err;
+
+    /* "localhost" through the real resolver. */
+    char addr[64];
+    snprintf(addr, sizeof(addr), "localhost:%u", (unsigned)c->port);
+    ck_assert_int_eq(net_peer_add(a->net, 3, addr, &err), 0);
+    WAIT_FOR(&w, a->up[3] && c->up[1]);
+    ck_assert_str_eq(pstats(a, 3).addr, addr);
+
+    /* A name whose address moves: it first names a port where nobody
+     * listens, then b's. Each redial looks it up again and finds b. */
+    int dead = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof(sin);
+    ck_assert_int_eq(bind(dead, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    ck_assert_int_eq(getsockname(dead, (struct sockaddr *)&sin, &sl), 0);
+    close(dead); /* nothing listens there now */
+    atomic_store(&moved_calls, 0);
+    atomic_store(&moved_port, ntohs(sin.sin_port));
+    net_resolve_set_gai(moved_gai);
+    snprintf(addr, sizeof(addr), "pb-moving.invalid:%u", (unsigned)b->port);
+    ck_assert_int_eq(net_peer_add(a->net, 2, addr, &err), 0);
+    WAIT_FOR(&w, atomic_load(&moved_calls) >= 2);
+    ck_assert(!a->up[2]);
+    atomic_store(&moved_port, 0);
+    WAIT_FOR(&w, a->up[2] && b->up[1]);
+    ck_assert_uint_ge(atomic_load(&moved_calls), 3);
+    net_resolve_set_gai(NULL);
+    w_free(&w);
+    uint64_t dl = pb_now_ms() + T_DEADLINE;
+    while (net_resolve_running() > 0) {
+        ck_assert_msg(pb_now_ms() < dl, "lookup threads still running");
+        poll(NULL, 0, 1);
+    }
+}
+END_TEST
+
 static Suite *net_suite(void)
 {
     Suite *s = suite_create("net");
@@ -1591,6 +1848,13 @@ static Suite *net_suite(void)
     tcase_add_test(tc, test_net_reconnect_after_restart);
     tcase_add_test(tc, test_net_partition_and_heal);
     tcase_add_test(tc, test_net_api_errors);
+    tcase_add_test(tc, test_net_peer_by_name);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("resolve");
+    tcase_add_test(tc, test_resolve_literals);
+    tcase_add_test(tc, test_resolve_localhost);
+    tcase_add_test(tc, test_resolve_off_the_loop);
     suite_add_tcase(s, tc);
     return s;
 }

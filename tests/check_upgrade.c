@@ -33,7 +33,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "daemon/config.h"
+#include "daemon/nodeconf.h"
 #include "daemon/secret.h"
 #include "daemon/sm.h"
 #include "fsm/op.h"

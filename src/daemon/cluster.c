@@ -19,7 +19,7 @@
 #include <event2/event.h>
 
 #include "ctl/ctl.h"
-#include "daemon/config.h"
+#include "daemon/nodeconf.h"
 #include "daemon/secret.h"
 #include "lib/buf.h"
 #include "lib/util.h"
@@ -483,7 +483,7 @@ static void cluster_persist_done(struct cluster *c)
         log_notice("installed snapshot at index %" PRIu64 " (term %" PRIu64 ", %zu bytes)",
                    rd->snapshot->index, rd->snapshot->term, c->rx.len);
         buf_free(&c->rx);
-        cluster_req_snapshot_installed(c, rd->snapshot->index, rd->snapshot->term);
+        cluster_req_snapshot_installed(c);
     }
     if (rd->n_committed > 0) {
         int rc = sm_apply(c->sm, rd->committed, rd->n_committed, cluster_on_applied, c, &err);

@@ -214,7 +214,8 @@ uint64_t cluster_random_u64(void);
 
 /* cluster_req.c */
 void cluster_req_applied(struct cluster *c, const struct raft_entry *e);
-void cluster_req_snapshot_installed(struct cluster *c, uint64_t index, uint64_t term);
+/* A snapshot was installed: waiting probes are proposed again at once. */
+void cluster_req_snapshot_installed(struct cluster *c);
 void cluster_req_actions(struct cluster *c);
 void cluster_req_check(struct cluster *c);
 void cluster_req_leader_changed(struct cluster *c);

@@ -11,7 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "daemon/config.h"
+#include "daemon/nodeconf.h"
 #include "lib/log.h"
 #include "lib/util.h"
 

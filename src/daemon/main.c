@@ -22,7 +22,7 @@
 #include "ctl/ctl.h"
 #include "daemon/cluster.h"
 #include "daemon/replica.h"
-#include "daemon/config.h"
+#include "daemon/nodeconf.h"
 #include "daemon/daemon.h"
 #include "daemon/dirs.h"
 #include "daemon/listen.h"

@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "daemon/config.h"
+#include "daemon/nodeconf.h"
 #include "lib/util.h"
 
 static char *node_strdup_or_null(const char *s)

@@ -22,7 +22,7 @@
 
 #include "ctl/ctl.h"
 #include "daemon/cluster.h"
-#include "daemon/config.h"
+#include "daemon/nodeconf.h"
 #include "daemon/sm.h"
 #include "fsm/op.h"
 #include "fsm/propose.h"

@@ -37,6 +37,7 @@
 #include "lib/buf.h"
 #include "lib/log.h"
 #include "lib/util.h"
+#include "net/resolve.h"
 
 #define NET_MAX_PEERS         256
 #define NET_DEF_BULK_QUEUE    (16u * 1024u * 1024u)
@@ -90,6 +91,8 @@ struct net_peer {
     char *addr;            /* NULL: only known because it dialed us */
     struct net_conn *conn; /* active authenticated link */
     struct net_conn *dialing;
+    struct net_resolve *resolving; /* its address, before dialing */
+    unsigned dials;                /* attempts: which of its addresses to try */
     struct event *redial;
     unsigned backoff_ms;
     bool partitioned;
@@ -107,6 +110,8 @@ struct net_seed {
     struct event *redial;
     unsigned backoff_ms;
     struct net_conn *dialing;
+    struct net_resolve *resolving;
+    unsigned dials;
 };
 
 struct net {
@@ -231,13 +236,15 @@ static void net_arm_redial(struct net *net, struct event *redial, unsigned *back
 
 static void peer_schedule_redial(struct net_peer *peer)
 {
-    if (peer->addr == NULL || peer->partitioned || peer->conn != NULL || peer->dialing != NULL)
+    if (peer->addr == NULL || peer->partitioned || peer->conn != NULL || peer->dialing != NULL ||
+        peer->resolving != NULL)
         return;
     net_arm_redial(peer->net, peer->redial, &peer->backoff_ms);
 }
 
 static void seed_free(struct net_seed *seed)
 {
+    net_resolve_cancel(seed->resolving);
     event_free(seed->redial);
     free(seed->addr);
     free(seed);
@@ -735,42 +742,19 @@ static struct net_peer *peer_get(struct net *net, uint64_t id)
     return peer;
 }
 
-/* Starts an outbound connection to addr ("host:port"); NULL if it could not
- * even start (the caller arms its redial timer). */
-static struct net_conn *net_dial(struct net *net, const char *addr, uint64_t expect_id)
+/* Starts an outbound connection to sa (addr names it in logs); NULL if it
+ * could not even start (the caller arms its redial timer). */
+static struct net_conn *net_dial(struct net *net, const char *addr, uint64_t expect_id,
+                                 const struct sockaddr *sa, socklen_t salen)
 {
-    char host[256];
-    char port[8];
-    uint16_t p;
-    if (pb_split_host_port(addr, host, sizeof(host), &p) < 0)
-        return NULL; /* checked when the address was added */
-    snprintf(port, sizeof(port), "%u", (unsigned)p);
-    struct addrinfo hints;
-    struct addrinfo *ai = NULL;
-    memset(&hints, 0, sizeof(hints));
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_NUMERICSERV | AI_ADDRCONFIG;
-    /* Blocking, but peer addresses are IP literals or /etc/hosts names in
-     * practice; a DNS name here stalls the loop for its lookup. */
-    int gr = getaddrinfo(host, port, &hints, &ai);
-    if (gr != 0 || ai == NULL) {
-        log_debug("net: cannot resolve %s: %s", addr, gai_strerror(gr));
-        if (ai != NULL)
-            freeaddrinfo(ai);
-        return NULL;
-    }
-    evutil_socket_t fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    evutil_socket_t fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         log_warning("net: socket: %s", strerror(errno));
-        freeaddrinfo(ai);
         return NULL;
     }
     net_sockopts(net, fd);
     struct net_conn *conn = conn_new(net, fd, true, expect_id, addr);
-    int cr = bufferevent_socket_connect(conn->bev, ai->ai_addr, (int)ai->ai_addrlen);
-    freeaddrinfo(ai);
-    if (cr < 0) {
+    if (bufferevent_socket_connect(conn->bev, sa, (int)salen) < 0) {
         /* Not linked to its peer or seed yet: a quiet close, no redial. */
         conn->dial_id = 0;
         conn_close(conn, LOG_LEVEL_DEBUG, "connect failed");
@@ -779,24 +763,64 @@ static struct net_conn *net_dial(struct net *net, const char *addr, uint64_t exp
     return conn;
 }
 
-static void peer_dial(struct net_peer *peer)
+static void peer_on_resolved(void *arg, int rc, const struct sockaddr *sa, socklen_t len)
 {
-    if (peer->addr == NULL || peer->partitioned || peer->conn != NULL || peer->dialing != NULL)
-        return;
-    peer->dialing = net_dial(peer->net, peer->addr, peer->id);
+    struct net_peer *peer = arg;
+    peer->resolving = NULL;
+    if (rc < 0)
+        log_debug("net: cannot resolve %s: %s", peer->addr, strerror(-rc));
+    else if (!peer->partitioned && peer->conn == NULL && peer->dialing == NULL)
+        peer->dialing = net_dial(peer->net, peer->addr, peer->id, sa, len);
     if (peer->dialing == NULL)
         peer_schedule_redial(peer);
 }
 
-static void seed_dial(struct net_seed *seed)
+/* Looks the address up again at every dial (a host name may have moved):
+ * off the loop for a name (resolve.h), then dials. */
+static void peer_dial(struct net_peer *peer)
 {
-    if (seed->dialing != NULL)
+    if (peer->addr == NULL || peer->partitioned || peer->conn != NULL || peer->dialing != NULL ||
+        peer->resolving != NULL)
         return;
-    seed->dialing = net_dial(seed->net, seed->addr, 0);
+    struct sockaddr_storage ss;
+    socklen_t len = 0;
+    int rc = net_resolve_start(&peer->resolving, peer->net->base, peer->addr, peer->dials++, &ss,
+                               &len, peer_on_resolved, peer);
+    if (rc == -EINPROGRESS)
+        return;
+    if (rc == 0)
+        peer->dialing = net_dial(peer->net, peer->addr, peer->id, (struct sockaddr *)&ss, len);
+    else
+        log_debug("net: cannot resolve %s: %s", peer->addr, strerror(-rc));
+    if (peer->dialing == NULL)
+        peer_schedule_redial(peer);
+}
+
+static void seed_on_resolved(void *arg, int rc, const struct sockaddr *sa, socklen_t len)
+{
+    struct net_seed *seed = arg;
+    seed->resolving = NULL;
+    if (rc < 0)
+        log_debug("net: cannot resolve %s: %s", seed->addr, strerror(-rc));
+    else
+        seed->dialing = net_dial(seed->net, seed->addr, 0, sa, len);
     if (seed->dialing == NULL)
         net_arm_redial(seed->net, seed->redial, &seed->backoff_ms);
     else
         seed->dialing->seed = seed;
+}
+
+static void seed_dial(struct net_seed *seed)
+{
+    if (seed->dialing != NULL || seed->resolving != NULL)
+        return;
+    struct sockaddr_storage ss;
+    socklen_t len = 0;
+    int rc = net_resolve_start(&seed->resolving, seed->net->base, seed->addr, seed->dials++, &ss,
+                               &len, seed_on_resolved, seed);
+    if (rc == -EINPROGRESS)
+        return;
+    seed_on_resolved(seed, rc, (struct sockaddr *)&ss, len);
 }
 
 static void seed_redial_cb(evutil_socket_t fd, short what, void *arg)
@@ -844,6 +868,7 @@ static void peer_pump(struct net_peer *peer, bool may_drain)
 
 static void peer_free(struct net_peer *peer)
 {
+    net_resolve_cancel(peer->resolving);
     peer_bulk_clear(peer);
     event_free(peer->redial);
     free(peer->addr);
@@ -1115,10 +1140,14 @@ int net_peer_add(struct net *net, uint64_t node_id, const char *hostport, struct
     struct net_peer *peer = peer_get(net, node_id);
     if (peer == NULL)
         return pb_error_set(err, -ENOSPC, "net: too many peers");
+    if (peer->resolving != NULL && strcmp(peer->addr, hostport) != 0) {
+        net_resolve_cancel(peer->resolving); /* it looks up the old address */
+        peer->resolving = NULL;
+    }
     free(peer->addr);
     peer->addr = pb_xstrdup(hostport);
     snprintf(peer->st.addr, sizeof(peer->st.addr), "%s", hostport);
-    if (peer->conn == NULL && peer->dialing == NULL) {
+    if (peer->conn == NULL && peer->dialing == NULL && peer->resolving == NULL) {
         evtimer_del(peer->redial);
         peer->backoff_ms = net->cfg.backoff_min_ms;
         peer_dial(peer);
@@ -1238,6 +1267,8 @@ int net_set_partition(struct net *net, uint64_t node_id, bool partitioned)
     if (partitioned) {
         log_notice("net: partitioning node %llu (fault injection)", (unsigned long long)node_id);
         evtimer_del(peer->redial);
+        net_resolve_cancel(peer->resolving);
+        peer->resolving = NULL;
         if (peer->dialing != NULL)
             conn_close(peer->dialing, LOG_LEVEL_DEBUG, NULL);
         if (peer->conn != NULL)

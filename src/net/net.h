@@ -142,7 +142,8 @@ void net_set_cluster_id(struct net *net, const uint8_t cluster_id[NET_CLUSTER_ID
 
 /*
  * Adds (or re-addresses) peer node_id at "host:port" and starts dialing it
- * unless a link is up. The host is resolved with getaddrinfo() at each dial.
+ * unless a link is up. The host is looked up again at each dial, a name off
+ * the loop (resolve.h), so a member whose address changed is found again.
  * Returns 0, -EINVAL (bad id or address, err filled), -ENOSPC (too many peers).
  */
 int net_peer_add(struct net *net, uint64_t node_id, const char *hostport, struct pb_error *err);

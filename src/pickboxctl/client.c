@@ -18,7 +18,7 @@
 #include <unistd.h>
 
 #include "ctl/ctl.h"
-#include "daemon/config.h"
+#include "daemon/nodeconf.h"
 #include "lib/util.h"
 
 int pbctl_socket_resolve(const char *socket_opt, const char *node_opt, const char *env_socket,

@@ -43,7 +43,7 @@ from pbharness import Harness, HarnessError, wait_until  # noqa: E402
 import treeharness as th  # noqa: E402
 
 MIB = 1024 * 1024
-# The daemon's defaults (config.h), not treeharness.FAST's 300 ms: the claim
+# The daemon's defaults (nodeconf.h), not treeharness.FAST's 300 ms: the claim
 # is about heartbeats under the configuration people run.
 DEFAULT_TIMEOUTS = ["--election-timeout-ms", "1000", "--heartbeat-ms", "100"]
 

@@ -11,7 +11,8 @@
 # secret, as pickboxd(8) tells an operator to), checks notify readiness,
 # socket activation, replication, the sandbox of the running process, an
 # upgrade to DEB_UPGRADE under a writer (rolling restart by the postinst),
-# leave, a clean stop, the journal, a reinstall, and removal of the package.
+# leave, a clean stop, the journal, a reinstall, removal of the package, and
+# purge (the state kept by default, deleted when debconf says so).
 set -u
 p1=$1 p2=$2 p3=$3
 deb1=/mnt/ci/$4
@@ -388,4 +389,33 @@ if [ "$st" -eq 0 ] && [ -z "$left" ] && [ -z "$procs" ]; then
 else
     not_ok "apt-get remove stops every instance (rc $st; active: $left; pids: $procs)"
     tail -5 "$log/remove.log" | diag
+fi
+
+# ---- purge: the state is kept unless the debconf question says delete ----
+# DEBIAN_FRONTEND=noninteractive: pickbox/purge_state keeps its default (no).
+sums_before=$(tree_sums node1)
+apt-get purge -y -q pickbox >"$log/purge.log" 2>&1
+st=$?
+if [ "$st" -eq 0 ] && [ -f /var/lib/pickbox/node1/raft.db ] && [ -f /var/lib/pickbox/node1/secret ] &&
+    [ -f /etc/pickbox/node1.conf ] && [ ! -e /etc/pickbox/node.conf.example ] &&
+    [ "$(tree_sums node1)" = "$sums_before" ] && grep -q "keeping the node state" "$log/purge.log"; then
+    ok "apt-get purge (non-interactive) keeps /var/lib/pickbox, the trees and the admin's NODE.conf, says so, removes the conffile"
+else
+    not_ok "apt-get purge (non-interactive) keeps the state and the trees (rc $st)"
+    ls -la /var/lib/pickbox/node1 /etc/pickbox 2>&1 | diag
+    tail -5 "$log/purge.log" | diag
+fi
+# Answered yes (preseeded): the state goes, the trees and the admin's files stay.
+apt-get install -y -q --no-install-recommends "$deb2" >"$log/purge-reinstall.log" 2>&1
+echo "pickbox pickbox/purge_state boolean true" | debconf-set-selections
+apt-get purge -y -q pickbox >"$log/purge2.log" 2>&1
+st=$?
+if [ "$st" -eq 0 ] && [ ! -e /var/lib/pickbox ] && [ -f /etc/pickbox/node1.conf ] &&
+    [ -d /srv/pickbox/node1 ] && [ "$(tree_sums node1)" = "$sums_before" ] &&
+    [ -z "$(debconf-show pickbox 2>/dev/null)" ]; then
+    ok "apt-get purge with pickbox/purge_state=true deletes /var/lib/pickbox, keeps the trees and NODE.conf, forgets the question"
+else
+    not_ok "apt-get purge with pickbox/purge_state=true deletes only /var/lib/pickbox (rc $st)"
+    ls -la /var/lib/pickbox /etc/pickbox 2>&1 | diag
+    tail -5 "$log/purge2.log" | diag
 fi

@@ -1,5 +1,6 @@
 /*
- * config.c: pickboxd's configuration from the command line and an INI file.
+ * nodeconf.c: pickboxd's configuration from the command line and an INI file
+ * (the functions keep the config_ prefix of the module's first name).
  *
  * One table (config_keys) describes every setting: its file key, its flag,
  * its default and its help line. Loading happens in three steps:
@@ -14,7 +15,7 @@
  */
 #include <config.h>
 
-#include "daemon/config.h"
+#include "daemon/nodeconf.h"
 
 #include <arpa/inet.h>
 #include <errno.h>

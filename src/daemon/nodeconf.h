@@ -1,5 +1,7 @@
 /*
- * config.h: pickboxd's configuration, from the command line and an INI file.
+ * nodeconf.h: pickboxd's configuration, from the command line and an INI
+ * file (named apart from autoconf's config.h, which it used to shadow; its
+ * functions and constants keep the config_ / CONFIG_ prefix).
  *
  * Every option is both a command-line flag (--node-id, --port, ...) and a key
  * in the config file (node_id = ..., port = ...). The file is INI style:
@@ -7,14 +9,8 @@
  * the file. An unknown key, a bad value or a missing required value is one
  * clear error naming file and line (or the flag), and pickboxd exits 2.
  */
-#ifndef PICKBOX_DAEMON_CONFIG_H
-#define PICKBOX_DAEMON_CONFIG_H
-
-/* This header shares its name with autoconf's config.h, and a file in
- * src/daemon/ that writes #include "config.h" finds this one first. Pull the
- * autoconf header in here (angle brackets skip the current directory), so
- * both are always seen and _GNU_SOURCE & co. precede every system header. */
-#include <config.h>
+#ifndef PICKBOX_DAEMON_NODECONF_H
+#define PICKBOX_DAEMON_NODECONF_H
 
 #include <stdbool.h>
 #include <stddef.h>
