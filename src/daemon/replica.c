@@ -1090,6 +1090,7 @@ static void set_observer(struct replica *r)
                               .batch_before = obs_batch_before,
                               .batch_after = obs_batch_after};
     sm_set_observer(sm, &obs);
+    sm_set_loop(sm, r->base); /* big files are written off the apply, finished here */
 }
 
 /* ---- proposing ---- */
@@ -1233,13 +1234,15 @@ static void on_kick(evutil_socket_t fd, short what, void *arg)
 static bool sync_reached(struct replica *r, const struct cluster_view *v, const json_t *arr,
                          uint64_t target, char *behind, size_t len)
 {
-    bool ok = v->applied >= target;
+    /* applied and in the tree: a big file still being written holds it */
+    struct sm *sm = replica_sm(r);
+    uint64_t applied = sm != NULL ? sm_materialized(sm) : v->applied;
+    bool ok = applied >= target;
     if (behind != NULL && len > 0)
         behind[0] = '\0';
     size_t used = 0;
     if (!ok && behind != NULL)
-        used += (size_t)snprintf(behind, len, "%s (applied %" PRIu64 ")", r->cfg->node_id,
-                                 v->applied);
+        used += (size_t)snprintf(behind, len, "%s (applied %" PRIu64 ")", r->cfg->node_id, applied);
     if (v->leader == NULL)
         ok = false; /* cut off from the majority: what is committed is not known here */
     size_t i;
@@ -1425,6 +1428,7 @@ void replica_status_fill(struct replica *r, json_t *obj)
     json_object_set_new(t, "fetched_chunks", json_integer((json_int_t)fetched_chunks));
     json_object_set_new(t, "fetched_bytes", json_integer((json_int_t)fetched_bytes));
     json_object_set_new(t, "pending", json_integer((json_int_t)replica_pending(r)));
+    json_object_set_new(t, "writing", json_integer((json_int_t)(sm ? sm_writing(sm) : 0)));
     json_object_set_new(t, "conflicts", json_integer((json_int_t)a.conflicts));
     json_object_set_new(t, "proposed", json_integer((json_int_t)r->proposed));
     json_object_set_new(t, "proposed_bytes", json_integer((json_int_t)r->proposed_bytes));
