@@ -130,6 +130,7 @@ static void sm_start_bigwrite(struct sm *sm)
         log_warning("big files will be written during the apply: %s", err.msg);
         return;
     }
+    fsm_bigwrite_set_hold(sm->bw, getenv("PICKBOX_TEST_BIGWRITE_HOLD"));
     sm->bw_ev =
             event_new(sm->base, fsm_bigwrite_fd(sm->bw), EV_READ | EV_PERSIST, sm_on_bigwrite, sm);
     event_add(sm->bw_ev, NULL);
@@ -170,6 +171,7 @@ static void sm_close_tree(struct sm *sm)
      * index for the next repair */
     if (sm->bw_ev != NULL)
         event_free(sm->bw_ev);
+    fsm_bigwrite_set_hold(sm->bw, getenv("PICKBOX_TEST_BIGWRITE_HOLD"));
     sm->bw_ev = NULL;
     if (sm->ap != NULL)
         fsm_apply_set_bigwrite(sm->ap, NULL);
@@ -403,7 +405,8 @@ void sm_set_loop(struct sm *sm, struct event_base *base)
     if (sm->bw != NULL) { /* another loop: a new writer on it */
         sm_drain_bigwrite(sm);
         event_free(sm->bw_ev);
-        sm->bw_ev = NULL;
+        fsm_bigwrite_set_hold(sm->bw, getenv("PICKBOX_TEST_BIGWRITE_HOLD"));
+    sm->bw_ev = NULL;
         fsm_apply_set_bigwrite(sm->ap, NULL);
         fsm_bigwrite_free(sm->bw);
         sm->bw = NULL;

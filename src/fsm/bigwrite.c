@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "fsm/bigwrite.h"
@@ -56,6 +57,7 @@ struct fsm_bigwrite {
     size_t n;            /* jobs in the list (owner only) */
     uint64_t index;
     struct fsm_bigwrite_stats stats;
+    char *hold; /* test hook (fsm_bigwrite_set_hold()); set before any job */
 };
 
 /* ---- the worker ---------------------------------------------------------- */
@@ -96,6 +98,10 @@ static int bw_fill_chunks(void *arg, int fd)
             rc = -ENODATA; /* the store lacks bytes, not "a parent is missing" */
         if (rc == 0)
             rc = write_all(fd, buf, r->len);
+        /* the test hook: a temp half written, for as long as asked */
+        while (rc == 0 && f->w->hold != NULL && access(f->w->hold, F_OK) == 0 &&
+               !atomic_load(&f->j->cancel))
+            nanosleep(&(struct timespec){0, 10 * 1000 * 1000}, NULL);
     }
     free(buf);
     return rc;
@@ -221,7 +227,14 @@ void fsm_bigwrite_free(struct fsm_bigwrite *w)
     pthread_mutex_destroy(&w->mu);
     close(w->efd);
     statedb_close(w->rdb);
+    free(w->hold);
     free(w);
+}
+
+void fsm_bigwrite_set_hold(struct fsm_bigwrite *w, const char *path)
+{
+    free(w->hold);
+    w->hold = path != NULL ? pb_xstrdup(path) : NULL;
 }
 
 uint64_t fsm_bigwrite_min_bytes(const struct fsm_bigwrite *w)

@@ -74,6 +74,13 @@ void fsm_bigwrite_free(struct fsm_bigwrite *w);
 
 uint64_t fsm_bigwrite_min_bytes(const struct fsm_bigwrite *w);
 
+/* A test hook (the daemon's $PICKBOX_TEST_BIGWRITE_HOLD): while a file
+ * exists at path, the worker pauses after each chunk it writes, polling
+ * every 10 ms (a drop or fsm_bigwrite_free() still stops it), so tests can
+ * stop, kill or query a node while a temp is half written. NULL: none.
+ * Call before the first job. */
+void fsm_bigwrite_set_hold(struct fsm_bigwrite *w, const char *path);
+
 /* Readable (an eventfd) when a job's background part ended: then call
  * fsm_bigwrite_complete(). */
 int fsm_bigwrite_fd(const struct fsm_bigwrite *w);
