@@ -171,7 +171,6 @@ static void sm_close_tree(struct sm *sm)
      * index for the next repair */
     if (sm->bw_ev != NULL)
         event_free(sm->bw_ev);
-    fsm_bigwrite_set_hold(sm->bw, getenv("PICKBOX_TEST_BIGWRITE_HOLD"));
     sm->bw_ev = NULL;
     if (sm->ap != NULL)
         fsm_apply_set_bigwrite(sm->ap, NULL);
@@ -405,8 +404,7 @@ void sm_set_loop(struct sm *sm, struct event_base *base)
     if (sm->bw != NULL) { /* another loop: a new writer on it */
         sm_drain_bigwrite(sm);
         event_free(sm->bw_ev);
-        fsm_bigwrite_set_hold(sm->bw, getenv("PICKBOX_TEST_BIGWRITE_HOLD"));
-    sm->bw_ev = NULL;
+        sm->bw_ev = NULL;
         fsm_apply_set_bigwrite(sm->ap, NULL);
         fsm_bigwrite_free(sm->bw);
         sm->bw = NULL;
