@@ -71,7 +71,9 @@ struct rprop {
     char *from;              /* RENAME: the source */
     struct fsm_tree_stat st; /* what the tree held at path when proposed */
     bool has_st;
-    bool record_after; /* MKDIR over a path we never recorded: see obs_before */
+    bool record_after;        /* MKDIR over a path we never recorded: see obs_before */
+    struct statedb_disk prev; /* PUT: the record obs_before replaced */
+    bool has_prev;
     uint8_t *data;
     size_t len;
     bool proposed;
@@ -875,8 +877,13 @@ static void obs_before(void *arg, const struct raft_entry *e)
             return;
         }
     }
-    if (fsm_tree_lstat(sm_tree(sm), p->path, &now) == 0 && fsm_tree_stat_matches(&p->st, &now))
+    if (fsm_tree_lstat(sm_tree(sm), p->path, &now) == 0 && fsm_tree_stat_matches(&p->st, &now)) {
+        /* a PUT that fails for missing chunks takes no effect: its record
+         * goes back (obs_after), or a repair would delete the new file */
+        if (p->type == FSM_OP_PUT)
+            p->has_prev = statedb_disk_get(sm_statedb(sm), p->path, &p->prev) == 0;
         fsm_apply_record_local(sm_fsm(sm), p->path, &p->st);
+    }
 }
 
 static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_apply_result *res)
@@ -941,6 +948,14 @@ static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_ap
     if (p->type == FSM_OP_PUT && same) {
         free(r->missing_path);
         r->missing_path = NULL;
+    }
+    if (missing && p->has_prev) {
+        /* The local file is not in the index: the record must not say it
+         * is safe to replace (doc/fsm.md, "Pending local edits"); else
+         * the next repair (a snapshot install, a tree error) removes it as
+         * a path the index no longer has. */
+        if (sm != NULL && statedb_disk_set(sm_statedb(sm), p->path, &p->prev) < 0)
+            log_warning("%s: disk record: %s", p->path, statedb_errmsg(sm_statedb(sm)));
     }
     if (missing && p->path) {
         /* A CHUNKS entry of ours was lost (a leader change, or skipped
