@@ -136,16 +136,21 @@ def main():
         h.ok(ok, "a %d MiB file reaches every tree byte-identical (%.1f s)" % (size // MIB, dt))
         h.ok(all(d.log_has(r"materialized big1\.bin: \d+ bytes in \d+ ms \(in the background")
                  for d in nodes), "every node wrote it in the background")
-        h.ok(terms0 == terms1 and s.terms and max(len(v) for v in s.terms.values()) == 1,
-             "no election while it travels (terms %r -> %r; the leader's largest "
-             "last_contact_ms %d)" % (terms0, terms1, s.max_contact))
+        # A machine loaded far beyond its cores (make check -j with other
+        # suites) misses heartbeats with no big file at all: then TODO.
+        tb.ok_or_todo(h, terms0 == terms1 and s.terms and
+                      max(len(v) for v in s.terms.values()) == 1,
+                      "no election while it travels (terms %r -> %r; the leader's largest "
+                      "last_contact_ms %d)" % (terms0, terms1, s.max_contact),
+                      "load: %.1f" % os.getloadavg()[0] if os.getloadavg()[0] > 2 * (
+                          os.cpu_count() or 1) else None)
 
         # 2. A held write: status and sync see it.
         d2 = held_write(h, writer, x, "big2.bin", SMALL)
         h.ok(not os.path.exists(os.path.join(x.data_dir, "big2.bin")),
              "while %s's write is held, big2.bin is not in its tree (writing %r)"
              % (x.node_id, writing(x)))
-        wait_until(lambda: in_all([writer, y], "big2.bin", d2), 60, what="big2.bin elsewhere")
+        wait_until(lambda: in_all([writer, y], "big2.bin", d2), 300, what="big2.bin elsewhere")
         r = writer.request("sync", {"timeout_s": 2}, timeout=20)
         h.ok("error" in r and x.node_id in r["error"].get("message", ""),
              "sync does not answer before %s has the file in its tree: %r" % (x.node_id, r))
@@ -156,9 +161,9 @@ def main():
         h.ok(rc == 0 and temps(x) == 0,
              "SIGTERM during the write: exit %r in %.1f s, %d temp(s) left"
              % (rc, time.monotonic() - t1, temps(x)))
-        x.restart()
-        wait_until(lambda: in_all([x], "big2.bin", d2), 60, what="big2.bin on %s" % x.node_id)
-        r = writer.request("sync", {"timeout_s": 30}, timeout=40)
+        x.restart(timeout=180)
+        wait_until(lambda: in_all([x], "big2.bin", d2), 300, what="big2.bin on %s" % x.node_id)
+        r = writer.request("sync", {"timeout_s": 120}, timeout=130)
         h.ok("result" in r and in_all(nodes, "big2.bin", d2),
              "after the restart the startup repair wrote it, and sync answers: %r" % r)
 
@@ -168,19 +173,19 @@ def main():
         hold(h, x, False)
         h.ok(temps(x) == 1 and not os.path.exists(os.path.join(x.data_dir, "big3.bin")),
              "kill -9 during the write leaves the half-written temp and no big3.bin")
-        x.restart()
-        wait_until(lambda: in_all(nodes, "big3.bin", d3), 60, what="big3.bin everywhere")
+        x.restart(timeout=180)
+        wait_until(lambda: in_all(nodes, "big3.bin", d3), 300, what="big3.bin everywhere")
         h.ok(temps(x) == 0, "after the restart the temp is gone and big3.bin is right")
 
         # 5. A rename committed while the write is held waits for it.
         d4 = held_write(h, writer, x, "big4.bin", SMALL)
-        wait_until(lambda: in_all([writer, y], "big4.bin", d4), 60, what="big4.bin elsewhere")
+        wait_until(lambda: in_all([writer, y], "big4.bin", d4), 300, what="big4.bin elsewhere")
         os.rename(os.path.join(writer.data_dir, "big4.bin"),
                   os.path.join(writer.data_dir, "big5.bin"))
-        wait_until(lambda: in_all([y], "big5.bin", d4), 60, what="the rename on %s" % y.node_id)
+        wait_until(lambda: in_all([y], "big5.bin", d4), 300, what="the rename on %s" % y.node_id)
         hold(h, x, False)
         try:
-            th.wait_converged(nodes, 60,
+            th.wait_converged(nodes, 300,
                               pred=lambda t: "big5.bin" in t and "big4.bin" not in t)
             ok = in_all(nodes, "big5.bin", d4)
         except HarnessError:
@@ -190,12 +195,12 @@ def main():
 
         # 6. A delete committed while the write is held drops it.
         held_write(h, writer, x, "big6.bin", SMALL)
-        wait_until(lambda: os.path.exists(os.path.join(y.data_dir, "big6.bin")), 60,
+        wait_until(lambda: os.path.exists(os.path.join(y.data_dir, "big6.bin")), 300,
                    what="big6.bin on %s" % y.node_id)
         os.unlink(os.path.join(writer.data_dir, "big6.bin"))
         try:
             wait_until(lambda: writing(x) == 0 and temps(x) == 0 and not any(
-                os.path.exists(os.path.join(d.data_dir, "big6.bin")) for d in nodes), 60,
+                os.path.exists(os.path.join(d.data_dir, "big6.bin")) for d in nodes), 300,
                 what="the delete everywhere")
             ok = True
         except HarnessError:
