@@ -12,6 +12,8 @@
 
 #include <check.h>
 #include <errno.h>
+#include <event2/event.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -556,6 +558,115 @@ START_TEST(test_sm_fetch)
 }
 END_TEST
 
+/* An encoded PUT of len bytes of pattern c at path, carrying its chunks
+ * (50,000 bytes each). */
+static struct raft_entry ent_put_big(uint64_t index, const char *path, uint8_t c, size_t len,
+                                     struct buf *b)
+{
+    enum { CH = 50000 };
+    struct fsm_op op;
+    fsm_op_init(&op);
+    op.type = FSM_OP_PUT;
+    op.origin = pb_xstrdup("n1");
+    op.path = pb_xstrdup(path);
+    op.base = index > 1 ? index - 1 : 0;
+    op.u.put.mode = 0644;
+    op.u.put.mtime_ns = 1000000000;
+    op.u.put.size = len;
+    uint32_t n = (uint32_t)((len + CH - 1) / CH);
+    op.u.put.n_refs = op.u.put.n_data = n;
+    op.u.put.refs = pb_xcalloc(n, sizeof(struct fsm_chunk_ref));
+    op.u.put.data = pb_xcalloc(n, sizeof(struct fsm_chunk_data));
+    for (uint32_t i = 0; i < n; i++) {
+        size_t l = PB_MIN((size_t)CH, len - (size_t)i * CH);
+        uint8_t *d = pb_xmalloc(l);
+        memset(d, c, l);
+        d[0] = (uint8_t)i; /* distinct chunks */
+        op.u.put.refs[i].len = op.u.put.data[i].len = (uint32_t)l;
+        ck_assert_int_eq(fsm_sha256(d, l, op.u.put.refs[i].id), 0);
+        memcpy(op.u.put.data[i].id, op.u.put.refs[i].id, FSM_CHUNK_ID_LEN);
+        op.u.put.data[i].data = d;
+    }
+    ck_assert_int_eq(fsm_op_encode(&op, b), 0);
+    fsm_op_free(&op);
+    struct raft_entry e = ent(index, RAFT_ENTRY_NORMAL, 0, 0);
+    e.data = b->data;
+    e.len = b->len;
+    return e;
+}
+
+/* The size of tree/path, or -1 when absent; *c gets its last byte. */
+static long file_size(const char *tree, const char *path, uint8_t *c)
+{
+    char *p = pb_xasprintf("%s/%s", tree, path);
+    int fd = open(p, O_RDONLY | O_CLOEXEC);
+    free(p);
+    if (fd < 0)
+        return -1;
+    struct stat st;
+    ck_assert_int_eq(fstat(fd, &st), 0);
+    if (st.st_size > 0)
+        ck_assert_int_eq(pread(fd, c, 1, st.st_size - 1), 1);
+    close(fd);
+    return (long)st.st_size;
+}
+
+/* With a loop (sm_set_loop()), a big PUT is applied (the index moves) but
+ * its file is written by the background writer and completed on the
+ * loop: until then sm_writing() counts it and sm_materialized() stays
+ * below it (what sync waits for). A stop before completion leaves the old
+ * file; the repair at the next open writes the new one. */
+START_TEST(test_sm_bigwrite_on_loop)
+{
+    struct pb_error err;
+    char *state = mkdirs("state"), *tree = mkdirs("tree");
+    setenv("PICKBOX_TEST_BIGWRITE_BYTES", "100000", 1);
+    struct sm *sm;
+    ck_assert_int_eq(sm_open(&sm, state, tree, &err), 0);
+    unsetenv("PICKBOX_TEST_BIGWRITE_BYTES");
+    struct event_base *base = event_base_new();
+    ck_assert_ptr_nonnull(base);
+    sm_set_loop(sm, base);
+    struct buf b1 = BUF_INIT, b2 = BUF_INIT, b3 = BUF_INIT;
+    struct raft_entry e[] = {ent_put_big(1, "big", 'a', 300000, &b1),
+                             ent_put_big(2, "small", 's', 5000, &b2),
+                             ent_put_big(3, "big", 'b', 250000, &b3)};
+    uint8_t c = 0;
+    ck_assert_int_eq(sm_apply(sm, e, 2, NULL, NULL, &err), 0);
+    ck_assert_uint_eq(sm_applied(sm), 2);
+    ck_assert_uint_eq(sm_writing(sm), 1);
+    ck_assert_uint_eq(sm_materialized(sm), 0);
+    ck_assert_int_eq(file_size(tree, "small", &c), 5000); /* small files as before */
+    ck_assert_int_eq(file_size(tree, "big", &c), -1);
+    uint64_t deadline = pb_now_ms() + 20000;
+    while (sm_writing(sm) > 0 && pb_now_ms() < deadline) {
+        struct timeval tv = {1, 0};
+        event_base_loopexit(base, &tv);
+        event_base_loop(base, EVLOOP_ONCE);
+    }
+    ck_assert_uint_eq(sm_writing(sm), 0);
+    ck_assert_uint_eq(sm_materialized(sm), 2);
+    ck_assert_int_eq(file_size(tree, "big", &c), 300000);
+    ck_assert_int_eq(c, 'a');
+    /* the next version, and a stop before it is completed */
+    ck_assert_int_eq(sm_apply(sm, e + 2, 1, NULL, NULL, &err), 0);
+    ck_assert_uint_eq(sm_materialized(sm), 2);
+    sm_close(sm);
+    ck_assert_int_eq(file_size(tree, "big", &c), 300000);
+    ck_assert_int_eq(sm_open(&sm, state, tree, &err), 0); /* the repair writes it */
+    ck_assert_uint_eq(sm_materialized(sm), 3);
+    ck_assert_int_eq(file_size(tree, "big", &c), 250000);
+    ck_assert_int_eq(c, 'b');
+    sm_close(sm);
+    event_base_free(base);
+    buf_free(&b1);
+    buf_free(&b2);
+    buf_free(&b3);
+    free(state);
+    free(tree);
+}
+END_TEST
+
 static Suite *sm_suite(void)
 {
     Suite *s = suite_create("sm");
@@ -567,6 +678,7 @@ static Suite *sm_suite(void)
     tcase_add_test(tc, test_sm_tree_lost_marker);
     tcase_add_test(tc, test_sm_fetch);
     tcase_add_test(tc, test_sm_snapshot_old_format);
+    tcase_add_test(tc, test_sm_bigwrite_on_loop);
     suite_add_tcase(s, tc);
     return s;
 }

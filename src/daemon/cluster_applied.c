@@ -56,7 +56,9 @@ void cluster_applied_tick(struct cluster *c, uint64_t now)
 {
     if (c->sm == NULL || c->net == NULL || c->raft == NULL || c->joining)
         return;
-    uint64_t applied = sm_applied(c->sm), commit = raft_commit(c->raft);
+    /* what `sync` waits for: applied and in the tree (a big file being
+     * written in the background holds it back, sm.h) */
+    uint64_t applied = sm_materialized(c->sm), commit = raft_commit(c->raft);
     bool changed = applied != c->applied_sent || commit != c->commit_sent;
     if (!changed && now < c->applied_sent_ms + CLUSTER_APPLIED_REFRESH_MS)
         return;

@@ -72,7 +72,9 @@ struct rprop {
     char *from;              /* RENAME: the source */
     struct fsm_tree_stat st; /* what the tree held at path when proposed */
     bool has_st;
-    bool record_after; /* MKDIR over a path we never recorded: see obs_before */
+    bool record_after;        /* MKDIR over a path we never recorded: see obs_before */
+    struct statedb_disk prev; /* PUT: the record obs_before replaced */
+    bool has_prev;
     uint8_t *data;
     size_t len;
     bool proposed;
@@ -887,8 +889,13 @@ static void obs_before(void *arg, const struct raft_entry *e)
      * conflict with each other. Only local edits can have changed the path
      * meanwhile: an apply skips a path whose tree differs from the record. */
     bool same = fsm_tree_stat_matches(&p->st, &now);
-    if (same || p->type == FSM_OP_PUT || p->type == FSM_OP_SYMLINK)
-        fsm_apply_record_local(sm_fsm(sm), p->path, &p->st);
+    if (!same && p->type != FSM_OP_PUT && p->type != FSM_OP_SYMLINK)
+        return;
+    /* a PUT that fails for missing chunks takes no effect: its record
+     * goes back (obs_after), or a repair would delete the new file */
+    if (p->type == FSM_OP_PUT)
+        p->has_prev = statedb_disk_get(sm_statedb(sm), p->path, &p->prev) == 0;
+    fsm_apply_record_local(sm_fsm(sm), p->path, &p->st);
     /* The file holds what the op carries: recorded, not written again (a
      * writer may still have it open). */
     if (same && p->type == FSM_OP_PUT)
@@ -958,6 +965,14 @@ static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_ap
     if (p->type == FSM_OP_PUT && same) {
         free(r->missing_path);
         r->missing_path = NULL;
+    }
+    if (missing && p->has_prev) {
+        /* The local file is not in the index: the record must not say it
+         * is safe to replace (doc/fsm.md, "Pending local edits"); else
+         * the next repair (a snapshot install, a tree error) removes it as
+         * a path the index no longer has. */
+        if (sm != NULL && statedb_disk_set(sm_statedb(sm), p->path, &p->prev) < 0)
+            log_warning("%s: disk record: %s", p->path, statedb_errmsg(sm_statedb(sm)));
     }
     if (missing && p->path) {
         /* A CHUNKS entry of ours was lost (a leader change, or skipped
@@ -1107,6 +1122,7 @@ static void set_observer(struct replica *r)
                               .batch_before = obs_batch_before,
                               .batch_after = obs_batch_after};
     sm_set_observer(sm, &obs);
+    sm_set_loop(sm, r->base); /* big files are written off the apply, finished here */
 }
 
 /* ---- proposing ---- */
@@ -1260,13 +1276,15 @@ static void on_kick(evutil_socket_t fd, short what, void *arg)
 static bool sync_reached(struct replica *r, const struct cluster_view *v, const json_t *arr,
                          uint64_t target, char *behind, size_t len)
 {
-    bool ok = v->applied >= target;
+    /* applied and in the tree: a big file still being written holds it */
+    struct sm *sm = replica_sm(r);
+    uint64_t applied = sm != NULL ? sm_materialized(sm) : v->applied;
+    bool ok = applied >= target;
     if (behind != NULL && len > 0)
         behind[0] = '\0';
     size_t used = 0;
     if (!ok && behind != NULL)
-        used += (size_t)snprintf(behind, len, "%s (applied %" PRIu64 ")", r->cfg->node_id,
-                                 v->applied);
+        used += (size_t)snprintf(behind, len, "%s (applied %" PRIu64 ")", r->cfg->node_id, applied);
     if (v->leader == NULL)
         ok = false; /* cut off from the majority: what is committed is not known here */
     size_t i;
@@ -1452,6 +1470,7 @@ void replica_status_fill(struct replica *r, json_t *obj)
     json_object_set_new(t, "fetched_chunks", json_integer((json_int_t)fetched_chunks));
     json_object_set_new(t, "fetched_bytes", json_integer((json_int_t)fetched_bytes));
     json_object_set_new(t, "pending", json_integer((json_int_t)replica_pending(r)));
+    json_object_set_new(t, "writing", json_integer((json_int_t)(sm ? sm_writing(sm) : 0)));
     json_object_set_new(t, "conflicts", json_integer((json_int_t)a.conflicts));
     json_object_set_new(t, "proposed", json_integer((json_int_t)r->proposed));
     json_object_set_new(t, "proposed_bytes", json_integer((json_int_t)r->proposed_bytes));

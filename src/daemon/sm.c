@@ -15,6 +15,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <event2/event.h>
+
+#include "fsm/bigwrite.h"
 #include "lib/buf.h"
 #include "lib/log.h"
 #include "lib/util.h"
@@ -40,7 +43,11 @@ struct sm {
     int snap_fd; /* the current snapshot's file (snapshot.pbs), -1: none */
     uint64_t snap_len;
     uint64_t snap_index;
-    bool chunks_wanted; /* chunk bytes may be missing: the fetcher should look */
+    bool chunks_wanted;      /* chunk bytes may be missing: the fetcher should look */
+    struct event_base *base; /* sm_set_loop(); NULL: big files are written in the apply */
+    struct fsm_bigwrite *bw; /* the background writer of big files (with ap) */
+    struct event *bw_ev;     /* its eventfd */
+    uint64_t bw_min;         /* files of at least this many bytes go to it; 0: none */
     uint64_t fetched_chunks, fetched_bytes;
 };
 
@@ -53,6 +60,81 @@ static int sm_reload_applied(struct sm *sm)
     sm->applied = a.index;
     sm->applied_term = a.term;
     return 0;
+}
+
+/* What the background writes that ended since the last look mean for the
+ * node: bytes to fetch, or a tree to repair (returned). */
+static bool sm_bigwrite_outcome(struct sm *sm)
+{
+    struct fsm_bigwrite_stats st;
+    if (sm->bw == NULL)
+        return false;
+    fsm_bigwrite_take_stats(sm->bw, &st);
+    if (st.nodata > 0)
+        sm->chunks_wanted = true;
+    if (st.failed > 0)
+        sm->tree_failures += st.failed;
+    return st.failed > 0;
+}
+
+/* Finishes, on the loop, the big files the worker has written: the
+ * check, rename and directory fsync, and their records in one state.db
+ * transaction after them. */
+static void sm_on_bigwrite(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct sm *sm = arg;
+    if (sm->bw == NULL || sm->ap == NULL)
+        return;
+    struct fsm_disk disk;
+    fsm_apply_bind_disk(sm->ap, &disk);
+    bool txn = statedb_begin(sm->db) == 0;
+    int rc = fsm_bigwrite_complete(sm->bw, &disk);
+    if (rc < 0)
+        log_warning("state.db: big file records: %s", statedb_errmsg(sm->db));
+    if (txn && statedb_commit(sm->db) < 0)
+        log_warning("state.db: big file records: %s", statedb_errmsg(sm->db));
+    if (sm_bigwrite_outcome(sm) || rc < 0)
+        sm_repair(sm);
+}
+
+/* Waits for every background write and completes it (before a repair or a
+ * snapshot install, which must see the tree as the writes leave it). */
+static void sm_drain_bigwrite(struct sm *sm)
+{
+    if (sm->bw == NULL || fsm_bigwrite_count(sm->bw) == 0)
+        return;
+    struct fsm_disk disk;
+    fsm_apply_bind_disk(sm->ap, &disk);
+    bool txn = statedb_begin(sm->db) == 0;
+    if (fsm_bigwrite_drain(sm->bw, &disk) < 0)
+        log_warning("state.db: big file records: %s", statedb_errmsg(sm->db));
+    if (txn && statedb_commit(sm->db) < 0)
+        log_warning("state.db: big file records: %s", statedb_errmsg(sm->db));
+    sm_bigwrite_outcome(sm); /* the caller repairs anyway */
+}
+
+/* With a loop and an applier: the background writer (doc/fsm.md, "Big
+ * files"). Without one, big files are written during the apply, as small
+ * ones are. */
+static void sm_start_bigwrite(struct sm *sm)
+{
+    if (sm->bw != NULL || sm->base == NULL || sm->ap == NULL || sm->bw_min == 0)
+        return;
+    struct pb_error err;
+    char *path = pb_xasprintf("%s/%s", sm->state_dir, SM_DB_NAME);
+    int rc = fsm_bigwrite_new(sm->tree, path, sm->bw_min, &sm->bw, &err);
+    free(path);
+    if (rc < 0) {
+        log_warning("big files will be written during the apply: %s", err.msg);
+        return;
+    }
+    fsm_bigwrite_set_hold(sm->bw, getenv("PICKBOX_TEST_BIGWRITE_HOLD"));
+    sm->bw_ev =
+            event_new(sm->base, fsm_bigwrite_fd(sm->bw), EV_READ | EV_PERSIST, sm_on_bigwrite, sm);
+    event_add(sm->bw_ev, NULL);
+    fsm_apply_set_bigwrite(sm->ap, sm->bw);
 }
 
 /* Opens the tree (and the applier on it). fresh: state.db knows nothing yet,
@@ -79,11 +161,21 @@ static int sm_open_tree(struct sm *sm, bool fresh, struct pb_error *err)
         return pb_error_set(err, rc, "%s", e2.msg);
     sm->ap = fsm_apply_new(sm->db, sm->tree);
     sm->tree_error[0] = '\0';
+    sm_start_bigwrite(sm);
     return 0;
 }
 
 static void sm_close_tree(struct sm *sm)
 {
+    /* the worker stops first: its temps go, the paths stay behind the
+     * index for the next repair */
+    if (sm->bw_ev != NULL)
+        event_free(sm->bw_ev);
+    sm->bw_ev = NULL;
+    if (sm->ap != NULL)
+        fsm_apply_set_bigwrite(sm->ap, NULL);
+    fsm_bigwrite_free(sm->bw);
+    sm->bw = NULL;
     fsm_apply_free(sm->ap);
     sm->ap = NULL;
     fsm_tree_close(sm->tree);
@@ -95,6 +187,7 @@ int sm_repair(struct sm *sm)
     if (sm->ap == NULL)
         return -FSM_TREE_ENOMARKER;
     unsigned repaired = 0, pending = 0;
+    sm_drain_bigwrite(sm);
     int rc = fsm_apply_repair(sm->ap, &repaired, &pending);
     if (repaired || pending)
         log_info("tree repair: %u path(s) brought up to date, %u local edit(s) pending", repaired,
@@ -225,6 +318,10 @@ int sm_open(struct sm **out, const char *state_dir, const char *data_dir, struct
     *out = NULL;
     struct sm *sm = pb_xcalloc(1, sizeof(*sm));
     sm->snap_fd = -1;
+    sm->bw_min = FSM_BIGWRITE_MIN_BYTES;
+    const char *bw = getenv("PICKBOX_TEST_BIGWRITE_BYTES"); /* tests: smaller files; 0: off */
+    if (bw != NULL && pb_parse_u64(bw, 0, UINT64_MAX, &sm->bw_min) < 0)
+        sm->bw_min = FSM_BIGWRITE_MIN_BYTES;
     sm->state_dir = pb_xstrdup(state_dir);
     sm->data_dir = pb_xstrdup(data_dir);
     char *path = pb_xasprintf("%s/%s", state_dir, SM_DB_NAME);
@@ -283,6 +380,33 @@ void sm_set_observer(struct sm *sm, const struct sm_observer *obs)
 uint64_t sm_applied(const struct sm *sm)
 {
     return sm->applied;
+}
+
+void sm_set_loop(struct sm *sm, struct event_base *base)
+{
+    if (sm->base == base)
+        return;
+    if (sm->bw != NULL) { /* another loop: a new writer on it */
+        sm_drain_bigwrite(sm);
+        event_free(sm->bw_ev);
+        sm->bw_ev = NULL;
+        fsm_apply_set_bigwrite(sm->ap, NULL);
+        fsm_bigwrite_free(sm->bw);
+        sm->bw = NULL;
+    }
+    sm->base = base;
+    sm_start_bigwrite(sm);
+}
+
+uint64_t sm_materialized(const struct sm *sm)
+{
+    uint64_t oldest = sm->bw != NULL ? fsm_bigwrite_oldest(sm->bw) : 0;
+    return oldest > 0 && oldest - 1 < sm->applied ? oldest - 1 : sm->applied;
+}
+
+size_t sm_writing(const struct sm *sm)
+{
+    return sm->bw != NULL ? fsm_bigwrite_count(sm->bw) : 0;
 }
 
 uint64_t sm_session_seq(const struct sm *sm, uint64_t client_id)
@@ -377,6 +501,8 @@ int sm_apply(struct sm *sm, const struct raft_entry *e, size_t n, sm_applied_fn 
      * effect. A batch with ops stays durable: its effects reach the tree,
      * which must never be ahead of durable state.db (doc/decisions.md D8). */
     statedb_set_lazy(sm->db, !has_op);
+    if (sm->bw != NULL)
+        fsm_bigwrite_set_index(sm->bw, e[i0].index);
     rc = fsm_apply_entries(sm->ap, in, m, res, err);
     statedb_set_lazy(sm->db, false);
     if (rc < 0) {
@@ -388,7 +514,8 @@ int sm_apply(struct sm *sm, const struct raft_entry *e, size_t n, sm_applied_fn 
     }
     sm->applied = e[n - 1].index;
     sm->applied_term = e[n - 1].term;
-    bool repair = false;
+    /* jobs settled by this batch's ops (bigwrite.h) that could not write */
+    bool repair = sm_bigwrite_outcome(sm);
     for (size_t i = 0; i < m; i++) {
         const struct raft_entry *x = &e[i0 + i];
         if (res[i].tree_rc == -ENODATA)
@@ -524,6 +651,9 @@ int sm_snapshot_install(struct sm *sm, uint64_t index, uint64_t term, const uint
         pb_load_u64(data + 12) != term)
         return pb_error_set(err, -EINVAL, "snapshot %" PRIu64 "/%" PRIu64 " is malformed", index,
                             term);
+    /* the jobs read chunks the install may replace: finished first */
+    if (sm->ap != NULL)
+        sm_drain_bigwrite(sm);
     struct statedb_install *in = NULL;
     int rc = statedb_install_begin(sm->db, &in, err);
     if (rc < 0)

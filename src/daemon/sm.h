@@ -46,6 +46,7 @@
 #include "fsm/apply.h"
 #include "lib/error.h"
 
+struct event_base;
 struct raft_entry;
 struct sm;
 
@@ -84,6 +85,21 @@ void sm_set_observer(struct sm *sm, const struct sm_observer *obs);
 
 /* Index of the last applied entry (0 = none). */
 uint64_t sm_applied(const struct sm *sm);
+
+/* The loop the node runs on (idempotent; the replica sets it). With one,
+ * PUTs of at least FSM_BIGWRITE_MIN_BYTES (or $PICKBOX_TEST_BIGWRITE_BYTES;
+ * 0: never) are written into the tree by a worker thread after their
+ * apply, and completed on this loop (src/fsm/bigwrite.h): sm_apply() no
+ * longer holds the Raft core frozen for their writes. */
+void sm_set_loop(struct sm *sm, struct event_base *base);
+
+/* The highest index whose effects are all in the tree: the applied index,
+ * or just below the oldest big file still being written. What the node
+ * reports to `sync` (every reachable node applied AND materialized). */
+uint64_t sm_materialized(const struct sm *sm);
+
+/* Big files being written in the background (status: tree.writing). */
+size_t sm_writing(const struct sm *sm);
 /* Highest seq applied for client_id (0 = none). */
 uint64_t sm_session_seq(const struct sm *sm, uint64_t client_id);
 

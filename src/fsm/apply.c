@@ -134,6 +134,25 @@ static int dk_record(void *arg, const char *path, const struct fsm_tree_stat *st
     return record(arg, path, st, true);
 }
 
+/* record() with the manifest row named by the caller (a file written in
+ * the background, whose row may have moved on since: bigwrite.h). */
+static int dk_record_as(void *arg, const char *path, const struct fsm_tree_stat *st,
+                        const uint8_t content[FSM_CHUNK_ID_LEN], uint32_t mode, int64_t mtime_ns)
+{
+    struct fsm_apply *ap = arg;
+    struct statedb_disk d;
+    memset(&d, 0, sizeof(d));
+    d.kind = (uint8_t)st->kind;
+    d.mode = st->mode;
+    d.size = st->size;
+    d.mtime_ns = st->mtime_ns;
+    d.ino = st->ino;
+    memcpy(d.row_content, content, STATEDB_ID_LEN);
+    d.row_mode = mode;
+    d.row_mtime_ns = mtime_ns;
+    return statedb_disk_set(ap->db, path, &d);
+}
+
 static int dk_record_move(void *arg, const char *from, const char *to)
 {
     struct fsm_apply *ap = arg;
@@ -173,7 +192,13 @@ struct fsm_apply *fsm_apply_new(struct statedb *db, struct fsm_tree *tree)
     ap->disk.record_move = dk_record_move;
     ap->disk.read_chunk = dk_read_chunk;
     ap->disk.in_tree = dk_in_tree;
+    ap->disk.record_as = dk_record_as;
     return ap;
+}
+
+void fsm_apply_set_bigwrite(struct fsm_apply *ap, struct fsm_bigwrite *w)
+{
+    ap->disk.big = w;
 }
 
 static void notes_clear(struct fsm_apply *ap)

@@ -95,6 +95,11 @@ struct fsm_apply;
 struct fsm_apply *fsm_apply_new(struct statedb *db, struct fsm_tree *tree);
 void fsm_apply_free(struct fsm_apply *ap);
 
+/* Big files go to w (borrowed; NULL: every file is written during the
+ * apply) from now on: see src/fsm/bigwrite.h. The disk bound by
+ * fsm_apply_bind_disk() afterwards carries it. */
+void fsm_apply_set_bigwrite(struct fsm_apply *ap, struct fsm_bigwrite *w);
+
 /*
  * Applies the committed entry at index (term) whose payload is data/len (an
  * encoded op; client_id 0 means no session). Returns 0 once state.db holds

@@ -10,12 +10,12 @@
 #include <unistd.h>
 
 #include "fsm/materialize.h"
+#include "fsm/bigwrite.h"
 #include "lib/log.h"
 #include "lib/util.h"
 
-/* Files at least this large say how long writing them took: it happens on
- * the applying thread, which today is the event loop (doc/fsm.md, "Big
- * files"). */
+/* Files at least this large say how long writing them took when they are
+ * written on the applying thread (no background writer, or a repair). */
 #define MATERIALIZE_LOG_BYTES (64u * 1024u * 1024u)
 /* Files up to this size are staged by fsm_materialize_stage(): the temps of
  * a whole group are written before its one barrier, so they should be small. */
@@ -110,12 +110,54 @@ static bool already_there(struct fsm_tree *t, const struct fsm_op *op, const str
            fsm_tree_stat_matches(held, &now);
 }
 
+/* A PUT whose WRITE goes to the background writer. */
+static bool deferred(const struct fsm_op *op, const struct fsm_disk *disk)
+{
+    return op->type == FSM_OP_PUT && disk->big != NULL &&
+           op->u.put.size >= fsm_bigwrite_min_bytes(disk->big);
+}
+
 static bool stageable(const struct fsm_materialize_batch *b, const struct fsm_op *op,
                       const struct fsm_action *a)
 {
     struct fsm_tree_stat held;
     return a->type == FSM_ACT_WRITE && op->type == FSM_OP_PUT &&
-           op->u.put.size <= MATERIALIZE_STAGE_BYTES && !already_there(b->t, op, a, b->disk, &held);
+           op->u.put.size <= MATERIALIZE_STAGE_BYTES && !deferred(op, b->disk) &&
+           !already_there(b->t, op, a, b->disk, &held);
+}
+
+/* A big file's WRITE becomes a background job (bigwrite.h); what can be
+ * told now is told now: a pending local edit, a missing parent. */
+static int defer_write(struct fsm_tree *t, const struct fsm_op *op, const struct fsm_action *a,
+                       const struct fsm_disk *disk, const struct fsm_tree_stat *exp)
+{
+    struct fsm_tree_stat now;
+    uint8_t content[FSM_CHUNK_ID_LEN];
+    if (exp->kind == FSM_KIND_DIR)
+        return -EISDIR;
+    int rc = fsm_tree_lstat(t, a->path, &now);
+    if (rc < 0)
+        return rc;
+    if (!fsm_tree_stat_matches(exp, &now))
+        return -FSM_TREE_EPENDING;
+    if ((rc = fsm_content_hash(op->u.put.refs, op->u.put.n_refs, content)) < 0)
+        return rc;
+    fsm_bigwrite_submit(disk->big, a->path, op->u.put.refs, op->u.put.n_refs, op->u.put.mode,
+                        op->u.put.mtime_ns, op->u.put.size, content);
+    return 0;
+}
+
+/* Before action a: the background jobs on its paths are dropped (a new
+ * write of the path, a delete at or above it) or finished first. */
+static int settle_jobs(const struct fsm_action *a, const struct fsm_disk *disk)
+{
+    if (disk->big == NULL || fsm_bigwrite_count(disk->big) == 0)
+        return 0;
+    bool drop = a->type == FSM_ACT_WRITE || a->type == FSM_ACT_DELETE;
+    int rc = fsm_bigwrite_settle(disk->big, a->path, drop, disk);
+    if (rc == 0 && a->path2 != NULL)
+        rc = fsm_bigwrite_settle(disk->big, a->path2, false, disk);
+    return rc;
 }
 
 static int do_write(struct fsm_tree *t, const struct fsm_op *op, const struct fsm_action *a,
@@ -136,6 +178,8 @@ static int do_write(struct fsm_tree *t, const struct fsm_op *op, const struct fs
             return rc;
         /* not durable, or its directory moved since: written anew */
     }
+    if (deferred(op, disk))
+        return defer_write(t, op, a, disk, &exp);
     if (op->type == FSM_OP_PUT) {
         struct content c = {op->u.put.refs, op->u.put.n_refs, op, disk};
         uint64_t t0 = pb_now_ms();
@@ -210,6 +254,8 @@ static int materialize(struct fsm_tree *t, const struct fsm_op *op, const struct
     if (rc < 0)
         return rc;
     for (size_t i = 0; i < d->n_acts; i++) {
+        if ((rc = settle_jobs(&d->acts[i], disk)) < 0)
+            break;
         rc = do_action(t, op, &d->acts[i], disk, b);
         /* A directory to remove or replace may only look non-empty because
          * it holds a temp staged for a later file: without the staged
@@ -303,6 +349,8 @@ int fsm_materialize_entry(struct fsm_tree *t, const char *path, const struct fsm
     static const struct fsm_tree_stat none = {.kind = FSM_KIND_NONE};
     struct fsm_tree_stat exp, out;
     int rc = fsm_tree_check_marker(t);
+    if (rc == 0 && disk->big != NULL)
+        rc = fsm_bigwrite_settle(disk->big, path, false, disk);
     if (rc < 0 || (rc = disk->expected(disk->arg, path, &exp)) < 0)
         return rc;
     bool want_none = e == NULL || e->deleted;

@@ -23,6 +23,8 @@
 #include "fsm/fsm.h"
 #include "fsm/tree.h"
 
+struct fsm_bigwrite;
+
 struct fsm_disk {
     void *arg;
     /* The stat this node last recorded for path; kind NONE if none. 0 or -errno. */
@@ -40,6 +42,16 @@ struct fsm_disk {
      * under a program that still has it open, and its later writes would
      * go to the replaced inode. */
     int (*in_tree)(void *arg, const char *path, struct fsm_tree_stat *st);
+    /* Optional (NULL: record() is used). path now holds st, which is the
+     * manifest row (content, mode, mtime) named here: for a file written in
+     * the background, recorded after later entries may have changed the
+     * row at path (src/fsm/bigwrite.h). 0 or -errno. */
+    int (*record_as)(void *arg, const char *path, const struct fsm_tree_stat *st,
+                     const uint8_t content[FSM_CHUNK_ID_LEN], uint32_t mode, int64_t mtime_ns);
+    /* Optional (NULL: every file is written in place): the background
+     * writer that files of at least fsm_bigwrite_min_bytes() go to. Every
+     * action first waits for or drops the jobs on its paths (bigwrite.h). */
+    struct fsm_bigwrite *big;
 };
 
 /*

@@ -508,14 +508,49 @@ static int put_expect_ok(const struct fsm_tree_stat *expect)
     return 0;
 }
 
+/*
+ * The one way a file's content reaches the tree: a new temp file in dfd
+ * (*tmp gets its name), filled by fill(), given mode and mtime, fsync'ed
+ * when sync (content and attributes together: nothing sees the temp before
+ * its rename), and stat'ed into *st. On success *fd is the open temp (the
+ * caller's to close); on error nothing is left.
+ */
+static int temp_make(int dfd, char tmp[TREE_TMP_NAME_LEN + 1], uint32_t mode, int64_t mtime_ns,
+                     fsm_tree_fill_fn fill, void *arg, bool sync, int *fd, struct stat *st)
+{
+    int rc = tmp_name(tmp);
+    if (rc < 0)
+        return rc;
+    int f = openat(dfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (f < 0)
+        return -errno;
+    if ((rc = fill(arg, f)) < 0)
+        goto fail;
+    if (fchmod(f, mode & FSM_TREE_MODE_MASK) < 0) {
+        rc = -errno;
+        goto fail;
+    }
+    if ((rc = set_times_fd(f, mtime_ns)) < 0)
+        goto fail;
+    if ((sync && fsync(f) < 0) || fstat(f, st) < 0) {
+        rc = -errno;
+        goto fail;
+    }
+    *fd = f;
+    return 0;
+fail:
+    unlinkat(dfd, tmp, 0);
+    close(f);
+    return rc;
+}
+
 int fsm_tree_put(struct fsm_tree *t, const char *path, const struct fsm_tree_stat *expect,
                  uint32_t mode, int64_t mtime_ns, fsm_tree_fill_fn fill, void *arg,
                  struct fsm_tree_stat *out)
 {
-    int dfd, fd = -1, rc;
+    int dfd, fd, rc;
     const char *name;
     char tmp[TREE_TMP_NAME_LEN + 1];
-    bool tmp_made = false;
     struct stat s;
 
     if ((rc = put_expect_ok(expect)) < 0)
@@ -525,41 +560,97 @@ int fsm_tree_put(struct fsm_tree *t, const char *path, const struct fsm_tree_sta
     /* Fail early, before writing megabytes, if a local edit is pending. */
     if ((rc = check_expect(dfd, name, expect)) < 0)
         goto out;
-    if ((rc = tmp_name(tmp)) < 0)
+    if ((rc = temp_make(dfd, tmp, mode, mtime_ns, fill, arg, true, &fd, &s)) < 0)
         goto out;
-    fd = openat(dfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-    if (fd < 0) {
-        rc = -errno;
-        goto out;
-    }
-    tmp_made = true;
-    if ((rc = fill(arg, fd)) < 0)
-        goto out;
-    /* Content, mode and mtime, then one fsync: the inode we rename is
-     * complete and durable (nothing sees the temp before the rename). */
-    if (fchmod(fd, mode & FSM_TREE_MODE_MASK) < 0) {
-        rc = -errno;
+    close(fd);
+    if ((rc = rename_into_place(dfd, tmp, name, expect)) < 0) {
+        unlinkat(dfd, tmp, 0);
         goto out;
     }
-    if ((rc = set_times_fd(fd, mtime_ns)) < 0)
-        goto out;
-    if (fsync(fd) < 0 || fstat(fd, &s) < 0) {
-        rc = -errno;
-        goto out;
-    }
-    if ((rc = rename_into_place(dfd, tmp, name, expect)) < 0)
-        goto out;
-    tmp_made = false;
     rc = fsync_dir(dfd);
     if (rc == 0 && out != NULL)
         stat_from(&s, out);
 out:
-    if (fd >= 0)
-        close(fd);
-    if (tmp_made)
-        unlinkat(dfd, tmp, 0);
     close(dfd);
     return rc;
+}
+
+/* ---- temp files written off the owning thread ----------------------------- */
+
+struct fsm_tree_temp {
+    int dirfd; /* the target's parent as opened when the temp was made */
+    char tmp[TREE_TMP_NAME_LEN + 1];
+    struct stat st;
+};
+
+int fsm_tree_temp_write(struct fsm_tree *t, const char *path, uint32_t mode, int64_t mtime_ns,
+                        fsm_tree_fill_fn fill, void *arg, struct fsm_tree_temp **out)
+{
+    /* Only reads t (root_fd, walk), which never change while t is open. */
+    struct fsm_tree_temp *tp = pb_xcalloc(1, sizeof(*tp));
+    const char *name;
+    int fd;
+    *out = NULL;
+    int rc = open_parent(t, path, &tp->dirfd, &name);
+    if (rc < 0) {
+        free(tp);
+        return rc;
+    }
+    if ((rc = temp_make(tp->dirfd, tp->tmp, mode, mtime_ns, fill, arg, true, &fd, &tp->st)) < 0) {
+        close(tp->dirfd);
+        free(tp);
+        return rc;
+    }
+    close(fd);
+    *out = tp;
+    return 0;
+}
+
+/* The directory path names now is the one dirfd was opened as: 0, -EAGAIN
+ * if not, or -errno. */
+static int same_parent(struct fsm_tree *t, const char *path, int dirfd, int *dfd, const char **name)
+{
+    struct stat now, then;
+    int rc = open_parent(t, path, dfd, name);
+    if (rc < 0)
+        return rc;
+    if (fstat(*dfd, &now) < 0 || fstat(dirfd, &then) < 0)
+        rc = -errno;
+    else if (now.st_dev != then.st_dev || now.st_ino != then.st_ino)
+        rc = -EAGAIN;
+    if (rc < 0)
+        close(*dfd);
+    return rc;
+}
+
+int fsm_tree_temp_commit(struct fsm_tree *t, struct fsm_tree_temp *tp, const char *path,
+                         const struct fsm_tree_stat *expect, struct fsm_tree_stat *out)
+{
+    int dfd, rc;
+    const char *name;
+    if ((rc = put_expect_ok(expect)) == 0 &&
+        (rc = same_parent(t, path, tp->dirfd, &dfd, &name)) == 0) {
+        rc = rename_into_place(tp->dirfd, tp->tmp, name, expect);
+        if (rc == 0) {
+            tp->tmp[0] = '\0'; /* renamed: nothing to remove */
+            rc = fsync_dir(tp->dirfd);
+            if (rc == 0 && out != NULL)
+                stat_from(&tp->st, out);
+        }
+        close(dfd);
+    }
+    fsm_tree_temp_discard(tp);
+    return rc;
+}
+
+void fsm_tree_temp_discard(struct fsm_tree_temp *tp)
+{
+    if (tp == NULL)
+        return;
+    if (tp->tmp[0] != '\0')
+        unlinkat(tp->dirfd, tp->tmp, 0);
+    close(tp->dirfd);
+    free(tp);
 }
 
 /* ---- staged files -------------------------------------------------------- */
@@ -610,32 +701,12 @@ int fsm_tree_stage_add(struct fsm_tree_stage *s, const char *path, uint32_t mode
     int rc = open_parent(s->t, path, &sl->dirfd, &name);
     if (rc < 0)
         return rc;
-    if ((rc = tmp_name(sl->tmp)) < 0)
-        goto fail;
-    sl->fd = openat(sl->dirfd, sl->tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-    if (sl->fd < 0) {
-        rc = -errno;
-        goto fail;
-    }
-    if ((rc = fill(arg, sl->fd)) < 0)
-        goto fail_tmp;
-    if (fchmod(sl->fd, mode & FSM_TREE_MODE_MASK) < 0) {
-        rc = -errno;
-        goto fail_tmp;
-    }
-    if ((rc = set_times_fd(sl->fd, mtime_ns)) < 0)
-        goto fail_tmp;
-    if (fstat(sl->fd, &sl->st) < 0) {
-        rc = -errno;
-        goto fail_tmp;
+    rc = temp_make(sl->dirfd, sl->tmp, mode, mtime_ns, fill, arg, false, &sl->fd, &sl->st);
+    if (rc < 0) {
+        close(sl->dirfd);
+        return rc;
     }
     return (int)s->n++;
-fail_tmp:
-    unlinkat(sl->dirfd, sl->tmp, 0);
-fail:
-    close_keep_errno(sl->fd);
-    close(sl->dirfd);
-    return rc;
 }
 
 int fsm_tree_stage_sync(struct fsm_tree_stage *s)
@@ -686,23 +757,20 @@ int fsm_tree_stage_commit(struct fsm_tree_stage *s, int slot, const char *path,
         return rc;
     int dfd;
     const char *name;
-    struct stat now, then;
-    if ((rc = open_parent(s->t, path, &dfd, &name)) < 0)
-        return rc;
     /* The parent may have been moved or replaced since the staging (an
      * earlier op of the batch): the temp must be renamed within the
      * directory the path names now, or not at all. */
-    if (fstat(dfd, &now) < 0 || fstat(sl->dirfd, &then) < 0) {
-        rc = -errno;
-        goto out;
-    }
-    if (now.st_dev != then.st_dev || now.st_ino != then.st_ino) {
+    if ((rc = same_parent(s->t, path, sl->dirfd, &dfd, &name)) == -EAGAIN) {
         unlinkat(sl->dirfd, sl->tmp, 0);
         sl->done = true;
-        rc = -EAGAIN;
-        goto out;
     }
-    rc = rename_into_place(sl->dirfd, sl->tmp, name, expect);
+    if (rc < 0)
+        return rc;
+    struct stat then;
+    if (fstat(sl->dirfd, &then) < 0)
+        rc = -errno;
+    else
+        rc = rename_into_place(sl->dirfd, sl->tmp, name, expect);
     if (rc == 0) {
         sl->renamed = true;
         sl->dir_dev = then.st_dev;
@@ -713,7 +781,6 @@ int fsm_tree_stage_commit(struct fsm_tree_stage *s, int slot, const char *path,
         unlinkat(sl->dirfd, sl->tmp, 0);
     }
     sl->done = true;
-out:
     close(dfd);
     return rc;
 }

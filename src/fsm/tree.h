@@ -117,6 +117,38 @@ int fsm_tree_put(struct fsm_tree *t, const char *path, const struct fsm_tree_sta
                  struct fsm_tree_stat *out);
 
 /*
+ * Temp files written on another thread (a big file written off the event
+ * loop, src/fsm/bigwrite.h): fsm_tree_temp_write() does everything
+ * fsm_tree_put() does before the rename (temp in the target's directory,
+ * fill(), mode, mtime, fsync) and keeps the temp; fsm_tree_temp_commit()
+ * then does the rest on the tree's owning thread: the expected-stat check
+ * right before the rename, the rename, the directory fsync.
+ * Threading: fsm_tree_temp_write() and fsm_tree_temp_discard() may run on
+ * any thread, concurrently with the owner's calls on the same tree (they
+ * only read the root descriptor, which does not change while the tree is
+ * open); fsm_tree_temp_commit() runs on the owning thread. The tree must
+ * outlive every temp. A crash leaves the temp for fsm_tree_open() to remove.
+ */
+struct fsm_tree_temp;
+
+/* *out gets the durable temp (never before it is complete). Errors as
+ * fsm_tree_put()'s (fill()'s own, -ENOENT for a missing parent, -errno);
+ * nothing is left on error. */
+int fsm_tree_temp_write(struct fsm_tree *t, const char *path, uint32_t mode, int64_t mtime_ns,
+                        fsm_tree_fill_fn fill, void *arg, struct fsm_tree_temp **out);
+
+/* Renames tp over path if path still matches expect and its parent is
+ * still the directory the temp was made in, then fsyncs that directory.
+ * Always consumes tp (a temp not renamed is removed). 0, -FSM_TREE_EPENDING
+ * (a local edit), -EAGAIN (the parent was moved or replaced meanwhile),
+ * -EISDIR or -errno. *out (may be NULL) gets the new file's stat. */
+int fsm_tree_temp_commit(struct fsm_tree *t, struct fsm_tree_temp *tp, const char *path,
+                         const struct fsm_tree_stat *expect, struct fsm_tree_stat *out);
+
+/* Removes the temp and frees tp; NULL is fine. */
+void fsm_tree_temp_discard(struct fsm_tree_temp *tp);
+
+/*
  * Staged files: many small files with one durability barrier instead of one
  * fsync per file. fsm_tree_stage_add() writes a file's content into a temp
  * file in its target's directory and gives it mode and mtime (no fsync);
