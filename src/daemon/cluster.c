@@ -271,7 +271,15 @@ static void cluster_send_msg(struct cluster *c, const struct raft_msg *m)
         return;
     }
     enum net_class cls = c->txbuf.len <= NET_FRAME_MAX_PAYLOAD ? NET_CLASS_CONTROL : NET_CLASS_BULK;
-    int rc = net_send(c->net, m->to, cls, CLUSTER_MSG_RAFT, c->txbuf.data, c->txbuf.len);
+    int rc;
+    if (cls == NET_CLASS_BULK) {
+        /* a big message is handed over, not copied once more */
+        size_t len = 0;
+        uint8_t *p = buf_steal(&c->txbuf, &len);
+        rc = net_send_take(c->net, m->to, cls, CLUSTER_MSG_RAFT, p, len);
+    } else {
+        rc = net_send(c->net, m->to, cls, CLUSTER_MSG_RAFT, c->txbuf.data, c->txbuf.len);
+    }
     if (rc < 0 && rc != -ENOTCONN && rc != -ENOENT)
         log_debug("send %s to %016" PRIx64 ": %s", raft_msg_type_name(m->type), m->to,
                   strerror(-rc));

@@ -171,6 +171,15 @@ int net_send(struct net *net, uint64_t node_id, enum net_class cls, uint8_t type
              size_t len);
 
 /*
+ * net_send() without the copy: takes data, which must come from malloc(), and
+ * frees it on every path (at once when an error is returned). The frames are
+ * handed to the socket by reference, so a big message is never copied inside
+ * the transport. Same errors as net_send().
+ */
+int net_send_take(struct net *net, uint64_t node_id, enum net_class cls, uint8_t type, void *data,
+                  size_t len);
+
+/*
  * Fault injection for tests: while partitioned, the link to node_id is
  * closed, not redialed, and its inbound connections are refused during the
  * handshake, so no traffic flows either way. Healing redials at once.
