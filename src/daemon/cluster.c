@@ -377,6 +377,9 @@ static void cluster_persist(struct cluster *c)
         free(offs);
         b.entries = ents;
         b.n_entries = n_ents;
+        /* entbuf is not touched again before this batch completes: the next
+         * ready (the only other user) comes after raft_advance() */
+        b.borrow_entries = true;
         if (re[0].index <= c->stored_last)
             b.truncate_from = re[0].index;
     }
@@ -648,7 +651,7 @@ static void cluster_on_raft_frame(struct cluster *c, uint64_t from, const uint8_
         c->inq_bytes += len;
         return;
     }
-    raft_step(c->raft, &m);
+    raft_step_take(c->raft, &m);
     raft_msg_clear(&m);
     cluster_schedule(c);
 }
@@ -718,7 +721,7 @@ static void cluster_on_process(evutil_socket_t fd, short what, void *arg)
         return;
     }
     for (size_t i = 0; i < c->inq_n; i++)
-        raft_step(c->raft, &c->inq[i]);
+        raft_step_take(c->raft, &c->inq[i]);
     cluster_propq_feed(c); /* after what peers sent meanwhile (a new leader) */
     cluster_inq_clear(c);
     for (; c->ticks_pending > 0; c->ticks_pending--)
