@@ -1446,11 +1446,15 @@ START_TEST(test_net_send_take)
     uint8_t *blob = pb_xmalloc(most);
     for (size_t i = 0; i < most; i++)
         blob[i] = (uint8_t)(i * 29 + 1);
+    ck_assert_uint_eq(net_peer_bulk_queued(a->net, 2), 0);
     for (size_t i = 0; i < nsizes; i++) {
         uint8_t *d = pb_xmalloc(sizes[i] + 1);
         memcpy(d, blob, sizes[i]);
         ck_assert_int_eq(net_send_take(a->net, 2, NET_CLASS_BULK, T_BLOB, d, sizes[i]), 0);
     }
+    /* the multi-frame ones are not wholly handed to the link yet */
+    ck_assert_uint_ge(net_peer_bulk_queued(a->net, 2), 3 * NET_BULK_FRAME);
+    ck_assert_uint_eq(net_peer_bulk_queued(a->net, 9), 0);
     size_t ctl = NET_FRAME_MAX_PAYLOAD - 3; /* a size no bulk message has */
     uint8_t *d = pb_xmalloc(ctl);
     memcpy(d, blob, ctl);
@@ -1474,6 +1478,7 @@ START_TEST(test_net_send_take)
     }
     ck_assert(seen_ctl);
     ck_assert_uint_eq(seen_bulk, nsizes);
+    ck_assert_uint_eq(net_peer_bulk_queued(a->net, 2), 0);
     /* Errors free what was taken. */
     ck_assert_int_eq(net_send_take(a->net, 7, NET_CLASS_BULK, T_BLOB, pb_xmalloc(8), 8), -ENOENT);
     ck_assert_int_eq(net_send_take(a->net, 2, NET_CLASS_CONTROL, T_BLOB,

@@ -271,6 +271,13 @@ static void cluster_send_msg(struct cluster *c, const struct raft_msg *m)
         return;
     }
     enum net_class cls = c->txbuf.len <= NET_FRAME_MAX_PAYLOAD ? NET_CLASS_CONTROL : NET_CLASS_BULK;
+    /* Appends and forwarded proposals must keep their order: a small one
+     * that overtook big ones still queued (an empty append carrying the
+     * commit index, a PUT behind its CHUNKS) is rejected or skipped, and
+     * everything after it is sent again. */
+    if (cls == NET_CLASS_CONTROL && (m->type == RAFT_MSG_APP || m->type == RAFT_MSG_PROP) &&
+        net_peer_bulk_queued(c->net, m->to) > 0)
+        cls = NET_CLASS_BULK;
     int rc;
     if (cls == NET_CLASS_BULK) {
         /* a big message is handed over, not copied once more */

@@ -1454,6 +1454,12 @@ int net_peer_stats(const struct net *net, uint64_t node_id, struct net_peer_stat
     return 0;
 }
 
+size_t net_peer_bulk_queued(const struct net *net, uint64_t node_id)
+{
+    const struct net_peer *peer = net_find(net, node_id);
+    return peer != NULL ? peer->bulk_bytes : 0;
+}
+
 size_t net_peer_ids(const struct net *net, uint64_t *ids, size_t max)
 {
     size_t n = 0;

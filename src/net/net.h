@@ -191,6 +191,11 @@ int net_set_partition(struct net *net, uint64_t node_id, bool partitioned);
 /* Fills *out for node_id. Returns 0 or -ENOENT. */
 int net_peer_stats(const struct net *net, uint64_t node_id, struct net_peer_stats *out);
 
+/* Bytes of bulk messages queued for node_id and not yet wholly handed to its
+ * link (0 for an unknown peer). A control message sent while this is not 0
+ * may arrive before them: send it as bulk to keep it behind them. */
+size_t net_peer_bulk_queued(const struct net *net, uint64_t node_id);
+
 /* Copies up to max peer ids into ids; returns the number of peers. */
 size_t net_peer_ids(const struct net *net, uint64_t *ids, size_t max);
 
