@@ -814,6 +814,35 @@ static size_t tc_count(const struct tc *c, uint64_t from, uint64_t to, uint8_t t
     return n;
 }
 
+/* raft_propose_take(): the leader's log keeps the very buffer; a refused
+ * proposal leaves it to the caller. */
+START_TEST(test_propose_take)
+{
+    struct tc c;
+    memset(&c, 0, sizeof(c));
+    tc_restore(&c, 1, 1, 1, 0, NULL, 0, 1);
+    tc_campaign(&c, 1);
+    for (int i = 0; i < 4 && raft_role(c.r[1]) != RAFT_LEADER; i++)
+        tc_deliver(&c, 0, 0, 0);
+    ck_assert_int_eq(raft_role(c.r[1]), RAFT_LEADER);
+    uint8_t *p = dup_bytes("payload", 7);
+    uint64_t index = 0;
+    ck_assert_int_eq(raft_propose_take(c.r[1], 5, 1, p, 7, &index), 0);
+    ck_assert_uint_gt(index, 0);
+    ck_assert_ptr_eq(raft_entry_at(c.r[1], index)->data, p);
+    struct raft_ready rd;
+    ck_assert(raft_ready(c.r[1], &rd));
+    uint8_t *q = dup_bytes("refused", 7);
+    ck_assert_int_eq(raft_propose_take(c.r[1], 5, 2, q, 7, &index), -EBUSY); /* frozen */
+    ck_assert_mem_eq(q, "refused", 7);
+    free(q);
+    raft_advance(c.r[1], &rd);
+    tc_flush(&c, 1);
+    ck_assert_uint_eq(tc_commit(&c, 1), tc_last(&c, 1));
+    tc_free(&c);
+}
+END_TEST
+
 /* A follower that answers heartbeats but no appends (it is slow to persist,
  * or they are still queued in the transport) is not sent one more append per
  * heartbeat: only after an election timeout of that, one. */
@@ -1616,6 +1645,7 @@ static Suite *raft_suite(void)
     tcase_add_test(tc, test_duplicate_append_keeps_log);
     tcase_add_test(tc, test_step_take_moves_entry_bytes);
     tcase_add_test(tc, test_slow_follower_not_flooded);
+    tcase_add_test(tc, test_propose_take);
     tcase_add_test(tc, test_conf_codec);
     tcase_add_test(tc, test_codec_roundtrip);
     tcase_add_test(tc, test_api_errors);

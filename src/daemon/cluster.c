@@ -610,8 +610,10 @@ static void cluster_inq_clear(struct cluster *c)
 static void cluster_propq_feed(struct cluster *c)
 {
     for (size_t i = 0; i < c->propq_n; i++) {
-        const struct cluster_prop *q = &c->propq[i];
-        int rc = raft_propose(c->raft, q->client_id, q->seq, q->data, q->len, NULL);
+        struct cluster_prop *q = &c->propq[i];
+        int rc = raft_propose_take(c->raft, q->client_id, q->seq, q->data, q->len, NULL);
+        if (rc == 0)
+            q->data = NULL; /* the core's now */
         if (rc < 0) {
             log_debug("queued proposal seq %" PRIu64 " refused: %s (%zu dropped)", q->seq,
                       strerror(-rc), c->propq_n - i);

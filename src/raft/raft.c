@@ -1194,7 +1194,10 @@ static void handle_snapshot(struct raft *r, const struct raft_msg *m)
 
 #define RAFT_PROP_MAX_HOPS 2
 
-static void forward_props(struct raft *r, const struct raft_entry *ents, size_t n, uint64_t hops)
+/* Forwards proposals to the leader; their bytes are copied, or taken when
+ * take (n must then be 1). */
+static void forward_props_take(struct raft *r, const struct raft_entry *ents, size_t n,
+                               uint64_t hops, bool take)
 {
     if (n == 0)
         return;
@@ -1207,9 +1210,14 @@ static void forward_props(struct raft *r, const struct raft_entry *ents, size_t 
         m->entries[i].client_id = ents[i].client_id;
         m->entries[i].seq = ents[i].seq;
         m->entries[i].type = RAFT_ENTRY_NORMAL;
-        m->entries[i].data = dup_bytes(ents[i].data, ents[i].len);
+        m->entries[i].data = take ? ents[i].data : dup_bytes(ents[i].data, ents[i].len);
         m->entries[i].len = ents[i].data != NULL ? ents[i].len : 0;
     }
+}
+
+static void forward_props(struct raft *r, const struct raft_entry *ents, size_t n, uint64_t hops)
+{
+    forward_props_take(r, ents, n, hops, false);
 }
 
 static void step_follower(struct raft *r, const struct raft_msg *m)
@@ -1590,8 +1598,10 @@ int raft_step_take(struct raft *r, struct raft_msg *m)
     return rc;
 }
 
-int raft_propose(struct raft *r, uint64_t client_id, uint64_t seq, const void *data, size_t len,
-                 uint64_t *index)
+/* raft_propose() and raft_propose_take(): data is taken (on success only)
+ * when take, else copied. */
+static int propose(struct raft *r, uint64_t client_id, uint64_t seq, const void *data, size_t len,
+                   uint64_t *index, bool take)
 {
     if (index != NULL)
         *index = 0;
@@ -1599,22 +1609,35 @@ int raft_propose(struct raft *r, uint64_t client_id, uint64_t seq, const void *d
         return -EBUSY;
     if (len > 0 && data == NULL)
         return -EINVAL;
+    uint8_t *owned = (uint8_t *)(uintptr_t)data;
     if (r->role == RAFT_LEADER) {
         if (r->transferee != RAFT_NONE)
             return -EBUSY;
         if (r->uncommitted_bytes + len > r->cfg.max_uncommitted_bytes)
             return -ENOBUFS;
-        append_local(r, RAFT_ENTRY_NORMAL, client_id, seq, data, len);
+        append_local_owned(r, RAFT_ENTRY_NORMAL, client_id, seq,
+                           take ? owned : dup_bytes(data, len), len);
         if (index != NULL)
             *index = last_index(r);
         return 0;
     }
     if (r->role != RAFT_FOLLOWER || r->lead == RAFT_NONE)
         return -EAGAIN;
-    struct raft_entry e = {
-            .client_id = client_id, .seq = seq, .data = (uint8_t *)(uintptr_t)data, .len = len};
-    forward_props(r, &e, 1, 0);
+    struct raft_entry e = {.client_id = client_id, .seq = seq, .data = owned, .len = len};
+    forward_props_take(r, &e, 1, 0, take);
     return 0;
+}
+
+int raft_propose(struct raft *r, uint64_t client_id, uint64_t seq, const void *data, size_t len,
+                 uint64_t *index)
+{
+    return propose(r, client_id, seq, data, len, index, false);
+}
+
+int raft_propose_take(struct raft *r, uint64_t client_id, uint64_t seq, void *data, size_t len,
+                      uint64_t *index)
+{
+    return propose(r, client_id, seq, data, len, index, true);
 }
 
 int raft_change_conf(struct raft *r, enum raft_conf_change type, uint64_t id, const void *ctx,

@@ -333,6 +333,10 @@ int raft_step_take(struct raft *r, struct raft_msg *m);
  * -ENOBUFS too many uncommitted bytes. index may be NULL. */
 int raft_propose(struct raft *r, uint64_t client_id, uint64_t seq, const void *data, size_t len,
                  uint64_t *index);
+/* raft_propose() without the copy: on success (0) data, which must come
+ * from malloc(), belongs to the core; on an error it stays the caller's. */
+int raft_propose_take(struct raft *r, uint64_t client_id, uint64_t seq, void *data, size_t len,
+                      uint64_t *index);
 
 enum raft_conf_change {
     RAFT_CONF_ADD_LEARNER = 1,
