@@ -804,16 +804,6 @@ START_TEST(test_step_take_moves_entry_bytes)
 }
 END_TEST
 
-/* Queued messages of type from -> to (appends: only those carrying entries). */
-static size_t tc_count(const struct tc *c, uint64_t from, uint64_t to, uint8_t type)
-{
-    size_t n = 0;
-    for (size_t i = 0; i < c->nq; i++)
-        n += c->q[i].from == from && c->q[i].to == to && c->q[i].type == type &&
-             (type != RAFT_MSG_APP || c->q[i].n_entries > 0);
-    return n;
-}
-
 /* raft_propose_take(): the leader's log keeps the very buffer; a refused
  * proposal leaves it to the caller. */
 START_TEST(test_propose_take)
@@ -839,52 +829,6 @@ START_TEST(test_propose_take)
     raft_advance(c.r[1], &rd);
     tc_flush(&c, 1);
     ck_assert_uint_eq(tc_commit(&c, 1), tc_last(&c, 1));
-    tc_free(&c);
-}
-END_TEST
-
-/* A follower that answers heartbeats but no appends (it is slow to persist,
- * or they are still queued in the transport) is not sent one more append per
- * heartbeat: only after an election timeout of that, one. */
-START_TEST(test_slow_follower_not_flooded)
-{
-    struct tc c;
-    memset(&c, 0, sizeof(c));
-    tc_restore(&c, 1, 3, 1, 0, NULL, 0, 1);
-    tc_restore(&c, 2, 3, 1, 0, NULL, 0, 1);
-    tc_restore(&c, 3, 3, 1, 0, NULL, 0, 1);
-    tc_campaign(&c, 1);
-    for (int i = 0; i < 10; i++)
-        tc_deliver(&c, 0, 0, 0);
-    ck_assert_int_eq(raft_role(c.r[1]), RAFT_LEADER);
-    /* 100 proposals; node 3 receives nothing of them */
-    for (uint64_t k = 0; k < 100; k++) {
-        ck_assert_int_eq(raft_propose(c.r[1], 7, k + 1, "x", 1, NULL), 0);
-        tc_flush(&c, 1);
-        tc_deliver(&c, 1, 2, 0);
-        tc_deliver(&c, 2, 1, 0);
-    }
-    size_t window = tc_count(&c, 1, 3, RAFT_MSG_APP);
-    ck_assert_uint_eq(window, 64); /* max_inflight_msgs */
-    struct raft_config cfg;
-    raft_config_init(&cfg, 1);
-    unsigned quiet = cfg.election_tick / cfg.heartbeat_tick;
-    for (unsigned k = 1; k < quiet; k++) {
-        tc_tick(&c, 1);
-        tc_deliver(&c, 1, 0, RAFT_MSG_HEARTBEAT);
-        tc_deliver(&c, 0, 1, RAFT_MSG_HEARTBEAT_RESP);
-        ck_assert_uint_eq(tc_count(&c, 1, 3, RAFT_MSG_APP), window);
-    }
-    tc_tick(&c, 1);
-    tc_deliver(&c, 1, 0, RAFT_MSG_HEARTBEAT);
-    tc_deliver(&c, 0, 1, RAFT_MSG_HEARTBEAT_RESP);
-    ck_assert_uint_eq(tc_count(&c, 1, 3, RAFT_MSG_APP), window + 1);
-    /* and it catches up once its appends flow */
-    for (int i = 0; i < 20 && tc_commit(&c, 3) < tc_commit(&c, 1); i++) {
-        tc_tick(&c, 1);
-        tc_deliver(&c, 0, 0, 0);
-    }
-    ck_assert_uint_eq(tc_last(&c, 3), tc_last(&c, 1));
     tc_free(&c);
 }
 END_TEST
@@ -1644,7 +1588,6 @@ static Suite *raft_suite(void)
     tcase_add_test(tc, test_snapshot_onto_conflicting_log);
     tcase_add_test(tc, test_duplicate_append_keeps_log);
     tcase_add_test(tc, test_step_take_moves_entry_bytes);
-    tcase_add_test(tc, test_slow_follower_not_flooded);
     tcase_add_test(tc, test_propose_take);
     tcase_add_test(tc, test_conf_codec);
     tcase_add_test(tc, test_codec_roundtrip);

@@ -43,7 +43,6 @@ struct progress {
     unsigned infl_start;
     unsigned infl_count;
     size_t infl_bytes;
-    unsigned quiet_hbs; /* heartbeat responses since it last answered an append */
     /* SNAPSHOT: which snapshot and how far the peer acknowledged it */
     uint64_t snap_index;
     uint64_t snap_acked;
@@ -767,7 +766,6 @@ static void leader_handle_app_resp(struct raft *r, const struct raft_msg *m)
     if (pr == NULL || pr->id == r->id)
         return;
     pr->recent_active = true;
-    pr->quiet_hbs = 0;
     if (m->reject) {
         /* Stale rejections (for an append we already moved past) are ignored. */
         if (pr->state == RAFT_PROGRESS_REPLICATE) {
@@ -830,22 +828,9 @@ static void leader_handle_heartbeat_resp(struct raft *r, const struct raft_msg *
     if (pr == NULL || pr->id == r->id)
         return;
     pr->recent_active = true;
-    /* An outstanding probe, or a full window of appends, were lost (a link
-     * that dropped, a transport queue that overflowed) or the follower is
-     * still persisting them. Only one that answers heartbeats but no append
-     * for an election timeout is sent more: the probe again, or one more
-     * append (which it rejects if the earlier ones were lost: probing starts
-     * over). Doing so at every heartbeat response (etcd-io/raft 3.5) pushed
-     * one more append (max_msg_bytes, or one big entry) into the transport
-     * per heartbeat while a follower was merely slow: the transport's queue
-     * overflowed, an append was dropped, and all after it were sent again
-     * (a 256 MiB file crossed the wire about twice). */
-    if (++pr->quiet_hbs * r->cfg.heartbeat_tick >= r->cfg.election_tick) {
-        pr->quiet_hbs = 0;
-        pr->probe_sent = false;
-        if (pr->state == RAFT_PROGRESS_REPLICATE && inflight_full(r, pr))
-            inflight_free_first(pr);
-    }
+    pr->probe_sent = false;
+    if (pr->state == RAFT_PROGRESS_REPLICATE && inflight_full(r, pr))
+        inflight_free_first(pr);
     if (pr->match < last_index(r))
         send_append(r, pr, true);
     if (m->ctx > pr->read_ack && m->ctx <= r->read_round) {
