@@ -193,7 +193,8 @@ static size_t tc_deliver(struct tc *c, uint64_t from, uint64_t to, uint8_t type)
     c->nq = k;
     for (size_t i = 0; i < nb; i++) {
         if (batch[i].to <= TC_MAX && c->r[batch[i].to] != NULL) {
-            raft_step(c->r[batch[i].to], &batch[i]);
+            /* the messages own copies of everything, as decoded ones do */
+            raft_step_take(c->r[batch[i].to], &batch[i]);
             delivered++;
         }
         msg_release(&batch[i]);
@@ -754,6 +755,80 @@ START_TEST(test_duplicate_append_keeps_log)
     raft_step(c.r[2], &hb);
     tc_flush(&c, 2);
     ck_assert_uint_eq(tc_commit(&c, 2), 4);
+    tc_free(&c);
+}
+END_TEST
+
+/* raft_step_take(): the bytes of entries the log keeps are moved out of the
+ * message (not copied); entries it already holds are left to the caller. */
+START_TEST(test_step_take_moves_entry_bytes)
+{
+    struct tc c;
+    memset(&c, 0, sizeof(c));
+    tc_restore(&c, 2, 3, 2, 0, NULL, 0, 1);
+    struct raft_entry ents[2] = {{.term = 2, .index = 2}, {.term = 2, .index = 3}};
+    ents[0].data = dup_bytes("first", 5);
+    ents[0].len = 5;
+    ents[1].data = dup_bytes("second", 6);
+    ents[1].len = 6;
+    uint8_t *p0 = ents[0].data, *p1 = ents[1].data;
+    struct raft_msg m = {.type = RAFT_MSG_APP,
+                         .from = 1,
+                         .to = 2,
+                         .term = 2,
+                         .index = 1,
+                         .log_term = 1,
+                         .entries = ents,
+                         .n_entries = 1,
+                         .commit = 1};
+    ck_assert_int_eq(raft_step_take(c.r[2], &m), 0);
+    ck_assert_ptr_null(ents[0].data);
+    ck_assert_ptr_eq(raft_entry_at(c.r[2], 2)->data, p0);
+    tc_flush(&c, 2);
+    /* entry 2 again (held: not taken) and entry 3 (new: taken) */
+    ents[0].data = dup_bytes("first", 5);
+    m.n_entries = 2;
+    ck_assert_int_eq(raft_step_take(c.r[2], &m), 0);
+    ck_assert_ptr_nonnull(ents[0].data);
+    ck_assert_ptr_null(ents[1].data);
+    ck_assert_ptr_eq(raft_entry_at(c.r[2], 2)->data, p0);
+    ck_assert_ptr_eq(raft_entry_at(c.r[2], 3)->data, p1);
+    ck_assert_mem_eq(raft_entry_at(c.r[2], 3)->data, "second", 6);
+    /* plain raft_step copies */
+    ck_assert_int_eq(raft_step(c.r[2], &m), 0);
+    ck_assert_ptr_nonnull(ents[0].data);
+    free(ents[0].data);
+    tc_flush(&c, 2);
+    ck_assert_uint_eq(tc_last(&c, 2), 3);
+    tc_free(&c);
+}
+END_TEST
+
+/* raft_propose_take(): the leader's log keeps the very buffer; a refused
+ * proposal leaves it to the caller. */
+START_TEST(test_propose_take)
+{
+    struct tc c;
+    memset(&c, 0, sizeof(c));
+    tc_restore(&c, 1, 1, 1, 0, NULL, 0, 1);
+    tc_campaign(&c, 1);
+    for (int i = 0; i < 4 && raft_role(c.r[1]) != RAFT_LEADER; i++)
+        tc_deliver(&c, 0, 0, 0);
+    ck_assert_int_eq(raft_role(c.r[1]), RAFT_LEADER);
+    uint8_t *p = dup_bytes("payload", 7);
+    uint64_t index = 0;
+    ck_assert_int_eq(raft_propose_take(c.r[1], 5, 1, p, 7, &index), 0);
+    ck_assert_uint_gt(index, 0);
+    ck_assert_ptr_eq(raft_entry_at(c.r[1], index)->data, p);
+    struct raft_ready rd;
+    ck_assert(raft_ready(c.r[1], &rd));
+    uint8_t *q = dup_bytes("refused", 7);
+    ck_assert_int_eq(raft_propose_take(c.r[1], 5, 2, q, 7, &index), -EBUSY); /* frozen */
+    ck_assert_mem_eq(q, "refused", 7);
+    free(q);
+    raft_advance(c.r[1], &rd);
+    tc_flush(&c, 1);
+    ck_assert_uint_eq(tc_commit(&c, 1), tc_last(&c, 1));
     tc_free(&c);
 }
 END_TEST
@@ -1512,6 +1587,8 @@ static Suite *raft_suite(void)
     tcase_add_test(tc, test_stale_responses_after_term_change);
     tcase_add_test(tc, test_snapshot_onto_conflicting_log);
     tcase_add_test(tc, test_duplicate_append_keeps_log);
+    tcase_add_test(tc, test_step_take_moves_entry_bytes);
+    tcase_add_test(tc, test_propose_take);
     tcase_add_test(tc, test_conf_codec);
     tcase_add_test(tc, test_codec_roundtrip);
     tcase_add_test(tc, test_api_errors);

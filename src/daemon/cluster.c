@@ -271,7 +271,22 @@ static void cluster_send_msg(struct cluster *c, const struct raft_msg *m)
         return;
     }
     enum net_class cls = c->txbuf.len <= NET_FRAME_MAX_PAYLOAD ? NET_CLASS_CONTROL : NET_CLASS_BULK;
-    int rc = net_send(c->net, m->to, cls, CLUSTER_MSG_RAFT, c->txbuf.data, c->txbuf.len);
+    /* Appends and forwarded proposals must keep their order: a small one
+     * that overtook big ones still queued (an empty append carrying the
+     * commit index, a PUT behind its CHUNKS) is rejected or skipped, and
+     * everything after it is sent again. */
+    if (cls == NET_CLASS_CONTROL && (m->type == RAFT_MSG_APP || m->type == RAFT_MSG_PROP) &&
+        net_peer_bulk_queued(c->net, m->to) > 0)
+        cls = NET_CLASS_BULK;
+    int rc;
+    if (cls == NET_CLASS_BULK) {
+        /* a big message is handed over, not copied once more */
+        size_t len = 0;
+        uint8_t *p = buf_steal(&c->txbuf, &len);
+        rc = net_send_take(c->net, m->to, cls, CLUSTER_MSG_RAFT, p, len);
+    } else {
+        rc = net_send(c->net, m->to, cls, CLUSTER_MSG_RAFT, c->txbuf.data, c->txbuf.len);
+    }
     if (rc < 0 && rc != -ENOTCONN && rc != -ENOENT)
         log_debug("send %s to %016" PRIx64 ": %s", raft_msg_type_name(m->type), m->to,
                   strerror(-rc));
@@ -369,6 +384,9 @@ static void cluster_persist(struct cluster *c)
         free(offs);
         b.entries = ents;
         b.n_entries = n_ents;
+        /* entbuf is not touched again before this batch completes: the next
+         * ready (the only other user) comes after raft_advance() */
+        b.borrow_entries = true;
         if (re[0].index <= c->stored_last)
             b.truncate_from = re[0].index;
     }
@@ -592,8 +610,10 @@ static void cluster_inq_clear(struct cluster *c)
 static void cluster_propq_feed(struct cluster *c)
 {
     for (size_t i = 0; i < c->propq_n; i++) {
-        const struct cluster_prop *q = &c->propq[i];
-        int rc = raft_propose(c->raft, q->client_id, q->seq, q->data, q->len, NULL);
+        struct cluster_prop *q = &c->propq[i];
+        int rc = raft_propose_take(c->raft, q->client_id, q->seq, q->data, q->len, NULL);
+        if (rc == 0)
+            q->data = NULL; /* the core's now */
         if (rc < 0) {
             log_debug("queued proposal seq %" PRIu64 " refused: %s (%zu dropped)", q->seq,
                       strerror(-rc), c->propq_n - i);
@@ -640,7 +660,7 @@ static void cluster_on_raft_frame(struct cluster *c, uint64_t from, const uint8_
         c->inq_bytes += len;
         return;
     }
-    raft_step(c->raft, &m);
+    raft_step_take(c->raft, &m);
     raft_msg_clear(&m);
     cluster_schedule(c);
 }
@@ -710,7 +730,7 @@ static void cluster_on_process(evutil_socket_t fd, short what, void *arg)
         return;
     }
     for (size_t i = 0; i < c->inq_n; i++)
-        raft_step(c->raft, &c->inq[i]);
+        raft_step_take(c->raft, &c->inq[i]);
     cluster_propq_feed(c); /* after what peers sent meanwhile (a new leader) */
     cluster_inq_clear(c);
     for (; c->ticks_pending > 0; c->ticks_pending--)

@@ -54,18 +54,25 @@ void fsm_chunker_free(struct fsm_chunker *c)
     c->buf = NULL;
 }
 
-static int emit(struct fsm_chunker *c)
+/* Emits the chunk of c->len bytes at data (c->buf, or the caller's input
+ * when the whole chunk lies in it). */
+static int emit_from(struct fsm_chunker *c, const uint8_t *data)
 {
     struct fsm_chunk ch;
-    if (fsm_sha256(c->buf, c->len, ch.id) < 0)
+    if (fsm_sha256(data, c->len, ch.id) < 0)
         return -EIO;
     ch.offset = c->offset;
     ch.len = c->len;
-    ch.data = c->buf;
+    ch.data = data;
     c->offset += c->len;
     c->len = 0;
     c->hash = 0;
     return c->fn(c->arg, &ch);
+}
+
+static int emit(struct fsm_chunker *c)
+{
+    return emit_from(c, c->buf);
 }
 
 /*
@@ -118,7 +125,18 @@ int fsm_chunker_feed(struct fsm_chunker *c, const void *p, size_t n)
     const uint8_t *q = p;
     while (n > 0) {
         bool cut;
+        bool whole = c->len == 0; /* a chunk starting in this input */
         size_t k = scan(c, q, n, &cut);
+        if (cut && whole) {
+            /* it ends in it too: hashed and handed on in place, not copied */
+            c->len = (uint32_t)k;
+            int rc = emit_from(c, q);
+            if (rc != 0)
+                return rc;
+            q += k;
+            n -= k;
+            continue;
+        }
         memcpy(c->buf + c->len, q, k);
         c->len += (uint32_t)k;
         q += k;

@@ -36,7 +36,8 @@
 #define FSM_CHUNK_AVG       (64u * 1024u)
 #define FSM_CHUNK_MAX       FSM_CHUNK_MAX_LEN /* 256 KiB */
 
-/* One chunk as it is emitted. data points into the chunker's buffer and is
+/* One chunk as it is emitted. data points into the chunker's buffer, or into
+ * the input of fsm_chunker_feed() when the chunk lies wholly in it, and is
  * valid only during the callback. */
 struct fsm_chunk {
     uint8_t id[FSM_CHUNK_ID_LEN]; /* SHA-256 of data */

@@ -49,13 +49,20 @@
 #define NET_DEF_MAX_PENDING   16
 #define NET_ACCEPT_RETRY_MS   1000
 #define NET_HS_WARN_MS        10000
+/* Bulk fragments over this size are reassembled straight from the input
+ * buffer (conn_on_bulk_fragment). */
+#define NET_BULK_DIRECT_MIN (16u * 1024u)
 
+/* A queued bulk message. Its frames are handed to the output buffer by
+ * reference (evbuffer_add_reference), not copied: the message lives until the
+ * queue and every frame still in an output buffer let go of it. */
 struct net_bulk_msg {
     struct net_bulk_msg *next;
     uint8_t type;
+    unsigned refs; /* the queue's, plus one per frame in an output buffer */
     size_t len;
-    size_t off; /* bytes already handed to the active connection */
-    uint8_t data[];
+    size_t off;    /* bytes already handed to the active connection */
+    uint8_t *data; /* owned */
 };
 
 struct net_seed;
@@ -211,12 +218,38 @@ static void net_reap(evutil_socket_t fd, short what, void *arg)
     }
 }
 
+static void bulk_unref(struct net_bulk_msg *m)
+{
+    assert(m->refs > 0);
+    if (--m->refs > 0)
+        return;
+    free(m->data);
+    free(m);
+}
+
+/* evbuffer cleanup of a bulk frame added by reference: it was written (or its
+ * connection freed). */
+static void bulk_frame_done(const void *data, size_t len, void *arg)
+{
+    (void)data;
+    (void)len;
+    bulk_unref(arg);
+}
+
+/* evbuffer cleanup of a control message handed over with net_send_take(). */
+static void taken_frame_done(const void *data, size_t len, void *arg)
+{
+    (void)len;
+    (void)arg;
+    free((void *)(uintptr_t)data);
+}
+
 static void peer_bulk_clear(struct net_peer *peer)
 {
     while (peer->bulk_head != NULL) {
         struct net_bulk_msg *m = peer->bulk_head;
         peer->bulk_head = m->next;
-        free(m);
+        bulk_unref(m);
     }
     peer->bulk_tail = NULL;
     peer->bulk_bytes = 0;
@@ -313,33 +346,66 @@ static void conn_close(struct net_conn *conn, enum log_level level, const char *
         net->cfg.cb.on_peer_state(net->cfg.cb_arg, down_id, false);
 }
 
-static void conn_tag(EVP_MAC_CTX *ctx, uint64_t seq, const uint8_t *hdr, const uint8_t *p,
-                     size_t len, uint8_t out[32])
+/* A frame's tag: HMAC over u64 seq || header || payload, the payload fed in
+ * pieces (tag_update) between tag_begin and tag_end. */
+static void tag_begin(EVP_MAC_CTX *ctx, uint64_t seq, const uint8_t *hdr)
 {
     uint8_t s[8];
-    size_t outl = 0;
     pb_store_u64(s, seq);
     if (EVP_MAC_init(ctx, NULL, 0, NULL) != 1 || EVP_MAC_update(ctx, s, sizeof(s)) != 1 ||
-        EVP_MAC_update(ctx, hdr, NET_FRAME_HDR_LEN) != 1 ||
-        (len > 0 && EVP_MAC_update(ctx, p, len) != 1) || EVP_MAC_final(ctx, out, &outl, 32) != 1)
+        EVP_MAC_update(ctx, hdr, NET_FRAME_HDR_LEN) != 1)
         net_crypto_failed();
 }
 
-/* Appends one frame to conn's output; tagged once authenticated. */
-static void conn_write_frame(struct net_conn *conn, uint8_t type, uint8_t flags, const void *data,
-                             size_t len)
+static void tag_update(EVP_MAC_CTX *ctx, const void *p, size_t len)
+{
+    if (len > 0 && EVP_MAC_update(ctx, p, len) != 1)
+        net_crypto_failed();
+}
+
+static void tag_end(EVP_MAC_CTX *ctx, uint8_t out[32])
+{
+    size_t outl = 0;
+    if (EVP_MAC_final(ctx, out, &outl, 32) != 1)
+        net_crypto_failed();
+}
+
+static void conn_tag(EVP_MAC_CTX *ctx, uint64_t seq, const uint8_t *hdr, const uint8_t *p,
+                     size_t len, uint8_t out[32])
+{
+    tag_begin(ctx, seq, hdr);
+    tag_update(ctx, p, len);
+    tag_end(ctx, out);
+}
+
+/* Appends one frame to conn's output; tagged once authenticated. The payload
+ * is copied, or, with a cleanup function, added by reference: cleanup(data,
+ * len, arg) runs once the output buffer no longer needs it. */
+static void conn_write_frame_ref(struct net_conn *conn, uint8_t type, uint8_t flags,
+                                 const void *data, size_t len,
+                                 void (*cleanup)(const void *, size_t, void *), void *arg)
 {
     uint8_t hdr[NET_FRAME_HDR_LEN];
+    uint8_t tag[32];
     struct evbuffer *out = bufferevent_get_output(conn->bev);
     assert(len <= NET_FRAME_MAX_PAYLOAD);
     net_frame_encode_header(hdr, type, flags, (uint32_t)len);
-    evbuffer_add(out, hdr, sizeof(hdr));
-    if (len > 0)
-        evbuffer_add(out, data, len);
     size_t total = sizeof(hdr) + len;
-    if (conn->authed) {
-        uint8_t tag[32];
+    /* the tag first: a payload added by reference may go at any time after */
+    if (conn->authed)
         conn_tag(conn->mac_send, conn->seq_send++, hdr, data, len, tag);
+    evbuffer_add(out, hdr, sizeof(hdr));
+    if (len > 0 && cleanup != NULL) {
+        if (evbuffer_add_reference(out, data, len, cleanup, arg) != 0) {
+            log_err("net: out of memory for an output buffer");
+            abort();
+        }
+    } else if (len > 0) {
+        evbuffer_add(out, data, len);
+    } else if (cleanup != NULL) {
+        cleanup(data, len, arg);
+    }
+    if (conn->authed) {
         evbuffer_add(out, tag, NET_FRAME_TAG_LEN);
         total += NET_FRAME_TAG_LEN;
     }
@@ -347,6 +413,12 @@ static void conn_write_frame(struct net_conn *conn, uint8_t type, uint8_t flags,
         conn->peer->st.bytes_sent += total;
         conn->peer->st.frames_sent++;
     }
+}
+
+static void conn_write_frame(struct net_conn *conn, uint8_t type, uint8_t flags, const void *data,
+                             size_t len)
+{
+    conn_write_frame_ref(conn, type, flags, data, len, NULL, NULL);
 }
 
 static EVP_MAC_CTX *conn_mac_new(struct net *net, const uint8_t key[NET_KEY_LEN])
@@ -491,6 +563,53 @@ static void conn_deliver(struct net_conn *conn, uint8_t type, const uint8_t *p, 
         net->cfg.cb.on_frame(net->cfg.cb_arg, conn->hs.peer_id, type, p, len);
 }
 
+/* A frame whose tag verified: counts it; false if it is not to be delivered
+ * (the peer was removed or partitioned, or a protocol error closed conn). */
+static bool conn_frame_admit(struct net_conn *conn, uint8_t type, size_t len)
+{
+    /* A retired link still delivers what the peer sent on it before it
+     * switched; nothing once the peer was removed or partitioned. */
+    struct net_peer *peer = conn->peer ? conn->peer : net_find(conn->net, conn->hs.peer_id);
+    if (peer == NULL || peer->partitioned)
+        return false;
+    peer->st.bytes_recv += NET_FRAME_HDR_LEN + len + NET_FRAME_TAG_LEN;
+    peer->st.frames_recv++;
+    peer->st.last_contact_ms = pb_now_ms();
+    if (type < NET_FRAME_USER_MIN) {
+        conn_proto_error(conn, "handshake frame after authentication");
+        return false;
+    }
+    return true;
+}
+
+/* A bulk fragment of len bytes is to be appended to the message being
+ * reassembled (starting one if none is); false after a protocol error. */
+static bool conn_bulk_room(struct net_conn *conn, uint8_t type, size_t len)
+{
+    if (!conn->rx_bulk_active) {
+        conn->rx_bulk_active = true;
+        conn->rx_bulk_type = type;
+        buf_reset(&conn->rx_bulk);
+    } else if (type != conn->rx_bulk_type) {
+        conn_proto_error(conn, "bulk fragment of another type");
+        return false;
+    }
+    if (conn->rx_bulk.len + len > NET_MSG_MAX) {
+        conn_proto_error(conn, "bulk message over the size limit");
+        return false;
+    }
+    return true;
+}
+
+/* The last fragment of a bulk message arrived: deliver it. */
+static void conn_bulk_done(struct net_conn *conn)
+{
+    conn->rx_bulk_active = false;
+    conn_deliver(conn, conn->rx_bulk_type, conn->rx_bulk.data, conn->rx_bulk.len);
+    if (!conn->closing && conn->rx_bulk.cap > 2 * NET_BULK_FRAME)
+        buf_free(&conn->rx_bulk); /* don't pin megabytes per idle link */
+}
+
 /* One frame on an authenticated link. */
 static void conn_on_frame(struct net_conn *conn, const struct net_frame *f)
 {
@@ -500,45 +619,82 @@ static void conn_on_frame(struct net_conn *conn, const struct net_frame *f)
         conn_proto_error(conn, "frame tag mismatch (corrupted or injected data)");
         return;
     }
-    /* A retired link still delivers what the peer sent on it before it
-     * switched; nothing once the peer was removed or partitioned. */
-    struct net_peer *peer = conn->peer ? conn->peer : net_find(conn->net, conn->hs.peer_id);
-    if (peer == NULL || peer->partitioned)
+    if (!conn_frame_admit(conn, f->type, f->len))
         return;
-    peer->st.bytes_recv += NET_FRAME_HDR_LEN + f->len + NET_FRAME_TAG_LEN;
-    peer->st.frames_recv++;
-    peer->st.last_contact_ms = pb_now_ms();
-    if (f->type < NET_FRAME_USER_MIN) {
-        conn_proto_error(conn, "handshake frame after authentication");
-        return;
-    }
-    if (!(f->flags & NET_FRAME_F_BULK)) {
+    if (!(f->flags & NET_FRAME_F_BULK) ||
+        (!conn->rx_bulk_active && !(f->flags & NET_FRAME_F_MORE))) {
         conn_deliver(conn, f->type, f->payload, f->len);
         return;
     }
-    if (!conn->rx_bulk_active) {
-        if (!(f->flags & NET_FRAME_F_MORE)) {
-            conn_deliver(conn, f->type, f->payload, f->len);
+    if (!conn_bulk_room(conn, f->type, f->len))
+        return;
+    buf_put(&conn->rx_bulk, f->payload, f->len);
+    if (!(f->flags & NET_FRAME_F_MORE))
+        conn_bulk_done(conn);
+}
+
+/*
+ * A complete fragment of a multi-frame bulk message, still in the input
+ * buffer (hdr: its valid header, len: its payload). Its tag is computed over
+ * the buffer's chains in place and the payload is copied once, straight into
+ * the message being reassembled: conn_on_frame() needs it contiguous, which
+ * costs evbuffer_pullup() a copy of every big frame first. Drains the frame.
+ */
+static void conn_on_bulk_fragment(struct net_conn *conn, struct evbuffer *in, const uint8_t *hdr,
+                                  size_t len)
+{
+    uint8_t h[NET_FRAME_HDR_LEN];
+    uint8_t want[NET_FRAME_TAG_LEN];
+    uint8_t tag[32];
+    struct evbuffer_ptr pos;
+    memcpy(h, hdr, sizeof(h)); /* hdr points into in */
+    uint8_t type = h[2], flags = h[3];
+    if (evbuffer_ptr_set(in, &pos, NET_FRAME_HDR_LEN + len, EVBUFFER_PTR_SET) != 0 ||
+        evbuffer_copyout_from(in, &pos, want, sizeof(want)) != (ev_ssize_t)sizeof(want)) {
+        conn_proto_error(conn, "short frame");
+        return;
+    }
+    tag_begin(conn->mac_recv, conn->seq_recv++, h);
+    size_t done = 0;
+    while (done < len) {
+        struct evbuffer_iovec v[16];
+        if (evbuffer_ptr_set(in, &pos, NET_FRAME_HDR_LEN + done, EVBUFFER_PTR_SET) != 0) {
+            conn_proto_error(conn, "short frame");
             return;
         }
-        conn->rx_bulk_active = true;
-        conn->rx_bulk_type = f->type;
-        buf_reset(&conn->rx_bulk);
-    } else if (f->type != conn->rx_bulk_type) {
-        conn_proto_error(conn, "bulk fragment of another type");
+        int n = evbuffer_peek(in, (ev_ssize_t)(len - done), &pos, v, 16);
+        if (n <= 0) {
+            conn_proto_error(conn, "short frame");
+            return;
+        }
+        for (int i = 0; i < n && i < 16 && done < len; i++) {
+            size_t k = PB_MIN(v[i].iov_len, len - done);
+            tag_update(conn->mac_recv, v[i].iov_base, k);
+            done += k;
+        }
+    }
+    tag_end(conn->mac_recv, tag);
+    if (CRYPTO_memcmp(tag, want, NET_FRAME_TAG_LEN) != 0) {
+        conn_proto_error(conn, "frame tag mismatch (corrupted or injected data)");
         return;
     }
-    if (conn->rx_bulk.len + f->len > NET_MSG_MAX) {
-        conn_proto_error(conn, "bulk message over the size limit");
+    bool deliver = conn_frame_admit(conn, type, len) && conn_bulk_room(conn, type, len);
+    if (conn->closing)
         return;
+    evbuffer_drain(in, NET_FRAME_HDR_LEN);
+    if (deliver) {
+        uint8_t *dst = buf_reserve(&conn->rx_bulk, len);
+        if (evbuffer_remove(in, dst, len) != (int)len) {
+            conn_proto_error(conn, "short frame");
+            return;
+        }
+        conn->rx_bulk.len += len;
+    } else {
+        evbuffer_drain(in, len);
     }
-    buf_put(&conn->rx_bulk, f->payload, f->len);
-    if (f->flags & NET_FRAME_F_MORE)
-        return;
-    conn->rx_bulk_active = false;
-    conn_deliver(conn, f->type, conn->rx_bulk.data, conn->rx_bulk.len);
-    if (!conn->closing && conn->rx_bulk.cap > 2 * NET_BULK_FRAME)
-        buf_free(&conn->rx_bulk); /* don't pin megabytes per idle link */
+    evbuffer_drain(in, NET_FRAME_TAG_LEN);
+    if (deliver && !(flags & NET_FRAME_F_MORE))
+        conn_bulk_done(conn);
 }
 
 /* One frame during the handshake. */
@@ -592,6 +748,15 @@ static void conn_read_cb(struct bufferevent *bev, void *arg)
             return;
         long r = net_frame_decode(evbuffer_pullup(in, NET_FRAME_HDR_LEN), NET_FRAME_HDR_LEN, maxp,
                                   tag_len, &f, &need, &err);
+        if (r == 0 && n >= need && conn->authed && need > NET_BULK_DIRECT_MIN) {
+            /* the header is valid (net_frame_decode checked it) */
+            const uint8_t *hdr = evbuffer_pullup(in, NET_FRAME_HDR_LEN);
+            if ((hdr[3] & NET_FRAME_F_BULK) &&
+                (conn->rx_bulk_active || (hdr[3] & NET_FRAME_F_MORE))) {
+                conn_on_bulk_fragment(conn, in, hdr, need - NET_FRAME_HDR_LEN - tag_len);
+                continue;
+            }
+        }
         if (r == 0 && n >= need)
             r = net_frame_decode(evbuffer_pullup(in, (ssize_t)need), need, maxp, tag_len, &f, &need,
                                  &err);
@@ -847,14 +1012,15 @@ static void peer_pump(struct net_peer *peer, bool may_drain)
         uint8_t flags = NET_FRAME_F_BULK;
         if (m->off + chunk < m->len)
             flags |= NET_FRAME_F_MORE;
-        conn_write_frame(conn, m->type, flags, m->data + m->off, chunk);
+        m->refs++;
+        conn_write_frame_ref(conn, m->type, flags, m->data + m->off, chunk, bulk_frame_done, m);
         m->off += chunk;
         if (m->off == m->len) {
             peer->bulk_head = m->next;
             if (peer->bulk_head == NULL)
                 peer->bulk_tail = NULL;
             peer->bulk_bytes -= m->len;
-            free(m);
+            bulk_unref(m);
             popped = true;
         }
     }
@@ -1204,8 +1370,10 @@ int net_peer_remove(struct net *net, uint64_t node_id)
     return 0;
 }
 
-int net_send(struct net *net, uint64_t node_id, enum net_class cls, uint8_t type, const void *data,
-             size_t len)
+/* Checks and queues one message; takes data (malloc()ed) when take, else
+ * copies it. */
+static int net_send_common(struct net *net, uint64_t node_id, enum net_class cls, uint8_t type,
+                           const void *data, size_t len, bool take)
 {
     if (type < NET_FRAME_USER_MIN || (cls != NET_CLASS_CONTROL && cls != NET_CLASS_BULK))
         return -EINVAL;
@@ -1229,20 +1397,29 @@ int net_send(struct net *net, uint64_t node_id, enum net_class cls, uint8_t type
         if (evbuffer_get_length(bufferevent_get_output(conn->bev)) + len >
             net->cfg.control_queue_max)
             return -ENOBUFS;
-        conn_write_frame(conn, type, 0, data, len);
+        if (take)
+            conn_write_frame_ref(conn, type, 0, data, len, taken_frame_done, NULL);
+        else
+            conn_write_frame(conn, type, 0, data, len);
         return 0;
     }
     if (peer->bulk_bytes + len > net->cfg.bulk_queue_max) {
         peer->want_drain = true;
         return -ENOBUFS;
     }
-    struct net_bulk_msg *m = pb_xmalloc(sizeof(*m) + len);
+    struct net_bulk_msg *m = pb_xmalloc(sizeof(*m));
     m->next = NULL;
     m->type = type;
+    m->refs = 1;
     m->len = len;
     m->off = 0;
-    if (len > 0)
-        memcpy(m->data, data, len);
+    if (take) {
+        m->data = (uint8_t *)(uintptr_t)data;
+    } else {
+        m->data = len > 0 ? pb_xmalloc(len) : NULL;
+        if (len > 0)
+            memcpy(m->data, data, len);
+    }
     if (peer->bulk_tail != NULL)
         peer->bulk_tail->next = m;
     else
@@ -1251,6 +1428,21 @@ int net_send(struct net *net, uint64_t node_id, enum net_class cls, uint8_t type
     peer->bulk_bytes += len;
     peer_pump(peer, false);
     return 0;
+}
+
+int net_send(struct net *net, uint64_t node_id, enum net_class cls, uint8_t type, const void *data,
+             size_t len)
+{
+    return net_send_common(net, node_id, cls, type, data, len, false);
+}
+
+int net_send_take(struct net *net, uint64_t node_id, enum net_class cls, uint8_t type, void *data,
+                  size_t len)
+{
+    int rc = net_send_common(net, node_id, cls, type, data, len, true);
+    if (rc < 0)
+        free(data);
+    return rc;
 }
 
 int net_set_partition(struct net *net, uint64_t node_id, bool partitioned)
@@ -1291,6 +1483,12 @@ int net_peer_stats(const struct net *net, uint64_t node_id, struct net_peer_stat
     out->out_queued =
             peer->conn != NULL ? evbuffer_get_length(bufferevent_get_output(peer->conn->bev)) : 0;
     return 0;
+}
+
+size_t net_peer_bulk_queued(const struct net *net, uint64_t node_id)
+{
+    const struct net_peer *peer = net_find(net, node_id);
+    return peer != NULL ? peer->bulk_bytes : 0;
 }
 
 size_t net_peer_ids(const struct net *net, uint64_t *ids, size_t max)

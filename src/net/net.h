@@ -172,6 +172,15 @@ int net_send(struct net *net, uint64_t node_id, enum net_class cls, uint8_t type
              size_t len);
 
 /*
+ * net_send() without the copy: takes data, which must come from malloc(), and
+ * frees it on every path (at once when an error is returned). The frames are
+ * handed to the socket by reference, so a big message is never copied inside
+ * the transport. Same errors as net_send().
+ */
+int net_send_take(struct net *net, uint64_t node_id, enum net_class cls, uint8_t type, void *data,
+                  size_t len);
+
+/*
  * Fault injection for tests: while partitioned, the link to node_id is
  * closed, not redialed, and its inbound connections are refused during the
  * handshake, so no traffic flows either way. Healing redials at once.
@@ -182,6 +191,11 @@ int net_set_partition(struct net *net, uint64_t node_id, bool partitioned);
 
 /* Fills *out for node_id. Returns 0 or -ENOENT. */
 int net_peer_stats(const struct net *net, uint64_t node_id, struct net_peer_stats *out);
+
+/* Bytes of bulk messages queued for node_id and not yet wholly handed to its
+ * link (0 for an unknown peer). A control message sent while this is not 0
+ * may arrive before them: send it as bulk to keep it behind them. */
+size_t net_peer_bulk_queued(const struct net *net, uint64_t node_id);
 
 /* Copies up to max peer ids into ids; returns the number of peers. */
 size_t net_peer_ids(const struct net *net, uint64_t *ids, size_t max);

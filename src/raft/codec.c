@@ -76,6 +76,12 @@ int raft_msg_encode(const struct raft_msg *m, struct buf *b)
         m->snap.conf_len > CONF_MAX_BYTES || (m->snap.conf_len > 0 && m->snap.conf == NULL))
         return -EINVAL;
     size_t start = b->len;
+    /* one allocation for the whole message (an append of megabytes would
+     * otherwise grow, and copy, the buffer several times) */
+    size_t need = 4 + 8 * 8 + 4 + 8 * 3 + 4 + m->snap.conf_len + 8 + 4 + m->len;
+    for (size_t i = 0; i < m->n_entries; i++)
+        need += ENTRY_MIN_BYTES + PB_MIN(m->entries[i].len, (size_t)RAFT_CODEC_MAX_DATA);
+    buf_reserve(b, need);
     buf_put_u8(b, RAFT_CODEC_VERSION);
     buf_put_u8(b, m->type);
     buf_put_u8(b, m->flags);

@@ -71,6 +71,9 @@ struct raft {
     uint64_t term;
     uint64_t vote;
 
+    /* the message raft_step_take() is stepping (its entry bytes may be taken) */
+    struct raft_msg *take;
+
     /* log: ents[0] has index first; term of first-1 is prev_term */
     struct raft_entry *ents;
     size_t n_ents, cap_ents;
@@ -172,7 +175,8 @@ static uint8_t *dup_bytes(const void *p, size_t n)
     return q;
 }
 
-static void log_append_copy(struct raft *r, const struct raft_entry *e)
+/* Appends e's fields; the caller sets data. */
+static struct raft_entry *log_push(struct raft *r, const struct raft_entry *e)
 {
     if (r->n_ents == r->cap_ents) {
         r->cap_ents = r->cap_ents ? r->cap_ents * 2 : 64;
@@ -180,7 +184,30 @@ static void log_append_copy(struct raft *r, const struct raft_entry *e)
     }
     struct raft_entry *d = &r->ents[r->n_ents++];
     *d = *e;
-    d->data = dup_bytes(e->data, e->len);
+    d->data = NULL;
+    return d;
+}
+
+static void log_append_copy(struct raft *r, const struct raft_entry *e)
+{
+    log_push(r, e)->data = dup_bytes(e->data, e->len);
+}
+
+/* The bytes of entry i of m, taken (the message's pointer cleared) when m
+ * was handed over with raft_step_take(), else a copy. */
+static uint8_t *msg_entry_bytes(struct raft *r, const struct raft_msg *m, size_t i)
+{
+    if (r->take != m)
+        return dup_bytes(m->entries[i].data, m->entries[i].len);
+    uint8_t *d = r->take->entries[i].data;
+    r->take->entries[i].data = NULL;
+    return d;
+}
+
+static void log_append_msg_entry(struct raft *r, const struct raft_msg *m, size_t i)
+{
+    struct raft_entry *d = log_push(r, &m->entries[i]);
+    d->data = msg_entry_bytes(r, m, i);
 }
 
 /* Drops entries >= index. */
@@ -490,8 +517,9 @@ static void become_follower(struct raft *r, uint64_t term, uint64_t lead)
     r->lead = lead;
 }
 
-static void append_local(struct raft *r, uint8_t type, uint64_t client_id, uint64_t seq,
-                         const void *data, size_t len)
+/* Appends a new entry of this term holding data (owned from now on). */
+static void append_local_owned(struct raft *r, uint8_t type, uint64_t client_id, uint64_t seq,
+                               uint8_t *data, size_t len)
 {
     struct raft_entry e = {
             .term = r->term,
@@ -499,16 +527,21 @@ static void append_local(struct raft *r, uint8_t type, uint64_t client_id, uint6
             .client_id = client_id,
             .seq = seq,
             .type = type,
-            .data = (uint8_t *)(uintptr_t)data,
             .len = len,
     };
-    log_append_copy(r, &e);
+    log_push(r, &e)->data = data;
     r->uncommitted_bytes += len;
     if (type == RAFT_ENTRY_CONF) {
         conf_refresh(r);
         r->pending_conf_index = e.index;
     }
     r->bcast_pending = true;
+}
+
+static void append_local(struct raft *r, uint8_t type, uint64_t client_id, uint64_t seq,
+                         const void *data, size_t len)
+{
+    append_local_owned(r, type, client_id, seq, dup_bytes(data, len), len);
 }
 
 static void become_leader(struct raft *r)
@@ -915,7 +948,8 @@ static int leader_append_props(struct raft *r, const struct raft_msg *m)
             return -EINVAL;
         if (r->uncommitted_bytes + e->len > r->cfg.max_uncommitted_bytes)
             return -ENOBUFS;
-        append_local(r, RAFT_ENTRY_NORMAL, e->client_id, e->seq, e->data, e->len);
+        append_local_owned(r, RAFT_ENTRY_NORMAL, e->client_id, e->seq, msg_entry_bytes(r, m, i),
+                           e->len);
     }
     return 0;
 }
@@ -1008,7 +1042,7 @@ static void handle_append(struct raft *r, const struct raft_msg *m)
             }
             for (; i < m->n_entries; i++) {
                 conf_changed |= m->entries[i].type == RAFT_ENTRY_CONF;
-                log_append_copy(r, &m->entries[i]);
+                log_append_msg_entry(r, m, i);
             }
         }
         if (conf_changed)
@@ -1145,7 +1179,10 @@ static void handle_snapshot(struct raft *r, const struct raft_msg *m)
 
 #define RAFT_PROP_MAX_HOPS 2
 
-static void forward_props(struct raft *r, const struct raft_entry *ents, size_t n, uint64_t hops)
+/* Forwards proposals to the leader; their bytes are copied, or taken when
+ * take (n must then be 1). */
+static void forward_props_take(struct raft *r, const struct raft_entry *ents, size_t n,
+                               uint64_t hops, bool take)
 {
     if (n == 0)
         return;
@@ -1158,9 +1195,14 @@ static void forward_props(struct raft *r, const struct raft_entry *ents, size_t 
         m->entries[i].client_id = ents[i].client_id;
         m->entries[i].seq = ents[i].seq;
         m->entries[i].type = RAFT_ENTRY_NORMAL;
-        m->entries[i].data = dup_bytes(ents[i].data, ents[i].len);
+        m->entries[i].data = take ? ents[i].data : dup_bytes(ents[i].data, ents[i].len);
         m->entries[i].len = ents[i].data != NULL ? ents[i].len : 0;
     }
+}
+
+static void forward_props(struct raft *r, const struct raft_entry *ents, size_t n, uint64_t hops)
+{
+    forward_props_take(r, ents, n, hops, false);
 }
 
 static void step_follower(struct raft *r, const struct raft_msg *m)
@@ -1533,8 +1575,18 @@ int raft_step(struct raft *r, const struct raft_msg *m)
     return 0;
 }
 
-int raft_propose(struct raft *r, uint64_t client_id, uint64_t seq, const void *data, size_t len,
-                 uint64_t *index)
+int raft_step_take(struct raft *r, struct raft_msg *m)
+{
+    r->take = m;
+    int rc = raft_step(r, m);
+    r->take = NULL;
+    return rc;
+}
+
+/* raft_propose() and raft_propose_take(): data is taken (on success only)
+ * when take, else copied. */
+static int propose(struct raft *r, uint64_t client_id, uint64_t seq, const void *data, size_t len,
+                   uint64_t *index, bool take)
 {
     if (index != NULL)
         *index = 0;
@@ -1542,22 +1594,35 @@ int raft_propose(struct raft *r, uint64_t client_id, uint64_t seq, const void *d
         return -EBUSY;
     if (len > 0 && data == NULL)
         return -EINVAL;
+    uint8_t *owned = (uint8_t *)(uintptr_t)data;
     if (r->role == RAFT_LEADER) {
         if (r->transferee != RAFT_NONE)
             return -EBUSY;
         if (r->uncommitted_bytes + len > r->cfg.max_uncommitted_bytes)
             return -ENOBUFS;
-        append_local(r, RAFT_ENTRY_NORMAL, client_id, seq, data, len);
+        append_local_owned(r, RAFT_ENTRY_NORMAL, client_id, seq,
+                           take ? owned : dup_bytes(data, len), len);
         if (index != NULL)
             *index = last_index(r);
         return 0;
     }
     if (r->role != RAFT_FOLLOWER || r->lead == RAFT_NONE)
         return -EAGAIN;
-    struct raft_entry e = {
-            .client_id = client_id, .seq = seq, .data = (uint8_t *)(uintptr_t)data, .len = len};
-    forward_props(r, &e, 1, 0);
+    struct raft_entry e = {.client_id = client_id, .seq = seq, .data = owned, .len = len};
+    forward_props_take(r, &e, 1, 0, take);
     return 0;
+}
+
+int raft_propose(struct raft *r, uint64_t client_id, uint64_t seq, const void *data, size_t len,
+                 uint64_t *index)
+{
+    return propose(r, client_id, seq, data, len, index, false);
+}
+
+int raft_propose_take(struct raft *r, uint64_t client_id, uint64_t seq, void *data, size_t len,
+                      uint64_t *index)
+{
+    return propose(r, client_id, seq, data, len, index, true);
 }
 
 int raft_change_conf(struct raft *r, enum raft_conf_change type, uint64_t id, const void *ctx,

@@ -320,6 +320,12 @@ int raft_tick(struct raft *r);
  * dropped with 0; they never crash the core. */
 int raft_step(struct raft *r, const struct raft_msg *m);
 
+/* raft_step() for a message that owns its buffers the way raft_msg_decode()
+ * leaves them (every entry's data from malloc()): the entry bytes the core
+ * keeps in its log are taken instead of copied, their pointers in m set to
+ * NULL. Free m with raft_msg_clear() as usual. */
+int raft_step_take(struct raft *r, struct raft_msg *m);
+
 /* Proposes a command (data copied). On the leader *index gets its log
  * index; on a follower the proposal is forwarded to the known leader and
  * *index is 0 (it may be lost: retry with the same client_id/seq).
@@ -327,6 +333,10 @@ int raft_step(struct raft *r, const struct raft_msg *m);
  * -ENOBUFS too many uncommitted bytes. index may be NULL. */
 int raft_propose(struct raft *r, uint64_t client_id, uint64_t seq, const void *data, size_t len,
                  uint64_t *index);
+/* raft_propose() without the copy: on success (0) data, which must come
+ * from malloc(), belongs to the core; on an error it stays the caller's. */
+int raft_propose_take(struct raft *r, uint64_t client_id, uint64_t seq, void *data, size_t len,
+                      uint64_t *index);
 
 enum raft_conf_change {
     RAFT_CONF_ADD_LEARNER = 1,

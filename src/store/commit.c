@@ -823,7 +823,8 @@ int store_submit(struct store *s, const struct store_batch *b, uint64_t *seq)
             return -EINVAL;
         if (e->len > STORE_MAX_BLOB)
             return -E2BIG;
-        bytes += e->len;
+        if (!b->borrow_entries)
+            bytes += e->len;
     }
     if (b->hard_state && too_big(b->hard_state->term))
         return -EINVAL;
@@ -856,6 +857,8 @@ int store_submit(struct store *s, const struct store_batch *b, uint64_t *seq)
         p->n_entries = b->n_entries;
         for (size_t i = 0; i < b->n_entries; i++) {
             p->entries[i] = b->entries[i];
+            if (b->borrow_entries)
+                continue; /* the owner keeps them until the completion */
             p->entries[i].data = m;
             if (b->entries[i].len)
                 memcpy(m, b->entries[i].data, b->entries[i].len);

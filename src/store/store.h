@@ -57,7 +57,8 @@ struct store;
 #define STORE_MAX_BLOB (64u << 20)
 
 /* A log entry. For store_submit() data is read-only and only borrowed for the
- * duration of the call (the store copies it). In results it is owned by the
+ * duration of the call (the store copies it; but see borrow_entries in struct
+ * store_batch). In results it is owned by the
  * enclosing struct store_entries / struct store_state. */
 struct store_entry {
     uint64_t index;
@@ -132,6 +133,11 @@ struct store_batch {
     uint64_t truncate_from;
     const struct store_entry *entries; /* contiguous, continuing the log */
     size_t n_entries;
+    /* The entries' data is not copied: the owner promises it stays valid and
+     * unchanged until the completion covering this batch has been delivered
+     * (or store_close() returned), whatever its status. Saves a copy of every
+     * byte logged; the struct store_entry array itself is still copied. */
+    bool borrow_entries;
     const struct store_snapshot_chunk *snapshot_chunk;
     const struct store_local_snapshot *local_snapshot;
 };
