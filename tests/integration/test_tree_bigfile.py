@@ -20,8 +20,9 @@ chunks each, ~80 MiB), SQLite caches and the rest (~40 MiB): ~250 MiB.
 Today's snapshots hold every chunk of state.db in memory (the file's 256 MiB
 at the end, built on the loop): while they do (a snapshot larger than a
 quarter of the file is seen in the logs), the absolute bound is reported as
-TODO, not a failure. Elections are too (TODO when they happen): snapshots and
-materializing the file block a leader for seconds (doc/fsm.md, "Big files").
+TODO, not a failure. An election while the file travels is a failure (snapshots
+carry no chunk bytes and big files are written off the Raft ready cycle), except
+on a machine loaded beyond twice its cores, where it is a TODO.
 The writer's excess over the other nodes, which is this proposal's doing, is
 always checked.
 Without the streaming proposal the writer queued the whole file as entries
@@ -236,8 +237,10 @@ def main():
         ok_or_todo(h, fig["terms_before"] == fig["terms_after"] and fig["term_changes"] == 0,
                    "no election while it travels (terms %r -> %r)"
                    % (fig["terms_before"], fig["terms_after"]),
-                   "a leader is blocked for seconds taking a snapshot that holds every chunk, "
-                   "and materializing the file while its Raft core is frozen (see doc/fsm.md)")
+                   # a machine loaded far beyond its cores (make check -j with
+                   # other suites) misses heartbeats with no big file at all
+                   "load %.1f on %d cores" % (os.getloadavg()[0], os.cpu_count() or 1)
+                   if os.getloadavg()[0] > 2 * (os.cpu_count() or 1) else None)
         others = [v for k, v in fig["hwm_mib"].items() if k != fig["writer"]]
         excess = fig["hwm_mib"][fig["writer"]] - max(others)
         h.ok(excess < 64, "the writer's peak RSS exceeds the other nodes' by under 64 MiB "
