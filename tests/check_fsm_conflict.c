@@ -154,6 +154,7 @@ static void md_free(struct memdisk *m)
 
 static void md_bind(struct memdisk *m, struct fsm_disk *d)
 {
+    memset(d, 0, sizeof(*d)); /* the optional callbacks: none */
     d->arg = m;
     d->expected = md_expected;
     d->record = md_record;

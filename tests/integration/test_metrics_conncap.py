@@ -21,6 +21,19 @@ def fds(pid):
     return len(os.listdir("/proc/%d/fd" % pid))
 
 
+def served(port):
+    """Server-side connections of the listener on port that may still hold
+    a descriptor (ESTABLISHED or CLOSE_WAIT in /proc/net/tcp)."""
+    n = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            local, state = line.split()[1], line.split()[3]
+            if int(local.split(":")[1], 16) == port and state in ("01", "08"):
+                n += 1
+    return n
+
+
 def scrape(port, timeout):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -51,10 +64,11 @@ with Harness("metrics_conncap") as h:
     h.ok(out.startswith(b"HTTP/1.1 200 OK\r\n") and b"pickbox_raft_term" in out,
          "a request followed by a half-close is answered in full", repr(out[:80]))
     pid = n1.pid
-    # The scrape's connection is closed by the client; wait for the server
-    # side to let go of it too before counting.
-    base = fds(pid)
-    wait_until(lambda: fds(pid) <= base, 15, what="the first scrape's descriptor to close")
+    # The scrapes' connections are closed by the clients; wait for the
+    # server side to let go of them too before counting (a count taken
+    # while one lingers is one too high, and the flood then never reaches
+    # it).
+    wait_until(lambda: served(port) == 0, 30, what="the first scrapes' connections to close")
     base = fds(pid)
 
     socks = []
