@@ -21,16 +21,23 @@ def fds(pid):
     return len(os.listdir("/proc/%d/fd" % pid))
 
 
-def served(port):
-    """Server-side connections of the listener on port that may still hold
-    a descriptor (ESTABLISHED or CLOSE_WAIT in /proc/net/tcp)."""
-    n = 0
+def accepted(pid, port):
+    """The daemon's descriptors that are connections accepted on port: its
+    socket inodes that /proc/net/tcp lists with local port `port`, not
+    listening."""
+    inodes = set()
     with open("/proc/net/tcp") as f:
         next(f)
         for line in f:
-            local, state = line.split()[1], line.split()[3]
-            if int(local.split(":")[1], 16) == port and state in ("01", "08"):
-                n += 1
+            cols = line.split()
+            if int(cols[1].split(":")[1], 16) == port and cols[3] != "0A":
+                inodes.add("socket:[%s]" % cols[9])
+    n = 0
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            n += os.readlink("/proc/%d/fd/%s" % (pid, fd)) in inodes
+        except OSError:
+            pass
     return n
 
 
@@ -68,7 +75,8 @@ with Harness("metrics_conncap") as h:
     # server side to let go of them too before counting (a count taken
     # while one lingers is one too high, and the flood then never reaches
     # it).
-    wait_until(lambda: served(port) == 0, 30, what="the first scrapes' connections to close")
+    wait_until(lambda: accepted(pid, port) == 0, 30,
+               what="the first scrapes' connections to close")
     base = fds(pid)
 
     socks = []
@@ -79,13 +87,15 @@ with Harness("metrics_conncap") as h:
             s.connect(("127.0.0.1", port))  # the kernel's backlog completes it
             socks.append(s)
         # The daemon accepts up to the cap, then stops accepting.
-        wait_until(lambda: fds(pid) >= base + CAP, 15, what="the daemon to accept %d" % CAP)
+        wait_until(lambda: accepted(pid, port) >= CAP, 30,
+                   what="the daemon to accept %d" % CAP)
         # A status round trip: the loop has run since; no more were accepted.
         st = n1.call("status")["result"]
+        held = accepted(pid, port)
         grown = fds(pid) - base
-        h.ok(CAP <= grown <= CAP + 2,
-             "%d clients connected: the daemon holds %d descriptors more (cap %d)"
-             % (FLOOD, grown, CAP))
+        h.ok(held == CAP and grown <= CAP + 2,
+             "%d clients connected: the daemon holds %d of them (cap %d), %d descriptors more"
+             % (FLOOD, held, CAP, grown))
         h.ok(st["node_id"] == "n1" and n1.alive(), "status answers on the control socket while "
              "the metrics listener is full")
         try:
@@ -114,8 +124,9 @@ with Harness("metrics_conncap") as h:
         again = False
     h.ok(again, "GET /metrics answers again once the clients closed")
     try:
-        wait_until(lambda: fds(pid) <= base + 1, 30, what="the descriptors to come back")
+        wait_until(lambda: fds(pid) <= base + 1 and accepted(pid, port) == 0, 30,
+                   what="the descriptors to come back")
     except HarnessError:
         pass
-    h.ok(n1.alive() and fds(pid) <= base + 1,
+    h.ok(n1.alive() and fds(pid) <= base + 1 and accepted(pid, port) == 0,
          "the daemon's descriptors are back to %d (+%d)" % (base, fds(pid) - base))
