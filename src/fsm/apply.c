@@ -104,16 +104,22 @@ static int dk_expected(void *arg, const char *path, struct fsm_tree_stat *st)
     return 0;
 }
 
+/* A disk record of st, naming no manifest row. */
+static void disk_of(const struct fsm_tree_stat *st, struct statedb_disk *d)
+{
+    memset(d, 0, sizeof(*d));
+    d->kind = (uint8_t)st->kind;
+    d->mode = st->mode;
+    d->size = st->size;
+    d->mtime_ns = st->mtime_ns;
+    d->ino = st->ino;
+}
+
 static int record(struct fsm_apply *ap, const char *path, const struct fsm_tree_stat *st,
                   bool from_manifest)
 {
     struct statedb_disk d;
-    memset(&d, 0, sizeof(d));
-    d.kind = (uint8_t)st->kind;
-    d.mode = st->mode;
-    d.size = st->size;
-    d.mtime_ns = st->mtime_ns;
-    d.ino = st->ino;
+    disk_of(st, &d);
     if (from_manifest && st->kind != FSM_KIND_NONE) {
         /* Which manifest row this is: what the repair compares with. */
         struct statedb_row r;
@@ -141,12 +147,7 @@ static int dk_record_as(void *arg, const char *path, const struct fsm_tree_stat 
 {
     struct fsm_apply *ap = arg;
     struct statedb_disk d;
-    memset(&d, 0, sizeof(d));
-    d.kind = (uint8_t)st->kind;
-    d.mode = st->mode;
-    d.size = st->size;
-    d.mtime_ns = st->mtime_ns;
-    d.ino = st->ino;
+    disk_of(st, &d);
     memcpy(d.row_content, content, STATEDB_ID_LEN);
     d.row_mode = mode;
     d.row_mtime_ns = mtime_ns;
