@@ -322,6 +322,19 @@ START_TEST(test_cluster_lone_restart)
 }
 END_TEST
 
+/* Runs n's loop until no ready is in flight (and, with leader, until the
+ * driver has seen the core's leader), for at most 10 s. */
+static void node_settle(struct node *n, bool leader)
+{
+    struct cluster *c = n->d.cluster;
+    uint64_t deadline = pb_now_ms() + 10000;
+    while (c->frozen || c->scheduled || (leader && c->seen_leader != raft_leader(c->raft))) {
+        ck_assert_msg(pb_now_ms() < deadline, "the node does not settle");
+        event_base_loop(n->d.base, EVLOOP_NONBLOCK);
+        poll(NULL, 0, 1);
+    }
+}
+
 /* Proposals made while the core is frozen (a persist in flight) are queued
  * in order, then fed to the core: none is refused with -EBUSY, none lost,
  * none reordered; and the queue is bounded. */
@@ -333,12 +346,7 @@ START_TEST(test_cluster_propose_frozen)
     node_start(&n, &cfg);
     node_wait_leader(&n);
     struct cluster *c = n.d.cluster;
-    uint64_t deadline = pb_now_ms() + 10000;
-    while (c->frozen || c->scheduled) {
-        ck_assert_msg(pb_now_ms() < deadline, "the core stays frozen");
-        event_base_loop(n.d.base, EVLOOP_NONBLOCK);
-        poll(NULL, 0, 1);
-    }
+    node_settle(&n, false);
     /* payloads starting with 0 are not fsm ops: applied as no-ops */
     static const uint8_t data[3][8] = {{0, 1}, {0, 2}, {0, 3}};
     uint64_t i1 = 0, i2 = 1, i3 = 1;
@@ -354,7 +362,7 @@ START_TEST(test_cluster_propose_frozen)
     uint8_t *big = pb_xcalloc(1, big_len);
     ck_assert_int_eq(cluster_propose(c, 77, 4, big, big_len, NULL), -EBUSY); /* bounded */
     free(big);
-    deadline = pb_now_ms() + 10000;
+    uint64_t deadline = pb_now_ms() + 10000;
     while (sm_applied(cluster_sm(c)) < i1 + 2) {
         ck_assert_msg(pb_now_ms() < deadline, "queued proposals not applied");
         event_base_loop(n.d.base, EVLOOP_NONBLOCK);
@@ -388,12 +396,7 @@ START_TEST(test_cluster_probe_in_snapshot)
     struct cluster *c = n.d.cluster;
     /* Settled: no ready in flight, and the driver has seen itself become
      * leader (a leader change would propose the probe again too). */
-    uint64_t deadline = pb_now_ms() + 10000;
-    while (c->frozen || c->scheduled || c->seen_leader != raft_leader(c->raft)) {
-        ck_assert_msg(pb_now_ms() < deadline, "the node does not settle");
-        event_base_loop(n.d.base, EVLOOP_NONBLOCK);
-        poll(NULL, 0, 1);
-    }
+    node_settle(&n, true);
     cluster_probe(c, NULL, 0, 60000);
     ck_assert_uint_eq(c->n_reqs, 1);
     struct creq *q = c->reqs;
@@ -404,7 +407,7 @@ START_TEST(test_cluster_probe_in_snapshot)
     q->retry_at_ms = pb_now_ms() + 3600 * 1000;
     uint64_t before = sm_applied(cluster_sm(c));
     cluster_req_snapshot_installed(c);
-    deadline = pb_now_ms() + 10000;
+    uint64_t deadline = pb_now_ms() + 10000;
     while (c->n_reqs > 0) {
         ck_assert_msg(pb_now_ms() < deadline, "the probe was not proposed again");
         event_base_loop(n.d.base, EVLOOP_NONBLOCK);
