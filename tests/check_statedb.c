@@ -8,6 +8,7 @@
 
 #include <check.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <ftw.h>
 #include <inttypes.h>
 #include <sqlite3.h>
@@ -433,14 +434,14 @@ START_TEST(test_format_refusal)
 {
     struct statedb *db = open_db("v.db");
     statedb_close(db);
-    raw_exec("v.db", "UPDATE statedb_meta SET format = 3");
+    raw_exec("v.db", "UPDATE statedb_meta SET format = 4");
     char *p = dbpath("v.db");
     struct pb_error err;
     pb_error_clear(&err);
     ck_assert_int_eq(statedb_open(p, &db, &err), -EPROTONOSUPPORT);
     ck_assert_ptr_null(db);
+    ck_assert_ptr_nonnull(strstr(err.msg, "format 4"));
     ck_assert_ptr_nonnull(strstr(err.msg, "format 3"));
-    ck_assert_ptr_nonnull(strstr(err.msg, "format 2"));
     free(p);
 
     raw_exec("other.db", "CREATE TABLE t (x)");
@@ -701,8 +702,10 @@ START_TEST(test_snapshot_metadata_vs_bytes)
     ck_assert_int_eq(statedb_chunk_data_put(b, id, big, 1000), -EINVAL);
     uint8_t unknown[STATEDB_ID_LEN];
     memset(unknown, 0xee, sizeof(unknown));
-    ck_assert_int_eq(statedb_chunk_data_put(b, unknown, big, 10), -ENOENT);
-    ck_assert_int_eq(statedb_chunk_data_has(b, unknown), 0);
+    /* bytes without a row (format 3): kept, counted nowhere */
+    ck_assert_int_eq(statedb_chunk_data_put(b, unknown, big, 10), 0);
+    ck_assert_int_eq(statedb_chunk_data_has(b, unknown), 1);
+    ck_assert_int_eq(statedb_chunk_has(b, unknown), 0);
     ck_assert_int_eq(statedb_chunk_data_put(b, id, big, sizeof(big)), 0);
     ck_assert_int_eq(statedb_chunk_data_put(b, id, big, sizeof(big)), 0); /* again: no-op */
     ck_assert_int_eq(statedb_chunk_data_has(b, id), 1);
@@ -846,25 +849,35 @@ START_TEST(test_migrate_from_format_1)
     ck_assert_uint_eq(st.chunk_bytes, 4);
     ck_assert_uint_eq(st.missing, 0); /* every chunk's bytes came along */
     statedb_close(db);
-    /* the file is format 2 now, with the bytes in chunk_data */
+    /* the file is format 3 now (through 2), the bytes in a pack */
     char *p = dbpath("m.db");
     sqlite3 *h;
     ck_assert_int_eq(sqlite3_open(p, &h), SQLITE_OK);
     sqlite3_stmt *q;
     ck_assert_int_eq(sqlite3_prepare_v2(h,
                                         "SELECT (SELECT format FROM statedb_meta),"
-                                        " (SELECT hex(data) FROM chunk_data WHERE id = x'01'),"
+                                        " (SELECT pack FROM chunk_data WHERE id = x'01'),"
                                         " (SELECT len FROM chunks WHERE id = x'01'),"
                                         " (SELECT keep_until FROM chunks WHERE id = x'02'),"
-                                        " (SELECT refs FROM chunks WHERE id = x'02')",
+                                        " (SELECT refs FROM chunks WHERE id = x'02'),"
+                                        " (SELECT off FROM chunk_data WHERE id = x'01'),"
+                                        " (SELECT len FROM chunk_data WHERE id = x'01')",
                                         -1, &q, NULL),
                      SQLITE_OK);
     ck_assert_int_eq(sqlite3_step(q), SQLITE_ROW);
-    ck_assert_int_eq(sqlite3_column_int(q, 0), 2);
-    ck_assert_str_eq((const char *)sqlite3_column_text(q, 1), "AABBCC");
+    ck_assert_int_eq(sqlite3_column_int(q, 0), 3);
     ck_assert_int_eq(sqlite3_column_int(q, 2), 3);
     ck_assert_int_eq(sqlite3_column_int(q, 3), 77);
     ck_assert_int_eq(sqlite3_column_int(q, 4), 1);
+    ck_assert_int_eq(sqlite3_column_int(q, 6), 3);
+    char *pack = pb_xasprintf("%s.chunks/%08d.pack", p, sqlite3_column_int(q, 1));
+    uint8_t three[3];
+    int fd = open(pack, O_RDONLY);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(pread(fd, three, 3, sqlite3_column_int(q, 5)), 3);
+    close(fd);
+    ck_assert_int_eq(memcmp(three, "\xaa\xbb\xcc", 3), 0);
+    free(pack);
     sqlite3_finalize(q);
     sqlite3_close(h);
     /* and opens again without migrating */

@@ -1,7 +1,7 @@
 /*
  * statedb.c: state.db, the replicated tree's state (see statedb.h).
  *
- * Schema (format 2; every table STRICT):
+ * Schema (format 3; every table STRICT):
  *
  *   statedb_meta(id=1, format)                 node file's format
  *   applied(id=1, idx, term, malformed, conflicts, duplicates)   replicated
@@ -9,7 +9,9 @@
  *            mode, mtime_ns, size, origin, target BLOB NULL)     replicated
  *   chunklist(path, seq, id, len; PK (path, seq))                replicated
  *   chunks(id BLOB PK, refs, keep_until, len)                    replicated
- *   chunk_data(id BLOB PK, data)                                 node-local
+ *   chunk_data(id BLOB PK, pack, off, len, stored_ms)           node-local
+ *   chunk_free(pack, off, len)                                   node-local
+ *   chunk_unrowed(id BLOB PK)                                    node-local
  *   sessions(client_id PK, seq)                                  replicated
  *   disk(path PK, kind, mode, size, mtime_ns, ino, row_content,
  *        row_mode, row_mtime_ns)                                 node-local
@@ -22,11 +24,26 @@
  * stored as SQLite's int64 (the same 64 bits).
  *
  * A chunk row is the replicated fact "this chunk exists in the state machine"
- * (what apply decisions and collection look at); its bytes are node-local in
- * chunk_data, present or not (a node that installed a snapshot fetches them
- * from peers, doc/fsm.md "Snapshots"). Deleting a chunk row deletes its bytes
- * (trigger). Format 1 kept the bytes in chunks.data; opening a format 1 file
- * migrates it in one transaction (sd_migrate_1_2).
+ * (what apply decisions and collection look at); its bytes are node-local,
+ * present or not (a node that installed a snapshot fetches them from peers,
+ * doc/fsm.md "Snapshots"). Deleting a chunk row deletes its bytes (trigger).
+ *
+ * The bytes live in append-only pack files beside state.db (STATE_DIR/chunks,
+ * src/store/pack.h; doc/decisions.md D14): a chunk_data row is the index
+ * entry "chunk id's bytes are here: pack, off, len" and exists exactly when
+ * the bytes are here. Bytes may be here without a chunk row (pushed ahead of
+ * the entry that names them, D13): chunk_unrowed lists those (triggers), and
+ * statedb_chunk_data_collect_unrowed() removes them after a grace period.
+ * Durability order: the pack is fdatasync'ed before any commit that inserts
+ * index rows (sd_commit_packs), so an index row never outlives its bytes;
+ * bytes appended by a transaction that rolls back are cut (pack_rewind), and
+ * bytes past a pack's last indexed byte are cut at open (a crash between the
+ * append and the commit). A deleted index row records its range in
+ * chunk_free (trigger, same transaction); after the commit the range is
+ * punched out of its pack and a pack left without a chunk is removed
+ * (sd_free_ranges), never before the commit: a rollback keeps the bytes.
+ * Format 1 kept the bytes in chunks.data, format 2 in chunk_data.data;
+ * opening either migrates it (sd_migrate_1_2, sd_migrate_2_3).
  *
  * Status counts (statedb_status_get: live files and directories, their bytes,
  * tombstones, chunks, chunks missing here) are kept, not counted: the writer
@@ -73,12 +90,37 @@
 #include "lib/log.h"
 #include "lib/util.h"
 #include "store/crc32c.h"
+#include "store/pack.h"
 #include "store/statedb.h"
 #include "store/store_int.h"
 
 #define STATEDB_APPLICATION_ID 0x50425354 /* "PBST" */
 #define STATEDB_BUSY_MS        5000
 #define STATEDB_PATH_BYTES_MAX 4096
+
+/* The format 3 chunk_data table's columns (CREATE TABLE name ...). */
+#define SD_CHUNK_DATA_COLS                                                                         \
+    "(id BLOB PRIMARY KEY NOT NULL, pack INTEGER NOT NULL, off INTEGER NOT NULL,"                  \
+    " len INTEGER NOT NULL, stored_ms INTEGER NOT NULL) STRICT, WITHOUT ROWID;"
+
+/* What goes with the format 3 chunk_data table (sd_create, sd_migrate_2_3):
+ * the pack index, the freed ranges, the bytes without a row, and the
+ * triggers that keep them. */
+#define SD_CHUNK_DATA_SCHEMA                                                                       \
+    "CREATE INDEX chunk_data_pack ON chunk_data (pack, off);"                                      \
+    "CREATE TABLE chunk_free (pack INTEGER NOT NULL, off INTEGER NOT NULL,"                        \
+    " len INTEGER NOT NULL) STRICT;"                                                               \
+    "CREATE TABLE chunk_unrowed (id BLOB PRIMARY KEY NOT NULL) STRICT, WITHOUT ROWID;"             \
+    "CREATE TRIGGER chunks_gone AFTER DELETE ON chunks BEGIN"                                      \
+    " DELETE FROM chunk_data WHERE id = OLD.id; END;"                                              \
+    "CREATE TRIGGER chunks_rowed AFTER INSERT ON chunks BEGIN"                                     \
+    " DELETE FROM chunk_unrowed WHERE id = NEW.id; END;"                                           \
+    "CREATE TRIGGER chunk_data_new AFTER INSERT ON chunk_data"                                     \
+    " WHEN NOT EXISTS (SELECT 1 FROM chunks WHERE id = NEW.id) BEGIN"                              \
+    " INSERT OR IGNORE INTO chunk_unrowed VALUES (NEW.id); END;"                                   \
+    "CREATE TRIGGER chunk_data_gone AFTER DELETE ON chunk_data BEGIN"                              \
+    " INSERT INTO chunk_free VALUES (OLD.pack, OLD.off, OLD.len);"                                 \
+    " DELETE FROM chunk_unrowed WHERE id = OLD.id; END;"
 
 static const char statedb_schema[] =
         "CREATE TABLE statedb_meta (id INTEGER PRIMARY KEY CHECK (id = 1),"
@@ -96,9 +138,7 @@ static const char statedb_schema[] =
         "CREATE TABLE chunks (id BLOB PRIMARY KEY NOT NULL, refs INTEGER NOT NULL,"
         " keep_until INTEGER NOT NULL, len INTEGER NOT NULL) STRICT;"
         "CREATE INDEX chunks_unreferenced ON chunks (keep_until) WHERE refs = 0;"
-        "CREATE TABLE chunk_data (id BLOB PRIMARY KEY NOT NULL, data BLOB NOT NULL) STRICT;"
-        "CREATE TRIGGER chunks_gone AFTER DELETE ON chunks BEGIN"
-        " DELETE FROM chunk_data WHERE id = OLD.id; END;"
+        "CREATE TABLE chunk_data " SD_CHUNK_DATA_COLS SD_CHUNK_DATA_SCHEMA
         "CREATE TRIGGER chunklist_ref AFTER INSERT ON chunklist BEGIN"
         " SELECT RAISE(ABORT, 'chunk list names a chunk that is not stored')"
         "  WHERE NOT EXISTS (SELECT 1 FROM chunks WHERE id = NEW.id);"
@@ -240,6 +280,11 @@ enum {
     Q_STATUS,         /* from the kept counts (writer) */
     Q_STATUS_COUNTED, /* counted (a read-only handle) */
     Q_DATA_VERSION,
+    Q_CHUNK_LEN,
+    Q_DATA_DEL,
+    Q_FREE_ANY,
+    Q_PACK_USED,
+    Q_PACK_END,
     Q_MAX
 };
 
@@ -261,9 +306,9 @@ static const char *const statedb_sql[Q_MAX] = {
         [Q_CL_GET] = "SELECT id, len FROM chunklist WHERE path = ?1 ORDER BY seq",
         [Q_CL_INS] = "INSERT INTO chunklist (path, seq, id, len) VALUES (?1, ?2, ?3, ?4)",
         [Q_CHUNK_HAS] = "SELECT 1 FROM chunks WHERE id = ?1",
-        [Q_CHUNK_GET] = "SELECT data FROM chunk_data WHERE id = ?1",
-        [Q_DATA_INS] = "INSERT OR IGNORE INTO chunk_data (id, data) SELECT ?1, ?2"
-                       " WHERE EXISTS (SELECT 1 FROM chunks WHERE id = ?1 AND len = ?3)",
+        [Q_CHUNK_GET] = "SELECT pack, off, len FROM chunk_data WHERE id = ?1",
+        [Q_DATA_INS] = "INSERT INTO chunk_data (id, pack, off, len, stored_ms)"
+                       " VALUES (?1, ?2, ?3, ?4, ?5)",
         [Q_DATA_HAS] = "SELECT 1 FROM chunk_data WHERE id = ?1",
         [Q_CHUNK_INS] = "INSERT INTO chunks (id, refs, keep_until, len) VALUES (?1, 0, ?2, ?3) "
                         "ON CONFLICT (id) DO NOTHING",
@@ -297,6 +342,11 @@ static const char *const statedb_sql[Q_MAX] = {
                              SD_STATUS_SELECT,
         /* clang-format on */
         [Q_DATA_VERSION] = "PRAGMA data_version",
+        [Q_CHUNK_LEN] = "SELECT len FROM chunks WHERE id = ?1",
+        [Q_DATA_DEL] = "DELETE FROM chunk_data WHERE id = ?1",
+        [Q_FREE_ANY] = "SELECT 1 FROM chunk_free LIMIT 1",
+        [Q_PACK_USED] = "SELECT 1 FROM chunk_data WHERE pack = ?1 LIMIT 1",
+        [Q_PACK_END] = "SELECT off + len FROM chunk_data WHERE pack = ?1 ORDER BY off DESC LIMIT 1",
 };
 
 struct statedb {
@@ -304,6 +354,7 @@ struct statedb {
     int lock_fd;
     bool reader; /* statedb_open_reader(): no writes */
     sqlite3 *db;
+    struct pack_set *packs; /* the chunk bytes (NULL until the format is known) */
     struct store_fault_vfs *fvfs;
     sqlite3_stmt *q[Q_MAX];
     bool in_txn;
@@ -508,8 +559,325 @@ static int sd_migrate_1_2(sqlite3 *h, struct pb_error *err)
     return 0;
 }
 
-static int sd_init_schema(sqlite3 *h, struct pb_error *err)
+/* ---- chunk packs ---------------------------------------------------------- */
+
+/* Opens db's pack set (the writer creates its directory). */
+static int sd_packs_open(struct statedb *db, struct pb_error *err)
 {
+    if (db->packs != NULL)
+        return 0;
+    char *dir = pack_dir_for(db->path);
+    int rc = pack_set_open(dir, !db->reader, &db->packs);
+    if (rc < 0)
+        pb_error_set(err, rc, "state.db: chunk packs %s: %s", dir, strerror(-rc));
+    free(dir);
+    return rc;
+}
+
+/* Before a COMMIT that may index new bytes: the bytes are durable first. */
+static int sd_commit_packs(struct statedb *db)
+{
+    if (db->packs == NULL || !pack_dirty(db->packs))
+        return 0;
+    int e = pack_sync(db->packs);
+    if (e < 0)
+        snprintf(db->errmsg, sizeof(db->errmsg), "state.db: fdatasync of a chunk pack: %s",
+                 strerror(-e));
+    return e;
+}
+
+/*
+ * After a commit: the ranges of deleted index rows (chunk_free) are punched
+ * out of their packs, forgotten, and a pack other than the current one left
+ * without a chunk is removed. Never before the commit (a rollback would lose
+ * bytes still indexed); a crash before the rows are forgotten punches again
+ * at the next open (the ranges are never reused: packs only grow).
+ */
+static void sd_free_ranges(struct statedb *db)
+{
+    if (db->packs == NULL || db->reader)
+        return;
+    int e = 0;
+    sqlite3_stmt *st = sd_q(db, Q_FREE_ANY, &e);
+    if (st == NULL)
+        return;
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    if (rc != SQLITE_ROW)
+        return;
+    rc = sqlite3_prepare_v2(db->db, "SELECT rowid, pack, off, len FROM chunk_free ORDER BY rowid",
+                            -1, &st, NULL);
+    if (rc != SQLITE_OK) {
+        log_warning("state.db: freed chunk ranges: %s", sqlite3_errmsg(db->db));
+        return;
+    }
+    uint32_t *packs = NULL;
+    size_t n = 0, cap = 0, failed = 0;
+    int64_t last = 0;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        last = sqlite3_column_int64(st, 0);
+        uint32_t pack = (uint32_t)sqlite3_column_int64(st, 1);
+        if (pack_punch(db->packs, pack, (uint64_t)sqlite3_column_int64(st, 2),
+                       (uint32_t)sqlite3_column_int64(st, 3)) < 0)
+            failed++;
+        if (n > 0 && packs[n - 1] == pack)
+            continue;
+        if (n == cap) {
+            cap = cap ? 2 * cap : 8;
+            packs = pb_xreallocarray(packs, cap, sizeof(*packs));
+        }
+        packs[n++] = pack;
+    }
+    sqlite3_finalize(st);
+    if (failed > 0)
+        log_warning("state.db: %zu freed chunk ranges could not be punched out of their packs",
+                    failed);
+    char *sql = pb_xasprintf("DELETE FROM chunk_free WHERE rowid <= %" PRId64, last);
+    if (sqlite3_exec(db->db, sql, NULL, NULL, NULL) != SQLITE_OK)
+        log_warning("state.db: freed chunk ranges: %s", sqlite3_errmsg(db->db));
+    free(sql);
+    for (size_t i = 0; i < n; i++) {
+        bool seen = false;
+        for (size_t j = 0; j < i && !seen; j++)
+            seen = packs[j] == packs[i];
+        if (seen || packs[i] == pack_current(db->packs) || (st = sd_q(db, Q_PACK_USED, &e)) == NULL)
+            continue;
+        sqlite3_bind_int64(st, 1, packs[i]);
+        rc = sqlite3_step(st);
+        sqlite3_reset(st);
+        if (rc == SQLITE_DONE && pack_unlink(db->packs, packs[i]) == 0)
+            log_debug("state.db: removed chunk pack %" PRIu32 " (no chunk left in it)", packs[i]);
+    }
+    free(packs);
+}
+
+/* A transaction of node-local writes outside statedb_begin() (synchronous
+ * NORMAL, see sd_local_sync), with the packs' durability order. */
+static int sd_local_begin(struct statedb *db)
+{
+    int rc = sqlite3_exec(db->db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
+    if (rc != SQLITE_OK)
+        return sd_fail(db, rc, "BEGIN");
+    if (db->packs != NULL)
+        pack_mark(db->packs);
+    return 0;
+}
+
+static void sd_local_rollback(struct statedb *db)
+{
+    for (int i = 0; i < Q_MAX; i++)
+        if (db->q[i] != NULL)
+            sqlite3_reset(db->q[i]);
+    if (!sqlite3_get_autocommit(db->db))
+        sqlite3_exec(db->db, "ROLLBACK", NULL, NULL, NULL);
+    if (db->packs != NULL)
+        pack_rewind(db->packs);
+}
+
+static int sd_local_commit(struct statedb *db)
+{
+    int e = sd_commit_packs(db);
+    if (e == 0) {
+        int rc = sqlite3_exec(db->db, "COMMIT", NULL, NULL, NULL);
+        if (rc != SQLITE_OK)
+            e = sd_fail(db, rc, "COMMIT");
+    }
+    if (e < 0) {
+        sd_local_rollback(db);
+        return e;
+    }
+    sd_free_ranges(db);
+    return 0;
+}
+
+struct sd_recover {
+    struct statedb *db;
+    uint32_t high;
+    int err;
+};
+
+/* Open-time check of one pack against the index: bytes past its last
+ * indexed byte were never committed (cut); a pack without a chunk goes; an
+ * index past the pack's end (the file was cut by something else) loses the
+ * rows it cannot hold (they count as missing and are fetched again). */
+static int sd_recover_pack(void *arg, uint32_t pack, uint64_t size)
+{
+    struct sd_recover *r = arg;
+    struct statedb *db = r->db;
+    int e = 0;
+    sqlite3_stmt *st = sd_q(db, Q_PACK_END, &e);
+    if (st == NULL)
+        return e;
+    sqlite3_bind_int64(st, 1, pack);
+    int rc = sqlite3_step(st);
+    int64_t end = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : -1;
+    sqlite3_reset(st);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return sd_fail(db, rc, "pack end");
+    if (pack > r->high)
+        r->high = pack;
+    if (end < 0)
+        return pack_unlink(db->packs, pack);
+    if ((uint64_t)end < size) {
+        log_info("state.db: cut %" PRIu64 " bytes never committed off chunk pack %" PRIu32,
+                 size - (uint64_t)end, pack);
+        return pack_truncate(db->packs, pack, (uint64_t)end);
+    }
+    if ((uint64_t)end > size) {
+        log_err("state.db: chunk pack %" PRIu32 " is shorter (%" PRIu64 " bytes) than its index"
+                " says (%" PRId64 "): the chunks past its end count as missing",
+                pack, size, end);
+        char *sql = pb_xasprintf("DELETE FROM chunk_data WHERE pack = %" PRIu32
+                                 " AND off + len > %" PRIu64,
+                                 pack, size);
+        if ((e = sd_local_begin(db)) == 0) {
+            rc = sqlite3_exec(db->db, sql, NULL, NULL, NULL);
+            e = rc == SQLITE_OK ? sd_local_commit(db) : sd_fail(db, rc, "drop lost chunks");
+            if (rc != SQLITE_OK)
+                sd_local_rollback(db);
+        }
+        free(sql);
+    }
+    return e;
+}
+
+/* The writer's open-time recovery of the packs (see sd_recover_pack), then
+ * the current pack. */
+static int sd_packs_recover(struct statedb *db)
+{
+    struct sd_recover r = {db, 0, 0};
+    sd_free_ranges(db);
+    int e = pack_foreach(db->packs, sd_recover_pack, &r);
+    if (e < 0)
+        return e;
+    /* packs the index names that are gone: their chunks count as missing */
+    sqlite3_stmt *st;
+    int rc = sqlite3_prepare_v2(db->db,
+                                "WITH RECURSIVE p(n) AS (SELECT min(pack) FROM chunk_data"
+                                " UNION ALL SELECT (SELECT min(pack) FROM chunk_data"
+                                " WHERE pack > p.n) FROM p WHERE p.n IS NOT NULL)"
+                                " SELECT n FROM p WHERE n IS NOT NULL",
+                                -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return sd_fail(db, rc, "packs in the index");
+    uint32_t gone[16];
+    size_t n_gone = 0;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        uint32_t pack = (uint32_t)sqlite3_column_int64(st, 0);
+        uint64_t size;
+        if (pack > r.high)
+            r.high = pack;
+        if (pack_size(db->packs, pack, &size) == -ENOENT && n_gone < PB_ARRAY_SIZE(gone))
+            gone[n_gone++] = pack;
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE)
+        return sd_fail(db, rc, "packs in the index");
+    for (size_t i = 0; i < n_gone; i++) {
+        log_err("state.db: chunk pack %" PRIu32 " is gone: its chunks count as missing", gone[i]);
+        char *sql = pb_xasprintf("DELETE FROM chunk_data WHERE pack = %" PRIu32, gone[i]);
+        if ((e = sd_local_begin(db)) == 0) {
+            rc = sqlite3_exec(db->db, sql, NULL, NULL, NULL);
+            if (rc != SQLITE_OK) {
+                e = sd_fail(db, rc, "drop lost chunks");
+                sd_local_rollback(db);
+            } else {
+                e = sd_local_commit(db);
+            }
+        }
+        free(sql);
+        if (e < 0)
+            return e;
+    }
+    return pack_start(db->packs, r.high);
+}
+
+static int sd_unlink_pack(void *arg, uint32_t pack, uint64_t size)
+{
+    (void)size;
+    return pack_unlink(arg, pack);
+}
+
+/*
+ * Format 2 -> 3: the BLOBs of chunk_data are appended to a pack and
+ * fdatasync'ed, then ONE transaction swaps chunk_data for the index
+ * (pack, off, len, stored_ms), adds the tables and triggers of format 3 and
+ * sets the format. The bytes are written inside that transaction, before
+ * its commit, so a crash anywhere leaves a format 2 file (whose packs, if
+ * any, are a crashed migration's: removed before it runs again).
+ */
+static int sd_migrate_2_3(struct statedb *db, struct pb_error *err)
+{
+    sqlite3 *h = db->db;
+    int rc = pack_foreach(db->packs, sd_unlink_pack, db->packs);
+    if (rc == 0)
+        rc = pack_start(db->packs, 0);
+    if (rc < 0)
+        return pb_error_set(err, rc, "state.db: migration: chunk packs: %s", strerror(-rc));
+    if ((rc = sd_exec(h, "BEGIN IMMEDIATE", err)) < 0)
+        return rc;
+    pack_mark(db->packs);
+    sqlite3_stmt *sel = NULL, *ins = NULL;
+    uint64_t n = 0, bytes = 0, now = pb_now_ms();
+    rc = sd_exec(h, "CREATE TABLE chunk_data_v3 " SD_CHUNK_DATA_COLS, err);
+    if (rc == 0 &&
+        (sqlite3_prepare_v2(h, "SELECT id, data FROM chunk_data", -1, &sel, NULL) != SQLITE_OK ||
+         sqlite3_prepare_v2(h, "INSERT INTO chunk_data_v3 VALUES (?1, ?2, ?3, ?4, ?5)", -1, &ins,
+                            NULL) != SQLITE_OK))
+        rc = pb_error_set(err, -EIO, "state.db: migration: %s", sqlite3_errmsg(h));
+    int step;
+    while (rc == 0 && (step = sqlite3_step(sel)) == SQLITE_ROW) {
+        const void *data = sqlite3_column_blob(sel, 1);
+        uint32_t len = (uint32_t)sqlite3_column_bytes(sel, 1);
+        uint32_t pack;
+        uint64_t off;
+        if ((rc = pack_append(db->packs, data, len, &pack, &off)) < 0) {
+            pb_error_set(err, rc, "state.db: migration: writing a chunk pack: %s", strerror(-rc));
+            break;
+        }
+        sqlite3_reset(ins);
+        sqlite3_bind_value(ins, 1, sqlite3_column_value(sel, 0));
+        sqlite3_bind_int64(ins, 2, pack);
+        sqlite3_bind_int64(ins, 3, (int64_t)off);
+        sqlite3_bind_int64(ins, 4, len);
+        sqlite3_bind_int64(ins, 5, (int64_t)now);
+        if (sqlite3_step(ins) != SQLITE_DONE)
+            rc = pb_error_set(err, -EIO, "state.db: migration: %s", sqlite3_errmsg(h));
+        n++;
+        bytes += len;
+    }
+    if (rc == 0 && step != SQLITE_DONE)
+        rc = pb_error_set(err, -EIO, "state.db: migration: %s", sqlite3_errmsg(h));
+    sqlite3_finalize(sel);
+    sqlite3_finalize(ins);
+    if (rc == 0 && (rc = pack_sync(db->packs)) < 0)
+        pb_error_set(err, rc, "state.db: migration: fdatasync of a chunk pack: %s", strerror(-rc));
+    if (rc == 0)
+        rc = sd_exec(h,
+                     "DROP TRIGGER chunks_gone; DROP TABLE chunk_data;"
+                     "ALTER TABLE chunk_data_v3 RENAME TO chunk_data;" SD_CHUNK_DATA_SCHEMA
+                     "INSERT INTO chunk_unrowed SELECT id FROM chunk_data"
+                     " WHERE id NOT IN (SELECT id FROM chunks);"
+                     "UPDATE statedb_meta SET format = 3 WHERE id = 1;",
+                     err);
+    if (rc == 0)
+        rc = sd_exec(h, "COMMIT", err);
+    if (rc < 0) {
+        sqlite3_exec(h, "ROLLBACK", NULL, NULL, NULL);
+        pack_rewind(db->packs);
+        return rc;
+    }
+    /* the BLOBs' pages go back to the filesystem */
+    sqlite3_exec(h, "PRAGMA incremental_vacuum", NULL, NULL, NULL);
+    log_notice("state.db: migrated from format 2 to format 3 (%" PRIu64 " chunks, %" PRIu64
+               " bytes moved into chunk packs)",
+               n, bytes);
+    return 0;
+}
+
+static int sd_init_schema(struct statedb *db, struct pb_error *err)
+{
+    sqlite3 *h = db->db;
     int64_t appid, tables, format;
     int rc = sd_query_i64(h, "PRAGMA application_id", &appid, err);
     if (rc == 0)
@@ -517,7 +885,7 @@ static int sd_init_schema(sqlite3 *h, struct pb_error *err)
     if (rc < 0)
         return rc;
     if (appid == 0 && tables == 0)
-        return sd_create(h, err);
+        return (rc = sd_packs_open(db, err)) < 0 ? rc : sd_create(h, err);
     if (appid != STATEDB_APPLICATION_ID)
         return pb_error_set(err, -EBADMSG,
                             "state.db: not a pickbox state database (application_id 0x%08" PRIx64
@@ -532,10 +900,17 @@ static int sd_init_schema(sqlite3 *h, struct pb_error *err)
                             "pickbox understands; refusing to open it (downgrades are not "
                             "supported: run the newer pickbox)",
                             format, STATEDB_FORMAT);
+    /* only now: a refused file leaves the state directory as it was */
+    if ((rc = sd_packs_open(db, err)) < 0)
+        return rc;
     if (format == 1 && (rc = sd_migrate_1_2(h, err)) < 0)
         return rc;
     if (format == 1)
         format = 2;
+    if (format == 2 && (rc = sd_migrate_2_3(db, err)) < 0)
+        return rc;
+    if (format == 2)
+        format = 3;
     if (format < STATEDB_FORMAT)
         return pb_error_set(err, -EBADMSG,
                             "state.db has format %" PRId64 " but format %d has no migration "
@@ -599,7 +974,7 @@ static int sd_open_reader(struct statedb *db, struct pb_error *err)
         return pb_error_set(err, format > STATEDB_FORMAT ? -EPROTONOSUPPORT : -EBADMSG,
                             "state.db has format %" PRId64 ", this pickbox reads format %d", format,
                             STATEDB_FORMAT);
-    return 0;
+    return sd_packs_open(db, err);
 }
 
 int statedb_open_reader(const char *path, struct statedb **out, struct pb_error *err)
@@ -667,11 +1042,14 @@ int statedb_open(const char *path, struct statedb **out, struct pb_error *err)
                  "PRAGMA wal_autocheckpoint = 4096;",
                  err);
     if (rc == 0)
-        rc = sd_init_schema(db->db, err);
+        rc = sd_init_schema(db, err);
     if (rc == 0)
         rc = sd_exec(db->db, statedb_totals_schema, err);
     if (rc == 0 && (rc = sd_totals_count(db)) < 0)
         pb_error_set(err, rc, "%s", db->errmsg);
+    if (rc == 0 && (rc = sd_packs_recover(db)) < 0)
+        pb_error_set(err, rc, "state.db: chunk packs: %s",
+                     db->errmsg[0] ? db->errmsg : strerror(-rc));
     if (rc < 0) {
         pb_error_prefix(err, "%s: ", path);
         statedb_close(db);
@@ -691,6 +1069,7 @@ void statedb_close(struct statedb *db)
     for (int i = 0; i < Q_MAX; i++)
         sqlite3_finalize(db->q[i]);
     sqlite3_close(db->db);
+    pack_set_close(db->packs);
     store_fault_vfs_free(db->fvfs);
     /* only after SQLite's: closing any descriptor of the file drops the
      * process's POSIX locks on it */
@@ -736,6 +1115,8 @@ int statedb_begin(struct statedb *db)
     }
     db->in_txn = true;
     db->txn_lazy = db->lazy;
+    if (db->packs != NULL)
+        pack_mark(db->packs);
     return 0;
 }
 
@@ -743,9 +1124,15 @@ int statedb_commit(struct statedb *db)
 {
     if (!db->in_txn)
         return -EINVAL;
+    /* the chunk bytes this transaction indexes are durable before it is */
+    int e = sd_commit_packs(db);
+    if (e < 0) {
+        statedb_rollback(db);
+        return e;
+    }
     int rc = sqlite3_exec(db->db, "COMMIT", NULL, NULL, NULL);
     if (rc != SQLITE_OK) {
-        int e = sd_fail(db, rc, "COMMIT");
+        e = sd_fail(db, rc, "COMMIT");
         statedb_rollback(db);
         return e;
     }
@@ -755,6 +1142,7 @@ int statedb_commit(struct statedb *db)
     db->lazy_dirty = db->txn_lazy;
     store_fault_vfs_end(db->fvfs);
     sd_local_sync(db);
+    sd_free_ranges(db);
     return 0;
 }
 
@@ -814,6 +1202,8 @@ void statedb_rollback(struct statedb *db)
     /* After an I/O error SQLite may have rolled back already. */
     if (!sqlite3_get_autocommit(db->db))
         sqlite3_exec(db->db, "ROLLBACK", NULL, NULL, NULL);
+    if (db->packs != NULL) /* bytes appended for rows that are not there */
+        pack_rewind(db->packs);
     db->in_txn = false;
     store_fault_vfs_end(db->fvfs);
     sd_local_sync(db);
@@ -1142,7 +1532,9 @@ int statedb_chunk_has(struct statedb *db, const uint8_t id[STATEDB_ID_LEN])
     return sd_fail(db, rc, "chunk lookup");
 }
 
-int statedb_chunk_get(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], void *buf, uint32_t len)
+/* Where chunk id's bytes are: 0, -ENOENT (not here), or -errno. */
+static int sd_data_locate(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], uint32_t *pack,
+                          uint64_t *off, uint32_t *len)
 {
     int e = 0;
     sqlite3_stmt *st = sd_q(db, Q_CHUNK_GET, &e);
@@ -1151,17 +1543,161 @@ int statedb_chunk_get(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], void
     sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
     int rc = sqlite3_step(st);
     if (rc == SQLITE_ROW) {
-        if ((uint32_t)sqlite3_column_bytes(st, 0) != len) {
-            snprintf(db->errmsg, sizeof(db->errmsg), "state.db: a chunk has the wrong length");
-            e = -EBADMSG;
-        } else if (len > 0) {
-            memcpy(buf, sqlite3_column_blob(st, 0), len);
-        }
+        *pack = (uint32_t)sqlite3_column_int64(st, 0);
+        *off = (uint64_t)sqlite3_column_int64(st, 1);
+        *len = (uint32_t)sqlite3_column_int64(st, 2);
     } else {
-        e = rc == SQLITE_DONE ? -ENOENT : sd_fail(db, rc, "read chunk");
+        e = rc == SQLITE_DONE ? -ENOENT : sd_fail(db, rc, "read chunk index");
     }
     sqlite3_reset(st);
     return e;
+}
+
+/*
+ * statedb_chunk_get/_copy: the bytes from their pack. A read-only handle
+ * reads beside the writer, which may delete the index row and punch the
+ * range out after the row was looked up here: it looks again afterwards,
+ * and a row gone (or moved) means the bytes read may be zeroes: -ENOENT.
+ * The writer's own deletes never race its reads.
+ */
+static int sd_data_read(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], uint32_t len,
+                        void *buf, int out_fd)
+{
+    uint32_t pack, have;
+    uint64_t off;
+    int e = sd_data_locate(db, id, &pack, &off, &have);
+    if (e < 0)
+        return e;
+    if (have != len) {
+        snprintf(db->errmsg, sizeof(db->errmsg), "state.db: a chunk has the wrong length");
+        return -EBADMSG;
+    }
+    if (db->packs == NULL)
+        return -EIO;
+    e = buf != NULL ? pack_read(db->packs, pack, off, buf, len)
+                    : pack_copy(db->packs, pack, off, len, out_fd);
+    if (db->reader) {
+        uint32_t pack2, len2;
+        uint64_t off2;
+        int again = sd_data_locate(db, id, &pack2, &off2, &len2);
+        if (again == -ENOENT || (again == 0 && (pack2 != pack || off2 != off)))
+            return -ENOENT;
+    }
+    if (e < 0) {
+        snprintf(db->errmsg, sizeof(db->errmsg),
+                 "state.db: chunk bytes in pack %" PRIu32 " at %" PRIu64 ": %s", pack, off,
+                 strerror(-e));
+        /* not -ENOENT: the index says they are here, so they are damaged */
+        return e == -ENOENT ? -EIO : e;
+    }
+    return 0;
+}
+
+int statedb_chunk_get(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], void *buf, uint32_t len)
+{
+    return sd_data_read(db, id, len, buf, -1);
+}
+
+int statedb_chunk_copy(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], uint32_t len,
+                       int out_fd)
+{
+    return sd_data_read(db, id, len, NULL, out_fd);
+}
+
+/* Inside a transaction: appends the bytes of chunk id to the current pack
+ * and indexes them (nothing if they are here already). */
+static int sd_data_add(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], const void *data,
+                       uint32_t len)
+{
+    int has = statedb_chunk_data_has(db, id);
+    if (has != 0)
+        return has < 0 ? has : 0;
+    if (db->packs == NULL)
+        return -EROFS;
+    uint32_t pack;
+    uint64_t off;
+    int e = pack_append(db->packs, data, len, &pack, &off);
+    if (e < 0) {
+        snprintf(db->errmsg, sizeof(db->errmsg), "state.db: writing a chunk pack: %s",
+                 strerror(-e));
+        return e;
+    }
+    sqlite3_stmt *st = sd_q(db, Q_DATA_INS, &e);
+    if (st == NULL)
+        return e;
+    sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, pack);
+    sqlite3_bind_int64(st, 3, (int64_t)off);
+    sqlite3_bind_int64(st, 4, len);
+    sqlite3_bind_int64(st, 5, (int64_t)pb_now_ms());
+    return sd_done(db, st, "index chunk bytes");
+}
+
+/* The length of chunk id's row: 0 and *len, -ENOENT (no row), -errno. */
+static int sd_chunk_len(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], uint32_t *len)
+{
+    int e = 0;
+    sqlite3_stmt *st = sd_q(db, Q_CHUNK_LEN, &e);
+    if (st == NULL)
+        return e;
+    sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW)
+        *len = (uint32_t)sqlite3_column_int64(st, 0);
+    else
+        e = rc == SQLITE_DONE ? -ENOENT : sd_fail(db, rc, "chunk row lookup");
+    sqlite3_reset(st);
+    return e;
+}
+
+/*
+ * statedb_chunk_data_put/_put_many: every chunk checked first (length
+ * bound, a row of the same length if there is a row), so -EINVAL stores
+ * nothing; then appended and indexed, in the caller's transaction or in one
+ * of their own: durable (FULL commit) for put_many, synchronous NORMAL for
+ * a single put (a power loss may drop it, and it is fetched again). Either
+ * way the pack is fdatasync'ed before the commit.
+ */
+static int sd_data_store(struct statedb *db, const struct statedb_chunk_in *in, size_t n,
+                         bool durable)
+{
+    if (db->reader) {
+        snprintf(db->errmsg, sizeof(db->errmsg), "state.db: a reader cannot write");
+        return -EROFS;
+    }
+    for (size_t i = 0; i < n; i++) {
+        uint32_t have;
+        int e = in[i].len > STATEDB_CHUNK_MAX ? -EINVAL : sd_chunk_len(db, in[i].id, &have);
+        if (e == 0 && have != in[i].len)
+            e = -EINVAL;
+        if (e == -EINVAL) {
+            snprintf(db->errmsg, sizeof(db->errmsg), "state.db: chunk bytes of the wrong length");
+            return e;
+        }
+        if (e < 0 && e != -ENOENT)
+            return e;
+    }
+    bool own = !db->in_txn;
+    int e = 0;
+    if (own && durable) {
+        bool lazy = db->lazy;
+        db->lazy = false;
+        e = statedb_begin(db);
+        db->lazy = lazy;
+    } else if (own) {
+        e = sd_local_begin(db);
+    }
+    for (size_t i = 0; i < n && e == 0; i++)
+        e = sd_data_add(db, in[i].id, in[i].data, in[i].len);
+    if (!own)
+        return e;
+    if (durable)
+        return e < 0 ? (statedb_rollback(db), e) : statedb_commit(db);
+    if (e < 0) {
+        sd_local_rollback(db);
+        return e;
+    }
+    return sd_local_commit(db);
 }
 
 int statedb_chunk_put(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], const void *data,
@@ -1191,31 +1727,87 @@ int statedb_chunk_put(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], cons
 int statedb_chunk_data_put(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], const void *data,
                            uint32_t len)
 {
-    int e = 0;
-    sqlite3_stmt *st = sd_q(db, Q_DATA_INS, &e);
+    struct statedb_chunk_in in = {id, data, len};
+    return sd_data_store(db, &in, 1, false);
+}
+
+int statedb_chunk_data_put_many(struct statedb *db, const struct statedb_chunk_in *in, size_t n)
+{
+    return sd_data_store(db, in, n, true);
+}
+
+int statedb_chunk_row_put(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], uint32_t len,
+                          uint64_t keep_until)
+{
+    uint32_t have;
+    int e = sd_chunk_len(db, id, &have);
+    if (e == 0 && have != len) {
+        snprintf(db->errmsg, sizeof(db->errmsg), "state.db: a chunk row has another length");
+        return -EINVAL;
+    }
+    if (e < 0 && e != -ENOENT)
+        return e;
+    bool absent = e == -ENOENT;
+    e = 0;
+    sqlite3_stmt *st = sd_q(db, absent ? Q_CHUNK_INS : Q_CHUNK_KEEP, &e);
     if (st == NULL)
         return e;
     sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
-    if (len == 0)
-        sqlite3_bind_zeroblob(st, 2, 0);
-    else
-        sqlite3_bind_blob(st, 2, data, (int)len, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 3, len);
-    if ((e = sd_done(db, st, "store chunk bytes")) < 0)
+    sqlite3_bind_int64(st, 2, (int64_t)keep_until);
+    if (absent)
+        sqlite3_bind_int64(st, 3, len);
+    if ((e = sd_done(db, st, "add chunk row")) < 0)
         return e;
-    if (sqlite3_changes(db->db) > 0)
+    /* Bytes here of another length cannot be this chunk (whose row is
+     * replicated and wins): they go, and are fetched. */
+    uint32_t pack, dlen;
+    uint64_t off;
+    e = sd_data_locate(db, id, &pack, &off, &dlen);
+    if (e == -ENOENT || (e == 0 && dlen == len))
         return 0;
-    /* nothing inserted: already here, or no such chunk (of that length) */
-    int has = statedb_chunk_data_has(db, id);
-    if (has != 0)
-        return has < 0 ? has : 0;
-    uint64_t refs;
-    e = statedb_chunk_refs(db, id, &refs);
-    if (e == 0) {
-        snprintf(db->errmsg, sizeof(db->errmsg), "state.db: chunk bytes of the wrong length");
-        return -EINVAL;
+    if (e < 0)
+        return e;
+    if ((st = sd_q(db, Q_DATA_DEL, &e)) == NULL)
+        return e;
+    sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
+    return sd_done(db, st, "drop chunk bytes");
+}
+
+int statedb_chunk_data_collect_unrowed(struct statedb *db, uint64_t now_ms, uint64_t max_age_ms,
+                                       uint64_t *n)
+{
+    if (n != NULL)
+        *n = 0;
+    if (db->reader) {
+        snprintf(db->errmsg, sizeof(db->errmsg), "state.db: a reader cannot write");
+        return -EROFS;
     }
-    return e;
+    bool own = !db->in_txn;
+    int e = own ? sd_local_begin(db) : 0;
+    if (e < 0)
+        return e;
+    /* Times stored under an earlier boot of the monotonic clock may lie
+     * ahead of now: such bytes count as stored now. */
+    char *sql = pb_xasprintf(
+            "UPDATE chunk_data SET stored_ms = %" PRId64 " WHERE stored_ms > %" PRId64
+            " AND id IN (SELECT id FROM chunk_unrowed);"
+            "DELETE FROM chunk_data WHERE id IN (SELECT u.id FROM chunk_unrowed u"
+            " JOIN chunk_data d ON d.id = u.id WHERE d.stored_ms + %" PRId64 " < %" PRId64 ");",
+            (int64_t)now_ms, (int64_t)now_ms, (int64_t)max_age_ms, (int64_t)now_ms);
+    int rc = sqlite3_exec(db->db, sql, NULL, NULL, NULL);
+    free(sql);
+    uint64_t k = rc == SQLITE_OK ? (uint64_t)sqlite3_changes(db->db) : 0;
+    if (rc != SQLITE_OK) {
+        e = sd_fail(db, rc, "collect chunk bytes without a row");
+        if (own)
+            sd_local_rollback(db);
+        return e;
+    }
+    if (own && (e = sd_local_commit(db)) < 0)
+        return e;
+    if (n != NULL)
+        *n = k;
+    return 0;
 }
 
 int statedb_chunk_data_has(struct statedb *db, const uint8_t id[STATEDB_ID_LEN])
@@ -1731,17 +2323,15 @@ struct statedb_install {
     struct statedb_applied a;
     uint64_t records;
     uint32_t crc;
-    /* stage_manifest, stage_chunklist, stage_chunks, stage_sessions, and
-     * chunk_data (the bytes a format 1 stream carries) */
-    sqlite3_stmt *ins[5];
+    /* stage_manifest, stage_chunklist, stage_chunks, stage_sessions */
+    sqlite3_stmt *ins[4];
 };
 
-static const char *const stage_sql[5] = {
+static const char *const stage_sql[] = {
         "INSERT INTO stage_manifest VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         "INSERT INTO stage_chunklist VALUES (?1, ?2, ?3, ?4)",
         "INSERT INTO stage_chunks VALUES (?1, ?2, ?3)",
         "INSERT INTO stage_sessions VALUES (?1, ?2)",
-        "INSERT OR IGNORE INTO chunk_data (id, data) VALUES (?1, ?2)",
 };
 
 static const char stage_clear_sql[] = "DELETE FROM stage_manifest; DELETE FROM stage_chunklist;"
@@ -1895,22 +2485,17 @@ static int stage_record(struct statedb_install *in, const uint8_t *rec, size_t l
             return pb_error_set(err, -EBADMSG, "snapshot: bad chunk record");
         if (bytes != NULL) {
             /* Kept only if they hash to their id: node-local bytes are
-             * trusted from then on. Stored ahead of their row (chunk_data
-             * has no foreign key); install_finish drops the ones no row
-             * wants, so an aborted install leaves at worst correct bytes. */
+             * trusted from then on. Stored ahead of their row, through the
+             * packs (bytes without a row, like pushed ones); install_finish
+             * drops the ones no row wants, so an aborted install leaves at
+             * worst correct bytes, collected as never referenced. */
             uint8_t md[STATEDB_ID_LEN];
             if (EVP_Digest(bytes, clen, md, NULL, EVP_sha256(), NULL) != 1 ||
                 memcmp(md, q, STATEDB_ID_LEN) != 0)
                 return pb_error_set(err, -EBADMSG, "snapshot: chunk bytes do not match their id");
-            sqlite3_stmt *d = in->ins[4];
-            sqlite3_bind_blob(d, 1, q, STATEDB_ID_LEN, SQLITE_STATIC);
-            if (clen == 0)
-                sqlite3_bind_zeroblob(d, 2, 0);
-            else
-                sqlite3_bind_blob(d, 2, bytes, (int)clen, SQLITE_STATIC);
-            int e = stage_step(in, d, err);
+            int e = sd_data_add(in->db, q, bytes, clen);
             if (e < 0)
-                return e;
+                return pb_error_set(err, e, "snapshot: %s", in->db->errmsg);
         }
         sqlite3_bind_blob(st, 1, q, STATEDB_ID_LEN, SQLITE_STATIC);
         sqlite3_bind_int64(st, 2, (int64_t)keep);
@@ -1954,9 +2539,9 @@ int statedb_install_write(struct statedb_install *in, const void *data, size_t l
         return pb_error_set(err, in->failed, "snapshot: the stream already failed");
     if (db->in_txn)
         return pb_error_set(err, -EBUSY, "state.db: install inside an apply transaction");
-    int e = sd_exec(db->db, "BEGIN IMMEDIATE", err);
+    int e = sd_local_begin(db);
     if (e < 0)
-        return e;
+        return pb_error_set(err, e, "%s", db->errmsg);
     while (len > 0 && e == 0) {
         /* Complete the record being assembled: length prefix first. */
         size_t need = 4;
@@ -1982,12 +2567,12 @@ int statedb_install_write(struct statedb_install *in, const void *data, size_t l
         }
         buf_reset(&in->part);
     }
-    if (e == 0)
-        e = sd_exec(db->db, "COMMIT", err);
-    if (e < 0) {
-        sqlite3_exec(db->db, "ROLLBACK", NULL, NULL, NULL);
+    if (e == 0 && (e = sd_local_commit(db)) < 0) /* rolled back */
+        pb_error_set(err, e, "%s", db->errmsg);
+    else if (e < 0)
+        sd_local_rollback(db);
+    if (e < 0)
         in->failed = e;
-    }
     return e;
 }
 
@@ -2013,15 +2598,13 @@ int statedb_install_finish(struct statedb_install *in, uint64_t *index, uint64_t
                           "UPDATE chunks SET refs = 0, (keep_until, len) ="
                           " (SELECT keep_until, len FROM stage_chunks s WHERE s.id = chunks.id);"
                           "DELETE FROM chunk_data WHERE id IN (SELECT c.id FROM chunks c"
-                          " JOIN chunk_data d ON d.id = c.id WHERE length(d.data) != c.len);"
+                          " JOIN chunk_data d ON d.id = c.id WHERE d.len != c.len);"
                           "INSERT INTO chunks (id, refs, keep_until, len)"
                           " SELECT id, 0, keep_until, len FROM stage_chunks"
                           " WHERE id NOT IN (SELECT id FROM chunks);"
                           "INSERT INTO manifest SELECT * FROM stage_manifest;"
                           "INSERT INTO chunklist SELECT * FROM stage_chunklist;"
-                          "INSERT INTO sessions SELECT * FROM stage_sessions;"
-                          /* bytes a format 1 stream brought for no row */
-                          "DELETE FROM chunk_data WHERE id NOT IN (SELECT id FROM chunks);",
+                          "INSERT INTO sessions SELECT * FROM stage_sessions;",
                           NULL, NULL, NULL);
     if (rc != SQLITE_OK) {
         if ((rc & 0xff) == SQLITE_CONSTRAINT)

@@ -19,6 +19,9 @@
  * snapshot may lack them until it fetched them from a peer). Every decision
  * made while applying (statedb_chunk_has: "does the cluster hold this
  * chunk?") looks at chunk rows only, never at whether the bytes are here.
+ * The bytes live in append-only pack files in STATE_DIR/chunks (beside
+ * state.db; doc/decisions.md D14), indexed by state.db; bytes may also be
+ * here without a row (pushed ahead of the entry naming them, D13).
  *
  * Chunk collection is deterministic: a chunk's reference count is the number
  * of chunk-list rows naming it (kept by triggers, so it cannot drift), and a
@@ -30,6 +33,11 @@
  * statedb_commit() (which rolls back itself if the commit fails) or
  * statedb_rollback(). Writes outside a transaction (disk records) are single
  * autocommit statements. Snapshots read through a second connection.
+ *
+ * Chunk bytes are durable no later than the index rows naming them (the pack
+ * is fdatasync'ed before every commit that adds rows); the space of deleted
+ * bytes is given back after the commit (hole punch; an emptied old pack is
+ * removed).
  *
  * Errors: 0 or a negative errno; the SQLite message of the last failure is in
  * statedb_errmsg(). -ENOSPC (disk full), -EIO (I/O error: durable state
@@ -51,7 +59,7 @@
 #include "lib/error.h"
 #include "store/store.h"
 
-#define STATEDB_FORMAT   2 /* schema format written by this build (1 is migrated) */
+#define STATEDB_FORMAT   3 /* schema format written by this build (1 and 2 are migrated) */
 #define STATEDB_NAME     "state.db"
 #define STATEDB_ID_LEN   32 /* chunk id / content hash (SHA-256) */
 #define STATEDB_NODE_MAX 64
@@ -208,11 +216,18 @@ int statedb_chunk_get(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], void
 int statedb_chunk_put(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], const void *data,
                       uint32_t len, uint64_t keep_until);
 int statedb_chunk_collect(struct statedb *db, uint64_t index, uint64_t *n);
-/* Node-local bytes. data_put: stores the bytes of an existing chunk row of
- * length len (verify the hash first; no-op if already here); -ENOENT if there
- * is no such chunk (collected meanwhile), -EINVAL if its length differs.
- * Outside a transaction it is one autocommit write (synchronous NORMAL: a
- * power loss may drop it, and it is fetched again). data_has: 1, 0, -errno.
+/* Copies exactly len bytes of this node's copy of chunk id into out_fd at
+ * its current offset (copy_file_range from the pack: no user-space copy;
+ * pread + write where the kernel cannot), errors as statedb_chunk_get; on an
+ * error some bytes may have been written. Works on a reader handle. */
+int statedb_chunk_copy(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], uint32_t len,
+                       int out_fd);
+/* Node-local bytes. data_put: stores the bytes of chunk id (verify the hash
+ * first; no-op if already here), with or without a chunk row (bytes without
+ * a row: see statedb_chunk_data_put_many()); -EINVAL if a row exists with
+ * another length or len > STATEDB_CHUNK_MAX. Outside a transaction it commits
+ * its own with synchronous NORMAL (a power loss may drop it, and it is
+ * fetched again; one fdatasync of the pack). data_has: 1, 0, -errno.
  * missing: up to max referenced chunks (refs > 0) whose bytes are not here,
  * in id order, with id greater than after (NULL: from the start); *n gets
  * how many. */
@@ -221,6 +236,38 @@ int statedb_chunk_data_put(struct statedb *db, const uint8_t id[STATEDB_ID_LEN],
 int statedb_chunk_data_has(struct statedb *db, const uint8_t id[STATEDB_ID_LEN]);
 int statedb_chunk_missing(struct statedb *db, const uint8_t *after, struct statedb_ref *out,
                           size_t max, size_t *n);
+/* Adds chunk id's row without bytes if absent (refs 0, len, keep_until), or
+ * raises an existing row's keep_until to at least keep_until; -EINVAL if the
+ * row exists with another length. Replicated state: called while applying
+ * (REFS op). The bytes may already be here (pushed earlier) or be fetched
+ * later (fetch.c), exactly as after a snapshot install (D10); bytes here of
+ * another length are dropped (the row wins). */
+int statedb_chunk_row_put(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], uint32_t len,
+                          uint64_t keep_until);
+
+/* One chunk's bytes for statedb_chunk_data_put_many(); the caller has
+ * verified len <= 256 KiB and SHA-256(data) == id. */
+struct statedb_chunk_in {
+    const uint8_t *id; /* STATEDB_ID_LEN bytes */
+    const void *data;
+    uint32_t len;
+};
+/* Stores node-local bytes of n chunks, with or without a chunk row: bytes
+ * without a row are "pushed" (kept until a row names them, or until
+ * statedb_chunk_data_collect_unrowed() removes them). Chunks already here are
+ * skipped. -EINVAL if a row exists with another length (nothing stored).
+ * DURABLE when it returns 0 outside a transaction (bytes fdatasync'ed, then
+ * the index committed with synchronous FULL: one fdatasync + one WAL fsync
+ * per call); inside a statedb_begin() transaction they become durable with
+ * its statedb_commit(). Writer handle only (-EROFS on a reader). */
+int statedb_chunk_data_put_many(struct statedb *db, const struct statedb_chunk_in *in, size_t n);
+/* Removes the bytes of chunks that have no row and were stored more than
+ * max_age_ms before now_ms; *n (may be NULL) gets how many. now_ms is
+ * pb_now_ms() (the clock the bytes' store time was taken from; a store time
+ * ahead of now_ms, from before a reboot, counts as now). Inside or outside
+ * a transaction. */
+int statedb_chunk_data_collect_unrowed(struct statedb *db, uint64_t now_ms, uint64_t max_age_ms,
+                                       uint64_t *n);
 /* References to chunk id (chunk-list rows naming it); -ENOENT if absent. */
 int statedb_chunk_refs(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], uint64_t *refs);
 
