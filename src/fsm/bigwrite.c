@@ -67,25 +67,11 @@ struct bw_fill {
     struct bw_job *j;
 };
 
-static int write_all(int fd, const uint8_t *p, size_t n)
-{
-    while (n > 0) {
-        ssize_t k = write(fd, p, n);
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k < 0)
-            return -errno;
-        p += k;
-        n -= (size_t)k;
-    }
-    return 0;
-}
-
-/* fsm_tree_fill_fn: the chunks in order, one FSM_CHUNK_MAX_LEN buffer. */
+/* fsm_tree_fill_fn: the chunks in order, copied from the store's packs
+ * into the temp by the kernel (statedb_chunk_copy: no user-space copy). */
 static int bw_fill_chunks(void *arg, int fd)
 {
     const struct bw_fill *f = arg;
-    uint8_t *buf = pb_xmalloc(FSM_CHUNK_MAX_LEN);
     int rc = 0;
     for (uint32_t i = 0; i < f->j->n_refs && rc == 0; i++) {
         if (atomic_load(&f->j->cancel)) {
@@ -93,17 +79,14 @@ static int bw_fill_chunks(void *arg, int fd)
             break;
         }
         const struct fsm_chunk_ref *r = &f->j->refs[i];
-        rc = statedb_chunk_get(f->w->rdb, r->id, buf, r->len);
+        rc = statedb_chunk_copy(f->w->rdb, r->id, r->len, fd);
         if (rc == -ENOENT)
             rc = -ENODATA; /* the store lacks bytes, not "a parent is missing" */
-        if (rc == 0)
-            rc = write_all(fd, buf, r->len);
         /* the test hook: a temp half written, for as long as asked */
         while (rc == 0 && f->w->hold != NULL && access(f->w->hold, F_OK) == 0 &&
                !atomic_load(&f->j->cancel))
             nanosleep(&(struct timespec){0, 10 * 1000 * 1000}, NULL);
     }
-    free(buf);
     return rc;
 }
 

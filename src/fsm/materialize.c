@@ -54,7 +54,8 @@ static const struct fsm_chunk_data *carried(const struct fsm_op *op, const uint8
     return NULL;
 }
 
-/* fsm_tree_fill_fn: the file's chunks in order. Stored chunks are read into
+/* fsm_tree_fill_fn: the file's chunks in order. Stored chunks are copied
+ * from the store into fd (disk->copy_chunk: no user-space copy), or read into
  * one FSM_CHUNK_MAX_LEN buffer, so memory stays bounded. */
 static int fill_chunks(void *arg, int fd)
 {
@@ -68,13 +69,17 @@ static int fill_chunks(void *arg, int fd)
             rc = pb_write_all(fd, d->data, d->len);
             continue;
         }
-        if (buf == NULL)
-            buf = pb_xmalloc(FSM_CHUNK_MAX_LEN);
-        rc = c->disk->read_chunk(c->disk->arg, r->id, buf, r->len);
+        if (c->disk->copy_chunk != NULL) {
+            rc = c->disk->copy_chunk(c->disk->arg, r->id, r->len, fd);
+        } else {
+            if (buf == NULL)
+                buf = pb_xmalloc(FSM_CHUNK_MAX_LEN);
+            rc = c->disk->read_chunk(c->disk->arg, r->id, buf, r->len);
+            if (rc == 0)
+                rc = pb_write_all(fd, buf, r->len);
+        }
         if (rc == -ENOENT) /* not "a parent is missing": a store that lost data */
             rc = -ENODATA;
-        if (rc == 0)
-            rc = pb_write_all(fd, buf, r->len);
     }
     free(buf);
     return rc;

@@ -35,6 +35,10 @@ struct fsm_disk {
     int (*record_move)(void *arg, const char *from, const char *to);
     /* Copies the len bytes of chunk id into buf. 0, -ENOENT, or -errno. */
     int (*read_chunk)(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN], uint8_t *buf, uint32_t len);
+    /* Optional (NULL: read_chunk, then write): appends the len bytes of
+     * chunk id to fd at its current offset without passing them through
+     * user space (statedb_chunk_copy). 0, -ENOENT, or -errno. */
+    int (*copy_chunk)(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN], uint32_t len, int fd);
     /* Optional (NULL: never). 1 and *st when the PUT being materialized is
      * this node's own edit and its tree held the op's content at path with
      * stat *st when the op committed; else 0. Such a file is recorded, not
