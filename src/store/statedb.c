@@ -1084,6 +1084,12 @@ const char *statedb_errmsg(const struct statedb *db)
     return db->errmsg;
 }
 
+void statedb_pack_roll_bytes(struct statedb *db, uint64_t bytes)
+{
+    if (db->packs != NULL)
+        pack_set_roll_bytes(db->packs, bytes);
+}
+
 void statedb_fault_inject(struct statedb *db, enum store_fault kind, unsigned n)
 {
     if (db->fvfs != NULL)

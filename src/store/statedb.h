@@ -167,6 +167,8 @@ int statedb_sync(struct statedb *db);
 /* True when a lazy commit may not be durable yet (statedb_sync() has work). */
 bool statedb_lazy_pending(const struct statedb *db);
 
+/* Test hook: chunk packs roll over past bytes instead of 1 GiB. */
+void statedb_pack_roll_bytes(struct statedb *db, uint64_t bytes);
 /* Test hook: the next n write transactions fail (see enum store_fault) through
  * a fault-injection VFS, so SQLite's own error and rollback paths run. */
 void statedb_fault_inject(struct statedb *db, enum store_fault kind, unsigned n);

@@ -1,0 +1,621 @@
+/*
+ * check_statedb_pack.c: state.db's chunk bytes in pack files (format 3):
+ * put/get/copy round trips, the durability order of put_many (a failed or
+ * interrupted commit leaves no index row, and the bytes it appended are cut),
+ * bytes without a row and their collection by age, freed ranges punched out
+ * (st_blocks drops) and emptied old packs removed only after the commit, the
+ * read-only handle's reads beside the writer, packs lost or cut by someone
+ * else, and the kept missing counts against a recount through many random
+ * operations.
+ */
+#include "config.h"
+
+#include <check.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "lib/util.h"
+#include "store/statedb.h"
+
+static char tmpdir[64];
+
+static void setup(void)
+{
+    snprintf(tmpdir, sizeof(tmpdir), "/tmp/check_statedb_pack.XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(tmpdir));
+}
+
+static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    (void)sb;
+    (void)flag;
+    (void)ftw;
+    return remove(p);
+}
+
+static void teardown(void)
+{
+    nftw(tmpdir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+static char *dbpath(const char *name)
+{
+    return pb_xasprintf("%s/%s", tmpdir, name);
+}
+
+static struct statedb *open_db(const char *name)
+{
+    char *p = dbpath(name);
+    struct statedb *db = NULL;
+    struct pb_error err;
+    pb_error_clear(&err);
+    int rc = statedb_open(p, &db, &err);
+    ck_assert_msg(rc == 0, "open %s: %s", p, err.msg);
+    free(p);
+    return db;
+}
+
+/* The path of pack n of the database named name ("state.db": chunks/). */
+static char *pack_path(const char *name, unsigned n)
+{
+    if (strcmp(name, "state.db") == 0)
+        return pb_xasprintf("%s/chunks/%08u.pack", tmpdir, n);
+    return pb_xasprintf("%s/%s.chunks/%08u.pack", tmpdir, name, n);
+}
+
+/* Size (or -1 if absent) and allocated bytes of pack n. */
+static int64_t pack_size(const char *name, unsigned n, int64_t *alloc)
+{
+    char *p = pack_path(name, n);
+    struct stat st;
+    int rc = stat(p, &st);
+    free(p);
+    if (alloc != NULL)
+        *alloc = rc == 0 ? (int64_t)st.st_blocks * 512 : -1;
+    return rc == 0 ? (int64_t)st.st_size : -1;
+}
+
+static void fill_id(uint8_t id[STATEDB_ID_LEN], uint32_t seed)
+{
+    for (int i = 0; i < STATEDB_ID_LEN; i++)
+        id[i] = (uint8_t)(seed * 31u + (uint32_t)i * 7u + (seed >> 8));
+}
+
+/* len bytes that depend on seed. */
+static uint8_t *mkbytes(uint32_t seed, uint32_t len)
+{
+    uint8_t *b = pb_xmalloc(len ? len : 1);
+    uint32_t x = seed * 2654435761u + 1;
+    for (uint32_t i = 0; i < len; i++) {
+        x = x * 1103515245u + 12345u;
+        b[i] = (uint8_t)(x >> 16);
+    }
+    return b;
+}
+
+/* The chunk's bytes equal mkbytes(seed, len). */
+static void assert_bytes(struct statedb *db, const uint8_t *id, uint32_t seed, uint32_t len)
+{
+    uint8_t *want = mkbytes(seed, len), *got = pb_xmalloc(len ? len : 1);
+    ck_assert_int_eq(statedb_chunk_get(db, id, got, len), 0);
+    ck_assert_int_eq(memcmp(want, got, len), 0);
+    free(want);
+    free(got);
+}
+
+/* The writer's kept status counts equal a reader's recount. */
+static void assert_counts_exact(struct statedb *db, const char *name)
+{
+    char *p = dbpath(name);
+    struct statedb *rd;
+    struct pb_error err;
+    ck_assert_int_eq(statedb_open_reader(p, &rd, &err), 0);
+    struct statedb_status kept, counted;
+    ck_assert_int_eq(statedb_status_get(db, 1, 2, &kept), 0);
+    ck_assert_int_eq(statedb_status_get(rd, 1, 2, &counted), 0);
+    ck_assert_uint_eq(kept.chunks, counted.chunks);
+    ck_assert_uint_eq(kept.chunk_bytes, counted.chunk_bytes);
+    ck_assert_uint_eq(kept.missing, counted.missing);
+    ck_assert_uint_eq(kept.missing_bytes, counted.missing_bytes);
+    statedb_close(rd);
+    free(p);
+}
+
+START_TEST(test_pack_put_get_copy)
+{
+    struct statedb *db = open_db("state.db");
+    uint8_t a[STATEDB_ID_LEN], b[STATEDB_ID_LEN], c[STATEDB_ID_LEN], d[STATEDB_ID_LEN];
+    fill_id(a, 1);
+    fill_id(b, 2);
+    fill_id(c, 3);
+    fill_id(d, 4);
+    uint8_t *ba = mkbytes(1, 100000), *bb = mkbytes(2, 5000), *bc = mkbytes(3, 70000),
+            *bd = mkbytes(4, 1);
+    /* a row with its bytes (a CHUNKS entry being applied) */
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_put(db, a, ba, 100000, 1), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    /* bytes without a row, one and many (a repeat of a is skipped) */
+    ck_assert_int_eq(statedb_chunk_data_put(db, b, bb, 5000), 0);
+    struct statedb_chunk_in in[3] = {{c, bc, 70000}, {d, bd, 1}, {a, ba, 100000}};
+    ck_assert_int_eq(statedb_chunk_data_put_many(db, in, 3), 0);
+    ck_assert_int_eq(statedb_chunk_data_has(db, a), 1);
+    ck_assert_int_eq(statedb_chunk_data_has(db, b), 1);
+    ck_assert_int_eq(statedb_chunk_has(db, b), 0);
+    assert_bytes(db, a, 1, 100000);
+    assert_bytes(db, b, 2, 5000);
+    assert_bytes(db, c, 3, 70000);
+    assert_bytes(db, d, 4, 1);
+    uint8_t tmp[16];
+    uint8_t none[STATEDB_ID_LEN];
+    fill_id(none, 99);
+    ck_assert_int_eq(statedb_chunk_get(db, a, tmp, 16), -EBADMSG);
+    ck_assert_int_eq(statedb_chunk_get(db, none, tmp, 16), -ENOENT);
+    /* one pack, beside state.db, holding every byte once */
+    int64_t size = pack_size("state.db", 1, NULL);
+    ck_assert_int_ge(size, 100000 + 5000 + 70000 + 1);
+    ck_assert_int_lt(size, 100000 + 5000 + 70000 + 1 + 4 * 4096);
+
+    /* copy: appended at the file's offset, in order */
+    char *out = dbpath("out.bin");
+    int fd = open(out, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(write(fd, "hdr", 3), 3);
+    ck_assert_int_eq(statedb_chunk_copy(db, a, 100000, fd), 0);
+    ck_assert_int_eq(statedb_chunk_copy(db, c, 70000, fd), 0);
+    ck_assert_int_eq(statedb_chunk_copy(db, none, 10, fd), -ENOENT);
+    ck_assert_int_eq(statedb_chunk_copy(db, c, 69999, fd), -EBADMSG);
+    ck_assert_int_eq(lseek(fd, 0, SEEK_CUR), 3 + 100000 + 70000);
+    uint8_t *all = pb_xmalloc(3 + 100000 + 70000);
+    ck_assert_int_eq(pread(fd, all, 3 + 100000 + 70000, 0), 3 + 100000 + 70000);
+    ck_assert_int_eq(memcmp(all, "hdr", 3), 0);
+    ck_assert_int_eq(memcmp(all + 3, ba, 100000), 0);
+    ck_assert_int_eq(memcmp(all + 3 + 100000, bc, 70000), 0);
+    close(fd);
+    free(all);
+    free(out);
+
+    /* after a restart: all still there, and the pack keeps its size */
+    statedb_close(db);
+    db = open_db("state.db");
+    assert_bytes(db, a, 1, 100000);
+    assert_bytes(db, d, 4, 1);
+    ck_assert_int_eq(pack_size("state.db", 1, NULL), size);
+    statedb_close(db);
+    free(ba);
+    free(bb);
+    free(bc);
+    free(bd);
+}
+END_TEST
+
+START_TEST(test_pack_durability_order)
+{
+    struct statedb *db = open_db("d.db");
+    uint8_t a[STATEDB_ID_LEN], b[STATEDB_ID_LEN], c[STATEDB_ID_LEN], e[STATEDB_ID_LEN];
+    fill_id(a, 10);
+    fill_id(b, 11);
+    fill_id(c, 12);
+    fill_id(e, 13);
+    uint8_t *ba = mkbytes(10, 30000), *bb = mkbytes(11, 40000);
+    struct statedb_chunk_in ia = {a, ba, 30000}, ib = {b, bb, 40000};
+    ck_assert_int_eq(statedb_chunk_data_put_many(db, &ia, 1), 0);
+    int64_t size0 = pack_size("d.db", 1, NULL);
+
+    /* the commit fails after the pack was written and synced: no index
+     * row, and the appended bytes are cut */
+    statedb_fault_inject(db, STORE_FAULT_IOERR_FSYNC, 1);
+    ck_assert_int_lt(statedb_chunk_data_put_many(db, &ib, 1), 0);
+    ck_assert_int_eq(statedb_chunk_data_has(db, b), 0);
+    ck_assert_int_eq(pack_size("d.db", 1, NULL), size0);
+    /* the same inside a caller's transaction that rolls back */
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_data_put_many(db, &ib, 1), 0);
+    ck_assert_int_gt(pack_size("d.db", 1, NULL), size0);
+    statedb_rollback(db);
+    ck_assert_int_eq(statedb_chunk_data_has(db, b), 0);
+    ck_assert_int_eq(pack_size("d.db", 1, NULL), size0);
+
+    /* a row of another length refuses the whole batch */
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_row_put(db, c, 10, 1), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    uint8_t twenty[20] = {0};
+    struct statedb_chunk_in two[2] = {{b, bb, 40000}, {c, twenty, 20}};
+    ck_assert_int_eq(statedb_chunk_data_put_many(db, two, 2), -EINVAL);
+    ck_assert_int_eq(statedb_chunk_data_has(db, b), 0);
+    ck_assert_int_eq(statedb_chunk_data_has(db, c), 0);
+    ck_assert_int_eq(statedb_chunk_data_put(db, c, twenty, 20), -EINVAL);
+    ck_assert_int_eq(pack_size("d.db", 1, NULL), size0);
+
+    /* a crash between the append and the commit (the process dies with
+     * its transaction open): the next open cuts the tail */
+    statedb_close(db);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        char *p = dbpath("d.db");
+        struct statedb *cdb;
+        struct pb_error err;
+        if (statedb_open(p, &cdb, &err) < 0 || statedb_begin(cdb) < 0)
+            _exit(2);
+        uint8_t *be = mkbytes(13, 50000);
+        struct statedb_chunk_in ie = {e, be, 50000};
+        if (statedb_chunk_data_put_many(cdb, &ie, 1) < 0)
+            _exit(3);
+        _exit(0); /* no commit, no close */
+    }
+    int status;
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    ck_assert_int_ge(pack_size("d.db", 1, NULL), size0 + 50000);
+    db = open_db("d.db");
+    ck_assert_int_eq(pack_size("d.db", 1, NULL), size0);
+    ck_assert_int_eq(statedb_chunk_data_has(db, e), 0);
+    assert_bytes(db, a, 10, 30000);
+    /* and appending goes on from there */
+    ck_assert_int_eq(statedb_chunk_data_put_many(db, &ib, 1), 0);
+    assert_bytes(db, b, 11, 40000);
+    statedb_close(db);
+    free(ba);
+    free(bb);
+}
+END_TEST
+
+START_TEST(test_pack_unrowed)
+{
+    struct statedb *db = open_db("u.db");
+    uint8_t x[STATEDB_ID_LEN], y[STATEDB_ID_LEN], z[STATEDB_ID_LEN], w[STATEDB_ID_LEN];
+    fill_id(x, 20);
+    fill_id(y, 21);
+    fill_id(z, 22);
+    fill_id(w, 23);
+    uint8_t *bx = mkbytes(20, 9000);
+    uint64_t now = pb_now_ms(), n = 99;
+    ck_assert_int_eq(statedb_chunk_data_put(db, x, bx, 9000), 0);
+    struct statedb_status st;
+    ck_assert_int_eq(statedb_status_get(db, 1, 2, &st), 0);
+    ck_assert_uint_eq(st.chunks, 0); /* bytes without a row count nowhere */
+    ck_assert_uint_eq(st.missing, 0);
+    /* young: kept; old: removed (and the space goes back) */
+    ck_assert_int_eq(statedb_chunk_data_collect_unrowed(db, now, 60000, &n), 0);
+    ck_assert_uint_eq(n, 0);
+    ck_assert_int_eq(statedb_chunk_data_has(db, x), 1);
+    ck_assert_int_eq(statedb_chunk_data_collect_unrowed(db, now + 120000, 60000, &n), 0);
+    ck_assert_uint_eq(n, 1);
+    ck_assert_int_eq(statedb_chunk_data_has(db, x), 0);
+
+    /* a row names them: kept whatever their age; the row is raised */
+    struct statedb_chunk_in iy = {y, bx, 9000};
+    ck_assert_int_eq(statedb_chunk_data_put_many(db, &iy, 1), 0);
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_row_put(db, y, 9000, 5), 0);
+    ck_assert_int_eq(statedb_chunk_row_put(db, y, 9001, 5), -EINVAL);
+    ck_assert_int_eq(statedb_chunk_row_put(db, y, 9000, 9), 0); /* keep_until 9 */
+    ck_assert_int_eq(statedb_commit(db), 0);
+    ck_assert_int_eq(statedb_chunk_data_collect_unrowed(db, now + 1000000000, 1, &n), 0);
+    ck_assert_uint_eq(n, 0);
+    assert_bytes(db, y, 20, 9000);
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_collect(db, 9, &n), 0);
+    ck_assert_uint_eq(n, 0); /* keep_until 9 is not < 9 */
+    ck_assert_int_eq(statedb_chunk_collect(db, 10, &n), 0);
+    ck_assert_uint_eq(n, 1);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    ck_assert_int_eq(statedb_chunk_data_has(db, y), 0); /* with its row */
+
+    /* a time stored under an earlier boot of the clock (ahead of now)
+     * counts as stored now */
+    ck_assert_int_eq(statedb_chunk_data_put(db, z, bx, 9000), 0);
+    ck_assert_int_eq(statedb_chunk_data_collect_unrowed(db, 5, 1000, &n), 0);
+    ck_assert_uint_eq(n, 0);
+    ck_assert_int_eq(statedb_chunk_data_collect_unrowed(db, 1006, 1000, &n), 0);
+    ck_assert_uint_eq(n, 1);
+
+    /* bytes of another length than the row that comes: dropped */
+    ck_assert_int_eq(statedb_chunk_data_put(db, w, bx, 10), 0);
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_row_put(db, w, 11, 1), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    ck_assert_int_eq(statedb_chunk_data_has(db, w), 0);
+    ck_assert_int_eq(statedb_chunk_has(db, w), 1);
+
+    /* a row without bytes, then referenced: missing until they come */
+    uint8_t v[STATEDB_ID_LEN];
+    fill_id(v, 24);
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_row_put(db, v, 9000, 1), 0);
+    ck_assert_int_eq(statedb_status_get(db, 1, 2, &st), 0);
+    ck_assert_uint_eq(st.missing, 0); /* not referenced yet */
+    struct statedb_ref ref;
+    memcpy(ref.id, v, STATEDB_ID_LEN);
+    ref.len = 9000;
+    ck_assert_int_eq(statedb_chunklist_put(db, "f", &ref, 1), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    ck_assert_int_eq(statedb_status_get(db, 1, 2, &st), 0);
+    ck_assert_uint_eq(st.missing, 1);
+    ck_assert_uint_eq(st.missing_bytes, 9000);
+    assert_counts_exact(db, "u.db");
+    ck_assert_int_eq(statedb_chunk_data_put(db, v, bx, 9000), 0);
+    ck_assert_int_eq(statedb_status_get(db, 1, 2, &st), 0);
+    ck_assert_uint_eq(st.missing, 0);
+    assert_counts_exact(db, "u.db");
+    statedb_close(db);
+    free(bx);
+}
+END_TEST
+
+#define CHUNK_128K (128u * 1024u)
+
+START_TEST(test_pack_free_punch_unlink)
+{
+    struct statedb *db = open_db("f.db");
+    statedb_pack_roll_bytes(db, 4 * CHUNK_128K);
+    uint8_t id[16][STATEDB_ID_LEN];
+    ck_assert_int_eq(statedb_begin(db), 0);
+    for (uint32_t i = 0; i < 16; i++) {
+        uint8_t *b = mkbytes(100 + i, CHUNK_128K);
+        fill_id(id[i], 100 + i);
+        /* 0..5 may go at index 2, the others not before 100 */
+        ck_assert_int_eq(statedb_chunk_put(db, id[i], b, CHUNK_128K, i < 6 ? 1 : 100), 0);
+        free(b);
+    }
+    ck_assert_int_eq(statedb_commit(db), 0);
+    /* four packs of four chunks */
+    int64_t alloc1, alloc2, alloc2b;
+    for (unsigned p = 1; p <= 4; p++)
+        ck_assert_int_eq(pack_size("f.db", p, NULL), 4 * CHUNK_128K);
+    ck_assert_int_eq(pack_size("f.db", 5, NULL), -1);
+    pack_size("f.db", 1, &alloc1);
+    pack_size("f.db", 2, &alloc2);
+    ck_assert_int_ge(alloc1, 4 * CHUNK_128K);
+    ck_assert_int_ge(alloc2, 4 * CHUNK_128K);
+
+    /* a rollback gives nothing back */
+    ck_assert_int_eq(statedb_begin(db), 0);
+    uint64_t n;
+    ck_assert_int_eq(statedb_chunk_collect(db, 1000, &n), 0);
+    ck_assert_uint_eq(n, 16);
+    statedb_rollback(db);
+    for (uint32_t i = 0; i < 16; i++)
+        assert_bytes(db, id[i], 100 + i, CHUNK_128K);
+    pack_size("f.db", 2, &alloc2b);
+    ck_assert_int_eq(alloc2b, alloc2);
+
+    /* collecting 0..5 after the commit: pack 1 (0..3) is removed, pack 2
+     * loses the blocks of 4 and 5 and keeps 6 and 7 intact */
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_collect(db, 2, &n), 0);
+    ck_assert_uint_eq(n, 6);
+    ck_assert_int_eq(pack_size("f.db", 1, NULL), 4 * CHUNK_128K); /* not before the commit */
+    ck_assert_int_eq(statedb_commit(db), 0);
+    ck_assert_int_eq(pack_size("f.db", 1, NULL), -1);
+    ck_assert_int_eq(pack_size("f.db", 2, &alloc2b), 4 * CHUNK_128K);
+    ck_assert_int_le(alloc2b, alloc2 - 2 * (int64_t)CHUNK_128K);
+    for (uint32_t i = 6; i < 16; i++)
+        assert_bytes(db, id[i], 100 + i, CHUNK_128K);
+    for (uint32_t i = 0; i < 6; i++)
+        ck_assert_int_eq(statedb_chunk_data_has(db, id[i]), 0);
+
+    /* the current pack is never removed, even emptied */
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_collect(db, 1000, &n), 0);
+    ck_assert_uint_eq(n, 10);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    ck_assert_int_eq(pack_size("f.db", 2, NULL), -1);
+    ck_assert_int_eq(pack_size("f.db", 3, NULL), -1);
+    ck_assert_int_eq(pack_size("f.db", 4, NULL), 4 * CHUNK_128K);
+    statedb_close(db);
+    /* and at the next open a pack without a chunk goes */
+    db = open_db("f.db");
+    ck_assert_int_eq(pack_size("f.db", 4, NULL), -1);
+    uint8_t *b = mkbytes(7, 1000);
+    ck_assert_int_eq(statedb_chunk_data_put(db, id[0], b, 1000), 0);
+    assert_bytes(db, id[0], 7, 1000);
+    free(b);
+    statedb_close(db);
+}
+END_TEST
+
+START_TEST(test_pack_reader)
+{
+    struct statedb *db = open_db("r.db");
+    uint8_t a[STATEDB_ID_LEN], b[STATEDB_ID_LEN];
+    fill_id(a, 30);
+    fill_id(b, 31);
+    uint8_t *ba = mkbytes(30, 60000), *bb = mkbytes(31, 20000);
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_put(db, a, ba, 60000, 1), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    char *p = dbpath("r.db");
+    struct statedb *rd;
+    struct pb_error err;
+    ck_assert_int_eq(statedb_open_reader(p, &rd, &err), 0);
+    assert_bytes(rd, a, 30, 60000);
+    /* bytes the writer adds later are read too */
+    struct statedb_chunk_in ib = {b, bb, 20000};
+    ck_assert_int_eq(statedb_chunk_data_put_many(db, &ib, 1), 0);
+    assert_bytes(rd, b, 31, 20000);
+    char *out = dbpath("copy.bin");
+    int fd = open(out, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(statedb_chunk_copy(rd, a, 60000, fd), 0);
+    uint8_t *got = pb_xmalloc(60000);
+    ck_assert_int_eq(pread(fd, got, 60000, 0), 60000);
+    ck_assert_int_eq(memcmp(got, ba, 60000), 0);
+    close(fd);
+    free(got);
+    free(out);
+    /* writes are refused */
+    ck_assert_int_eq(statedb_chunk_data_put_many(rd, &ib, 1), -EROFS);
+    ck_assert_int_eq(statedb_chunk_data_put(rd, b, bb, 20000), -EROFS);
+    ck_assert_int_eq(statedb_chunk_data_collect_unrowed(rd, 0, 0, NULL), -EROFS);
+    /* collected by the writer: the reader says absent, never zeroes */
+    ck_assert_int_eq(statedb_begin(db), 0);
+    uint64_t n;
+    ck_assert_int_eq(statedb_chunk_collect(db, 2, &n), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    uint8_t tmp[60000];
+    ck_assert_int_eq(statedb_chunk_get(rd, a, tmp, 60000), -ENOENT);
+    statedb_close(rd);
+    statedb_close(db);
+    free(p);
+    free(ba);
+    free(bb);
+}
+END_TEST
+
+/* A pack removed or cut by someone else: its chunks count as missing (and
+ * are fetched again), never read as garbage. */
+START_TEST(test_pack_lost)
+{
+    struct statedb *db = open_db("l.db");
+    statedb_pack_roll_bytes(db, 50000);
+    uint8_t id[4][STATEDB_ID_LEN];
+    struct statedb_ref refs[4];
+    ck_assert_int_eq(statedb_begin(db), 0);
+    for (uint32_t i = 0; i < 4; i++) {
+        uint8_t *b = mkbytes(40 + i, 30000);
+        fill_id(id[i], 40 + i);
+        ck_assert_int_eq(statedb_chunk_put(db, id[i], b, 30000, 1), 0);
+        memcpy(refs[i].id, id[i], STATEDB_ID_LEN);
+        refs[i].len = 30000;
+        free(b);
+    }
+    ck_assert_int_eq(statedb_chunklist_put(db, "f", refs, 4), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    statedb_close(db);
+    /* packs 1 (chunks 0, 1) and 2 (2, 3): 1 goes, 2 is cut inside chunk 3 */
+    char *p1 = pack_path("l.db", 1), *p2 = pack_path("l.db", 2);
+    ck_assert_int_eq(unlink(p1), 0);
+    ck_assert_int_eq(truncate(p2, 4096 + 30000 + 100), 0);
+    db = open_db("l.db");
+    struct statedb_status st;
+    ck_assert_int_eq(statedb_status_get(db, 1, 2, &st), 0);
+    ck_assert_uint_eq(st.missing, 3);
+    ck_assert_int_eq(statedb_chunk_data_has(db, id[0]), 0);
+    ck_assert_int_eq(statedb_chunk_data_has(db, id[3]), 0);
+    assert_bytes(db, id[2], 42, 30000);
+    assert_counts_exact(db, "l.db");
+    statedb_close(db);
+    free(p1);
+    free(p2);
+}
+END_TEST
+
+/* Many random operations (rows, bytes with and without rows, chunk lists,
+ * collection of both kinds, rollbacks): the kept counts equal a recount
+ * after every commit, and every byte read back is right. */
+START_TEST(test_pack_counts_random)
+{
+    struct statedb *db = open_db("c.db");
+    statedb_pack_roll_bytes(db, 256 * 1024);
+    uint32_t seed = 12345;
+    uint64_t index = 10, now = 1000000;
+    for (int round = 0; round < 150; round++) {
+        seed = seed * 1103515245u + 12345u;
+        uint32_t r = seed >> 8;
+        uint32_t k = r % 24, len = 100 + k * 997;
+        uint8_t id[STATEDB_ID_LEN];
+        fill_id(id, 1000 + k);
+        uint8_t *b = mkbytes(1000 + k, len);
+        bool txn = (r >> 5) % 3 != 0;
+        if (txn)
+            ck_assert_int_eq(statedb_begin(db), 0);
+        switch ((r >> 7) % 6) {
+        case 0:
+            ck_assert_int_eq(statedb_chunk_data_put(db, id, b, len), 0);
+            break;
+        case 1:
+            if (txn)
+                ck_assert_int_eq(statedb_chunk_row_put(db, id, len, index + (r >> 12) % 5), 0);
+            break;
+        case 2: {
+            if (!txn)
+                break;
+            /* a list of the chunks that have a row */
+            struct statedb_ref refs[24];
+            uint32_t n = 0;
+            for (uint32_t j = (r >> 12) % 3; j < 24; j += 1 + (r >> 14) % 4) {
+                fill_id(refs[n].id, 1000 + j);
+                refs[n].len = 100 + j * 997;
+                if (statedb_chunk_has(db, refs[n].id) == 1)
+                    n++;
+            }
+            char path[16];
+            snprintf(path, sizeof(path), "p%u", (r >> 16) % 4);
+            ck_assert_int_eq(statedb_chunklist_put(db, path, refs, n), 0);
+            break;
+        }
+        case 3:
+            if (txn) {
+                uint64_t n;
+                ck_assert_int_eq(statedb_chunk_collect(db, index++, &n), 0);
+            }
+            break;
+        case 4:
+            ck_assert_int_eq(statedb_chunk_data_collect_unrowed(db, now, 500, NULL), 0);
+            break;
+        default: {
+            struct statedb_chunk_in in = {id, b, len};
+            ck_assert_int_eq(statedb_chunk_data_put_many(db, &in, 1), 0);
+            break;
+        }
+        }
+        now += 100;
+        if (txn && (r >> 20) % 5 == 0)
+            statedb_rollback(db);
+        else if (txn)
+            ck_assert_int_eq(statedb_commit(db), 0);
+        free(b);
+        if (round % 10 == 9)
+            assert_counts_exact(db, "c.db");
+    }
+    /* every byte here is right */
+    for (uint32_t k = 0; k < 24; k++) {
+        uint8_t id[STATEDB_ID_LEN];
+        fill_id(id, 1000 + k);
+        if (statedb_chunk_data_has(db, id) == 1)
+            assert_bytes(db, id, 1000 + k, 100 + k * 997);
+    }
+    assert_counts_exact(db, "c.db");
+    statedb_close(db);
+    db = open_db("c.db");
+    assert_counts_exact(db, "c.db");
+    statedb_close(db);
+}
+END_TEST
+
+static Suite *pack_suite(void)
+{
+    Suite *s = suite_create("statedb_pack");
+    TCase *tc = tcase_create("pack");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_pack_put_get_copy);
+    tcase_add_test(tc, test_pack_durability_order);
+    tcase_add_test(tc, test_pack_unrowed);
+    tcase_add_test(tc, test_pack_free_punch_unlink);
+    tcase_add_test(tc, test_pack_reader);
+    tcase_add_test(tc, test_pack_lost);
+    tcase_add_test(tc, test_pack_counts_random);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    SRunner *sr = srunner_create(pack_suite());
+    srunner_run_all(sr, CK_ENV);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
