@@ -10,6 +10,10 @@
  * state.db), the Raft entry and op encodings, the config file and the secret.
  * When a format is bumped, this is the test of its migration: the contents
  * are checked through the modules' APIs, not through today's schema.
+ * tests/fixtures/v2/ is the same run by the format-2 pickboxd (state.db
+ * format 2: chunk bytes in the chunk_data table; snapshot stream format 2):
+ * its state.db migrates to format 3 (bytes into chunk packs) with every row
+ * and every chunk's bytes kept, also after a migration that crashed.
  *
  * It also proves the other direction: a file or a message whose format
  * number is past what this build knows is refused with an error naming both
@@ -203,14 +207,24 @@ static int rm_one(const char *path, const struct stat *st, int flag, struct FTW 
     return remove(path);
 }
 
-static void setup(void)
+static void setup_gen(const char *gen)
 {
     const char *src = getenv("top_srcdir");
-    snprintf(fixdir, sizeof(fixdir), "%s/tests/fixtures/v1", src ? src : ".");
+    snprintf(fixdir, sizeof(fixdir), "%s/tests/fixtures/%s", src ? src : ".", gen);
     const char *tmp = getenv("TMPDIR");
     snprintf(tmpdir, sizeof(tmpdir), "%s/check_upgrade.XXXXXX", tmp ? tmp : "/tmp");
     ck_assert_ptr_nonnull(mkdtemp(tmpdir));
     load_expectations();
+}
+
+static void setup(void)
+{
+    setup_gen("v1");
+}
+
+static void setup_v2(void)
+{
+    setup_gen("v2");
 }
 
 static void teardown(void)
@@ -575,7 +589,104 @@ START_TEST(test_state_db_newer_refused)
 
     file_sha_hex(path, after);
     ck_assert_str_eq(before, after);
+    /* nothing created beside it either (the chunk packs' directory) */
+    char *packs = pb_xasprintf("%s/chunks", tmpdir);
+    ck_assert(!exists(packs));
+    free(packs);
     free(sql);
+    free(path);
+}
+END_TEST
+
+/* The format and the number of chunk_data rows of a state.db (plain SQLite,
+ * read-only). */
+static void state_db_format(const char *path, int *format, int *chunk_data)
+{
+    sqlite3 *h = NULL;
+    ck_assert_int_eq(sqlite3_open_v2(path, &h, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+    sqlite3_stmt *st;
+    ck_assert_int_eq(sqlite3_prepare_v2(h,
+                                        "SELECT (SELECT format FROM statedb_meta),"
+                                        " (SELECT count(*) FROM chunk_data)",
+                                        -1, &st, NULL),
+                     SQLITE_OK);
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    *format = sqlite3_column_int(st, 0);
+    *chunk_data = sqlite3_column_int(st, 1);
+    sqlite3_finalize(st);
+    sqlite3_close(h);
+}
+
+/* Opens the fixture's state.db copied to path: it is (now) of today's
+ * format, every row and every chunk's bytes are there (checked against the
+ * hashes coreutils wrote), nothing is missing, and the chunk_data rows are
+ * as many as the fixture had. */
+static void check_migrated(const char *path, int fixture_chunks)
+{
+    struct statedb *db = NULL;
+    struct pb_error err;
+    pb_error_clear(&err);
+    int rc = statedb_open(path, &db, &err);
+    ck_assert_msg(rc == 0, "statedb_open: %s", err.msg);
+    check_tree_rows(db, true);
+    struct statedb_status s;
+    ck_assert_int_eq(statedb_status_get(db, FSM_KIND_FILE, FSM_KIND_DIR, &s), 0);
+    ck_assert_uint_eq(s.files, info.files);
+    ck_assert_uint_eq(s.dirs, info.dirs);
+    ck_assert_uint_eq(s.missing, 0);
+    statedb_close(db);
+    int format, chunks;
+    state_db_format(path, &format, &chunks);
+    ck_assert_int_eq(format, STATEDB_FORMAT);
+    ck_assert_int_eq(chunks, fixture_chunks);
+}
+
+START_TEST(test_state_db_v2_migrates)
+{
+    char *path = copy_state("state.db");
+    int format, chunks;
+    state_db_format(path, &format, &chunks);
+    ck_assert_int_eq(format, 2);
+    ck_assert_int_gt(chunks, 2);
+    check_migrated(path, chunks);
+    /* the bytes are in a pack beside state.db, once each */
+    char *pack = pb_xasprintf("%s/chunks/00000001.pack", tmpdir);
+    struct stat st;
+    ck_assert_int_eq(stat(pack, &st), 0);
+    ck_assert_int_gt(st.st_size, 200 * 1024);
+    ck_assert_int_lt(st.st_size, 200 * 1024 + chunks * 4096);
+    /* a second open finds format 3 and changes nothing */
+    char before[65], after[65];
+    file_sha_hex(pack, before);
+    check_migrated(path, chunks);
+    file_sha_hex(pack, after);
+    ck_assert_str_eq(before, after);
+    free(pack);
+    free(path);
+}
+END_TEST
+
+/* A migration that crashed after writing its pack (before its one commit)
+ * left a format 2 file and a pack: the next open migrates again, from the
+ * start, and the stale pack is not trusted. */
+START_TEST(test_state_db_v2_migration_crashed)
+{
+    char *path = copy_state("state.db");
+    int format, chunks;
+    state_db_format(path, &format, &chunks);
+    char *dir = pb_xasprintf("%s/chunks", tmpdir);
+    ck_assert_int_eq(mkdir(dir, 0700), 0);
+    char *junk = pb_xasprintf("%s/00000001.pack", dir),
+         *junk2 = pb_xasprintf("%s/00000007.pack", dir);
+    uint8_t garbage[70000];
+    memset(garbage, 0x5a, sizeof(garbage));
+    write_all(junk, garbage, sizeof(garbage));
+    write_all(junk2, garbage, 100);
+    check_migrated(path, chunks);
+    ck_assert(!exists(junk2));
+    free(junk);
+    free(junk2);
+    free(dir);
     free(path);
 }
 END_TEST
@@ -624,6 +735,53 @@ START_TEST(test_snapshot_v1_installs)
     ck_assert_uint_eq(a.index, info.snapshot);
     check_tree_rows(db, false);
     statedb_close(db);
+    free(p);
+    free(path);
+}
+END_TEST
+
+/* The v2 snapshot stream carries metadata only: installed, every chunk it
+ * references is missing; stored through the packs (as fetch.c does), the
+ * rows check out against the tree's hashes. */
+START_TEST(test_snapshot_v2_installs)
+{
+    char *path = fixture_path("state/snapshot.pbs");
+    size_t len;
+    uint8_t *p = read_all(path, &len);
+    ck_assert_uint_eq(pb_load_u32(p), FIXTURE_SNAP_MAGIC);
+    ck_assert_uint_eq(pb_load_u32(p + FIXTURE_SNAP_HDR + 9), 2); /* stream format */
+    struct statedb *db = NULL;
+    struct pb_error err;
+    pb_error_clear(&err);
+    uint64_t index = 0;
+    int rc = install_stream(p + FIXTURE_SNAP_HDR, len - FIXTURE_SNAP_HDR, &db, &index, &err);
+    ck_assert_msg(rc == 0, "install: %s", err.msg);
+    ck_assert_uint_eq(index, info.snapshot);
+    struct statedb_status s;
+    ck_assert_int_eq(statedb_status_get(db, FSM_KIND_FILE, FSM_KIND_DIR, &s), 0);
+    ck_assert_uint_gt(s.missing, 0);
+    /* the bytes, from the migrated fixture state.db */
+    char *src_path = copy_state("state.db");
+    struct statedb *src = NULL;
+    rc = statedb_open(src_path, &src, &err);
+    ck_assert_msg(rc == 0, "statedb_open: %s", err.msg);
+    struct statedb_ref miss[64];
+    size_t n = 0;
+    ck_assert_int_eq(statedb_chunk_missing(db, NULL, miss, 64, &n), 0);
+    ck_assert_uint_eq(n, s.missing);
+    uint8_t *buf = pb_xmalloc(STATEDB_CHUNK_MAX);
+    for (size_t i = 0; i < n; i++) {
+        ck_assert_int_eq(statedb_chunk_get(src, miss[i].id, buf, miss[i].len), 0);
+        struct statedb_chunk_in in = {miss[i].id, buf, miss[i].len};
+        ck_assert_int_eq(statedb_chunk_data_put_many(db, &in, 1), 0);
+    }
+    free(buf);
+    ck_assert_int_eq(statedb_status_get(db, FSM_KIND_FILE, FSM_KIND_DIR, &s), 0);
+    ck_assert_uint_eq(s.missing, 0);
+    check_tree_rows(db, false);
+    statedb_close(src);
+    statedb_close(db);
+    free(src_path);
     free(p);
     free(path);
 }
@@ -923,6 +1081,15 @@ static Suite *upgrade_suite(void)
     tcase_add_test(tc, test_log_v1_replays_to_the_v1_tree);
     tcase_add_test(tc, test_config_v1_loads);
     tcase_add_test(tc, test_secret_v1_loads);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("v2");
+    tcase_add_checked_fixture(tc, setup_v2, teardown);
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_state_db_v1_content);
+    tcase_add_test(tc, test_state_db_newer_refused);
+    tcase_add_test(tc, test_state_db_v2_migrates);
+    tcase_add_test(tc, test_state_db_v2_migration_crashed);
+    tcase_add_test(tc, test_snapshot_v2_installs);
     suite_add_tcase(s, tc);
     return s;
 }
