@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Upgrades end to end (doc/upgrades.md): today's pickboxd starts on the state
-a format-1 pickboxd left behind (tests/fixtures/v1: raft.db, state.db,
-snapshot.pbs, secret and the tree), serves the same tree, takes new edits, and
-brings a new member up to date from it; a raft.db or state.db whose format is
-newer than this build's is refused at startup with both format numbers named,
-leaving every file as it was."""
+a format-1 and a format-2 pickboxd left behind (tests/fixtures/v1 and v2:
+raft.db, state.db, snapshot.pbs, secret and the tree), serves the same tree,
+takes new edits, and brings a new member up to date from it; its state.db is
+then of today's format with every chunk's bytes kept (in the chunk packs);
+a raft.db or state.db whose format is newer than this build's is refused at
+startup with both format numbers named, leaving every file as it was."""
 
 import hashlib
 import os
@@ -20,7 +21,7 @@ from pbharness import (FAST_TIMING, Harness, HarnessError, free_port,  # noqa: E
 
 TOP_SRCDIR = os.environ.get("top_srcdir", os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-FIXTURE = os.path.join(TOP_SRCDIR, "tests", "fixtures", "v1")
+FIXTURES = os.path.join(TOP_SRCDIR, "tests", "fixtures")
 
 
 def build_format(header, name):
@@ -30,19 +31,19 @@ def build_format(header, name):
     return int(m.group(1))
 
 
-def read_info():
+def read_info(fixture):
     info = {}
-    with open(os.path.join(FIXTURE, "info.txt")) as f:
+    with open(os.path.join(fixture, "info.txt")) as f:
         for line in f:
             k, v = line.split()
             info[k] = int(v) if v.isdigit() else v
     return info
 
 
-def read_expect():
+def read_expect(fixture):
     """{path: (kind, mode, sha256)} from tree.sha256 (made with coreutils)."""
     out = {}
-    with open(os.path.join(FIXTURE, "tree.sha256")) as f:
+    with open(os.path.join(fixture, "tree.sha256")) as f:
         for line in f:
             kind, mode, sha, path = line.rstrip("\n").split(" ", 3)
             out[path] = (kind, int(mode, 8), sha)
@@ -73,17 +74,17 @@ def tree_now(root):
     return out
 
 
-def install_fixture(node_dir):
+def install_fixture(fixture, node_dir):
     """node_dir/tree from tree.tar, its state in tree/.pickbox/state (the
     harness's layout). Returns (tree, state)."""
     tree = os.path.join(node_dir, "tree")
     state = os.path.join(tree, ".pickbox", "state")
     os.makedirs(tree)
-    with tarfile.open(os.path.join(FIXTURE, "tree.tar")) as t:
+    with tarfile.open(os.path.join(fixture, "tree.tar")) as t:
         t.extractall(tree)
     os.makedirs(state, exist_ok=True)
     for name in ("raft.db", "state.db", "snapshot.pbs", "secret"):
-        shutil.copyfile(os.path.join(FIXTURE, "state", name), os.path.join(state, name))
+        shutil.copyfile(os.path.join(fixture, "state", name), os.path.join(state, name))
         os.chmod(os.path.join(state, name), 0o600)
     return tree, state
 
@@ -102,20 +103,56 @@ def tree_status(d):
     return st, st.get("tree") or {}
 
 
-with Harness("upgrade") as h:
-    h.plan(11)
-    info = read_info()
-    expect = read_expect()
+def chunk_census(path):
+    """(format, {chunk id: length}) of a state.db's node-local bytes: the
+    BLOBs of format 2, the pack index of format 3; formats 1 kept the bytes
+    in the chunks table."""
+    db = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    try:
+        fmt = db.execute("SELECT format FROM statedb_meta").fetchone()[0]
+        if fmt == 1:
+            rows = db.execute("SELECT id, length(data) FROM chunks")
+        elif fmt == 2:
+            rows = db.execute("SELECT id, length(data) FROM chunk_data")
+        else:
+            rows = db.execute("SELECT id, len FROM chunk_data")
+        return fmt, {bytes(i): n for i, n in rows}
+    finally:
+        db.close()
 
-    # 1. The v1 state opens and the node serves it.
-    tree, state = install_fixture(os.path.join(h.tmpdir, "fx1"))
+
+def pack_bytes(state, path):
+    """{chunk id: sha256 of its bytes} read from a format 3 node's packs."""
+    db = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    out = {}
+    try:
+        for cid, pack, off, n in db.execute("SELECT id, pack, off, len FROM chunk_data"):
+            with open(os.path.join(state, "chunks", "%08d.pack" % pack), "rb") as f:
+                f.seek(off)
+                out[bytes(cid)] = hashlib.sha256(f.read(n)).hexdigest()
+    finally:
+        db.close()
+    return out
+
+
+def upgrade_generation(h, gen):
+    """Steps 1-3 on fixture gen (8 checks)."""
+    fixture = os.path.join(FIXTURES, gen)
+    info = read_info(fixture)
+    expect = read_expect(fixture)
+    node_dir = os.path.join(h.tmpdir, "fx1")  # the fixture's node id: one generation at a time
+    shutil.rmtree(node_dir, ignore_errors=True)
+    tree, state = install_fixture(fixture, node_dir)
+    old_format, old_chunks = chunk_census(os.path.join(state, "state.db"))
+
+    # 1. The old state opens and the node serves it.
     fx1 = h.start_daemon("fx1", args=list(FAST_TIMING))
     st = wait_until(lambda: (lambda s: s if s.get("role") == "leader" else None)(
-        fx1.try_status() or {}), 15, what="fx1 to lead on the v1 state")
+        fx1.try_status() or {}), 15, what="fx1 to lead on the %s state" % gen)
     h.ok(st["applied_index"] >= info["applied_index"] and st["term"] > info["term"] and
          st["snapshot_index"] >= info["snapshot_index"],
-         "pickboxd starts on the v1 state and leads (applied, term, snapshot carried over)",
-         repr({k: st.get(k) for k in ("applied_index", "term", "snapshot_index")}))
+         "%s: pickboxd starts on the state and leads (applied, term, snapshot carried over)" %
+         gen, repr({k: st.get(k) for k in ("applied_index", "term", "snapshot_index")}))
 
     def settled():
         s, t = tree_status(fx1)
@@ -127,10 +164,11 @@ with Harness("upgrade") as h:
         h.diag(str(e))
         st, t = tree_status(fx1)
     h.ok(t.get("files") == info["files"] and t.get("dirs") == info["dirs"] and
-         t.get("conflicts") == 0 and st.get("storage_error") is None,
-         "status: %d files, %d dirs, no conflict, no storage error" % (
-             info["files"], info["dirs"]), repr(t))
-    h.eq(tree_now(tree), expect, "the tree on disk is the v1 tree, byte for byte")
+         t.get("conflicts") == 0 and t.get("chunks_missing", 0) == 0 and
+         st.get("storage_error") is None,
+         "%s: status: %d files, %d dirs, no conflict, no chunk missing, no storage error" % (
+             gen, info["files"], info["dirs"]), repr(t))
+    h.eq(tree_now(tree), expect, "%s: the tree on disk is the fixture's tree, byte for byte" % gen)
 
     # 2. It keeps working: a new edit is applied.
     before = st.get("applied_index", 0)
@@ -144,12 +182,12 @@ with Harness("upgrade") as h:
     except HarnessError as e:
         ok = False
         h.diag(str(e))
-    h.ok(ok, "a new edit on the upgraded node is applied")
+    h.ok(ok, "%s: a new edit on the upgraded node is applied" % gen)
 
-    # 3. A new member catches up from it (the v1 snapshot.pbs and log).
+    # 3. A new member catches up from it (the old snapshot.pbs and log).
     secret = os.path.join(state, "secret")
-    n2 = h.start_daemon("n2", args=list(FAST_TIMING) + ["--join", fx1.address,
-                                                        "--secret-file", secret])
+    n2 = h.start_daemon("n2" + gen, args=list(FAST_TIMING) + ["--join", fx1.address,
+                                                              "--secret-file", secret])
     want = dict(expect)
     want["after-upgrade.txt"] = ("f", 0o644, hashlib.sha256(
         b"written by the new version\n").hexdigest())
@@ -161,16 +199,37 @@ with Harness("upgrade") as h:
     except HarnessError as e:
         ok = False
         h.diag(str(e))
-    h.ok(ok, "a new member joins through the upgraded node and gets the same tree")
+    h.ok(ok, "%s: a new member joins through the upgraded node and gets the same tree" % gen)
     got = tree_now(n2.data_dir)
     h.ok(all(got.get(p, (None, None, None))[2] == v[2] for p, v in want.items()),
-         "the new member's files have the v1 bytes", repr(sorted(set(got) ^ set(want))))
-    h.eq(fx1.stop(), 0, "the upgraded node stops cleanly")
+         "%s: the new member's files have the fixture's bytes" % gen,
+         repr(sorted(set(got) ^ set(want))))
+    h.eq(fx1.stop(), 0, "%s: the upgraded node stops cleanly" % gen)
+    n2.stop()
 
-    # 4. Newer formats are refused, and nothing is touched.
+    # 4. Its state.db is of today's format, with every chunk's bytes kept
+    # (the same ids and lengths; the bytes in the packs hash to their ids).
+    db_path = os.path.join(state, "state.db")
+    new_format, new_chunks = chunk_census(db_path)
+    hashes = pack_bytes(state, db_path)
+    kept = {i: n for i, n in new_chunks.items() if i in old_chunks}
+    h.ok(old_format < build_format("statedb.h", "STATEDB_FORMAT") and
+         new_format == build_format("statedb.h", "STATEDB_FORMAT") and
+         kept == old_chunks and all(hashes[i] == i.hex() for i in old_chunks),
+         "%s: state.db went from format %d to %d, keeping all %d chunks' bytes" % (
+             gen, old_format, new_format, len(old_chunks)),
+         repr((old_format, new_format, len(old_chunks), len(kept))))
+
+
+with Harness("upgrade") as h:
+    h.plan(20)
+    upgrade_generation(h, "v1")
+    upgrade_generation(h, "v2")
+
+    # 5. Newer formats are refused, and nothing is touched.
     def refused(name, table, ours):
         node_dir = os.path.join(h.tmpdir, "bumped-" + name)
-        btree, bstate = install_fixture(node_dir)
+        btree, bstate = install_fixture(os.path.join(FIXTURES, "v2"), node_dir)
         db = sqlite3.connect(os.path.join(bstate, name))
         db.execute("UPDATE %s SET format = ? WHERE id = 1" % table, (ours + 1,))
         db.commit()
