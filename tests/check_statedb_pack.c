@@ -3,7 +3,8 @@
  * put/get/copy round trips, the durability order of put_many (a failed or
  * interrupted commit leaves no index row, and the bytes it appended are cut),
  * bytes without a row and their collection by age, freed ranges punched out
- * (st_blocks drops) and emptied old packs removed only after the commit, the
+ * (st_blocks drops) and emptied old packs removed only after the commit (a
+ * durable one: not after a lazy commit), the
  * read-only handle's reads beside the writer, packs lost or cut by someone
  * else, and the kept missing counts against a recount through many random
  * operations.
@@ -425,6 +426,39 @@ START_TEST(test_pack_free_punch_unlink)
 }
 END_TEST
 
+/* After a lazy commit (which a power loss may undo) nothing is punched:
+ * the next FULL commit frees what it deleted. */
+START_TEST(test_pack_lazy_free)
+{
+    struct statedb *db = open_db("z.db");
+    statedb_pack_roll_bytes(db, 2 * CHUNK_128K);
+    uint8_t id[4][STATEDB_ID_LEN];
+    ck_assert_int_eq(statedb_begin(db), 0);
+    for (uint32_t i = 0; i < 4; i++) {
+        uint8_t *b = mkbytes(200 + i, CHUNK_128K);
+        fill_id(id[i], 200 + i);
+        ck_assert_int_eq(statedb_chunk_put(db, id[i], b, CHUNK_128K, i < 2 ? 1 : 100), 0);
+        free(b);
+    }
+    ck_assert_int_eq(statedb_commit(db), 0);
+    int64_t alloc;
+    ck_assert_int_eq(pack_size("z.db", 1, &alloc), 2 * CHUNK_128K);
+    ck_assert_int_ge(alloc, 2 * CHUNK_128K);
+    statedb_set_lazy(db, true);
+    ck_assert_int_eq(statedb_begin(db), 0);
+    uint64_t n;
+    ck_assert_int_eq(statedb_chunk_collect(db, 2, &n), 0);
+    ck_assert_uint_eq(n, 2);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    ck_assert(statedb_lazy_pending(db));
+    ck_assert_int_eq(pack_size("z.db", 1, NULL), 2 * CHUNK_128K); /* still there */
+    ck_assert_int_eq(statedb_sync(db), 0);
+    ck_assert_int_eq(pack_size("z.db", 1, NULL), -1); /* emptied, not current: gone */
+    assert_bytes(db, id[2], 202, CHUNK_128K);
+    statedb_close(db);
+}
+END_TEST
+
 START_TEST(test_pack_reader)
 {
     struct statedb *db = open_db("r.db");
@@ -604,6 +638,7 @@ static Suite *pack_suite(void)
     tcase_add_test(tc, test_pack_durability_order);
     tcase_add_test(tc, test_pack_unrowed);
     tcase_add_test(tc, test_pack_free_punch_unlink);
+    tcase_add_test(tc, test_pack_lazy_free);
     tcase_add_test(tc, test_pack_reader);
     tcase_add_test(tc, test_pack_lost);
     tcase_add_test(tc, test_pack_counts_random);

@@ -590,12 +590,15 @@ static int sd_commit_packs(struct statedb *db)
  * After a commit: the ranges of deleted index rows (chunk_free) are punched
  * out of their packs, forgotten, and a pack other than the current one left
  * without a chunk is removed. Never before the commit (a rollback would lose
- * bytes still indexed); a crash before the rows are forgotten punches again
- * at the next open (the ranges are never reused: packs only grow).
+ * bytes still indexed), and never while a lazy commit may not be durable
+ * (a power loss could bring its deleted rows back, pointing at punched
+ * bytes): the next FULL commit (statedb_sync) frees them. A crash before the
+ * rows are forgotten punches again at the next open (the ranges are never
+ * reused: packs only grow). Deletes outside statedb_begin() commit FULL.
  */
 static void sd_free_ranges(struct statedb *db)
 {
-    if (db->packs == NULL || db->reader)
+    if (db->packs == NULL || db->reader || db->lazy_dirty)
         return;
     int e = 0;
     sqlite3_stmt *st = sd_q(db, Q_FREE_ANY, &e);
@@ -1788,8 +1791,13 @@ int statedb_chunk_data_collect_unrowed(struct statedb *db, uint64_t now_ms, uint
         snprintf(db->errmsg, sizeof(db->errmsg), "state.db: a reader cannot write");
         return -EROFS;
     }
-    bool own = !db->in_txn;
-    int e = own ? sd_local_begin(db) : 0;
+    bool own = !db->in_txn, lazy = db->lazy;
+    int e = 0;
+    if (own) { /* FULL: the deletes are durable before their ranges are punched */
+        db->lazy = false;
+        e = statedb_begin(db);
+        db->lazy = lazy;
+    }
     if (e < 0)
         return e;
     /* Times stored under an earlier boot of the monotonic clock may lie
@@ -1806,10 +1814,10 @@ int statedb_chunk_data_collect_unrowed(struct statedb *db, uint64_t now_ms, uint
     if (rc != SQLITE_OK) {
         e = sd_fail(db, rc, "collect chunk bytes without a row");
         if (own)
-            sd_local_rollback(db);
+            statedb_rollback(db);
         return e;
     }
-    if (own && (e = sd_local_commit(db)) < 0)
+    if (own && (e = statedb_commit(db)) < 0)
         return e;
     if (n != NULL)
         *n = k;
