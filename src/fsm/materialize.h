@@ -60,7 +60,8 @@ struct fsm_disk {
 
 /*
  * Carries out decision d (made for op) in tree t, action by action. Chunks
- * the op carries are taken from the op, others from disk->read_chunk.
+ * the op carries are taken from the op, others from disk->copy_chunk (or
+ * disk->read_chunk without it).
  * *pending (may be NULL) gets the number of actions skipped because a local
  * edit is pending (the target or a parent differs from the record). Returns
  * 0, or the first error that is not a pending edit (-EIO, -ENOSPC, a
