@@ -16,7 +16,10 @@
  * Materializing writes the file as fsm_tree_put() does (sequential writes
  * into a new file, then fsync): packs with statedb_chunk_copy()
  * (copy_file_range), and for comparison statedb_chunk_get() + write();
- * blobs with SELECT data + write(). The page cache is warm for both.
+ * blobs with SELECT data + write(). The page cache is warm for both. Last,
+ * up to 1024 chunks stored one per statedb_chunk_data_put() call outside a
+ * transaction (how fetched chunks are stored one by one): one fdatasync
+ * each.
  */
 #include "config.h"
 
@@ -26,6 +29,7 @@
 #include <inttypes.h>
 #include <sqlite3.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -153,6 +157,28 @@ static void bench_packs(const char *dir, uint32_t n, uint64_t total)
            mbps(total, store_us), store_us / 1e6, store_cpu / 1e6, mbps(total, copy_us),
            copy_us / 1e6, copy_cpu / 1e6, mbps(total, read_us), read_us / 1e6, read_cpu / 1e6);
     statedb_close(db);
+
+    /* one chunk per call outside a transaction (statedb_chunk_data_put: how
+     * sm_chunk_store() stores fetched chunks today): one fdatasync each */
+    char *path1 = pb_xasprintf("%s/one/state.db", dir);
+    char *dir1 = pb_xasprintf("%s/one", dir);
+    if (mkdir(dir1, 0700) < 0 || statedb_open(path1, &db, &err) < 0)
+        die("open", err.msg);
+    uint32_t n1 = n < 1024 ? n : 1024;
+    t0 = pb_now_us();
+    c0 = cpu_us();
+    for (uint32_t i = 0; i < n1; i++) {
+        id_of(i, id);
+        if (statedb_chunk_data_put(db, id, bytes_of(i), CHUNK) < 0)
+            die("data_put", statedb_errmsg(db));
+    }
+    uint64_t one_us = pb_now_us() - t0, one_cpu = cpu_us() - c0;
+    printf("packs: store one chunk per call (%" PRIu32 " calls): %.0f MB/s (%.2f ms per call,"
+           " cpu %.2f s)\n",
+           n1, mbps((uint64_t)n1 * CHUNK, one_us), one_us / 1e3 / n1, one_cpu / 1e6);
+    statedb_close(db);
+    free(path1);
+    free(dir1);
     free(buf);
     free(data);
     free(ids);
