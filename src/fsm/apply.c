@@ -398,6 +398,21 @@ static int apply_op(struct fsm_apply *ap, const struct fsm_op *op, uint64_t inde
         out->status = FSM_APPLY_CHUNKS;
         return store_carried(ap->db, op->u.chunks.data, op->u.chunks.n_data, keep);
     }
+    if (op->type == FSM_OP_REFS) {
+        /* The rows only, whatever bytes this node holds (pushed beside the
+         * log, or fetched later): the same on every node. */
+        out->status = FSM_APPLY_CHUNKS;
+        for (uint32_t i = 0; i < op->u.refs.n_refs; i++) {
+            const struct fsm_chunk_ref *c = &op->u.refs.refs[i];
+            rc = statedb_chunk_row_put(ap->db, c->id, c->len, keep);
+            if (rc == -EINVAL) /* a row of another length: the same on every node */
+                log_warning("apply %" PRIu64 ": REFS chunk %u has another length here: skipped",
+                            index, i);
+            else if (rc < 0)
+                return pb_error_set(err, rc, "%s", statedb_errmsg(ap->db));
+        }
+        return 0;
+    }
     p->ops = op;
     p->n = 1;
     if (op->type == FSM_OP_BATCH) {

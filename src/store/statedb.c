@@ -2062,3 +2062,150 @@ void statedb_install_abort(struct statedb_install *in)
     buf_free(&in->part);
     free(in);
 }
+
+/* ==== INTERIM (push helper, D13): statedb_chunk_row_put, _data_put_many,
+ * _data_collect_unrowed on the format 2 schema. The integrator replaces
+ * this block with the store helper's format 3 implementation. Bytes without
+ * a row are rows of chunk_data without a chunks row (the status triggers
+ * ignore them); their age lives in a TEMP table of the writer connection
+ * (never in the file): after a restart, bytes found without a row count as
+ * stored at the first collection that sees them. ==== */
+
+static int sd_interim_exec(struct statedb *db, const char *sql, const char *what)
+{
+    int rc = sqlite3_exec(db->db, sql, NULL, NULL, NULL);
+    return rc == SQLITE_OK ? 0 : sd_fail(db, rc, what);
+}
+
+int statedb_chunk_row_put(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], uint32_t len,
+                          uint64_t keep_until)
+{
+    sqlite3_stmt *st;
+    int rc = sqlite3_prepare_v2(db->db, "SELECT len FROM chunks WHERE id = ?1", -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return sd_fail(db, rc, "chunk row lookup");
+    sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
+    rc = sqlite3_step(st);
+    int64_t have = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : -1;
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return sd_fail(db, rc, "chunk row lookup");
+    if (have >= 0 && have != (int64_t)len) {
+        snprintf(db->errmsg, sizeof(db->errmsg), "state.db: a chunk row has another length");
+        return -EINVAL;
+    }
+    int e = 0;
+    if (have < 0) {
+        if ((st = sd_q(db, Q_CHUNK_INS, &e)) == NULL)
+            return e;
+        sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 2, (int64_t)keep_until);
+        sqlite3_bind_int64(st, 3, len);
+        return sd_done(db, st, "add chunk row");
+    }
+    if ((st = sd_q(db, Q_CHUNK_KEEP, &e)) == NULL)
+        return e;
+    sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, (int64_t)keep_until);
+    return sd_done(db, st, "keep chunk");
+}
+
+int statedb_chunk_data_put_many(struct statedb *db, const struct statedb_chunk_in *in, size_t n)
+{
+    if (db->reader) {
+        snprintf(db->errmsg, sizeof(db->errmsg), "state.db: a reader cannot write");
+        return -EROFS;
+    }
+    bool own = !db->in_txn;
+    bool lazy = db->lazy;
+    int e = 0;
+    if (own) {
+        db->lazy = false; /* durable on return: a FULL commit */
+        e = statedb_begin(db);
+        db->lazy = lazy;
+        if (e < 0)
+            return e;
+    }
+    sqlite3_stmt *len_st = NULL, *ins_st = NULL;
+    int rc = sqlite3_prepare_v2(db->db, "SELECT len FROM chunks WHERE id = ?1", -1, &len_st, NULL);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_prepare_v2(db->db, "INSERT OR IGNORE INTO chunk_data (id, data) VALUES (?1, ?2)",
+                                -1, &ins_st, NULL);
+    if (rc != SQLITE_OK)
+        e = sd_fail(db, rc, "store pushed chunks");
+    for (size_t i = 0; e == 0 && i < n; i++) {
+        sqlite3_reset(len_st);
+        sqlite3_bind_blob(len_st, 1, in[i].id, STATEDB_ID_LEN, SQLITE_STATIC);
+        rc = sqlite3_step(len_st);
+        if (rc == SQLITE_ROW && sqlite3_column_int64(len_st, 0) != (int64_t)in[i].len) {
+            snprintf(db->errmsg, sizeof(db->errmsg), "state.db: a chunk row has another length");
+            e = -EINVAL;
+            break;
+        }
+        if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
+            e = sd_fail(db, rc, "chunk row lookup");
+            break;
+        }
+        sqlite3_reset(ins_st);
+        sqlite3_bind_blob(ins_st, 1, in[i].id, STATEDB_ID_LEN, SQLITE_STATIC);
+        if (in[i].len == 0)
+            sqlite3_bind_zeroblob(ins_st, 2, 0);
+        else
+            sqlite3_bind_blob(ins_st, 2, in[i].data, (int)in[i].len, SQLITE_STATIC);
+        rc = sqlite3_step(ins_st);
+        if (rc != SQLITE_DONE)
+            e = sd_fail(db, rc, "store pushed chunk");
+    }
+    sqlite3_finalize(len_st);
+    sqlite3_finalize(ins_st);
+    if (!own)
+        return e;
+    if (e < 0) {
+        statedb_rollback(db);
+        return e;
+    }
+    return statedb_commit(db);
+}
+
+int statedb_chunk_data_collect_unrowed(struct statedb *db, uint64_t now_ms, uint64_t max_age_ms,
+                                       uint64_t *n)
+{
+    if (n != NULL)
+        *n = 0;
+    if (db->reader)
+        return -EROFS;
+    if (db->in_txn)
+        return -EBUSY;
+    int e = sd_interim_exec(db,
+                            "CREATE TEMP TABLE IF NOT EXISTS sd_unrowed (id BLOB PRIMARY KEY,"
+                            " at_ms INTEGER NOT NULL)",
+                            "unrowed chunk ages");
+    if (e < 0)
+        return e;
+    char *sql = pb_xasprintf(
+            "BEGIN IMMEDIATE;"
+            "DELETE FROM temp.sd_unrowed WHERE id IN (SELECT id FROM main.chunks)"
+            " OR id NOT IN (SELECT id FROM main.chunk_data);"
+            "INSERT OR IGNORE INTO temp.sd_unrowed (id, at_ms) SELECT id, %" PRId64
+            " FROM main.chunk_data WHERE id NOT IN (SELECT id FROM main.chunks);"
+            "DELETE FROM main.chunk_data WHERE id NOT IN (SELECT id FROM main.chunks) AND id IN"
+            " (SELECT id FROM temp.sd_unrowed WHERE at_ms + %" PRId64 " < %" PRId64 ");",
+            (int64_t)now_ms, (int64_t)max_age_ms, (int64_t)now_ms);
+    sd_local_sync(db);
+    e = sd_interim_exec(db, sql, "collect unrowed chunks");
+    free(sql);
+    if (e < 0) {
+        sqlite3_exec(db->db, "ROLLBACK", NULL, NULL, NULL);
+        return e;
+    }
+    int gone = sqlite3_changes(db->db);
+    e = sd_interim_exec(db, "COMMIT", "collect unrowed chunks");
+    if (e < 0) {
+        sqlite3_exec(db->db, "ROLLBACK", NULL, NULL, NULL);
+        return e;
+    }
+    if (n != NULL)
+        *n = (uint64_t)gone;
+    return 0;
+}
+/* ==== end of INTERIM (push helper) ==== */

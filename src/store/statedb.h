@@ -296,4 +296,36 @@ int statedb_install_finish(struct statedb_install *in, uint64_t *index, uint64_t
                            struct pb_error *err);
 void statedb_install_abort(struct statedb_install *in);
 
+/* ==== INTERIM (push helper, D13; contract.md): the integrator replaces this
+ * block with the store helper's declarations of the same functions. ==== */
+
+/* Adds chunk id's row without bytes if absent (refs 0, len, keep_until), or
+ * raises an existing row's keep_until to at least keep_until; -EINVAL if the
+ * row exists with another length. Replicated state: called while applying
+ * (REFS op). The bytes may already be here (pushed) or be fetched later. */
+int statedb_chunk_row_put(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], uint32_t len,
+                          uint64_t keep_until);
+
+/* One chunk's bytes for statedb_chunk_data_put_many(); the caller has
+ * verified len <= 256 KiB and SHA-256(data) == id. */
+struct statedb_chunk_in {
+    const uint8_t *id; /* STATEDB_ID_LEN bytes */
+    const void *data;
+    uint32_t len;
+};
+/* Stores node-local bytes of n chunks, with or without a chunk row (bytes
+ * without a row are "pushed": kept until a row names them or
+ * statedb_chunk_data_collect_unrowed() removes them). Chunks already here
+ * are skipped. -EINVAL if a row exists with another length (nothing
+ * stored). Durable when it returns 0 outside a transaction; inside one, with
+ * its statedb_commit(). Writer handle only. */
+int statedb_chunk_data_put_many(struct statedb *db, const struct statedb_chunk_in *in, size_t n);
+
+/* Removes the bytes of chunks that have no row and were stored more than
+ * max_age_ms before now_ms (the node's own clock); *n (may be NULL) gets how
+ * many. */
+int statedb_chunk_data_collect_unrowed(struct statedb *db, uint64_t now_ms, uint64_t max_age_ms,
+                                       uint64_t *n);
+/* ==== end of INTERIM (push helper) ==== */
+
 #endif
