@@ -188,7 +188,11 @@ void push_progress_get(const struct push *p, struct push_progress *out)
         const struct push_target *t = &p->peers[i];
         if (t->left) {
             out->left++;
-        } else if (t->acked == p->n_batches) {
+            continue;
+        }
+        if (t->voter)
+            out->voters_in++;
+        if (t->acked == p->n_batches) {
             out->complete++;
             if (t->voter)
                 out->voters_complete++;

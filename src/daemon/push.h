@@ -77,6 +77,7 @@ struct push_progress {
     size_t left;            /* of which left it (down, rejected, timed out) */
     size_t complete;        /* peers still in it that acknowledged every batch sent */
     size_t voters_complete; /* of which voters */
+    size_t voters_in;       /* voters still in it (complete or not) */
     uint64_t batches;       /* batches sent */
 };
 
