@@ -691,8 +691,10 @@ static void cluster_on_frame(void *arg, uint64_t node_id, uint8_t type, const ui
             fetch_on_reply(c->fetch, c->sm, node_id, data, len, pb_now_ms());
         break;
     case CLUSTER_MSG_PUSH:
-        if (c->push != NULL)
-            push_on_push(c->push, c->sm != NULL ? sm_statedb(c->sm) : NULL, node_id, data, len);
+        /* bytes of a file whose PUT applied first: the tick repairs it */
+        if (c->push != NULL &&
+            push_on_push(c->push, c->sm != NULL ? sm_statedb(c->sm) : NULL, node_id, data, len) > 0)
+            c->push_repair = true;
         break;
     case CLUSTER_MSG_PUSH_ACK:
         if (c->push != NULL)
@@ -922,6 +924,10 @@ static void cluster_on_tick(evutil_socket_t fd, short what, void *arg)
         fetch_tick(c->fetch, c->sm, now);
     if (c->push != NULL)
         push_tick(c->push, !c->frozen && c->sm != NULL ? sm_statedb(c->sm) : NULL, now);
+    if (c->push_repair && !c->frozen && c->sm != NULL) {
+        c->push_repair = false;
+        sm_repair(c->sm);
+    }
     cluster_schedule(c);
 }
 

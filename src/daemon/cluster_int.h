@@ -99,6 +99,7 @@ struct cluster {
     struct sm *sm;
     struct fetch *fetch; /* chunk bytes this node lacks, from peers */
     struct push *push;   /* big files' chunk bytes pushed beside the log */
+    bool push_repair;    /* pushed bytes came after their PUT: repair at the tick */
     uint64_t id;
     uint8_t cluster_id[16];
     bool has_cluster_id;

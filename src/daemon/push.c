@@ -46,7 +46,21 @@ struct push {
     uint64_t next_collect_ms;
     uint64_t warned_ms;
     struct push_stats st;
+    void (*obs)(void *arg);
+    void *obs_arg;
 };
+
+static void push_notify(struct push *p)
+{
+    if (p->obs != NULL)
+        p->obs(p->obs_arg);
+}
+
+void push_set_observer(struct push *p, void (*fn)(void *arg), void *arg)
+{
+    p->obs = fn;
+    p->obs_arg = arg;
+}
 
 struct push *push_new(const struct push_ops *ops)
 {
@@ -105,6 +119,7 @@ static void target_leave(struct push *p, struct push_target *t, const char *why)
     p->st.peers_left++;
     log_info("push %016" PRIx64 ": peer %016" PRIx64 " left it (%s); it fetches the bytes later",
              p->id, t->id, why);
+    push_notify(p);
 }
 
 bool push_room(const struct push *p, size_t bytes)
@@ -237,6 +252,7 @@ void push_on_ack(struct push *p, uint64_t from, const uint8_t *data, size_t len,
     t->progress_ms = now_ms;
     p->st.acked_frames++;
     p->st.acked_bytes += bytes;
+    push_notify(p);
 }
 
 void push_peer_down(struct push *p, uint64_t node_id)
@@ -331,9 +347,10 @@ static void send_ack(struct push *p, uint64_t to, uint64_t id, uint32_t batch, u
         log_debug("push: ack to %016" PRIx64 ": %s", to, strerror(-rc));
 }
 
-void push_on_push(struct push *p, struct statedb *db, uint64_t from, const uint8_t *data,
-                  size_t len)
+size_t push_on_push(struct push *p, struct statedb *db, uint64_t from, const uint8_t *data,
+                    size_t len)
 {
+    size_t referenced = 0;
     struct statedb_chunk_in *in = pb_xcalloc(PUSH_BATCH_MAX, sizeof(*in));
     uint64_t id = 0;
     uint32_t batch = 0;
@@ -361,11 +378,16 @@ void push_on_push(struct push *p, struct statedb *db, uint64_t from, const uint8
         log_warning("push: cannot store %zu pushed chunks: %s", n, statedb_errmsg(db));
     } else {
         p->st.received_frames++;
-        for (size_t i = 0; i < n; i++)
+        for (size_t i = 0; i < n; i++) {
             p->st.received_bytes += in[i].len;
+            uint64_t refs = 0;
+            if (statedb_chunk_refs(db, in[i].id, &refs) == 0 && refs > 0)
+                referenced++;
+        }
     }
     free(in);
     if (rc == -EPROTO && len < PUSH_HDR_LEN)
-        return; /* not even a header to answer */
+        return 0; /* not even a header to answer */
     send_ack(p, from, id, batch, status);
+    return referenced;
 }

@@ -100,6 +100,11 @@ void push_free(struct push *p);
  * are then ignored). -EINVAL if n is too large. */
 int push_start(struct push *p, const struct push_peer *peers, size_t n, uint64_t now_ms);
 
+/* fn(arg) is called (from the loop) whenever an acknowledgement or a peer
+ * leaving changed the current push, so the writer goes on at once; NULL
+ * removes it. */
+void push_set_observer(struct push *p, void (*fn)(void *arg), void *arg);
+
 /* Forgets the current push (no-op when idle). */
 void push_stop(struct push *p);
 
@@ -125,9 +130,11 @@ void push_peer_down(struct push *p, uint64_t node_id);
 void push_tick(struct push *p, struct statedb *db, uint64_t now_ms);
 
 /* A PUSH from peer `from`: verified, stored into db (NULL: not stored, acked
- * FAILED), acknowledged. Never stores a chunk that fails verification. */
-void push_on_push(struct push *p, struct statedb *db, uint64_t from, const uint8_t *data,
-                  size_t len);
+ * FAILED), acknowledged. Never stores a chunk that fails verification.
+ * Returns how many of the chunks stored some file already references (its
+ * PUT applied before the bytes came: the caller repairs the tree). */
+size_t push_on_push(struct push *p, struct statedb *db, uint64_t from, const uint8_t *data,
+                    size_t len);
 
 /* Decodes and verifies a PUSH payload: *id, *batch, and up to max chunks
  * into out (pointing into data). 0; -EPROTO (malformed), -EBADMSG (a chunk

@@ -534,8 +534,10 @@ static void job_free(struct replica *r, struct rjob *j, int rc)
         log_debug("%s: %" PRIu64 " bytes read, %" PRIu64 " bytes of chunks proposed", j->path,
                   fsm_propose_offset(j->p), fsm_propose_carried(j->p));
     fsm_propose_free(j->p);
-    if (j->push)
+    if (j->push) {
+        push_set_observer(cluster_push(r->c), NULL, NULL);
         push_stop(cluster_push(r->c));
+    }
     free(j->refs);
     fsm_op_free(&j->put);
     free(j->path);
@@ -662,6 +664,12 @@ static void job_run(struct replica *r)
     }
 }
 
+/* push_set_observer(): an acknowledgement came, the job may go on. */
+static void push_progressed(void *arg)
+{
+    replica_kick(arg);
+}
+
 /* Whether the big file's chunks go beside the log (D13): every member
  * speaks version 2, and no push failed lately. Starts the push. */
 static bool push_begin(struct replica *r, struct rjob *j)
@@ -676,6 +684,7 @@ static bool push_begin(struct replica *r, struct rjob *j)
         return false;
     j->push = true;
     j->x.push = j;
+    push_set_observer(pu, push_progressed, r);
     log_debug("%s: pushing its chunks to %zu peers (%zu voters)", j->path, n, j->voters);
     return true;
 }
