@@ -128,6 +128,7 @@ struct rjob {
     size_t voters;
     bool self_voter;
     uint64_t majority_ms; /* when a majority held every batch, 0: not yet */
+    uint64_t started_ms;
 };
 
 /* A `sync` request waiting. */
@@ -428,13 +429,13 @@ static int push_chunks(struct replica *r, struct rjob *j, const struct fsm_chunk
         memcpy(j->refs[j->n_refs].id, d[i].id, FSM_CHUNK_ID_LEN);
         j->refs[j->n_refs++].len = d[i].len;
     }
+    /* sent first: the peers store while this node does */
+    int rc = push_send(cluster_push(r->c), in, n, pb_now_ms());
     struct statedb *db = sm_statedb(replica_sm(r));
-    int rc = db != NULL ? statedb_chunk_data_put_many(db, in, n) : -ENOENT;
-    if (rc < 0)
-        replica_error(r, "%s: cannot store chunks to push: %s", j->path,
-                      db != NULL ? statedb_errmsg(db) : "no state");
-    else
-        rc = push_send(cluster_push(r->c), in, n, pb_now_ms());
+    if (rc == 0 && db == NULL)
+        rc = -ENOENT;
+    if (rc == 0 && (rc = statedb_chunk_data_put_many(db, in, n)) < 0)
+        replica_error(r, "%s: cannot store chunks to push: %s", j->path, statedb_errmsg(db));
     free(in);
     return rc;
 }
@@ -588,8 +589,12 @@ static int push_finish(struct replica *r, struct rjob *j)
     }
     if (rc == 0)
         rc = queue_op(r, &j->put, &j->x.st, NULL);
-    if (rc == 0)
+    if (rc == 0) {
         r->pushed_files++;
+        log_info("%s: %u chunks pushed in %" PRIu64 " ms (a majority held them after %" PRIu64
+                 " ms); proposing REFS and the PUT",
+                 j->path, n, pb_now_ms() - j->started_ms, j->majority_ms - j->started_ms);
+    }
     return rc;
 }
 
@@ -684,6 +689,7 @@ static bool push_begin(struct replica *r, struct rjob *j)
         return false;
     j->push = true;
     j->x.push = j;
+    j->started_ms = now;
     push_set_observer(pu, push_progressed, r);
     log_debug("%s: pushing its chunks to %zu peers (%zu voters)", j->path, n, j->voters);
     return true;
