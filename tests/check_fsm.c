@@ -274,7 +274,10 @@ START_TEST(test_op_decode_trailing_and_version)
     ck_assert_int_eq(decode_rc(&b), -EINVAL);
     b.len--;
     ck_assert_int_eq(decode_rc(&b), 0);
-    b.data[0] = 2; /* a future format */
+    ck_assert_uint_eq(b.data[0], 1); /* every op but REFS is written in format 1 */
+    b.data[0] = 2;                   /* and reads in format 2 as well */
+    ck_assert_int_eq(decode_rc(&b), 0);
+    b.data[0] = FSM_OP_FORMAT_VERSION + 1; /* a future format */
     ck_assert_int_eq(decode_rc(&b), -EPROTONOSUPPORT);
     b.data[0] = 0;
     ck_assert_int_eq(decode_rc(&b), -EPROTONOSUPPORT);
@@ -525,6 +528,16 @@ START_TEST(test_op_refs)
     }
     roundtrip(&op, &out);
     ck_assert_int_eq(out.type, FSM_OP_REFS);
+    {
+        /* written in format 2: a node reading only format 1 stops on it;
+         * a REFS claiming format 1 is malformed */
+        struct buf e = BUF_INIT;
+        ck_assert_int_eq(fsm_op_encode(&op, &e), 0);
+        ck_assert_uint_eq(e.data[0], 2);
+        e.data[0] = 1;
+        ck_assert_int_eq(decode_rc(&e), -EINVAL);
+        buf_free(&e);
+    }
     ck_assert_ptr_null(out.path);
     ck_assert_uint_eq(out.u.refs.n_refs, 3);
     ck_assert_uint_eq(out.u.refs.refs[2].len, 3000);
@@ -552,7 +565,7 @@ START_TEST(test_op_refs)
      * BATCH, trailing bytes */
     struct buf b;
     buf_init(&b);
-    buf_put_u8(&b, FSM_OP_FORMAT_VERSION);
+    buf_put_u8(&b, 2);
     buf_put_u8(&b, FSM_OP_REFS);
     buf_put_str(&b, "n1");
     size_t head = b.len;

@@ -472,7 +472,7 @@ START_TEST(test_two_nodes_same_log)
     ck_assert_int_eq(statedb_applied_get(c.a.db, &ap), 0);
     ck_assert_uint_eq(ap.malformed, 1);
     /* an op of a newer format stops the applier; state.db is unchanged */
-    static const uint8_t newer[] = {2, 1, 0, 0};
+    static const uint8_t newer[] = {FSM_OP_FORMAT_VERSION + 1, 1, 0, 0};
     ck_assert_int_eq(
             fsm_apply_entry(c.a.ap, c.next_index, 2, 0, 0, newer, sizeof(newer), &rr, &err),
             -EPROTONOSUPPORT);

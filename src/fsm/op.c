@@ -1,10 +1,10 @@
 /*
  * op.c: encoding, decoding and validation of replicated-tree operations (see op.h).
  *
- * Wire layout, format version 1 (integers big-endian, "str" = u32 length +
- * bytes without NUL, "id" = 32 bytes):
+ * Wire layout, format versions 1 and 2 (integers big-endian, "str" = u32
+ * length + bytes without NUL, "id" = 32 bytes):
  *
- *   op      := u8 version=1, body
+ *   op      := u8 version (2 for REFS, 1 for the others), body
  *   body    := u8 type, str origin, fields of the type:
  *   PUT     := str path, u64 base, u32 mode, u64 mtime_ns, u64 size,
  *              u32 n_refs, n_refs x (id, u32 len), data
@@ -15,7 +15,7 @@
  *   SETATTR := str path, u64 base, u32 fields, u32 mode, u64 mtime_ns
  *   BATCH   := u32 n_ops, n_ops x body (no BATCH, no CHUNKS, no REFS inside)
  *   CHUNKS  := data
- *   REFS    := u32 n_refs, n_refs x (id, u32 len)     (1..FSM_OP_MAX_REFS)
+ *   REFS    := u32 n_refs, n_refs x (id, u32 len)     (1..FSM_OP_MAX_REFS; version 2 only)
  *   data    := u32 n_data, n_data x (id, str bytes)
  *
  * mtime_ns is a signed 64-bit count of nanoseconds since the epoch, stored
@@ -423,7 +423,7 @@ static void encode_body(const struct fsm_op *op, struct buf *b)
 int fsm_op_encode(const struct fsm_op *op, struct buf *out)
 {
     size_t start = out->len;
-    buf_put_u8(out, FSM_OP_FORMAT_VERSION);
+    buf_put_u8(out, op->type == FSM_OP_REFS ? 2 : FSM_OP_FORMAT_MIN);
     encode_body(op, out);
     if (out->len - start > FSM_OP_MAX_BYTES) {
         out->len = start;
@@ -603,11 +603,13 @@ int fsm_op_decode(const void *p, size_t len, struct fsm_op *op, struct pb_error 
                             "op format version %u is newer than version %u that this pickbox "
                             "reads (an entry from a newer pickbox: upgrade this node)",
                             version, FSM_OP_FORMAT_VERSION);
-    if (version != FSM_OP_FORMAT_VERSION)
+    if (version < FSM_OP_FORMAT_MIN)
         return pb_error_set(err, -EPROTONOSUPPORT,
                             "op format version %u not supported (this pickbox reads version %u)",
                             version, FSM_OP_FORMAT_VERSION);
     rc = decode_body(&c, op, false, err);
+    if (rc == 0 && op->type == FSM_OP_REFS && version < 2)
+        rc = pb_error_set(err, -EINVAL, "REFS in op format version %u", version);
     if (rc == 0 && cursor_remaining(&c) != 0)
         rc = pb_error_set(err, -EINVAL, "%zu trailing bytes after op", cursor_remaining(&c));
     if (rc == 0)

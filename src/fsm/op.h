@@ -32,7 +32,13 @@
 #include "lib/buf.h"
 #include "lib/error.h"
 
-#define FSM_OP_FORMAT_VERSION 1
+/* The newest op format this build reads. Every op is written in format 1
+ * except REFS, which exists only from format 2 on: an older node (it reads
+ * format 1) meeting a REFS entry stops applying, naming both versions,
+ * instead of taking it for a malformed entry and skipping it (the writer
+ * uses REFS only once every member speaks peer protocol 2, doc/upgrades.md). */
+#define FSM_OP_FORMAT_VERSION 2
+#define FSM_OP_FORMAT_MIN     1
 
 #define FSM_PATH_MAX      4096           /* bytes of a relative path, without NUL */
 #define FSM_NAME_MAX      255            /* bytes of one path component */
