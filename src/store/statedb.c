@@ -2129,8 +2129,9 @@ int statedb_chunk_data_put_many(struct statedb *db, const struct statedb_chunk_i
     sqlite3_stmt *len_st = NULL, *ins_st = NULL;
     int rc = sqlite3_prepare_v2(db->db, "SELECT len FROM chunks WHERE id = ?1", -1, &len_st, NULL);
     if (rc == SQLITE_OK)
-        rc = sqlite3_prepare_v2(db->db, "INSERT OR IGNORE INTO chunk_data (id, data) VALUES (?1, ?2)",
-                                -1, &ins_st, NULL);
+        rc = sqlite3_prepare_v2(db->db,
+                                "INSERT OR IGNORE INTO chunk_data (id, data) VALUES (?1, ?2)", -1,
+                                &ins_st, NULL);
     if (rc != SQLITE_OK)
         e = sd_fail(db, rc, "store pushed chunks");
     for (size_t i = 0; e == 0 && i < n; i++) {
