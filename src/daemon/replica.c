@@ -67,11 +67,10 @@
  * per batch (one PUSH frame with the chunk that crosses it), the room a
  * slice needs in every peer's window before it is read, how long the other
  * reachable peers' acknowledgements are waited for once a majority holds
- * the bytes, and how long pushing is off after a push failed. */
+ * the bytes. */
 #define REPLICA_PUSH_CARRY    (PUSH_FRAME_BYTES - FSM_CHUNK_MAX_LEN)
 #define REPLICA_PUSH_ROOM     (2u * PUSH_FRAME_BYTES)
 #define REPLICA_PUSH_GRACE_MS 1000u
-#define REPLICA_PUSH_OFF_MS   30000u
 
 /* One proposal of ours, until its entry applies. */
 struct rprop {
@@ -179,7 +178,7 @@ struct replica {
     uint64_t proposed_bytes;            /* of entries proposed (first time each) */
     uint64_t progress_ms;               /* when one of ours last applied */
     char *missing_path;                 /* its PUT missed chunks: propose it again */
-    uint64_t push_off_until_ms;         /* a push failed: CHUNKS entries until then */
+    char *push_off_path;                /* its push failed: CHUNKS entries next time */
     uint64_t pushed_files, push_fallbacks;
     char last_error[256];
 };
@@ -598,14 +597,15 @@ static int push_finish(struct replica *r, struct rjob *j)
     return rc;
 }
 
-/* Stops pushing the job's chunks: it is proposed again (CHUNKS entries,
- * pushing is off for a while); what was pushed is collected later. */
+/* Stops pushing the job's chunks: the file is proposed again, this time as
+ * CHUNKS entries (today's path); what was pushed is collected later. */
 static void push_fallback(struct replica *r, const char *why)
 {
     log_info("%s: pushing its chunks beside the log failed (%s): proposing them in the log",
              r->job->path, why);
     r->push_fallbacks++;
-    r->push_off_until_ms = pb_now_ms() + REPLICA_PUSH_OFF_MS;
+    free(r->push_off_path);
+    r->push_off_path = pb_xstrdup(r->job->path);
     job_end(r, -EAGAIN);
 }
 
@@ -676,14 +676,19 @@ static void push_progressed(void *arg)
 }
 
 /* Whether the big file's chunks go beside the log (D13): every member
- * speaks version 2, and no push failed lately. Starts the push. */
+ * speaks version 2, and its last push did not fail. Starts the push. */
 static bool push_begin(struct replica *r, struct rjob *j)
 {
     struct push *pu = cluster_push(r->c);
     uint64_t now = pb_now_ms();
     struct push_peer peers[PUSH_MAX_PEERS];
     size_t n = 0;
-    if (pu == NULL || now < r->push_off_until_ms ||
+    if (r->push_off_path != NULL && strcmp(r->push_off_path, j->path) == 0) {
+        free(r->push_off_path); /* this once */
+        r->push_off_path = NULL;
+        return false;
+    }
+    if (pu == NULL ||
         cluster_push_targets(r->c, peers, PUSH_MAX_PEERS, &n, &j->voters, &j->self_voter) < 0 ||
         push_start(pu, peers, n, now) < 0)
         return false;
@@ -1618,6 +1623,7 @@ void replica_free(struct replica *r)
     if (r->job != NULL)
         job_end(r, -ECANCELED);
     free(r->missing_path);
+    free(r->push_off_path);
     watch_free(r->w);
     while (r->head != NULL) {
         struct rprop *p = r->head;

@@ -6,6 +6,8 @@
    of the writer and the receivers grew), the writer proposed only the REFS
    entries and the PUT (tree.proposed_bytes grew by far less than the file)
    and the leader's raft.db (+ WAL) did not grow by the file's size.
+   The writer cut off from both peers cannot push to a majority: it falls
+   back to CHUNKS entries, and the file reaches every tree once healed.
 2. A follower is down while another big file is written: the two live nodes
    get it through the push; the follower, back, gets it too (fetched bytes).
 3. Two nodes, one speaking only protocol version 1 (PICKBOX_TEST_PROTO_MAX=1,
@@ -90,8 +92,8 @@ def start_two(h, env2):
 
 
 with Harness("tree-push") as h:
-    h.plan(8)
-    nodes = th.start_cluster(h, 3, timing=th.DEFAULT_TIMING)
+    h.plan(9)
+    nodes = th.start_cluster(h, 3, timing=th.DEFAULT_TIMING, env={"PICKBOX_TEST_HOOKS": "1"})
     wait_until(lambda: all(th.status(d).get("leader_id") for d in nodes), 20,
                what="a leader everywhere")
     leader_id = th.status(nodes[0]).get("leader_id")
@@ -123,6 +125,26 @@ with Harness("tree-push") as h:
     h.ok(prop < size // 10 and grown < size // 2,
          "the log carried no chunk bytes: writer proposed %d bytes, leader's raft.db grew %d"
          % (prop, grown))
+
+    # 1b. the writer cut off from both peers: no majority can hold the chunks,
+    # so the push falls back and the file goes as CHUNKS entries once healed
+    fb0 = tree(writer).get("push_fallbacks", 0)
+    for d in (leader, other):
+        th.cut(writer, d, True)
+    digest_c = write_random(writer, "cut.bin", 6 * MIB)
+    try:
+        wait_until(lambda: tree(writer).get("push_fallbacks", 0) > fb0, 30, interval=0.2,
+                   what="the push to fall back")
+    finally:
+        for d in (leader, other):
+            th.cut(writer, d, False)
+    try:
+        wait_until(lambda: has_file(nodes, "cut.bin", digest_c), 90, interval=0.3,
+                   what="cut.bin in every tree")
+        h.ok(True, "cut off, the writer fell back to CHUNKS entries; healed, the file reached "
+             "all three trees")
+    except HarnessError as e:
+        h.ok(False, "the file written while cut off reached all three trees", str(e))
 
     # 2. a follower down during the push fetches the bytes once back
     h.eq(other.stop(timeout=15), 0, "%s stops" % other.node_id)
