@@ -274,7 +274,10 @@ START_TEST(test_op_decode_trailing_and_version)
     ck_assert_int_eq(decode_rc(&b), -EINVAL);
     b.len--;
     ck_assert_int_eq(decode_rc(&b), 0);
-    b.data[0] = 2; /* a future format */
+    ck_assert_uint_eq(b.data[0], 1); /* every op but REFS is written in format 1 */
+    b.data[0] = 2;                   /* and reads in format 2 as well */
+    ck_assert_int_eq(decode_rc(&b), 0);
+    b.data[0] = FSM_OP_FORMAT_VERSION + 1; /* a future format */
     ck_assert_int_eq(decode_rc(&b), -EPROTONOSUPPORT);
     b.data[0] = 0;
     ck_assert_int_eq(decode_rc(&b), -EPROTONOSUPPORT);
@@ -509,6 +512,89 @@ START_TEST(test_op_decode_bad_paths_and_nesting)
 }
 END_TEST
 
+/* REFS: ids and lengths only, 1..FSM_OP_MAX_REFS distinct chunks, never
+ * inside a BATCH; it decodes whatever bytes a node holds. */
+START_TEST(test_op_refs)
+{
+    struct fsm_op op, out;
+    fsm_op_init(&op);
+    op.type = FSM_OP_REFS;
+    op.origin = pb_xstrdup("n1");
+    op.u.refs.n_refs = 3;
+    op.u.refs.refs = pb_xcalloc(3, sizeof(struct fsm_chunk_ref));
+    for (uint32_t i = 0; i < 3; i++) {
+        memset(op.u.refs.refs[i].id, (int)(i + 1), FSM_CHUNK_ID_LEN);
+        op.u.refs.refs[i].len = 1000 * (i + 1);
+    }
+    roundtrip(&op, &out);
+    ck_assert_int_eq(out.type, FSM_OP_REFS);
+    {
+        /* written in format 2: a node reading only format 1 stops on it;
+         * a REFS claiming format 1 is malformed */
+        struct buf e = BUF_INIT;
+        ck_assert_int_eq(fsm_op_encode(&op, &e), 0);
+        ck_assert_uint_eq(e.data[0], 2);
+        e.data[0] = 1;
+        ck_assert_int_eq(decode_rc(&e), -EINVAL);
+        buf_free(&e);
+    }
+    ck_assert_ptr_null(out.path);
+    ck_assert_uint_eq(out.u.refs.n_refs, 3);
+    ck_assert_uint_eq(out.u.refs.refs[2].len, 3000);
+    ck_assert_mem_eq(out.u.refs.refs[1].id, op.u.refs.refs[1].id, FSM_CHUNK_ID_LEN);
+    ck_assert_str_eq(fsm_op_type_name(FSM_OP_REFS), "REFS");
+    fsm_op_free(&out);
+
+    /* invalid: a chunk twice, a length 0 or over the maximum, none at all */
+    struct pb_error err;
+    memcpy(op.u.refs.refs[2].id, op.u.refs.refs[0].id, FSM_CHUNK_ID_LEN);
+    ck_assert_int_eq(fsm_op_validate(&op, &err), -EINVAL);
+    ck_assert_ptr_nonnull(strstr(err.msg, "twice"));
+    op.u.refs.refs[2].id[0] ^= 0xff;
+    op.u.refs.refs[1].len = 0;
+    ck_assert_int_eq(fsm_op_validate(&op, &err), -EINVAL);
+    op.u.refs.refs[1].len = FSM_CHUNK_MAX_LEN + 1;
+    ck_assert_int_eq(fsm_op_validate(&op, &err), -EINVAL);
+    op.u.refs.refs[1].len = FSM_CHUNK_MAX_LEN;
+    ck_assert_int_eq(fsm_op_validate(&op, &err), 0);
+    op.u.refs.n_refs = 0;
+    ck_assert_int_eq(fsm_op_validate(&op, &err), -EINVAL);
+    op.u.refs.n_refs = 3;
+
+    /* the wire: a count over the limit, a count over the input, a REFS in a
+     * BATCH, trailing bytes */
+    struct buf b;
+    buf_init(&b);
+    buf_put_u8(&b, 2);
+    buf_put_u8(&b, FSM_OP_REFS);
+    buf_put_str(&b, "n1");
+    size_t head = b.len;
+    buf_put_u32(&b, FSM_OP_MAX_REFS + 1);
+    ck_assert_int_eq(decode_rc(&b), -EINVAL);
+    b.len = head;
+    buf_put_u32(&b, 2);
+    buf_put(&b, op.u.refs.refs[0].id, FSM_CHUNK_ID_LEN);
+    buf_put_u32(&b, 5);
+    ck_assert_int_eq(decode_rc(&b), -EINVAL);
+    buf_put(&b, op.u.refs.refs[1].id, FSM_CHUNK_ID_LEN);
+    buf_put_u32(&b, 6);
+    ck_assert_int_eq(decode_rc(&b), 0);
+    buf_put_u8(&b, 0);
+    ck_assert_int_eq(decode_rc(&b), -EINVAL);
+    buf_free(&b);
+    raw_head(&b, FSM_OP_BATCH, "n1", NULL, 0);
+    buf_put_u32(&b, 1);
+    buf_put_u8(&b, FSM_OP_REFS);
+    buf_put_str(&b, "n1");
+    buf_put_u32(&b, 1);
+    buf_put(&b, op.u.refs.refs[0].id, FSM_CHUNK_ID_LEN);
+    buf_put_u32(&b, 5);
+    ck_assert_int_eq(decode_rc(&b), -EINVAL);
+    buf_free(&b);
+    fsm_op_free(&op);
+}
+END_TEST
+
 /* Random corruption of valid encodings never crashes; whatever decodes
  * re-encodes to bytes that decode again (the decoder accepts only ops the
  * encoder can write). */
@@ -671,6 +757,7 @@ static Suite *fsm_op_suite(void)
     tcase_add_test(tc, test_op_roundtrip_put);
     tcase_add_test(tc, test_op_roundtrip_simple);
     tcase_add_test(tc, test_op_roundtrip_batch_and_chunks);
+    tcase_add_test(tc, test_op_refs);
     tcase_add_test(tc, test_op_empty_file_put);
     tcase_add_test(tc, test_op_decode_truncated);
     tcase_add_test(tc, test_op_decode_trailing_and_version);

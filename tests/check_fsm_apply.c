@@ -472,7 +472,7 @@ START_TEST(test_two_nodes_same_log)
     ck_assert_int_eq(statedb_applied_get(c.a.db, &ap), 0);
     ck_assert_uint_eq(ap.malformed, 1);
     /* an op of a newer format stops the applier; state.db is unchanged */
-    static const uint8_t newer[] = {2, 1, 0, 0};
+    static const uint8_t newer[] = {FSM_OP_FORMAT_VERSION + 1, 1, 0, 0};
     ck_assert_int_eq(
             fsm_apply_entry(c.a.ap, c.next_index, 2, 0, 0, newer, sizeof(newer), &rr, &err),
             -EPROTONOSUPPORT);
@@ -834,6 +834,79 @@ START_TEST(test_chunk_window_and_bad_bytes)
     uint8_t id[FSM_CHUNK_ID_LEN];
     ck_assert_int_eq(fsm_sha256("right bytes", 11, id), 0);
     ck_assert_int_eq(statedb_chunk_has(c.b.db, id), 0); /* never stored */
+    buf_free(&b);
+    cluster_free(&c);
+}
+END_TEST
+
+/* REFS (D13): the chunk rows, whatever bytes each node holds. A holds the
+ * pushed bytes (no row yet), B none; after REFS both have the same rows, the
+ * PUT relying on them applies on both, A writes the file, B waits for the
+ * bytes (fetched) and its repair writes it. A REFS naming a known chunk with
+ * another length is skipped alike everywhere. */
+START_TEST(test_refs_rows_without_bytes)
+{
+    struct cluster c;
+    struct buf b = BUF_INIT;
+    struct fsm_op op;
+    struct pb_error err;
+    cluster_init(&c);
+    const char *text = "pushed beside the log";
+    uint32_t len = (uint32_t)strlen(text);
+    uint8_t id[FSM_CHUNK_ID_LEN];
+    ck_assert_int_eq(fsm_sha256(text, len, id), 0);
+    struct statedb_chunk_in in = {id, text, len};
+    ck_assert_int_eq(statedb_chunk_data_put_many(c.a.db, &in, 1), 0);
+    ck_assert_int_eq(statedb_chunk_has(c.a.db, id), 0);
+    ck_assert_int_eq(statedb_chunk_data_has(c.a.db, id), 1);
+
+    fsm_op_init(&op);
+    op.type = FSM_OP_REFS;
+    op.origin = pb_xstrdup("nA");
+    op.u.refs.n_refs = 1;
+    op.u.refs.refs = pb_xcalloc(1, sizeof(struct fsm_chunk_ref));
+    memcpy(op.u.refs.refs[0].id, id, FSM_CHUNK_ID_LEN);
+    op.u.refs.refs[0].len = len;
+    ck_assert_int_eq(fsm_op_encode(&op, &b), 0);
+    commit(&c, 0, 0, b.data, b.len, FSM_APPLY_CHUNKS);
+    ck_assert_int_eq(statedb_chunk_has(c.a.db, id), 1);
+    ck_assert_int_eq(statedb_chunk_has(c.b.db, id), 1);
+    ck_assert_int_eq(statedb_chunk_data_has(c.a.db, id), 1);
+    ck_assert_int_eq(statedb_chunk_data_has(c.b.db, id), 0);
+    assert_same_state(&c);
+    buf_reset(&b);
+
+    /* the same chunk with another length: skipped on both, rows unchanged */
+    op.u.refs.refs[0].len = len + 1;
+    ck_assert_int_eq(fsm_op_encode(&op, &b), 0);
+    commit(&c, 0, 0, b.data, b.len, FSM_APPLY_CHUNKS);
+    buf_reset(&b);
+    fsm_op_free(&op);
+
+    put_relying_on(&op, "pushed", text);
+    ck_assert_int_eq(fsm_op_encode(&op, &b), 0);
+    fsm_op_free(&op);
+    struct fsm_apply_result ra, rb;
+    uint64_t at = c.next_index++;
+    ck_assert_int_eq(fsm_apply_entry(c.a.ap, at, 2, 0, 0, b.data, b.len, &ra, &err), 0);
+    ck_assert_int_eq(fsm_apply_entry(c.b.ap, at, 2, 0, 0, b.data, b.len, &rb, &err), 0);
+    ck_assert_int_eq(ra.outcome, FSM_OUT_APPLIED);
+    ck_assert_int_eq(rb.outcome, FSM_OUT_APPLIED);
+    ck_assert(file_exists(&c.a, "pushed"));
+    ck_assert(!file_exists(&c.b, "pushed"));
+    struct buf sa = BUF_INIT, sb = BUF_INIT;
+    snapshot_bytes(c.a.db, &sa);
+    snapshot_bytes(c.b.db, &sb);
+    ck_assert_uint_eq(sa.len, sb.len);
+    ck_assert_int_eq(memcmp(sa.data, sb.data, sa.len), 0);
+    buf_free(&sa);
+    buf_free(&sb);
+    /* B gets the bytes (as fetch.c stores them) and repairs */
+    ck_assert_int_eq(statedb_chunk_data_put(c.b.db, id, text, len), 0);
+    unsigned repaired = 0;
+    ck_assert_int_eq(fsm_apply_repair(c.b.ap, &repaired, NULL), 0);
+    ck_assert_uint_eq(repaired, 1);
+    ck_assert(file_exists(&c.b, "pushed"));
     buf_free(&b);
     cluster_free(&c);
 }
@@ -1308,6 +1381,7 @@ static Suite *fsm_apply_suite(void)
     tcase_add_test(tc, test_snapshot_install_then_repair);
     tcase_add_test(tc, test_apply_storage_failure);
     tcase_add_test(tc, test_chunk_window_and_bad_bytes);
+    tcase_add_test(tc, test_refs_rows_without_bytes);
     tcase_add_test(tc, test_loser_node_with_statedb);
     tcase_add_test(tc, test_batch_many_files_one_pending);
     tcase_add_test(tc, test_batch_rmdir_then_recreate);

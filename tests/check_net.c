@@ -283,15 +283,15 @@ START_TEST(test_hs_version_mismatch)
     nonce_fill(nonce, 1);
     net_hs_init(&hs, &la, false, 0, nonce);
     net_hs_hello(&hs, &reply);
-    buf_put_u16(&hello, 2); /* a future node speaking only 2..3 */
-    buf_put_u16(&hello, 3);
+    buf_put_u16(&hello, 3); /* a future node speaking only 3..4 */
+    buf_put_u16(&hello, 4);
     buf_put_u64(&hello, 7);
     ck_assert_int_eq(hs_feed(&hs, NET_FRAME_HELLO, &hello, &reply, &t, &err), -EPROTONOSUPPORT);
-    ck_assert_ptr_nonnull(strstr(err.msg, "peer speaks 2..3, this node speaks 1"));
+    ck_assert_ptr_nonnull(strstr(err.msg, "peer speaks 3..4, this node speaks 1..2"));
     ck_assert_uint_eq(t, 0);
     net_hs_free(&hs);
 
-    /* A later node that still speaks 1 is accepted, trailing extensions too. */
+    /* A later node that still speaks 2 is accepted, trailing extensions too. */
     struct net_hs_local lb;
     struct net_hs b;
     local_init(&lb, 2, "beta", SECRET, CLUSTER);
@@ -305,11 +305,33 @@ START_TEST(test_hs_version_mismatch)
     buf_put(&hello, "ext", 3);
     ck_assert_int_eq(hs_feed(&hs, NET_FRAME_HELLO, &hello, &reply, &t, &err), 0);
     ck_assert_uint_eq(t, NET_FRAME_AUTH);
-    ck_assert_uint_eq(hs.version, 1);
+    ck_assert_uint_eq(hs.version, 2);
     net_hs_free(&hs);
     net_hs_free(&b);
     buf_free(&hello);
     buf_free(&reply);
+}
+END_TEST
+
+/* A node speaking only version 1 (before D13's push) and one speaking 1..2
+ * authenticate and agree on version 1, whoever dials; two 1..2 nodes on 2. */
+START_TEST(test_hs_version_mixed)
+{
+    struct net_hs_local la, lb;
+    struct hs_run r;
+    local_init(&la, 1, "alpha", SECRET, CLUSTER);
+    local_init(&lb, 2, "beta", SECRET, CLUSTER);
+    if (_i == 0)
+        la.version_max = 1;
+    else if (_i == 1)
+        lb.version_max = 1;
+    hs_run(&r, &la, &lb, 2);
+    ck_assert_int_eq(r.a.state, NET_HS_DONE);
+    ck_assert_int_eq(r.b.state, NET_HS_DONE);
+    unsigned want = _i == 2 ? 2 : 1;
+    ck_assert_uint_eq(r.a.version, want);
+    ck_assert_uint_eq(r.b.version, want);
+    hs_run_free(&r);
 }
 END_TEST
 
@@ -1942,6 +1964,7 @@ static Suite *net_suite(void)
     tcase_add_test(tc, test_hs_success);
     tcase_add_loop_test(tc, test_hs_wrong_secret, 0, 2);
     tcase_add_test(tc, test_hs_version_mismatch);
+    tcase_add_loop_test(tc, test_hs_version_mixed, 0, 3);
     tcase_add_test(tc, test_hs_tampered_hello);
     tcase_add_test(tc, test_hs_replay_and_reflection);
     tcase_add_test(tc, test_hs_identity_rules);

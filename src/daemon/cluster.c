@@ -690,6 +690,16 @@ static void cluster_on_frame(void *arg, uint64_t node_id, uint8_t type, const ui
         if (c->fetch != NULL)
             fetch_on_reply(c->fetch, c->sm, node_id, data, len, pb_now_ms());
         break;
+    case CLUSTER_MSG_PUSH:
+        /* bytes of a file whose PUT applied first: the tick repairs it */
+        if (c->push != NULL &&
+            push_on_push(c->push, c->sm != NULL ? sm_statedb(c->sm) : NULL, node_id, data, len) > 0)
+            c->push_repair = true;
+        break;
+    case CLUSTER_MSG_PUSH_ACK:
+        if (c->push != NULL)
+            push_on_ack(c->push, node_id, data, len, pb_now_ms());
+        break;
     default:
         log_debug("unknown frame type %u from %016" PRIx64, type, node_id);
         break;
@@ -711,6 +721,8 @@ static void cluster_on_peer_state(void *arg, uint64_t node_id, bool up)
         cluster_applied_resend(c);
     if (up && c->fetch != NULL)
         fetch_peer_up(c->fetch); /* chunk bytes it may have */
+    if (!up && c->push != NULL)
+        push_peer_down(c->push, node_id); /* it fetches what it missed */
 }
 
 /* Everything that waited while the core was frozen, then ready. */
@@ -910,6 +922,12 @@ static void cluster_on_tick(evutil_socket_t fd, short what, void *arg)
     cluster_applied_tick(c, now);
     if (!c->frozen && c->fetch != NULL)
         fetch_tick(c->fetch, c->sm, now);
+    if (c->push != NULL)
+        push_tick(c->push, !c->frozen && c->sm != NULL ? sm_statedb(c->sm) : NULL, now);
+    if (c->push_repair && !c->frozen && c->sm != NULL) {
+        c->push_repair = false;
+        sm_repair(c->sm);
+    }
     cluster_schedule(c);
 }
 
@@ -1062,6 +1080,54 @@ static int cluster_fetch_send(void *arg, uint64_t node_id, bool reply, const voi
                     reply ? CLUSTER_MSG_CHUNK_RESP : CLUSTER_MSG_CHUNK_REQ, data, len);
 }
 
+/* push_ops: pushes travel in the bulk class, acknowledgements as control. */
+static int cluster_push_send(void *arg, uint64_t node_id, bool ack, const void *data, size_t len)
+{
+    struct cluster *c = arg;
+    if (c->net == NULL)
+        return -ENOTCONN;
+    return net_send(c->net, node_id, ack ? NET_CLASS_CONTROL : NET_CLASS_BULK,
+                    ack ? CLUSTER_MSG_PUSH_ACK : CLUSTER_MSG_PUSH, data, len);
+}
+
+struct push *cluster_push(struct cluster *c)
+{
+    return c->push;
+}
+
+int cluster_push_targets(struct cluster *c, struct push_peer *out, size_t max, size_t *n,
+                         size_t *voters, bool *self_voter)
+{
+    *n = 0;
+    *voters = 0;
+    *self_voter = false;
+    const char *env = getenv("PICKBOX_TEST_PUSH");
+    if (c->push == NULL || c->net == NULL || c->joining || (env != NULL && strcmp(env, "0") == 0))
+        return -EAGAIN;
+    bool member = false;
+    for (size_t i = 0; i < c->n_members; i++) {
+        const struct cluster_member *m = &c->members[i];
+        if (m->voter)
+            (*voters)++;
+        if (m->id == c->id) {
+            member = true;
+            *self_voter = m->voter;
+            continue;
+        }
+        /* its last link's version: a member down now that spoke 2 gets the
+         * REFS entry when it is back, and fetches the bytes */
+        struct net_peer_stats ps;
+        if (net_peer_stats(c->net, m->id, &ps) < 0 || ps.version < 2)
+            return -EAGAIN;
+        if (ps.connected && *n < max) {
+            out[*n].id = m->id;
+            out[*n].voter = m->voter;
+            (*n)++;
+        }
+    }
+    return member ? 0 : -EAGAIN;
+}
+
 /* fetch_ops: the leader first, then the other members whose link is up. */
 static size_t cluster_fetch_peers(void *arg, uint64_t *ids, size_t max)
 {
@@ -1098,6 +1164,13 @@ static int cluster_start_net(struct cluster *c, int peer_fd, struct pb_error *er
         struct fetch_ops fo = {.arg = c, .send = cluster_fetch_send, .peers = cluster_fetch_peers};
         c->fetch = fetch_new(&fo);
     }
+    if (c->push == NULL) {
+        struct push_ops po = {.arg = c, .send = cluster_push_send};
+        c->push = push_new(&po);
+    }
+    /* a node speaking only protocol version 1 (no push, no REFS): tests of
+     * a mixed-version cluster */
+    nc.proto_max = (uint16_t)cluster_env_unsigned("PICKBOX_TEST_PROTO_MAX", NET_PROTO_VERSION);
     c->net = net_new(c->base, &nc, err);
     if (c->net == NULL) {
         if (peer_fd >= 0)
@@ -1355,6 +1428,7 @@ void cluster_close(struct cluster *c)
         event_free(c->process_ev);
     net_free(c->net);
     fetch_free(c->fetch);
+    push_free(c->push);
     store_close(c->store);
     sm_close(c->sm);
     raft_free(c->raft);
@@ -1520,6 +1594,8 @@ void cluster_metrics_get(const struct cluster *c, struct cluster_metrics *m)
     struct store_health h;
     store_health(c->store, &h);
     m->fsync = h.commit_time;
+    if (c->push != NULL)
+        push_get_stats(c->push, &m->push);
     for (size_t i = 0; i < c->n_members && m->n_peers < CLUSTER_METRICS_PEERS; i++) {
         struct net_peer_stats ps;
         if (c->members[i].id == c->id || c->net == NULL ||
@@ -1576,6 +1652,22 @@ void cluster_status_fill(struct cluster *c, json_t *obj)
     memset(&fs, 0, sizeof(fs));
     if (c->fetch != NULL)
         fetch_get_stats(c->fetch, &fs);
+    struct push_stats pst;
+    memset(&pst, 0, sizeof(pst));
+    if (c->push != NULL)
+        push_get_stats(c->push, &pst);
+    json_t *pj = json_object();
+    json_object_set_new(pj, "sent_frames", json_integer((json_int_t)pst.sent_frames));
+    json_object_set_new(pj, "sent_bytes", json_integer((json_int_t)pst.sent_bytes));
+    json_object_set_new(pj, "acked_frames", json_integer((json_int_t)pst.acked_frames));
+    json_object_set_new(pj, "acked_bytes", json_integer((json_int_t)pst.acked_bytes));
+    json_object_set_new(pj, "received_frames", json_integer((json_int_t)pst.received_frames));
+    json_object_set_new(pj, "received_bytes", json_integer((json_int_t)pst.received_bytes));
+    json_object_set_new(pj, "rejected_frames", json_integer((json_int_t)pst.rejected_frames));
+    json_object_set_new(pj, "failed_frames", json_integer((json_int_t)pst.failed_frames));
+    json_object_set_new(pj, "peers_left", json_integer((json_int_t)pst.peers_left));
+    json_object_set_new(pj, "unrowed_collected", json_integer((json_int_t)pst.unrowed_collected));
+    json_object_set_new(obj, "chunk_push", pj);
     json_object_set_new(obj, "chunk_fetch",
                         json_pack("{s:b,s:I,s:I,s:I,s:I,s:I}", "active", fs.active, "requests",
                                   (json_int_t)fs.requests, "rejected", (json_int_t)fs.rejected,

@@ -44,6 +44,7 @@
 
 #include <jansson.h>
 
+#include "daemon/push.h"
 #include "lib/error.h"
 #include "lib/hist.h"
 
@@ -60,6 +61,8 @@ struct sm;
 #define CLUSTER_MSG_APPLIED    21 /* a node's applied and commit index, to every peer */
 #define CLUSTER_MSG_CHUNK_REQ  19 /* chunk bytes wanted (fetch.h), bulk class */
 #define CLUSTER_MSG_CHUNK_RESP 20
+#define CLUSTER_MSG_PUSH       22 /* a big file's chunk bytes, pushed (push.h), bulk class */
+#define CLUSTER_MSG_PUSH_ACK   23 /* their acknowledgement, control class */
 
 /* Take a snapshot every this many applied entries (env
  * PICKBOX_TEST_SNAPSHOT_EVERY overrides it, for tests). */
@@ -132,6 +135,18 @@ int cluster_propose(struct cluster *c, uint64_t client_id, uint64_t seq, const v
 /* How many queued proposals the core refused so far (see cluster_propose). */
 uint64_t cluster_props_dropped(const struct cluster *c);
 
+/* The pusher of big files' chunk bytes (push.h; borrowed), or NULL. */
+struct push *cluster_push(struct cluster *c);
+/* Whether a big file's chunks may be pushed beside the log (D13): only while
+ * every other member of the configuration (voters and learners) last
+ * connected at protocol version >= 2 (so it decodes REFS), and this node is
+ * a member. Then 0: out gets the members whose link is up (at most max),
+ * *n how many, *voters the voters of the configuration (this node
+ * included), *self_voter whether this node is one. Otherwise -EAGAIN (use
+ * CHUNKS entries). $PICKBOX_TEST_PUSH=0 disables pushing on this node. */
+int cluster_push_targets(struct cluster *c, struct push_peer *out, size_t max, size_t *n,
+                         size_t *voters, bool *self_voter);
+
 /* Sets the cluster fields of the `status` result in obj, and "members". */
 void cluster_status_fill(struct cluster *c, json_t *obj);
 /* {"members": [...]} (new reference). */
@@ -155,6 +170,7 @@ struct cluster_metrics {
     struct pb_hist fsync;            /* raft.db COMMIT times (store_health) */
     size_t n_peers;
     struct cluster_peer_metrics peers[CLUSTER_METRICS_PEERS];
+    struct push_stats push; /* chunk bytes pushed beside the log (push.h) */
 };
 /* Reads only: calling it changes nothing (a scrape cannot alter what the
  * next one sees). */

@@ -11,6 +11,7 @@
 
 #include "daemon/cluster.h"
 #include "daemon/fetch.h"
+#include "daemon/push.h"
 #include "daemon/sm.h"
 #include "lib/buf.h"
 #include "net/net.h"
@@ -97,6 +98,8 @@ struct cluster {
     struct net *net;
     struct sm *sm;
     struct fetch *fetch; /* chunk bytes this node lacks, from peers */
+    struct push *push;   /* big files' chunk bytes pushed beside the log */
+    bool push_repair;    /* pushed bytes came after their PUT: repair at the tick */
     uint64_t id;
     uint8_t cluster_id[16];
     bool has_cluster_id;

@@ -259,6 +259,9 @@ void fetch_on_reply(struct fetch *f, struct sm *sm, uint64_t from, const uint8_t
         return;
     }
     unsigned stored = 0, absent = 0, bad = 0;
+    struct statedb_chunk_in in[FETCH_BATCH_MAX];
+    struct want *got[FETCH_BATCH_MAX];
+    size_t n_in = 0;
     for (uint16_t k = 0; k < n; k++) {
         const uint8_t *id = cursor_take(&c, STATEDB_ID_LEN);
         uint8_t status = cursor_u8(&c);
@@ -297,16 +300,24 @@ void fetch_on_reply(struct fetch *f, struct sm *sm, uint64_t from, const uint8_t
                         from, dlen);
             continue;
         }
-        int rc = sm_chunk_store(sm, id, data, (uint32_t)dlen);
+        w->got = true; /* a peer sending it twice in one reply: stored once */
+        in[n_in] = (struct statedb_chunk_in){.id = id, .data = data, .len = (uint32_t)dlen};
+        got[n_in++] = w;
+    }
+    /* the reply's chunks in one durable write (one pack sync) */
+    if (n_in > 0) {
+        int rc = sm_chunk_store(sm, in, n_in);
         if (rc == 0) {
-            w->got = true;
-            stored++;
-            f->pass_fetched++;
-            f->pass_bytes += dlen;
-        } else if (rc == -ENOENT) {
-            w->got = true; /* collected meanwhile: nothing to fetch */
+            stored = (unsigned)n_in;
+            for (size_t i = 0; i < n_in; i++) {
+                f->pass_fetched++;
+                f->pass_bytes += got[i]->ref.len;
+            }
         } else {
-            log_warning("chunk fetch: cannot store a chunk: %s", statedb_errmsg(sm_statedb(sm)));
+            for (size_t i = 0; i < n_in; i++)
+                got[i]->got = false;
+            log_warning("chunk fetch: cannot store %zu chunk(s): %s", n_in,
+                        statedb_errmsg(sm_statedb(sm)));
         }
     }
     f->st.rejected += bad;

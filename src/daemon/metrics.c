@@ -232,6 +232,19 @@ static void render_cluster(struct metrics_writer *w, struct cluster *c)
     metrics_family(w, "pickbox_raft_fsync_seconds", METRICS_HISTOGRAM,
                    "Duration of raft.db COMMITs (WAL write and fsync), on the storage thread.");
     metrics_sample_hist(w, "pickbox_raft_fsync_seconds", NULL, 0, &m->fsync);
+    /* big files' chunk bytes pushed beside the log (push.h, D13) */
+    metrics_counter(w, "pickbox_push_sent_bytes_total",
+                    "Chunk bytes this node pushed to peers (once per peer).", m->push.sent_bytes);
+    metrics_counter(w, "pickbox_push_acked_bytes_total",
+                    "Chunk bytes pushed by this node that peers stored and acknowledged.",
+                    m->push.acked_bytes);
+    metrics_counter(w, "pickbox_push_received_bytes_total",
+                    "Chunk bytes pushed to this node by peers and stored.", m->push.received_bytes);
+    metrics_counter(w, "pickbox_push_received_frames_total", "PUSH messages from peers stored.",
+                    m->push.received_frames);
+    metrics_counter(w, "pickbox_push_rejected_frames_total",
+                    "PUSH messages from peers rejected (malformed or a chunk not matching its id).",
+                    m->push.rejected_frames);
 
     static const struct {
         const char *name, *help;

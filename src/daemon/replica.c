@@ -23,6 +23,7 @@
 #include "ctl/ctl.h"
 #include "daemon/cluster.h"
 #include "daemon/nodeconf.h"
+#include "daemon/push.h"
 #include "daemon/sm.h"
 #include "fsm/op.h"
 #include "fsm/propose.h"
@@ -62,6 +63,14 @@
  * ~5 ms of chunking + SHA-256 (doc/fsm.md). */
 #define REPLICA_SLICE_BYTES     (4u * 1024u * 1024u)
 #define REPLICA_SLICES_PER_TURN 4
+/* A big file's chunks pushed beside the log (D13, push.h): bytes of chunks
+ * per batch (one PUSH frame with the chunk that crosses it), the room a
+ * slice needs in every peer's window before it is read, how long the other
+ * reachable peers' acknowledgements are waited for once a majority holds
+ * the bytes. */
+#define REPLICA_PUSH_CARRY    (PUSH_FRAME_BYTES - FSM_CHUNK_MAX_LEN)
+#define REPLICA_PUSH_ROOM     (2u * PUSH_FRAME_BYTES)
+#define REPLICA_PUSH_GRACE_MS 1000u
 
 /* One proposal of ours, until its entry applies. */
 struct rprop {
@@ -91,11 +100,14 @@ struct rdirty {
     bool carry_all;
 };
 
+struct rjob;
+
 /* Building the ops of a chunk list (the ctx of lacks_chunk and emit_op). */
 struct emit_ctx {
     struct replica *r;
     struct fsm_tree_stat st;
-    bool carry_all; /* every chunk travels */
+    bool carry_all;    /* every chunk travels */
+    struct rjob *push; /* the job, when its chunks are pushed (D13) */
 };
 
 /* The big file being proposed, a slice at a time (one at a time). */
@@ -104,6 +116,18 @@ struct rjob {
     struct emit_ctx x;
     struct sm *sm; /* whose tree p reads: a new one ends the job */
     char *path;
+    /* Pushing its chunks beside the log (D13): the chunks pushed (for the
+     * REFS entries), the PUT without bytes once the file is read, the
+     * voters of the configuration at the start. */
+    bool push;
+    struct fsm_chunk_ref *refs;
+    uint32_t n_refs, cap_refs;
+    struct fsm_op put;
+    bool read;
+    size_t voters;
+    bool self_voter;
+    uint64_t majority_ms; /* when a majority held every batch, 0: not yet */
+    uint64_t started_ms;
 };
 
 /* A `sync` request waiting. */
@@ -154,6 +178,8 @@ struct replica {
     uint64_t proposed_bytes;            /* of entries proposed (first time each) */
     uint64_t progress_ms;               /* when one of ours last applied */
     char *missing_path;                 /* its PUT missed chunks: propose it again */
+    char *push_off_path;                /* its push failed: CHUNKS entries next time */
+    uint64_t pushed_files, push_fallbacks;
     char last_error[256];
 };
 
@@ -383,9 +409,66 @@ static int lacks_chunk(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN])
  * travel (and keep their order) in the bulk class. */
 #define REPLICA_JOB_CARRY (512u * 1024u)
 
+/* Stores n chunks here (durably, without a row) and pushes them to the
+ * peers of the job's push; they are named by the REFS entries later. */
+static int push_chunks(struct replica *r, struct rjob *j, const struct fsm_chunk_data *d,
+                       uint32_t n)
+{
+    if (n == 0)
+        return 0;
+    struct statedb_chunk_in *in = pb_xreallocarray(NULL, n, sizeof(*in));
+    for (uint32_t i = 0; i < n; i++) {
+        in[i].id = d[i].id;
+        in[i].data = d[i].data;
+        in[i].len = d[i].len;
+        if (j->n_refs == j->cap_refs) {
+            j->cap_refs = j->cap_refs ? 2 * j->cap_refs : 256;
+            j->refs = pb_xreallocarray(j->refs, j->cap_refs, sizeof(*j->refs));
+        }
+        memcpy(j->refs[j->n_refs].id, d[i].id, FSM_CHUNK_ID_LEN);
+        j->refs[j->n_refs++].len = d[i].len;
+    }
+    /* sent first: the peers store while this node does */
+    int rc = push_send(cluster_push(r->c), in, n, pb_now_ms());
+    struct statedb *db = sm_statedb(replica_sm(r));
+    if (rc == 0 && db == NULL)
+        rc = -ENOENT;
+    if (rc == 0 && (rc = statedb_chunk_data_put_many(db, in, n)) < 0)
+        replica_error(r, "%s: cannot store chunks to push: %s", j->path, statedb_errmsg(db));
+    free(in);
+    return rc;
+}
+
+/* Keeps the PUT (without its bytes: they were pushed) until the chunks are
+ * held by a majority. */
+static int push_keep_put(struct replica *r, struct rjob *j, const struct fsm_op *op)
+{
+    int rc = push_chunks(r, j, op->u.put.data, op->u.put.n_data);
+    if (rc < 0)
+        return rc;
+    fsm_op_free(&j->put);
+    j->put.type = FSM_OP_PUT;
+    j->put.origin = pb_xstrdup(op->origin);
+    j->put.path = pb_xstrdup(op->path);
+    j->put.base = op->base;
+    j->put.u.put.mode = op->u.put.mode;
+    j->put.u.put.mtime_ns = op->u.put.mtime_ns;
+    j->put.u.put.size = op->u.put.size;
+    j->put.u.put.n_refs = op->u.put.n_refs;
+    if (op->u.put.n_refs > 0) {
+        j->put.u.put.refs = pb_xreallocarray(NULL, op->u.put.n_refs, sizeof(*op->u.put.refs));
+        memcpy(j->put.u.put.refs, op->u.put.refs, op->u.put.n_refs * sizeof(*op->u.put.refs));
+    }
+    return 0;
+}
+
 static int emit_op(void *arg, const struct fsm_op *op)
 {
     struct emit_ctx *x = arg;
+    if (x->push != NULL && op->type == FSM_OP_CHUNKS)
+        return push_chunks(x->r, x->push, op->u.chunks.data, op->u.chunks.n_data);
+    if (x->push != NULL && op->type == FSM_OP_PUT)
+        return push_keep_put(x->r, x->push, op);
     const struct fsm_chunk_data *data = NULL;
     uint32_t n_data = 0;
     if (op->type == FSM_OP_CHUNKS) {
@@ -451,6 +534,12 @@ static void job_free(struct replica *r, struct rjob *j, int rc)
         log_debug("%s: %" PRIu64 " bytes read, %" PRIu64 " bytes of chunks proposed", j->path,
                   fsm_propose_offset(j->p), fsm_propose_carried(j->p));
     fsm_propose_free(j->p);
+    if (j->push) {
+        push_set_observer(cluster_push(r->c), NULL, NULL);
+        push_stop(cluster_push(r->c));
+    }
+    free(j->refs);
+    fsm_op_free(&j->put);
     free(j->path);
     free(j);
 }
@@ -470,6 +559,88 @@ static void job_end(struct replica *r, int rc)
  * loop (not a worker thread) keeps the tree, state.db and the queue
  * single-threaded; a slice costs a few ms.
  */
+static int cmp_ref_id(const void *a, const void *b)
+{
+    return memcmp(((const struct fsm_chunk_ref *)a)->id, ((const struct fsm_chunk_ref *)b)->id,
+                  FSM_CHUNK_ID_LEN);
+}
+
+/* A majority holds every pushed chunk durably: the REFS entries naming them
+ * (FSM_OP_MAX_REFS each), then the PUT, are queued as any op of ours. */
+static int push_finish(struct replica *r, struct rjob *j)
+{
+    if (j->n_refs > 1)
+        qsort(j->refs, j->n_refs, sizeof(*j->refs), cmp_ref_id);
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < j->n_refs; i++)
+        if (n == 0 || memcmp(j->refs[n - 1].id, j->refs[i].id, FSM_CHUNK_ID_LEN) != 0)
+            j->refs[n++] = j->refs[i];
+    j->n_refs = n;
+    int rc = 0;
+    for (uint32_t i = 0; i < n && rc == 0; i += FSM_OP_MAX_REFS) {
+        struct fsm_op op;
+        fsm_op_init(&op);
+        op.type = FSM_OP_REFS;
+        op.origin = j->put.origin;
+        op.u.refs.refs = j->refs + i;
+        op.u.refs.n_refs = n - i < FSM_OP_MAX_REFS ? n - i : FSM_OP_MAX_REFS;
+        rc = queue_op(r, &op, NULL, NULL); /* shallow: nothing to free */
+    }
+    if (rc == 0)
+        rc = queue_op(r, &j->put, &j->x.st, NULL);
+    if (rc == 0) {
+        r->pushed_files++;
+        log_info("%s: %u chunks pushed in %" PRIu64 " ms (a majority held them after %" PRIu64
+                 " ms); proposing REFS and the PUT",
+                 j->path, n, pb_now_ms() - j->started_ms, j->majority_ms - j->started_ms);
+    }
+    return rc;
+}
+
+/* Stops pushing the job's chunks: the file is proposed again, this time as
+ * CHUNKS entries (today's path); what was pushed is collected later. */
+static void push_fallback(struct replica *r, const char *why)
+{
+    log_info("%s: pushing its chunks beside the log failed (%s): proposing them in the log",
+             r->job->path, why);
+    r->push_fallbacks++;
+    free(r->push_off_path);
+    r->push_off_path = pb_xstrdup(r->job->path);
+    job_end(r, -EAGAIN);
+}
+
+/* The job whose chunks are pushed: 1 if the next slice may be read (every
+ * peer's window has room), 0 to wait (the window, or the acknowledgements
+ * once the file is read); the end of the job is handled here. */
+static int push_check(struct replica *r, struct rjob *j)
+{
+    struct push_progress pg;
+    push_progress_get(cluster_push(r->c), &pg);
+    if (!pg.active) {
+        push_fallback(r, "the push was stopped");
+        return 0;
+    }
+    size_t need = j->voters / 2 + 1;
+    size_t self = j->self_voter ? 1 : 0;
+    if (pg.voters_in + self < need) {
+        push_fallback(r, "too few voters hold the chunks");
+        return 0;
+    }
+    if (!j->read)
+        return push_room(cluster_push(r->c), REPLICA_PUSH_ROOM) ? 1 : 0;
+    if (pg.voters_complete + self < need)
+        return 0;
+    uint64_t now = pb_now_ms();
+    if (j->majority_ms == 0)
+        j->majority_ms = now;
+    /* the other reachable peers too, for a short while: on a healthy
+     * cluster every node holds the bytes when the PUT applies */
+    if (pg.complete < pg.peers - pg.left && now - j->majority_ms < REPLICA_PUSH_GRACE_MS)
+        return 0;
+    job_end(r, push_finish(r, j));
+    return 0;
+}
+
 static void job_run(struct replica *r)
 {
     for (unsigned n = 0; r->job != NULL && n < REPLICA_SLICES_PER_TURN; n++) {
@@ -478,16 +649,55 @@ static void job_run(struct replica *r)
             job_end(r, -EAGAIN);
             return;
         }
-        if (r->queued_bytes >= REPLICA_INFLIGHT_BYTES)
+        if (j->push) {
+            if (push_check(r, j) <= 0)
+                return;
+        } else if (r->queued_bytes >= REPLICA_INFLIGHT_BYTES) {
             return; /* go on once some of ours applied */
+        }
         size_t before = r->n_props;
         int rc = fsm_propose_step(j->p, REPLICA_SLICE_BYTES, &j->x.st);
         if (rc == 1)
             continue;
+        if (rc == 0 && j->push) {
+            j->read = true; /* the PUT waits for the acknowledgements */
+            continue;
+        }
         if (rc == 0)
             note_put_stat(r, before, &j->x.st);
         job_end(r, rc);
     }
+}
+
+/* push_set_observer(): an acknowledgement came, the job may go on. */
+static void push_progressed(void *arg)
+{
+    replica_kick(arg);
+}
+
+/* Whether the big file's chunks go beside the log (D13): every member
+ * speaks version 2, and its last push did not fail. Starts the push. */
+static bool push_begin(struct replica *r, struct rjob *j)
+{
+    struct push *pu = cluster_push(r->c);
+    uint64_t now = pb_now_ms();
+    struct push_peer peers[PUSH_MAX_PEERS];
+    size_t n = 0;
+    if (r->push_off_path != NULL && strcmp(r->push_off_path, j->path) == 0) {
+        free(r->push_off_path); /* this once */
+        r->push_off_path = NULL;
+        return false;
+    }
+    if (pu == NULL ||
+        cluster_push_targets(r->c, peers, PUSH_MAX_PEERS, &n, &j->voters, &j->self_voter) < 0 ||
+        push_start(pu, peers, n, now) < 0)
+        return false;
+    j->push = true;
+    j->x.push = j;
+    j->started_ms = now;
+    push_set_observer(pu, push_progressed, r);
+    log_debug("%s: pushing its chunks to %zu peers (%zu voters)", j->path, n, j->voters);
+    return true;
 }
 
 static void op_start(struct fsm_op *op, struct replica *r, enum fsm_op_type type, const char *path)
@@ -599,9 +809,13 @@ static void replica_check(struct replica *r, const char *path, bool carry_all)
         j->x.carry_all = carry_all;
         j->sm = sm;
         j->path = pb_xstrdup(path);
+        fsm_op_init(&j->put);
+        bool push = big && push_begin(r, j);
         rc = fsm_propose_begin(t, path, r->cfg->node_id, base_version(r, path),
-                               big ? REPLICA_JOB_CARRY : REPLICA_CARRY_MAX, lacks_chunk, emit_op,
-                               &j->x, &j->p);
+                               push  ? REPLICA_PUSH_CARRY
+                               : big ? REPLICA_JOB_CARRY
+                                     : REPLICA_CARRY_MAX,
+                               lacks_chunk, emit_op, &j->x, &j->p);
         if (rc == 0 && big) {
             r->job = j;
             job_run(r);
@@ -1046,7 +1260,7 @@ static void obs_batch_before(void *arg, const struct raft_entry *e, size_t n)
     struct replica *r = arg;
     for (size_t i = 0; i < n; i++) {
         if (e[i].type != RAFT_ENTRY_NORMAL || e[i].len < 2 || e[i].data == NULL ||
-            e[i].data[0] == 0 || e[i].data[1] == FSM_OP_CHUNKS)
+            e[i].data[0] == 0 || e[i].data[1] == FSM_OP_CHUNKS || e[i].data[1] == FSM_OP_REFS)
             continue; /* probes and chunk bytes touch no path */
         struct fsm_op op;
         if (fsm_op_decode(e[i].data, e[i].len, &op, NULL) < 0)
@@ -1409,6 +1623,7 @@ void replica_free(struct replica *r)
     if (r->job != NULL)
         job_end(r, -ECANCELED);
     free(r->missing_path);
+    free(r->push_off_path);
     watch_free(r->w);
     while (r->head != NULL) {
         struct rprop *p = r->head;
@@ -1475,6 +1690,8 @@ void replica_status_fill(struct replica *r, json_t *obj)
     json_object_set_new(t, "proposed", json_integer((json_int_t)r->proposed));
     json_object_set_new(t, "proposed_bytes", json_integer((json_int_t)r->proposed_bytes));
     json_object_set_new(t, "skipped", json_integer((json_int_t)r->skipped));
+    json_object_set_new(t, "pushed_files", json_integer((json_int_t)r->pushed_files));
+    json_object_set_new(t, "push_fallbacks", json_integer((json_int_t)r->push_fallbacks));
     const char *te = sm ? sm_tree_error(sm) : NULL;
     json_object_set_new(t, "tree_error", te ? json_string(te) : json_null());
     json_object_set_new(t, "last_error",

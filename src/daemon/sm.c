@@ -693,15 +693,22 @@ bool sm_chunks_wanted(struct sm *sm)
     return w;
 }
 
-int sm_chunk_store(struct sm *sm, const uint8_t id[STATEDB_ID_LEN], const void *data, uint32_t len)
+int sm_chunk_store(struct sm *sm, const struct statedb_chunk_in *in, size_t n)
 {
-    int had = statedb_chunk_data_has(sm->db, id);
-    if (had < 0)
-        return had;
-    int rc = statedb_chunk_data_put(sm->db, id, data, len);
-    if (rc == 0 && !had) {
-        sm->fetched_chunks++;
-        sm->fetched_bytes += len;
+    uint64_t chunks = 0, bytes = 0;
+    for (size_t i = 0; i < n; i++) {
+        int had = statedb_chunk_data_has(sm->db, in[i].id);
+        if (had < 0)
+            return had;
+        if (!had) {
+            chunks++;
+            bytes += in[i].len;
+        }
+    }
+    int rc = statedb_chunk_data_put_many(sm->db, in, n);
+    if (rc == 0) {
+        sm->fetched_chunks += chunks;
+        sm->fetched_bytes += bytes;
     }
     return rc;
 }

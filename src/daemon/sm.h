@@ -145,10 +145,11 @@ uint64_t sm_tree_failures(const struct sm *sm);
  * node: after open, after a snapshot install, after a materialization that
  * lacked bytes. */
 bool sm_chunks_wanted(struct sm *sm);
-/* Stores the bytes of chunk id (node-local; the caller verified the hash)
- * and counts them as fetched. 0, -ENOENT (no such chunk any more), -EINVAL
- * (its length differs), or a statedb error. Not inside sm_apply(). */
-int sm_chunk_store(struct sm *sm, const uint8_t id[32], const void *data, uint32_t len);
+/* Stores the bytes of n fetched chunks (node-local; the caller verified
+ * each hash) durably, with one sync for the batch, and counts those this
+ * node lacked as fetched. 0, -EINVAL (a length differs from its chunk row:
+ * nothing stored), or a statedb error. Not inside sm_apply(). */
+int sm_chunk_store(struct sm *sm, const struct statedb_chunk_in *in, size_t n);
 /* Chunks and bytes stored by sm_chunk_store() since open. */
 void sm_fetch_counters(const struct sm *sm, uint64_t *chunks, uint64_t *bytes);
 

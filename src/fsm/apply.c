@@ -178,6 +178,13 @@ static int dk_read_chunk(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN], uint8_t 
     return statedb_chunk_get(ap->db, id, buf, len);
 }
 
+/* Fills a file from a stored chunk without a user-space copy (the packs). */
+static int dk_copy_chunk(void *arg, const uint8_t id[FSM_CHUNK_ID_LEN], uint32_t len, int fd)
+{
+    struct fsm_apply *ap = arg;
+    return statedb_chunk_copy(ap->db, id, len, fd);
+}
+
 struct fsm_apply *fsm_apply_new(struct statedb *db, struct fsm_tree *tree)
 {
     struct fsm_apply *ap = pb_xcalloc(1, sizeof(*ap));
@@ -192,6 +199,7 @@ struct fsm_apply *fsm_apply_new(struct statedb *db, struct fsm_tree *tree)
     ap->disk.record = dk_record;
     ap->disk.record_move = dk_record_move;
     ap->disk.read_chunk = dk_read_chunk;
+    ap->disk.copy_chunk = dk_copy_chunk;
     ap->disk.in_tree = dk_in_tree;
     ap->disk.record_as = dk_record_as;
     return ap;
@@ -397,6 +405,21 @@ static int apply_op(struct fsm_apply *ap, const struct fsm_op *op, uint64_t inde
     if (op->type == FSM_OP_CHUNKS) {
         out->status = FSM_APPLY_CHUNKS;
         return store_carried(ap->db, op->u.chunks.data, op->u.chunks.n_data, keep);
+    }
+    if (op->type == FSM_OP_REFS) {
+        /* The rows only, whatever bytes this node holds (pushed beside the
+         * log, or fetched later): the same on every node. */
+        out->status = FSM_APPLY_CHUNKS;
+        for (uint32_t i = 0; i < op->u.refs.n_refs; i++) {
+            const struct fsm_chunk_ref *c = &op->u.refs.refs[i];
+            rc = statedb_chunk_row_put(ap->db, c->id, c->len, keep);
+            if (rc == -EINVAL) /* a row of another length: the same on every node */
+                log_warning("apply %" PRIu64 ": REFS chunk %u has another length here: skipped",
+                            index, i);
+            else if (rc < 0)
+                return pb_error_set(err, rc, "%s", statedb_errmsg(ap->db));
+        }
+        return 0;
     }
     p->ops = op;
     p->n = 1;

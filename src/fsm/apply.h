@@ -74,7 +74,7 @@ enum fsm_apply_status {
     FSM_APPLY_ALREADY,    /* index <= applied index: nothing done */
     FSM_APPLY_DUPLICATE,  /* (client_id, seq) already applied: no-op */
     FSM_APPLY_MALFORMED,  /* undecodable or bad chunk bytes: no-op */
-    FSM_APPLY_CHUNKS,     /* a CHUNKS op: chunks stored */
+    FSM_APPLY_CHUNKS,     /* a CHUNKS op: chunks stored; a REFS op: chunk rows added */
     FSM_APPLY_INDEX_ONLY, /* not an op (fsm_apply_skip): the applied index moved */
 };
 

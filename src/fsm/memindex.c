@@ -73,17 +73,21 @@ static bool has_chunk(const struct fsm_memindex *m, const uint8_t *id)
     return false;
 }
 
+static void add_chunk_id(struct fsm_memindex *m, const uint8_t id[FSM_CHUNK_ID_LEN])
+{
+    if (has_chunk(m, id))
+        return;
+    if (m->n_chunks == m->cap_chunks) {
+        m->cap_chunks = m->cap_chunks ? 2 * m->cap_chunks : 16;
+        m->chunks = pb_xreallocarray(m->chunks, m->cap_chunks, FSM_CHUNK_ID_LEN);
+    }
+    memcpy(m->chunks[m->n_chunks++], id, FSM_CHUNK_ID_LEN);
+}
+
 static void add_chunks(struct fsm_memindex *m, const struct fsm_chunk_data *d, uint32_t n)
 {
-    for (uint32_t i = 0; i < n; i++) {
-        if (has_chunk(m, d[i].id))
-            continue;
-        if (m->n_chunks == m->cap_chunks) {
-            m->cap_chunks = m->cap_chunks ? 2 * m->cap_chunks : 16;
-            m->chunks = pb_xreallocarray(m->chunks, m->cap_chunks, FSM_CHUNK_ID_LEN);
-        }
-        memcpy(m->chunks[m->n_chunks++], d[i].id, FSM_CHUNK_ID_LEN);
-    }
+    for (uint32_t i = 0; i < n; i++)
+        add_chunk_id(m, d[i].id);
 }
 
 /* ---- struct fsm_index callbacks ------------------------------------------ */
@@ -265,6 +269,11 @@ int fsm_memindex_step(struct fsm_memindex *m, const struct fsm_op *op, uint64_t 
         fsm_decision_init(last);
     if (op->type == FSM_OP_CHUNKS) {
         add_chunks(m, op->u.chunks.data, op->u.chunks.n_data);
+        return 0;
+    }
+    if (op->type == FSM_OP_REFS) { /* the rows, as CHUNKS adds them */
+        for (uint32_t i = 0; i < op->u.refs.n_refs; i++)
+            add_chunk_id(m, op->u.refs.refs[i].id);
         return 0;
     }
     const struct fsm_op *ops = op;

@@ -1,10 +1,10 @@
 /*
  * op.c: encoding, decoding and validation of replicated-tree operations (see op.h).
  *
- * Wire layout, format version 1 (integers big-endian, "str" = u32 length +
- * bytes without NUL, "id" = 32 bytes):
+ * Wire layout, format versions 1 and 2 (integers big-endian, "str" = u32
+ * length + bytes without NUL, "id" = 32 bytes):
  *
- *   op      := u8 version=1, body
+ *   op      := u8 version (2 for REFS, 1 for the others), body
  *   body    := u8 type, str origin, fields of the type:
  *   PUT     := str path, u64 base, u32 mode, u64 mtime_ns, u64 size,
  *              u32 n_refs, n_refs x (id, u32 len), data
@@ -13,8 +13,9 @@
  *   MKDIR   := str path, u64 base, u32 mode, u64 mtime_ns
  *   SYMLINK := str path, u64 base, str target, u64 mtime_ns
  *   SETATTR := str path, u64 base, u32 fields, u32 mode, u64 mtime_ns
- *   BATCH   := u32 n_ops, n_ops x body (no BATCH, no CHUNKS inside)
+ *   BATCH   := u32 n_ops, n_ops x body (no BATCH, no CHUNKS, no REFS inside)
  *   CHUNKS  := data
+ *   REFS    := u32 n_refs, n_refs x (id, u32 len)     (1..FSM_OP_MAX_REFS; version 2 only)
  *   data    := u32 n_data, n_data x (id, str bytes)
  *
  * mtime_ns is a signed 64-bit count of nanoseconds since the epoch, stored
@@ -54,6 +55,8 @@ const char *fsm_op_type_name(enum fsm_op_type t)
         return "BATCH";
     case FSM_OP_CHUNKS:
         return "CHUNKS";
+    case FSM_OP_REFS:
+        return "REFS";
     }
     return "?";
 }
@@ -96,6 +99,9 @@ void fsm_op_free(struct fsm_op *op)
         break;
     case FSM_OP_CHUNKS:
         data_free(op->u.chunks.data, op->u.chunks.n_data);
+        break;
+    case FSM_OP_REFS:
+        free(op->u.refs.refs);
         break;
     case FSM_OP_DELETE:
     case FSM_OP_MKDIR:
@@ -201,6 +207,31 @@ static int data_validate(const struct fsm_chunk_data *d, uint32_t n, struct pb_e
     return rc;
 }
 
+/* A REFS op's list: 1..FSM_OP_MAX_REFS chunks, lengths in range, ids distinct. */
+static int refs_validate(const struct fsm_chunk_ref *r, uint32_t n, struct pb_error *err)
+{
+    if (n == 0 || n > FSM_OP_MAX_REFS || r == NULL)
+        return pb_error_set(err, -EINVAL, "REFS of %u chunks (1..%u)", n, FSM_OP_MAX_REFS);
+    uint8_t(*ids)[FSM_CHUNK_ID_LEN] = pb_xreallocarray(NULL, n, FSM_CHUNK_ID_LEN);
+    int rc = 0;
+    for (uint32_t i = 0; i < n && rc == 0; i++) {
+        if (r[i].len == 0 || r[i].len > FSM_CHUNK_MAX_LEN)
+            rc = pb_error_set(err, -EINVAL, "REFS chunk %u has bad length %u", i, r[i].len);
+        memcpy(ids[i], r[i].id, FSM_CHUNK_ID_LEN);
+    }
+    if (rc == 0) {
+        qsort(ids, n, FSM_CHUNK_ID_LEN, cmp_id);
+        for (uint32_t i = 1; i < n; i++) {
+            if (memcmp(ids[i - 1], ids[i], FSM_CHUNK_ID_LEN) == 0) {
+                rc = pb_error_set(err, -EINVAL, "REFS names a chunk twice");
+                break;
+            }
+        }
+    }
+    free(ids);
+    return rc;
+}
+
 static int put_validate(const struct fsm_op *op, struct pb_error *err)
 {
     uint64_t sum = 0;
@@ -258,7 +289,7 @@ static int validate(const struct fsm_op *op, bool nested, struct pb_error *err)
     int rc;
     if (!fsm_node_valid(op->origin))
         return pb_error_set(err, -EINVAL, "%s: invalid origin node id", fsm_op_type_name(op->type));
-    if (op->type != FSM_OP_BATCH && op->type != FSM_OP_CHUNKS &&
+    if (op->type != FSM_OP_BATCH && op->type != FSM_OP_CHUNKS && op->type != FSM_OP_REFS &&
         (rc = path_check("path", op->path, err)) < 0)
         return rc;
     switch (op->type) {
@@ -294,6 +325,10 @@ static int validate(const struct fsm_op *op, bool nested, struct pb_error *err)
         if (op->u.chunks.n_data == 0)
             return pb_error_set(err, -EINVAL, "CHUNKS carries no chunk");
         return data_validate(op->u.chunks.data, op->u.chunks.n_data, err);
+    case FSM_OP_REFS:
+        if (nested)
+            return pb_error_set(err, -EINVAL, "REFS inside a BATCH");
+        return refs_validate(op->u.refs.refs, op->u.refs.n_refs, err);
     case FSM_OP_BATCH:
         if (nested)
             return pb_error_set(err, -EINVAL, "nested BATCH");
@@ -331,7 +366,7 @@ static void encode_body(const struct fsm_op *op, struct buf *b)
 {
     buf_put_u8(b, (uint8_t)op->type);
     buf_put_str(b, op->origin);
-    if (op->type != FSM_OP_BATCH && op->type != FSM_OP_CHUNKS) {
+    if (op->type != FSM_OP_BATCH && op->type != FSM_OP_CHUNKS && op->type != FSM_OP_REFS) {
         buf_put_str(b, op->path);
         buf_put_u64(b, op->base);
     }
@@ -375,13 +410,20 @@ static void encode_body(const struct fsm_op *op, struct buf *b)
     case FSM_OP_CHUNKS:
         put_data(b, op->u.chunks.data, op->u.chunks.n_data);
         break;
+    case FSM_OP_REFS:
+        buf_put_u32(b, op->u.refs.n_refs);
+        for (uint32_t i = 0; i < op->u.refs.n_refs; i++) {
+            buf_put(b, op->u.refs.refs[i].id, FSM_CHUNK_ID_LEN);
+            buf_put_u32(b, op->u.refs.refs[i].len);
+        }
+        break;
     }
 }
 
 int fsm_op_encode(const struct fsm_op *op, struct buf *out)
 {
     size_t start = out->len;
-    buf_put_u8(out, FSM_OP_FORMAT_VERSION);
+    buf_put_u8(out, op->type == FSM_OP_REFS ? 2 : FSM_OP_FORMAT_MIN);
     encode_body(op, out);
     if (out->len - start > FSM_OP_MAX_BYTES) {
         out->len = start;
@@ -437,14 +479,14 @@ static int decode_body(struct cursor *c, struct fsm_op *op, bool nested, struct 
     uint8_t type = cursor_u8(c);
     if (!cursor_ok(c))
         return pb_error_set(err, -EINVAL, "truncated op");
-    if (type < FSM_OP_PUT || type > FSM_OP_CHUNKS)
+    if (type < FSM_OP_PUT || type > FSM_OP_REFS)
         return pb_error_set(err, -EINVAL, "unknown op type %u", type);
-    if (nested && (type == FSM_OP_BATCH || type == FSM_OP_CHUNKS))
+    if (nested && (type == FSM_OP_BATCH || type == FSM_OP_CHUNKS || type == FSM_OP_REFS))
         return pb_error_set(err, -EINVAL, "%s inside a BATCH", fsm_op_type_name(type));
     op->type = (enum fsm_op_type)type;
     if ((rc = get_str(c, FSM_NODE_MAX, &op->origin, "origin", err)) < 0)
         return rc;
-    if (type != FSM_OP_BATCH && type != FSM_OP_CHUNKS) {
+    if (type != FSM_OP_BATCH && type != FSM_OP_CHUNKS && type != FSM_OP_REFS) {
         if ((rc = get_str(c, FSM_PATH_MAX, &op->path, "path", err)) < 0)
             return rc;
         op->base = cursor_u64(c);
@@ -521,6 +563,24 @@ static int decode_body(struct cursor *c, struct fsm_op *op, bool nested, struct 
     }
     case FSM_OP_CHUNKS:
         return get_data(c, &op->u.chunks.data, &op->u.chunks.n_data, err);
+    case FSM_OP_REFS: {
+        uint32_t n = cursor_u32(c);
+        if (!cursor_ok(c))
+            return pb_error_set(err, -EINVAL, "truncated REFS");
+        if (n == 0 || n > FSM_OP_MAX_REFS)
+            return pb_error_set(err, -EINVAL, "REFS of %u chunks (1..%u)", n, FSM_OP_MAX_REFS);
+        if (n > cursor_remaining(c) / REF_WIRE_LEN)
+            return pb_error_set(err, -EINVAL, "REFS chunk count %u exceeds the input", n);
+        op->u.refs.refs = pb_xcalloc(n, sizeof(*op->u.refs.refs));
+        op->u.refs.n_refs = n;
+        for (uint32_t i = 0; i < n; i++) {
+            const uint8_t *id = cursor_take(c, FSM_CHUNK_ID_LEN);
+            if (id != NULL)
+                memcpy(op->u.refs.refs[i].id, id, FSM_CHUNK_ID_LEN);
+            op->u.refs.refs[i].len = cursor_u32(c);
+        }
+        break;
+    }
     }
     if (!cursor_ok(c))
         return pb_error_set(err, -EINVAL, "truncated %s", fsm_op_type_name(op->type));
@@ -543,11 +603,13 @@ int fsm_op_decode(const void *p, size_t len, struct fsm_op *op, struct pb_error 
                             "op format version %u is newer than version %u that this pickbox "
                             "reads (an entry from a newer pickbox: upgrade this node)",
                             version, FSM_OP_FORMAT_VERSION);
-    if (version != FSM_OP_FORMAT_VERSION)
+    if (version < FSM_OP_FORMAT_MIN)
         return pb_error_set(err, -EPROTONOSUPPORT,
                             "op format version %u not supported (this pickbox reads version %u)",
                             version, FSM_OP_FORMAT_VERSION);
     rc = decode_body(&c, op, false, err);
+    if (rc == 0 && op->type == FSM_OP_REFS && version < 2)
+        rc = pb_error_set(err, -EINVAL, "REFS in op format version %u", version);
     if (rc == 0 && cursor_remaining(&c) != 0)
         rc = pb_error_set(err, -EINVAL, "%zu trailing bytes after op", cursor_remaining(&c));
     if (rc == 0)

@@ -3,9 +3,11 @@
  *
  * An op is what the watcher proposes and every node applies in log order:
  * PUT (a file's new content), DELETE, RENAME, MKDIR, SYMLINK, SETATTR,
- * BATCH (many of those in one log entry, applied in order) and CHUNKS (chunk
+ * BATCH (many of those in one log entry, applied in order), CHUNKS (chunk
  * bytes only, for a PUT whose new bytes do not fit in one entry; it precedes
- * the PUT that references them). The encoding is
+ * the PUT that references them) and REFS (only the ids and lengths of chunks
+ * whose bytes the writer pushed to the peers beside the log, D13: applying it
+ * adds their chunk rows; it precedes the PUT that references them). The encoding is
  * the payload of a Raft log entry, so it is a persistent format: it starts
  * with a format version byte and never changes meaning for a given version.
  *
@@ -30,7 +32,13 @@
 #include "lib/buf.h"
 #include "lib/error.h"
 
-#define FSM_OP_FORMAT_VERSION 1
+/* The newest op format this build reads. Every op is written in format 1
+ * except REFS, which exists only from format 2 on: an older node (it reads
+ * format 1) meeting a REFS entry stops applying, naming both versions,
+ * instead of taking it for a malformed entry and skipping it (the writer
+ * uses REFS only once every member speaks peer protocol 2, doc/upgrades.md). */
+#define FSM_OP_FORMAT_VERSION 2
+#define FSM_OP_FORMAT_MIN     1
 
 #define FSM_PATH_MAX      4096           /* bytes of a relative path, without NUL */
 #define FSM_NAME_MAX      255            /* bytes of one path component */
@@ -70,7 +78,11 @@ enum fsm_op_type {
     FSM_OP_SETATTR = 6,
     FSM_OP_BATCH = 7,
     FSM_OP_CHUNKS = 8, /* only chunk bytes, for a PUT too large for one entry */
+    FSM_OP_REFS = 9,   /* only chunk ids + lengths (bytes pushed beside the log, D13) */
 };
+
+/* Chunk references in one REFS op (36 bytes each on the wire: ~147 KiB). */
+#define FSM_OP_MAX_REFS 4096u
 
 /* A reference to one chunk of a file's content, in file order. */
 struct fsm_chunk_ref {
@@ -99,7 +111,7 @@ struct fsm_chunk_data {
 struct fsm_op {
     enum fsm_op_type type;
     char *origin; /* node id */
-    char *path;   /* every type except BATCH and CHUNKS (NULL there) */
+    char *path;   /* every type except BATCH, CHUNKS and REFS (NULL there) */
     uint64_t base;
     union {
         struct {
@@ -132,13 +144,17 @@ struct fsm_op {
             int64_t mtime_ns;
         } setattr;
         struct {
-            struct fsm_op *ops; /* no nested BATCH, no CHUNKS */
+            struct fsm_op *ops; /* no nested BATCH, no CHUNKS, no REFS */
             uint32_t n_ops;
         } batch;
         struct {
             struct fsm_chunk_data *data;
             uint32_t n_data;
         } chunks;
+        struct {
+            struct fsm_chunk_ref *refs; /* 1..FSM_OP_MAX_REFS, ids distinct */
+            uint32_t n_refs;
+        } refs;
     } u;
 };
 

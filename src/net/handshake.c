@@ -16,6 +16,7 @@
 #include <openssl/hmac.h>
 
 #include "lib/log.h"
+#include "lib/util.h"
 #include "net/frame.h"
 
 #define HS_LABEL "pickbox/net/1"
@@ -71,12 +72,19 @@ void net_hs_free(struct net_hs *hs)
     OPENSSL_cleanse(hs->transcript, sizeof(hs->transcript));
 }
 
+static uint16_t hs_version_max(const struct net_hs_local *l)
+{
+    if (l->version_max < NET_PROTO_VERSION_MIN || l->version_max > NET_PROTO_VERSION)
+        return NET_PROTO_VERSION;
+    return l->version_max;
+}
+
 void net_hs_hello(struct net_hs *hs, struct buf *out)
 {
     const struct net_hs_local *l = hs->local;
     buf_reset(&hs->hello);
-    buf_put_u16(&hs->hello, NET_PROTO_VERSION);
-    buf_put_u16(&hs->hello, NET_PROTO_VERSION);
+    buf_put_u16(&hs->hello, NET_PROTO_VERSION_MIN);
+    buf_put_u16(&hs->hello, hs_version_max(l));
     buf_put_u64(&hs->hello, l->node_id);
     buf_put_bytes(&hs->hello, l->cluster_id, l->has_cluster_id ? NET_CLUSTER_ID_LEN : 0);
     buf_put_str(&hs->hello, l->node_name);
@@ -139,14 +147,16 @@ static int hs_on_hello(struct net_hs *hs, const uint8_t *p, size_t len, struct b
     uint16_t vmax = cursor_u16(&c);
     if (!cursor_ok(&c))
         return hs_fail(hs, err, -EPROTO, "malformed HELLO");
-    if (vmin > vmax || vmax < NET_PROTO_VERSION || vmin > NET_PROTO_VERSION) {
+    /* the ranges must overlap; the link speaks the highest common version */
+    uint16_t mine = hs_version_max(l);
+    if (vmin > vmax || vmax < NET_PROTO_VERSION_MIN || vmin > mine) {
         hs->state = NET_HS_FAILED;
         return pb_error_set(
                 err, -EPROTONOSUPPORT,
-                "handshake: protocol version mismatch: peer speaks %u..%u, this node speaks %u",
-                vmin, vmax, NET_PROTO_VERSION);
+                "handshake: protocol version mismatch: peer speaks %u..%u, this node speaks %u..%u",
+                vmin, vmax, NET_PROTO_VERSION_MIN, mine);
     }
-    hs->version = NET_PROTO_VERSION;
+    hs->version = PB_MIN(vmax, mine);
     uint64_t id = cursor_u64(&c);
     size_t cid_len;
     const uint8_t *cid = cursor_bytes(&c, NET_CLUSTER_ID_LEN, &cid_len);

@@ -7,7 +7,7 @@
  * soon as they have the other's HELLO; each end trusts the link only after
  * the other's AUTH verifies. Payloads (integers big-endian):
  *
- *   HELLO  u16 version_min, u16 version_max   protocol versions spoken (1..1)
+ *   HELLO  u16 version_min, u16 version_max   protocol versions spoken (1..2)
  *          u64 node_id                        claimed id, never 0
  *          u32 n + n bytes cluster id          n = 16, or 0 while joining
  *          u32 n + n bytes node name           1..64 printable ASCII, no space
@@ -25,6 +25,12 @@
  * K_i2r / K_r2i = HMAC-SHA256(secret, "pickbox/net/1 key i2r"/"r2i" || T),
  * which net.c uses to tag every later frame (frame.h), so nothing can be
  * injected into an authenticated connection either.
+ *
+ * Versions: the link speaks the highest version both ends speak (a 1..1
+ * node and a 1..2 node talk version 1). Version 2 adds nothing to the
+ * handshake or the frames: it says the node decodes the REFS op and handles
+ * the PUSH / PUSH_ACK messages (doc/decisions.md D13), which the daemon uses
+ * only while every member speaks it.
  *
  * Refusals: no common version (-EPROTONOSUPPORT), a node id of 0 or our own
  * id, a different id than the one dialed, or two different cluster ids
@@ -44,14 +50,15 @@
 #include "lib/buf.h"
 #include "lib/error.h"
 
-#define NET_PROTO_VERSION  1
-#define NET_NONCE_LEN      32
-#define NET_CLUSTER_ID_LEN 16
-#define NET_NAME_MAX       64
-#define NET_MAC_LEN        32
-#define NET_KEY_LEN        32
-#define NET_SECRET_MIN     16
-#define NET_SECRET_MAX     1024
+#define NET_PROTO_VERSION     2 /* the highest version this node speaks */
+#define NET_PROTO_VERSION_MIN 1 /* the lowest */
+#define NET_NONCE_LEN         32
+#define NET_CLUSTER_ID_LEN    16
+#define NET_NAME_MAX          64
+#define NET_MAC_LEN           32
+#define NET_KEY_LEN           32
+#define NET_SECRET_MIN        16
+#define NET_SECRET_MAX        1024
 /* Upper bound of a HELLO payload we accept (room for later extensions). */
 #define NET_HELLO_MAX 4096
 
@@ -63,6 +70,9 @@ struct net_hs_local {
     size_t secret_len; /* NET_SECRET_MIN..NET_SECRET_MAX */
     bool has_cluster_id;
     uint8_t cluster_id[NET_CLUSTER_ID_LEN];
+    /* Highest version spoken, NET_PROTO_VERSION_MIN..NET_PROTO_VERSION (0:
+     * NET_PROTO_VERSION); lower only to test a mixed-version cluster. */
+    uint16_t version_max;
 };
 
 enum net_hs_state {
@@ -82,7 +92,7 @@ struct net_hs {
     struct buf hello; /* our HELLO payload, for the transcript */
     uint8_t transcript[32];
     /* The peer, valid once its HELLO was accepted (state >= WAIT_AUTH). */
-    uint16_t version;
+    uint16_t version; /* of the link: the highest both ends speak */
     uint64_t peer_id;
     char peer_name[NET_NAME_MAX + 1];
     bool peer_has_cluster_id;

@@ -534,6 +534,7 @@ static void conn_authed(struct net_conn *conn)
     evtimer_del(peer->redial);
     peer->backoff_ms = net->cfg.backoff_min_ms;
     peer->st.connected = true;
+    peer->st.version = conn->hs.version;
     peer->st.initiated = conn->initiator;
     peer->st.connects++;
     snprintf(peer->st.name, sizeof(peer->st.name), "%s", conn->hs.peer_name);
@@ -1228,6 +1229,7 @@ struct net *net_new(struct event_base *base, const struct net_config *cfg, struc
     net->local.node_name = net->name;
     net->local.secret = net->secret;
     net->local.secret_len = cfg->secret_len;
+    net->local.version_max = cfg->proto_max;
     if (cfg->cluster_id != NULL) {
         net->local.has_cluster_id = true;
         memcpy(net->local.cluster_id, cfg->cluster_id, NET_CLUSTER_ID_LEN);

@@ -91,6 +91,8 @@ struct net_config {
     unsigned max_pending;          /* unauthenticated inbound connections [16] */
     int sock_buf;                  /* SO_SNDBUF/SO_RCVBUF if > 0 [kernel's] */
     uint64_t seed;                 /* backoff jitter PRNG seed [random] */
+    uint16_t proto_max;            /* highest protocol version spoken, tests only
+                                      [NET_PROTO_VERSION] */
 };
 
 struct net_peer_stats {
@@ -98,6 +100,7 @@ struct net_peer_stats {
     char name[NET_NAME_MAX + 1]; /* as claimed in its HELLO; "" before */
     char addr[128];              /* "" for a peer that only dialed us */
     bool connected;              /* authenticated link up */
+    uint16_t version;            /* protocol version of the link (the last one while down) */
     bool initiated;              /* the link up was dialed by this node */
     bool partitioned;            /* net_set_partition() */
     bool has_cluster_id;

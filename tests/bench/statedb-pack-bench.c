@@ -159,7 +159,7 @@ static void bench_packs(const char *dir, uint32_t n, uint64_t total)
     statedb_close(db);
 
     /* one chunk per call outside a transaction (statedb_chunk_data_put: how
-     * sm_chunk_store() stores fetched chunks today): one fdatasync each */
+     * sm_chunk_store() did before it took a whole reply): one fdatasync each */
     char *path1 = pb_xasprintf("%s/one/state.db", dir);
     char *dir1 = pb_xasprintf("%s/one", dir);
     if (mkdir(dir1, 0700) < 0 || statedb_open(path1, &db, &err) < 0)
