@@ -677,13 +677,31 @@ static void sd_local_rollback(struct statedb *db)
         pack_rewind(db->packs);
 }
 
+/*
+ * A COMMIT that failed may still be in the WAL file: its frames were
+ * written and the sync (or a later step) failed. SQLite forgets it, but a
+ * crash before the next commit overwrites those frames lets WAL recovery
+ * bring it back, index rows included. Its bytes were synced before the
+ * COMMIT (sd_commit_packs): they stay where they are instead of being cut
+ * by the rollback, so no later append lands under such a row. Unindexed,
+ * they are cut at the next open when they are a pack's tail, else they
+ * only take space.
+ */
+static void sd_keep_failed_commit(struct statedb *db)
+{
+    if (db->packs != NULL)
+        pack_mark(db->packs);
+}
+
 static int sd_local_commit(struct statedb *db)
 {
     int e = sd_commit_packs(db);
     if (e == 0) {
         int rc = sqlite3_exec(db->db, "COMMIT", NULL, NULL, NULL);
-        if (rc != SQLITE_OK)
+        if (rc != SQLITE_OK) {
             e = sd_fail(db, rc, "COMMIT");
+            sd_keep_failed_commit(db);
+        }
     }
     if (e < 0) {
         sd_local_rollback(db);
@@ -863,11 +881,13 @@ static int sd_migrate_2_3(struct statedb *db, struct pb_error *err)
                      " WHERE id NOT IN (SELECT id FROM chunks);"
                      "UPDATE statedb_meta SET format = 3 WHERE id = 1;",
                      err);
+    bool committing = rc == 0;
     if (rc == 0)
         rc = sd_exec(h, "COMMIT", err);
     if (rc < 0) {
         sqlite3_exec(h, "ROLLBACK", NULL, NULL, NULL);
-        pack_rewind(db->packs);
+        if (!committing) /* else format 3 may come back: sd_keep_failed_commit */
+            pack_rewind(db->packs);
         return rc;
     }
     /* the BLOBs' pages go back to the filesystem */
@@ -1142,6 +1162,7 @@ int statedb_commit(struct statedb *db)
     int rc = sqlite3_exec(db->db, "COMMIT", NULL, NULL, NULL);
     if (rc != SQLITE_OK) {
         e = sd_fail(db, rc, "COMMIT");
+        sd_keep_failed_commit(db);
         statedb_rollback(db);
         return e;
     }
