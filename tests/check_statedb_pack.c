@@ -17,6 +17,8 @@
 #include <ftw.h>
 #include <inttypes.h>
 #include <signal.h>
+#include <sqlite3.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,6 +27,7 @@
 #include <unistd.h>
 
 #include "lib/util.h"
+#include "store/pack.h"
 #include "store/statedb.h"
 
 static char tmpdir[64];
@@ -74,7 +77,7 @@ static char *pack_path(const char *name, unsigned n)
 }
 
 /* Size (or -1 if absent) and allocated bytes of pack n. */
-static int64_t pack_size(const char *name, unsigned n, int64_t *alloc)
+static int64_t pack_file_size(const char *name, unsigned n, int64_t *alloc)
 {
     char *p = pack_path(name, n);
     struct stat st;
@@ -162,7 +165,7 @@ START_TEST(test_pack_put_get_copy)
     ck_assert_int_eq(statedb_chunk_get(db, a, tmp, 16), -EBADMSG);
     ck_assert_int_eq(statedb_chunk_get(db, none, tmp, 16), -ENOENT);
     /* one pack, beside state.db, holding every byte once */
-    int64_t size = pack_size("state.db", 1, NULL);
+    int64_t size = pack_file_size("state.db", 1, NULL);
     ck_assert_int_ge(size, 100000 + 5000 + 70000 + 1);
     ck_assert_int_lt(size, 100000 + 5000 + 70000 + 1 + 4 * 4096);
 
@@ -190,7 +193,7 @@ START_TEST(test_pack_put_get_copy)
     db = open_db("state.db");
     assert_bytes(db, a, 1, 100000);
     assert_bytes(db, d, 4, 1);
-    ck_assert_int_eq(pack_size("state.db", 1, NULL), size);
+    ck_assert_int_eq(pack_file_size("state.db", 1, NULL), size);
     statedb_close(db);
     free(ba);
     free(bb);
@@ -210,7 +213,7 @@ START_TEST(test_pack_durability_order)
     uint8_t *ba = mkbytes(10, 30000), *bb = mkbytes(11, 40000);
     struct statedb_chunk_in ia = {a, ba, 30000}, ib = {b, bb, 40000};
     ck_assert_int_eq(statedb_chunk_data_put_many(db, &ia, 1), 0);
-    int64_t size0 = pack_size("d.db", 1, NULL);
+    int64_t size0 = pack_file_size("d.db", 1, NULL);
 
     /* the commit fails after the pack was written and synced: no index
      * row, and the appended bytes stay (the failed commit may come back
@@ -218,15 +221,15 @@ START_TEST(test_pack_durability_order)
     statedb_fault_inject(db, STORE_FAULT_IOERR_FSYNC, 1);
     ck_assert_int_lt(statedb_chunk_data_put_many(db, &ib, 1), 0);
     ck_assert_int_eq(statedb_chunk_data_has(db, b), 0);
-    int64_t size1 = pack_size("d.db", 1, NULL);
+    int64_t size1 = pack_file_size("d.db", 1, NULL);
     ck_assert_int_ge(size1, size0 + 40000);
     /* inside a caller's transaction that rolls back: the bytes are cut */
     ck_assert_int_eq(statedb_begin(db), 0);
     ck_assert_int_eq(statedb_chunk_data_put_many(db, &ib, 1), 0);
-    ck_assert_int_gt(pack_size("d.db", 1, NULL), size1);
+    ck_assert_int_gt(pack_file_size("d.db", 1, NULL), size1);
     statedb_rollback(db);
     ck_assert_int_eq(statedb_chunk_data_has(db, b), 0);
-    ck_assert_int_eq(pack_size("d.db", 1, NULL), size1);
+    ck_assert_int_eq(pack_file_size("d.db", 1, NULL), size1);
 
     /* a row of another length refuses the whole batch */
     ck_assert_int_eq(statedb_begin(db), 0);
@@ -238,7 +241,7 @@ START_TEST(test_pack_durability_order)
     ck_assert_int_eq(statedb_chunk_data_has(db, b), 0);
     ck_assert_int_eq(statedb_chunk_data_has(db, c), 0);
     ck_assert_int_eq(statedb_chunk_data_put(db, c, twenty, 20), -EINVAL);
-    ck_assert_int_eq(pack_size("d.db", 1, NULL), size1);
+    ck_assert_int_eq(pack_file_size("d.db", 1, NULL), size1);
 
     /* a crash between the append and the commit (the process dies with
      * its transaction open): the next open cuts the tail */
@@ -263,9 +266,9 @@ START_TEST(test_pack_durability_order)
     int status;
     ck_assert_int_eq(waitpid(pid, &status, 0), pid);
     ck_assert_msg(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL, "child status %d", status);
-    ck_assert_int_ge(pack_size("d.db", 1, NULL), size0 + 50000);
+    ck_assert_int_ge(pack_file_size("d.db", 1, NULL), size0 + 50000);
     db = open_db("d.db");
-    ck_assert_int_eq(pack_size("d.db", 1, NULL), size0); /* nothing past a's is indexed */
+    ck_assert_int_eq(pack_file_size("d.db", 1, NULL), size0); /* nothing past a's is indexed */
     ck_assert_int_eq(statedb_chunk_data_has(db, e), 0);
     assert_bytes(db, a, 10, 30000);
     /* and appending goes on from there */
@@ -330,6 +333,197 @@ START_TEST(test_pack_failed_commit_comes_back)
         assert_bytes(db, b, 41, 40000);
     statedb_close(db);
     free(ba);
+}
+END_TEST
+
+/*
+ * A power loss, emulated: a VFS registered as SQLite's default (statedb's
+ * fault VFS wraps it) that, while crash_record is set, copies a WAL file to
+ * NAME.durable after every successful sync, unless crash_frozen (the power
+ * went out). crash_power_loss() then puts the durable copy in place of the
+ * WAL (none: no WAL) and drops the -shm: what a machine that lost power
+ * keeps of state.db when no checkpoint ran meanwhile. Pack files are kept
+ * as they are (a hole punch counts as durable: the worst case).
+ */
+#define CRASH_FILES 16
+static sqlite3_vfs crash_vfs, *crash_real;
+static bool crash_record, crash_frozen;
+static struct {
+    sqlite3_file *f;
+    const sqlite3_io_methods *real;
+    char path[512];
+} crash_files[CRASH_FILES];
+static sqlite3_io_methods crash_methods[4];
+static const sqlite3_io_methods *crash_methods_of[4];
+
+static int crash_slot(sqlite3_file *f)
+{
+    for (int i = 0; i < CRASH_FILES; i++)
+        if (crash_files[i].f == f)
+            return i;
+    return -1;
+}
+
+static void crash_copy(const char *from)
+{
+    char *to = pb_xasprintf("%s.durable", from), *tmp = pb_xasprintf("%s.tmp", to);
+    int in = open(from, O_RDONLY), out = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    ck_assert(in >= 0 && out >= 0);
+    char buf[65536];
+    ssize_t k;
+    while ((k = read(in, buf, sizeof(buf))) > 0)
+        ck_assert_int_eq(write(out, buf, (size_t)k), k);
+    close(in);
+    close(out);
+    ck_assert_int_eq(rename(tmp, to), 0);
+    free(to);
+    free(tmp);
+}
+
+static int crash_sync(sqlite3_file *f, int flags)
+{
+    int i = crash_slot(f);
+    int rc = crash_files[i].real->xSync(f, flags);
+    if (rc == SQLITE_OK && crash_record && !crash_frozen)
+        crash_copy(crash_files[i].path);
+    return rc;
+}
+
+static int crash_close(sqlite3_file *f)
+{
+    int i = crash_slot(f);
+    const sqlite3_io_methods *real = crash_files[i].real;
+    crash_files[i].f = NULL;
+    return real->xClose(f);
+}
+
+/* Opens through the real VFS; a WAL's methods are the real ones with
+ * xSync and xClose wrapped (the file object is the real VFS's). */
+static int crash_open(sqlite3_vfs *vfs, sqlite3_filename name, sqlite3_file *f, int flags,
+                      int *out_flags)
+{
+    (void)vfs;
+    int rc = crash_real->xOpen(crash_real, name, f, flags, out_flags);
+    if (rc != SQLITE_OK || f->pMethods == NULL || !(flags & SQLITE_OPEN_WAL))
+        return rc;
+    int slot = crash_slot(NULL), m;
+    ck_assert_int_ge(slot, 0);
+    for (m = 0; m < 4 && crash_methods_of[m] != NULL && crash_methods_of[m] != f->pMethods; m++)
+        ;
+    ck_assert_int_lt(m, 4);
+    if (crash_methods_of[m] == NULL) {
+        crash_methods_of[m] = f->pMethods;
+        crash_methods[m] = *f->pMethods;
+        crash_methods[m].xSync = crash_sync;
+        crash_methods[m].xClose = crash_close;
+    }
+    crash_files[slot].f = f;
+    crash_files[slot].real = f->pMethods;
+    snprintf(crash_files[slot].path, sizeof(crash_files[slot].path), "%s", name);
+    f->pMethods = &crash_methods[m];
+    return rc;
+}
+
+static void crash_vfs_register(void)
+{
+    crash_real = sqlite3_vfs_find(NULL);
+    crash_vfs = *crash_real;
+    crash_vfs.zName = "check-statedb-crash";
+    crash_vfs.xOpen = crash_open;
+    ck_assert_int_eq(sqlite3_vfs_register(&crash_vfs, 1), SQLITE_OK);
+}
+
+static void crash_freeze(void)
+{
+    crash_frozen = true;
+}
+
+/* The power went out: state.db as of its last durable sync. */
+static void crash_power_loss(const char *name)
+{
+    char *wal = pb_xasprintf("%s/%s-wal", tmpdir, name),
+         *dur = pb_xasprintf("%s/%s-wal.durable", tmpdir, name),
+         *shm = pb_xasprintf("%s/%s-shm", tmpdir, name);
+    if (rename(dur, wal) < 0) {
+        ck_assert_int_eq(errno, ENOENT);
+        unlink(wal);
+    }
+    unlink(shm);
+    free(wal);
+    free(dur);
+    free(shm);
+}
+
+/* Runs fn(name) in a child that then dies by SIGKILL (no close). */
+static void crash_child(void (*fn)(const char *name), const char *name)
+{
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        fn(name);
+        kill(getpid(), SIGKILL);
+        _exit(9);
+    }
+    int status;
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert_msg(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL, "child status %d", status);
+}
+
+static void lazy_collect_child(const char *name)
+{
+    char *p = dbpath(name);
+    struct statedb *db;
+    struct pb_error err;
+    uint64_t n = 0;
+    crash_record = true;
+    if (statedb_open(p, &db, &err) < 0)
+        _exit(2);
+    statedb_set_lazy(db, true);
+    if (statedb_begin(db) < 0 || statedb_chunk_collect(db, 2, &n) < 0 || n != 1 ||
+        statedb_commit(db) < 0)
+        _exit(3);
+    free(p);
+}
+
+static void reopen_child(const char *name)
+{
+    char *p = dbpath(name);
+    struct statedb *db;
+    struct pb_error err;
+    crash_record = true;
+    pack_test_after_punch(crash_freeze); /* the power goes out right after */
+    if (statedb_open(p, &db, &err) < 0)
+        _exit(2);
+    free(p);
+}
+
+/* A lazy commit deleted a chunk, the process crashed, the next open punched
+ * the chunk's range, and then the power went out: the lazy commit must not
+ * come undone under the punched range (its row back, its bytes zeroes). */
+START_TEST(test_pack_crash_then_power_loss)
+{
+    crash_vfs_register();
+    struct statedb *db = open_db("p.db");
+    uint8_t r[STATEDB_ID_LEN], k[STATEDB_ID_LEN];
+    fill_id(r, 60);
+    fill_id(k, 61);
+    uint8_t *br = mkbytes(60, 50000), *bk = mkbytes(61, 50000);
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_put(db, r, br, 50000, 1), 0);
+    ck_assert_int_eq(statedb_chunk_put(db, k, bk, 50000, 100), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    statedb_close(db);
+    crash_child(lazy_collect_child, "p.db");
+    crash_child(reopen_child, "p.db");
+    crash_power_loss("p.db");
+    db = open_db("p.db");
+    assert_bytes(db, k, 61, 50000);
+    if (statedb_chunk_data_has(db, r) == 1)
+        assert_bytes(db, r, 60, 50000);
+    statedb_close(db);
+    sqlite3_vfs_unregister(&crash_vfs);
+    free(br);
+    free(bk);
 }
 END_TEST
 
@@ -435,10 +629,10 @@ START_TEST(test_pack_free_punch_unlink)
     /* four packs of four chunks */
     int64_t alloc1, alloc2, alloc2b;
     for (unsigned p = 1; p <= 4; p++)
-        ck_assert_int_eq(pack_size("f.db", p, NULL), 4 * CHUNK_128K);
-    ck_assert_int_eq(pack_size("f.db", 5, NULL), -1);
-    pack_size("f.db", 1, &alloc1);
-    pack_size("f.db", 2, &alloc2);
+        ck_assert_int_eq(pack_file_size("f.db", p, NULL), 4 * CHUNK_128K);
+    ck_assert_int_eq(pack_file_size("f.db", 5, NULL), -1);
+    pack_file_size("f.db", 1, &alloc1);
+    pack_file_size("f.db", 2, &alloc2);
     ck_assert_int_ge(alloc1, 4 * CHUNK_128K);
     ck_assert_int_ge(alloc2, 4 * CHUNK_128K);
 
@@ -450,7 +644,7 @@ START_TEST(test_pack_free_punch_unlink)
     statedb_rollback(db);
     for (uint32_t i = 0; i < 16; i++)
         assert_bytes(db, id[i], 100 + i, CHUNK_128K);
-    pack_size("f.db", 2, &alloc2b);
+    pack_file_size("f.db", 2, &alloc2b);
     ck_assert_int_eq(alloc2b, alloc2);
 
     /* collecting 0..5 after the commit: pack 1 (0..3) is removed, pack 2
@@ -458,10 +652,10 @@ START_TEST(test_pack_free_punch_unlink)
     ck_assert_int_eq(statedb_begin(db), 0);
     ck_assert_int_eq(statedb_chunk_collect(db, 2, &n), 0);
     ck_assert_uint_eq(n, 6);
-    ck_assert_int_eq(pack_size("f.db", 1, NULL), 4 * CHUNK_128K); /* not before the commit */
+    ck_assert_int_eq(pack_file_size("f.db", 1, NULL), 4 * CHUNK_128K); /* not before the commit */
     ck_assert_int_eq(statedb_commit(db), 0);
-    ck_assert_int_eq(pack_size("f.db", 1, NULL), -1);
-    ck_assert_int_eq(pack_size("f.db", 2, &alloc2b), 4 * CHUNK_128K);
+    ck_assert_int_eq(pack_file_size("f.db", 1, NULL), -1);
+    ck_assert_int_eq(pack_file_size("f.db", 2, &alloc2b), 4 * CHUNK_128K);
     ck_assert_int_le(alloc2b, alloc2 - 2 * (int64_t)CHUNK_128K);
     for (uint32_t i = 6; i < 16; i++)
         assert_bytes(db, id[i], 100 + i, CHUNK_128K);
@@ -473,13 +667,13 @@ START_TEST(test_pack_free_punch_unlink)
     ck_assert_int_eq(statedb_chunk_collect(db, 1000, &n), 0);
     ck_assert_uint_eq(n, 10);
     ck_assert_int_eq(statedb_commit(db), 0);
-    ck_assert_int_eq(pack_size("f.db", 2, NULL), -1);
-    ck_assert_int_eq(pack_size("f.db", 3, NULL), -1);
-    ck_assert_int_eq(pack_size("f.db", 4, NULL), 4 * CHUNK_128K);
+    ck_assert_int_eq(pack_file_size("f.db", 2, NULL), -1);
+    ck_assert_int_eq(pack_file_size("f.db", 3, NULL), -1);
+    ck_assert_int_eq(pack_file_size("f.db", 4, NULL), 4 * CHUNK_128K);
     statedb_close(db);
     /* and at the next open a pack without a chunk goes */
     db = open_db("f.db");
-    ck_assert_int_eq(pack_size("f.db", 4, NULL), -1);
+    ck_assert_int_eq(pack_file_size("f.db", 4, NULL), -1);
     uint8_t *b = mkbytes(7, 1000);
     ck_assert_int_eq(statedb_chunk_data_put(db, id[0], b, 1000), 0);
     assert_bytes(db, id[0], 7, 1000);
@@ -504,7 +698,7 @@ START_TEST(test_pack_lazy_free)
     }
     ck_assert_int_eq(statedb_commit(db), 0);
     int64_t alloc;
-    ck_assert_int_eq(pack_size("z.db", 1, &alloc), 2 * CHUNK_128K);
+    ck_assert_int_eq(pack_file_size("z.db", 1, &alloc), 2 * CHUNK_128K);
     ck_assert_int_ge(alloc, 2 * CHUNK_128K);
     statedb_set_lazy(db, true);
     ck_assert_int_eq(statedb_begin(db), 0);
@@ -513,9 +707,9 @@ START_TEST(test_pack_lazy_free)
     ck_assert_uint_eq(n, 2);
     ck_assert_int_eq(statedb_commit(db), 0);
     ck_assert(statedb_lazy_pending(db));
-    ck_assert_int_eq(pack_size("z.db", 1, NULL), 2 * CHUNK_128K); /* still there */
+    ck_assert_int_eq(pack_file_size("z.db", 1, NULL), 2 * CHUNK_128K); /* still there */
     ck_assert_int_eq(statedb_sync(db), 0);
-    ck_assert_int_eq(pack_size("z.db", 1, NULL), -1); /* emptied, not current: gone */
+    ck_assert_int_eq(pack_file_size("z.db", 1, NULL), -1); /* emptied, not current: gone */
     assert_bytes(db, id[2], 202, CHUNK_128K);
     statedb_close(db);
 }
@@ -699,6 +893,7 @@ static Suite *pack_suite(void)
     tcase_add_test(tc, test_pack_put_get_copy);
     tcase_add_test(tc, test_pack_durability_order);
     tcase_add_test(tc, test_pack_failed_commit_comes_back);
+    tcase_add_test(tc, test_pack_crash_then_power_loss);
     tcase_add_test(tc, test_pack_unrowed);
     tcase_add_test(tc, test_pack_free_punch_unlink);
     tcase_add_test(tc, test_pack_lazy_free);

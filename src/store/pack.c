@@ -53,6 +53,13 @@ struct pack_set {
     uint64_t tick;
 };
 
+static void (*pack_punch_hook)(void);
+
+void pack_test_after_punch(void (*fn)(void))
+{
+    pack_punch_hook = fn;
+}
+
 static void pack_name(char out[PACK_NAME_SZ], uint32_t pack)
 {
     snprintf(out, PACK_NAME_SZ, "%08" PRIu32 ".pack", pack);
@@ -442,6 +449,8 @@ int pack_punch(struct pack_set *ps, uint32_t pack, uint64_t off, uint32_t len)
             return 0; /* the filesystem keeps the space until the pack goes */
         return -errno;
     }
+    if (pack_punch_hook != NULL)
+        pack_punch_hook();
     return 0;
 }
 

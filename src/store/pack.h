@@ -37,6 +37,8 @@ int pack_set_open(const char *dir, bool writer, struct pack_set **out);
 void pack_set_close(struct pack_set *ps);
 /* Test hook: packs roll over past roll bytes instead of PACK_ROLL_BYTES. */
 void pack_set_roll_bytes(struct pack_set *ps, uint64_t roll);
+/* Test hook (process-wide): fn runs after every hole punched (NULL: none). */
+void pack_test_after_punch(void (*fn)(void));
 
 /* Calls fn(arg, pack, size) for every pack file of the directory, in
  * number order; stops at fn's nonzero (returned). */

@@ -1070,6 +1070,12 @@ int statedb_open(const char *path, struct statedb **out, struct pb_error *err)
         rc = sd_exec(db->db, statedb_totals_schema, err);
     if (rc == 0 && (rc = sd_totals_count(db)) < 0)
         pb_error_set(err, rc, "%s", db->errmsg);
+    /* What the last process committed lazily (or with NORMAL) may still be
+     * only in the page cache: a power loss could undo its deletes after
+     * their ranges were punched or cut below. One FULL commit first. */
+    db->lazy_dirty = true;
+    if (rc == 0 && (rc = statedb_sync(db)) < 0)
+        pb_error_set(err, rc, "state.db: sync at open: %s", db->errmsg);
     if (rc == 0 && (rc = sd_packs_recover(db)) < 0)
         pb_error_set(err, rc, "state.db: chunk packs: %s",
                      db->errmsg[0] ? db->errmsg : strerror(-rc));
