@@ -527,6 +527,50 @@ START_TEST(test_pack_crash_then_power_loss)
 }
 END_TEST
 
+/* Index rows that cannot be right (a damaged state.db: negative or
+ * unaligned offset, negative or oversized length) never make the open-time
+ * tail cut reach into the bytes of good chunks, and read as damaged. */
+START_TEST(test_pack_bad_index_rows)
+{
+    struct statedb *db = open_db("x.db");
+    uint8_t a[STATEDB_ID_LEN], bad[4][STATEDB_ID_LEN];
+    fill_id(a, 70);
+    uint8_t *ba = mkbytes(70, 30000);
+    struct statedb_chunk_in ia = {a, ba, 30000};
+    ck_assert_int_eq(statedb_chunk_data_put_many(db, &ia, 1), 0);
+    statedb_close(db);
+    int64_t size0 = pack_file_size("x.db", 1, NULL);
+    /* rows as a damaged file could hold them */
+    const char *rows[4] = {"1, 32768, -30000", "1, 12345, 10", "1, -4096, 100", "1, 0, 1000000000"};
+    char *p = dbpath("x.db");
+    sqlite3 *h;
+    ck_assert_int_eq(sqlite3_open(p, &h), SQLITE_OK);
+    for (int i = 0; i < 4; i++) {
+        fill_id(bad[i], 71 + (uint32_t)i);
+        char *sql = pb_xasprintf("INSERT INTO chunk_data VALUES (?1, %s, 0)", rows[i]);
+        sqlite3_stmt *st;
+        ck_assert_int_eq(sqlite3_prepare_v2(h, sql, -1, &st, NULL), SQLITE_OK);
+        sqlite3_bind_blob(st, 1, bad[i], STATEDB_ID_LEN, SQLITE_STATIC);
+        ck_assert_int_eq(sqlite3_step(st), SQLITE_DONE);
+        sqlite3_finalize(st);
+        free(sql);
+    }
+    ck_assert_int_eq(sqlite3_close(h), SQLITE_OK);
+    free(p);
+    db = open_db("x.db");
+    assert_bytes(db, a, 70, 30000);
+    ck_assert_int_eq(pack_file_size("x.db", 1, NULL), size0);
+    /* each is gone (the tail cut met it) or reads as damaged */
+    for (int i = 0; i < 4; i++) {
+        uint8_t buf[100];
+        int rc = statedb_chunk_get(db, bad[i], buf, sizeof(buf));
+        ck_assert_msg(rc == -ENOENT || rc == -EIO, "bad row %d: %d", i, rc);
+    }
+    statedb_close(db);
+    free(ba);
+}
+END_TEST
+
 START_TEST(test_pack_unrowed)
 {
     struct statedb *db = open_db("u.db");
@@ -894,6 +938,7 @@ static Suite *pack_suite(void)
     tcase_add_test(tc, test_pack_durability_order);
     tcase_add_test(tc, test_pack_failed_commit_comes_back);
     tcase_add_test(tc, test_pack_crash_then_power_loss);
+    tcase_add_test(tc, test_pack_bad_index_rows);
     tcase_add_test(tc, test_pack_unrowed);
     tcase_add_test(tc, test_pack_free_punch_unlink);
     tcase_add_test(tc, test_pack_lazy_free);

@@ -285,6 +285,7 @@ enum {
     Q_FREE_ANY,
     Q_PACK_USED,
     Q_PACK_END,
+    Q_PACK_BEFORE,
     Q_MAX
 };
 
@@ -346,7 +347,10 @@ static const char *const statedb_sql[Q_MAX] = {
         [Q_DATA_DEL] = "DELETE FROM chunk_data WHERE id = ?1",
         [Q_FREE_ANY] = "SELECT 1 FROM chunk_free LIMIT 1",
         [Q_PACK_USED] = "SELECT 1 FROM chunk_data WHERE pack = ?1 LIMIT 1",
-        [Q_PACK_END] = "SELECT off + len FROM chunk_data WHERE pack = ?1 ORDER BY off DESC LIMIT 1",
+        [Q_PACK_END] = "SELECT id, off, len FROM chunk_data WHERE pack = ?1 ORDER BY off DESC"
+                       " LIMIT 1",
+        [Q_PACK_BEFORE] = "SELECT off + len FROM chunk_data WHERE pack = ?1 AND off < ?2"
+                          " ORDER BY off DESC LIMIT 1",
 };
 
 struct statedb {
@@ -596,6 +600,34 @@ static int sd_commit_packs(struct statedb *db)
  * rows are forgotten punches again at the next open (the ranges are never
  * reused: packs only grow). Deletes outside statedb_begin() commit FULL.
  */
+/* An index row's range can be one this store wrote (aligned, in range). */
+static bool sd_range_ok(int64_t off, int64_t len)
+{
+    return off >= 0 && off % PACK_ALIGN == 0 && len >= 0 && len <= STATEDB_CHUNK_MAX &&
+           off <= INT64_MAX - len;
+}
+
+/* A freed range may be punched: it is sane and no index row still names a
+ * byte of it (two rows on one range would be a damaged index: the other
+ * chunk keeps its bytes). Rows never overlap, so only the last row that
+ * starts before the range's (aligned) end can reach into it. */
+static bool sd_range_unused(struct statedb *db, uint32_t pack, int64_t off, int64_t len)
+{
+    if (!sd_range_ok(off, len))
+        return false;
+    int e = 0;
+    sqlite3_stmt *st = sd_q(db, Q_PACK_BEFORE, &e);
+    if (st == NULL)
+        return false;
+    int64_t end = off + (len + PACK_ALIGN - 1) / PACK_ALIGN * PACK_ALIGN;
+    sqlite3_bind_int64(st, 1, pack);
+    sqlite3_bind_int64(st, 2, end);
+    int rc = sqlite3_step(st);
+    bool unused = rc == SQLITE_DONE || (rc == SQLITE_ROW && sqlite3_column_int64(st, 0) <= off);
+    sqlite3_reset(st);
+    return unused;
+}
+
 static void sd_free_ranges(struct statedb *db)
 {
     if (db->packs == NULL || db->reader || db->lazy_dirty)
@@ -620,8 +652,10 @@ static void sd_free_ranges(struct statedb *db)
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
         last = sqlite3_column_int64(st, 0);
         uint32_t pack = (uint32_t)sqlite3_column_int64(st, 1);
-        if (pack_punch(db->packs, pack, (uint64_t)sqlite3_column_int64(st, 2),
-                       (uint32_t)sqlite3_column_int64(st, 3)) < 0)
+        int64_t off = sqlite3_column_int64(st, 2), len = sqlite3_column_int64(st, 3);
+        if (!sd_range_unused(db, pack, off, len))
+            failed++;
+        else if (pack_punch(db->packs, pack, (uint64_t)off, (uint32_t)len) < 0)
             failed++;
         if (n > 0 && packs[n - 1] == pack)
             continue;
@@ -725,16 +759,41 @@ static int sd_recover_pack(void *arg, uint32_t pack, uint64_t size)
 {
     struct sd_recover *r = arg;
     struct statedb *db = r->db;
-    int e = 0;
-    sqlite3_stmt *st = sd_q(db, Q_PACK_END, &e);
-    if (st == NULL)
-        return e;
-    sqlite3_bind_int64(st, 1, pack);
-    int rc = sqlite3_step(st);
-    int64_t end = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : -1;
-    sqlite3_reset(st);
-    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
-        return sd_fail(db, rc, "pack end");
+    int e = 0, rc;
+    int64_t end;
+    /* the last indexed byte: from the last row, unless that row cannot be
+     * right (a damaged file), which goes instead of cutting good bytes */
+    for (;;) {
+        sqlite3_stmt *st = sd_q(db, Q_PACK_END, &e);
+        if (st == NULL)
+            return e;
+        sqlite3_bind_int64(st, 1, pack);
+        rc = sqlite3_step(st);
+        uint8_t id[STATEDB_ID_LEN];
+        int64_t off = rc == SQLITE_ROW ? sqlite3_column_int64(st, 1) : -1;
+        int64_t len = rc == SQLITE_ROW ? sqlite3_column_int64(st, 2) : 0;
+        if (rc == SQLITE_ROW)
+            col_fixed(st, 0, id, STATEDB_ID_LEN);
+        sqlite3_reset(st);
+        if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+            return sd_fail(db, rc, "pack end");
+        end = rc == SQLITE_ROW ? off + len : -1;
+        if (rc != SQLITE_ROW || sd_range_ok(off, len))
+            break;
+        log_err("state.db: chunk pack %" PRIu32 ": an index row says %" PRId64 " bytes at %" PRId64
+                ": dropped (the chunk counts as missing)",
+                pack, len, off);
+        if ((e = sd_local_begin(db)) < 0)
+            return e;
+        if ((st = sd_q(db, Q_DATA_DEL, &e)) == NULL ||
+            (sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_TRANSIENT),
+             (e = sd_done(db, st, "drop chunk bytes")) < 0)) {
+            sd_local_rollback(db);
+            return e;
+        }
+        if ((e = sd_local_commit(db)) < 0)
+            return e;
+    }
     if (pack > r->high)
         r->high = pack;
     if (end < 0)
@@ -1578,7 +1637,11 @@ static int sd_data_locate(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], 
         return e;
     sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
     int rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW) {
+    if (rc == SQLITE_ROW &&
+        !sd_range_ok(sqlite3_column_int64(st, 1), sqlite3_column_int64(st, 2))) {
+        snprintf(db->errmsg, sizeof(db->errmsg), "state.db: a chunk's index row is damaged");
+        e = -EIO;
+    } else if (rc == SQLITE_ROW) {
         *pack = (uint32_t)sqlite3_column_int64(st, 0);
         *off = (uint64_t)sqlite3_column_int64(st, 1);
         *len = (uint32_t)sqlite3_column_int64(st, 2);
