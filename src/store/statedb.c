@@ -670,9 +670,14 @@ static void sd_free_ranges(struct statedb *db)
         log_warning("state.db: %zu freed chunk ranges could not be punched out of their packs",
                     failed);
     char *sql = pb_xasprintf("DELETE FROM chunk_free WHERE rowid <= %" PRId64, last);
-    if (sqlite3_exec(db->db, sql, NULL, NULL, NULL) != SQLITE_OK)
-        log_warning("state.db: freed chunk ranges: %s", sqlite3_errmsg(db->db));
+    rc = sqlite3_exec(db->db, sql, NULL, NULL, NULL);
     free(sql);
+    if (rc != SQLITE_OK) {
+        /* the ranges stay listed: their packs stay too, or a pack made
+         * later under the same number would be punched again */
+        log_warning("state.db: freed chunk ranges: %s", sqlite3_errmsg(db->db));
+        n = 0;
+    }
     for (size_t i = 0; i < n; i++) {
         bool seen = false;
         for (size_t j = 0; j < i && !seen; j++)
