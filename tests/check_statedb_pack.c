@@ -571,6 +571,68 @@ START_TEST(test_pack_bad_index_rows)
 }
 END_TEST
 
+/* A pack number is never used twice, not even after a restart that
+ * removed the pack: a reader that still holds the old pack open (its
+ * descriptor cache) would read the new pack's offsets from the old file. */
+START_TEST(test_pack_number_not_reused)
+{
+    const uint32_t big = 70000, small = 10000;
+    uint8_t a[STATEDB_ID_LEN], b[STATEDB_ID_LEN], c[STATEDB_ID_LEN], d[STATEDB_ID_LEN];
+    fill_id(a, 80);
+    fill_id(b, 81);
+    fill_id(c, 82);
+    fill_id(d, 83);
+    uint8_t *ba = mkbytes(80, big), *bb = mkbytes(81, small), *bc = mkbytes(82, big),
+            *bd = mkbytes(83, big);
+    struct statedb *db = open_db("n.db");
+    statedb_pack_roll_bytes(db, 64 * 1024);
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_put(db, a, ba, big, 100), 0);   /* pack 1, full */
+    ck_assert_int_eq(statedb_chunk_put(db, b, bb, small, 100), 0); /* pack 2 */
+    statedb_pack_roll_bytes(db, 8 * 1024);
+    ck_assert_int_eq(statedb_chunk_put(db, c, bc, big, 1), 0); /* pack 3 */
+    ck_assert_int_eq(statedb_commit(db), 0);
+    ck_assert_int_gt(pack_file_size("n.db", 3, NULL), 0);
+    char *p = dbpath("n.db");
+    struct statedb *rd;
+    struct pb_error err;
+    ck_assert_int_eq(statedb_open_reader(p, &rd, &err), 0);
+    free(p);
+    assert_bytes(rd, c, 82, big); /* the reader holds pack 3 open */
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_collect(db, 2, NULL), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    statedb_close(db);
+    db = open_db("n.db"); /* pack 3 is empty: removed; pack 2 goes on */
+    ck_assert_int_eq(pack_file_size("n.db", 3, NULL), -1);
+    statedb_pack_roll_bytes(db, 8 * 1024);
+    struct statedb_chunk_in in = {d, bd, big};
+    ck_assert_int_eq(statedb_chunk_data_put_many(db, &in, 1), 0);
+    assert_bytes(db, d, 83, big);
+    assert_bytes(rd, d, 83, big);
+    assert_bytes(rd, a, 80, big);
+    ck_assert_int_gt(pack_file_size("n.db", 4, NULL), 0);
+    /* a rollback removes the pack its transaction made; that number is
+     * not used again either */
+    struct statedb_chunk_in ic = {c, bc, big};
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_data_put_many(db, &ic, 1), 0);
+    ck_assert_int_gt(pack_file_size("n.db", 5, NULL), 0);
+    statedb_rollback(db);
+    ck_assert_int_eq(pack_file_size("n.db", 5, NULL), -1);
+    ck_assert_int_eq(statedb_chunk_data_put_many(db, &ic, 1), 0);
+    ck_assert_int_eq(pack_file_size("n.db", 5, NULL), -1);
+    ck_assert_int_gt(pack_file_size("n.db", 6, NULL), 0);
+    assert_bytes(rd, c, 82, big);
+    statedb_close(rd);
+    statedb_close(db);
+    free(ba);
+    free(bb);
+    free(bc);
+    free(bd);
+}
+END_TEST
+
 START_TEST(test_pack_unrowed)
 {
     struct statedb *db = open_db("u.db");
@@ -939,6 +1001,7 @@ static Suite *pack_suite(void)
     tcase_add_test(tc, test_pack_failed_commit_comes_back);
     tcase_add_test(tc, test_pack_crash_then_power_loss);
     tcase_add_test(tc, test_pack_bad_index_rows);
+    tcase_add_test(tc, test_pack_number_not_reused);
     tcase_add_test(tc, test_pack_unrowed);
     tcase_add_test(tc, test_pack_free_punch_unlink);
     tcase_add_test(tc, test_pack_lazy_free);

@@ -42,6 +42,7 @@ struct pack_set {
     uint64_t roll;
     /* writer: the current pack */
     uint32_t cur;
+    uint32_t above; /* pack_start(): numbers up to it were used before */
     int cur_fd;
     uint64_t tail;
     bool dirty, dir_dirty;
@@ -298,6 +299,7 @@ int pack_start(struct pack_set *ps, uint32_t above)
         return rc;
     uint32_t high = n > 0 ? v[n - 1] : 0;
     free(v);
+    ps->above = above;
     if (high > 0) {
         if ((rc = pack_open_current(ps, high)) < 0)
             return rc;
@@ -375,7 +377,9 @@ int pack_append(struct pack_set *ps, const void *data, uint32_t len, uint32_t *p
         /* leaving it: its bytes must be as durable as the next sync says */
         if (ps->dirty && fdatasync(ps->cur_fd) < 0)
             return -errno;
-        if ((rc = pack_open_current(ps, ps->cur + 1)) < 0)
+        /* never a number used before: a reader may still hold that
+         * pack open (its descriptor cache) */
+        if ((rc = pack_open_current(ps, PB_MAX(ps->cur, ps->above) + 1)) < 0)
             return rc;
     }
     uint64_t at = align_up(ps->tail);
@@ -421,8 +425,16 @@ void pack_rewind(struct pack_set *ps)
             log_warning("state.db: cannot reopen pack %" PRIu32 " in %s", ps->mark_pack, ps->dir);
             return;
         }
-        for (uint32_t p = ps->mark_pack + 1; p <= last; p++)
-            pack_unlink(ps, p);
+        uint32_t *v;
+        size_t n;
+        if (pack_list(ps, &v, &n) == 0) { /* numbers may skip (pack_start's above) */
+            for (size_t i = 0; i < n; i++)
+                if (v[i] > ps->mark_pack && v[i] <= last)
+                    pack_unlink(ps, v[i]);
+            free(v);
+        }
+        if (last > ps->above) /* not reused either */
+            ps->above = last;
     }
     if (ps->tail > ps->mark_tail) {
         if (ftruncate(ps->cur_fd, (off_t)ps->mark_tail) < 0)
