@@ -682,7 +682,10 @@ static void sd_free_ranges(struct statedb *db)
         bool seen = false;
         for (size_t j = 0; j < i && !seen; j++)
             seen = packs[j] == packs[i];
-        if (seen || packs[i] == pack_current(db->packs) || (st = sd_q(db, Q_PACK_USED, &e)) == NULL)
+        /* not before pack_start() (at open): sd_recover_pack removes an
+         * empty pack then, and remembers its number as used */
+        if (seen || packs[i] == pack_current(db->packs) || pack_current(db->packs) == 0 ||
+            (st = sd_q(db, Q_PACK_USED, &e)) == NULL)
             continue;
         sqlite3_bind_int64(st, 1, packs[i]);
         rc = sqlite3_step(st);
