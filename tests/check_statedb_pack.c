@@ -633,6 +633,65 @@ START_TEST(test_pack_number_not_reused)
 }
 END_TEST
 
+/* A disk that fills up or fails under the pack (ENOSPC on the append, EIO
+ * on its sync): the store reports it, indexes nothing, cuts what it
+ * appended, keeps every committed chunk, and goes on once the disk is
+ * fine again. */
+START_TEST(test_pack_write_errors)
+{
+    struct statedb *db = open_db("e.db");
+    uint8_t a[STATEDB_ID_LEN], b[STATEDB_ID_LEN], c[STATEDB_ID_LEN];
+    fill_id(a, 90);
+    fill_id(b, 91);
+    fill_id(c, 92);
+    uint8_t *ba = mkbytes(90, 30000), *bb = mkbytes(91, 30000), *bc = mkbytes(92, 30000);
+    struct statedb_chunk_in ia = {a, ba, 30000}, two[2] = {{b, bb, 30000}, {c, bc, 30000}};
+    ck_assert_int_eq(statedb_chunk_data_put_many(db, &ia, 1), 0);
+    int64_t size0 = pack_file_size("e.db", 1, NULL);
+
+    /* a batch of two, the second append fails: neither is indexed */
+    ck_assert_int_eq(statedb_chunk_data_put_many(db, two, 0), 0);
+    pack_test_fail(-ENOSPC, 0, 1);
+    ck_assert_int_eq(statedb_chunk_data_put_many(db, two, 2), -ENOSPC);
+    ck_assert_int_eq(statedb_chunk_data_has(db, b), 0);
+    ck_assert_int_eq(statedb_chunk_data_has(db, c), 0);
+    ck_assert_int_eq(pack_file_size("e.db", 1, NULL), size0);
+    ck_assert_int_eq(statedb_chunk_data_put_many(db, two, 1), 0);
+    size0 = pack_file_size("e.db", 1, NULL);
+    /* the same inside an apply transaction: the caller rolls back */
+    pack_test_fail(-ENOSPC, 0, 1);
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_put(db, c, bc, 30000, 1), -ENOSPC);
+    statedb_rollback(db);
+    ck_assert_int_eq(statedb_chunk_has(db, c), 0);
+    ck_assert_int_eq(pack_file_size("e.db", 1, NULL), size0);
+
+    pack_test_fail(0, -EIO, 1); /* the sync before the commit */
+    ck_assert_int_eq(statedb_chunk_data_put_many(db, two + 1, 1), -EIO);
+    ck_assert_int_eq(statedb_chunk_data_has(db, c), 0);
+    ck_assert_int_eq(pack_file_size("e.db", 1, NULL), size0);
+    pack_test_fail(0, -EIO, 1);
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_put(db, c, bc, 30000, 1), 0);
+    ck_assert_int_eq(statedb_commit(db), -EIO);
+    ck_assert(!statedb_in_txn(db));
+    ck_assert_int_eq(statedb_chunk_has(db, c), 0);
+    ck_assert_int_eq(pack_file_size("e.db", 1, NULL), size0);
+
+    /* the disk is fine again */
+    ck_assert_int_eq(statedb_chunk_data_put_many(db, two + 1, 1), 0);
+    statedb_close(db);
+    db = open_db("e.db");
+    assert_bytes(db, a, 90, 30000);
+    assert_bytes(db, b, 91, 30000);
+    assert_bytes(db, c, 92, 30000);
+    statedb_close(db);
+    free(ba);
+    free(bb);
+    free(bc);
+}
+END_TEST
+
 START_TEST(test_pack_unrowed)
 {
     struct statedb *db = open_db("u.db");
@@ -1002,6 +1061,7 @@ static Suite *pack_suite(void)
     tcase_add_test(tc, test_pack_crash_then_power_loss);
     tcase_add_test(tc, test_pack_bad_index_rows);
     tcase_add_test(tc, test_pack_number_not_reused);
+    tcase_add_test(tc, test_pack_write_errors);
     tcase_add_test(tc, test_pack_unrowed);
     tcase_add_test(tc, test_pack_free_punch_unlink);
     tcase_add_test(tc, test_pack_lazy_free);

@@ -61,6 +61,26 @@ void pack_test_after_punch(void (*fn)(void))
     pack_punch_hook = fn;
 }
 
+static int pack_fail_write, pack_fail_sync;
+static unsigned pack_fail_n;
+
+void pack_test_fail(int write_err, int sync_err, unsigned n)
+{
+    pack_fail_write = write_err;
+    pack_fail_sync = sync_err;
+    pack_fail_n = n;
+}
+
+/* The test hook's error for this append or sync (0: none). */
+static int pack_fault(bool sync)
+{
+    int e = sync ? pack_fail_sync : pack_fail_write;
+    if (pack_fail_n == 0 || e == 0)
+        return 0;
+    pack_fail_n--;
+    return e;
+}
+
 static void pack_name(char out[PACK_NAME_SZ], uint32_t pack)
 {
     snprintf(out, PACK_NAME_SZ, "%08" PRIu32 ".pack", pack);
@@ -383,8 +403,19 @@ int pack_append(struct pack_set *ps, const void *data, uint32_t len, uint32_t *p
             return rc;
     }
     uint64_t at = align_up(ps->tail);
-    if ((rc = pwrite_all(ps->cur_fd, data, len, at)) < 0)
+    int fault = pack_fault(false);
+    if (fault < 0) /* half written, as a disk that fills up leaves it */
+        rc = pwrite_all(ps->cur_fd, data, len / 2, at) < 0 ? -EIO : fault;
+    else
+        rc = pwrite_all(ps->cur_fd, data, len, at);
+    if (rc < 0) {
+        /* what a partial write left past the tail goes (a rewind cuts
+         * only from the tail it knows) */
+        if (ftruncate(ps->cur_fd, (off_t)ps->tail) < 0)
+            log_warning("state.db: cannot cut pack %" PRIu32 " in %s: %s", ps->cur, ps->dir,
+                        strerror(errno));
         return rc;
+    }
     ps->tail = at + len;
     ps->dirty = true;
     *pack = ps->cur;
@@ -399,6 +430,9 @@ bool pack_dirty(const struct pack_set *ps)
 
 int pack_sync(struct pack_set *ps)
 {
+    int fault = ps->dirty ? pack_fault(true) : 0;
+    if (fault < 0)
+        return fault;
     if (ps->dirty && ps->cur_fd >= 0 && fdatasync(ps->cur_fd) < 0)
         return -errno;
     ps->dirty = false;

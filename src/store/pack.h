@@ -39,6 +39,9 @@ void pack_set_close(struct pack_set *ps);
 void pack_set_roll_bytes(struct pack_set *ps, uint64_t roll);
 /* Test hook (process-wide): fn runs after every hole punched (NULL: none). */
 void pack_test_after_punch(void (*fn)(void));
+/* Test hook (process-wide): the next n appends (write_err) or syncs
+ * (sync_err) fail with that -errno, an append after writing half its bytes. */
+void pack_test_fail(int write_err, int sync_err, unsigned n);
 
 /* Calls fn(arg, pack, size) for every pack file of the directory, in
  * number order; stops at fn's nonzero (returned). */
