@@ -692,6 +692,36 @@ START_TEST(test_pack_write_errors)
 }
 END_TEST
 
+/* More lost packs than one pass of the open-time check takes: every one of
+ * their chunks counts as missing (none reads as "here" but damaged). */
+START_TEST(test_pack_many_lost)
+{
+    struct statedb *db = open_db("m.db");
+    statedb_pack_roll_bytes(db, 4096);
+    uint8_t id[40][STATEDB_ID_LEN];
+    ck_assert_int_eq(statedb_begin(db), 0);
+    for (uint32_t i = 0; i < 40; i++) {
+        uint8_t *b = mkbytes(300 + i, 5000);
+        fill_id(id[i], 300 + i);
+        ck_assert_int_eq(statedb_chunk_put(db, id[i], b, 5000, 100), 0);
+        free(b);
+    }
+    ck_assert_int_eq(statedb_commit(db), 0);
+    statedb_close(db);
+    for (unsigned n = 1; n <= 39; n++) { /* all but the last */
+        char *p = pack_path("m.db", n);
+        ck_assert_msg(unlink(p) == 0, "%s", p);
+        free(p);
+    }
+    db = open_db("m.db");
+    for (uint32_t i = 0; i < 39; i++)
+        ck_assert_int_eq(statedb_chunk_data_has(db, id[i]), 0);
+    assert_bytes(db, id[39], 339, 5000);
+    assert_counts_exact(db, "m.db");
+    statedb_close(db);
+}
+END_TEST
+
 START_TEST(test_pack_unrowed)
 {
     struct statedb *db = open_db("u.db");
@@ -1062,6 +1092,7 @@ static Suite *pack_suite(void)
     tcase_add_test(tc, test_pack_bad_index_rows);
     tcase_add_test(tc, test_pack_number_not_reused);
     tcase_add_test(tc, test_pack_write_errors);
+    tcase_add_test(tc, test_pack_many_lost);
     tcase_add_test(tc, test_pack_unrowed);
     tcase_add_test(tc, test_pack_free_punch_unlink);
     tcase_add_test(tc, test_pack_lazy_free);

@@ -848,20 +848,27 @@ static int sd_packs_recover(struct statedb *db)
                                 -1, &st, NULL);
     if (rc != SQLITE_OK)
         return sd_fail(db, rc, "packs in the index");
-    uint32_t gone[16];
-    size_t n_gone = 0;
+    uint32_t *gone = NULL;
+    size_t n_gone = 0, cap = 0;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
         uint32_t pack = (uint32_t)sqlite3_column_int64(st, 0);
         uint64_t size;
         if (pack > r.high)
             r.high = pack;
-        if (pack_size(db->packs, pack, &size) == -ENOENT && n_gone < PB_ARRAY_SIZE(gone))
-            gone[n_gone++] = pack;
+        if (pack_size(db->packs, pack, &size) != -ENOENT)
+            continue;
+        if (n_gone == cap) {
+            cap = cap ? 2 * cap : 16;
+            gone = pb_xreallocarray(gone, cap, sizeof(*gone));
+        }
+        gone[n_gone++] = pack;
     }
     sqlite3_finalize(st);
-    if (rc != SQLITE_DONE)
+    if (rc != SQLITE_DONE) {
+        free(gone);
         return sd_fail(db, rc, "packs in the index");
-    for (size_t i = 0; i < n_gone; i++) {
+    }
+    for (size_t i = 0; i < n_gone && e == 0; i++) {
         log_err("state.db: chunk pack %" PRIu32 " is gone: its chunks count as missing", gone[i]);
         char *sql = pb_xasprintf("DELETE FROM chunk_data WHERE pack = %" PRIu32, gone[i]);
         if ((e = sd_local_begin(db)) == 0) {
@@ -874,10 +881,9 @@ static int sd_packs_recover(struct statedb *db)
             }
         }
         free(sql);
-        if (e < 0)
-            return e;
     }
-    return pack_start(db->packs, r.high);
+    free(gone);
+    return e < 0 ? e : pack_start(db->packs, r.high);
 }
 
 static int sd_unlink_pack(void *arg, uint32_t pack, uint64_t size)
