@@ -36,12 +36,16 @@
  * statedb_chunk_data_collect_unrowed() removes them after a grace period.
  * Durability order: the pack is fdatasync'ed before any commit that inserts
  * index rows (sd_commit_packs), so an index row never outlives its bytes;
- * bytes appended by a transaction that rolls back are cut (pack_rewind), and
- * bytes past a pack's last indexed byte are cut at open (a crash between the
- * append and the commit). A deleted index row records its range in
+ * bytes appended by a transaction that rolls back are cut (pack_rewind),
+ * except after a failed COMMIT (its frames may come back from the WAL:
+ * sd_keep_failed_commit), and bytes past a pack's last indexed byte are cut
+ * at open (a crash between the append and the commit), after one FULL
+ * commit has made whatever the last process committed durable. A deleted index row records its range in
  * chunk_free (trigger, same transaction); after the commit the range is
  * punched out of its pack and a pack left without a chunk is removed
- * (sd_free_ranges), never before the commit: a rollback keeps the bytes.
+ * (sd_free_ranges), never before the commit: a rollback keeps the bytes;
+ * a range some index row still names is never punched (sd_range_unused).
+ * Pack numbers are never used twice (readers cache descriptors by number).
  * Format 1 kept the bytes in chunks.data, format 2 in chunk_data.data;
  * opening either migrates it (sd_migrate_1_2, sd_migrate_2_3).
  *
