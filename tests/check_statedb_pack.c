@@ -722,6 +722,48 @@ START_TEST(test_pack_many_lost)
 }
 END_TEST
 
+/* A pack cut by someone else while the store runs: the chunks it no longer
+ * holds count as missing from the first read that finds them gone (so the
+ * fetcher gets them again), not only after a restart; the others read. */
+START_TEST(test_pack_cut_while_running)
+{
+    struct statedb *db = open_db("w.db");
+    uint8_t a[STATEDB_ID_LEN], b[STATEDB_ID_LEN];
+    fill_id(a, 95);
+    fill_id(b, 96);
+    uint8_t *ba = mkbytes(95, 30000), *bb = mkbytes(96, 30000);
+    struct statedb_ref refs[2] = {{.len = 30000}, {.len = 30000}};
+    memcpy(refs[0].id, a, STATEDB_ID_LEN);
+    memcpy(refs[1].id, b, STATEDB_ID_LEN);
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_put(db, a, ba, 30000, 1), 0);
+    ck_assert_int_eq(statedb_chunk_put(db, b, bb, 30000, 1), 0);
+    ck_assert_int_eq(statedb_chunklist_put(db, "f", refs, 2), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    char *p = pack_path("w.db", 1);
+    ck_assert_int_eq(truncate(p, 32768 + 100), 0); /* inside b */
+    free(p);
+    uint8_t *got = pb_xmalloc(30000);
+    ck_assert_int_eq(statedb_chunk_get(db, b, got, 30000), -ENOENT);
+    ck_assert_int_eq(statedb_chunk_data_has(db, b), 0);
+    struct statedb_ref miss[4];
+    size_t n;
+    ck_assert_int_eq(statedb_chunk_missing(db, NULL, miss, 4, &n), 0);
+    ck_assert_uint_eq(n, 1);
+    ck_assert_int_eq(memcmp(miss[0].id, b, STATEDB_ID_LEN), 0);
+    assert_bytes(db, a, 95, 30000);
+    /* fetched again: stored at the tail, read back */
+    struct statedb_chunk_in ib = {b, bb, 30000};
+    ck_assert_int_eq(statedb_chunk_data_put_many(db, &ib, 1), 0);
+    assert_bytes(db, b, 96, 30000);
+    assert_counts_exact(db, "w.db");
+    statedb_close(db);
+    free(got);
+    free(ba);
+    free(bb);
+}
+END_TEST
+
 START_TEST(test_pack_unrowed)
 {
     struct statedb *db = open_db("u.db");
@@ -1093,6 +1135,7 @@ static Suite *pack_suite(void)
     tcase_add_test(tc, test_pack_number_not_reused);
     tcase_add_test(tc, test_pack_write_errors);
     tcase_add_test(tc, test_pack_many_lost);
+    tcase_add_test(tc, test_pack_cut_while_running);
     tcase_add_test(tc, test_pack_unrowed);
     tcase_add_test(tc, test_pack_free_punch_unlink);
     tcase_add_test(tc, test_pack_lazy_free);

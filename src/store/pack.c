@@ -513,7 +513,7 @@ int pack_read(struct pack_set *ps, uint32_t pack, uint64_t off, void *buf, uint3
         if (k < 0)
             return -errno;
         if (k == 0)
-            return -EIO; /* the index points past the pack's end */
+            return -ENODATA; /* the index points past the pack's end */
         b += k;
         len -= (uint32_t)k;
         off += (uint64_t)k;
@@ -533,7 +533,7 @@ static int copy_slow(int fd, uint64_t off, uint32_t len, int out_fd)
         if (got < 0 && errno == EINTR)
             continue;
         if (got <= 0) {
-            rc = got < 0 ? -errno : -EIO;
+            rc = got < 0 ? -errno : -ENODATA;
             break;
         }
         rc = pb_write_all(out_fd, buf, (size_t)got);
@@ -559,7 +559,7 @@ int pack_copy(struct pack_set *ps, uint32_t pack, uint64_t off, uint32_t len, in
         if (k < 0)
             return -errno;
         if (k == 0)
-            return -EIO;
+            return -ENODATA;
         len -= (uint32_t)k;
     }
     return 0;

@@ -74,10 +74,11 @@ void pack_rewind(struct pack_set *ps);
  * that no longer exists is fine). */
 int pack_punch(struct pack_set *ps, uint32_t pack, uint64_t off, uint32_t len);
 
-/* Reads len bytes at off of pack into buf (-EIO if the pack is shorter). */
+/* Reads len bytes at off of pack into buf (-ENODATA if the pack is
+ * shorter, -ENOENT if there is no such pack). */
 int pack_read(struct pack_set *ps, uint32_t pack, uint64_t off, void *buf, uint32_t len);
 /* Copies len bytes at off of pack to out_fd at its current offset
- * (copy_file_range, falling back to pread + write). */
+ * (copy_file_range, falling back to pread + write); errors as pack_read. */
 int pack_copy(struct pack_set *ps, uint32_t pack, uint64_t off, uint32_t len, int out_fd);
 
 #endif

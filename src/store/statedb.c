@@ -1670,6 +1670,29 @@ static int sd_data_locate(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], 
     return e;
 }
 
+/* Drops chunk id's index row (its bytes are gone), in the open transaction
+ * or in one of its own. */
+static int sd_data_drop(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], uint32_t pack)
+{
+    log_err("state.db: chunk pack %" PRIu32 " lost a chunk's bytes (cut or removed by something "
+            "else): the chunk counts as missing",
+            pack);
+    bool own = !db->in_txn;
+    int e = own ? sd_local_begin(db) : 0;
+    sqlite3_stmt *st = e == 0 ? sd_q(db, Q_DATA_DEL, &e) : NULL;
+    if (st != NULL) {
+        sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_TRANSIENT);
+        e = sd_done(db, st, "drop lost chunk bytes");
+    }
+    if (!own)
+        return e;
+    if (e < 0) {
+        sd_local_rollback(db);
+        return e;
+    }
+    return sd_local_commit(db);
+}
+
 /*
  * statedb_chunk_get/_copy: the bytes from their pack. A read-only handle
  * reads beside the writer, which may delete the index row and punch the
@@ -1704,8 +1727,13 @@ static int sd_data_read(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], ui
         snprintf(db->errmsg, sizeof(db->errmsg),
                  "state.db: chunk bytes in pack %" PRIu32 " at %" PRIu64 ": %s", pack, off,
                  strerror(-e));
-        /* not -ENOENT: the index says they are here, so they are damaged */
-        return e == -ENOENT ? -EIO : e;
+        /* the pack is gone or cut (by something else): the writer drops
+         * the index row, so the chunk counts as missing and is fetched
+         * again (D10), as the open-time check would do */
+        if ((e == -ENOENT || e == -ENODATA) && !db->reader && sd_data_drop(db, id, pack) == 0)
+            return -ENOENT;
+        /* else not -ENOENT: the index says they are here: damaged */
+        return e == -ENOENT || e == -ENODATA ? -EIO : e;
     }
     return 0;
 }
