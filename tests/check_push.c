@@ -332,6 +332,151 @@ START_TEST(test_sender_splits_frames)
 }
 END_TEST
 
+/* The majority is counted among the voters of the configuration now: a peer
+ * removed or demoted since the push started stops counting, one promoted
+ * starts; a peer listed twice is one peer. */
+START_TEST(test_sender_counts_current_voters)
+{
+    struct sent s = {.n = 0};
+    struct push_ops ops = {.arg = &s, .send = cap_send};
+    struct push *p = push_new(&ops);
+    struct push_peer peers[4] = {{2, true}, {3, true}, {4, false}, {3, true}};
+    ck_assert_int_eq(push_start(p, peers, 4, 1000), 0);
+    struct chunk c;
+    chunk_make(&c, 6, 2000);
+    struct statedb_chunk_in in = {c.id, c.data, c.len};
+    ck_assert_int_eq(push_send(p, &in, 1, 1000), 0);
+    ck_assert_uint_eq(s.n, 3); /* node 3 once */
+    for (size_t i = 0; i < s.n; i++)
+        ack(p, s.to[i], &s.msg[i], PUSH_STORED);
+    struct push_progress pg;
+    push_progress_get(p, &pg);
+    ck_assert_uint_eq(pg.peers, 3);
+    ck_assert_uint_eq(pg.complete, 3);
+    ck_assert_uint_eq(pg.voters_complete, 2);
+    ck_assert_uint_eq(pg.voters_in, 2);
+
+    /* node 3 removed, node 4 still a learner */
+    struct push_peer now1[2] = {{2, true}, {4, false}};
+    push_set_voters(p, now1, 2);
+    push_progress_get(p, &pg);
+    ck_assert_uint_eq(pg.voters_complete, 1);
+    ck_assert_uint_eq(pg.voters_in, 1);
+    /* node 2 demoted, node 4 promoted, node 3 back as a voter */
+    struct push_peer now2[3] = {{2, false}, {4, true}, {3, true}};
+    push_set_voters(p, now2, 3);
+    push_progress_get(p, &pg);
+    ck_assert_uint_eq(pg.voters_complete, 2);
+    /* nobody left in the configuration */
+    push_set_voters(p, NULL, 0);
+    push_progress_get(p, &pg);
+    ck_assert_uint_eq(pg.voters_complete, 0);
+    ck_assert_uint_eq(pg.voters_in, 0);
+    ck_assert_uint_eq(pg.complete, 3);
+    sent_free(&s);
+    push_free(p);
+}
+END_TEST
+
+/* The writer's own pushed copy is not collected while its REFS entries
+ * wait to commit (held), however long; once released it is. */
+START_TEST(test_collect_held)
+{
+    struct statedb *db = db_open();
+    struct chunk c[1];
+    chunk_make(&c[0], 7, 1500);
+    struct buf f;
+    frame_of(c, 1, &f);
+    struct sent s = {.n = 0};
+    struct push_ops ops = {.arg = &s, .send = cap_send};
+    struct push *p = push_new(&ops);
+    push_on_push(p, db, 7, f.data, f.len);
+    ck_assert_int_eq(statedb_chunk_data_has(db, c[0].id), 1);
+    uint64_t t = 1000;
+    push_tick(p, db, t); /* the first collection is PUSH_COLLECT_EVERY_MS away */
+    t += PUSH_COLLECT_EVERY_MS;
+    push_tick(p, db, t); /* starts the bytes' age */
+    ck_assert_int_eq(statedb_chunk_data_has(db, c[0].id), 1);
+    push_hold_collect(p, true);
+    for (int i = 0; i < 20; i++) {
+        t += PUSH_COLLECT_EVERY_MS;
+        push_tick(p, db, t);
+    }
+    ck_assert_int_eq(statedb_chunk_data_has(db, c[0].id), 1);
+    struct push_stats st;
+    push_get_stats(p, &st);
+    ck_assert_uint_eq(st.unrowed_collected, 0);
+    push_hold_collect(p, false);
+    push_tick(p, db, t);
+    ck_assert_int_eq(statedb_chunk_data_has(db, c[0].id), 0);
+    push_get_stats(p, &st);
+    ck_assert_uint_eq(st.unrowed_collected, 1);
+    buf_free(&f);
+    sent_free(&s);
+    push_free(p);
+    statedb_close(db);
+}
+END_TEST
+
+/* Hostile or buggy frames from an authenticated peer: a PUSH of 0 chunks or
+ * of more than PUSH_BATCH_MAX is rejected (answered, nothing stored); an
+ * ack of an unknown push, a short ack, an ack of a batch never sent change
+ * nothing but the last makes the peer leave. */
+START_TEST(test_hostile_frames)
+{
+    struct statedb *db = db_open();
+    struct sent s = {.n = 0};
+    struct push_ops ops = {.arg = &s, .send = cap_send};
+    struct push *p = push_new(&ops);
+    struct buf b = BUF_INIT;
+    buf_put_u8(&b, PUSH_VERSION);
+    buf_put_u64(&b, 42);
+    buf_put_u32(&b, 0);
+    buf_put_u16(&b, 0);
+    ck_assert_uint_eq(push_on_push(p, db, 5, b.data, b.len), 0);
+    ck_assert_uint_eq(s.n, 1);
+    ck_assert_uint_eq(ack_status(&s.msg[0]), PUSH_REJECTED);
+    ck_assert_uint_eq(pb_load_u64(s.msg[0].data + 1), 42);
+    b.data[13] = (uint8_t)((PUSH_BATCH_MAX + 1) >> 8);
+    b.data[14] = (uint8_t)((PUSH_BATCH_MAX + 1) & 0xff);
+    push_on_push(p, db, 5, b.data, b.len);
+    ck_assert_uint_eq(s.n, 2);
+    ck_assert_uint_eq(ack_status(&s.msg[1]), PUSH_REJECTED);
+    struct push_stats st;
+    push_get_stats(p, &st);
+    ck_assert_uint_eq(st.rejected_frames, 2);
+    ck_assert_uint_eq(st.received_frames, 0);
+    sent_free(&s);
+
+    struct push_peer peer = {5, true};
+    ck_assert_int_eq(push_start(p, &peer, 1, 0), 0);
+    struct chunk c;
+    chunk_make(&c, 8, 100);
+    struct statedb_chunk_in in = {c.id, c.data, c.len};
+    ck_assert_int_eq(push_send(p, &in, 1, 0), 0);
+    uint8_t a[14];
+    memcpy(a, s.msg[0].data, 13);
+    a[13] = PUSH_STORED;
+    a[1] ^= 1; /* another push id */
+    push_on_ack(p, 5, a, sizeof(a), 1);
+    push_on_ack(p, 5, s.msg[0].data, 13, 1); /* short */
+    struct push_progress pg;
+    push_progress_get(p, &pg);
+    ck_assert_uint_eq(pg.left, 0);
+    ck_assert_uint_eq(pg.complete, 0);
+    a[1] ^= 1;
+    pb_store_u32(a + 9, 1); /* a batch never sent */
+    push_on_ack(p, 5, a, sizeof(a), 1);
+    push_progress_get(p, &pg);
+    ck_assert_uint_eq(pg.left, 1);
+    ck_assert_uint_eq(pg.voters_complete, 0);
+    buf_free(&b);
+    sent_free(&s);
+    push_free(p);
+    statedb_close(db);
+}
+END_TEST
+
 static Suite *push_suite(void)
 {
     Suite *s = suite_create("push");
@@ -340,6 +485,9 @@ static Suite *push_suite(void)
     tcase_add_test(tc, test_receive_good_and_corrupt);
     tcase_add_test(tc, test_sender_window_and_majority);
     tcase_add_test(tc, test_sender_splits_frames);
+    tcase_add_test(tc, test_sender_counts_current_voters);
+    tcase_add_test(tc, test_collect_held);
+    tcase_add_test(tc, test_hostile_frames);
     suite_add_tcase(s, tc);
     return s;
 }

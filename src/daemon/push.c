@@ -44,6 +44,7 @@ struct push {
     uint64_t *batch_bytes; /* chunk bytes of each batch sent */
     uint32_t n_batches, cap_batches;
     uint64_t next_collect_ms;
+    bool hold_collect;
     uint64_t warned_ms;
     struct push_stats st;
     void (*obs)(void *arg);
@@ -84,6 +85,14 @@ void push_get_stats(const struct push *p, struct push_stats *out)
 
 /* ---- sender ---- */
 
+static struct push_target *target_of(struct push *p, uint64_t id)
+{
+    for (size_t i = 0; i < p->n_peers; i++)
+        if (p->peers[i].id == id)
+            return &p->peers[i];
+    return NULL;
+}
+
 int push_start(struct push *p, const struct push_peer *peers, size_t n, uint64_t now_ms)
 {
     if (n > PUSH_MAX_PEERS)
@@ -94,12 +103,15 @@ int push_start(struct push *p, const struct push_peer *peers, size_t n, uint64_t
         id = pb_now_us() ^ ((uint64_t)(uintptr_t)p << 16);
     p->id = id ? id : 1;
     p->active = true;
-    p->n_peers = n;
+    p->n_peers = 0;
     for (size_t i = 0; i < n; i++) {
-        memset(&p->peers[i], 0, sizeof(p->peers[i]));
-        p->peers[i].id = peers[i].id;
-        p->peers[i].voter = peers[i].voter;
-        p->peers[i].progress_ms = now_ms;
+        if (target_of(p, peers[i].id) != NULL)
+            continue; /* one peer, one vote */
+        struct push_target *t = &p->peers[p->n_peers++];
+        memset(t, 0, sizeof(*t));
+        t->id = peers[i].id;
+        t->voter = peers[i].voter;
+        t->progress_ms = now_ms;
     }
     return 0;
 }
@@ -215,12 +227,21 @@ void push_progress_get(const struct push *p, struct push_progress *out)
     }
 }
 
-static struct push_target *target_of(struct push *p, uint64_t id)
+void push_set_voters(struct push *p, const struct push_peer *cur, size_t n)
 {
-    for (size_t i = 0; i < p->n_peers; i++)
-        if (p->peers[i].id == id)
-            return &p->peers[i];
-    return NULL;
+    for (size_t i = 0; p->active && i < p->n_peers; i++) {
+        struct push_target *t = &p->peers[i];
+        bool voter = false;
+        for (size_t k = 0; k < n; k++)
+            if (cur[k].id == t->id)
+                voter = cur[k].voter;
+        t->voter = voter;
+    }
+}
+
+void push_hold_collect(struct push *p, bool hold)
+{
+    p->hold_collect = hold;
 }
 
 void push_on_ack(struct push *p, uint64_t from, const uint8_t *data, size_t len, uint64_t now_ms)
@@ -269,7 +290,7 @@ void push_tick(struct push *p, struct statedb *db, uint64_t now_ms)
         if (!t->left && t->unacked > 0 && now_ms - t->progress_ms >= PUSH_ACK_TIMEOUT_MS)
             target_leave(p, t, "no acknowledgement in time");
     }
-    if (db == NULL)
+    if (db == NULL || p->hold_collect)
         return;
     if (p->next_collect_ms == 0)
         p->next_collect_ms = now_ms + PUSH_COLLECT_EVERY_MS;

@@ -97,7 +97,8 @@ void push_free(struct push *p);
 
 /* Starts a push to n peers (n <= PUSH_MAX_PEERS; 0 is fine: the writer
  * alone) with a fresh push id, forgetting any previous one (whose late acks
- * are then ignored). -EINVAL if n is too large. */
+ * are then ignored). A peer listed twice is one peer (counted once).
+ * -EINVAL if n is too large. */
 int push_start(struct push *p, const struct push_peer *peers, size_t n, uint64_t now_ms);
 
 /* fn(arg) is called (from the loop) whenever an acknowledgement or a peer
@@ -118,6 +119,20 @@ bool push_room(const struct push *p, size_t bytes);
 int push_send(struct push *p, const struct statedb_chunk_in *in, size_t n, uint64_t now_ms);
 
 void push_progress_get(const struct push *p, struct push_progress *out);
+
+/* The configuration may have changed since push_start(): cur[0..n) are the
+ * other members now (as cluster_push_targets() gives them). A peer of the
+ * push absent from cur, or there as a learner, stops counting as a voter;
+ * one now a voter counts as one. So the majority is always counted among
+ * the current voters (a removed or demoted peer never makes up for a voter
+ * added meanwhile). No-op when idle. */
+void push_set_voters(struct push *p, const struct push_peer *cur, size_t n);
+
+/* While held (a file's REFS entries are proposed and not applied yet),
+ * push_tick() does not remove pushed bytes without a row: the writer's own
+ * copy must survive until its REFS entry names it, however long the
+ * cluster takes to commit it. */
+void push_hold_collect(struct push *p, bool hold);
 
 /* A PUSH_ACK from peer `from` (malformed or stale ones are ignored). */
 void push_on_ack(struct push *p, uint64_t from, const uint8_t *data, size_t len, uint64_t now_ms);

@@ -180,6 +180,7 @@ struct replica {
     char *missing_path;                 /* its PUT missed chunks: propose it again */
     char *push_off_path;                /* its push failed: CHUNKS entries next time */
     uint64_t pushed_files, push_fallbacks;
+    size_t refs_queued; /* REFS entries of ours not applied: hold the collection */
     char last_error[256];
 };
 
@@ -257,6 +258,8 @@ static void prop_unlink(struct replica *r, struct rprop *p)
         r->tail = prev;
     r->n_props--;
     r->queued_bytes -= p->len <= r->queued_bytes ? p->len : r->queued_bytes;
+    if (p->type == FSM_OP_REFS && r->refs_queued > 0)
+        r->refs_queued--;
     if (p->proposed && r->n_inflight > 0) {
         r->n_inflight--;
         r->inflight_bytes -= p->len <= r->inflight_bytes ? p->len : r->inflight_bytes;
@@ -305,6 +308,8 @@ static int queue_op(struct replica *r, const struct fsm_op *op, const struct fsm
     struct rprop *p = pb_xcalloc(1, sizeof(*p));
     p->seq = r->next_seq++;
     p->type = op->type;
+    if (op->type == FSM_OP_REFS)
+        r->refs_queued++;
     p->path = op->path ? pb_xstrdup(op->path) : NULL;
     p->from = from ? pb_xstrdup(from) : NULL;
     if (st != NULL) {
@@ -615,6 +620,16 @@ static void push_fallback(struct replica *r, const char *why)
 static int push_check(struct replica *r, struct rjob *j)
 {
     struct push_progress pg;
+    struct push_peer cur[PUSH_MAX_PEERS];
+    size_t n_cur = 0;
+    /* The configuration now, not at the start: a member added since (that
+     * may not read REFS), a voter added, removed or demoted, this node
+     * removed or demoted all change what a majority is. */
+    if (cluster_push_targets(r->c, cur, PUSH_MAX_PEERS, &n_cur, &j->voters, &j->self_voter) < 0) {
+        push_fallback(r, "the configuration no longer allows pushing");
+        return 0;
+    }
+    push_set_voters(cluster_push(r->c), cur, n_cur);
     push_progress_get(cluster_push(r->c), &pg);
     if (!pg.active) {
         push_fallback(r, "the push was stopped");
@@ -1400,6 +1415,10 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     if (r->job != NULL && (r->job->sm != sm || sm_tree(sm) == NULL))
         job_end(r, -EAGAIN); /* its tree is gone (join, stop): later */
     set_observer(r);
+    /* our pushed bytes stay until the REFS entries naming them apply, even
+     * if the cluster cannot commit for longer than the collection's grace */
+    if (cluster_push(r->c) != NULL)
+        push_hold_collect(cluster_push(r->c), r->refs_queued > 0);
     if (r->syncs != NULL)
         sync_check(r, pb_now_ms());
     if (sm == NULL)
