@@ -550,7 +550,7 @@ START_TEST(test_pack_bad_index_rows)
     ck_assert_int_eq(sqlite3_open(p, &h), SQLITE_OK);
     for (int i = 0; i < 4; i++) {
         fill_id(bad[i], 71 + (uint32_t)i);
-        char *sql = pb_xasprintf("INSERT INTO chunk_data VALUES (?1, %s, 0)", rows[i]);
+        char *sql = pb_xasprintf("INSERT INTO chunk_data VALUES (?1, %s, 0, 0)", rows[i]);
         sqlite3_stmt *st;
         ck_assert_int_eq(sqlite3_prepare_v2(h, sql, -1, &st, NULL), SQLITE_OK);
         sqlite3_bind_blob(st, 1, bad[i], STATEDB_ID_LEN, SQLITE_STATIC);
@@ -889,6 +889,61 @@ START_TEST(test_pack_unrowed)
 }
 END_TEST
 
+/* A lagging node acknowledges a push of bytes it holds under an old,
+ * unreferenced row; applying the collection of that row (before the entry
+ * naming the chunk again) must not take the bytes it acknowledged. Without
+ * the push, the same collection takes them with the row. */
+START_TEST(test_pack_pushed_outlives_row)
+{
+    struct statedb *db = open_db("pin.db");
+    uint8_t a[STATEDB_ID_LEN], b[STATEDB_ID_LEN];
+    fill_id(a, 40);
+    fill_id(b, 41);
+    uint8_t *ba = mkbytes(40, 7000), *bb = mkbytes(41, 7000);
+    uint64_t n = 0;
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_put(db, a, ba, 7000, 5), 0);
+    ck_assert_int_eq(statedb_chunk_put(db, b, bb, 7000, 5), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    /* a is pushed again (already here: kept, not written twice) */
+    struct statedb_chunk_in ia = {a, ba, 7000};
+    int64_t size0 = pack_file_size("pin.db", 1, NULL);
+    ck_assert_int_eq(statedb_chunk_data_put_many(db, &ia, 1), 0);
+    ck_assert_int_eq(pack_file_size("pin.db", 1, NULL), size0);
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_collect(db, 10, &n), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    ck_assert_uint_eq(n, 2);
+    ck_assert_int_eq(statedb_chunk_has(db, a), 0);
+    ck_assert_int_eq(statedb_chunk_has(db, b), 0);
+    assert_bytes(db, a, 40, 7000);                      /* acknowledged: still here */
+    ck_assert_int_eq(statedb_chunk_data_has(db, b), 0); /* not pushed: gone with its row */
+    assert_counts_exact(db, "pin.db");
+    /* the REFS entry naming a applies: its row is back, with the bytes */
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_row_put(db, a, 7000, 20), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    uint64_t now = pb_now_ms();
+    ck_assert_int_eq(statedb_chunk_data_collect_unrowed(db, now + 7200000, 3600000, &n), 0);
+    ck_assert_uint_eq(n, 0);
+    assert_bytes(db, a, 40, 7000);
+    /* never named again: bytes without a row, removed by age */
+    ck_assert_int_eq(statedb_begin(db), 0);
+    ck_assert_int_eq(statedb_chunk_collect(db, 30, &n), 0);
+    ck_assert_int_eq(statedb_commit(db), 0);
+    ck_assert_int_eq(statedb_chunk_data_has(db, a), 1);
+    ck_assert_int_eq(statedb_chunk_data_collect_unrowed(db, now, 3600000, &n), 0);
+    ck_assert_uint_eq(n, 0);
+    ck_assert_int_eq(statedb_chunk_data_collect_unrowed(db, now + 7200000, 3600000, &n), 0);
+    ck_assert_uint_eq(n, 1);
+    ck_assert_int_eq(statedb_chunk_data_has(db, a), 0);
+    assert_counts_exact(db, "pin.db");
+    statedb_close(db);
+    free(ba);
+    free(bb);
+}
+END_TEST
+
 #define CHUNK_128K (128u * 1024u)
 
 START_TEST(test_pack_free_punch_unlink)
@@ -1180,6 +1235,7 @@ static Suite *pack_suite(void)
     tcase_add_test(tc, test_pack_cut_while_running);
     tcase_add_test(tc, test_pack_delete_readd_one_txn);
     tcase_add_test(tc, test_pack_unrowed);
+    tcase_add_test(tc, test_pack_pushed_outlives_row);
     tcase_add_test(tc, test_pack_free_punch_unlink);
     tcase_add_test(tc, test_pack_lazy_free);
     tcase_add_test(tc, test_pack_reader);

@@ -105,7 +105,8 @@
 /* The format 3 chunk_data table's columns (CREATE TABLE name ...). */
 #define SD_CHUNK_DATA_COLS                                                                         \
     "(id BLOB PRIMARY KEY NOT NULL, pack INTEGER NOT NULL, off INTEGER NOT NULL,"                  \
-    " len INTEGER NOT NULL, stored_ms INTEGER NOT NULL) STRICT, WITHOUT ROWID;"
+    " len INTEGER NOT NULL, stored_ms INTEGER NOT NULL, pushed INTEGER NOT NULL DEFAULT 0)"        \
+    " STRICT, WITHOUT ROWID;"
 
 /* What goes with the format 3 chunk_data table (sd_create, sd_migrate_2_3):
  * the pack index, the freed ranges, the bytes without a row, and the
@@ -116,7 +117,8 @@
     " len INTEGER NOT NULL) STRICT;"                                                               \
     "CREATE TABLE chunk_unrowed (id BLOB PRIMARY KEY NOT NULL) STRICT, WITHOUT ROWID;"             \
     "CREATE TRIGGER chunks_gone AFTER DELETE ON chunks BEGIN"                                      \
-    " DELETE FROM chunk_data WHERE id = OLD.id; END;"                                              \
+    " DELETE FROM chunk_data WHERE id = OLD.id AND pushed = 0;"                                    \
+    " INSERT OR IGNORE INTO chunk_unrowed SELECT id FROM chunk_data WHERE id = OLD.id; END;"       \
     "CREATE TRIGGER chunks_rowed AFTER INSERT ON chunks BEGIN"                                     \
     " DELETE FROM chunk_unrowed WHERE id = NEW.id; END;"                                           \
     "CREATE TRIGGER chunk_data_new AFTER INSERT ON chunk_data"                                     \
@@ -286,6 +288,7 @@ enum {
     Q_DATA_VERSION,
     Q_CHUNK_LEN,
     Q_DATA_DEL,
+    Q_DATA_PIN,
     Q_FREE_ANY,
     Q_PACK_USED,
     Q_PACK_END,
@@ -349,6 +352,7 @@ static const char *const statedb_sql[Q_MAX] = {
         [Q_DATA_VERSION] = "PRAGMA data_version",
         [Q_CHUNK_LEN] = "SELECT len FROM chunks WHERE id = ?1",
         [Q_DATA_DEL] = "DELETE FROM chunk_data WHERE id = ?1",
+        [Q_DATA_PIN] = "UPDATE chunk_data SET pushed = 1, stored_ms = ?2 WHERE id = ?1",
         [Q_FREE_ANY] = "SELECT 1 FROM chunk_free LIMIT 1",
         [Q_PACK_USED] = "SELECT 1 FROM chunk_data WHERE pack = ?1 LIMIT 1",
         [Q_PACK_END] = "SELECT id, off, len FROM chunk_data WHERE pack = ?1 ORDER BY off DESC"
@@ -920,8 +924,10 @@ static int sd_migrate_2_3(struct statedb *db, struct pb_error *err)
     rc = sd_exec(h, "CREATE TABLE chunk_data_v3 " SD_CHUNK_DATA_COLS, err);
     if (rc == 0 &&
         (sqlite3_prepare_v2(h, "SELECT id, data FROM chunk_data", -1, &sel, NULL) != SQLITE_OK ||
-         sqlite3_prepare_v2(h, "INSERT INTO chunk_data_v3 VALUES (?1, ?2, ?3, ?4, ?5)", -1, &ins,
-                            NULL) != SQLITE_OK))
+         sqlite3_prepare_v2(h,
+                            "INSERT INTO chunk_data_v3 (id, pack, off, len, stored_ms)"
+                            " VALUES (?1, ?2, ?3, ?4, ?5)",
+                            -1, &ins, NULL) != SQLITE_OK))
         rc = pb_error_set(err, -EIO, "state.db: migration: %s", sqlite3_errmsg(h));
     int step;
     while (rc == 0 && (step = sqlite3_step(sel)) == SQLITE_ROW) {
@@ -1752,11 +1758,27 @@ int statedb_chunk_copy(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], uin
 /* Inside a transaction: appends the bytes of chunk id to the current pack
  * and indexes them (nothing if they are here already). */
 static int sd_data_add(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], const void *data,
-                       uint32_t len)
+                       uint32_t len, bool pin)
 {
     int has = statedb_chunk_data_has(db, id);
-    if (has != 0)
-        return has < 0 ? has : 0;
+    if (has < 0)
+        return has;
+    if (has > 0 && !pin)
+        return 0;
+    if (has > 0) {
+        /* Already here, and somebody counts on this node holding them (a
+         * push acknowledged, a fetch): they outlive their row from now on
+         * (chunks_gone turns them into bytes without a row, collected by
+         * age), so a collection this node applies before the entry naming
+         * them cannot take them (D13). */
+        int e = 0;
+        sqlite3_stmt *st = sd_q(db, Q_DATA_PIN, &e);
+        if (st == NULL)
+            return e;
+        sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 2, (int64_t)pb_now_ms());
+        return sd_done(db, st, "keep chunk bytes");
+    }
     if (db->packs == NULL)
         return -EROFS;
     uint32_t pack;
@@ -1833,7 +1855,7 @@ static int sd_data_store(struct statedb *db, const struct statedb_chunk_in *in, 
         e = sd_local_begin(db);
     }
     for (size_t i = 0; i < n && e == 0; i++)
-        e = sd_data_add(db, in[i].id, in[i].data, in[i].len);
+        e = sd_data_add(db, in[i].id, in[i].data, in[i].len, durable);
     if (!own)
         return e;
     if (durable)
@@ -2643,7 +2665,7 @@ static int stage_record(struct statedb_install *in, const uint8_t *rec, size_t l
             if (EVP_Digest(bytes, clen, md, NULL, EVP_sha256(), NULL) != 1 ||
                 memcmp(md, q, STATEDB_ID_LEN) != 0)
                 return pb_error_set(err, -EBADMSG, "snapshot: chunk bytes do not match their id");
-            int e = sd_data_add(in->db, q, bytes, clen);
+            int e = sd_data_add(in->db, q, bytes, clen, false);
             if (e < 0)
                 return pb_error_set(err, e, "snapshot: %s", in->db->errmsg);
         }

@@ -257,7 +257,11 @@ struct statedb_chunk_in {
 /* Stores node-local bytes of n chunks, with or without a chunk row: bytes
  * without a row are "pushed" (kept until a row names them, or until
  * statedb_chunk_data_collect_unrowed() removes them). Chunks already here are
- * skipped. -EINVAL if a row exists with another length (nothing stored).
+ * not written again but kept: from then on their bytes outlive their row
+ * (a collection turns them into bytes without a row, removed by age from
+ * this call on), because the caller is about to tell a peer that this node
+ * holds them (D13: a lagging node must not acknowledge a push and then drop
+ * the bytes with an old row before the entry naming them applies). -EINVAL if a row exists with another length (nothing stored).
  * DURABLE when it returns 0 outside a transaction (bytes fdatasync'ed, then
  * the index committed with synchronous FULL: one fdatasync + one WAL fsync
  * per call); inside a statedb_begin() transaction they become durable with
