@@ -311,6 +311,13 @@ static void render_replica(struct metrics_writer *w, struct replica *r)
                   (double)m.dirs);
     metrics_gauge(w, "pickbox_tree_bytes", "Bytes of the files in the replicated tree.",
                   (double)m.bytes);
+    metrics_gauge(w, "pickbox_tree_chunks_missing",
+                  "Chunks the tree references whose bytes this node lacks (being fetched).",
+                  (double)m.chunks_missing);
+    metrics_gauge(w, "pickbox_tree_chunk_bytes_missing", "Bytes of those chunks.",
+                  (double)m.chunk_bytes_missing);
+    metrics_gauge(w, "pickbox_tree_writing", "Big files being written into the tree now.",
+                  (double)m.writing);
 }
 
 char *metrics_render(struct daemon *d, size_t *len)

@@ -1727,6 +1727,10 @@ void replica_metrics_get(struct replica *r, struct replica_metrics *m)
     m->files = s.files;
     m->dirs = s.dirs;
     m->bytes = s.bytes;
+    m->chunks_missing = s.missing;
+    m->chunk_bytes_missing = s.missing_bytes;
+    struct sm *sm = replica_sm(r);
+    m->writing = sm != NULL ? sm_writing(sm) : 0;
     m->conflicts = a.conflicts;
     m->pending = replica_pending(r); /* as status says: a big file being read counts */
     m->proposed = r->proposed;

@@ -51,6 +51,9 @@ void replica_status_fill(struct replica *r, json_t *obj);
 /* What `metrics` shows of the tree side (metrics.h). */
 struct replica_metrics {
     uint64_t files, dirs, bytes;      /* live in the manifest (state.db) */
+    uint64_t chunks_missing;          /* referenced chunks whose bytes this node lacks */
+    uint64_t chunk_bytes_missing;     /* their bytes */
+    uint64_t writing;                 /* big files being written in the background */
     uint64_t conflicts;               /* applied ops that made a conflict copy */
     uint64_t pending;                 /* own ops proposed or queued, not applied yet */
     uint64_t proposed, applied, lost; /* own ops: first proposals, applied, lost */

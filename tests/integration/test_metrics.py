@@ -160,7 +160,7 @@ def raw_http(port, data, timeout=15):
 
 
 with Harness("metrics") as h:
-    h.plan(19)
+    h.plan(20)
     mports = {}
 
     def start(name, join=None, secret=None):
@@ -206,7 +206,9 @@ with Harness("metrics") as h:
                      "pickbox_peer_received_bytes_total", "pickbox_chunks_sent_total",
                      "pickbox_chunks_deduplicated_total", "pickbox_conflicts_total",
                      "pickbox_watch_rescans_total", "pickbox_watch_overflows_total",
-                     "pickbox_watch_failures_total", "pickbox_tree_files", "pickbox_tree_bytes"}
+                     "pickbox_watch_failures_total", "pickbox_tree_files", "pickbox_tree_bytes",
+                     "pickbox_tree_chunks_missing", "pickbox_tree_chunk_bytes_missing",
+                     "pickbox_tree_writing"}
     h.ok(types_ctl == types_http and want_families <= set(types_ctl),
          "control and HTTP expose the same families, every one the issue asks for",
          "missing %r; ctl-only %r; http-only %r" % (
@@ -277,6 +279,13 @@ with Harness("metrics") as h:
          repr({n: (val(b[n], "pickbox_tree_files"), val(a[n], "pickbox_tree_files"),
                    val(b[n], "pickbox_tree_bytes"), val(a[n], "pickbox_tree_bytes"))
                for n in a}))
+    h.ok(all(val(a[n], "pickbox_tree_chunks_missing") == 0 and
+             val(a[n], "pickbox_tree_chunk_bytes_missing") == 0 and
+             val(a[n], "pickbox_tree_writing") == 0 for n in a),
+         "no chunk missing and no big file being written anywhere once the trees agree",
+         repr({n: [val(a[n], k) for k in ("pickbox_tree_chunks_missing",
+                                          "pickbox_tree_chunk_bytes_missing",
+                                          "pickbox_tree_writing")] for n in a}))
     w = writer.node_id
     h.ok(grew("pickbox_proposals_total", w, 5) and
          grew("pickbox_proposals_applied_total", w, 5) and
