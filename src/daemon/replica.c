@@ -1145,7 +1145,12 @@ static void obs_after(void *arg, const struct raft_entry *e, const struct fsm_ap
         if (q->seq < p->seq) {
             r->lost++;
             prop_unlink(r, q);
-            if (q->path)
+            if (q->type == FSM_OP_RENAME && q->has_st && q->st.kind == FSM_KIND_DIR)
+                /* a directory moved in our tree and not in the index: what
+                 * it holds is as new as the directory itself (as after a
+                 * rename whose source was gone, below) */
+                watch_rescan(r->w, q->path);
+            else if (q->path)
                 mark_dirty(r, q->path, false);
             if (q->from)
                 mark_dirty(r, q->from, false);
