@@ -1825,6 +1825,13 @@ static int sd_chunk_len(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], ui
  * a single put (a power loss may drop it, and it is fetched again). Either
  * way the pack is fdatasync'ed before the commit.
  */
+static void (*sd_before_data_commit)(void);
+
+void statedb_test_before_data_commit(void (*fn)(void))
+{
+    sd_before_data_commit = fn;
+}
+
 static int sd_data_store(struct statedb *db, const struct statedb_chunk_in *in, size_t n,
                          bool durable)
 {
@@ -1858,6 +1865,8 @@ static int sd_data_store(struct statedb *db, const struct statedb_chunk_in *in, 
         e = sd_data_add(db, in[i].id, in[i].data, in[i].len, durable);
     if (!own)
         return e;
+    if (durable && e == 0 && sd_before_data_commit != NULL)
+        sd_before_data_commit();
     if (durable)
         return e < 0 ? (statedb_rollback(db), e) : statedb_commit(db);
     if (e < 0) {
