@@ -18,6 +18,13 @@ the push from 4 MiB on), the moment read from the status counters
    while its push is in flight: every tree ends with the second version,
    and no sample of any receiver's file (taken all along) is anything but
    absent, the first version or the second one.
+1b. kill -9 of the writer once its REFS entries and PUT are queued (the file
+   rewritten over case 1's); 2b. a receiver that SIGKILLs itself
+   (PICKBOX_TEST_PUSH_CRASH) between appending a pushed frame to its pack
+   and committing its index: restarted, it cuts the pack's tail; 3b. kill -9
+   of the leader once REFS and the PUT are queued; 4b. the file replaced once
+   REFS of the first version are queued; 6. all three nodes killed mid-push
+   at once and restarted.
 5. After each case `pickboxctl sync` returns, every node's
    tree.chunks_missing is 0 and there is no conflict; at the end all three
    nodes are killed (-9) and restarted: their packs reopen over crashed
@@ -69,6 +76,48 @@ def sha(path):
     except OSError:
         return None
     return h.hexdigest()
+
+
+def tree_sums(d):
+    """{relative path: SHA-256 of a file, "dir" or "link:target"} of d's tree
+    (without .pickbox and the daemon's temporary files); None while an entry
+    vanishes under the walk."""
+    out = {}
+    root = d.data_dir
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        if rel_dir == ".":
+            rel_dir = ""
+            if ".pickbox" in dirnames:
+                dirnames.remove(".pickbox")
+        for name in dirnames:
+            out[os.path.join(rel_dir, name)] = "dir"
+        for name in filenames:
+            if name.startswith(".pickbox.tmp."):
+                continue
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                out[os.path.join(rel_dir, name)] = "link:" + os.readlink(p)
+                continue
+            s = sha(p)
+            if s is None:
+                return None
+            out[os.path.join(rel_dir, name)] = s
+    return out
+
+
+def same_trees(nodes):
+    sums = [tree_sums(d) for d in nodes]
+    if any(s is None for s in sums) or any(s != sums[0] for s in sums[1:]):
+        return None
+    return sums[0]
+
+
+def sums_diff(nodes):
+    sums = [tree_sums(d) or {} for d in nodes]
+    keys = sorted(set().union(*sums))
+    return "\n".join("%s: %r" % (k, [s.get(k) for s in sums]) for k in keys
+                     if any(s.get(k) != sums[0].get(k) for s in sums))
 
 
 def has_file(nodes, rel, digest):
@@ -139,21 +188,17 @@ def converge(h, nodes, rel, digest, what):
     try:
         wait_until(lambda: has_file(nodes, rel, digest), 90, interval=0.3,
                    what="%s on every node" % rel)
-        th.wait_converged(nodes, 30)
+        wait_until(lambda: same_trees(nodes), 30, interval=0.2, what="identical trees")
         h.ok(True, what)
         return True
     except HarnessError as e:
-        diff = ""
-        try:
-            diff = th.tree_diff(nodes)
-        except th.TreeChanging:
-            pass
-        h.ok(False, what, "%s\n%s\n%r" % (e, diff, [th.status(d).get("tree") for d in nodes]))
+        h.ok(False, what, "%s\n%s\n%r" % (e, sums_diff(nodes),
+                                            [th.status(d).get("tree") for d in nodes]))
         return False
 
 
 with Harness("tree-push-crash") as h:
-    h.plan(23)
+    h.plan(31)
     nodes = th.start_cluster(h, 3, timing=th.DEFAULT_TIMING, env=ENV)
     leader = leader_of(nodes)
     writer = next(d for d in nodes if d is not leader)
@@ -257,6 +302,22 @@ with Harness("tree-push-crash") as h:
     converge(h, nodes, "c3.bin", digest3, "case 3: the old leader, restarted, has the file")
     settled(h, nodes, "case 3")
 
+    # 3b. kill -9 of the leader once the writer queued REFS and the PUT:
+    # proposed again to the next leader, applied once (sessions)
+    leader = leader_of(nodes)
+    writer = next(d for d in nodes if d is not leader)
+    src, digest3b = make_file(writer, "c3b.part", SIZE)
+    pushed0 = counter(writer, "tree", "pushed_files")
+    os.rename(src, os.path.join(writer.data_dir, "c3b.bin"))
+    catch(writer, "tree", "pushed_files", pushed0, "the REFS entries queued")
+    leader.kill9()
+    live = [d for d in nodes if d is not leader]
+    converge(h, live, "c3b.bin", digest3b,
+             "case 3b: leader killed once REFS was queued: the file reached the live nodes")
+    restart(leader)
+    converge(h, nodes, "c3b.bin", digest3b, "case 3b: the old leader, restarted, has the file")
+    settled(h, nodes, "case 3b")
+
     # 4. the file replaced while its push is in flight
     leader = leader_of(nodes)
     writer = next(d for d in nodes if d is not leader)
@@ -292,19 +353,64 @@ with Harness("tree-push-crash") as h:
          "case 4: %d samples of the receivers' file, none torn" % samples[0], repr(torn[:5]))
     settled(h, nodes, "case 4")
 
+    # 4b. replaced once REFS and the PUT of the first version are queued
+    leader = leader_of(nodes)
+    writer = next(d for d in nodes if d is not leader)
+    src1, digest5a = make_file(writer, "c5a.part", SIZE)
+    src2, digest5b = make_file(writer, "c5b.part", SIZE // 2 + 4321)
+    rel = "c4.bin"
+    allowed = {None, digest4b, digest5a, digest5b}
+    torn.clear()
+    samples[0] = 0
+    stop.clear()
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        pushed0 = counter(writer, "tree", "pushed_files")
+        os.rename(src1, os.path.join(writer.data_dir, rel))
+        catch(writer, "tree", "pushed_files", pushed0, "the REFS entries queued")
+        os.rename(src2, os.path.join(writer.data_dir, rel))
+        converge(h, nodes, rel, digest5b,
+                 "case 4b: replaced once REFS was queued, every tree ends with the last version")
+    finally:
+        stop.set()
+        t.join(30)
+    h.ok(not torn and samples[0] > 0,
+         "case 4b: %d samples of the receivers' file, none torn" % samples[0], repr(torn[:5]))
+    settled(h, nodes, "case 4b")
+
+    # 6. every node killed mid-push at once, restarted
+    leader = leader_of(nodes)
+    writer = next(d for d in nodes if d is not leader)
+    src, digest6 = make_file(writer, "c6.part", SIZE)
+    recv0 = counter(leader, "chunk_push", "received_frames")
+    os.rename(src, os.path.join(writer.data_dir, "c6.bin"))
+    catch(leader, "chunk_push", "received_frames", recv0, "a PUSH frame stored by the leader")
+    for d in nodes:
+        d.kill9()
+    for d in nodes:
+        d.restart(timeout=30)
+    h.wait_formed(nodes, 60)
+    converge(h, nodes, "c6.bin", digest6,
+             "case 6: all three killed mid-push and restarted: the file is on every tree")
+    settled(h, nodes, "case 6")
+
     # 5. every node killed and restarted: packs reopen over crashed state
-    want = {"c1.bin": digest1, "c2.bin": digest2, "c3.bin": digest3, "c4.bin": digest4b}
-    before = th.snapshot_tree(nodes[0].data_dir)
+    want = {"c1.bin": digest1, "c2.bin": digest2, "c2b.bin": digest2b, "c3.bin": digest3,
+            "c3b.bin": digest3b, "c4.bin": digest5b, "c6.bin": digest6}
+    before = wait_until(lambda: same_trees(nodes), 30, interval=0.2, what="identical trees")
     for d in nodes:
         d.kill9()
     for d in nodes:
         d.restart(timeout=30)
     h.wait_formed(nodes, 60)
     try:
-        th.wait_converged(nodes, 30, pred=lambda t: t == before)
-        h.ok(all(has_file(nodes, k, v) for k, v in want.items()),
-             "all killed and restarted: the trees are identical and unchanged")
+        wait_until(lambda: same_trees(nodes) == before, 30, interval=0.2,
+                   what="the trees as they were")
+        h.ok(all(before.get(k) == v for k, v in want.items()),
+             "all killed and restarted: the trees are identical and unchanged",
+             "%r\n%r" % (before, want))
     except HarnessError as e:
         h.ok(False, "all killed and restarted: the trees are identical and unchanged",
-             "%s\n%s" % (e, th.tree_diff(nodes)))
+             "%s\n%s" % (e, sums_diff(nodes)))
     settled(h, nodes, "after the restart of all")
