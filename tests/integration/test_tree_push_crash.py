@@ -198,7 +198,7 @@ def converge(h, nodes, rel, digest, what):
 
 
 with Harness("tree-push-crash") as h:
-    h.plan(31)
+    h.plan(36)
     nodes = th.start_cluster(h, 3, timing=th.DEFAULT_TIMING, env=ENV)
     leader = leader_of(nodes)
     writer = next(d for d in nodes if d is not leader)
@@ -280,6 +280,27 @@ with Harness("tree-push-crash") as h:
     h.ok(re.search(r"cut \d+ bytes never committed off chunk pack", other.log_text()[log_at:]),
          "case 2b: at open, the pack's tail that was never committed was cut")
     settled(h, nodes, "case 2b")
+
+    # 2c. a receiver killed mid-push, restarted, killed again while it
+    # fetches what it lacks, restarted
+    leader = leader_of(nodes)
+    writer = next(d for d in nodes if d is not leader)
+    other = next(d for d in nodes if d not in (leader, writer))
+    src, digest2c = make_file(writer, "c2c.part", SIZE)
+    recv0 = counter(other, "chunk_push", "received_frames")
+    os.rename(src, os.path.join(writer.data_dir, "c2c.bin"))
+    catch(other, "chunk_push", "received_frames", recv0, "a PUSH frame stored by the receiver")
+    other.kill9()
+    converge(h, [leader, writer], "c2c.bin", digest2c, "case 2c: the file reached the live nodes")
+    restart(other)
+    st = catch(other, "tree", "fetched_chunks", 0, "the receiver to fetch")
+    other.kill9()
+    h.diag("case 2c: %s killed after fetching %d chunks" % (other.node_id,
+                                                          st["tree"]["fetched_chunks"]))
+    restart(other)
+    converge(h, nodes, "c2c.bin", digest2c,
+             "case 2c: killed while fetching and restarted, the receiver has the file")
+    settled(h, nodes, "case 2c")
 
     # 3. kill -9 of the leader mid-push (the writer a follower)
     leader = leader_of(nodes)
@@ -379,6 +400,23 @@ with Harness("tree-push-crash") as h:
          "case 4b: %d samples of the receivers' file, none torn" % samples[0], repr(torn[:5]))
     settled(h, nodes, "case 4b")
 
+    # 4c. rewritten in place (same inode, same size) mid-push
+    leader = leader_of(nodes)
+    writer = next(d for d in nodes if d is not leader)
+    src, digest7a = make_file(writer, "c7a.part", SIZE)
+    v2 = os.urandom(SIZE)
+    digest7b = hashlib.sha256(v2).hexdigest()
+    acked0 = counter(writer, "chunk_push", "acked_frames")
+    os.rename(src, os.path.join(writer.data_dir, "c7.bin"))
+    catch(writer, "chunk_push", "acked_frames", acked0, "a PUSH frame acknowledged")
+    with open(os.path.join(writer.data_dir, "c7.bin"), "r+b") as f:
+        for off in range(0, SIZE, 4 * MIB):
+            f.write(v2[off:off + 4 * MIB])
+    del v2
+    converge(h, nodes, "c7.bin", digest7b,
+             "case 4c: rewritten in place mid-push, every tree ends with the second version")
+    settled(h, nodes, "case 4c")
+
     # 6. every node killed mid-push at once, restarted
     leader = leader_of(nodes)
     writer = next(d for d in nodes if d is not leader)
@@ -397,7 +435,8 @@ with Harness("tree-push-crash") as h:
 
     # 5. every node killed and restarted: packs reopen over crashed state
     want = {"c1.bin": digest1, "c2.bin": digest2, "c2b.bin": digest2b, "c3.bin": digest3,
-            "c3b.bin": digest3b, "c4.bin": digest5b, "c6.bin": digest6}
+            "c3b.bin": digest3b, "c4.bin": digest5b, "c6.bin": digest6, "c2c.bin": digest2c,
+            "c7.bin": digest7b}
     before = wait_until(lambda: same_trees(nodes), 30, interval=0.2, what="identical trees")
     for d in nodes:
         d.kill9()
