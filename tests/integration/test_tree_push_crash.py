@@ -24,7 +24,9 @@ the push from 4 MiB on), the moment read from the status counters
    and committing its index: restarted, it cuts the pack's tail; 3b. kill -9
    of the leader once REFS and the PUT are queued; 4b. the file replaced once
    REFS of the first version are queued; 6. all three nodes killed mid-push
-   at once and restarted.
+   at once and restarted; 1c. the writer is the leader, killed mid-push;
+   2c. a receiver killed mid-push, then again while it fetches; 4c. the file
+   rewritten in place (same inode and size) mid-push.
 5. After each case `pickboxctl sync` returns, every node's
    tree.chunks_missing is 0 and there is no conflict; at the end all three
    nodes are killed (-9) and restarted: their packs reopen over crashed
@@ -198,7 +200,7 @@ def converge(h, nodes, rel, digest, what):
 
 
 with Harness("tree-push-crash") as h:
-    h.plan(36)
+    h.plan(39)
     nodes = th.start_cluster(h, 3, timing=th.DEFAULT_TIMING, env=ENV)
     leader = leader_of(nodes)
     writer = next(d for d in nodes if d is not leader)
@@ -234,6 +236,22 @@ with Harness("tree-push-crash") as h:
              "case 1b: killed once REFS was queued, restarted: the new c1.bin is on all three "
              "trees")
     settled(h, nodes, "case 1b")
+
+    # 1c. kill -9 of a writer that is the leader, mid-push
+    writer = leader_of(nodes)
+    src, digest1c = make_file(writer, "c1c.part", SIZE)
+    acked0 = counter(writer, "chunk_push", "acked_frames")
+    pushed0 = counter(writer, "tree", "pushed_files")
+    os.rename(src, os.path.join(writer.data_dir, "c1c.bin"))
+    st = catch(writer, "chunk_push", "acked_frames", acked0, "a PUSH frame acknowledged")
+    writer.kill9()
+    h.ok(st.get("tree", {}).get("pushed_files", 0) == pushed0,
+         "case 1c: writer and leader %s killed mid-push" % writer.node_id,
+         repr(st.get("chunk_push")))
+    restart(writer)
+    converge(h, nodes, "c1c.bin", digest1c,
+             "case 1c: restarted, the leader's file reached all three trees")
+    settled(h, nodes, "case 1c")
 
     # 2. kill -9 of a receiver (the other follower) mid-push
     leader = leader_of(nodes)
@@ -436,7 +454,7 @@ with Harness("tree-push-crash") as h:
     # 5. every node killed and restarted: packs reopen over crashed state
     want = {"c1.bin": digest1, "c2.bin": digest2, "c2b.bin": digest2b, "c3.bin": digest3,
             "c3b.bin": digest3b, "c4.bin": digest5b, "c6.bin": digest6, "c2c.bin": digest2c,
-            "c7.bin": digest7b}
+            "c7.bin": digest7b, "c1c.bin": digest1c}
     before = wait_until(lambda: same_trees(nodes), 30, interval=0.2, what="identical trees")
     for d in nodes:
         d.kill9()
