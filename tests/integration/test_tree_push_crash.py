@@ -178,6 +178,14 @@ def settled(h, nodes, what):
                    what="chunks_missing == 0 everywhere")
     except HarnessError as e:
         problems.append("%s: %r" % (e, [th.status(d).get("tree") for d in nodes]))
+    for d in nodes:
+        st = th.status(d)
+        t = st.get("tree", {})
+        if st.get("storage_error") or t.get("tree_error"):
+            problems.append("%s: storage_error %r, tree_error %r" % (
+                d.node_id, st.get("storage_error"), t.get("tree_error")))
+        if t.get("last_error"):
+            h.diag("%s: %s: last_error %r" % (what, d.node_id, t.get("last_error")))
     conf = [th.status(d).get("tree", {}).get("conflicts") for d in nodes]
     copies = conflict_copies(nodes)
     if any(c != 0 for c in conf) or copies:
