@@ -163,6 +163,19 @@ def leader_of(nodes):
     return wait_until(one, 30, interval=0.05, what="one leader among the live nodes")
 
 
+def ready(nodes):
+    """Waits until every node reaches every other one (a push goes only to
+    the peers linked at its start) and they agree on a leader; returns it."""
+    def linked():
+        for d in nodes:
+            ms = th.status(d).get("members") or []
+            if len(ms) != len(nodes) or not all(m.get("reachable") for m in ms):
+                return False
+        return True
+    wait_until(linked, 30, interval=0.05, what="every node linked to every other")
+    return leader_of(nodes)
+
+
 def settled(h, nodes, what):
     """Case 5's checks after a case: sync returns on every node, no chunk
     missing, no conflict. One TAP line."""
@@ -208,9 +221,9 @@ def converge(h, nodes, rel, digest, what):
 
 
 with Harness("tree-push-crash") as h:
-    h.plan(39)
+    h.plan(40)
     nodes = th.start_cluster(h, 3, timing=th.DEFAULT_TIMING, env=ENV)
-    leader = leader_of(nodes)
+    leader = ready(nodes)
     writer = next(d for d in nodes if d is not leader)
     other = next(d for d in nodes if d not in (leader, writer))
 
@@ -232,7 +245,7 @@ with Harness("tree-push-crash") as h:
     # 1b. kill -9 of the writer once its REFS entries and PUT are queued
     # (committed or not): restarted, it finds its own file with no record
     # or with the PUT applying over it; it rewrites the same file (over c1)
-    leader = leader_of(nodes)
+    leader = ready(nodes)
     writer = next(d for d in nodes if d is not leader)
     src, digest1 = make_file(writer, "c1b.part", SIZE)
     pushed0 = counter(writer, "tree", "pushed_files")
@@ -246,7 +259,7 @@ with Harness("tree-push-crash") as h:
     settled(h, nodes, "case 1b")
 
     # 1c. kill -9 of a writer that is the leader, mid-push
-    writer = leader_of(nodes)
+    writer = ready(nodes)
     src, digest1c = make_file(writer, "c1c.part", SIZE)
     acked0 = counter(writer, "chunk_push", "acked_frames")
     pushed0 = counter(writer, "tree", "pushed_files")
@@ -262,7 +275,7 @@ with Harness("tree-push-crash") as h:
     settled(h, nodes, "case 1c")
 
     # 2. kill -9 of a receiver (the other follower) mid-push
-    leader = leader_of(nodes)
+    leader = ready(nodes)
     writer = next(d for d in nodes if d is not leader)
     other = next(d for d in nodes if d not in (leader, writer))
     src, digest2 = make_file(writer, "c2.part", SIZE)
@@ -281,13 +294,13 @@ with Harness("tree-push-crash") as h:
     # 2b. a receiver dies (PICKBOX_TEST_PUSH_CRASH=2: SIGKILL by itself)
     # with a PUSH frame's bytes appended to its pack and their index not
     # committed; restarted, it cuts that tail off the pack and fetches
-    leader = leader_of(nodes)
+    leader = ready(nodes)
     other = next(d for d in nodes if d is not leader)
     h.eq(other.stop(timeout=30), 0, "case 2b: %s stops" % other.node_id)
     other.env = dict(ENV, PICKBOX_TEST_PUSH_CRASH="2")
     restart(other)
     h.wait_formed(nodes, 60)
-    leader = leader_of(nodes)
+    leader = ready(nodes)
     writer = next(d for d in nodes if d is not leader and d is not other)
     src, digest2b = make_file(writer, "c2b.part", SIZE)
     os.rename(src, os.path.join(writer.data_dir, "c2b.bin"))
@@ -309,7 +322,7 @@ with Harness("tree-push-crash") as h:
 
     # 2c. a receiver killed mid-push, restarted, killed again while it
     # fetches what it lacks, restarted
-    leader = leader_of(nodes)
+    leader = ready(nodes)
     writer = next(d for d in nodes if d is not leader)
     other = next(d for d in nodes if d not in (leader, writer))
     src, digest2c = make_file(writer, "c2c.part", SIZE)
@@ -329,7 +342,7 @@ with Harness("tree-push-crash") as h:
     settled(h, nodes, "case 2c")
 
     # 3. kill -9 of the leader mid-push (the writer a follower)
-    leader = leader_of(nodes)
+    leader = ready(nodes)
     writer = next(d for d in nodes if d is not leader)
     other = next(d for d in nodes if d not in (leader, writer))
     src, digest3 = make_file(writer, "c3.part", SIZE)
@@ -351,7 +364,7 @@ with Harness("tree-push-crash") as h:
 
     # 3b. kill -9 of the leader once the writer queued REFS and the PUT:
     # proposed again to the next leader, applied once (sessions)
-    leader = leader_of(nodes)
+    leader = ready(nodes)
     writer = next(d for d in nodes if d is not leader)
     src, digest3b = make_file(writer, "c3b.part", SIZE)
     pushed0 = counter(writer, "tree", "pushed_files")
@@ -366,7 +379,7 @@ with Harness("tree-push-crash") as h:
     settled(h, nodes, "case 3b")
 
     # 4. the file replaced while its push is in flight
-    leader = leader_of(nodes)
+    leader = ready(nodes)
     writer = next(d for d in nodes if d is not leader)
     src1, digest4a = make_file(writer, "c4a.part", SIZE)
     src2, digest4b = make_file(writer, "c4b.part", SIZE - 3 * MIB - 12345)
@@ -401,7 +414,7 @@ with Harness("tree-push-crash") as h:
     settled(h, nodes, "case 4")
 
     # 4b. replaced once REFS and the PUT of the first version are queued
-    leader = leader_of(nodes)
+    leader = ready(nodes)
     writer = next(d for d in nodes if d is not leader)
     src1, digest5a = make_file(writer, "c5a.part", SIZE)
     src2, digest5b = make_file(writer, "c5b.part", SIZE // 2 + 4321)
@@ -427,7 +440,7 @@ with Harness("tree-push-crash") as h:
     settled(h, nodes, "case 4b")
 
     # 4c. rewritten in place (same inode, same size) mid-push
-    leader = leader_of(nodes)
+    leader = ready(nodes)
     writer = next(d for d in nodes if d is not leader)
     src, digest7a = make_file(writer, "c7a.part", SIZE)
     v2 = os.urandom(SIZE)
@@ -444,7 +457,7 @@ with Harness("tree-push-crash") as h:
     settled(h, nodes, "case 4c")
 
     # 6. every node killed mid-push at once, restarted
-    leader = leader_of(nodes)
+    leader = ready(nodes)
     writer = next(d for d in nodes if d is not leader)
     src, digest6 = make_file(writer, "c6.part", SIZE)
     recv0 = counter(leader, "chunk_push", "received_frames")
@@ -479,3 +492,10 @@ with Harness("tree-push-crash") as h:
         h.ok(False, "all killed and restarted: the trees are identical and unchanged",
              "%s\n%s" % (e, sums_diff(nodes)))
     settled(h, nodes, "after the restart of all")
+    codes = []
+    for d in nodes:
+        try:
+            codes.append(d.stop(timeout=60))
+        except HarnessError as e:
+            codes.append(str(e))
+    h.eq(codes, [0, 0, 0], "every node stops cleanly (exit 0; under the sanitizers, no leak)")
