@@ -2,35 +2,39 @@
 """Crashes during a big file's chunk push (doc/decisions.md D13 push half,
 D14), with real processes: three nodes, 32 MiB files (big files go through
 the push from 4 MiB on), the moment read from the status counters
-(chunk_push: frames acknowledged by the receivers, or stored by one).
+(chunk_push: frames acknowledged by the receivers, or stored by one;
+tree.pushed_files: REFS and the PUT queued).
 
-1. kill -9 of the WRITER (a follower) after some PUSH frames were
-   acknowledged and before its REFS entries were queued; restarted, it
-   proposes the file again (still complete in its tree) over its own bytes
-   without a row: the file ends identical on every tree, no conflict copy.
-2. kill -9 of a RECEIVER (the other follower) once it stored a PUSH frame;
-   the file reaches the two live nodes, and the receiver, restarted,
-   fetches what it lacks.
-3. kill -9 of the LEADER (the writer a follower) once it stored a PUSH
-   frame: a new leader, the file reaches the live nodes, and the old
-   leader, restarted, gets it too.
-4. The writer replaces the file (a rename over it, as a finished download)
-   while its push is in flight: every tree ends with the second version,
-   and no sample of any receiver's file (taken all along) is anything but
-   absent, the first version or the second one.
-1b. kill -9 of the writer once its REFS entries and PUT are queued (the file
-   rewritten over case 1's); 2b. a receiver that SIGKILLs itself
-   (PICKBOX_TEST_PUSH_CRASH) between appending a pushed frame to its pack
-   and committing its index: restarted, it cuts the pack's tail; 3b. kill -9
-   of the leader once REFS and the PUT are queued; 4b. the file replaced once
-   REFS of the first version are queued; 6. all three nodes killed mid-push
-   at once and restarted; 1c. the writer is the leader, killed mid-push;
-   2c. a receiver killed mid-push, then again while it fetches; 4c. the file
-   rewritten in place (same inode and size) mid-push.
-5. After each case `pickboxctl sync` returns, every node's
-   tree.chunks_missing is 0 and there is no conflict; at the end all three
-   nodes are killed (-9) and restarted: their packs reopen over crashed
-   state, the trees stay identical and no chunk is missing.
+1.  kill -9 of the WRITER (a follower) after some PUSH frames were
+    acknowledged and before its REFS entries were queued; restarted, it
+    proposes the file again (still complete in its tree) over its own bytes
+    without a row: the file ends identical on every tree, no conflict copy.
+1b. The same once REFS and the PUT are queued (committed or not), the file
+    rewritten over case 1's.
+1c. The writer is the leader, killed mid-push.
+2.  kill -9 of a RECEIVER (the other follower) once it stored a PUSH frame;
+    the file reaches the two live nodes, and the receiver, restarted,
+    fetches what it lacks.
+2b. A receiver that SIGKILLs itself (PICKBOX_TEST_PUSH_CRASH) between
+    appending a pushed frame to its pack and committing the frame's index:
+    restarted, it cuts that tail off the pack (logged) and fetches.
+2c. A receiver killed mid-push, restarted, killed again while it fetches.
+3.  kill -9 of the LEADER (the writer a follower) once it stored a PUSH
+    frame: a new leader, the file reaches the live nodes, and the old
+    leader, restarted, gets it too.
+3b. The leader killed once the writer queued REFS and the PUT.
+4.  The writer replaces the file (a rename over it, as a finished download)
+    while its push is in flight: every tree ends with the second version,
+    and no sample of any receiver's file (taken all along) is anything but
+    absent, the first version or the second one.
+4b. The same once REFS and the PUT of the first version are queued.
+4c. The file rewritten in place (same inode, same size) mid-push.
+6.  All three nodes killed at once mid-push, restarted.
+5.  After each case `pickboxctl sync` returns on every node, every node's
+    tree.chunks_missing is 0, no storage or tree error, no conflict. At the
+    end all three nodes are killed (-9) and restarted: their packs reopen
+    over crashed state, the trees stay identical (SHA-256 of every file),
+    and every node then stops cleanly (exit 0: no leak under ASan).
 """
 
 import hashlib
@@ -39,7 +43,6 @@ import re
 import signal
 import sys
 import threading
-import time
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
