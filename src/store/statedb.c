@@ -1817,6 +1817,14 @@ static int sd_chunk_len(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], ui
     return e;
 }
 
+/* statedb_test_before_data_commit(): tests of crashes only. */
+static void (*sd_before_data_commit)(void);
+
+void statedb_test_before_data_commit(void (*fn)(void))
+{
+    sd_before_data_commit = fn;
+}
+
 /*
  * statedb_chunk_data_put/_put_many: every chunk checked first (length
  * bound, a row of the same length if there is a row), so -EINVAL stores
@@ -1825,13 +1833,6 @@ static int sd_chunk_len(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], ui
  * a single put (a power loss may drop it, and it is fetched again). Either
  * way the pack is fdatasync'ed before the commit.
  */
-static void (*sd_before_data_commit)(void);
-
-void statedb_test_before_data_commit(void (*fn)(void))
-{
-    sd_before_data_commit = fn;
-}
-
 static int sd_data_store(struct statedb *db, const struct statedb_chunk_in *in, size_t n,
                          bool durable)
 {
