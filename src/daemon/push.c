@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -49,6 +50,7 @@ struct push {
     struct push_stats st;
     void (*obs)(void *arg);
     void *obs_arg;
+    uint64_t crash_at; /* tests (PICKBOX_TEST_PUSH_CRASH): see push_on_push */
 };
 
 static void push_notify(struct push *p)
@@ -67,6 +69,9 @@ struct push *push_new(const struct push_ops *ops)
 {
     struct push *p = pb_xcalloc(1, sizeof(*p));
     p->ops = *ops;
+    const char *crash = getenv("PICKBOX_TEST_PUSH_CRASH");
+    if (crash != NULL && pb_parse_u64(crash, 1, UINT32_MAX, &p->crash_at) < 0)
+        p->crash_at = 0;
     return p;
 }
 
@@ -356,6 +361,28 @@ int push_decode(const uint8_t *data, size_t len, uint64_t *id, uint32_t *batch,
     return 0;
 }
 
+/* PICKBOX_TEST_PUSH_CRASH=N: the N-th PUSH this process stores kills it
+ * once its bytes are in the pack and before their index commits (the state
+ * a kill -9 or a power cut leaves at that moment: a pack tail never
+ * committed, cut at the next open). */
+static void push_crash_now(void)
+{
+    log_notice("push: PICKBOX_TEST_PUSH_CRASH: killed before the index of pushed bytes commits");
+    raise(SIGKILL);
+}
+
+static int store_pushed(struct push *p, struct statedb *db, const struct statedb_chunk_in *in,
+                        size_t n)
+{
+    bool crash = p->crash_at != 0 && p->st.received_frames + 1 == p->crash_at;
+    if (crash)
+        statedb_test_before_data_commit(push_crash_now);
+    int rc = statedb_chunk_data_put_many(db, in, n);
+    if (crash)
+        statedb_test_before_data_commit(NULL);
+    return rc;
+}
+
 static void send_ack(struct push *p, uint64_t to, uint64_t id, uint32_t batch, uint8_t status)
 {
     uint8_t a[PUSH_ACK_LEN];
@@ -393,7 +420,7 @@ size_t push_on_push(struct push *p, struct statedb *db, uint64_t from, const uin
     } else if (db == NULL) {
         p->st.failed_frames++;
         status = PUSH_FAILED;
-    } else if ((rc = statedb_chunk_data_put_many(db, in, n)) < 0) {
+    } else if ((rc = store_pushed(p, db, in, n)) < 0) {
         p->st.failed_frames++;
         status = PUSH_FAILED;
         log_warning("push: cannot store %zu pushed chunks: %s", n, statedb_errmsg(db));

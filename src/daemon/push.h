@@ -28,6 +28,10 @@
  * whose link goes down, whose queue is full, that rejects a batch or does not
  * acknowledge within PUSH_ACK_TIMEOUT_MS leaves the push (it fetches later).
  *
+ * Tests: PICKBOX_TEST_PUSH_CRASH=N makes the N-th PUSH this process stores
+ * kill it (SIGKILL) once the bytes are in its pack and before their index
+ * commits (tests/integration/test_tree_push_crash.py).
+ *
  * Threading: the event loop's thread only.
  */
 #ifndef PICKBOX_DAEMON_PUSH_H

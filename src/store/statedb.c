@@ -1817,6 +1817,14 @@ static int sd_chunk_len(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], ui
     return e;
 }
 
+/* statedb_test_before_data_commit(): tests of crashes only. */
+static void (*sd_before_data_commit)(void);
+
+void statedb_test_before_data_commit(void (*fn)(void))
+{
+    sd_before_data_commit = fn;
+}
+
 /*
  * statedb_chunk_data_put/_put_many: every chunk checked first (length
  * bound, a row of the same length if there is a row), so -EINVAL stores
@@ -1858,6 +1866,8 @@ static int sd_data_store(struct statedb *db, const struct statedb_chunk_in *in, 
         e = sd_data_add(db, in[i].id, in[i].data, in[i].len, durable);
     if (!own)
         return e;
+    if (durable && e == 0 && sd_before_data_commit != NULL)
+        sd_before_data_commit();
     if (durable)
         return e < 0 ? (statedb_rollback(db), e) : statedb_commit(db);
     if (e < 0) {

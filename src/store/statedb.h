@@ -267,6 +267,10 @@ struct statedb_chunk_in {
  * per call); inside a statedb_begin() transaction they become durable with
  * its statedb_commit(). Writer handle only (-EROFS on a reader). */
 int statedb_chunk_data_put_many(struct statedb *db, const struct statedb_chunk_in *in, size_t n);
+/* Tests of crashes: fn() (process-wide; NULL: none) is called by
+ * statedb_chunk_data_put_many() outside a transaction once the bytes are
+ * appended to the pack and before their index commits. */
+void statedb_test_before_data_commit(void (*fn)(void));
 /* Removes the bytes of chunks that have no row and were stored more than
  * max_age_ms before now_ms; *n (may be NULL) gets how many. now_ms is
  * pb_now_ms() (the clock the bytes' store time was taken from; a store time
