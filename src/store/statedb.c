@@ -1800,20 +1800,32 @@ static int sd_data_add(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], con
     return sd_done(db, st, "index chunk bytes");
 }
 
-/* The length of chunk id's row: 0 and *len, -ENOENT (no row), -errno. */
-static int sd_chunk_len(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], uint32_t *len)
+/* One integer column of chunk id's row by query q (what: for the error):
+ * 0 and *v, -ENOENT (no row), -errno. */
+static int sd_chunk_int(struct statedb *db, int q, const uint8_t id[STATEDB_ID_LEN], uint64_t *v,
+                        const char *what)
 {
     int e = 0;
-    sqlite3_stmt *st = sd_q(db, Q_CHUNK_LEN, &e);
+    sqlite3_stmt *st = sd_q(db, q, &e);
     if (st == NULL)
         return e;
     sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
     int rc = sqlite3_step(st);
     if (rc == SQLITE_ROW)
-        *len = (uint32_t)sqlite3_column_int64(st, 0);
+        *v = (uint64_t)sqlite3_column_int64(st, 0);
     else
-        e = rc == SQLITE_DONE ? -ENOENT : sd_fail(db, rc, "chunk row lookup");
+        e = rc == SQLITE_DONE ? -ENOENT : sd_fail(db, rc, what);
     sqlite3_reset(st);
+    return e;
+}
+
+/* The length of chunk id's row: 0 and *len, -ENOENT (no row), -errno. */
+static int sd_chunk_len(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], uint32_t *len)
+{
+    uint64_t v = 0;
+    int e = sd_chunk_int(db, Q_CHUNK_LEN, id, &v, "chunk row lookup");
+    if (e == 0)
+        *len = (uint32_t)v;
     return e;
 }
 
@@ -2048,18 +2060,7 @@ int statedb_chunk_collect(struct statedb *db, uint64_t index, uint64_t *n)
 
 int statedb_chunk_refs(struct statedb *db, const uint8_t id[STATEDB_ID_LEN], uint64_t *refs)
 {
-    int e = 0;
-    sqlite3_stmt *st = sd_q(db, Q_CHUNK_REFS, &e);
-    if (st == NULL)
-        return e;
-    sqlite3_bind_blob(st, 1, id, STATEDB_ID_LEN, SQLITE_STATIC);
-    int rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW)
-        *refs = (uint64_t)sqlite3_column_int64(st, 0);
-    else
-        e = rc == SQLITE_DONE ? -ENOENT : sd_fail(db, rc, "chunk refs");
-    sqlite3_reset(st);
-    return e;
+    return sd_chunk_int(db, Q_CHUNK_REFS, id, refs, "chunk refs");
 }
 
 int statedb_chunklist_get(struct statedb *db, const char *path, struct statedb_ref **refs,
