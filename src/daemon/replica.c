@@ -116,16 +116,13 @@ struct rjob {
     struct emit_ctx x;
     struct sm *sm; /* whose tree p reads: a new one ends the job */
     char *path;
-    /* Pushing its chunks beside the log (D13): the chunks pushed (for the
-     * REFS entries), the PUT without bytes once the file is read, the
-     * voters of the configuration at the start. */
-    bool push;
+    /* Pushing its chunks beside the log (D13; x.push == this job): the
+     * chunks pushed (for the REFS entries), the PUT without bytes once the
+     * file is read. */
     struct fsm_chunk_ref *refs;
     uint32_t n_refs, cap_refs;
     struct fsm_op put;
     bool read;
-    size_t voters;
-    bool self_voter;
     uint64_t majority_ms; /* when a majority held every batch, 0: not yet */
     uint64_t started_ms;
 };
@@ -539,7 +536,7 @@ static void job_free(struct replica *r, struct rjob *j, int rc)
         log_debug("%s: %" PRIu64 " bytes read, %" PRIu64 " bytes of chunks proposed", j->path,
                   fsm_propose_offset(j->p), fsm_propose_carried(j->p));
     fsm_propose_free(j->p);
-    if (j->push) {
+    if (j->x.push != NULL) {
         push_set_observer(cluster_push(r->c), NULL, NULL);
         push_stop(cluster_push(r->c));
     }
@@ -621,11 +618,12 @@ static int push_check(struct replica *r, struct rjob *j)
 {
     struct push_progress pg;
     struct push_peer cur[PUSH_MAX_PEERS];
-    size_t n_cur = 0;
+    size_t n_cur = 0, voters = 0;
+    bool self_voter = false;
     /* The configuration now, not at the start: a member added since (that
      * may not read REFS), a voter added, removed or demoted, this node
      * removed or demoted all change what a majority is. */
-    if (cluster_push_targets(r->c, cur, PUSH_MAX_PEERS, &n_cur, &j->voters, &j->self_voter) < 0) {
+    if (cluster_push_targets(r->c, cur, PUSH_MAX_PEERS, &n_cur, &voters, &self_voter) < 0) {
         push_fallback(r, "the configuration no longer allows pushing");
         return 0;
     }
@@ -635,8 +633,8 @@ static int push_check(struct replica *r, struct rjob *j)
         push_fallback(r, "the push was stopped");
         return 0;
     }
-    size_t need = j->voters / 2 + 1;
-    size_t self = j->self_voter ? 1 : 0;
+    size_t need = voters / 2 + 1;
+    size_t self = self_voter ? 1 : 0;
     if (pg.voters_in + self < need) {
         push_fallback(r, "too few voters hold the chunks");
         return 0;
@@ -664,7 +662,7 @@ static void job_run(struct replica *r)
             job_end(r, -EAGAIN);
             return;
         }
-        if (j->push) {
+        if (j->x.push != NULL) {
             if (push_check(r, j) <= 0)
                 return;
         } else if (r->queued_bytes >= REPLICA_INFLIGHT_BYTES) {
@@ -674,7 +672,7 @@ static void job_run(struct replica *r)
         int rc = fsm_propose_step(j->p, REPLICA_SLICE_BYTES, &j->x.st);
         if (rc == 1)
             continue;
-        if (rc == 0 && j->push) {
+        if (rc == 0 && j->x.push != NULL) {
             j->read = true; /* the PUT waits for the acknowledgements */
             continue;
         }
@@ -697,21 +695,21 @@ static bool push_begin(struct replica *r, struct rjob *j)
     struct push *pu = cluster_push(r->c);
     uint64_t now = pb_now_ms();
     struct push_peer peers[PUSH_MAX_PEERS];
-    size_t n = 0;
+    size_t n = 0, voters = 0;
+    bool self_voter = false;
     if (r->push_off_path != NULL && strcmp(r->push_off_path, j->path) == 0) {
         free(r->push_off_path); /* this once */
         r->push_off_path = NULL;
         return false;
     }
     if (pu == NULL ||
-        cluster_push_targets(r->c, peers, PUSH_MAX_PEERS, &n, &j->voters, &j->self_voter) < 0 ||
+        cluster_push_targets(r->c, peers, PUSH_MAX_PEERS, &n, &voters, &self_voter) < 0 ||
         push_start(pu, peers, n, now) < 0)
         return false;
-    j->push = true;
     j->x.push = j;
     j->started_ms = now;
     push_set_observer(pu, push_progressed, r);
-    log_debug("%s: pushing its chunks to %zu peers (%zu voters)", j->path, n, j->voters);
+    log_debug("%s: pushing its chunks to %zu peers (%zu voters)", j->path, n, voters);
     return true;
 }
 
